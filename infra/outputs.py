@@ -1,0 +1,58 @@
+"""Stack output keys: the one list shared by the program, the tests and every tool that reads outputs.
+
+Tools (the training launcher, teardown, the end-to-end run) read a stack's outputs either from
+`pulumi stack output --json` or, offline, from the `outputs` object of `python -m infra.preview <stack> --json`.
+They must use these constants, never string literals, so a rename breaks loudly in the tests.
+"""
+
+from __future__ import annotations
+
+STACK = "stack"
+"""Stack name (str)."""
+ENVIRONMENT = "environment"
+"""Environment label from config: dev, staging, prod (str)."""
+REGION = "region"
+"""AWS region (str)."""
+PRODUCTION = "production"
+"""True when the stack is marked production in config (bool)."""
+TAGS = "tags"
+"""The tags every taggable resource of the stack carries (dict[str, str]); teardown sweeps by them."""
+
+VPC_ID = "vpc_id"
+PRIVATE_SUBNET_IDS = "private_subnet_ids"
+PUBLIC_SUBNET_IDS = "public_subnet_ids"
+
+KMS_KEY_ARN = "kms_key_arn"
+DATASETS_BUCKET = "datasets_bucket"
+CHECKPOINTS_BUCKET = "checkpoints_bucket"
+MODELS_BUCKET = "models_bucket"
+
+TRAINING_REPOSITORY_URL = "training_repository_url"
+SERVING_REPOSITORY_URL = "serving_repository_url"
+
+TRAINING_ROLE_ARN = "training_role_arn"
+"""Pod Identity role of the training service account."""
+SERVING_ROLE_ARN = "serving_role_arn"
+"""Pod Identity role of the serving service account."""
+SAGEMAKER_EXECUTION_ROLE_ARN = "sagemaker_execution_role_arn"
+
+CLUSTER_NAME = "cluster_name"
+CLUSTER_ENDPOINT = "cluster_endpoint"
+KUBECONFIG = "kubeconfig"
+"""Secret output."""
+KUBERNETES_VERSION = "kubernetes_version"
+
+TRAINING_NAMESPACE = "training_namespace"
+SERVING_NAMESPACE = "serving_namespace"
+TRAINING_SERVICE_ACCOUNT = "training_service_account"
+SERVING_SERVICE_ACCOUNT = "serving_service_account"
+
+GPU_POOLS = "gpu_pools"
+"""dict[pool_name, {"purpose": "training"|"inference", "instance_types": [...], "capacity_type": "ON_DEMAND"|"SPOT",
+"min_size", "max_size", "gpus_per_node", "efa": bool, "labels": {...},
+"taints": [{"key", "value", "effect"}]}]: what workloads must tolerate and select to land on a pool."""
+
+SERVING_SERVICE_NAME = "serving_service_name"
+"""Kubernetes Service of the EKS serving Deployment (absent when EKS serving is off)."""
+SAGEMAKER_ENDPOINT_NAME = "sagemaker_endpoint_name"
+"""Absent when SageMaker serving is off."""
