@@ -1,0 +1,487 @@
+"""Stack configuration: declared once in Pulumi.yaml, loaded and validated once here.
+
+`Pulumi.yaml` is the only place a key, its type, its default and its description live. `load_config` merges a
+stack's values over those defaults, checks every value, and returns a frozen, typed `StackConfig`. It collects
+all problems and raises one `ConfigError` naming each key, the bad value and what is allowed, so a bad stack file
+fails before a single resource is registered. Environments differ only by their stack files.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from infra.instance_types import GPU_INSTANCE_TYPES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_FILE = REPO_ROOT / "Pulumi.yaml"
+STACKS_DIR = REPO_ROOT / "stacks"
+
+POOL_LABEL = "llm-platform/pool"
+"""Node label naming the pool a node belongs to; workloads select pools by it."""
+PURPOSE_LABEL = "llm-platform/purpose"
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
+"""Taint on every GPU node, so only workloads that tolerate it (and ask for GPUs) land there."""
+
+CAPACITY_TYPES = ("ON_DEMAND", "SPOT")
+NAT_MODES = ("single", "perAz")
+ENGINES = ("builtin", "vllm")
+SUPPORTED_KUBERNETES = ("1.31", "1.32", "1.33", "1.34", "1.35")
+LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922)
+_REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
+_INSTANCE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
+_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]+$")
+_SAGEMAKER_INSTANCE_RE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A stack's configuration is invalid. The message lists every problem, one per line."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"invalid stack configuration in {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One key declared in Pulumi.yaml."""
+
+    name: str
+    type: str
+    description: str
+    default: Any = None
+    required: bool = False
+    items: str | None = None
+
+
+@cache
+def schema() -> dict[str, ConfigKey]:
+    """The config keys declared in Pulumi.yaml, by name."""
+    project = yaml.safe_load(PROJECT_FILE.read_text())
+    keys = {}
+    for name, spec in project["config"].items():
+        keys[name] = ConfigKey(
+            name=name,
+            type=spec["type"],
+            description=spec["description"],
+            default=spec.get("default"),
+            required="default" not in spec,
+            items=spec.get("items", {}).get("type"),
+        )
+    return keys
+
+
+def project_name() -> str:
+    return yaml.safe_load(PROJECT_FILE.read_text())["name"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The typed configuration
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    vpc_cidr: str
+    az_count: int
+    nat_gateways: Literal["single", "perAz"]
+    interface_endpoints: bool
+    flow_log_retention_days: int
+
+    @property
+    def nat_gateway_count(self) -> int:
+        return 1 if self.nat_gateways == "single" else self.az_count
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    force_destroy: bool
+    protect_data: bool
+    checkpoint_noncurrent_days: int
+
+
+@dataclass(frozen=True)
+class GpuPool:
+    """A GPU managed node group and the scheduling contract workloads must meet to land on it."""
+
+    name: str
+    purpose: Literal["training", "inference"]
+    instance_types: tuple[str, ...]
+    capacity_type: Literal["ON_DEMAND", "SPOT"]
+    min_size: int
+    max_size: int
+    disk_gb: int
+    efa: bool
+
+    @property
+    def gpus_per_node(self) -> int:
+        return GPU_INSTANCE_TYPES[self.instance_types[0]].gpus
+
+    @property
+    def max_gpus(self) -> int:
+        return self.max_size * self.gpus_per_node
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {POOL_LABEL: self.name, PURPOSE_LABEL: self.purpose}
+
+    @property
+    def taints(self) -> list[dict[str, str]]:
+        return [dict(GPU_TAINT)]
+
+    def describe(self) -> dict[str, Any]:
+        """The pool as exported to tools and workloads (see infra.outputs.GPU_POOLS)."""
+        return {
+            "purpose": self.purpose,
+            "instance_types": list(self.instance_types),
+            "capacity_type": self.capacity_type,
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+            "gpus_per_node": self.gpus_per_node,
+            "efa": self.efa,
+            "labels": self.labels,
+            "taints": self.taints,
+        }
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    kubernetes_version: str
+    admin_arns: tuple[str, ...]
+    public_api_endpoint: bool
+    public_api_cidrs: tuple[str, ...]
+    system_instance_type: str
+    system_node_count: int
+    gpu_pools: tuple[GpuPool, ...]
+    max_gpus: int
+
+    def pool(self, purpose: str) -> GpuPool:
+        return next(p for p in self.gpu_pools if p.purpose == purpose)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    on_eks: bool
+    on_sagemaker: bool
+    image_tag: str
+    model_prefix: str
+    engine: Literal["builtin", "vllm"]
+    replicas: int
+    max_replicas: int
+    gpus_per_replica: int
+    ingress: bool
+    sagemaker_instance_type: str
+    sagemaker_min_instances: int
+    sagemaker_max_instances: int
+    sagemaker_invocations_per_instance: int
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    project: str
+    stack: str
+    region: str
+    environment: str
+    production: bool
+    network: NetworkConfig
+    storage: StorageConfig
+    cluster: ClusterConfig
+    serving: ServingConfig
+
+    @property
+    def name_prefix(self) -> str:
+        """Prefix of physical names: short, unique per stack, valid for S3/ECR/EKS/SageMaker names."""
+        return f"llmp-{self.stack}".lower()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_stack_file(stack: str, path: Path | None = None) -> tuple[dict[str, Any], str]:
+    """Read `stacks/Pulumi.<stack>.yaml` (or `path`) and return its `config` mapping and a display name."""
+    path = path or STACKS_DIR / f"Pulumi.{stack}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(str(path), [f"stack config file not found: {path}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from None
+    config = data.get("config") or {}
+    if not isinstance(config, dict):
+        raise ConfigError(str(path), ["'config' must be a mapping of keys to values"])
+    return config, str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
+
+
+def load_config(values: Mapping[str, Any], stack: str, source: str = "stack config") -> StackConfig:
+    """Validate raw config values (`<namespace>:<key>` -> value, as Pulumi supplies them) into a StackConfig.
+
+    Values may be native (from a YAML stack file) or strings (from the Pulumi engine, which passes every value as
+    a string and structured values as JSON): both are accepted.
+    """
+    project = project_name()
+    keys = schema()
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    for full_key, value in values.items():
+        namespace, _, key = full_key.partition(":")
+        if namespace != project:
+            continue
+        if key not in keys:
+            close = [k for k in keys if k.lower() == key.lower()]
+            hint = f" (did you mean '{project}:{close[0]}'?)" if close else ""
+            problems.append(f"{full_key}: unknown key{hint}; the keys are declared in Pulumi.yaml")
+            continue
+        raw[key] = value
+
+    v: dict[str, Any] = {}
+    for key, spec in keys.items():
+        full = f"{project}:{key}"
+        if key not in raw:
+            if spec.required:
+                problems.append(f"{full}: required key is missing ({spec.description})")
+            v[key] = spec.default
+            continue
+        try:
+            v[key] = _coerce(raw[key], spec)
+        except ValueError as exc:
+            problems.append(f"{full} = {raw[key]!r}: {exc}")
+            v[key] = spec.default
+
+    region = values.get("aws:region")
+    if region is None:
+        problems.append("aws:region: required key is missing (the AWS region to deploy to, e.g. us-east-1)")
+    elif not isinstance(region, str) or not _REGION_RE.match(region):
+        problems.append(f"aws:region = {region!r}: not an AWS region name (expected e.g. us-east-1)")
+
+    if problems:
+        # Type errors make the semantic checks below meaningless; report them first.
+        raise ConfigError(source, problems)
+
+    problems.extend(_check(v, project))
+    if problems:
+        raise ConfigError(source, problems)
+    return _build(v, project, stack, str(region))
+
+
+def _coerce(value: Any, spec: ConfigKey) -> Any:
+    if spec.type == "string":
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        return value
+    if spec.type == "integer":
+        if isinstance(value, bool):
+            raise ValueError("must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            return int(value)
+        raise ValueError("must be an integer")
+    if spec.type == "boolean":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value in ("true", "false"):
+            return value == "true"
+        raise ValueError("must be true or false")
+    if spec.type == "array":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError("must be a list") from None
+        if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
+            raise ValueError(f"must be a list of {spec.items}s")
+        return tuple(value)
+    raise ValueError(f"Pulumi.yaml declares an unsupported type {spec.type!r}")
+
+
+def _check(v: dict[str, Any], project: str) -> list[str]:
+    """Semantic rules across keys. Each message: key, bad value, what is allowed."""
+    p: list[str] = []
+
+    def bad(key: str, why: str) -> None:
+        p.append(f"{project}:{key} = {v[key]!r}: {why}")
+
+    if v["environment"] not in ("dev", "staging", "prod") and not re.fullmatch(r"[a-z][a-z0-9-]{1,15}", v["environment"]):
+        bad("environment", "must be a short lowercase name such as dev, staging or prod")
+
+    try:
+        vpc = ipaddress.ip_network(v["vpcCidr"], strict=True)
+        if vpc.version != 4 or not 16 <= vpc.prefixlen <= 20:
+            bad("vpcCidr", "must be an IPv4 CIDR between /16 and /20")
+        elif not vpc.is_private:
+            bad("vpcCidr", "must be a private (RFC 1918) range")
+    except ValueError as exc:
+        bad("vpcCidr", f"not a valid CIDR ({exc})")
+    if not 2 <= v["azCount"] <= 4:
+        bad("azCount", "must be between 2 and 4 (high availability needs at least 2 zones)")
+    if v["natGateways"] not in NAT_MODES:
+        bad("natGateways", f"must be one of {', '.join(NAT_MODES)}")
+    if v["flowLogRetentionDays"] not in LOG_RETENTION_DAYS:
+        bad("flowLogRetentionDays", f"must be one of CloudWatch's retention values {LOG_RETENTION_DAYS}")
+    if v["checkpointNoncurrentDays"] < 1:
+        bad("checkpointNoncurrentDays", "must be at least 1")
+    if v["production"] and not v["protectData"]:
+        bad("protectData", "must be true when production is true (production data is never deletable by a destroy)")
+    if v["production"] and v["forceDestroyBuckets"]:
+        bad("forceDestroyBuckets", "must be false when production is true")
+
+    if v["kubernetesVersion"] not in SUPPORTED_KUBERNETES:
+        bad("kubernetesVersion", f"must be one of {', '.join(SUPPORTED_KUBERNETES)}")
+    for arn in v["clusterAdminArns"]:
+        if not _ARN_RE.match(arn):
+            p.append(f"{project}:clusterAdminArns contains {arn!r}: not an IAM role or user ARN")
+    if v["publicApiEndpoint"] and not v["publicApiCidrs"]:
+        bad("publicApiEndpoint", "a public API endpoint needs publicApiCidrs (an allowlist); 0.0.0.0/0 is refused")
+    for cidr in v["publicApiCidrs"]:
+        try:
+            net = ipaddress.ip_network(cidr, strict=True)
+            if net.prefixlen == 0:
+                p.append(f"{project}:publicApiCidrs contains {cidr!r}: the whole internet is not an allowlist")
+        except ValueError as exc:
+            p.append(f"{project}:publicApiCidrs contains {cidr!r}: not a valid CIDR ({exc})")
+    if not _INSTANCE_RE.match(v["systemInstanceType"]):
+        bad("systemInstanceType", "not an EC2 instance type name (e.g. m7i.large)")
+    if v["systemNodeCount"] < 2:
+        bad("systemNodeCount", "must be at least 2 so cluster controllers survive a node loss")
+    if not 20 <= v["gpuNodeDiskGb"] <= 16384:
+        bad("gpuNodeDiskGb", "must be between 20 and 16384 GiB")
+
+    for pool in ("training", "inference"):
+        types_key = f"{pool}InstanceTypes"
+        types = v[types_key]
+        if not types:
+            bad(types_key, "must list at least one GPU instance type")
+        unknown = [t for t in types if t not in GPU_INSTANCE_TYPES]
+        if unknown:
+            bad(types_key, f"{', '.join(unknown)} not GPU instance types; allowed: {', '.join(GPU_INSTANCE_TYPES)}")
+        elif len({GPU_INSTANCE_TYPES[t].gpus for t in types}) > 1:
+            bad(types_key, "all instance types of a pool must have the same GPU count")
+        cap_key = f"{pool}CapacityType"
+        if v[cap_key] not in CAPACITY_TYPES:
+            bad(cap_key, f"must be one of {', '.join(CAPACITY_TYPES)}")
+        min_key, max_key = f"{pool}MinSize", f"{pool}MaxSize"
+        if v[min_key] < 0:
+            bad(min_key, "must be 0 or more")
+        if v[max_key] < 1:
+            bad(max_key, "must be at least 1")
+        if v[min_key] > v[max_key]:
+            bad(min_key, f"must not exceed {project}:{max_key} ({v[max_key]})")
+    if v["trainingEfa"]:
+        no_efa = [t for t in v["trainingInstanceTypes"] if t in GPU_INSTANCE_TYPES and not GPU_INSTANCE_TYPES[t].efa]
+        if no_efa:
+            bad("trainingEfa", f"EFA is not supported by {', '.join(no_efa)}")
+
+    if not p:
+        gpus = sum(
+            v[f"{pool}MaxSize"] * GPU_INSTANCE_TYPES[v[f"{pool}InstanceTypes"][0]].gpus
+            for pool in ("training", "inference")
+        )
+        if gpus > v["maxGpus"]:
+            bad("maxGpus", f"the GPU pools can reach {gpus} GPUs at their maximum sizes; raise maxGpus or lower them")
+        inference_gpus = GPU_INSTANCE_TYPES[v["inferenceInstanceTypes"][0]].gpus
+        if v["servingGpusPerReplica"] > inference_gpus:
+            bad("servingGpusPerReplica", f"an inference node has only {inference_gpus} GPU(s)")
+
+    if v["servingGpusPerReplica"] < 1:
+        bad("servingGpusPerReplica", "must be at least 1")
+    if v["servingEngine"] not in ENGINES:
+        bad("servingEngine", f"must be one of {', '.join(ENGINES)}")
+    if not _TAG_RE.match(v["servingImageTag"]) or v["servingImageTag"] == "latest":
+        bad("servingImageTag", "must be a valid, immutable image tag (not 'latest')")
+    if not _PREFIX_RE.match(v["servingModelPrefix"]) or ".." in v["servingModelPrefix"]:
+        bad("servingModelPrefix", "must be a relative S3 key prefix such as models/llama-3-8b")
+    if v["servingReplicas"] < 1:
+        bad("servingReplicas", "must be at least 1")
+    if v["servingReplicas"] > v["servingMaxReplicas"]:
+        bad("servingReplicas", f"must not exceed {project}:servingMaxReplicas ({v['servingMaxReplicas']})")
+    if v["servingIngress"] and not v["servingOnEks"]:
+        bad("servingIngress", "an Ingress needs servingOnEks: true")
+    if not _SAGEMAKER_INSTANCE_RE.match(v["sagemakerInstanceType"]):
+        bad("sagemakerInstanceType", "not a SageMaker instance type (e.g. ml.g5.xlarge)")
+    if v["sagemakerMinInstances"] < 1:
+        bad("sagemakerMinInstances", "must be at least 1 (real-time endpoints cannot scale to zero)")
+    if v["sagemakerMinInstances"] > v["sagemakerMaxInstances"]:
+        bad("sagemakerMinInstances", f"must not exceed {project}:sagemakerMaxInstances ({v['sagemakerMaxInstances']})")
+    if v["sagemakerInvocationsPerInstance"] < 1:
+        bad("sagemakerInvocationsPerInstance", "must be at least 1")
+    return p
+
+
+def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackConfig:
+    pools = tuple(
+        GpuPool(
+            name=purpose,
+            purpose=purpose,
+            instance_types=v[f"{purpose}InstanceTypes"],
+            capacity_type=v[f"{purpose}CapacityType"],
+            min_size=v[f"{purpose}MinSize"],
+            max_size=v[f"{purpose}MaxSize"],
+            disk_gb=v["gpuNodeDiskGb"],
+            efa=v["trainingEfa"] if purpose == "training" else False,
+        )
+        for purpose in ("training", "inference")
+    )
+    return StackConfig(
+        project=project,
+        stack=stack,
+        region=region,
+        environment=v["environment"],
+        production=v["production"],
+        network=NetworkConfig(
+            vpc_cidr=v["vpcCidr"],
+            az_count=v["azCount"],
+            nat_gateways=v["natGateways"],
+            interface_endpoints=v["interfaceEndpoints"],
+            flow_log_retention_days=v["flowLogRetentionDays"],
+        ),
+        storage=StorageConfig(
+            force_destroy=v["forceDestroyBuckets"],
+            protect_data=v["protectData"],
+            checkpoint_noncurrent_days=v["checkpointNoncurrentDays"],
+        ),
+        cluster=ClusterConfig(
+            kubernetes_version=v["kubernetesVersion"],
+            admin_arns=v["clusterAdminArns"],
+            public_api_endpoint=v["publicApiEndpoint"],
+            public_api_cidrs=v["publicApiCidrs"],
+            system_instance_type=v["systemInstanceType"],
+            system_node_count=v["systemNodeCount"],
+            gpu_pools=pools,
+            max_gpus=v["maxGpus"],
+        ),
+        serving=ServingConfig(
+            on_eks=v["servingOnEks"],
+            on_sagemaker=v["servingOnSagemaker"],
+            image_tag=v["servingImageTag"],
+            model_prefix=v["servingModelPrefix"].strip("/"),
+            engine=v["servingEngine"],
+            replicas=v["servingReplicas"],
+            max_replicas=v["servingMaxReplicas"],
+            gpus_per_replica=v["servingGpusPerReplica"],
+            ingress=v["servingIngress"],
+            sagemaker_instance_type=v["sagemakerInstanceType"],
+            sagemaker_min_instances=v["sagemakerMinInstances"],
+            sagemaker_max_instances=v["sagemakerMaxInstances"],
+            sagemaker_invocations_per_instance=v["sagemakerInvocationsPerInstance"],
+        ),
+    )
+
+
+def from_pulumi() -> StackConfig:
+    """Load the running program's config (real engine or mocks). Raises ConfigError before any resource exists."""
+    import pulumi
+    from pulumi.runtime import config as runtime_config
+
+    values = {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
+    return load_config(values, pulumi.get_stack(), source=f"stack '{pulumi.get_stack()}'")

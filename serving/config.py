@@ -1,0 +1,124 @@
+"""Serving configuration: declared once, read once from flags and environment variables.
+
+Every option has a flag and an environment variable (`SERVING_<NAME>`); flags win. Containers usually set env vars
+(SageMaker passes none of our flags, only `serve`), Kubernetes usually passes args.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+SAGEMAKER_MODEL_DIR = "/opt/ml/model"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the process exits with a clear message."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    model: str = field(default="", metadata={"help": "Model directory, or s3://bucket/prefix (downloaded to a cache)."})
+    served_model_name: str = field(
+        default="", metadata={"help": "Model id clients send; default: the model directory's name."}
+    )
+    host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})
+    port: int = field(default=8080, metadata={"help": "Port to bind (SageMaker requires 8080)."})
+    upstream: str = field(
+        default="",
+        metadata={"help": "Base URL of an OpenAI-compatible engine (e.g. vLLM at http://127.0.0.1:8000); "
+                  "when set, this service is a gateway and loads no model."},
+    )
+    upstream_api_key: str = field(default="", metadata={"help": "Bearer key this gateway sends to the upstream."})
+    api_keys_file: str = field(
+        default="", metadata={"help": "API keys file (see docs/serving.md); without it, auth is disabled."}
+    )
+    model_cache_dir: str = field(
+        default="/tmp/llm-serving-models", metadata={"help": "Where s3:// models are downloaded."}
+    )
+    max_batch_size: int = field(default=16, metadata={"help": "Most sequences decoded together."})
+    batch_wait_ms: float = field(default=5.0, metadata={"help": "How long the batcher waits to fill a batch."})
+    max_queue: int = field(
+        default=64, metadata={"help": "Most requests waiting for a batch; beyond it requests get 503."}
+    )
+    max_tokens_cap: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
+    default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none."})
+    max_model_len: int = field(
+        default=0, metadata={"help": "Context length (prompt + completion); 0 = the model's max_position_embeddings."}
+    )
+    default_rpm: int = field(default=600, metadata={"help": "Per-key requests per minute unless the key sets rpm=."})
+    default_tpm: int = field(
+        default=200_000, metadata={"help": "Per-key tokens (prompt+completion) per minute unless the key sets tpm=."}
+    )
+    drain_timeout_s: float = field(
+        default=30.0, metadata={"help": "On SIGTERM, how long in-flight requests may take to finish."}
+    )
+    request_timeout_s: float = field(default=600.0, metadata={"help": "Upstream request timeout."})
+    dtype: str = field(default="float32", metadata={"help": "Built-in engine dtype: float32, bfloat16 or float16."})
+    device: str = field(default="cpu", metadata={"help": "Built-in engine device: cpu or cuda."})
+    log_level: str = field(default="info", metadata={"help": "Log level."})
+
+    def __post_init__(self) -> None:
+        if not self.model and not self.upstream:
+            raise ConfigError("set --model (SERVING_MODEL) or --upstream (SERVING_UPSTREAM)")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port {self.port} out of range")
+        for name in ("max_batch_size", "max_queue", "max_tokens_cap", "default_max_tokens", "default_rpm",
+                     "default_tpm"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0")
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ConfigError("default_max_tokens must be <= max_tokens_cap")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
+        if self.api_keys_file and not Path(self.api_keys_file).is_file():
+            raise ConfigError(f"api keys file {self.api_keys_file} does not exist")
+
+    @property
+    def model_id(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        source = self.model or self.upstream
+        return source.rstrip("/").rsplit("/", 1)[-1] or "model"
+
+
+def _env_name(field_name: str) -> str:
+    return "SERVING_" + field_name.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="OpenAI-compatible LLM server (built-in engine or gateway to an upstream engine such as vLLM). "
+        "Every flag can also be given as an environment variable SERVING_<FLAG> (dashes as underscores).",
+    )
+    for f in fields(ServingConfig):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, type=type(f.default), default=None,
+                            help=f"{f.metadata['help']} [env {_env_name(f.name)}; default {f.default!r}]")
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServingConfig:
+    """Flags override `SERVING_*` environment variables, which override defaults.
+
+    On SageMaker (`serve` entry point, no flags), the model defaults to /opt/ml/model.
+    """
+    environ = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, object] = {}
+    for f in fields(ServingConfig):
+        if args[f.name] is not None:
+            values[f.name] = args[f.name]
+        elif _env_name(f.name) in environ:
+            raw = environ[_env_name(f.name)]
+            try:
+                values[f.name] = type(f.default)(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{_env_name(f.name)}={raw!r}: {exc}") from exc
+    if not values.get("model") and not values.get("upstream") and Path(SAGEMAKER_MODEL_DIR).is_dir():
+        values["model"] = SAGEMAKER_MODEL_DIR
+    return ServingConfig(**values)  # type: ignore[arg-type]
