@@ -1,0 +1,83 @@
+"""`python -m training` (or `torchrun ... -m training`): train from a preset plus command-line overrides.
+
+    python -m training --preset debug --data corpus.txt --output /tmp/run --max-steps 50 --save-every 10
+    torchrun --nproc_per_node=2 -m training --preset debug --data s3://datasets/c4 --output s3://ckpts/run1 \\
+        --set parallel.strategy=ddp --set optim.lr=1e-3
+
+Exit status: 0 done, 2 bad input (nothing written), 143 stopped by SIGTERM after checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from training.config import PRESETS, ConfigError, TrainConfig, apply_overrides, preset
+from training.data import DataError
+from training.model import ModelError
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description="Train a causal LM (torchrun-native).")
+    p.add_argument("--preset", default="debug", help=f"named config: {', '.join(sorted(PRESETS))}")
+    p.add_argument("--data", help="training text/JSONL: a file, directory or s3:// URI")
+    p.add_argument("--output", help="run location (local dir or s3:// prefix): checkpoints/ and model/ go here")
+    p.add_argument("--export", help="where the final HF model goes (default: <output>/model)")
+    p.add_argument("--model", help="model directory (local or s3://) or 'debug'; overrides the preset")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--strategy", choices=["ddp", "fsdp"])
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set optim.lr=1e-3 --set data.seq_len=256 (repeatable)",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Preset, then the named flags, then --set overrides: the last word is the most specific."""
+    cfg = preset(args.preset)
+    named = []
+    for flag, key in (
+        ("data", "data.path"),
+        ("output", "output"),
+        ("export", "export"),
+        ("model", "model.path"),
+        ("max_steps", "max_steps"),
+        ("save_every", "checkpoint.save_every"),
+        ("strategy", "parallel.strategy"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            named.append(f"{key}={value}")
+    return apply_overrides(cfg, [*named, *args.overrides])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = resolve_config(args)
+        if args.print_config:
+            print(cfg.to_json())
+            return 0
+        from training.train import train
+
+        return train(cfg)
+    except (ConfigError, DataError, ModelError) as e:
+        # Every rank hits the same error on the same input; one message is enough.
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

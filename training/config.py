@@ -1,0 +1,274 @@
+"""Training configuration: a tree of dataclasses, validated on construction, with named presets.
+
+A run is fully described by one `TrainConfig`. Presets are plain functions that derive from `base()`; the CLI
+applies `section.field=value` overrides on top; the resolved config is saved as JSON in every checkpoint so that a
+checkpoint says exactly what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+DEBUG_MODEL = "debug"
+"""`model.path` value that builds the debug Llama in memory instead of loading a directory."""
+
+
+class ConfigError(ValueError):
+    """A config value, override or preset name is invalid. The CLI turns it into a clear message and exit 2."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    path: str = DEBUG_MODEL
+    """A Hugging Face model directory (local path or s3:// prefix) loaded with AutoModelForCausalLM,
+    or "debug" for the ~1M-parameter Llama built from config (training/debug_model.py)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward: ~30% more compute for far less memory."""
+    bf16: bool = True
+    """bf16 autocast (and FSDP2 bf16 params) on GPU. Ignored on CPU, where bf16 matmuls are slow."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "model.path must not be empty")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Text (.txt) or JSON lines (.jsonl, field `text_field`) file, or a directory / s3:// prefix of them."""
+    seq_len: int = 128
+    text_field: str = "text"
+    seed: int = 0
+    """Seeds the shuffle of packed sequences; with the same data and world size the order is reproducible."""
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 8, f"data.seq_len must be >= 8, got {self.seq_len}")
+        _check(bool(self.text_field), "data.text_field must not be empty")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["ddp", "fsdp"] = "fsdp"
+    """ddp: replicate the model, all-reduce gradients. fsdp: FSDP2 `fully_shard` per decoder layer (ZeRO-3)."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; global batch = micro_batch_size * grad_accum_steps * world_size."""
+
+    def __post_init__(self) -> None:
+        _check(self.strategy in ("ddp", "fsdp"), f"parallel.strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        _check(self.micro_batch_size >= 1, f"parallel.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _check(self.grad_accum_steps >= 1, f"parallel.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 100
+    """Steps between checkpoints; 0 saves only at the end and on SIGTERM."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint under the output location, if there is one."""
+
+    def __post_init__(self) -> None:
+        _check(self.save_every >= 0, f"checkpoint.save_every must be >= 0, got {self.save_every}")
+        _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: str = ""
+    """Local directory or s3:// prefix: checkpoints go to `<output>/checkpoints`, the model to `export`."""
+    export: str = ""
+    """Where the final Hugging Face model goes (local dir or s3:// prefix); default `<output>/model`."""
+    max_steps: int = 1000
+    log_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+
+    def validate_for_run(self) -> None:
+        """Checks that only make sense once the CLI has filled in paths."""
+        _check(bool(self.data.path), "no training data: pass --data (a local path or s3:// URI)")
+        _check(bool(self.output), "no output location: pass --output (a local directory or s3:// prefix)")
+
+    @property
+    def export_location(self) -> str:
+        return self.export or f"{self.output.rstrip('/')}/model"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        hint = hints[f.name]
+        kwargs[f.name] = _from_dict(hint, d[f.name]) if dataclasses.is_dataclass(hint) else d[f.name]
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    _check(not unknown, f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overrides: "optim.lr=1e-3", "parallel.strategy=ddp", "model.activation_checkpointing=true"
+
+
+def _parse_value(raw: str, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        _check(raw in typing.get_args(hint), f"bad override {key}={raw!r}: expected one of {typing.get_args(hint)}")
+        return raw
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is bool:
+        lowered = raw.lower()
+        _check(lowered in ("true", "false", "1", "0", "yes", "no"), f"bad override {key}={raw!r}: expected a boolean")
+        return lowered in ("true", "1", "yes")
+    if hint in (int, float):
+        try:
+            return hint(raw)
+        except ValueError:
+            raise ConfigError(f"bad override {key}={raw!r}: expected {hint.__name__}") from None
+    if hint is str:
+        return raw
+    raise ConfigError(f"bad override {key}: field of type {hint} cannot be set from the command line")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """Return a new config with `dotted.key=value` overrides applied; every section is re-validated."""
+    d = cfg.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        _check(bool(sep) and bool(key), f"bad override {item!r}: expected section.field=value")
+        parts = key.split(".")
+        node: dict[str, Any] = d
+        owner: type = TrainConfig
+        for part in parts[:-1]:
+            hints = typing.get_type_hints(owner)
+            _check(
+                part in hints and dataclasses.is_dataclass(hints[part]), f"bad override {item!r}: no section {part!r}"
+            )
+            owner = hints[part]
+            node = node[part]
+        hints = typing.get_type_hints(owner)
+        leaf = parts[-1]
+        _check(
+            leaf in hints and not dataclasses.is_dataclass(hints[leaf]),
+            f"bad override {item!r}: {owner.__name__} has no field {leaf!r}",
+        )
+        node[leaf] = _parse_value(raw, hints[leaf], key)
+    return TrainConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets: functions that derive from base(). Real model presets take the model directory from `model.path`
+# (a local directory or an s3:// prefix holding a Hugging Face checkpoint), typically set on the command line.
+
+
+def base() -> TrainConfig:
+    return TrainConfig()
+
+
+def debug() -> TrainConfig:
+    """~1M-parameter Llama built from config; seconds per run on CPU. Used by tests and the local demo."""
+    cfg = base()
+    cfg.name = "debug"
+    cfg.model = ModelConfig(path=DEBUG_MODEL, activation_checkpointing=False)
+    cfg.data = DataConfig(seq_len=64)
+    cfg.optim = OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.0)
+    cfg.parallel = ParallelConfig(strategy="fsdp", micro_batch_size=8, grad_accum_steps=1)
+    cfg.checkpoint = CheckpointConfig(save_every=10, keep_last=2)
+    cfg.max_steps = 50
+    return cfg
+
+
+def _llm(name: str, model_path: str, micro_batch_size: int, grad_accum_steps: int, lr: float) -> TrainConfig:
+    cfg = base()
+    cfg.name = name
+    cfg.model = ModelConfig(path=model_path, activation_checkpointing=True, bf16=True)
+    cfg.data = DataConfig(seq_len=4096)
+    cfg.optim = OptimConfig(lr=lr, warmup_steps=200, weight_decay=0.1, grad_clip=1.0)
+    cfg.parallel = ParallelConfig(strategy="fsdp", micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps)
+    cfg.checkpoint = CheckpointConfig(save_every=250, keep_last=3)
+    cfg.max_steps = 10_000
+    return cfg
+
+
+def llama_1b() -> TrainConfig:
+    """Llama-3.2-1B-class continued pre-training/fine-tuning; fits one 24-48 GB GPU per rank with FSDP2."""
+    return _llm("llama-1b", "s3://models/llama-3.2-1b", micro_batch_size=4, grad_accum_steps=4, lr=1e-4)
+
+
+def llama_3b() -> TrainConfig:
+    """Llama-3.2-3B-class; FSDP2 over one g6e.12xlarge / p4d node or more."""
+    return _llm("llama-3b", "s3://models/llama-3.2-3b", micro_batch_size=2, grad_accum_steps=8, lr=5e-5)
+
+
+def llama_8b() -> TrainConfig:
+    """Llama-3.1-8B-class; FSDP2 + activation checkpointing across 8+ GPUs (multi-node with EFA preferred)."""
+    return _llm("llama-8b", "s3://models/llama-3.1-8b", micro_batch_size=1, grad_accum_steps=16, lr=3e-5)
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "debug": debug,
+    "llama-1b": llama_1b,
+    "llama-3b": llama_3b,
+    "llama-8b": llama_8b,
+}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()

@@ -1,0 +1,64 @@
+"""Export: the trained model as a Hugging Face directory (safetensors + config + tokenizer) for the serving container.
+
+Sharded (FSDP2) parameters are gathered into one full state dict on rank 0 (offloaded to CPU as they arrive, so
+GPU memory never holds the whole model), loaded into a fresh model built on the meta device, and saved with
+`save_pretrained`. The result loads with `AutoModelForCausalLM.from_pretrained` and nothing from this package.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from training.parallelize import Dist, unwrap
+from training.storage import is_s3, open_storage
+
+
+def export_model(model: torch.nn.Module, tokenizer: Any, destination: str, d: Dist) -> None:
+    """Collective: every rank must call it. Rank 0 writes `destination` (local dir or s3:// prefix)."""
+    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.is_main:
+        from transformers import AutoModelForCausalLM
+
+        hf_config = unwrap(model).config
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(hf_config)
+        fresh.load_state_dict(full_sd, assign=True, strict=True)
+        # Training keeps fp32 master weights; ship the dtype the model came in (bf16 for real checkpoints).
+        dtype = getattr(hf_config, "dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype != torch.float32:
+            fresh.to(dtype)
+        fresh.config.use_cache = True  # training turned it off; generation wants it
+        if hasattr(fresh, "tie_weights"):
+            fresh.tie_weights()
+        with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+            staging = Path(tmp) / "model"
+            fresh.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            _publish(staging, destination)
+    d.barrier()
+
+
+def _publish(staging: Path, destination: str) -> None:
+    if is_s3(destination):
+        open_storage(destination).upload_dir(staging, "")
+        return
+    dest = Path(destination)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Replace as a whole: a server watching `dest` never sees new weights with an old config or tokenizer.
+    tmp_dest = dest.with_name(dest.name + ".new")
+    shutil.rmtree(tmp_dest, ignore_errors=True)
+    shutil.copytree(staging, tmp_dest)
+    if dest.exists():
+        old = dest.with_name(dest.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+        tmp_dest.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp_dest.rename(dest)

@@ -1,0 +1,65 @@
+"""Model and tokenizer: any AutoModelForCausalLM directory (local or S3), or the debug Llama built from config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import DEBUG_MODEL, ModelConfig
+from training.storage import fetch
+
+
+class ModelError(ValueError):
+    """The model directory is missing or is not a Hugging Face causal LM."""
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, cache_dir: Path, download: bool = True) -> tuple[torch.nn.Module, Any]:
+    """Returns (model in fp32 on CPU, tokenizer).
+
+    Parameters stay fp32 (master weights); bf16 is applied by autocast / FSDP2's mixed-precision policy on GPU,
+    so the optimizer state and checkpoints keep full precision.
+    """
+    if cfg.path == DEBUG_MODEL:
+        from training.debug_model import build_model, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        model = build_model(tokenizer)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        local = fetch(cfg.path, cache_dir / "model", download=download)
+        if not (local / "config.json").is_file():
+            raise ModelError(f"model path {cfg.path} is not a Hugging Face model directory (no config.json)")
+        tokenizer = AutoTokenizer.from_pretrained(local)
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"tokenizer of {cfg.path} has no EOS token: packing needs one to separate documents")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.activation_checkpointing:
+        # Non-reentrant checkpointing composes with FSDP2 and DDP (reentrant does not with FSDP2).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    return model, tokenizer
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks: the unit FSDP2 shards and activation checkpointing wraps."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ModelError(f"{type(model).__name__} has no .model.layers: only decoder-only HF models are supported")
+    return list(layers)
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(model_config: Any, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the dense matmuls plus attention's 12 * layers * hidden * seq_len."""
+    layers = getattr(model_config, "num_hidden_layers", 0)
+    hidden = getattr(model_config, "hidden_size", 0)
+    return 6.0 * n_params + 12.0 * layers * hidden * seq_len

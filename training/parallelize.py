@@ -1,0 +1,107 @@
+"""Process group and data parallelism: DDP or FSDP2 (`fully_shard`), NCCL on GPU, gloo on CPU.
+
+Everything reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...). Run as a plain
+`python -m training` it is a world of one, without a process group, so the same code path serves both.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from training.config import ParallelConfig
+from training.model import decoder_layers
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (e.g. one node got SIGTERM)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def mean(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
+        t = t.to(self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item()) / self.world_size
+
+
+def init_distributed() -> Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world_size > 1 and not dist.is_initialized():
+        # A generous timeout: rank 0 may spend minutes uploading a checkpoint while the others wait at a barrier.
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def parallelize(model: torch.nn.Module, cfg: ParallelConfig, d: Dist, bf16: bool) -> torch.nn.Module:
+    """Move the model to its device and wrap it for data parallelism. Returns the module to call in training."""
+    model.to(d.device)
+    if cfg.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16 params in compute, fp32 gradient reduction: the standard mixed-precision recipe. On CPU, fp32.
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16 and d.device.type == "cuda"
+            else MixedPrecisionPolicy()
+        )
+        # One FSDP unit per decoder layer: parameters are all-gathered one layer at a time, so peak memory is
+        # one layer's full weights plus the shards; the root wraps embeddings, final norm and LM head.
+        # With a world of one, fully_shard still works (no-op collectives) so single-process runs share the path.
+        if d.distributed or dist.is_initialized():
+            for layer in decoder_layers(model):
+                fully_shard(layer, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+        return model
+    if d.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying HF module (DDP wraps it; FSDP2 modifies it in place)."""
+    return getattr(model, "module", model)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,257 @@
+"""The training loop: one function, `train(cfg)`, run by every rank (torchrun) or by a single process.
+
+Order matters for the "bad input never overwrites a checkpoint" guarantee: every check that can fail on user input
+(config, data, model) runs before the first checkpoint operation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from training.checkpoint import CheckpointManager
+from training.config import OptimConfig, TrainConfig
+from training.data import PackedLoader, build_sequences
+from training.export import export_model
+from training.model import flops_per_token, load_model_and_tokenizer, num_params
+from training.parallelize import Dist, init_distributed, parallelize, shutdown
+from training.storage import fetch
+
+EXIT_PREEMPTED = 143
+"""128 + SIGTERM: the conventional status of a process stopped by SIGTERM. Kubernetes counts it as a failure, so
+the Job's restart policy brings the pod back and it resumes from the checkpoint just written."""
+
+# Dense bf16 peak FLOP/s per GPU (no sparsity), from the vendors' data sheets; unknown devices report no MFU.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "V100": 125e12,
+}
+
+
+def lr_at(step: int, max_steps: int, o: OptimConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * cosine)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class _StopFlag:
+    """Set by SIGTERM (spot interruption, pod eviction, SageMaker stop); the loop checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.set = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # Only set a flag: the step in progress finishes, then all ranks agree and save together.
+        self.set = True
+
+
+def local_scratch(cfg: TrainConfig) -> Path:
+    """Per-node scratch for S3 downloads and checkpoint staging (an instance-store/NVMe mount in production)."""
+    root = Path(os.environ.get("TRAINING_LOCAL_DIR", Path(tempfile.gettempdir()) / "llm-training"))
+    return root / hashlib.sha1(cfg.output.encode()).hexdigest()[:12]
+
+
+def _optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+    # No weight decay on norms and biases (1-D tensors): decaying them only hurts.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+    )
+
+
+class _Metrics:
+    """JSON lines on stdout (rank 0); a tqdm bar on stderr when a person is watching a terminal."""
+
+    def __init__(self, d: Dist, start: int, total: int) -> None:
+        self.enabled = d.is_main
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(record)
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+            if "loss" in record:
+                self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                self.bar.update(record["step"] - self.bar.n)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run (or resume) the configured training; returns the process exit status."""
+    cfg.validate_for_run()
+    stop = _StopFlag()
+    d = init_distributed()
+    try:
+        return _train(cfg, d, stop)
+    finally:
+        shutdown()
+
+
+def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
+    torch.manual_seed(cfg.seed)
+    scratch = local_scratch(cfg)
+    if d.local_rank == 0:
+        fetch(cfg.data.path, scratch / "data")
+    d.barrier()
+    model, tokenizer = load_model_and_tokenizer(cfg.model, scratch, download=d.local_rank == 0)
+    d.barrier()
+    sequences = build_sequences(
+        fetch(cfg.data.path, scratch / "data", download=False), tokenizer, cfg.data.seq_len, cfg.data.text_field
+    )
+    loader = PackedLoader(sequences, cfg.parallel.micro_batch_size, d.rank, d.world_size, cfg.data.seed)
+
+    n_params = num_params(model)
+    hf_config = model.config
+    use_autocast = cfg.model.bf16 and d.device.type == "cuda"
+    model = parallelize(model, cfg.parallel, d, bf16=cfg.model.bf16)
+    optimizer = _optimizer(model, cfg.optim)
+
+    ckpt = CheckpointManager(cfg.output, scratch, d, keep_last=cfg.checkpoint.keep_last)
+    step = 0
+    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    metrics = _Metrics(d, start=0, total=cfg.max_steps)
+    if latest is not None:
+        resumed = ckpt.load(latest, model, optimizer)
+        loader.load_state_dict(resumed.loader_state)
+        step = resumed.step
+        metrics.emit({"event": "resumed", "step": step, "checkpoint": f"{ckpt.remote.uri}/step_{step:08d}"})
+    metrics.emit(
+        {
+            "event": "start",
+            "step": step,
+            "max_steps": cfg.max_steps,
+            "world_size": d.world_size,
+            "strategy": cfg.parallel.strategy,
+            "params": n_params,
+            "sequences": len(sequences),
+            "device": d.device.type,
+        }
+    )
+    if metrics.bar is not None:
+        metrics.bar.update(step)
+
+    tokens_per_step = cfg.parallel.micro_batch_size * cfg.parallel.grad_accum_steps * d.world_size * cfg.data.seq_len
+    fpt = flops_per_token(hf_config, n_params, cfg.data.seq_len)
+    peak = peak_flops(d.device)
+    saved_step = step
+    config_dict = cfg.to_dict()
+    model.train()
+
+    while step < cfg.max_steps:
+        if d.any_true(stop.set):
+            if step != saved_step:
+                ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
+            metrics.emit({"event": "preempted", "step": step, "checkpoint_step": step})
+            metrics.close()
+            return EXIT_PREEMPTED
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.max_steps, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        accum = cfg.parallel.grad_accum_steps
+        for micro in range(accum):
+            last = micro == accum - 1
+            _set_grad_sync(model, cfg.parallel.strategy, d, last)
+            inputs, labels = loader.next_batch()
+            inputs, labels = inputs.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else nullcontext()
+            with ctx, nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                logits = model(input_ids=inputs).logits
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1))
+                (loss / accum).backward()
+            loss_sum += loss.detach().item()
+        grad_norm = _clip(model, cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            tokens_per_s = tokens_per_step / dt
+            record: dict[str, Any] = {
+                "step": step,
+                "loss": round(d.mean(loss_sum / accum), 6),
+                "lr": lr,
+                "grad_norm": round(grad_norm, 6),
+                "tokens_per_s": round(tokens_per_s, 1),
+                "step_time_s": round(dt, 4),
+            }
+            if peak is not None:
+                record["mfu"] = round(tokens_per_s * fpt / (peak * d.world_size), 4)
+            metrics.emit(record)
+        if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.max_steps:
+            ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
+            saved_step = step
+            metrics.emit({"event": "checkpoint", "step": step})
+
+    if step != saved_step:
+        ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
+        metrics.emit({"event": "checkpoint", "step": step})
+    export_model(model, tokenizer, cfg.export_location, d)
+    metrics.emit({"event": "exported", "step": step, "path": cfg.export_location})
+    metrics.close()
+    return 0
+
+
+def _set_grad_sync(model: torch.nn.Module, strategy: str, d: Dist, sync: bool) -> None:
+    """FSDP2: skip the reduce-scatter on all but the last micro-batch of an accumulation (DDP uses no_sync)."""
+    if strategy == "fsdp" and d.distributed and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+def _clip(model: torch.nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # Under FSDP2 the norm is a DTensor over the shards; full_tensor() reduces it to the global value.
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
