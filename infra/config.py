@@ -312,7 +312,9 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
     def bad(key: str, why: str) -> None:
         p.append(f"{project}:{key} = {v[key]!r}: {why}")
 
-    if v["environment"] not in ("dev", "staging", "prod") and not re.fullmatch(r"[a-z][a-z0-9-]{1,15}", v["environment"]):
+    if v["environment"] not in ("dev", "staging", "prod") and not re.fullmatch(
+        r"[a-z][a-z0-9-]{1,15}", v["environment"]
+    ):
         bad("environment", "must be a short lowercase name such as dev, staging or prod")
 
     try:

@@ -1,0 +1,252 @@
+"""Identity: least-privilege IAM roles for the cluster, its nodes, and the workloads that touch data.
+
+Workload roles are assumed through EKS Pod Identity (`pods.eks.amazonaws.com`), bound to Kubernetes service
+accounts in `infra/kubernetes_base.py`. Each role may touch exactly the buckets its job needs, through the
+project KMS key, and only via S3. No `*FullAccess` managed policy, no wildcard action, no wildcard S3/KMS resource.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.config import StackConfig
+
+READ = ["s3:GetObject", "s3:GetObjectVersion"]
+WRITE = ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
+DELETE = ["s3:DeleteObject"]
+LIST = ["s3:ListBucket", "s3:GetBucketLocation"]
+
+
+@dataclass
+class IdentityArgs:
+    config: StackConfig
+    account_id: str
+    partition: str
+    bucket_arns: dict[str, pulumi.Input[str]]
+    """datasets, checkpoints, models."""
+    repository_arns: dict[str, pulumi.Input[str]]
+    """ECR repositories by image (training, serving): SageMaker pulls from them."""
+    kms_key_arn: pulumi.Input[str]
+    tags: dict[str, str]
+
+
+def _trust(service: str, extra_actions: tuple[str, ...] = (), condition: dict | None = None) -> str:
+    statement: dict[str, Any] = {
+        "Effect": "Allow",
+        "Principal": {"Service": service},
+        "Action": ["sts:AssumeRole", *extra_actions],
+    }
+    if condition:
+        statement["Condition"] = condition
+    return json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+
+
+def s3_statements(
+    bucket_arns: dict[str, pulumi.Input[str]], access: dict[str, list[str]], kms_key_arn: pulumi.Input[str], region: str
+) -> list[dict[str, Any]]:
+    """Statements granting `access[kind]` object actions on bucket `kind` (plus listing it) and the KMS use S3
+    needs for SSE-KMS, restricted to calls made through S3 in this region."""
+    statements: list[dict[str, Any]] = []
+    for kind, actions in access.items():
+        arn = pulumi.Output.from_input(bucket_arns[kind])
+        statements.append({"Sid": f"List{kind.title()}", "Effect": "Allow", "Action": LIST, "Resource": arn})
+        statements.append(
+            {
+                "Sid": f"Objects{kind.title()}",
+                "Effect": "Allow",
+                "Action": actions,
+                "Resource": arn.apply(lambda a: f"{a}/*"),
+            }
+        )
+    writes = any(a in WRITE for actions in access.values() for a in actions)
+    statements.append(
+        {
+            "Sid": "UseProjectKeyViaS3",
+            "Effect": "Allow",
+            "Action": ["kms:Decrypt", *(["kms:GenerateDataKey"] if writes else [])],
+            "Resource": kms_key_arn,
+            "Condition": {"StringEquals": {"kms:ViaService": f"s3.{region}.amazonaws.com"}},
+        }
+    )
+    return statements
+
+
+def policy_document(statements: list[dict[str, Any]]) -> pulumi.Output[str]:
+    return pulumi.Output.json_dumps({"Version": "2012-10-17", "Statement": statements})
+
+
+TRAINING_ACCESS = {"datasets": READ, "checkpoints": READ + WRITE + DELETE, "models": READ + WRITE}
+"""Training reads datasets, reads/writes/prunes checkpoints (keep-last-K), writes the exported model."""
+SERVING_ACCESS = {"models": READ}
+
+
+class Identity(pulumi.ComponentResource):
+    cluster_role_arn: pulumi.Output[str]
+    node_role_arn: pulumi.Output[str]
+    training_role_arn: pulumi.Output[str]
+    serving_role_arn: pulumi.Output[str]
+    sagemaker_role_arn: pulumi.Output[str]
+    ebs_csi_role_arn: pulumi.Output[str]
+
+    def __init__(self, name: str, args: IdentityArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:Identity", name, None, opts)
+        self._base, self._spec = name, args
+        cfg = args.config
+        managed = f"arn:{args.partition}:iam::aws:policy"
+        pod_identity_trust = _trust(
+            "pods.eks.amazonaws.com",
+            extra_actions=("sts:TagSession",),  # Pod Identity tags sessions with cluster/namespace/service account
+            condition={"StringEquals": {"aws:SourceAccount": args.account_id}},
+        )
+
+        self.cluster_role = self._role(
+            "cluster", _trust("eks.amazonaws.com", ("sts:TagSession",)), [f"{managed}/AmazonEKSClusterPolicy"]
+        )
+        self.node_role = self._role(
+            "node",
+            _trust("ec2.amazonaws.com"),
+            [
+                f"{managed}/AmazonEKSWorkerNodePolicy",
+                # Pull-only (not ReadOnly): nodes need to fetch images, not list or describe registries.
+                f"{managed}/AmazonEC2ContainerRegistryPullOnly",
+                f"{managed}/AmazonEKS_CNI_Policy",
+            ],
+        )
+        self.ebs_csi_role = self._role(
+            "ebs-csi", pod_identity_trust, [f"{managed}/service-role/AmazonEBSCSIDriverPolicy"]
+        )
+        self.training_role = self._role(
+            "training",
+            pod_identity_trust,
+            inline=s3_statements(args.bucket_arns, TRAINING_ACCESS, args.kms_key_arn, cfg.region),
+        )
+        self.serving_role = self._role(
+            "serving",
+            pod_identity_trust,
+            inline=s3_statements(args.bucket_arns, SERVING_ACCESS, args.kms_key_arn, cfg.region),
+        )
+        self.sagemaker_role = self._role(
+            "sagemaker",
+            _trust("sagemaker.amazonaws.com", condition={"StringEquals": {"aws:SourceAccount": args.account_id}}),
+            inline=self._sagemaker_statements(),
+        )
+
+        self.cluster_role_arn = self.cluster_role.arn
+        self.node_role_arn = self.node_role.arn
+        self.training_role_arn = self.training_role.arn
+        self.serving_role_arn = self.serving_role.arn
+        self.sagemaker_role_arn = self.sagemaker_role.arn
+        self.ebs_csi_role_arn = self.ebs_csi_role.arn
+        self.register_outputs(
+            {
+                "cluster_role_arn": self.cluster_role_arn,
+                "node_role_arn": self.node_role_arn,
+                "training_role_arn": self.training_role_arn,
+                "serving_role_arn": self.serving_role_arn,
+                "sagemaker_role_arn": self.sagemaker_role_arn,
+                "ebs_csi_role_arn": self.ebs_csi_role_arn,
+            }
+        )
+
+    def _role(
+        self,
+        suffix: str,
+        trust: str,
+        managed_policy_arns: list[str] | None = None,
+        inline: list[dict[str, Any]] | None = None,
+    ) -> aws.iam.Role:
+        cfg = self._spec.config
+        role = aws.iam.Role(
+            f"{self._base}-{suffix}",
+            name=f"{cfg.name_prefix}-{suffix}",
+            assume_role_policy=trust,
+            max_session_duration=3600,
+            tags=self._spec.tags,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        for i, arn in enumerate(managed_policy_arns or []):
+            aws.iam.RolePolicyAttachment(
+                f"{self._base}-{suffix}-managed-{i}",
+                role=role.name,
+                policy_arn=arn,
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+        if inline:
+            aws.iam.RolePolicy(
+                f"{self._base}-{suffix}-policy",
+                role=role.id,
+                policy=policy_document(inline),
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+        return role
+
+    def _sagemaker_statements(self) -> list[dict[str, Any]]:
+        """Training jobs (same data access as the EKS trainer) and endpoints (read models) share one role."""
+        a, cfg = self._spec, self._spec.config
+        logs = f"arn:{a.partition}:logs:{cfg.region}:{a.account_id}:log-group:/aws/sagemaker/*"
+        statements = s3_statements(a.bucket_arns, TRAINING_ACCESS, a.kms_key_arn, cfg.region)
+        statements += [
+            {
+                # GetAuthorizationToken has no resource-level permissions: "*" is the only valid resource.
+                "Sid": "EcrLogin",
+                "Effect": "Allow",
+                "Action": "ecr:GetAuthorizationToken",
+                "Resource": "*",
+            },
+            {
+                "Sid": "EcrPullProjectImages",
+                "Effect": "Allow",
+                "Action": ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
+                "Resource": list(a.repository_arns.values()),
+            },
+            {
+                # ECR images are encrypted with the project key; pulls decrypt through ECR.
+                "Sid": "UseProjectKeyViaEcr",
+                "Effect": "Allow",
+                "Action": ["kms:Decrypt"],
+                "Resource": a.kms_key_arn,
+                "Condition": {"StringEquals": {"kms:ViaService": f"ecr.{cfg.region}.amazonaws.com"}},
+            },
+            {
+                "Sid": "SageMakerLogs",
+                "Effect": "Allow",
+                "Action": [
+                    "logs:CreateLogGroup",
+                    "logs:CreateLogStream",
+                    "logs:PutLogEvents",
+                    "logs:DescribeLogStreams",
+                ],
+                "Resource": [logs, f"{logs}:log-stream:*"],
+            },
+            {
+                "Sid": "SageMakerMetrics",
+                "Effect": "Allow",
+                "Action": "cloudwatch:PutMetricData",
+                "Resource": "*",
+                "Condition": {"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*", "aws/sagemaker/*"]}},
+            },
+            {
+                # Jobs and endpoints in our private subnets: SageMaker creates ENIs on the role's behalf. The EC2
+                # describe/ENI APIs do not support resource-level scoping for these calls.
+                "Sid": "VpcAccess",
+                "Effect": "Allow",
+                "Action": [
+                    "ec2:CreateNetworkInterface",
+                    "ec2:CreateNetworkInterfacePermission",
+                    "ec2:DeleteNetworkInterface",
+                    "ec2:DeleteNetworkInterfacePermission",
+                    "ec2:DescribeNetworkInterfaces",
+                    "ec2:DescribeVpcs",
+                    "ec2:DescribeDhcpOptions",
+                    "ec2:DescribeSubnets",
+                    "ec2:DescribeSecurityGroups",
+                ],
+                "Resource": "*",
+            },
+        ]
+        return statements

@@ -1,0 +1,334 @@
+"""A recording mock engine: runs the real Pulumi program in-process with no cloud and no Pulumi CLI.
+
+Every resource registration is recorded (type, name, parent, inputs as the engine receives them, protect,
+retain_on_delete, depends_on). Mocked outputs look like AWS's (ARNs, IDs, endpoints) for the stack's region, and
+every invoke the program makes is answered; an unanswered invoke is an error, not a silent `{}`.
+
+Used by `python -m infra.preview` and by the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+
+ACCOUNT_ID = "123456789012"
+
+
+@dataclass
+class Recorded:
+    type: str
+    name: str
+    custom: bool
+    inputs: dict[str, Any]
+    parent: str | None = None
+    parent_type: str | None = None
+    protect: bool = False
+    retain_on_delete: bool = False
+    depends_on: list[str] = field(default_factory=list)
+    provider: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "name": self.name,
+            "parent": self.parent,
+            "inputs": self.inputs,
+            "protect": self.protect,
+            "retain_on_delete": self.retain_on_delete,
+            "depends_on": self.depends_on,
+        }
+
+
+def _digest(*parts: str, n: int = 17) -> str:
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:n]
+
+
+class RecordingMocks(pulumi.runtime.Mocks):
+    """Answers the engine like AWS would, deterministically, and records what the program asked for."""
+
+    def __init__(self, region: str, account_id: str = ACCOUNT_ID) -> None:
+        self.region = region
+        self.account_id = account_id
+        self.partition = "aws-us-gov" if region.startswith("us-gov-") else "aws"
+        self.resources: dict[tuple[str, str], Recorded] = {}
+        self.registrations: list[tuple[str, str]] = []
+        self.invokes: list[str] = []
+
+    # -- resources ---------------------------------------------------------------------------------------------
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict]:
+        key = (args.typ, args.name)
+        self.registrations.append(key)
+        rec = self.resources.get(key)
+        if rec is None:
+            rec = Recorded(type=args.typ, name=args.name, custom=args.custom, inputs=dict(args.inputs))
+            self.resources[key] = rec
+        else:
+            rec.inputs, rec.custom = dict(args.inputs), args.custom
+        rec.provider = args.provider or None
+        if not args.custom:
+            # Components: don't echo inputs back as state (PROOF.md); they have none of their own.
+            return None, {}
+        rid, state = self._fake_state(args.typ, args.name, dict(args.inputs))
+        rec.state = state
+        return rid, state
+
+    def _arn(self, service: str, resource: str, regional: bool = True) -> str:
+        region = self.region if regional else ""
+        account = self.account_id if regional or service == "iam" else ""
+        return f"arn:{self.partition}:{service}:{region}:{account}:{resource}"
+
+    def _fake_state(self, typ: str, name: str, inputs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """IDs and computed attributes shaped like AWS's, so dependent inputs look real in previews."""
+        state = dict(inputs)
+        pkg, _, rest = typ.partition(":")
+        module = rest.split("/")[0]
+        physical = inputs.get("name") or f"{name}-{_digest(typ, name, n=7)}"
+        rid = physical
+        if pkg == "aws":
+            rid, extra = self._aws_state(typ, module, name, physical, inputs)
+            state.update(extra)
+        elif pkg == "kubernetes":
+            meta = inputs.get("metadata") or {}
+            ns = meta.get("namespace")
+            rid = f"{ns}/{meta.get('name', name)}" if ns else meta.get("name", name)
+        elif pkg == "pulumi" and typ.startswith("pulumi:providers:"):
+            rid = _digest(typ, name, n=36)
+        return rid, state
+
+    def _aws_state(
+        self, typ: str, module: str, name: str, physical: str, inputs: dict[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
+        h = _digest(typ, name)
+        s: dict[str, Any] = {}
+        short = typ.rsplit(":", 1)[-1]
+        if typ == "aws:s3/bucket:Bucket":
+            bucket = inputs.get("bucket") or f"{name}-{_digest(typ, name, n=8)}"
+            s = {
+                "bucket": bucket,
+                "arn": f"arn:{self.partition}:s3:::{bucket}",
+                "bucketRegionalDomainName": f"{bucket}.s3.{self.region}.amazonaws.com",
+                "region": self.region,
+            }
+            return bucket, s
+        if module == "iam":
+            kind = {"Role": "role", "Policy": "policy", "User": "user", "InstanceProfile": "instance-profile"}.get(
+                short
+            )
+            if kind:
+                s = {"arn": self._arn("iam", f"{kind}/{physical}", regional=False), "name": physical}
+                if short == "Role":
+                    s["uniqueId"] = "AROA" + h.upper()[:17]
+                return physical, s
+            return f"{physical}-{h[:8]}", s
+        if typ == "aws:kms/key:Key":
+            kid = f"{h[:8]}-{h[8:12]}-4{h[12:15]}-a{h[15:17]}-{_digest(name, n=12)}"
+            return kid, {"keyId": kid, "arn": self._arn("kms", f"key/{kid}")}
+        if typ == "aws:kms/alias:Alias":
+            return physical, {"arn": self._arn("kms", physical), "targetKeyArn": inputs.get("targetKeyId")}
+        if typ == "aws:ecr/repository:Repository":
+            repo = inputs.get("name", physical)
+            return repo, {
+                "arn": self._arn("ecr", f"repository/{repo}"),
+                "repositoryUrl": f"{self.account_id}.dkr.ecr.{self.region}.amazonaws.com/{repo}",
+                "registryId": self.account_id,
+            }
+        if typ == "aws:eks/cluster:Cluster":
+            return physical, {
+                "arn": self._arn("eks", f"cluster/{physical}"),
+                "endpoint": f"https://{h.upper()}{h[:15].upper()}.gr7.{self.region}.eks.amazonaws.com",
+                "certificateAuthority": {
+                    "data": "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1PQ0sKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo="
+                },
+                "identities": [{"oidcs": [{"issuer": f"https://oidc.eks.{self.region}.amazonaws.com/id/{h.upper()}"}]}],
+                "vpcConfig": {**(inputs.get("vpcConfig") or {}), "clusterSecurityGroupId": f"sg-{h}"},
+                "status": "ACTIVE",
+                "platformVersion": "eks.1",
+            }
+        if typ == "aws:eks/nodeGroup:NodeGroup":
+            ng = inputs.get("nodeGroupName", physical)
+            return f"{inputs.get('clusterName')}:{ng}", {
+                "arn": self._arn("eks", f"nodegroup/{inputs.get('clusterName')}/{ng}/{h[:8]}"),
+                "nodeGroupName": ng,
+                "status": "ACTIVE",
+            }
+        if typ == "aws:sagemaker/endpoint:Endpoint" or typ.startswith("aws:sagemaker/"):
+            kind = {"Model": "model", "EndpointConfiguration": "endpoint-config", "Endpoint": "endpoint"}.get(
+                short, "x"
+            )
+            return physical, {"arn": self._arn("sagemaker", f"{kind}/{physical.lower()}"), "name": physical}
+        if typ == "aws:cloudwatch/logGroup:LogGroup":
+            lg = inputs.get("name", physical)
+            return lg, {"arn": self._arn("logs", f"log-group:{lg}")}
+        prefixes = {
+            "Vpc": "vpc",
+            "Subnet": "subnet",
+            "InternetGateway": "igw",
+            "NatGateway": "nat",
+            "Eip": "eipalloc",
+            "RouteTable": "rtb",
+            "SecurityGroup": "sg",
+            "VpcEndpoint": "vpce",
+            "FlowLog": "fl",
+            "LaunchTemplate": "lt",
+            "PlacementGroup": "pg",
+            "NetworkAcl": "acl",
+        }
+        if module == "ec2" and short in prefixes:
+            rid = f"{prefixes[short]}-{h}"
+            s = {"arn": self._arn("ec2", f"{prefixes[short]}/{rid}")}
+            if short == "Eip":
+                s["publicIp"] = f"198.51.100.{int(h[:2], 16) % 250 + 1}"
+            if short == "LaunchTemplate":
+                s["latestVersion"] = 1
+            if short == "Subnet":
+                s["availabilityZone"] = inputs.get("availabilityZone")
+            if short == "Vpc":
+                s["defaultSecurityGroupId"] = f"sg-{_digest('default', h)}"
+            return rid, s
+        return f"{physical}-{h[:8]}", {"arn": self._arn(module, f"{short.lower()}/{physical}")}
+
+    # -- invokes -----------------------------------------------------------------------------------------------
+    def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
+        self.invokes.append(args.token)
+        handler = self._invokes().get(args.token)
+        if handler is None:
+            raise NotImplementedError(
+                f"the mock engine has no answer for invoke {args.token}; add one to infra/mocks.py "
+                "so previews stay realistic"
+            )
+        return handler(dict(args.args))
+
+    def _invokes(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        suffixes = "abcd"
+        zone_prefix = {"us-east-1": "use1", "us-west-2": "usw2", "eu-west-1": "euw1"}.get(self.region, "xx1")
+        return {
+            "aws:index/getAvailabilityZones:getAvailabilityZones": lambda a: {
+                "names": [f"{self.region}{s}" for s in suffixes],
+                "zoneIds": [f"{zone_prefix}-az{i + 1}" for i in range(len(suffixes))],
+                "state": "available",
+                "id": self.region,
+            },
+            "aws:index/getCallerIdentity:getCallerIdentity": lambda a: {
+                "accountId": self.account_id,
+                "arn": f"arn:{self.partition}:iam::{self.account_id}:user/preview",
+                "userId": "AIDAPREVIEW",
+                "id": self.account_id,
+            },
+            "aws:index/getPartition:getPartition": lambda a: {
+                "partition": self.partition,
+                "dnsSuffix": "amazonaws.com",
+                "id": self.partition,
+            },
+            "aws:index/getRegion:getRegion": lambda a: {
+                "name": self.region,
+                "region": self.region,
+                "id": self.region,
+                "endpoint": f"ec2.{self.region}.amazonaws.com",
+            },
+        }
+
+
+@dataclass
+class Run:
+    """What one run of the program under the mock engine produced."""
+
+    stack: str
+    mocks: RecordingMocks
+    outputs: dict[str, Any]
+    secret_outputs: set[str]
+
+    @property
+    def resources(self) -> list[Recorded]:
+        return list(self.mocks.resources.values())
+
+    def of_type(self, typ: str) -> list[Recorded]:
+        return [r for r in self.resources if r.type == typ]
+
+    def one(self, typ: str, name: str | None = None) -> Recorded:
+        found = [r for r in self.of_type(typ) if name is None or r.name == name]
+        if len(found) != 1:
+            raise AssertionError(f"expected one {typ} {name or ''}, found {[r.name for r in found]}")
+        return found[0]
+
+    def duplicate_names(self) -> list[tuple[str, str]]:
+        """The real engine rejects two resources with the same type and name; the mock engine does not."""
+        seen: set[tuple[str, str]] = set()
+        dups = []
+        for key in self.mocks.registrations:
+            if key in seen:
+                dups.append(key)
+            seen.add(key)
+        return dups
+
+
+def _config_strings(values: Mapping[str, Any]) -> dict[str, str]:
+    """Config as the Pulumi engine passes it: every value a string, structured values as JSON."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, bool):
+            out[k] = "true" if v else "false"
+        elif isinstance(v, (list, dict)):
+            out[k] = json.dumps(v)
+        else:
+            out[k] = str(v)
+    return out
+
+
+def run_program(
+    program: Callable[[], Mapping[str, Any]],
+    config_values: Mapping[str, Any],
+    stack: str,
+    project: str,
+    region: str,
+) -> Run:
+    """Run `program` (returns its stack outputs) under a fresh recording mock engine."""
+    # A previous asyncio.run() (or test) may have closed the loop; the mock engine needs a current one.
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    pulumi.runtime.set_all_config(_config_strings(config_values))
+    mocks = RecordingMocks(region)
+    pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=False)
+
+    def record_options(args: pulumi.ResourceTransformationArgs) -> None:
+        rec = mocks.resources.setdefault(
+            (args.type_, args.name), Recorded(type=args.type_, name=args.name, custom=True, inputs={})
+        )
+        opts = args.opts
+        rec.protect = bool(opts.protect)
+        rec.retain_on_delete = bool(opts.retain_on_delete)
+        if opts.parent is not None and opts.parent._type != "pulumi:pulumi:Stack":
+            rec.parent = opts.parent._name
+            rec.parent_type = opts.parent._type
+        deps = opts.depends_on or []
+        if not isinstance(deps, list):
+            deps = [deps]
+        rec.depends_on = [f"{d._type}::{d._name}" for d in deps if isinstance(d, pulumi.Resource)]
+        return None
+
+    pulumi.runtime.register_stack_transformation(record_options)
+
+    outputs: dict[str, Any] = {}
+    secrets: set[str] = set()
+
+    @pulumi.runtime.test
+    def _run() -> asyncio.Future:
+        result = program()
+
+        async def collect() -> None:
+            for key, value in result.items():
+                out = pulumi.Output.from_input(value)
+                outputs[key] = await out.future()
+                if await out.is_secret():
+                    secrets.add(key)
+
+        return asyncio.ensure_future(collect())
+
+    _run()
+    return Run(stack=stack, mocks=mocks, outputs=outputs, secret_outputs=secrets)

@@ -1,0 +1,269 @@
+"""Network: a VPC over N zones with public and private subnets, NAT, VPC endpoints and flow logs."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.config import StackConfig
+
+INTERFACE_ENDPOINT_SERVICES = ("ecr.api", "ecr.dkr", "sts", "logs")
+"""What nodes and pods need without NAT: image pulls (ECR api + dkr; layers come from S3 via the gateway endpoint),
+Pod Identity / IRSA credentials (STS) and log shipping (CloudWatch Logs)."""
+
+
+@dataclass
+class NetworkArgs:
+    config: StackConfig
+    availability_zones: list[str]
+    """Zones to spread over, already cut to `config.network.az_count`."""
+    kms_key_arn: pulumi.Input[str]
+    """Key that encrypts the flow-log group."""
+    tags: dict[str, str]
+
+
+def plan_subnets(vpc_cidr: str, az_count: int) -> tuple[list[str], list[str]]:
+    """Carve (private, public) subnet CIDRs, one of each per zone.
+
+    Private subnets get an eighth of the VPC each: with the VPC CNI every pod takes a VPC address, so GPU nodes
+    with many pods need room. Public subnets only hold NAT gateways and load balancers: small slices of the last
+    eighth, which no private subnet uses (az_count <= 4 < 8).
+    """
+    vpc = ipaddress.ip_network(vpc_cidr)
+    eighths = list(vpc.subnets(new_prefix=vpc.prefixlen + 3))
+    private = [str(n) for n in eighths[:az_count]]
+    public = [str(n) for n in list(eighths[-1].subnets(new_prefix=vpc.prefixlen + 6))[:az_count]]
+    return private, public
+
+
+class Network(pulumi.ComponentResource):
+    vpc_id: pulumi.Output[str]
+    private_subnet_ids: pulumi.Output[list[str]]
+    public_subnet_ids: pulumi.Output[list[str]]
+    private_route_table_ids: pulumi.Output[list[str]]
+
+    def __init__(self, name: str, args: NetworkArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:Network", name, None, opts)
+        self._base = name
+        self._spec = args
+        cfg = args.config
+        self._child = pulumi.ResourceOptions(parent=self)
+
+        self.vpc = aws.ec2.Vpc(
+            f"{name}-vpc",
+            cidr_block=cfg.network.vpc_cidr,
+            enable_dns_support=True,
+            enable_dns_hostnames=True,  # required for private DNS of interface endpoints and for EKS
+            tags=self._tags(f"{cfg.name_prefix}-vpc"),
+            opts=self._child,
+        )
+        private_cidrs, public_cidrs = plan_subnets(cfg.network.vpc_cidr, cfg.network.az_count)
+        self.public_subnets = [
+            aws.ec2.Subnet(
+                f"{name}-public-{i}",
+                vpc_id=self.vpc.id,
+                cidr_block=cidr,
+                availability_zone=az,
+                map_public_ip_on_launch=False,  # nothing in a public subnet gets an address unless it asks
+                tags={**self._tags(f"{cfg.name_prefix}-public-{az}"), "kubernetes.io/role/elb": "1"},
+                opts=self._child,
+            )
+            for i, (az, cidr) in enumerate(zip(args.availability_zones, public_cidrs, strict=True))
+        ]
+        self.private_subnets = [
+            aws.ec2.Subnet(
+                f"{name}-private-{i}",
+                vpc_id=self.vpc.id,
+                cidr_block=cidr,
+                availability_zone=az,
+                tags={**self._tags(f"{cfg.name_prefix}-private-{az}"), "kubernetes.io/role/internal-elb": "1"},
+                opts=self._child,
+            )
+            for i, (az, cidr) in enumerate(zip(args.availability_zones, private_cidrs, strict=True))
+        ]
+        self._create_public_routes()
+        self._create_nat_and_private_routes()
+        self._create_endpoints()
+        self._create_flow_logs()
+
+        self.vpc_id = self.vpc.id
+        self.private_subnet_ids = pulumi.Output.all(*[s.id for s in self.private_subnets])
+        self.public_subnet_ids = pulumi.Output.all(*[s.id for s in self.public_subnets])
+        self.private_route_table_ids = pulumi.Output.all(*[rt.id for rt in self.private_route_tables])
+        self.register_outputs(
+            {
+                "vpc_id": self.vpc_id,
+                "private_subnet_ids": self.private_subnet_ids,
+                "public_subnet_ids": self.public_subnet_ids,
+            }
+        )
+
+    def _tags(self, name: str) -> dict[str, str]:
+        return {**self._spec.tags, "Name": name}
+
+    def _create_public_routes(self) -> None:
+        name, cfg = self._base, self._spec.config
+        self.internet_gateway = aws.ec2.InternetGateway(
+            f"{name}-igw", vpc_id=self.vpc.id, tags=self._tags(f"{cfg.name_prefix}-igw"), opts=self._child
+        )
+        self.public_route_table = aws.ec2.RouteTable(
+            f"{name}-public-rt",
+            vpc_id=self.vpc.id,
+            routes=[{"cidr_block": "0.0.0.0/0", "gateway_id": self.internet_gateway.id}],
+            tags=self._tags(f"{cfg.name_prefix}-public"),
+            opts=self._child,
+        )
+        for i, subnet in enumerate(self.public_subnets):
+            aws.ec2.RouteTableAssociation(
+                f"{name}-public-rta-{i}",
+                subnet_id=subnet.id,
+                route_table_id=self.public_route_table.id,
+                opts=self._child,
+            )
+
+    def _create_nat_and_private_routes(self) -> None:
+        """One NAT gateway (cheap; egress of every zone fails with its zone) or one per zone (zone-independent)."""
+        name, cfg = self._base, self._spec.config
+        self.nat_gateways = []
+        for i in range(cfg.network.nat_gateway_count):
+            eip = aws.ec2.Eip(
+                f"{name}-nat-eip-{i}", domain="vpc", tags=self._tags(f"{cfg.name_prefix}-nat-{i}"), opts=self._child
+            )
+            self.nat_gateways.append(
+                aws.ec2.NatGateway(
+                    f"{name}-nat-{i}",
+                    allocation_id=eip.id,
+                    subnet_id=self.public_subnets[i].id,
+                    tags=self._tags(f"{cfg.name_prefix}-nat-{i}"),
+                    opts=pulumi.ResourceOptions(parent=self, depends_on=[self.internet_gateway]),
+                )
+            )
+        self.private_route_tables = []
+        for i, subnet in enumerate(self.private_subnets):
+            nat = self.nat_gateways[i % len(self.nat_gateways)]
+            rt = aws.ec2.RouteTable(
+                f"{name}-private-rt-{i}",
+                vpc_id=self.vpc.id,
+                routes=[{"cidr_block": "0.0.0.0/0", "nat_gateway_id": nat.id}],
+                tags=self._tags(f"{cfg.name_prefix}-private-{i}"),
+                opts=self._child,
+            )
+            aws.ec2.RouteTableAssociation(
+                f"{name}-private-rta-{i}", subnet_id=subnet.id, route_table_id=rt.id, opts=self._child
+            )
+            self.private_route_tables.append(rt)
+
+    def _create_endpoints(self) -> None:
+        name, cfg = self._base, self._spec.config
+        region = cfg.region
+        # S3 traffic (datasets, checkpoints, image layers) is the bulk of egress: keep it off NAT, which bills per GB.
+        self.s3_endpoint = aws.ec2.VpcEndpoint(
+            f"{name}-s3",
+            vpc_id=self.vpc.id,
+            service_name=f"com.amazonaws.{region}.s3",
+            vpc_endpoint_type="Gateway",
+            route_table_ids=[rt.id for rt in self.private_route_tables],
+            tags=self._tags(f"{cfg.name_prefix}-s3"),
+            opts=self._child,
+        )
+        self.interface_endpoints: list[aws.ec2.VpcEndpoint] = []
+        if not cfg.network.interface_endpoints:
+            return
+        self.endpoint_security_group = aws.ec2.SecurityGroup(
+            f"{name}-endpoints-sg",
+            vpc_id=self.vpc.id,
+            description="HTTPS from inside the VPC to interface endpoints",
+            ingress=[
+                {
+                    "protocol": "tcp",
+                    "from_port": 443,
+                    "to_port": 443,
+                    "cidr_blocks": [cfg.network.vpc_cidr],
+                    "description": "HTTPS from the VPC",
+                }
+            ],
+            tags=self._tags(f"{cfg.name_prefix}-endpoints"),
+            opts=self._child,
+        )
+        for service in INTERFACE_ENDPOINT_SERVICES:
+            self.interface_endpoints.append(
+                aws.ec2.VpcEndpoint(
+                    f"{name}-{service.replace('.', '-')}",
+                    vpc_id=self.vpc.id,
+                    service_name=f"com.amazonaws.{region}.{service}",
+                    vpc_endpoint_type="Interface",
+                    private_dns_enabled=True,
+                    subnet_ids=[s.id for s in self.private_subnets],
+                    security_group_ids=[self.endpoint_security_group.id],
+                    tags=self._tags(f"{cfg.name_prefix}-{service}"),
+                    opts=self._child,
+                )
+            )
+
+    def _create_flow_logs(self) -> None:
+        name, cfg = self._base, self._spec.config
+        self.flow_log_group = aws.cloudwatch.LogGroup(
+            f"{name}-flow-logs",
+            name=f"/llm-platform/{cfg.stack}/vpc-flow-logs",
+            retention_in_days=cfg.network.flow_log_retention_days,
+            kms_key_id=self._spec.kms_key_arn,
+            tags=self._spec.tags,
+            opts=self._child,
+        )
+        role = aws.iam.Role(
+            f"{name}-flow-logs-role",
+            name=f"{cfg.name_prefix}-vpc-flow-logs",
+            assume_role_policy=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"Service": "vpc-flow-logs.amazonaws.com"},
+                            "Action": "sts:AssumeRole",
+                        }
+                    ],
+                }
+            ),
+            tags=self._spec.tags,
+            opts=self._child,
+        )
+        aws.iam.RolePolicy(
+            f"{name}-flow-logs-policy",
+            role=role.id,
+            policy=pulumi.Output.json_dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Action": [
+                                "logs:CreateLogStream",
+                                "logs:PutLogEvents",
+                                "logs:DescribeLogStreams",
+                            ],
+                            "Resource": [
+                                self.flow_log_group.arn,
+                                self.flow_log_group.arn.apply(lambda a: f"{a}:log-stream:*"),
+                            ],
+                        }
+                    ],
+                }
+            ),
+            opts=self._child,
+        )
+        self.flow_log = aws.ec2.FlowLog(
+            f"{name}-flow-log",
+            vpc_id=self.vpc.id,
+            traffic_type="ALL",
+            log_destination_type="cloud-watch-logs",
+            log_destination=self.flow_log_group.arn,
+            iam_role_arn=role.arn,
+            max_aggregation_interval=60,
+            tags=self._spec.tags,
+            opts=self._child,
+        )

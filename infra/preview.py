@@ -1,0 +1,138 @@
+"""Offline preview: run the real program for a stack under the recording mock engine and show what it declares.
+
+    python -m infra.preview dev                 # grouped, human-readable
+    python -m infra.preview prod --json         # machine-readable (PR tooling, diffs)
+    python -m infra.preview dev --config-file my-dev.yaml
+
+Needs no cloud account and no Pulumi CLI. Exit codes: 0 ok, 2 invalid stack configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from infra.config import ConfigError, load_config, load_stack_file, project_name
+from infra.mocks import Recorded, Run, run_program
+
+SECRET = "[secret]"
+
+KEY_SETTINGS: dict[str, tuple[str, ...]] = {
+    "aws:ec2/vpc:Vpc": ("cidrBlock",),
+    "aws:ec2/subnet:Subnet": ("availabilityZone", "cidrBlock"),
+    "aws:ec2/natGateway:NatGateway": ("subnetId",),
+    "aws:ec2/vpcEndpoint:VpcEndpoint": ("serviceName", "vpcEndpointType"),
+    "aws:ec2/flowLog:FlowLog": ("trafficType", "logDestinationType"),
+    "aws:cloudwatch/logGroup:LogGroup": ("name", "retentionInDays"),
+    "aws:kms/key:Key": ("enableKeyRotation", "deletionWindowInDays"),
+    "aws:s3/bucket:Bucket": ("bucket", "forceDestroy"),
+    "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration": ("rules",),
+    "aws:ecr/repository:Repository": ("name", "imageTagMutability", "forceDelete"),
+    "aws:iam/role:Role": ("name",),
+    "aws:eks/cluster:Cluster": ("name", "version", "vpcConfig", "encryptionConfig", "enabledClusterLogTypes"),
+    "aws:eks/nodeGroup:NodeGroup": (
+        "nodeGroupName",
+        "amiType",
+        "instanceTypes",
+        "capacityType",
+        "scalingConfig",
+        "labels",
+        "taints",
+    ),
+    "aws:eks/addon:Addon": ("addonName",),
+    "aws:eks/podIdentityAssociation:PodIdentityAssociation": ("namespace", "serviceAccount"),
+    "aws:sagemaker/endpointConfiguration:EndpointConfiguration": ("productionVariants",),
+    "aws:appautoscaling/target:Target": ("resourceId", "minCapacity", "maxCapacity"),
+}
+
+
+def preview(stack: str, config_file: Path | None = None) -> tuple[dict[str, Any], Run]:
+    """Validate the stack's config, run the program under mocks, return the JSON report and the raw run."""
+    values, source = load_stack_file(stack, config_file)
+    cfg = load_config(values, stack, source)  # fails before any resource is registered
+
+    from infra.program import build  # imported late: importing pulumi_aws costs ~2 s, config errors should not
+
+    run = run_program(build, values, stack=stack, project=project_name(), region=cfg.region)
+    report = {
+        "stack": stack,
+        "config_file": source,
+        "resources": [r.as_json() for r in run.resources],
+        "outputs": {k: (SECRET if k in run.secret_outputs else v) for k, v in sorted(run.outputs.items())},
+    }
+    return report, run
+
+
+def _component_of(rec: Recorded, by_name: dict[str, Recorded]) -> str:
+    """Top-level component a resource belongs to (walks up the parent chain)."""
+    node = rec
+    while node.parent is not None and node.parent in by_name:
+        node = by_name[node.parent]
+    return node.name if node is not rec or not rec.custom else "(stack)"
+
+
+def _short(value: Any, limit: int = 110) -> str:
+    text = json.dumps(value, separators=(",", ":"), default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render(report: dict[str, Any], run: Run) -> str:
+    by_name = {r.name: r for r in run.resources if not r.custom}
+    groups: dict[str, list[Recorded]] = defaultdict(list)
+    for rec in run.resources:
+        if rec.custom:
+            groups[_component_of(rec, by_name)].append(rec)
+    lines = [f"Stack {report['stack']} ({report['config_file']}): {sum(len(g) for g in groups.values())} resources"]
+    for component in sorted(groups, key=lambda c: (c == "(stack)", c)):
+        comp = by_name.get(component)
+        title = f"{component} [{comp.type}]" if comp else component
+        lines.append("")
+        lines.append(f"{title}: {len(groups[component])} resources")
+        for rec in groups[component]:
+            flags = "".join(
+                [" [protected]" if rec.protect else "", " [retain-on-delete]" if rec.retain_on_delete else ""]
+            )
+            settings = ", ".join(
+                f"{k}={_short(rec.inputs[k])}" for k in KEY_SETTINGS.get(rec.type, ()) if k in rec.inputs
+            )
+            lines.append(f"  + {rec.type:<55} {rec.name}{flags}")
+            if settings:
+                lines.append(f"      {settings}")
+    lines.append("")
+    lines.append("Outputs:")
+    for key, value in report["outputs"].items():
+        lines.append(f"  {key}: {_short(value, 140)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.preview", description=__doc__.split("\n\n")[0])
+    parser.add_argument("stack", help="stack name: dev, staging, prod (reads stacks/Pulumi.<stack>.yaml)")
+    parser.add_argument("--json", action="store_true", help="print the machine-readable report")
+    parser.add_argument("--config-file", type=Path, help="preview this stack config file instead")
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    try:
+        report, run = preview(args.stack, args.config_file)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(
+            "fix the stack file (keys, types and defaults are declared in Pulumi.yaml) and run again", file=sys.stderr
+        )
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=False, default=str))
+    else:
+        print(render(report, run))
+        print(f"\n(previewed offline under the mock engine in {time.monotonic() - started:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

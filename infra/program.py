@@ -1,0 +1,142 @@
+"""The platform program: one stack = one environment. `infra/__main__.py` runs it under the Pulumi engine;
+`infra.preview` and the tests run it under the recording mock engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from infra import config as config_module
+from infra import outputs as out
+from infra.cluster import Cluster, ClusterArgs
+from infra.identity import Identity, IdentityArgs
+from infra.kubernetes_base import KubernetesBase, KubernetesBaseArgs
+from infra.network import Network, NetworkArgs
+from infra.registry import Registry, RegistryArgs
+from infra.sagemaker_endpoint import SageMakerEndpoint, SageMakerEndpointArgs
+from infra.serving_eks import ServingOnEks, ServingOnEksArgs
+from infra.storage import Storage, StorageArgs
+from infra.tags import stack_tags
+
+
+def build() -> dict[str, Any]:
+    """Declare every resource of the stack and return its outputs (keys from `infra.outputs`)."""
+    # Config first: a bad stack file fails here, before any resource is registered.
+    cfg = config_module.from_pulumi()
+    tags = stack_tags(cfg.stack, cfg.environment)
+    identity_info = aws.get_caller_identity()
+    partition = aws.get_partition().partition
+    zones = aws.get_availability_zones(state="available").names[: cfg.network.az_count]
+    if len(zones) < cfg.network.az_count:
+        raise config_module.ConfigError(
+            f"stack '{cfg.stack}'",
+            [f"{cfg.project}:azCount = {cfg.network.az_count}: region {cfg.region} has only {len(zones)} zones"],
+        )
+
+    storage = Storage("storage", StorageArgs(cfg, identity_info.account_id, partition, tags))
+    network = Network("network", NetworkArgs(cfg, list(zones), storage.kms_key_arn, tags))
+    registry = Registry("registry", RegistryArgs(cfg, storage.kms_key_arn, tags))
+    identity = Identity(
+        "identity",
+        IdentityArgs(
+            config=cfg,
+            account_id=identity_info.account_id,
+            partition=partition,
+            bucket_arns=storage.bucket_arns,
+            repository_arns=registry.repository_arns,
+            kms_key_arn=storage.kms_key_arn,
+            tags=tags,
+        ),
+    )
+    cluster = Cluster(
+        "cluster",
+        ClusterArgs(
+            config=cfg,
+            vpc_id=network.vpc_id,
+            private_subnet_ids=network.private_subnet_ids,
+            cluster_role_arn=identity.cluster_role_arn,
+            node_role_arn=identity.node_role_arn,
+            kms_key_arn=storage.kms_key_arn,
+            tags=tags,
+        ),
+        # The cluster's ENIs, nodes and load balancers live in the VPC's subnets: they must go before the network
+        # on destroy, which depends_on orders (destroy runs in reverse dependency order).
+        opts=pulumi.ResourceOptions(depends_on=[network]),
+    )
+    base = KubernetesBase(
+        "kubernetes-base",
+        KubernetesBaseArgs(
+            config=cfg,
+            cluster_name=cluster.name,
+            provider=cluster.provider,
+            training_role_arn=identity.training_role_arn,
+            serving_role_arn=identity.serving_role_arn,
+            tags=tags,
+        ),
+        opts=pulumi.ResourceOptions(depends_on=[cluster]),
+    )
+
+    image = registry.repository_urls["serving"].apply(lambda url: f"{url}:{cfg.serving.image_tag}")
+    outputs: dict[str, Any] = {
+        out.STACK: cfg.stack,
+        out.ENVIRONMENT: cfg.environment,
+        out.REGION: cfg.region,
+        out.PRODUCTION: cfg.production,
+        out.TAGS: tags,
+        out.VPC_ID: network.vpc_id,
+        out.PRIVATE_SUBNET_IDS: network.private_subnet_ids,
+        out.PUBLIC_SUBNET_IDS: network.public_subnet_ids,
+        out.KMS_KEY_ARN: storage.kms_key_arn,
+        out.DATASETS_BUCKET: storage.bucket_names["datasets"],
+        out.CHECKPOINTS_BUCKET: storage.bucket_names["checkpoints"],
+        out.MODELS_BUCKET: storage.bucket_names["models"],
+        out.TRAINING_REPOSITORY_URL: registry.repository_urls["training"],
+        out.SERVING_REPOSITORY_URL: registry.repository_urls["serving"],
+        out.TRAINING_ROLE_ARN: identity.training_role_arn,
+        out.SERVING_ROLE_ARN: identity.serving_role_arn,
+        out.SAGEMAKER_EXECUTION_ROLE_ARN: identity.sagemaker_role_arn,
+        out.CLUSTER_NAME: cluster.name,
+        out.CLUSTER_ENDPOINT: cluster.endpoint,
+        out.KUBECONFIG: cluster.kubeconfig,
+        out.KUBERNETES_VERSION: cfg.cluster.kubernetes_version,
+        out.TRAINING_NAMESPACE: base.training_namespace,
+        out.SERVING_NAMESPACE: base.serving_namespace,
+        out.TRAINING_SERVICE_ACCOUNT: base.training_service_account,
+        out.SERVING_SERVICE_ACCOUNT: base.serving_service_account,
+        out.GPU_POOLS: {pool.name: pool.describe() for pool in cfg.cluster.gpu_pools},
+    }
+
+    if cfg.serving.on_eks:
+        serving = ServingOnEks(
+            "serving-eks",
+            ServingOnEksArgs(
+                config=cfg,
+                provider=cluster.provider,
+                namespace=base.serving_namespace,
+                service_account=base.serving_service_account,
+                image=image,
+                models_bucket=storage.bucket_names["models"],
+            ),
+            # Workloads go first on destroy: their pods must leave the GPU nodes before the node groups are deleted.
+            opts=pulumi.ResourceOptions(depends_on=[base, *cluster.node_groups.values()]),
+        )
+        outputs[out.SERVING_SERVICE_NAME] = serving.service_name
+    if cfg.serving.on_sagemaker:
+        endpoint = SageMakerEndpoint(
+            "serving-sagemaker",
+            SageMakerEndpointArgs(
+                config=cfg,
+                execution_role_arn=identity.sagemaker_role_arn,
+                image=image,
+                models_bucket=storage.bucket_names["models"],
+                vpc_id=network.vpc_id,
+                private_subnet_ids=network.private_subnet_ids,
+                kms_key_arn=storage.kms_key_arn,
+                tags=tags,
+            ),
+            opts=pulumi.ResourceOptions(depends_on=[network]),
+        )
+        outputs[out.SAGEMAKER_ENDPOINT_NAME] = endpoint.endpoint_name
+    return outputs

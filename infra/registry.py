@@ -1,0 +1,74 @@
+"""Registry: ECR repositories for the training and serving images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.config import StackConfig
+
+IMAGES = ("training", "serving")
+
+LIFECYCLE_POLICY = {
+    "rules": [
+        {
+            "rulePriority": 1,
+            "description": "Untagged layers from failed or superseded pushes",
+            "selection": {
+                "tagStatus": "untagged",
+                "countType": "sinceImagePushed",
+                "countUnit": "days",
+                "countNumber": 7,
+            },
+            "action": {"type": "expire"},
+        },
+        {
+            "rulePriority": 2,
+            "description": "Keep the 50 most recent images",
+            "selection": {"tagStatus": "any", "countType": "imageCountMoreThan", "countNumber": 50},
+            "action": {"type": "expire"},
+        },
+    ]
+}
+
+
+@dataclass
+class RegistryArgs:
+    config: StackConfig
+    kms_key_arn: pulumi.Input[str]
+    tags: dict[str, str]
+
+
+class Registry(pulumi.ComponentResource):
+    repository_urls: dict[str, pulumi.Output[str]]
+    repository_arns: dict[str, pulumi.Output[str]]
+
+    def __init__(self, name: str, args: RegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:Registry", name, None, opts)
+        cfg = args.config
+        self.repositories = {}
+        for image in IMAGES:
+            repo = aws.ecr.Repository(
+                f"{name}-{image}",
+                name=f"{cfg.name_prefix}/{image}",
+                # Immutable tags: a deployed tag always means the same image, so rollbacks and audits are exact.
+                image_tag_mutability="IMMUTABLE",
+                image_scanning_configuration={"scan_on_push": True},
+                encryption_configurations=[{"encryption_type": "KMS", "kms_key": args.kms_key_arn}],
+                force_delete=cfg.storage.force_destroy,
+                tags=args.tags,
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+            aws.ecr.LifecyclePolicy(
+                f"{name}-{image}-lifecycle",
+                repository=repo.name,
+                policy=json.dumps(LIFECYCLE_POLICY),
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+            self.repositories[image] = repo
+        self.repository_urls = {k: r.repository_url for k, r in self.repositories.items()}
+        self.repository_arns = {k: r.arn for k, r in self.repositories.items()}
+        self.register_outputs({f"{k}_repository_url": v for k, v in self.repository_urls.items()})

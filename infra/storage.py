@@ -1,0 +1,193 @@
+"""Storage: the project KMS key and the datasets, checkpoints and models buckets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.config import StackConfig
+
+BUCKET_KINDS = ("datasets", "checkpoints", "models")
+
+
+@dataclass
+class StorageArgs:
+    config: StackConfig
+    account_id: str
+    """Account the stack deploys into: part of bucket names (globally unique) and of the key policy."""
+    partition: str
+    tags: dict[str, str]
+
+
+class Storage(pulumi.ComponentResource):
+    kms_key_arn: pulumi.Output[str]
+    bucket_names: dict[str, pulumi.Output[str]]
+    bucket_arns: dict[str, pulumi.Output[str]]
+
+    def __init__(self, name: str, args: StorageArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:Storage", name, None, opts)
+        self._base, self._spec = name, args
+        cfg = args.config
+        # Data outlives environments in production: `protect` makes `pulumi destroy` refuse, `retain_on_delete`
+        # keeps the data even if someone removes the resource from the program.
+        self._data_opts = pulumi.ResourceOptions(
+            parent=self, protect=cfg.storage.protect_data, retain_on_delete=cfg.storage.protect_data
+        )
+        self.kms_key = self._create_key()
+        self.buckets = {kind: self._create_bucket(kind) for kind in BUCKET_KINDS}
+
+        self.kms_key_arn = self.kms_key.arn
+        self.bucket_names = {k: b.bucket for k, b in self.buckets.items()}
+        self.bucket_arns = {k: b.arn for k, b in self.buckets.items()}
+        self.register_outputs(
+            {"kms_key_arn": self.kms_key_arn, **{f"{k}_bucket": v for k, v in self.bucket_names.items()}}
+        )
+
+    def _create_key(self) -> aws.kms.Key:
+        cfg, a = self._spec.config, self._spec
+        root = f"arn:{a.partition}:iam::{a.account_id}:root"
+        log_groups = f"arn:{a.partition}:logs:{cfg.region}:{a.account_id}:log-group:*"
+        # The account root keeps administration (so IAM policies can grant use); CloudWatch Logs may use the key
+        # only for this account's log groups in this region (flow logs, EKS control-plane logs).
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Sid": "AccountAdministers",
+                    "Effect": "Allow",
+                    "Principal": {"AWS": root},
+                    "Action": "kms:*",
+                    "Resource": "*",
+                },
+                {
+                    "Sid": "CloudWatchLogsEncrypt",
+                    "Effect": "Allow",
+                    "Principal": {"Service": f"logs.{cfg.region}.amazonaws.com"},
+                    "Action": [
+                        "kms:Encrypt*",
+                        "kms:Decrypt*",
+                        "kms:ReEncrypt*",
+                        "kms:GenerateDataKey*",
+                        "kms:Describe*",
+                    ],
+                    "Resource": "*",
+                    "Condition": {
+                        "ArnLike": {
+                            "kms:EncryptionContext:aws:logs:arn": log_groups
+                        }
+                    },
+                },
+            ],
+        }
+        key = aws.kms.Key(
+            f"{self._base}-key",
+            description=f"llm-platform {cfg.stack}: buckets, registries, logs, EKS secrets, SageMaker volumes",
+            enable_key_rotation=True,
+            deletion_window_in_days=30 if cfg.storage.protect_data else 7,
+            policy=json.dumps(policy),
+            tags=a.tags,
+            opts=self._data_opts,
+        )
+        aws.kms.Alias(
+            f"{self._base}-key-alias",
+            name=f"alias/{cfg.name_prefix}",
+            target_key_id=key.key_id,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        return key
+
+    def _create_bucket(self, kind: str) -> aws.s3.Bucket:
+        cfg, a = self._spec.config, self._spec
+        child = pulumi.ResourceOptions(parent=self)
+        bucket = aws.s3.Bucket(
+            f"{self._base}-{kind}",
+            # Bucket names are global: account and region make them unique without a random suffix, so tools
+            # can derive them and teardown can recognise them.
+            bucket=f"{cfg.name_prefix}-{kind}-{a.account_id}-{cfg.region}",
+            force_destroy=cfg.storage.force_destroy,
+            tags={**a.tags, "llm-platform:data": kind},
+            opts=self._data_opts,
+        )
+        public_access = aws.s3.BucketPublicAccessBlock(
+            f"{self._base}-{kind}-public-access",
+            bucket=bucket.id,
+            block_public_acls=True,
+            block_public_policy=True,
+            ignore_public_acls=True,
+            restrict_public_buckets=True,
+            opts=child,
+        )
+        aws.s3.BucketOwnershipControls(
+            f"{self._base}-{kind}-ownership",
+            bucket=bucket.id,
+            rule={"object_ownership": "BucketOwnerEnforced"},  # ACLs off: access is decided by IAM alone
+            opts=child,
+        )
+        aws.s3.BucketServerSideEncryptionConfiguration(
+            f"{self._base}-{kind}-encryption",
+            bucket=bucket.id,
+            rules=[
+                {
+                    "apply_server_side_encryption_by_default": {
+                        "sse_algorithm": "aws:kms",
+                        "kms_master_key_id": self.kms_key.arn,
+                    },
+                    # Bucket keys cut KMS request cost by orders of magnitude for checkpoint-heavy writes.
+                    "bucket_key_enabled": True,
+                }
+            ],
+            opts=child,
+        )
+        versioning = aws.s3.BucketVersioning(
+            f"{self._base}-{kind}-versioning",
+            bucket=bucket.id,
+            versioning_configuration={"status": "Enabled"},
+            opts=child,
+        )
+        aws.s3.BucketPolicy(
+            f"{self._base}-{kind}-policy",
+            bucket=bucket.id,
+            policy=pulumi.Output.json_dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Sid": "DenyInsecureTransport",
+                            "Effect": "Deny",
+                            "Principal": "*",
+                            "Action": "s3:*",
+                            "Resource": [bucket.arn, bucket.arn.apply(lambda arn: f"{arn}/*")],
+                            "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                        }
+                    ],
+                }
+            ),
+            # S3 rejects a policy write while public access settings are changing.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[public_access]),
+        )
+        noncurrent_days = cfg.storage.checkpoint_noncurrent_days if kind == "checkpoints" else 90
+        aws.s3.BucketLifecycleConfiguration(
+            f"{self._base}-{kind}-lifecycle",
+            bucket=bucket.id,
+            rules=[
+                {
+                    "id": "abort-incomplete-multipart-uploads",
+                    "status": "Enabled",
+                    "filter": {},
+                    "abort_incomplete_multipart_upload": {"days_after_initiation": 3},
+                },
+                {
+                    # Checkpoints are rewritten constantly; old versions are only worth a few days of rollback.
+                    "id": "expire-noncurrent-versions",
+                    "status": "Enabled",
+                    "filter": {},
+                    "noncurrent_version_expiration": {"noncurrent_days": noncurrent_days},
+                },
+            ],
+            # Lifecycle rules on versions need versioning to exist first.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[versioning]),
+        )
+        return bucket
