@@ -29,8 +29,10 @@ class ServingConfig:
     port: int = field(default=8080, metadata={"help": "Port to bind (SageMaker requires 8080)."})
     upstream: str = field(
         default="",
-        metadata={"help": "Base URL of an OpenAI-compatible engine (e.g. vLLM at http://127.0.0.1:8000); "
-                  "when set, this service is a gateway and loads no model."},
+        metadata={
+            "help": "Base URL of an OpenAI-compatible engine (e.g. vLLM at http://127.0.0.1:8000); "
+            "when set, this service is a gateway and loads no model."
+        },
     )
     upstream_api_key: str = field(default="", metadata={"help": "Bearer key this gateway sends to the upstream."})
     api_keys_file: str = field(
@@ -43,6 +45,10 @@ class ServingConfig:
     batch_wait_ms: float = field(default=5.0, metadata={"help": "How long the batcher waits to fill a batch."})
     max_queue: int = field(
         default=64, metadata={"help": "Most requests waiting for a batch; beyond it requests get 503."}
+    )
+    batching: str = field(
+        default="continuous",
+        metadata={"help": "continuous (requests join the running batch between steps) or dynamic (batch by batch)."},
     )
     max_tokens_cap: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none."})
@@ -66,12 +72,20 @@ class ServingConfig:
             raise ConfigError("set --model (SERVING_MODEL) or --upstream (SERVING_UPSTREAM)")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} out of range")
-        for name in ("max_batch_size", "max_queue", "max_tokens_cap", "default_max_tokens", "default_rpm",
-                     "default_tpm"):
+        for name in (
+            "max_batch_size",
+            "max_queue",
+            "max_tokens_cap",
+            "default_max_tokens",
+            "default_rpm",
+            "default_tpm",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0")
         if self.default_max_tokens > self.max_tokens_cap:
             raise ConfigError("default_max_tokens must be <= max_tokens_cap")
+        if self.batching not in ("continuous", "dynamic"):
+            raise ConfigError(f"batching {self.batching!r} is not one of continuous, dynamic")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
@@ -97,8 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in fields(ServingConfig):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(f.default), default=None,
-                            help=f"{f.metadata['help']} [env {_env_name(f.name)}; default {f.default!r}]")
+        parser.add_argument(
+            flag,
+            type=type(f.default),
+            default=None,
+            help=f"{f.metadata['help']} [env {_env_name(f.name)}; default {f.default!r}]",
+        )
     return parser
 
 

@@ -1,0 +1,47 @@
+"""What the handlers need from an engine, and the per-request accounting both engines fill in."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from serving.protocol import ChatCompletionRequest, CompletionRequest
+
+GenerationBody = CompletionRequest | ChatCompletionRequest
+
+
+@dataclass
+class RequestContext:
+    request_id: str
+    endpoint: str
+    started: float = field(default_factory=time.monotonic)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+
+    def first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+
+class Backend(Protocol):
+    async def model_ids(self) -> list[str]: ...
+
+    async def ready(self) -> bool: ...
+
+    async def complete(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
+        """The whole OpenAI response body (completion or chat completion)."""
+        ...
+
+    async def stream(self, body: GenerationBody, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        """Admit the request (raising APIError when it cannot be), then return an iterator of OpenAI chunks."""
+        ...
+
+    async def close(self) -> None: ...

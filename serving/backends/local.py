@@ -1,0 +1,244 @@
+"""The built-in engine: a Hugging Face causal LM behind the batching scheduler, with OpenAI semantics on top.
+
+This layer owns tokenization, the chat template, context-length and stop-sequence handling, and the bridge from the
+engine thread to asyncio (`call_soon_threadsafe` into a per-request queue, so the event loop never blocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from serving.backends.base import GenerationBody, RequestContext
+from serving.batching import (
+    BatchObserver,
+    BatchPolicy,
+    BatchScheduler,
+    EngineStoppedError,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    QueueFullError,
+    TokenEvent,
+)
+from serving.config import ServingConfig
+from serving.decode import Decoder, SamplingParams
+from serving.errors import APIError, bad_request
+from serving.protocol import (
+    ChatCompletionRequest,
+    Usage,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    completion_chunk,
+)
+
+log = logging.getLogger("serving.local")
+
+# Seconds a shed client is told to wait; one batch of the debug model takes well under this.
+QUEUE_RETRY_AFTER_S = 1.0
+
+
+class LocalBackend:
+    def __init__(self, model_dir: Path, cfg: ServingConfig, observer: BatchObserver | None = None) -> None:
+        self.model_id = cfg.model_id
+        self.cfg = cfg
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
+        self.model = model.to(cfg.device).eval()
+        max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        self.max_model_len = cfg.max_model_len or max_positions or 2048
+        eos: set[int] = set()
+        for source in (model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                eos.add(source)
+            elif source:
+                eos.update(source)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else min(eos) if eos else 0
+        self.scheduler = BatchScheduler(
+            Decoder(self.model, pad),
+            eos,
+            max_batch_size=cfg.max_batch_size,
+            max_queue=cfg.max_queue,
+            batch_wait_s=cfg.batch_wait_ms / 1000,
+            policy=BatchPolicy(cfg.batching),
+            observer=observer,
+        )
+        self.scheduler.start()
+        log.info(
+            "loaded %s (%s params, context %d, batching %s)",
+            model_dir,
+            f"{sum(p.numel() for p in model.parameters()):,}",
+            self.max_model_len,
+            self.scheduler.policy,
+        )
+
+    async def model_ids(self) -> list[str]:
+        return [self.model_id]
+
+    async def ready(self) -> bool:
+        return self.scheduler.healthy
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.scheduler.stop, self.cfg.drain_timeout_s)
+
+    # -- request preparation -----------------------------------------------------------------------------------------
+
+    def _check_model(self, body: GenerationBody) -> None:
+        if body.model != self.model_id:
+            raise APIError(404, f"The model '{body.model}' does not exist.", code="model_not_found", param="model")
+
+    def _prompt_ids(self, body: GenerationBody) -> list[int]:
+        if isinstance(body, ChatCompletionRequest):
+            if not self.tokenizer.chat_template:
+                raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
+            messages = [{"role": m.role, "content": m.text} for m in body.messages]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer.encode(str(text), add_special_tokens=False))
+        return list(self.tokenizer.encode(body.prompt_text))
+
+    def _sampling(self, body: GenerationBody, prompt_len: int) -> SamplingParams:
+        room = self.max_model_len - prompt_len
+        if body.max_tokens is not None and body.max_tokens > self.cfg.max_tokens_cap:
+            raise bad_request(
+                f"max_tokens={body.max_tokens} is above this server's limit of {self.cfg.max_tokens_cap}.",
+                param="max_tokens",
+            )
+        if room <= 0 or (body.max_tokens is not None and body.max_tokens > room):
+            asked = body.max_tokens or 0
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion).",
+                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(self.cfg.default_max_tokens, room)
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+
+    def _admit(self, body: GenerationBody, ctx: RequestContext) -> tuple[GenerationRequest, asyncio.Queue[Event]]:
+        self._check_model(body)
+        prompt_ids = self._prompt_ids(body)
+        params = self._sampling(body, len(prompt_ids))
+        ctx.prompt_tokens = len(prompt_ids)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:  # runs on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        gen = GenerationRequest(prompt_ids, params, emit)
+        try:
+            self.scheduler.submit(gen)
+        except QueueFullError as exc:
+            raise APIError(
+                503, f"Server is overloaded: {exc}. Retry later.", code="queue_full", retry_after=QUEUE_RETRY_AFTER_S
+            ) from exc
+        except EngineStoppedError as exc:
+            raise APIError(
+                503, "Server is shutting down or unhealthy.", code="unavailable", retry_after=QUEUE_RETRY_AFTER_S
+            ) from exc
+        return gen, events
+
+    # -- generation ---------------------------------------------------------------------------------------------------
+
+    async def _text_deltas(
+        self, gen: GenerationRequest, events: asyncio.Queue[Event], stops: list[str], ctx: RequestContext
+    ) -> AsyncIterator[str]:
+        """Text as it becomes final: held back while it might be a partial UTF-8 character or a stop sequence."""
+        ids: list[int] = []
+        sent = 0
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, FinishEvent):
+                    if event.reason == "error":
+                        raise APIError(500, f"Generation failed: {event.error}", type_="server_error")
+                    ctx.finish_reason = "length" if event.reason == "length" else "stop"
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    if len(text) > sent:
+                        yield text[sent:]
+                    return
+                assert isinstance(event, TokenEvent)
+                ctx.first_token()
+                ids.append(event.token_id)
+                ctx.completion_tokens = len(ids)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                hit = _find_stop(text, stops, sent)
+                if hit is not None:
+                    gen.cancel()
+                    ctx.finish_reason = "stop"
+                    if hit > sent:
+                        yield text[sent:hit]
+                    return
+                end = len(text) - _held_back(text, stops)
+                if text.endswith("\ufffd"):
+                    end = min(end, len(text) - 1)
+                if end > sent:
+                    yield text[sent:end]
+                    sent = end
+        finally:
+            gen.cancel()  # no-op when finished; stops decoding when the client went away
+
+    async def complete(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
+        gen, events = self._admit(body, ctx)
+        text = "".join([d async for d in self._text_deltas(gen, events, body.stop_list, ctx)])
+        usage = Usage(
+            prompt_tokens=ctx.prompt_tokens,
+            completion_tokens=ctx.completion_tokens,
+            total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
+        )
+        if isinstance(body, ChatCompletionRequest):
+            return chat_body(ctx.request_id, self.model_id, text, ctx.finish_reason, usage)
+        return completion_body(ctx.request_id, self.model_id, text, ctx.finish_reason, usage)
+
+    async def stream(self, body: GenerationBody, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        gen, events = self._admit(body, ctx)
+        return self._chunks(body, gen, events, ctx)
+
+    async def _chunks(
+        self, body: GenerationBody, gen: GenerationRequest, events: asyncio.Queue[Event], ctx: RequestContext
+    ) -> AsyncIterator[dict[str, Any]]:
+        chat = isinstance(body, ChatCompletionRequest)
+        rid, model = ctx.request_id, self.model_id
+        if chat:
+            yield chat_chunk(rid, model, {"role": "assistant", "content": ""}, None)
+        async for delta in self._text_deltas(gen, events, body.stop_list, ctx):
+            yield (
+                chat_chunk(rid, model, {"content": delta}, None) if chat else completion_chunk(rid, model, delta, None)
+            )
+        yield (
+            chat_chunk(rid, model, {}, ctx.finish_reason)
+            if chat
+            else completion_chunk(rid, model, "", ctx.finish_reason)
+        )
+        if body.include_usage:
+            usage = Usage(
+                prompt_tokens=ctx.prompt_tokens,
+                completion_tokens=ctx.completion_tokens,
+                total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
+            )
+            yield chat_chunk(rid, model, {}, None, usage) if chat else completion_chunk(rid, model, "", None, usage)
+
+
+def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
+    """Index of the earliest stop sequence in the not-yet-final part of text."""
+    hits = [i for s in stops if (i := text.find(s, max(0, sent - len(s) + 1))) >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop sequence."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

@@ -1,0 +1,268 @@
+"""Request handlers: authenticate, limit, validate, run on the engine, and account (metrics + audit) exactly once.
+
+Routes (`serving.routes`) only bind paths to these functions; the engine (`serving.backends`) knows nothing of keys,
+limits or audit, so the built-in engine and the upstream gateway get the same treatment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from serving import audit
+from serving.auth import KeyStore
+from serving.backends.base import Backend, GenerationBody, RequestContext
+from serving.config import ServingConfig
+from serving.errors import APIError, bad_request, from_validation_error
+from serving.limits import RateLimiter
+from serving.metrics import Metrics
+from serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    SageMakerRequest,
+    new_id,
+)
+
+log = logging.getLogger("serving.handlers")
+
+T = TypeVar("T")
+CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
+
+
+@dataclass
+class AppState:
+    cfg: ServingConfig
+    backend: Backend
+    keys: KeyStore
+    metrics: Metrics
+    default_model: str
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+    draining: bool = False
+
+
+class _ClientGoneError(Exception):
+    pass
+
+
+# -- probes and metrics --------------------------------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "alive"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    state: AppState = request.app.state.serving
+    ready = not state.draining and await state.backend.ready()
+    state.metrics.ready.set(1 if ready else 0)
+    if ready:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "draining" if state.draining else "not ready"}, status_code=503)
+
+
+async def metrics(request: Request) -> Response:
+    state: AppState = request.app.state.serving
+    return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def list_models(request: Request) -> JSONResponse:
+    state: AppState = request.app.state.serving
+    ctx = RequestContext(new_id("req"), "models")
+    key_id = "-"
+    try:
+        key_id = state.keys.authenticate(
+            request.headers.get("authorization"), state.cfg.default_rpm, state.cfg.default_tpm
+        ).key_id
+        ids = await state.backend.model_ids()
+    except APIError as exc:
+        _account(state, ctx, key_id, "", exc.status, False, exc.code)
+        return exc.response()
+    _account(state, ctx, key_id, "", 200, False, None)
+    return JSONResponse(ModelList(data=[ModelCard(id=i) for i in ids]).model_dump())
+
+
+# -- generation ------------------------------------------------------------------------------------------------------
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, "completions", lambda raw: CompletionRequest.model_validate(raw))
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, "chat_completions", lambda raw: ChatCompletionRequest.model_validate(raw))
+
+
+async def invocations(request: Request) -> Response:
+    """SageMaker's inference route: an OpenAI chat/completions body, or `{"inputs", "parameters"}`."""
+    state: AppState = request.app.state.serving
+    if not state.default_model:  # gateway without --served-model-name: the upstream's first model
+        try:
+            state.default_model = (await state.backend.model_ids())[0]
+        except (APIError, IndexError):
+            return APIError(503, "Upstream engine is not ready.", code="unavailable", retry_after=5.0).response()
+
+    def parse(raw: Any) -> GenerationBody:
+        if not isinstance(raw, dict):
+            raise bad_request("Body must be a JSON object.")
+        if "messages" in raw:
+            return ChatCompletionRequest.model_validate({"model": state.default_model, **raw})
+        if "prompt" in raw:
+            return CompletionRequest.model_validate({"model": state.default_model, **raw})
+        if "inputs" in raw:
+            sm = SageMakerRequest.model_validate(raw)
+            if sm.parameters.return_full_text:
+                request.state.prefix = sm.inputs
+            return sm.to_completion(state.default_model)
+        raise bad_request("Expected an OpenAI body ('messages' or 'prompt') or {'inputs', 'parameters'}.")
+
+    def render(result: dict[str, Any], raw: Any) -> Any:
+        if "inputs" in raw and "messages" not in raw and "prompt" not in raw:
+            prefix = getattr(request.state, "prefix", "")
+            return [{"generated_text": prefix + result["choices"][0]["text"]}]
+        return result
+
+    return await _generate(request, "invocations", parse, render)
+
+
+async def _generate(
+    request: Request,
+    endpoint: str,
+    parse: Callable[[Any], GenerationBody],
+    render: Callable[[dict[str, Any], Any], Any] | None = None,
+) -> Response:
+    state: AppState = request.app.state.serving
+    ctx = RequestContext(new_id("cmpl" if endpoint != "chat_completions" else "chatcmpl"), endpoint)
+    key_id, model, stream = "-", "", False
+    state.metrics.inflight.inc()
+    handed_off = False
+    try:
+        key = state.keys.authenticate(
+            request.headers.get("authorization"), state.cfg.default_rpm, state.cfg.default_tpm
+        )
+        key_id = key.key_id
+        if state.draining:
+            raise APIError(503, "Server is shutting down.", code="draining", retry_after=1.0)
+        try:
+            raw = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise bad_request("Request body is not valid JSON.", code="invalid_json") from exc
+        try:
+            body = parse(raw)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from exc
+        model, stream = body.model, body.stream
+        state.limiter.admit(key)
+
+        def finish(status: int, code: str | None) -> None:
+            state.limiter.charge(key, ctx.prompt_tokens + ctx.completion_tokens)
+            _account(state, ctx, key_id, model, status, stream, code)
+            state.metrics.inflight.dec()
+
+        if stream:
+            chunks = await state.backend.stream(body, ctx)
+            handed_off = True
+            return StreamingResponse(
+                _sse(chunks, finish),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            result = await _unless_disconnected(request, state.backend.complete(body, ctx))
+        except BaseException:
+            state.limiter.charge(key, ctx.prompt_tokens + ctx.completion_tokens)
+            raise
+        finish(200, None)
+        handed_off = True
+        return JSONResponse(render(result, raw) if render else result)
+    except APIError as exc:
+        if exc.status in (401, 429, 503):
+            state.metrics.rejected.labels(reason=exc.code or str(exc.status)).inc()
+        elif exc.status < 500:
+            state.metrics.rejected.labels(reason="invalid").inc()
+        _account(state, ctx, key_id, model, exc.status, stream, exc.code)
+        return exc.response()
+    except _ClientGoneError:
+        _account(state, ctx, key_id, model, CLIENT_CLOSED, stream, "client_closed")
+        return Response(status_code=CLIENT_CLOSED)
+    finally:
+        if not handed_off:
+            state.metrics.inflight.dec()
+
+
+async def _sse(chunks: AsyncIterator[dict[str, Any]], finish: Callable[[int, str | None], None]) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's format; errors after the first byte become an error event, then [DONE]."""
+    status, code = CLIENT_CLOSED, "client_closed"
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+        status, code = 200, None
+        yield "data: [DONE]\n\n"
+    except APIError as exc:
+        status, code = exc.status, exc.code
+        yield f"data: {json.dumps(exc.body())}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        # shielded: when the client disconnects this runs inside a cancelled scope, and the engine must still hear
+        # that the request is gone (local: stop decoding it; upstream: close the upstream stream)
+        with anyio.CancelScope(shield=True):
+            await chunks.aclose()  # type: ignore[attr-defined]
+        finish(status, code)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await work, cancelling it if the client disconnects first (the engine then drops the request)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise _ClientGoneError()
+    finally:
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({task})
+
+
+def _account(
+    state: AppState, ctx: RequestContext, key_id: str, model: str, status: int, stream: bool, code: str | None
+) -> None:
+    latency = time.monotonic() - ctx.started
+    m = state.metrics
+    m.requests.labels(endpoint=ctx.endpoint, status=str(status)).inc()
+    m.latency.labels(endpoint=ctx.endpoint).observe(latency)
+    if ctx.ttft_s is not None:
+        m.ttft.labels(endpoint=ctx.endpoint).observe(ctx.ttft_s)
+    m.prompt_tokens.inc(ctx.prompt_tokens)
+    m.generated_tokens.inc(ctx.completion_tokens)
+    audit.write(
+        audit.AuditRecord(
+            request_id=ctx.request_id,
+            key_id=key_id,
+            endpoint=ctx.endpoint,
+            model=model,
+            status=status,
+            prompt_tokens=ctx.prompt_tokens,
+            completion_tokens=ctx.completion_tokens,
+            latency_ms=round(latency * 1000, 2),
+            ttft_ms=None if ctx.ttft_s is None else round(ctx.ttft_s * 1000, 2),
+            stream=stream,
+            finish_reason=ctx.finish_reason,
+            error_code=code,
+        )
+    )
