@@ -1,0 +1,412 @@
+"""The EKS cluster: control plane, managed add-ons, a system node group and the GPU node groups.
+
+Built from pulumi-aws primitives (no pulumi-eks) so every piece is visible to previews, policies and the mock
+engine. Nodes live in the private subnets only; the API is reachable privately and, when configured, publicly from
+an allowlist. Authentication is through EKS access entries (no aws-auth ConfigMap), workloads get AWS credentials
+through EKS Pod Identity (no OIDC provider, no IRSA annotations).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_kubernetes as k8s
+
+from infra.config import POOL_LABEL, GpuPool, StackConfig
+
+CONTROL_PLANE_LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
+"""All five control-plane log types: audit and authenticator are the access-control trail; the rest debug upgrades."""
+
+CONTROL_PLANE_LOG_RETENTION_DAYS = 90
+"""Retention of the control-plane log group. EKS would otherwise create it itself with no expiry (cost grows
+forever) and outside the stack (teardown leaves it behind). A constant until Pulumi.yaml declares a key for it."""
+
+ADDONS = ("vpc-cni", "kube-proxy", "eks-pod-identity-agent", "coredns", "aws-ebs-csi-driver", "metrics-server")
+"""Managed add-ons. The first three are DaemonSets the nodes need to become Ready, so they are created before any
+node group; the rest are Deployments that need a node to run on, so they wait for the system node group.
+metrics-server (an EKS community add-on) is what the serving HPA reads CPU utilisation from."""
+
+_ADDONS_BEFORE_NODES = ("vpc-cni", "kube-proxy", "eks-pod-identity-agent")
+
+CLUSTER_ADMIN_POLICY_ARN = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy"
+
+SYSTEM_POOL = "system"
+SYSTEM_AMI_TYPE = "AL2023_x86_64_STANDARD"
+GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
+"""AL2023 with the NVIDIA driver, container toolkit and (for EFA types) the EFA driver; the device plugin is ours."""
+SYSTEM_DISK_GB = 50
+
+_TAINT_EFFECTS = {"NoSchedule": "NO_SCHEDULE", "NoExecute": "NO_EXECUTE", "PreferNoSchedule": "PREFER_NO_SCHEDULE"}
+"""Kubernetes spells taint effects one way, the EKS API another."""
+
+
+@dataclass
+class ClusterArgs:
+    config: StackConfig
+    """The validated stack configuration (cluster section: version, admins, endpoint access, pools)."""
+    vpc_id: pulumi.Input[str]
+    """VPC the cluster and its security groups live in."""
+    private_subnet_ids: pulumi.Input[list[str]]
+    """Private subnets, one per AZ: control-plane ENIs and every node go here, never into public subnets."""
+    cluster_role_arn: pulumi.Input[str]
+    """IAM role the EKS control plane assumes (AmazonEKSClusterPolicy)."""
+    node_role_arn: pulumi.Input[str]
+    """IAM role of every node (worker node, ECR pull and VPC CNI policies)."""
+    kms_key_arn: pulumi.Input[str]
+    """The stack's KMS key: envelope encryption of Kubernetes Secrets."""
+    tags: dict[str, str]
+    """Stack tags, put on every taggable resource and propagated to instances and volumes."""
+    ebs_csi_role_arn: pulumi.Input[str] | None = None
+    """Optional Pod Identity role for the EBS CSI controller (AmazonEBSCSIDriverPolicy). Without it the driver
+    falls back to the node role, which then needs that policy."""
+
+
+class Cluster(pulumi.ComponentResource):
+    cluster: aws.eks.Cluster
+    name: pulumi.Output[str]
+    endpoint: pulumi.Output[str]
+    kubeconfig: pulumi.Output[str]
+    """Secret. Authenticates with `aws eks get-token` (the caller's AWS credentials); holds no static token."""
+    security_group_id: pulumi.Output[str]
+    """The EKS-managed cluster security group, which every node carries (control plane <-> nodes, node <-> node)."""
+    api_security_group_id: pulumi.Output[str]
+    node_groups: dict[str, aws.eks.NodeGroup]
+    addons: dict[str, aws.eks.Addon]
+    provider: k8s.Provider
+
+    def __init__(self, name: str, args: ClusterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:Cluster", name, None, opts)
+        self._name = name
+        self._args = args
+        cfg = args.config
+
+        log_group = aws.cloudwatch.LogGroup(
+            f"{name}-control-plane-logs",
+            name=f"/aws/eks/{cfg.name_prefix}/cluster",
+            retention_in_days=CONTROL_PLANE_LOG_RETENTION_DAYS,
+            tags=args.tags,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        api_sg = self._create_api_security_group()
+        self.cluster = self._create_control_plane(api_sg, log_group)
+        self.name = self.cluster.name
+        self.endpoint = self.cluster.endpoint
+        self.security_group_id = self.cluster.vpc_config.cluster_security_group_id
+        self.api_security_group_id = api_sg.id
+        self._create_access_entries()
+
+        self.addons = {}
+        for addon in _ADDONS_BEFORE_NODES:
+            self.addons[addon] = self._create_addon(addon, depends_on=[])
+
+        early_addons = list(self.addons.values())
+        self.node_groups = {SYSTEM_POOL: self._create_system_node_group(early_addons)}
+        for pool in cfg.cluster.gpu_pools:
+            self.node_groups[pool.purpose] = self._create_gpu_node_group(pool, early_addons)
+
+        for addon in ADDONS:
+            if addon not in self.addons:
+                self.addons[addon] = self._create_addon(addon, depends_on=[self.node_groups[SYSTEM_POOL]])
+
+        self.kubeconfig = pulumi.Output.secret(
+            pulumi.Output.all(self.cluster.name, self.cluster.endpoint, self.cluster.certificate_authority.data).apply(
+                lambda a: _kubeconfig(a[0], a[1], a[2], cfg.region)
+            )
+        )
+        # Workloads deployed through this provider need nodes and DNS; waiting for the system node group and every
+        # add-on means a first `pulumi up` never applies a Deployment to a cluster that cannot run it.
+        self.provider = k8s.Provider(
+            f"{name}-k8s",
+            kubeconfig=self.kubeconfig,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.node_groups[SYSTEM_POOL], *self.addons.values()]),
+        )
+
+        self.register_outputs(
+            {
+                "name": self.name,
+                "endpoint": self.endpoint,
+                "kubeconfig": self.kubeconfig,
+                "security_group_id": self.security_group_id,
+                "api_security_group_id": self.api_security_group_id,
+                "node_group_names": {k: ng.node_group_name for k, ng in self.node_groups.items()},
+            }
+        )
+
+    # -- control plane ---------------------------------------------------------------------------------------------
+    def _create_api_security_group(self) -> aws.ec2.SecurityGroup:
+        """Extra security group on the control-plane ENIs: HTTPS from inside the VPC only (bastions, VPN, CI runners
+        in the VPC reach the private endpoint); no egress of its own. Control plane <-> node traffic goes through the
+        EKS-managed cluster security group, which EKS creates and owns."""
+        cfg = self._args.config
+        return aws.ec2.SecurityGroup(
+            f"{self._name}-api-sg",
+            name=f"{cfg.name_prefix}-eks-api",
+            description="EKS API: HTTPS from inside the VPC only",
+            vpc_id=self._args.vpc_id,
+            ingress=[
+                aws.ec2.SecurityGroupIngressArgs(
+                    protocol="tcp",
+                    from_port=443,
+                    to_port=443,
+                    cidr_blocks=[cfg.network.vpc_cidr],
+                    description="Kubernetes API from the VPC",
+                )
+            ],
+            # An explicit empty list removes the default allow-all egress; responses are allowed statefully.
+            egress=[],
+            tags={**self._args.tags, "Name": f"{cfg.name_prefix}-eks-api"},
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+
+    def _create_control_plane(
+        self, api_sg: aws.ec2.SecurityGroup, log_group: aws.cloudwatch.LogGroup
+    ) -> aws.eks.Cluster:
+        cfg = self._args.config
+        public = cfg.cluster.public_api_endpoint
+        return aws.eks.Cluster(
+            f"{self._name}-eks",
+            name=cfg.name_prefix,
+            version=cfg.cluster.kubernetes_version,
+            role_arn=self._args.cluster_role_arn,
+            access_config=aws.eks.ClusterAccessConfigArgs(
+                authentication_mode="API",
+                # The identity running `pulumi up` must reach the API to apply the Kubernetes objects that follow;
+                # EKS gives it an admin access entry. Don't also list that principal in clusterAdminArns (the second
+                # access entry for the same principal would be refused).
+                bootstrap_cluster_creator_admin_permissions=True,
+            ),
+            vpc_config=aws.eks.ClusterVpcConfigArgs(
+                subnet_ids=self._args.private_subnet_ids,
+                security_group_ids=[api_sg.id],
+                endpoint_private_access=True,
+                endpoint_public_access=public,
+                # Config validation guarantees an allowlist (never 0.0.0.0/0) whenever the public endpoint is on.
+                public_access_cidrs=list(cfg.cluster.public_api_cidrs) if public else None,
+            ),
+            encryption_config=aws.eks.ClusterEncryptionConfigArgs(
+                provider=aws.eks.ClusterEncryptionConfigProviderArgs(key_arn=self._args.kms_key_arn),
+                resources=["secrets"],
+            ),
+            enabled_cluster_log_types=list(CONTROL_PLANE_LOG_TYPES),
+            # Extended support costs six times the standard hourly price; a cluster past standard support is upgraded
+            # by EKS instead of silently billing more. Upgrades belong in the stack file (kubernetesVersion) anyway.
+            upgrade_policy=aws.eks.ClusterUpgradePolicyArgs(support_type="STANDARD"),
+            tags=self._args.tags,
+            # The log group must exist first, or EKS creates its own (no retention, not in the stack).
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[log_group]),
+        )
+
+    def _create_access_entries(self) -> None:
+        for i, arn in enumerate(self._args.config.cluster.admin_arns):
+            entry = aws.eks.AccessEntry(
+                f"{self._name}-admin-{i}",
+                cluster_name=self.cluster.name,
+                principal_arn=arn,
+                type="STANDARD",
+                tags=self._args.tags,
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+            aws.eks.AccessPolicyAssociation(
+                f"{self._name}-admin-{i}-policy",
+                cluster_name=self.cluster.name,
+                principal_arn=entry.principal_arn,
+                policy_arn=CLUSTER_ADMIN_POLICY_ARN,
+                access_scope=aws.eks.AccessPolicyAssociationAccessScopeArgs(type="cluster"),
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+
+    def _create_addon(self, addon: str, depends_on: list[pulumi.Resource]) -> aws.eks.Addon:
+        # addon_version is left unset: EKS installs its default version for the cluster's Kubernetes version. A pinned
+        # table (add-on version x Kubernetes version) cannot be checked offline and rots with every EKS release; a
+        # version bump is done deliberately by pinning here after `aws eks describe-addon-versions`.
+        configuration = None
+        pod_identity = None
+        if addon == "vpc-cni":
+            # NetworkPolicy objects are no-ops unless the VPC CNI's network policy agent is on.
+            configuration = json.dumps({"enableNetworkPolicy": "true"})
+        if addon == "aws-ebs-csi-driver" and self._args.ebs_csi_role_arn is not None:
+            pod_identity = [
+                aws.eks.AddonPodIdentityAssociationArgs(
+                    role_arn=self._args.ebs_csi_role_arn, service_account="ebs-csi-controller-sa"
+                )
+            ]
+        return aws.eks.Addon(
+            f"{self._name}-addon-{addon}",
+            cluster_name=self.cluster.name,
+            addon_name=addon,
+            configuration_values=configuration,
+            pod_identity_associations=pod_identity,
+            # The cluster bootstraps self-managed vpc-cni/kube-proxy/coredns; the managed add-on takes them over.
+            resolve_conflicts_on_create="OVERWRITE",
+            resolve_conflicts_on_update="OVERWRITE",
+            tags=self._args.tags,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=depends_on),
+        )
+
+    # -- nodes ---------------------------------------------------------------------------------------------------------
+    def _launch_template(
+        self,
+        pool_name: str,
+        disk_gb: int,
+        network_interfaces: list[aws.ec2.LaunchTemplateNetworkInterfaceArgs] | None = None,
+        placement: aws.ec2.LaunchTemplatePlacementArgs | None = None,
+    ) -> aws.ec2.LaunchTemplate:
+        """Launch template for a managed node group: encrypted gp3 root volume, IMDSv2 only, tags on instances and
+        volumes. No AMI and no user data: EKS fills both in for the node group's AMI type."""
+        cfg = self._args.config
+        propagated = {**self._args.tags, POOL_LABEL: pool_name}
+        return aws.ec2.LaunchTemplate(
+            f"{self._name}-{pool_name}-lt",
+            name=f"{cfg.name_prefix}-{pool_name}",
+            description=f"{cfg.name_prefix} {pool_name} nodes",
+            block_device_mappings=[
+                aws.ec2.LaunchTemplateBlockDeviceMappingArgs(
+                    device_name="/dev/xvda",
+                    ebs=aws.ec2.LaunchTemplateBlockDeviceMappingEbsArgs(
+                        volume_size=disk_gb,
+                        volume_type="gp3",
+                        # The AWS-managed EBS key: a customer key here would need a key-policy grant to the
+                        # Auto Scaling service-linked role, or instances fail to launch with an opaque error.
+                        encrypted="true",
+                        delete_on_termination="true",
+                    ),
+                )
+            ],
+            metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
+                http_endpoint="enabled",
+                http_tokens="required",
+                # Hop limit 1: pods (one network hop further) cannot read the node role's credentials from IMDS.
+                # Pods get their own credentials from the Pod Identity agent, so nothing in a pod needs IMDS.
+                http_put_response_hop_limit=1,
+            ),
+            network_interfaces=network_interfaces,
+            placement=placement,
+            tag_specifications=[
+                aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=propagated)
+                for kind in ("instance", "volume", "network-interface")
+            ],
+            tags=self._args.tags,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+
+    def _create_system_node_group(self, early_addons: list[aws.eks.Addon]) -> aws.eks.NodeGroup:
+        """Small on-demand group for CoreDNS, add-on controllers and gateways. It is never tainted: untainted
+        capacity is where everything that does not need a GPU runs."""
+        cfg = self._args.config
+        lt = self._launch_template(SYSTEM_POOL, SYSTEM_DISK_GB)
+        count = cfg.cluster.system_node_count
+        return aws.eks.NodeGroup(
+            f"{self._name}-{SYSTEM_POOL}",
+            cluster_name=self.cluster.name,
+            node_group_name=f"{cfg.name_prefix}-{SYSTEM_POOL}",
+            node_role_arn=self._args.node_role_arn,
+            subnet_ids=self._args.private_subnet_ids,
+            ami_type=SYSTEM_AMI_TYPE,
+            capacity_type="ON_DEMAND",
+            instance_types=[cfg.cluster.system_instance_type],
+            scaling_config=aws.eks.NodeGroupScalingConfigArgs(min_size=count, max_size=count, desired_size=count),
+            update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
+            labels={POOL_LABEL: SYSTEM_POOL},
+            launch_template=aws.eks.NodeGroupLaunchTemplateArgs(id=lt.id, version=lt.latest_version.apply(str)),
+            tags=self._args.tags,
+            # Without the CNI the nodes never become Ready and the node group creation fails.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=early_addons),
+        )
+
+    def _create_gpu_node_group(self, pool: GpuPool, early_addons: list[aws.eks.Addon]) -> aws.eks.NodeGroup:
+        cfg = self._args.config
+        subnet_ids: pulumi.Input[list[str]] = self._args.private_subnet_ids
+        network_interfaces = None
+        placement = None
+        if pool.efa:
+            subnet_ids, network_interfaces, placement = self._efa_networking(pool)
+        lt = self._launch_template(pool.name, pool.disk_gb, network_interfaces, placement)
+        return aws.eks.NodeGroup(
+            f"{self._name}-{pool.name}",
+            cluster_name=self.cluster.name,
+            node_group_name=f"{cfg.name_prefix}-{pool.name}",
+            node_role_arn=self._args.node_role_arn,
+            subnet_ids=subnet_ids,
+            ami_type=GPU_AMI_TYPE,
+            capacity_type=pool.capacity_type,
+            instance_types=list(pool.instance_types),
+            scaling_config=aws.eks.NodeGroupScalingConfigArgs(
+                min_size=pool.min_size, max_size=pool.max_size, desired_size=pool.min_size
+            ),
+            update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
+            labels=pool.labels,
+            taints=[
+                aws.eks.NodeGroupTaintArgs(key=t["key"], value=t["value"], effect=_TAINT_EFFECTS[t["effect"]])
+                for t in pool.taints
+            ],
+            launch_template=aws.eks.NodeGroupLaunchTemplateArgs(id=lt.id, version=lt.latest_version.apply(str)),
+            tags=self._args.tags,
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=early_addons,
+                # desired_size starts at the minimum and then belongs to the cluster autoscaler (or whatever scales
+                # the group); re-applying the stack must not reset a busy pool to its minimum.
+                ignore_changes=["scalingConfig.desiredSize"],
+            ),
+        )
+
+    def _efa_networking(
+        self, pool: GpuPool
+    ) -> tuple[
+        pulumi.Output[list[str]], list[aws.ec2.LaunchTemplateNetworkInterfaceArgs], aws.ec2.LaunchTemplatePlacementArgs
+    ]:
+        """EFA: a cluster placement group and one subnet, so all training nodes share one AZ and one spine (EFA
+        traffic does not cross AZs). One EFA interface on network card 0 works on every EFA instance type; types with
+        several network cards (p4d: 4, p5: 32) need one interface per card for full bandwidth."""
+        cfg = self._args.config
+        group = aws.ec2.PlacementGroup(
+            f"{self._name}-{pool.name}-pg",
+            name=f"{cfg.name_prefix}-{pool.name}",
+            strategy="cluster",
+            tags=self._args.tags,
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        single_subnet = pulumi.Output.from_input(self._args.private_subnet_ids).apply(lambda ids: [ids[0]])
+        interfaces = [
+            aws.ec2.LaunchTemplateNetworkInterfaceArgs(
+                device_index=0,
+                network_card_index=0,
+                interface_type="efa",
+                delete_on_termination="true",
+                # EFA needs a security group that allows all traffic to and from itself: the cluster SG does.
+                security_groups=[self.security_group_id],
+            )
+        ]
+        return single_subnet, interfaces, aws.ec2.LaunchTemplatePlacementArgs(group_name=group.name)
+
+
+def _kubeconfig(cluster_name: str, endpoint: str, ca_data: str, region: str) -> str:
+    """A kubeconfig (JSON is valid YAML) that gets a short-lived token from the caller's AWS credentials."""
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": cluster_name, "cluster": {"server": endpoint, "certificate-authority-data": ca_data}}
+            ],
+            "contexts": [{"name": cluster_name, "context": {"cluster": cluster_name, "user": cluster_name}}],
+            "current-context": cluster_name,
+            "users": [
+                {
+                    "name": cluster_name,
+                    "user": {
+                        "exec": {
+                            "apiVersion": "client.authentication.k8s.io/v1beta1",
+                            "command": "aws",
+                            "args": ["eks", "get-token", "--cluster-name", cluster_name, "--region", region],
+                            "interactiveMode": "Never",
+                        }
+                    },
+                }
+            ],
+        },
+        indent=2,
+    )
