@@ -1,0 +1,1 @@
+"""The platform's policy pack: rules in plain modules (`policy.rules`, `policy.iam`), the pack in `__main__.py`."""
