@@ -1,0 +1,300 @@
+"""What every workload on the cluster relies on: namespaces, service accounts with AWS access through EKS Pod Identity,
+the NVIDIA device plugin, GPU quotas and default-deny network policies.
+
+Everything goes through the cluster's explicit provider, so nothing here can land on whatever cluster the operator's
+current kubeconfig context happens to point at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_kubernetes as k8s
+
+from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
+
+TRAINING_NAMESPACE = "llm-training"
+SERVING_NAMESPACE = "llm-serving"
+TRAINING_SERVICE_ACCOUNT = "trainer"
+SERVING_SERVICE_ACCOUNT = "server"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+SERVING_ACCESS_LABEL = "llm-platform/serving-access"
+"""Namespaces labelled `llm-platform/serving-access: allowed` may call the serving pods (clients, monitoring, the
+ingress controller's namespace). The serving namespace carries it itself."""
+
+DEVICE_PLUGIN_IMAGE = "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"
+"""Pinned: the plugin's behaviour (resource naming, health checks) changes between minor versions."""
+
+POD_IDENTITY_AGENT_CIDR = "169.254.170.23/32"
+
+_MANAGED_BY = {"app.kubernetes.io/managed-by": "pulumi", "app.kubernetes.io/part-of": "llm-platform"}
+
+
+@dataclass
+class KubernetesBaseArgs:
+    config: StackConfig
+    """The validated stack configuration (GPU pools: names, labels, maximum GPUs)."""
+    cluster_name: pulumi.Input[str]
+    """EKS cluster the Pod Identity associations belong to."""
+    provider: k8s.Provider
+    """Explicit provider for the cluster (from `Cluster.provider`)."""
+    training_role_arn: pulumi.Input[str]
+    """IAM role the training service account's pods get (Pod Identity trust)."""
+    serving_role_arn: pulumi.Input[str]
+    """IAM role the serving service account's pods get (Pod Identity trust)."""
+    tags: dict[str, str]
+    """Stack tags for the AWS resources created here (the Pod Identity associations)."""
+
+
+class KubernetesBase(pulumi.ComponentResource):
+    training_namespace: str
+    serving_namespace: str
+    training_service_account: str
+    serving_service_account: str
+    namespaces: dict[str, k8s.core.v1.Namespace]
+    service_accounts: dict[str, k8s.core.v1.ServiceAccount]
+    device_plugin: k8s.apps.v1.DaemonSet
+
+    def __init__(self, name: str, args: KubernetesBaseArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:KubernetesBase", name, None, opts)
+        self._name = name
+        self._args = args
+        self._k8s_opts = pulumi.ResourceOptions(parent=self, provider=args.provider)
+
+        self.training_namespace = TRAINING_NAMESPACE
+        self.serving_namespace = SERVING_NAMESPACE
+        self.training_service_account = TRAINING_SERVICE_ACCOUNT
+        self.serving_service_account = SERVING_SERVICE_ACCOUNT
+
+        # Training runs "baseline": it forbids privileged pods, host namespaces and hostPath, but training launchers
+        # and operators (PyTorchJob, debugging shells) do not all set the seccomp/capability fields "restricted"
+        # demands; "restricted" is warned and audited so the gap is visible. Serving runs "restricted": we write its
+        # pod spec and it complies (non-root, no privilege escalation, all capabilities dropped, RuntimeDefault).
+        self.namespaces = {
+            "training": self._namespace("training", TRAINING_NAMESPACE, enforce="baseline", extra={}),
+            "serving": self._namespace(
+                "serving", SERVING_NAMESPACE, enforce="restricted", extra={SERVING_ACCESS_LABEL: "allowed"}
+            ),
+        }
+        self.service_accounts = {
+            "training": self._service_account("training", TRAINING_SERVICE_ACCOUNT, args.training_role_arn),
+            "serving": self._service_account("serving", SERVING_SERVICE_ACCOUNT, args.serving_role_arn),
+        }
+        self._create_gpu_quotas()
+        self._create_network_policies()
+        self.device_plugin = self._create_device_plugin()
+
+        self.register_outputs(
+            {
+                "training_namespace": self.training_namespace,
+                "serving_namespace": self.serving_namespace,
+                "training_service_account": self.training_service_account,
+                "serving_service_account": self.serving_service_account,
+            }
+        )
+
+    # -- namespaces and identities ---------------------------------------------------------------------------------
+    def _namespace(self, key: str, ns: str, enforce: str, extra: dict[str, str]) -> k8s.core.v1.Namespace:
+        version = f"v{self._args.config.cluster.kubernetes_version}"
+        labels = {
+            **_MANAGED_BY,
+            "pod-security.kubernetes.io/enforce": enforce,
+            "pod-security.kubernetes.io/enforce-version": version,
+            "pod-security.kubernetes.io/warn": "restricted",
+            "pod-security.kubernetes.io/audit": "restricted",
+            **extra,
+        }
+        return k8s.core.v1.Namespace(
+            f"{self._name}-{key}-ns",
+            metadata=k8s.meta.v1.ObjectMetaArgs(name=ns, labels=labels),
+            opts=self._k8s_opts,
+        )
+
+    def _service_account(self, key: str, sa: str, role_arn: pulumi.Input[str]) -> k8s.core.v1.ServiceAccount:
+        """A service account and its Pod Identity association: pods using it get the role's credentials from the
+        Pod Identity agent. No IRSA annotation and no OIDC provider are involved."""
+        ns = self.namespaces[key]
+        account = k8s.core.v1.ServiceAccount(
+            f"{self._name}-{key}-sa",
+            metadata=k8s.meta.v1.ObjectMetaArgs(name=sa, namespace=ns.metadata.name, labels=_MANAGED_BY),
+            # Neither workload talks to the Kubernetes API; Pod Identity mounts its own token, not this one.
+            automount_service_account_token=False,
+            opts=self._k8s_opts,
+        )
+        aws.eks.PodIdentityAssociation(
+            f"{self._name}-{key}-pod-identity",
+            cluster_name=self._args.cluster_name,
+            namespace=ns.metadata.name,
+            service_account=sa,
+            role_arn=role_arn,
+            tags=self._args.tags,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[account]),
+        )
+        return account
+
+    # -- GPUs ------------------------------------------------------------------------------------------------------
+    def _create_gpu_quotas(self) -> None:
+        """Each namespace may request at most the GPUs its pool can ever offer: a runaway job queues instead of
+        starving the other purpose, and the quota documents the budget in the cluster itself."""
+        pools = {p.purpose: p for p in self._args.config.cluster.gpu_pools}
+        for key, purpose in (("training", "training"), ("serving", "inference")):
+            ns = self.namespaces[key]
+            k8s.core.v1.ResourceQuota(
+                f"{self._name}-{key}-gpu-quota",
+                metadata=k8s.meta.v1.ObjectMetaArgs(name="gpu", namespace=ns.metadata.name, labels=_MANAGED_BY),
+                # Extended resources can only be quota'd on requests (they cannot be overcommitted anyway).
+                spec=k8s.core.v1.ResourceQuotaSpecArgs(hard={f"requests.{GPU_RESOURCE}": str(pools[purpose].max_gpus)}),
+                opts=self._k8s_opts,
+            )
+
+    def _create_device_plugin(self) -> k8s.apps.v1.DaemonSet:
+        """The NVIDIA device plugin advertises `nvidia.com/gpu` on GPU nodes. The AL2023 NVIDIA AMI ships the driver
+        and container toolkit but not the plugin; without it no pod can request a GPU."""
+        gpu_pools = [p.name for p in self._args.config.cluster.gpu_pools]
+        labels = {"app.kubernetes.io/name": "nvidia-device-plugin", **_MANAGED_BY}
+        selector = {"app.kubernetes.io/name": "nvidia-device-plugin"}
+        return k8s.apps.v1.DaemonSet(
+            f"{self._name}-nvidia-device-plugin",
+            metadata=k8s.meta.v1.ObjectMetaArgs(name="nvidia-device-plugin", namespace="kube-system", labels=labels),
+            spec=k8s.apps.v1.DaemonSetSpecArgs(
+                selector=k8s.meta.v1.LabelSelectorArgs(match_labels=selector),
+                update_strategy=k8s.apps.v1.DaemonSetUpdateStrategyArgs(type="RollingUpdate"),
+                template=k8s.core.v1.PodTemplateSpecArgs(
+                    metadata=k8s.meta.v1.ObjectMetaArgs(labels=labels),
+                    spec=k8s.core.v1.PodSpecArgs(
+                        # Evicting the plugin makes a node's GPUs vanish from the scheduler's view.
+                        priority_class_name="system-node-critical",
+                        tolerations=[
+                            k8s.core.v1.TolerationArgs(
+                                key=GPU_TAINT["key"], operator="Exists", effect=GPU_TAINT["effect"]
+                            ),
+                            k8s.core.v1.TolerationArgs(key="CriticalAddonsOnly", operator="Exists"),
+                        ],
+                        # Only the GPU pools' nodes: the plugin would crash-loop (or idle) on CPU nodes.
+                        affinity=k8s.core.v1.AffinityArgs(
+                            node_affinity=k8s.core.v1.NodeAffinityArgs(
+                                required_during_scheduling_ignored_during_execution=k8s.core.v1.NodeSelectorArgs(
+                                    node_selector_terms=[
+                                        k8s.core.v1.NodeSelectorTermArgs(
+                                            match_expressions=[
+                                                k8s.core.v1.NodeSelectorRequirementArgs(
+                                                    key=POOL_LABEL, operator="In", values=gpu_pools
+                                                )
+                                            ]
+                                        )
+                                    ]
+                                )
+                            )
+                        ),
+                        containers=[
+                            k8s.core.v1.ContainerArgs(
+                                name="nvidia-device-plugin",
+                                image=DEVICE_PLUGIN_IMAGE,
+                                env=[k8s.core.v1.EnvVarArgs(name="FAIL_ON_INIT_ERROR", value="false")],
+                                resources=k8s.core.v1.ResourceRequirementsArgs(
+                                    requests={"cpu": "50m", "memory": "64Mi"}, limits={"memory": "256Mi"}
+                                ),
+                                security_context=k8s.core.v1.SecurityContextArgs(
+                                    allow_privilege_escalation=False,
+                                    capabilities=k8s.core.v1.CapabilitiesArgs(drop=["ALL"]),
+                                ),
+                                volume_mounts=[
+                                    k8s.core.v1.VolumeMountArgs(
+                                        name="device-plugin", mount_path="/var/lib/kubelet/device-plugins"
+                                    )
+                                ],
+                            )
+                        ],
+                        volumes=[
+                            k8s.core.v1.VolumeArgs(
+                                name="device-plugin",
+                                host_path=k8s.core.v1.HostPathVolumeSourceArgs(
+                                    path="/var/lib/kubelet/device-plugins", type="Directory"
+                                ),
+                            )
+                        ],
+                    ),
+                ),
+            ),
+            opts=self._k8s_opts,
+        )
+
+    # -- network policies ------------------------------------------------------------------------------------------
+    def _create_network_policies(self) -> None:
+        """Default deny in both directions, then the few flows each workload needs. Enforced by the VPC CNI's network
+        policy agent (enabled on the vpc-cni add-on). EFA traffic bypasses the kernel network stack and is not
+        subject to these policies; the training pool's security group governs it."""
+        vpc_cidr = self._args.config.network.vpc_cidr
+        for key in ("training", "serving"):
+            self._policy(key, "default-deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})
+            self._policy(key, "allow-dns", {"podSelector": {}, "policyTypes": ["Egress"], "egress": [_DNS_EGRESS]})
+            self._policy(
+                key,
+                "allow-aws-egress",
+                {
+                    "podSelector": {},
+                    "policyTypes": ["Egress"],
+                    "egress": [
+                        # S3, ECR, STS and CloudWatch through the VPC endpoints or the NAT gateway.
+                        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"protocol": "TCP", "port": 443}]},
+                        # The Pod Identity agent (host network, link-local): a default-deny egress cuts pods off from
+                        # their AWS credentials unless this is allowed explicitly.
+                        {
+                            "to": [{"ipBlock": {"cidr": POD_IDENTITY_AGENT_CIDR}}],
+                            "ports": [{"protocol": "TCP", "port": 80}],
+                        },
+                    ],
+                },
+            )
+        # torchrun rendezvous, NCCL over TCP, and checkpoint coordination use arbitrary ports between the job's pods.
+        self._policy(
+            "training",
+            "allow-within-namespace",
+            {
+                "podSelector": {},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"from": [{"podSelector": {}}]}],
+                "egress": [{"to": [{"podSelector": {}}]}],
+            },
+        )
+        # Clients in namespaces labelled as allowed (the serving namespace itself, monitoring, client apps).
+        sources: list[dict[str, Any]] = [{"namespaceSelector": {"matchLabels": {SERVING_ACCESS_LABEL: "allowed"}}}]
+        if self._args.config.serving.ingress:
+            # The internal ALB (target type ip) connects from its own addresses in the VPC's subnets, which no pod or
+            # namespace selector matches. With the VPC CNI pods share that range, so this admits the whole VPC on
+            # 8080: the API keys, not the network, are the gate for ALB-fronted serving.
+            sources.append({"ipBlock": {"cidr": vpc_cidr}})
+        self._policy(
+            "serving",
+            "allow-http-ingress",
+            {
+                "podSelector": {},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": sources, "ports": [{"protocol": "TCP", "port": 8080}]}],
+            },
+        )
+
+    def _policy(self, key: str, policy: str, spec: dict[str, Any]) -> k8s.networking.v1.NetworkPolicy:
+        return k8s.networking.v1.NetworkPolicy(
+            f"{self._name}-{key}-{policy}",
+            metadata=k8s.meta.v1.ObjectMetaArgs(
+                name=policy, namespace=self.namespaces[key].metadata.name, labels=_MANAGED_BY
+            ),
+            spec=spec,
+            opts=self._k8s_opts,
+        )
+
+
+_DNS_EGRESS = {
+    "to": [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ],
+    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+}

@@ -1,0 +1,235 @@
+"""The cluster's base objects under the mock engine: namespaces, Pod Identity, the device plugin, GPU quotas and
+network policies, each validated against the configured Kubernetes version's schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pulumi
+import pulumi_kubernetes as k8s
+import pytest
+
+from infra.config import GPU_TAINT, POOL_LABEL, StackConfig, load_config, load_stack_file
+from infra.kubernetes_base import (
+    DEVICE_PLUGIN_IMAGE,
+    POD_IDENTITY_AGENT_CIDR,
+    SERVING_ACCESS_LABEL,
+    KubernetesBase,
+    KubernetesBaseArgs,
+)
+from infra.mocks import Recorded, Run, run_program
+from infra.tags import stack_tags
+
+TRAINING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-training"
+SERVING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-serving"
+NETWORK_POLICY = "kubernetes:networking.k8s.io/v1:NetworkPolicy"
+
+
+def stack_config(stack: str = "dev", **overrides: Any) -> StackConfig:
+    values, source = load_stack_file(stack)
+    values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
+    return load_config(values, stack, source)
+
+
+def run_base(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:
+    attrs: dict[str, Any] = {}
+
+    def program() -> dict[str, Any]:
+        provider = k8s.Provider("k8s", kubeconfig="{}")
+        base = KubernetesBase(
+            "base",
+            KubernetesBaseArgs(
+                config=cfg,
+                cluster_name="llmp-dev",
+                provider=provider,
+                training_role_arn=TRAINING_ROLE,
+                serving_role_arn=SERVING_ROLE,
+                tags=stack_tags(cfg.stack, cfg.environment),
+            ),
+            opts=pulumi.ResourceOptions(),
+        )
+        attrs.update(
+            training_namespace=base.training_namespace,
+            serving_namespace=base.serving_namespace,
+            training_service_account=base.training_service_account,
+            serving_service_account=base.serving_service_account,
+        )
+        return {}
+
+    return run_program(program, {}, cfg.stack, cfg.project, cfg.region), attrs
+
+
+def as_k8s_object(rec: Recorded) -> dict[str, Any]:
+    """The object as the provider sends it to the API server (the mock engine turns integers into floats)."""
+
+    def ints(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, dict):
+            return {k: ints(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [ints(x) for x in v]
+        return v
+
+    return ints(rec.inputs)
+
+
+def kubernetes_objects(run: Run) -> list[Recorded]:
+    return [r for r in run.resources if r.type.startswith("kubernetes:")]
+
+
+@pytest.fixture
+def dev() -> tuple[StackConfig, Run, dict[str, Any]]:
+    cfg = stack_config("dev")
+    run, attrs = run_base(cfg)
+    return cfg, run, attrs
+
+
+def policies(run: Run, namespace: str) -> dict[str, dict[str, Any]]:
+    return {
+        r.inputs["metadata"]["name"]: r.inputs["spec"]
+        for r in run.of_type(NETWORK_POLICY)
+        if r.inputs["metadata"]["namespace"] == namespace
+    }
+
+
+def test_every_object_is_valid_for_the_configured_kubernetes_version(dev: tuple[StackConfig, Run, dict]) -> None:
+    cfg, run, _ = dev
+    objects = kubernetes_objects(run)
+    assert len(objects) >= 12
+    for rec in objects:
+        kubernetes_validate.validate(as_k8s_object(rec), cfg.cluster.kubernetes_version, strict=True)
+        assert rec.provider and "k8s" in rec.provider, f"{rec.name} must use the cluster's explicit provider"
+
+
+def test_validation_catches_a_misspelled_field(dev: tuple[StackConfig, Run, dict]) -> None:
+    cfg, run, _ = dev
+    obj = as_k8s_object(run.one("kubernetes:apps/v1:DaemonSet"))
+    obj["spec"]["template"]["spec"]["tolerations"][0]["efect"] = "NoSchedule"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(obj, cfg.cluster.kubernetes_version, strict=True)
+
+
+def test_namespaces_and_pod_security(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, attrs = dev
+    namespaces = {
+        r.inputs["metadata"]["name"]: r.inputs["metadata"]["labels"]
+        for r in run.of_type("kubernetes:core/v1:Namespace")
+    }
+    assert set(namespaces) == {attrs["training_namespace"], attrs["serving_namespace"]}
+    assert namespaces[attrs["serving_namespace"]]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert namespaces[attrs["training_namespace"]]["pod-security.kubernetes.io/enforce"] == "baseline"
+    for labels in namespaces.values():
+        assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+    assert namespaces[attrs["serving_namespace"]][SERVING_ACCESS_LABEL] == "allowed"
+
+
+def test_service_accounts_bound_to_pod_identity_roles(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, attrs = dev
+    accounts = {
+        (r.inputs["metadata"]["namespace"], r.inputs["metadata"]["name"])
+        for r in run.of_type("kubernetes:core/v1:ServiceAccount")
+    }
+    associations = {
+        (r.inputs["namespace"], r.inputs["serviceAccount"]): r.inputs
+        for r in run.of_type("aws:eks/podIdentityAssociation:PodIdentityAssociation")
+    }
+    training = (attrs["training_namespace"], attrs["training_service_account"])
+    serving = (attrs["serving_namespace"], attrs["serving_service_account"])
+    assert accounts == set(associations) == {training, serving}
+    assert associations[training]["roleArn"] == TRAINING_ROLE
+    assert associations[serving]["roleArn"] == SERVING_ROLE
+    for assoc in associations.values():
+        assert assoc["clusterName"] == "llmp-dev"
+        assert assoc["tags"] == stack_tags("dev", "dev")
+
+
+def test_device_plugin_runs_on_every_gpu_pool(dev: tuple[StackConfig, Run, dict]) -> None:
+    cfg, run, _ = dev
+    ds = run.one("kubernetes:apps/v1:DaemonSet").inputs
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == DEVICE_PLUGIN_IMAGE
+    assert DEVICE_PLUGIN_IMAGE.rsplit(":", 1)[1].startswith("v0.17.")
+    assert pod["priorityClassName"] == "system-node-critical"
+    # It must tolerate exactly what the node groups taint GPU nodes with
+    for taint in (t for p in cfg.cluster.gpu_pools for t in p.taints):
+        assert any(
+            tol["key"] == taint["key"]
+            and tol["effect"] == taint["effect"]
+            and (tol["operator"] == "Exists" or tol.get("value") == taint["value"])
+            for tol in pod["tolerations"]
+        ), taint
+    [term] = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    [expr] = term["matchExpressions"]
+    assert expr["key"] == POOL_LABEL and expr["operator"] == "In"
+    assert sorted(expr["values"]) == sorted(p.labels[POOL_LABEL] for p in cfg.cluster.gpu_pools)
+    assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    assert GPU_TAINT["effect"] == "NoSchedule"
+
+
+def test_gpu_quotas_follow_the_pools(dev: tuple[StackConfig, Run, dict]) -> None:
+    cfg, run, attrs = dev
+    quotas = {
+        r.inputs["metadata"]["namespace"]: r.inputs["spec"]["hard"]
+        for r in run.of_type("kubernetes:core/v1:ResourceQuota")
+    }
+    assert quotas == {
+        attrs["training_namespace"]: {"requests.nvidia.com/gpu": str(cfg.cluster.pool("training").max_gpus)},
+        attrs["serving_namespace"]: {"requests.nvidia.com/gpu": str(cfg.cluster.pool("inference").max_gpus)},
+    }
+
+
+def test_quota_grows_with_the_pool() -> None:
+    cfg = stack_config("dev", trainingInstanceTypes=["g6e.12xlarge"], trainingMaxSize=3, maxGpus=16)
+    run, attrs = run_base(cfg)
+    quota = next(
+        r
+        for r in run.of_type("kubernetes:core/v1:ResourceQuota")
+        if r.inputs["metadata"]["namespace"] == attrs["training_namespace"]
+    )
+    assert quota.inputs["spec"]["hard"] == {"requests.nvidia.com/gpu": "12"}
+
+
+@pytest.mark.parametrize("key", ["training_namespace", "serving_namespace"])
+def test_default_deny_plus_dns_and_https(dev: tuple[StackConfig, Run, dict], key: str) -> None:
+    _, run, attrs = dev
+    specs = policies(run, attrs[key])
+    assert specs["default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    [dns] = specs["allow-dns"]["egress"]
+    assert dns["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+    assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+    egress = specs["allow-aws-egress"]["egress"]
+    assert {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"protocol": "TCP", "port": 443}]} in egress
+    assert any(r["to"] == [{"ipBlock": {"cidr": POD_IDENTITY_AGENT_CIDR}}] for r in egress)
+
+
+def test_training_pods_reach_each_other_on_any_port(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, attrs = dev
+    spec = policies(run, attrs["training_namespace"])["allow-within-namespace"]
+    assert spec["ingress"] == [{"from": [{"podSelector": {}}]}]
+    assert spec["egress"] == [{"to": [{"podSelector": {}}]}]
+    assert "allow-within-namespace" not in policies(run, attrs["serving_namespace"])
+
+
+def test_serving_ingress_only_on_8080_from_allowed_namespaces(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, attrs = dev
+    [rule] = policies(run, attrs["serving_namespace"])["allow-http-ingress"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {SERVING_ACCESS_LABEL: "allowed"}}}]
+
+
+def test_serving_ingress_admits_the_alb_when_ingress_is_on() -> None:
+    cfg = stack_config("dev", servingIngress=True)
+    run, attrs = run_base(cfg)
+    [rule] = policies(run, attrs["serving_namespace"])["allow-http-ingress"]["ingress"]
+    assert {"ipBlock": {"cidr": cfg.network.vpc_cidr}} in rule["from"]
+
+
+def test_children_named_and_parented(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, _ = dev
+    assert run.duplicate_names() == []
+    for r in run.resources:
+        if r.type in ("llm-platform:infra:KubernetesBase", "pulumi:providers:kubernetes"):
+            continue
+        assert r.parent == "base" and r.name.startswith("base-"), r.name
