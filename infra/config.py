@@ -42,6 +42,11 @@ _ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]+$")
 _SAGEMAKER_INSTANCE_RE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+SERVING_AUTOSCALERS = ("cpu", "keda")
+METRICS_MODES = ("amp", "in-cluster", "none")
+_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+_CRON_RE = re.compile(r"^\S+ \S+ \S+ \S+ \S+$")
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[A-Za-z]{2,}$")
 
 
 class ConfigError(ValueError):
@@ -187,6 +192,42 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class AutoscalingConfig:
+    """GPU node autoscaling (Cluster Autoscaler), spot interruption handling and serving autoscaling."""
+
+    cluster_autoscaler_version: str
+    scale_down_unneeded_minutes: int
+    spot_interruption_handler: bool
+    node_termination_handler_version: str
+    serving_autoscaler: Literal["cpu", "keda"]
+    serving_target_inflight_per_replica: int
+    serving_scale_to_zero: bool
+    serving_active_hours_start: str
+    serving_active_hours_end: str
+    serving_active_hours_timezone: str
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    """Metrics pipeline (Prometheus, DCGM exporter) and alerting."""
+
+    metrics: Literal["amp", "in-cluster", "none"]
+    prometheus_version: str
+    prometheus_retention_days: int
+    dcgm_exporter_version: str
+    alert_emails: tuple[str, ...]
+    sagemaker_latency_p90_ms: int
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Spend controls: the stack's monthly cost budget and cost-allocation tag activation."""
+
+    monthly_usd: int
+    activate_cost_allocation_tags: bool
+
+
+@dataclass(frozen=True)
 class StackConfig:
     project: str
     stack: str
@@ -197,6 +238,9 @@ class StackConfig:
     storage: StorageConfig
     cluster: ClusterConfig
     serving: ServingConfig
+    autoscaling: AutoscalingConfig
+    observability: ObservabilityConfig
+    budget: BudgetConfig
 
     @property
     def name_prefix(self) -> str:
@@ -345,13 +389,19 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
             p.append(f"{project}:clusterAdminArns contains {arn!r}: not an IAM role or user ARN")
     if v["publicApiEndpoint"] and not v["publicApiCidrs"]:
         bad("publicApiEndpoint", "a public API endpoint needs publicApiCidrs (an allowlist); 0.0.0.0/0 is refused")
+    allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for cidr in v["publicApiCidrs"]:
         try:
             net = ipaddress.ip_network(cidr, strict=True)
-            if net.prefixlen == 0:
-                p.append(f"{project}:publicApiCidrs contains {cidr!r}: the whole internet is not an allowlist")
         except ValueError as exc:
             p.append(f"{project}:publicApiCidrs contains {cidr!r}: not a valid CIDR ({exc})")
+            continue
+        if net.prefixlen == 0:
+            p.append(f"{project}:publicApiCidrs contains {cidr!r}: the whole internet is not an allowlist")
+        for other in allowed:
+            if net.version == other.version and net.overlaps(other):
+                p.append(f"{project}:publicApiCidrs contains {cidr!r}, which overlaps '{other}': list each range once")
+        allowed.append(net)
     if not _INSTANCE_RE.match(v["systemInstanceType"]):
         bad("systemInstanceType", "not an EC2 instance type name (e.g. m7i.large)")
     if v["systemNodeCount"] < 2:
@@ -417,6 +467,56 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
         bad("sagemakerMinInstances", f"must not exceed {project}:sagemakerMaxInstances ({v['sagemakerMaxInstances']})")
     if v["sagemakerInvocationsPerInstance"] < 1:
         bad("sagemakerInvocationsPerInstance", "must be at least 1")
+    p.extend(_check_operations(v, project))
+    return p
+
+
+def _check_operations(v: dict[str, Any], project: str) -> list[str]:
+    """Autoscaling, observability and budget keys (infra/autoscaling.py, observability.py, budgets.py)."""
+    p: list[str] = []
+
+    def bad(key: str, why: str) -> None:
+        p.append(f"{project}:{key} = {v[key]!r}: {why}")
+
+    for key in ("clusterAutoscalerVersion", "nodeTerminationHandlerVersion", "prometheusVersion"):
+        if not _VERSION_RE.match(v[key]):
+            bad(key, "must be a release version MAJOR.MINOR.PATCH such as 1.33.0 (no 'v', no 'latest')")
+    if _VERSION_RE.match(v["clusterAutoscalerVersion"]):
+        ca_minor = ".".join(v["clusterAutoscalerVersion"].split(".")[:2])
+        if ca_minor != v["kubernetesVersion"]:
+            bad(
+                "clusterAutoscalerVersion",
+                f"its minor version must equal {project}:kubernetesVersion ({v['kubernetesVersion']}); "
+                f"use {v['kubernetesVersion']}.x (the autoscaler only supports its own Kubernetes minor)",
+            )
+    if not 1 <= v["scaleDownUnneededMinutes"] <= 120:
+        bad("scaleDownUnneededMinutes", "must be between 1 and 120")
+    if v["servingAutoscaler"] not in SERVING_AUTOSCALERS:
+        bad("servingAutoscaler", f"must be one of {', '.join(SERVING_AUTOSCALERS)}")
+    elif v["servingAutoscaler"] == "keda" and v["metrics"] != "in-cluster":
+        bad("servingAutoscaler", f"keda reads the in-cluster Prometheus; it needs {project}:metrics = in-cluster")
+    if v["servingTargetInflightPerReplica"] < 1:
+        bad("servingTargetInflightPerReplica", "must be at least 1")
+    if v["servingScaleToZero"] and v["servingAutoscaler"] != "keda":
+        bad("servingScaleToZero", f"scale to zero needs {project}:servingAutoscaler = keda (an HPA cannot reach 0)")
+    for key in ("servingActiveHoursStart", "servingActiveHoursEnd"):
+        if not _CRON_RE.match(v[key]):
+            bad(key, "must be a 5-field cron expression such as '0 8 * * 1-5'")
+    if not re.fullmatch(r"UTC|[A-Za-z_]+(/[A-Za-z0-9_+-]+)+", v["servingActiveHoursTimezone"]):
+        bad("servingActiveHoursTimezone", "must be UTC or an IANA time zone such as Europe/Berlin")
+    if v["metrics"] not in METRICS_MODES:
+        bad("metrics", f"must be one of {', '.join(METRICS_MODES)}")
+    if not 1 <= v["prometheusRetentionDays"] <= 90:
+        bad("prometheusRetentionDays", "must be between 1 and 90")
+    if not re.fullmatch(r"\d+\.\d+\.\d+-\d+\.\d+\.\d+-ubuntu\d+\.\d+", v["dcgmExporterVersion"]):
+        bad("dcgmExporterVersion", "must be a dcgm-exporter tag such as 3.3.9-3.6.1-ubuntu22.04")
+    for email in v["alertEmails"]:
+        if not _EMAIL_RE.match(email):
+            p.append(f"{project}:alertEmails contains {email!r}: not an e-mail address")
+    if v["sagemakerLatencyP90Ms"] < 1:
+        bad("sagemakerLatencyP90Ms", "must be at least 1")
+    if v["monthlyBudgetUsd"] < 1:
+        bad("monthlyBudgetUsd", "must be at least 1 (every stack has a budget)")
     return p
 
 
@@ -476,6 +576,30 @@ def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackCon
             sagemaker_min_instances=v["sagemakerMinInstances"],
             sagemaker_max_instances=v["sagemakerMaxInstances"],
             sagemaker_invocations_per_instance=v["sagemakerInvocationsPerInstance"],
+        ),
+        autoscaling=AutoscalingConfig(
+            cluster_autoscaler_version=v["clusterAutoscalerVersion"],
+            scale_down_unneeded_minutes=v["scaleDownUnneededMinutes"],
+            spot_interruption_handler=v["spotInterruptionHandler"],
+            node_termination_handler_version=v["nodeTerminationHandlerVersion"],
+            serving_autoscaler=v["servingAutoscaler"],
+            serving_target_inflight_per_replica=v["servingTargetInflightPerReplica"],
+            serving_scale_to_zero=v["servingScaleToZero"],
+            serving_active_hours_start=v["servingActiveHoursStart"],
+            serving_active_hours_end=v["servingActiveHoursEnd"],
+            serving_active_hours_timezone=v["servingActiveHoursTimezone"],
+        ),
+        observability=ObservabilityConfig(
+            metrics=v["metrics"],
+            prometheus_version=v["prometheusVersion"],
+            prometheus_retention_days=v["prometheusRetentionDays"],
+            dcgm_exporter_version=v["dcgmExporterVersion"],
+            alert_emails=v["alertEmails"],
+            sagemaker_latency_p90_ms=v["sagemakerLatencyP90Ms"],
+        ),
+        budget=BudgetConfig(
+            monthly_usd=v["monthlyBudgetUsd"],
+            activate_cost_allocation_tags=v["activateCostAllocationTags"],
         ),
     )
 

@@ -269,7 +269,7 @@ class Run:
         return dups
 
 
-def _config_strings(values: Mapping[str, Any]) -> dict[str, str]:
+def config_strings(values: Mapping[str, Any]) -> dict[str, str]:
     """Config as the Pulumi engine passes it: every value a string, structured values as JSON."""
     out = {}
     for k, v in values.items():
@@ -288,12 +288,13 @@ def run_program(
     stack: str,
     project: str,
     region: str,
+    mocks: RecordingMocks | None = None,
 ) -> Run:
-    """Run `program` (returns its stack outputs) under a fresh recording mock engine."""
+    """Run `program` (returns its stack outputs) under a fresh recording mock engine (or the given one)."""
     # A previous asyncio.run() (or test) may have closed the loop; the mock engine needs a current one.
     asyncio.set_event_loop(asyncio.new_event_loop())
-    pulumi.runtime.set_all_config(_config_strings(config_values))
-    mocks = RecordingMocks(region)
+    pulumi.runtime.set_all_config(config_strings(config_values))
+    mocks = mocks or RecordingMocks(region)
     pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=False)
 
     def record_options(args: pulumi.ResourceTransformationArgs) -> None:

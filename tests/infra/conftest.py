@@ -1,0 +1,54 @@
+"""Fixtures for infrastructure tests: the real program run under the recording mock engine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from infra.config import StackConfig, load_config, load_stack_file
+from infra.mocks import Run
+
+SHIPPED_STACKS = ("dev", "staging", "prod")
+
+_cache: dict[str, tuple[dict[str, Any], Run]] = {}
+
+
+def stack_config(stack: str, overrides: dict[str, Any] | None = None) -> StackConfig:
+    values, source = load_stack_file(stack)
+    values.update(overrides or {})
+    return load_config(values, stack, source)
+
+
+@pytest.fixture
+def run_stack(tmp_path: Path) -> Callable[..., Run]:
+    """Run the whole program for a shipped stack, optionally with config overrides (`llm-platform:key`: value).
+
+    Runs of unmodified shipped stacks are cached for the session: the program is deterministic under the mocks.
+    """
+
+    def run(stack: str, overrides: dict[str, Any] | None = None) -> Run:
+        from infra.preview import preview
+
+        key = f"{stack}:{json.dumps(overrides, sort_keys=True)}"
+        if key not in _cache:
+            config_file = None
+            if overrides:
+                values, _ = load_stack_file(stack)
+                values.update(overrides)
+                config_file = tmp_path / f"Pulumi.{stack}.yaml"
+                config_file.write_text(yaml.safe_dump({"config": values}))
+            _cache[key] = preview(stack, config_file)
+        return _cache[key][1]
+
+    return run
+
+
+@pytest.fixture(params=SHIPPED_STACKS)
+def shipped(request: pytest.FixtureRequest, run_stack: Callable[..., Run]) -> tuple[StackConfig, Run]:
+    """(config, run) for each shipped stack."""
+    return stack_config(request.param), run_stack(request.param)

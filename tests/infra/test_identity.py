@@ -1,0 +1,85 @@
+"""Identity component: least privilege, checked on the policy documents the program actually produces."""
+
+from __future__ import annotations
+
+import json
+
+from policy.rules import iam_document_violations, is_full_access_managed_policy
+
+
+def _inline(run, suffix: str) -> dict:
+    return json.loads(run.one("aws:iam/rolePolicy:RolePolicy", f"identity-{suffix}-policy").inputs["policy"])
+
+
+def _grants(doc: dict) -> dict[str, set[str]]:
+    """Resource -> actions allowed on it."""
+    out: dict[str, set[str]] = {}
+    for st in doc["Statement"]:
+        resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        for r in resources:
+            out.setdefault(r, set()).update(actions)
+    return out
+
+
+def test_every_policy_document_is_least_privilege(shipped) -> None:
+    _, run = shipped
+    documents = [json.loads(r.inputs["policy"]) for r in run.of_type("aws:iam/rolePolicy:RolePolicy")]
+    documents += [json.loads(r.inputs["assumeRolePolicy"]) for r in run.of_type("aws:iam/role:Role")]
+    assert len(documents) >= 10
+    for doc in documents:
+        assert iam_document_violations(doc) == [], doc
+    for attachment in run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment"):
+        assert not is_full_access_managed_policy(attachment.inputs["policyArn"]), attachment.inputs["policyArn"]
+
+
+def test_training_role_reads_datasets_writes_checkpoints_and_models_only(shipped) -> None:
+    _, run = shipped
+    o = run.outputs
+    grants = _grants(_inline(run, "training"))
+    bucket = lambda kind: f"arn:aws:s3:::{o[kind + '_bucket']}"  # noqa: E731
+    assert grants[bucket("datasets") + "/*"] == {"s3:GetObject", "s3:GetObjectVersion"}
+    assert "s3:DeleteObject" in grants[bucket("checkpoints") + "/*"]
+    assert "s3:PutObject" in grants[bucket("models") + "/*"]
+    assert "s3:DeleteObject" not in grants[bucket("models") + "/*"]
+    s3_resources = {r for r in grants if r.startswith("arn:aws:s3")}
+    assert s3_resources == {bucket(k) for k in ("datasets", "checkpoints", "models")} | {
+        bucket(k) + "/*" for k in ("datasets", "checkpoints", "models")
+    }
+    assert grants[o["kms_key_arn"]] == {"kms:Decrypt", "kms:GenerateDataKey"}
+
+
+def test_serving_role_only_reads_models(shipped) -> None:
+    _, run = shipped
+    o = run.outputs
+    doc = _inline(run, "serving")
+    grants = _grants(doc)
+    models = f"arn:aws:s3:::{o['models_bucket']}"
+    assert set(grants) == {models, models + "/*", o["kms_key_arn"]}
+    assert grants[models + "/*"] == {"s3:GetObject", "s3:GetObjectVersion"}
+    assert grants[o["kms_key_arn"]] == {"kms:Decrypt"}
+    kms = next(s for s in doc["Statement"] if s["Sid"] == "UseProjectKeyViaS3")
+    assert kms["Condition"] == {"StringEquals": {"kms:ViaService": f"s3.{o['region']}.amazonaws.com"}}
+
+
+def test_workload_roles_trust_pod_identity_in_this_account(shipped) -> None:
+    _, run = shipped
+    for suffix in ("training", "serving", "ebs-csi"):
+        trust = json.loads(run.one("aws:iam/role:Role", f"identity-{suffix}").inputs["assumeRolePolicy"])
+        (st,) = trust["Statement"]
+        assert st["Principal"] == {"Service": "pods.eks.amazonaws.com"}
+        assert set(st["Action"]) == {"sts:AssumeRole", "sts:TagSession"}
+        assert st["Condition"] == {"StringEquals": {"aws:SourceAccount": "123456789012"}}
+
+
+def test_sagemaker_role_pulls_only_project_images(shipped) -> None:
+    _, run = shipped
+    doc = _inline(run, "sagemaker")
+    pull = next(s for s in doc["Statement"] if s["Sid"] == "EcrPullProjectImages")
+    assert sorted(pull["Resource"]) == sorted(r.state["arn"] for r in run.of_type("aws:ecr/repository:Repository"))
+
+
+def test_no_aws_full_access_policies_anywhere(shipped) -> None:
+    _, run = shipped
+    arns = [a.inputs["policyArn"] for a in run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")]
+    assert arns and not [a for a in arns if a.endswith("FullAccess")]

@@ -1,0 +1,163 @@
+"""Whole-stack properties, per shipped environment: tags, names, outputs, schemas, workload contracts."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from functools import cache
+
+import kubernetes_validate
+import pytest
+
+from infra import outputs as out
+from infra.tags import STACK_TAG_KEYS, stack_tags
+
+REQUIRED_OUTPUTS = [
+    v for k, v in vars(out).items() if k.isupper() and v not in (out.SERVING_SERVICE_NAME, out.SAGEMAKER_ENDPOINT_NAME)
+]
+
+
+@cache
+def taggable(typ: str) -> bool:
+    """Whether the pulumi_aws resource class for a type token accepts `tags` (introspected, not a list to maintain)."""
+    _, module, _ = typ.split(":")
+    mod_name, cls_name = module.split("/")
+    mod = importlib.import_module(f"pulumi_aws.{mod_name}")
+    cls = getattr(mod, cls_name[0].upper() + cls_name[1:])
+    return "tags" in inspect.signature(cls._internal_init).parameters
+
+
+def test_every_taggable_resource_carries_the_stack_tags(shipped) -> None:
+    cfg, run = shipped
+    expected = stack_tags(cfg.stack, cfg.environment)
+    aws_resources = [r for r in run.resources if r.custom and r.type.startswith("aws:")]
+    checked = 0
+    for rec in aws_resources:
+        if taggable(rec.type):
+            checked += 1
+            tags = rec.inputs.get("tags") or {}
+            assert {k: tags.get(k) for k in STACK_TAG_KEYS} == expected, f"{rec.type} {rec.name} lacks stack tags"
+    assert checked >= 30
+
+
+def test_no_duplicate_resource_names(shipped) -> None:
+    _, run = shipped
+    assert run.duplicate_names() == []
+
+
+def test_outputs_are_complete_and_kubeconfig_is_secret(shipped) -> None:
+    cfg, run = shipped
+    missing = [k for k in REQUIRED_OUTPUTS if k not in run.outputs]
+    assert missing == []
+    assert out.KUBECONFIG in run.secret_outputs
+    assert (out.SERVING_SERVICE_NAME in run.outputs) is cfg.serving.on_eks
+    assert (out.SAGEMAKER_ENDPOINT_NAME in run.outputs) is cfg.serving.on_sagemaker
+    assert run.outputs[out.GPU_POOLS] == {p.name: p.describe() for p in cfg.cluster.gpu_pools}
+
+
+def test_each_serving_path_is_enabled_by_some_shipped_stack(run_stack) -> None:
+    runs = [run_stack(s) for s in ("dev", "staging", "prod")]
+    assert any(r.of_type("kubernetes:apps/v1:Deployment") and out.SERVING_SERVICE_NAME in r.outputs for r in runs)
+    assert any(r.of_type("aws:sagemaker/endpoint:Endpoint") for r in runs)
+
+
+def _builtin(api_version: str) -> bool:
+    """Kubernetes' own API groups (core, apps, batch, policy, autoscaling, *.k8s.io); others are custom resources,
+    validated against their CRD schemas in their component's tests."""
+    group = api_version.rpartition("/")[0]
+    return "." not in group or group.endswith(".k8s.io")
+
+
+def test_every_kubernetes_object_validates_strictly(shipped) -> None:
+    cfg, run = shipped
+    objects = [
+        r
+        for r in run.resources
+        if r.custom and r.type.startswith("kubernetes:") and _builtin(r.inputs.get("apiVersion", "x.y/v1"))
+    ]
+    assert len(objects) >= 5
+    for rec in objects:
+        try:
+            kubernetes_validate.validate(rec.inputs, cfg.cluster.kubernetes_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{rec.type} {rec.name}: {exc}")
+
+
+def _pod_specs(run):
+    """(kind, name, namespace, pod spec) of every workload the stack defines."""
+    for rec in run.resources:
+        kind = rec.inputs.get("kind")
+        if kind in ("Deployment", "DaemonSet", "StatefulSet", "Job"):
+            yield kind, rec.name, rec.inputs["metadata"].get("namespace"), rec.inputs["spec"]["template"]["spec"]
+
+
+def _node_groups(run):
+    return [r.inputs for r in run.of_type("aws:eks/nodeGroup:NodeGroup")]
+
+
+def _tolerates(tolerations: list[dict], taint: dict) -> bool:
+    effect = {"NO_SCHEDULE": "NoSchedule", "NO_EXECUTE": "NoExecute", "PREFER_NO_SCHEDULE": "PreferNoSchedule"}[
+        taint["effect"]
+    ]
+    for t in tolerations:
+        if t.get("effect") not in (None, "", effect):
+            continue
+        if t.get("operator") == "Exists" and t.get("key") in (None, taint["key"]):
+            return True
+        if t.get("key") == taint["key"] and t.get("value") == taint["value"]:
+            return True
+    return False
+
+
+def _lands_on(spec: dict, group: dict) -> bool:
+    labels = group.get("labels") or {}
+    if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
+        return False
+    return all(_tolerates(spec.get("tolerations") or [], t) for t in group.get("taints") or [])
+
+
+def test_every_workload_lands_on_a_node_group_of_its_stack(shipped) -> None:
+    """Catches the classic drift: a selector or toleration that no node group satisfies leaves pods Pending."""
+    _, run = shipped
+    groups = _node_groups(run)
+    workloads = list(_pod_specs(run))
+    assert workloads
+    for kind, name, _, spec in workloads:
+        targets = [g["nodeGroupName"] for g in groups if _lands_on(spec, g)]
+        assert targets, f"{kind} {name} matches no node group (selector {spec.get('nodeSelector')})"
+        requests_gpu = any("nvidia.com/gpu" in (c.get("resources", {}).get("limits") or {}) for c in spec["containers"])
+        if requests_gpu:
+            assert any(g.get("taints") for g in groups if g["nodeGroupName"] in targets), f"{name} GPU pod, no GPU pool"
+
+
+def test_workload_service_accounts_are_bound_to_roles(shipped) -> None:
+    """Pods in the platform namespaces that use a service account get AWS access only through Pod Identity."""
+    _, run = shipped
+    bound = {
+        (a.inputs["namespace"], a.inputs["serviceAccount"])
+        for a in run.of_type("aws:eks/podIdentityAssociation:PodIdentityAssociation")
+    }
+    service_accounts = {
+        (r.inputs["metadata"]["namespace"], r.inputs["metadata"]["name"])
+        for r in run.of_type("kubernetes:core/v1:ServiceAccount")
+    }
+    platform_namespaces = {run.outputs[out.TRAINING_NAMESPACE], run.outputs[out.SERVING_NAMESPACE]}
+    for kind, name, namespace, spec in _pod_specs(run):
+        sa = spec.get("serviceAccountName")
+        if namespace in platform_namespaces:
+            assert sa, f"{kind} {name} runs with the default service account"
+            assert (namespace, sa) in service_accounts, f"{kind} {name}: service account {sa} is not created"
+            assert (namespace, sa) in bound, f"{kind} {name}: service account {sa} has no Pod Identity role"
+    assert (run.outputs[out.TRAINING_NAMESPACE], run.outputs[out.TRAINING_SERVICE_ACCOUNT]) in bound
+    assert (run.outputs[out.SERVING_NAMESPACE], run.outputs[out.SERVING_SERVICE_ACCOUNT]) in bound
+
+
+def test_destroy_order_workloads_before_nodes_before_network(shipped) -> None:
+    cfg, run = shipped
+    cluster = run.one("llm-platform:infra:Cluster", "cluster")
+    assert "llm-platform:infra:Network::network" in cluster.depends_on
+    if cfg.serving.on_eks:
+        serving = run.one("llm-platform:infra:ServingOnEks", "serving-eks")
+        assert {d for d in serving.depends_on if d.startswith("aws:eks/nodeGroup")} == {
+            f"aws:eks/nodeGroup:NodeGroup::{g.name}" for g in run.of_type("aws:eks/nodeGroup:NodeGroup")
+        }
