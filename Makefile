@@ -1,0 +1,37 @@
+# The few verbs a newcomer needs. Everything runs from the repository's own virtualenv (.venv).
+PY := .venv/bin/python
+STACK ?= dev
+
+.PHONY: setup demo preview test lint format bench clean
+
+setup: .venv/.installed  ## create .venv and install the pinned dependencies (torch is the CPU wheel)
+
+.venv/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --progress-bar off -r requirements.txt
+	touch $@
+
+demo: setup  ## the main job: preview the dev stack, then train -> export -> serve locally (no cloud account)
+	$(PY) -m tools.local_e2e
+
+preview: setup  ## offline preview of one stack: make preview STACK=prod
+	$(PY) -m infra.preview $(STACK)
+
+test: setup  ## the whole test suite (what CI runs)
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: setup  ## benchmarks print ratios against baselines measured in the same run
+	$(PY) bench/train_throughput.py
+	$(PY) bench/serve_throughput.py
+
+clean:
+	rm -rf .pytest_cache .ruff_cache runs out
