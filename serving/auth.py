@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,14 +76,13 @@ class KeyStore:
     def from_file(cls, path: str | Path, default_rpm: int, default_tpm: int) -> KeyStore:
         return cls.parse(Path(path).read_text(), default_rpm, default_tpm)
 
-    def authenticate(self, authorization: str | None, default_rpm: int, default_tpm: int) -> ApiKey:
-        """The key for an `Authorization: Bearer <key>` header; 401 when missing or unknown."""
+    def authenticate(self, token: str | None, default_rpm: int, default_tpm: int) -> ApiKey:
+        """The key for a presented token; 401 when missing or unknown (anonymous when auth is disabled)."""
         if not self.enabled:
             return ApiKey(ANONYMOUS, default_rpm, default_tpm)
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        if not token:
             raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
-        digest = hash_key(token.strip())
+        digest = hash_key(token)
         found: ApiKey | None = None
         # compare against every entry so the time taken does not depend on which (if any) key matched
         for stored, key in self._entries:
@@ -91,6 +91,23 @@ class KeyStore:
         if found is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return found
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key from `Authorization: Bearer <key>`, or from SageMaker custom attributes (`api_key=<key>`).
+
+    SageMaker's runtime signs requests with SigV4 (its own Authorization header) and forwards
+    `CustomAttributes` to the container as `X-Amzn-SageMaker-Custom-Attributes`: that is how a per-tenant key
+    reaches an endpoint behind IAM.
+    """
+    for attr in headers.get("x-amzn-sagemaker-custom-attributes", "").split(";"):
+        name, _, value = attr.strip().partition("=")
+        if name == "api_key" and value:
+            return value
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
 
 
 def main(argv: list[str]) -> int:

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from serving import audit
-from serving.auth import KeyStore
+from serving.auth import KeyStore, presented_key
 from serving.backends.base import Backend, GenerationBody, RequestContext
 from serving.config import ServingConfig
 from serving.errors import APIError, bad_request, from_validation_error
@@ -84,7 +84,7 @@ async def list_models(request: Request) -> JSONResponse:
     key_id = "-"
     try:
         key_id = state.keys.authenticate(
-            request.headers.get("authorization"), state.cfg.default_rpm, state.cfg.default_tpm
+            presented_key(request.headers), state.cfg.default_rpm, state.cfg.default_tpm
         ).key_id
         ids = await state.backend.model_ids()
     except APIError as exc:
@@ -149,9 +149,7 @@ async def _generate(
     state.metrics.inflight.inc()
     handed_off = False
     try:
-        key = state.keys.authenticate(
-            request.headers.get("authorization"), state.cfg.default_rpm, state.cfg.default_tpm
-        )
+        key = state.keys.authenticate(presented_key(request.headers), state.cfg.default_rpm, state.cfg.default_tpm)
         key_id = key.key_id
         if state.draining:
             raise APIError(503, "Server is shutting down.", code="draining", retry_after=1.0)

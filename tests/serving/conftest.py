@@ -1,0 +1,137 @@
+"""Serving fixtures: the debug model, and real `python -m serving` processes on loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, free_port
+
+ALICE_KEY = "sk-test-alice-0123456789"
+LIMITED_KEY = "sk-test-limited-0123456789"
+FRONT_KEY = "sk-test-front-0123456789"
+MODEL_ID = "debug-model"
+
+
+@pytest.fixture(scope="session")
+def debug_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.debug_model import write_debug_model
+
+    return write_debug_model(tmp_path_factory.mktemp("models") / MODEL_ID)
+
+
+@pytest.fixture(scope="session")
+def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("secrets") / "keys"
+    path.write_text(f"# key-id  key  limits\nalice {ALICE_KEY} rpm=100000 tpm=100000000\nlimited {LIMITED_KEY} rpm=2\n")
+    return path
+
+
+@dataclass
+class ServingProcess:
+    """A running `python -m serving`; stdout (the audit log) and stderr go to files the test can read."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    stdout_path: Path
+    stderr_path: Path
+    _files: list = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def audit_lines(self) -> list[dict]:
+        lines = self.stdout_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith('{"event":"request"')]
+
+    def logs(self) -> str:
+        return self.stdout_path.read_text() + self.stderr_path.read_text()
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            for f in self._files:
+                f.close()
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+ServerFactory = Callable[..., ServingProcess]
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
+    """Start `python -m serving <args>` on a free loopback port; every process is stopped at session end."""
+    started: list[ServingProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ServingProcess:
+        port = free_port()
+        logs = tmp_path_factory.mktemp("server")
+        out, err = (logs / "stdout.log").open("wb"), (logs / "stderr.log").open("wb")
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=err,
+            env=full_env,
+        )
+        server = ServingProcess(proc, port, logs / "stdout.log", logs / "stderr.log", [out, err])
+        started.append(server)
+        try:
+            wait_ready(server.url, proc)
+        except Exception:
+            server.stop(10)
+            raise RuntimeError(f"server failed to start:\n{server.logs()[-4000:]}") from None
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(10)
+        for f in server._files:
+            f.close()
+
+
+@pytest.fixture(scope="session")
+def server(start_server: ServerFactory, debug_model_dir: Path, keys_file: Path) -> ServingProcess:
+    """The shared server: debug model, API keys, default limits."""
+    return start_server(
+        "--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--api-keys-file", str(keys_file),
+        "--max-tokens-cap", "256",
+    )  # fmt: skip
