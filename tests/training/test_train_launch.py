@@ -1,0 +1,171 @@
+"""The launcher: EKS job rendering (strict Kubernetes schema, placement from the stack's pool) and SageMaker jobs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import boto3
+import kubernetes_validate
+import pytest
+import yaml
+from train_helpers import REPO_ROOT
+
+from infra import outputs as out
+from training.k8s_job import TrainingJobSpec, render_training_job
+from training.sagemaker_entry import sagemaker_env, torchrun_argv
+from training.stack import StackError, load_outputs, parse_outputs, training_pool
+
+FIXTURE = Path(__file__).parent / "fixtures" / "stack_outputs_dev.json"
+K8S_VERSION = "1.33"
+
+
+@pytest.fixture
+def outputs() -> dict[str, Any]:
+    return load_outputs("dev", str(FIXTURE))
+
+
+def launch(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "training.launch", "--stack", "dev", "--outputs", str(FIXTURE), *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_outputs_file_accepts_flat_and_preview_formats(tmp_path: Path) -> None:
+    preview = json.loads(FIXTURE.read_text())
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps(preview["outputs"]))
+    assert load_outputs("dev", str(flat)) == load_outputs("dev", str(FIXTURE)) == preview["outputs"]
+    assert parse_outputs({out.STACK: "dev"}) == {out.STACK: "dev"}
+
+
+def test_eks_dry_run_renders_valid_objects_placed_on_the_training_pool(outputs: dict[str, Any]) -> None:
+    proc = launch("--target", "eks", "--name", "run1", "--nodes", "2", "--data", "corpora/c4", "--max-steps", "500",
+                  "--image-tag", "v1", "--set", "optim.lr=1e-4", "--dry-run")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    objs = list(yaml.safe_load_all(proc.stdout))
+    assert [o["kind"] for o in objs] == ["Service", "Job"]
+    for obj in objs:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+    service, job = objs
+    _, pool = training_pool(outputs)
+    pod = job["spec"]["template"]["spec"]
+    ns = outputs[out.TRAINING_NAMESPACE]
+    assert service["metadata"]["namespace"] == job["metadata"]["namespace"] == ns
+    assert service["spec"]["clusterIP"] == "None" and pod["subdomain"] == service["metadata"]["name"]
+    # The scheduling contract: exactly the pool's labels and a toleration for each of its taints.
+    assert pod["nodeSelector"] == pool["labels"]
+    for taint in pool["taints"]:
+        assert {"key": taint["key"], "operator": "Equal", "value": taint["value"], "effect": taint["effect"]} in pod[
+            "tolerations"
+        ]
+    assert pod["serviceAccountName"] == outputs[out.TRAINING_SERVICE_ACCOUNT]
+    # Service selects the Job's pods.
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert pod["restartPolicy"] == "OnFailure" and job["spec"]["backoffLimit"] > 0
+    container = pod["containers"][0]
+    assert container["image"] == f"{outputs[out.TRAINING_REPOSITORY_URL]}:v1"
+    limits = container["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == str(pool["gpus_per_node"])
+    assert limits["vpc.amazonaws.com/efa"] == "1"  # the fixture's training pool has EFA
+    cmd = container["command"]
+    assert cmd[0] == "torchrun" and "--nnodes=2" in cmd and f"--nproc_per_node={pool['gpus_per_node']}" in cmd
+    assert f"--rdzv_endpoint=run1-0.run1.{ns}.svc.cluster.local:29500" in cmd
+    joined = " ".join(cmd)
+    assert f"--data s3://{outputs[out.DATASETS_BUCKET]}/corpora/c4" in joined
+    assert f"--output s3://{outputs[out.CHECKPOINTS_BUCKET]}/run1" in joined
+    assert f"--export s3://{outputs[out.MODELS_BUCKET]}/run1" in joined
+    assert "--set optim.lr=1e-4" in joined
+
+
+def test_eks_job_without_efa_requests_only_gpus(outputs: dict[str, Any]) -> None:
+    outputs[out.GPU_POOLS]["training"]["efa"] = False
+    _, job = render_training_job(TrainingJobSpec(name="noefa", data="s3://elsewhere/d"), outputs)
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert set(container["resources"]["limits"]) == {"nvidia.com/gpu"}
+    assert "--data" in container["command"] and "s3://elsewhere/d" in container["command"]
+
+
+def test_stack_without_training_pool_is_a_clear_error(outputs: dict[str, Any], tmp_path: Path) -> None:
+    del outputs[out.GPU_POOLS]["training"]
+    with pytest.raises(StackError, match="purpose 'training'"):
+        render_training_job(TrainingJobSpec(name="x", data="d"), outputs)
+    f = tmp_path / "o.json"
+    f.write_text(json.dumps(outputs))
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.launch", "--stack", "dev", "--outputs", str(f), "--target", "eks",
+         "--name", "x", "--data", "d", "--dry-run"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "purpose 'training'" in proc.stderr
+
+
+def test_sagemaker_job_created_against_moto_with_the_stacks_role_and_buckets(
+    aws_env: str, outputs: dict[str, Any]
+) -> None:
+    proc = launch("--target", "sagemaker", "--name", "sm-run-1", "--instance-type", "ml.p3.2xlarge",
+                  "--instance-count", "2", "--data", "corpora/c4", "--max-steps", "100", "--spot",
+                  "--set", "optim.lr=1e-4")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(":training-job/sm-run-1")
+
+    sm = boto3.client("sagemaker", region_name=outputs[out.REGION])
+    job = sm.describe_training_job(TrainingJobName="sm-run-1")
+    assert job["RoleArn"] == outputs[out.SAGEMAKER_EXECUTION_ROLE_ARN]
+    assert job["AlgorithmSpecification"]["TrainingImage"] == f"{outputs[out.TRAINING_REPOSITORY_URL]}:latest"
+    assert job["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"
+    assert job["ResourceConfig"]["InstanceCount"] == 2
+    channel = job["InputDataConfig"][0]
+    assert channel["ChannelName"] == "train"
+    assert channel["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://{outputs[out.DATASETS_BUCKET]}/corpora/c4"
+    assert job["OutputDataConfig"]["S3OutputPath"].startswith(f"s3://{outputs[out.MODELS_BUCKET]}/")
+    hp = job["HyperParameters"]
+    assert hp["output"] == f"s3://{outputs[out.CHECKPOINTS_BUCKET]}/sm-run-1"
+    assert hp["export"] == f"s3://{outputs[out.MODELS_BUCKET]}/sm-run-1"
+    assert hp["max-steps"] == "100" and hp["optim.lr"] == "1e-4"
+    assert job["EnableManagedSpotTraining"] is True
+
+    # The same hyperparameters, read back inside the container, become the trainer's command line.
+    env = {"SM_CHANNEL_TRAIN": "/opt/ml/input/data/train", "SM_HOSTS": '["algo-1", "algo-2"]',
+           "SM_CURRENT_HOST": "algo-2", "SM_NUM_GPUS": "8"}  # fmt: skip
+    argv = torchrun_argv(hp, env)
+    joined = " ".join(argv)
+    assert "--nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=algo-1" in joined
+    assert f"--data /opt/ml/input/data/train --preset debug --output {hp['output']}" in joined
+    assert "--set optim.lr=1e-4" in joined and "--max-steps 100" in joined
+
+
+def test_sagemaker_dry_run_submits_nothing(aws_env: str) -> None:
+    proc = launch("--target", "sagemaker", "--name", "sm-dry", "--data", "d", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["TrainingJobName"] == "sm-dry"
+    names = [j["TrainingJobName"] for j in boto3.client("sagemaker").list_training_jobs()["TrainingJobSummaries"]]
+    assert "sm-dry" not in names
+
+
+def test_sagemaker_entry_reads_bare_container_files(tmp_path: Path) -> None:
+    """Without the SageMaker toolkit's SM_* variables, the contract's files describe the cluster."""
+    rc = tmp_path / "resourceconfig.json"
+    rc.write_text(json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]}))
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    env = sagemaker_env({"SM_NUM_GPUS": "0"}, resource_config=rc, input_data=tmp_path / "data")
+    argv = torchrun_argv({}, env)
+    joined = " ".join(argv)
+    assert "--nnodes=1 --node_rank=0 --nproc_per_node=1" in joined
+    # Defaults of the contract: checkpoints to /opt/ml/checkpoints, the model to SM_MODEL_DIR.
+    assert f"--data {tmp_path / 'data' / 'train'}" in joined
+    assert "--output /opt/ml/checkpoints" in joined and "--export /opt/ml/model" in joined
+    with pytest.raises(SystemExit, match="unknown hyperparameters"):
+        torchrun_argv({"bogus": "1"}, env)
