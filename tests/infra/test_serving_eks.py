@@ -1,0 +1,295 @@
+"""Serving on EKS under the mock engine: the pod lands on the inference pool (selectors and tolerations match what the
+node group offers), asks for GPUs, is probed, secured and autoscaled; every object is valid for the cluster version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pulumi_kubernetes as k8s
+import pytest
+
+from infra.config import StackConfig, load_config, load_stack_file
+from infra.mocks import Recorded, Run, run_program
+from infra.serving_eks import (
+    API_KEYS_FILE,
+    API_KEYS_SECRET,
+    DRAIN_TIMEOUT_S,
+    VLLM_IMAGE,
+    ServingOnEks,
+    ServingOnEksArgs,
+)
+from infra.tags import STACK_TAG
+
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llmp-dev-serving:0.1.0"
+BUCKET = "llmp-dev-models-123456789012"
+NAMESPACE = "llm-serving"
+SERVICE_ACCOUNT = "server"
+DEPLOYMENT = "kubernetes:apps/v1:Deployment"
+
+
+def stack_config(stack: str = "dev", **overrides: Any) -> StackConfig:
+    values, source = load_stack_file(stack)
+    values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
+    return load_config(values, stack, source)
+
+
+def run_serving(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:
+    attrs: dict[str, Any] = {}
+
+    def program() -> dict[str, Any]:
+        provider = k8s.Provider("k8s", kubeconfig="{}")
+        serving = ServingOnEks(
+            "serving",
+            ServingOnEksArgs(
+                config=cfg,
+                provider=provider,
+                namespace=NAMESPACE,
+                service_account=SERVICE_ACCOUNT,
+                image=IMAGE,
+                models_bucket=BUCKET,
+            ),
+        )
+        attrs["service_name"] = serving.service_name
+        return {}
+
+    return run_program(program, {}, cfg.stack, cfg.project, cfg.region), attrs
+
+
+def as_k8s_object(rec: Recorded) -> dict[str, Any]:
+    """The object as sent to the API server (the mock engine turns integers into floats)."""
+
+    def ints(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, dict):
+            return {k: ints(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [ints(x) for x in v]
+        return v
+
+    return ints(rec.inputs)
+
+
+def pod_spec(run: Run) -> dict[str, Any]:
+    return as_k8s_object(run.one(DEPLOYMENT))["spec"]["template"]["spec"]
+
+
+def container(run: Run, name: str) -> dict[str, Any]:
+    return next(c for c in pod_spec(run)["containers"] if c["name"] == name)
+
+
+@pytest.fixture
+def dev() -> tuple[StackConfig, Run, dict[str, Any]]:
+    cfg = stack_config("dev")
+    run, attrs = run_serving(cfg)
+    return cfg, run, attrs
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"servingEngine": "vllm"},
+        {"servingIngress": True},
+        {"kubernetesVersion": "1.31", "clusterAutoscalerVersion": "1.31.0"},
+        {
+            "kubernetesVersion": "1.35",
+            "clusterAutoscalerVersion": "1.35.0",
+            "servingEngine": "vllm",
+            "servingIngress": True,
+        },
+    ],
+)
+def test_every_object_is_valid_for_the_configured_kubernetes_version(overrides: dict[str, Any]) -> None:
+    cfg = stack_config("dev", **overrides)
+    run, _ = run_serving(cfg)
+    objects = [r for r in run.resources if r.type.startswith("kubernetes:")]
+    assert len(objects) >= 4
+    for rec in objects:
+        kubernetes_validate.validate(as_k8s_object(rec), cfg.cluster.kubernetes_version, strict=True)
+        assert rec.provider and "k8s" in rec.provider
+        assert rec.inputs["metadata"]["namespace"] == NAMESPACE
+
+
+def test_pod_lands_on_the_inference_pool(dev: tuple[StackConfig, Run, dict]) -> None:
+    cfg, run, _ = dev
+    pool = cfg.cluster.pool("inference")
+    pod = pod_spec(run)
+    assert pod["nodeSelector"] == pool.labels
+    # every taint of the pool's nodes is tolerated (otherwise the pod stays Pending)
+    for taint in pool.taints:
+        assert any(
+            t["key"] == taint["key"] and t["effect"] == taint["effect"] and t.get("value") == taint["value"]
+            for t in pod["tolerations"]
+        ), taint
+    # and the pool's labels are not the training pool's
+    assert pod["nodeSelector"] != cfg.cluster.pool("training").labels
+    server = container(run, "server")
+    gpus = str(cfg.serving.gpus_per_replica)
+    assert server["resources"]["requests"]["nvidia.com/gpu"] == gpus
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(server["resources"][kind])
+
+
+def test_engine_resources_fit_the_smallest_instance_of_the_pool(dev: tuple[StackConfig, Run, dict]) -> None:
+    from infra.instance_types import GPU_INSTANCE_TYPES
+
+    cfg, run, _ = dev
+    smallest = min(GPU_INSTANCE_TYPES[t].memory_gib for t in cfg.cluster.pool("inference").instance_types)
+    requests = container(run, "server")["resources"]["requests"]
+    assert int(requests["memory"].removesuffix("Gi")) < smallest
+    assert int(requests["cpu"]) < min(GPU_INSTANCE_TYPES[t].vcpus for t in cfg.cluster.pool("inference").instance_types)
+
+
+def test_selector_matches_template_and_service(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, attrs = dev
+    dep = run.one(DEPLOYMENT).inputs
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    svc = run.one("kubernetes:core/v1:Service").inputs
+    assert svc["metadata"]["name"] == attrs["service_name"]
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"] == selector
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert "replicas" not in dep["spec"]  # the HPA owns it
+
+
+def test_builtin_engine_container(dev: tuple[StackConfig, Run, dict]) -> None:
+    cfg, run, _ = dev
+    pod = pod_spec(run)
+    assert [c["name"] for c in pod["containers"]] == ["server"]
+    server = container(run, "server")
+    assert server["image"] == IMAGE
+    assert server["args"] == [
+        "--model",
+        f"s3://{BUCKET}/{cfg.serving.model_prefix}",
+        "--port",
+        "8080",
+        "--api-keys-file",
+        API_KEYS_FILE,
+    ]
+    assert server["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert pod["serviceAccountName"] == SERVICE_ACCOUNT
+
+
+def test_probes(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, _ = dev
+    server = container(run, "server")
+    assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    startup = server["startupProbe"]
+    assert startup["httpGet"]["path"] == "/readyz"
+    # generous: at least 15 minutes to download and load a model
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= 900
+
+
+def test_security_context_is_restricted_with_writable_scratch(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, _ = dev
+    pod = pod_spec(run)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert mounts["/tmp"] == "tmp"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes["tmp"] and "emptyDir" in volumes["cache"]
+
+
+def test_api_keys_come_from_the_operator_secret(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, _ = dev
+    volumes = {v["name"]: v for v in pod_spec(run)["volumes"]}
+    assert volumes["api-keys"]["secret"] == {"secretName": API_KEYS_SECRET, "optional": False}
+    mount = next(m for m in container(run, "server")["volumeMounts"] if m["name"] == "api-keys")
+    assert API_KEYS_FILE.startswith(mount["mountPath"] + "/") and mount["readOnly"] is True
+    assert run.of_type("kubernetes:core/v1:Secret") == []  # never created (or stored in state) by the program
+
+
+def test_graceful_shutdown_outlasts_the_drain(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, _ = dev
+    pod = pod_spec(run)
+    server = container(run, "server")
+    pre_stop = server["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + DRAIN_TIMEOUT_S
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert env["SERVING_DRAIN_TIMEOUT_S"] == str(DRAIN_TIMEOUT_S)
+
+
+def test_spread_across_zones_and_scraped(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, _ = dev
+    dep = run.one(DEPLOYMENT).inputs
+    [spread] = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+    assert spread["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "8080",
+        "prometheus.io/path": "/metrics",
+    }
+
+
+def test_disruption_budget_never_blocks_drains(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, _ = dev
+    pdb = run.one("kubernetes:policy/v1:PodDisruptionBudget").inputs["spec"]
+    assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
+    assert pdb["selector"]["matchLabels"] == run.one(DEPLOYMENT).inputs["spec"]["selector"]["matchLabels"]
+
+
+def test_autoscaler_bounds_follow_config() -> None:
+    cfg = stack_config("dev", servingReplicas=2, servingMaxReplicas=5, inferenceMaxSize=5, maxGpus=10)
+    run, _ = run_serving(cfg)
+    hpa = run.one("kubernetes:autoscaling/v2:HorizontalPodAutoscaler").inputs["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 5)
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llm-serving"}
+    assert hpa["metrics"][0]["resource"]["name"] == "cpu"
+
+
+def test_no_ingress_unless_enabled(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, _ = dev
+    assert run.of_type("kubernetes:networking.k8s.io/v1:Ingress") == []
+
+
+def test_internal_alb_ingress_when_enabled() -> None:
+    run, attrs = run_serving(stack_config("dev", servingIngress=True))
+    ing = run.one("kubernetes:networking.k8s.io/v1:Ingress").inputs
+    annotations = ing["metadata"]["annotations"]
+    assert annotations["alb.ingress.kubernetes.io/scheme"] == "internal"
+    assert annotations["alb.ingress.kubernetes.io/target-type"] == "ip"
+    assert f"{STACK_TAG}=dev" in annotations["alb.ingress.kubernetes.io/tags"]
+    assert ing["spec"]["ingressClassName"] == "alb"
+    backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": attrs["service_name"], "port": {"name": "http"}}
+
+
+def test_vllm_engine_runs_beside_the_gateway() -> None:
+    cfg = stack_config("dev", servingEngine="vllm")
+    run, _ = run_serving(cfg)
+    pod = pod_spec(run)
+    assert sorted(c["name"] for c in pod["containers"]) == ["server", "vllm"]
+    server, vllm = container(run, "server"), container(run, "vllm")
+    assert server["args"][:2] == ["--upstream", "http://127.0.0.1:8000"]
+    assert "--model" not in server["args"]
+    assert server["args"][-2:] == ["--api-keys-file", API_KEYS_FILE]
+    assert "nvidia.com/gpu" not in server["resources"]["requests"]
+    assert vllm["image"] == VLLM_IMAGE and ":latest" not in VLLM_IMAGE
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == str(cfg.serving.gpus_per_replica)
+    args = vllm["args"]
+    assert args[args.index("--model") + 1] == f"s3://{BUCKET}/{cfg.serving.model_prefix}"
+    assert args[args.index("--port") + 1] == "8000"
+    # the readiness the Service routes on is still the gateway's
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert {v["name"] for v in pod["volumes"]} >= {"dshm", "cache", "tmp", "api-keys"}
+
+
+def test_children_named_and_parented(dev: tuple[StackConfig, Run, dict]) -> None:
+    _, run, _ = dev
+    assert run.duplicate_names() == []
+    for r in run.resources:
+        if r.type.startswith("kubernetes:"):
+            assert r.parent == "serving" and r.name.startswith("serving-"), r.name
