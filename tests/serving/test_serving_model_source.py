@@ -1,0 +1,41 @@
+"""Serving a model from S3 (a real moto server): downloaded to a cache, then loaded like a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import boto3
+import openai
+import pytest
+
+from serving.config import ConfigError, load_config
+from tests.serving.conftest import ServerFactory
+
+
+def test_serves_a_model_downloaded_from_s3(
+    aws_env: str, start_server: ServerFactory, debug_model_dir: Path, tmp_path: Path
+) -> None:
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="serving-models")
+    for f in debug_model_dir.iterdir():
+        s3.upload_file(str(f), "serving-models", f"models/debug/{f.name}")
+    server = start_server(
+        "--model", "s3://serving-models/models/debug", "--model-cache-dir", str(tmp_path / "cache")
+    )  # fmt: skip
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["debug"]
+    r = client.completions.create(model="debug", prompt="from s3", max_tokens=3)
+    assert r.usage is not None and r.usage.completion_tokens >= 1
+    cached = next((tmp_path / "cache").iterdir())
+    assert (cached / ".complete").is_file() and (cached / "config.json").is_file()
+
+
+def test_config_from_env_and_flags() -> None:
+    env = {"SERVING_MODEL": "/models/m", "SERVING_PORT": "9000", "SERVING_MAX_QUEUE": "7"}
+    cfg = load_config([], env)
+    assert (cfg.model, cfg.port, cfg.max_queue, cfg.model_id) == ("/models/m", 9000, 7, "m")
+    assert load_config(["--port", "8081"], env).port == 8081  # flags win
+    with pytest.raises(ConfigError):
+        load_config([], {"SERVING_PORT": "9000"})  # neither model nor upstream
+    with pytest.raises(ConfigError):
+        load_config([], {**env, "SERVING_MAX_QUEUE": "lots"})
