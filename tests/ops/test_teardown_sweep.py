@@ -1,0 +1,262 @@
+"""The teardown sweep against a real moto server, and the teardown command's guards.
+
+The moto account is seeded (tests/ops/conftest.py) with this stack's leftovers, tagged by Pulumi and by the
+in-cluster controllers, plus another stack's and untagged resources. The sweep must report exactly the first
+group, `--force` must delete them, and the others must survive untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+
+from infra import automation, teardown
+from infra import outputs as keys
+from infra.sweep import Ownership
+from infra.tags import STACK_TAG, stack_tags
+from tests.ops.conftest import CLUSTER, OTHER_STACK, REGION, STACK, Seeded
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _by_kind(findings: list[dict]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for f in findings:
+        out.setdefault(f["kind"], set()).add(f["id"])
+    return out
+
+
+def _run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = teardown.main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _sweep_json(*extra: str) -> tuple[int, dict]:
+    code, out, _ = _run(STACK, "--sweep-only", "--region", REGION, "--cluster-name", CLUSTER, "--json", *extra)
+    return code, json.loads(out)
+
+
+def _existing(kind: str) -> set[str]:
+    """What still exists in moto, straight from the service APIs (not through the code under test)."""
+    ec2 = boto3.client("ec2", region_name=REGION)
+    if kind == "instance":
+        return {
+            i["InstanceId"]
+            for r in ec2.describe_instances()["Reservations"]
+            for i in r["Instances"]
+            if i["State"]["Name"] != "terminated"
+        }
+    if kind == "security-group":
+        return {g["GroupId"] for g in ec2.describe_security_groups()["SecurityGroups"]}
+    if kind == "volume":
+        return {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"]}
+    if kind == "network-interface":
+        return {n["NetworkInterfaceId"] for n in ec2.describe_network_interfaces()["NetworkInterfaces"]}
+    if kind == "elastic-ip":
+        return {a["AllocationId"] for a in ec2.describe_addresses()["Addresses"]}
+    if kind == "vpc":
+        return {v["VpcId"] for v in ec2.describe_vpcs()["Vpcs"]}
+    if kind == "bucket":
+        return {b["Name"] for b in boto3.client("s3", region_name=REGION).list_buckets()["Buckets"]}
+    if kind == "repository":
+        return {
+            r["repositoryName"] for r in boto3.client("ecr", region_name=REGION).describe_repositories()["repositories"]
+        }
+    if kind == "load-balancer":
+        return {
+            lb["LoadBalancerName"]
+            for lb in boto3.client("elbv2", region_name=REGION).describe_load_balancers()["LoadBalancers"]
+        }
+    if kind == "target-group":
+        return {
+            t["TargetGroupName"]
+            for t in boto3.client("elbv2", region_name=REGION).describe_target_groups()["TargetGroups"]
+        }
+    if kind == "classic-load-balancer":
+        return {
+            lb["LoadBalancerName"]
+            for lb in boto3.client("elb", region_name=REGION).describe_load_balancers()["LoadBalancerDescriptions"]
+        }
+    sm = boto3.client("sagemaker", region_name=REGION)
+    if kind == "endpoint":
+        return {e["EndpointName"] for e in sm.list_endpoints()["Endpoints"]}
+    if kind == "endpoint-config":
+        return {e["EndpointConfigName"] for e in sm.list_endpoint_configs()["EndpointConfigs"]}
+    if kind == "model":
+        return {m["ModelName"] for m in sm.list_models()["Models"]}
+    raise AssertionError(f"no lister for {kind}")
+
+
+def test_sweep_reports_exactly_this_stacks_leftovers(seeded: Seeded) -> None:
+    code, doc = _sweep_json()
+    assert code == teardown.EXIT_LEFTOVERS
+    assert doc["clean"] is False
+    found = _by_kind(doc["leftovers"])
+    for kind, ids in (seeded.ours | seeded.ours_not_deletable).items():
+        assert ids <= found.get(kind, set()), f"{kind}: missed {ids - found.get(kind, set())}"
+    for kind, ids in seeded.survivors.items():
+        assert not ids & found.get(kind, set()), f"{kind}: reported another owner's {ids & found.get(kind, set())}"
+    # Nothing reported twice (the tagging API catch-all must not repeat what a describe call found).
+    ids = [(f["kind"], f["id"]) for f in doc["leftovers"]]
+    assert len(ids) == len(set(ids))
+    by_id = {f["id"]: f for f in doc["leftovers"]}
+    assert by_id["k8s-serving-gateway"]["matched_by"] == f"elbv2.k8s.aws/cluster={CLUSTER}"
+    assert by_id["dev-checkpoints-0001"]["extra"] == {"object_versions": 3, "delete_markers": 1}
+    assert by_id["dev/serving"]["extra"] == {"images": 2}
+    (vpc,) = seeded.ours_not_deletable["vpc"]
+    assert by_id[vpc]["deletable"] is False
+
+
+def test_force_deletes_ours_in_order_and_spares_everyone_else(seeded: Seeded) -> None:
+    code, out, err = _run(STACK, "--sweep-only", "--force", "--region", REGION, "--cluster-name", CLUSTER)
+    # The tagged VPC is reported but left to `pulumi destroy`, so the stack is still not clean.
+    assert code == teardown.EXIT_LEFTOVERS, out + err
+    for kind, ids in seeded.ours.items():
+        assert not ids & _existing(kind), f"{kind}: {ids & _existing(kind)} survived --force"
+    for kind, ids in seeded.survivors.items():
+        assert ids <= _existing(kind), f"{kind}: {ids - _existing(kind)} of another owner was deleted"
+    assert seeded.ours_not_deletable["vpc"] <= _existing("vpc")
+    # Dependants went before what they depend on: the deletion log is in DELETE_ORDER.
+    deleted = [line.split()[1:3] for line in out.splitlines() if line.strip().startswith("deleted ")]
+    kinds = [k for _, k in deleted]
+    assert kinds.index("instance") < kinds.index("load-balancer") < kinds.index("target-group")
+    assert kinds.index("target-group") < kinds.index("network-interface") < kinds.index("security-group")
+    assert kinds.index("endpoint") < kinds.index("endpoint-config") < kinds.index("model")
+    code, doc = _sweep_json()
+    assert [f["kind"] for f in doc["leftovers"]] == ["vpc"]
+
+
+def test_scope_narrows_without_a_cluster_name_and_per_stack(seeded: Seeded) -> None:
+    # Without the cluster name only Pulumi's stack tag can match: controller-created resources are not claimed.
+    _, out, _ = _run(STACK, "--sweep-only", "--region", REGION, "--json")
+    found = _by_kind(json.loads(out)["leftovers"])
+    assert "k8s-serving-gateway" not in found.get("load-balancer", set())
+    assert found["bucket"] == {"dev-checkpoints-0001"}
+    # The other stack's sweep sees only its own tag, never ours.
+    code, out, _ = _run(OTHER_STACK, "--sweep-only", "--region", REGION, "--json")
+    assert code == teardown.EXIT_LEFTOVERS
+    leftovers = json.loads(out)["leftovers"]
+    assert leftovers and {f["matched_by"] for f in leftovers} == {f"{STACK_TAG}={OTHER_STACK}"}
+    # The human report: grouped by service, with ARNs and the tag that made each resource ours.
+    code, out, _ = _run(STACK, "--sweep-only", "--region", REGION, "--cluster-name", CLUSTER)
+    assert code == teardown.EXIT_LEFTOVERS
+    for header in ("[ec2]", "[elb]", "[elbv2]", "[sagemaker]", "[ecr]", "[s3]"):
+        assert header in out
+    assert "arn:aws:elasticloadbalancing:" in out and "matched by elbv2.k8s.aws/cluster=" in out
+
+
+def test_clean_account_exits_zero_with_a_readable_report(aws_env: str, moto_reset: None) -> None:
+    code, out, _ = _run(STACK, "--sweep-only", "--region", REGION, "--cluster-name", CLUSTER)
+    assert code == teardown.EXIT_CLEAN
+    assert "nothing left" in out
+
+
+@pytest.mark.parametrize(
+    ("tags", "expected"),
+    [
+        (stack_tags("dev", "dev"), f"{STACK_TAG}=dev"),
+        (stack_tags("staging", "staging") | {"elbv2.k8s.aws/cluster": CLUSTER}, None),  # another stack's tag wins
+        ({"elbv2.k8s.aws/cluster": CLUSTER}, f"elbv2.k8s.aws/cluster={CLUSTER}"),
+        ({f"kubernetes.io/cluster/{CLUSTER}": "owned"}, f"kubernetes.io/cluster/{CLUSTER}=owned"),
+        ({f"kubernetes.io/cluster/{CLUSTER}": "shared"}, None),
+        ({"ebs.csi.aws.com/cluster": "true"}, None),  # names no cluster: could be anyone's
+        ({"cluster.k8s.amazonaws.com/name": CLUSTER + "-2"}, None),
+        ({}, None),
+    ],
+)
+def test_ownership_rules(tags: dict[str, str], expected: str | None) -> None:
+    assert Ownership("dev", CLUSTER).owns(tags) == expected
+
+
+def test_ownership_rejects_empty_names() -> None:
+    with pytest.raises(ValueError):
+        Ownership("")
+    with pytest.raises(ValueError):
+        Ownership("dev", "")
+
+
+# ---- the command's guards (no AWS call happens before these) -----------------------------------------------
+
+
+def _stack_file(tmp_path: Path, name: str, production: bool) -> Path:
+    d = tmp_path / "stacks"
+    d.mkdir(exist_ok=True)
+    (d / f"Pulumi.{name}.yaml").write_text(
+        f"config:\n  aws:region: {REGION}\n  llm-platform:production: {str(production).lower()}\n"
+    )
+    return d
+
+
+def test_production_stack_is_refused_without_confirmation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seeded: Seeded
+) -> None:
+    monkeypatch.setattr(automation, "STACKS_DIR", _stack_file(tmp_path, "prod", production=True))
+    code, _, err = _run("prod", "--sweep-only", "--force")
+    assert code == teardown.EXIT_REFUSED and "marked production" in err
+    code, _, err = _run("prod", "--sweep-only", "--force", "--confirm-production", "dev")
+    assert code == teardown.EXIT_REFUSED and "must repeat the stack name" in err
+    # Report-only sweeps of production are harmless and allowed; confirmed destructive runs proceed.
+    assert _run("prod", "--sweep-only")[0] == teardown.EXIT_CLEAN
+    assert _run("prod", "--sweep-only", "--force", "--confirm-production", "prod")[0] == teardown.EXIT_CLEAN
+    # Seeded "dev" leftovers were not touched by the prod runs.
+    for kind, ids in seeded.ours.items():
+        assert ids <= _existing(kind)
+
+
+def test_production_output_alone_is_enough_to_refuse(tmp_path: Path, aws_env: str) -> None:
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(json.dumps({keys.PRODUCTION: True, keys.REGION: REGION, keys.CLUSTER_NAME: CLUSTER}))
+    code, _, err = _run("ephemeral-x", "--outputs", str(outputs), "--skip-kubernetes")
+    assert code == teardown.EXIT_REFUSED and "marked production" in err
+
+
+def test_missing_cli_says_what_to_do(monkeypatch: pytest.MonkeyPatch, aws_env: str) -> None:
+    monkeypatch.setattr(automation, "pulumi_cli", lambda: None)
+    code, _, err = _run(STACK)
+    assert code == teardown.EXIT_REFUSED
+    assert "Pulumi CLI is not on PATH" in err and "--sweep-only" in err
+
+
+def test_bad_usage_exits_2() -> None:
+    assert _run()[0] == teardown.EXIT_REFUSED
+    assert _run("dev", "--expired")[0] == teardown.EXIT_REFUSED
+    assert _run("dev", "--no-such-flag")[0] == teardown.EXIT_REFUSED
+
+
+def test_module_entry_point_runs(aws_env: str, moto_reset: None) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "infra.teardown", STACK, "--sweep-only", "--region", REGION, "--json"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == teardown.EXIT_CLEAN, proc.stderr
+    assert json.loads(proc.stdout)["clean"] is True
+    assert "phase 4/4" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("arn", "parts"),
+    [
+        ("arn:aws:ec2:us-east-1:123456789012:instance/i-0abc", ("ec2", "instance", "i-0abc")),
+        ("arn:aws:s3:::dev-models", ("s3", "bucket", "dev-models")),
+        (
+            "arn:aws:elasticloadbalancing:us-east-1:1:loadbalancer/app/gw/0f1e",
+            ("elasticloadbalancing", "loadbalancer", "app/gw/0f1e"),
+        ),
+        ("arn:aws:logs:us-east-1:1:log-group:/aws/eks/dev/cluster", ("logs", "log-group", "/aws/eks/dev/cluster")),
+        ("arn:aws:kms:us-east-1:1:key/1234-abcd", ("kms", "key", "1234-abcd")),
+    ],
+)
+def test_arn_parts(arn: str, parts: tuple[str, str, str]) -> None:
+    from infra.sweep import _arn_parts
+
+    assert _arn_parts(arn) == parts
