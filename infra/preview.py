@@ -3,8 +3,11 @@
     python -m infra.preview dev                 # grouped, human-readable
     python -m infra.preview prod --json         # machine-readable (PR tooling, diffs)
     python -m infra.preview dev --config-file my-dev.yaml
+    python -m infra.preview dev --compare base-dev.json   # markdown for a PR comment: changes, verdicts, cost delta
 
-Needs no cloud account and no Pulumi CLI. Exit codes: 0 ok, 2 invalid stack configuration.
+Evaluates the policy pack's rules (`policy.rules`) over the recorded resources and estimates the monthly cost
+(`infra.cost`). Needs no cloud account and no Pulumi CLI.
+Exit codes: 0 ok, 2 invalid stack configuration, 3 a mandatory policy rule is violated.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from infra import cost as cost_estimate
 from infra.config import ConfigError, load_config, load_stack_file, project_name
 from infra.mocks import Recorded, Run, run_program
+from policy.rules import StackContext, evaluate, resources_from_report
 
 SECRET = "[secret]"
 
@@ -65,7 +70,21 @@ def preview(stack: str, config_file: Path | None = None) -> tuple[dict[str, Any]
         "resources": [r.as_json() for r in run.resources],
         "outputs": {k: (SECRET if k in run.secret_outputs else v) for k, v in sorted(run.outputs.items())},
     }
+    report["policy"] = evaluate(resources_from_report(report), StackContext.from_config(cfg))
+    report["cost"] = cost_estimate.estimate(report["resources"], cfg.region)
     return report, run
+
+
+def render_policy(policy: dict[str, Any]) -> str:
+    verdict = "PASSED" if policy["passed"] else "FAILED"
+    lines = [
+        f"Policy: {verdict} ({policy['mandatory_violations']} mandatory, {policy['advisory_violations']} advisory "
+        "violations)"
+    ]
+    for rule in policy["rules"]:
+        lines.append(f"  [{rule['status']:>4}] {rule['level']:<9} {rule['name']}")
+        lines += [f"         - {v['message']}" for v in rule["violations"]]
+    return "\n".join(lines)
 
 
 def _component_of(rec: Recorded, by_name: dict[str, Recorded]) -> str:
@@ -115,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stack", help="stack name: dev, staging, prod (reads stacks/Pulumi.<stack>.yaml)")
     parser.add_argument("--json", action="store_true", help="print the machine-readable report")
     parser.add_argument("--config-file", type=Path, help="preview this stack config file instead")
+    parser.add_argument(
+        "--compare", type=Path, metavar="BASE.json", help="print, as markdown, what changes against a --json report"
+    )
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -126,12 +148,21 @@ def main(argv: list[str] | None = None) -> int:
             "fix the stack file (keys, types and defaults are declared in Pulumi.yaml) and run again", file=sys.stderr
         )
         return 2
-    if args.json:
+    if args.compare:
+        from infra.compare import compare_markdown
+
+        base = json.loads(args.compare.read_text())
+        print(compare_markdown(base, json.loads(json.dumps(report, default=str))))
+    elif args.json:
         print(json.dumps(report, indent=2, sort_keys=False, default=str))
     else:
         print(render(report, run))
+        print()
+        print(render_policy(report["policy"]))
+        print()
+        print(cost_estimate.render(report["cost"]))
         print(f"\n(previewed offline under the mock engine in {time.monotonic() - started:.1f}s)")
-    return 0
+    return 0 if report["policy"]["passed"] else 3
 
 
 if __name__ == "__main__":

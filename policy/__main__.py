@@ -9,8 +9,8 @@ from pathlib import Path
 # The CLI runs this file from policy/; the rules import the repository's `policy` and `infra` packages.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pulumi_policy import EnforcementLevel, PolicyPack  # noqa: E402
+from pulumi_policy import EnforcementLevel, PolicyPack
 
-from policy.pack import PACK_NAME, policies  # noqa: E402
+from policy.pack import PACK_NAME, policies
 
 PolicyPack(name=PACK_NAME, enforcement_level=EnforcementLevel.MANDATORY, policies=policies())

@@ -166,7 +166,7 @@ def _get(props: Mapping[str, Any], key: str) -> Any:
     """props[key], or None when the engine does not know it yet (pulumi-policy raises UnknownValueError)."""
     try:
         return props.get(key)
-    except Exception as exc:  # noqa: BLE001 - only the pulumi-policy unknown marker is expected here
+    except Exception as exc:
         if type(exc).__name__ == "UnknownValueError":
             return None
         raise
@@ -218,7 +218,8 @@ def check_bucket_kms(resources: list[Res], ctx: StackContext) -> Iterable[tuple[
             b,
             (
                 f"bucket {b.label} {what}: add aws.s3.BucketServerSideEncryptionConfiguration(bucket=<bucket>.id, "
-                "rules=[{apply_server_side_encryption_by_default: {sse_algorithm: 'aws:kms', kms_master_key_id: <key>}}])"
+                "rules=[{apply_server_side_encryption_by_default: {sse_algorithm: 'aws:kms', "
+                "kms_master_key_id: <key>}}])"
             ),
         )
 
@@ -530,8 +531,8 @@ def check_single_nat_in_production(resources: list[Res], ctx: StackContext) -> I
         yield (
             nats[0],
             (
-                f"production stack has a single NAT gateway ({nats[0].name}): losing its zone cuts every private subnet "
-                "off the internet; set natGateways: perAz"
+                f"production stack has a single NAT gateway ({nats[0].name}): losing its zone cuts every private "
+                "subnet off the internet; set natGateways: perAz"
             ),
         )
 

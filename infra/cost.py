@@ -1,0 +1,218 @@
+"""Monthly cost estimate of a stack, computed from the resources the program declares (as recorded by the mock engine).
+
+Two totals: idle (every scalable thing at its minimum: node groups at min size, SageMaker variants at their
+autoscaling minimum) and peak (everything at its maximum). Fixed hourly items (EKS control plane, NAT gateways,
+interface endpoints) count in both; usage-based items (flow-log ingestion, S3 storage) are baselines whose quantities
+are assumptions, listed as such. Prices come from `infra/prices.json` (source and recording date inside).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+PRICES_FILE = Path(__file__).resolve().parent / "prices.json"
+
+
+@cache
+def price_table() -> dict[str, Any]:
+    return json.loads(PRICES_FILE.read_text())
+
+
+@dataclass
+class Item:
+    item: str
+    resource: str
+    unit: str
+    unit_price: float | None
+    quantity_idle: float
+    quantity_peak: float
+    assumption: bool = False
+    note: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        price = self.unit_price or 0.0
+        return {
+            "item": self.item,
+            "resource": self.resource,
+            "unit": self.unit,
+            "unit_price": self.unit_price,
+            "quantity_idle": self.quantity_idle,
+            "quantity_peak": self.quantity_peak,
+            "idle_monthly": round(price * self.quantity_idle, 2),
+            "peak_monthly": round(price * self.quantity_peak, 2),
+            "assumption": self.assumption,
+            "note": self.note,
+        }
+
+
+def _list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _one(value: Any) -> Mapping[str, Any]:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else {}
+    return value if isinstance(value, Mapping) else {}
+
+
+def _num(value: Any, default: float = 0) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, Any]:
+    """Cost of the report's resources (`[{"type", "name", "inputs", ...}]`) in `region`, as JSON-ready data."""
+    table = price_table()
+    if region not in table["regions"]:
+        raise KeyError(f"no prices recorded for region {region}: add it to {PRICES_FILE.name}")
+    p = table["regions"][region]
+    a = table["assumptions"]
+    hours = table["hours_per_month"]
+    resources = list(resources)
+    by_type: dict[str, list[Mapping[str, Any]]] = {}
+    for r in resources:
+        by_type.setdefault(r["type"], []).append(r)
+    items: list[Item] = []
+    unpriced: list[str] = []
+
+    for r in by_type.get("aws:eks/cluster:Cluster", []):
+        items.append(Item("EKS control plane", r["name"], "cluster-hour", p["eks_cluster_hour"], hours, hours))
+    for r in by_type.get("aws:ec2/natGateway:NatGateway", []):
+        items.append(Item("NAT gateway", r["name"], "gateway-hour", p["nat_gateway_hour"], hours, hours))
+    for r in by_type.get("aws:ec2/vpcEndpoint:VpcEndpoint", []):
+        inputs = r.get("inputs") or {}
+        if inputs.get("vpcEndpointType") != "Interface":
+            continue  # gateway endpoints (S3, DynamoDB) are free
+        azs = max(len(_list(inputs.get("subnetIds"))), 1)
+        service = str(inputs.get("serviceName", "")).rsplit(".", 1)[-1]
+        items.append(
+            Item(
+                f"interface endpoint {service} x{azs} AZ",
+                r["name"],
+                "endpoint-AZ-hour",
+                p["interface_endpoint_az_hour"],
+                azs * hours,
+                azs * hours,
+            )
+        )
+
+    for r in by_type.get("aws:eks/nodeGroup:NodeGroup", []):
+        inputs = r.get("inputs") or {}
+        scaling = _one(inputs.get("scalingConfig"))
+        types = _list(inputs.get("instanceTypes")) or ["t3.medium"]  # EKS's default for managed node groups
+        itype = str(types[0])
+        spot = inputs.get("capacityType") == "SPOT"
+        price = p["ec2_hour"].get(itype)
+        label = f"node group {itype}{' spot' if spot else ''}"
+        note = f"priced as the first of {', '.join(map(str, types))}" if len(types) > 1 else ""
+        if price is None:
+            unpriced.append(itype)
+            note = "no price recorded"
+        elif spot:
+            price = round(price * (1 - a["spot_discount"]), 4)
+        lo, hi = _num(scaling.get("minSize")), _num(scaling.get("maxSize"))
+        items.append(Item(label, r["name"], "instance-hour", price, lo * hours, hi * hours, note=note))
+
+    targets = by_type.get("aws:appautoscaling/target:Target", [])
+    for r in by_type.get("aws:sagemaker/endpointConfiguration:EndpointConfiguration", []):
+        for variant in _list((r.get("inputs") or {}).get("productionVariants")):
+            if not isinstance(variant, Mapping):
+                continue
+            itype = str(variant.get("instanceType"))
+            count = _num(variant.get("initialInstanceCount"), 1)
+            lo = hi = count
+            vname = variant.get("variantName")
+            for t in targets:
+                tin = t.get("inputs") or {}
+                rid = str(tin.get("resourceId", ""))
+                if rid.startswith("endpoint/") and (not vname or rid.endswith(f"/variant/{vname}")):
+                    lo, hi = _num(tin.get("minCapacity"), lo), _num(tin.get("maxCapacity"), hi)
+            price = p["sagemaker_hour"].get(itype)
+            if price is None:
+                unpriced.append(itype)
+            items.append(Item(f"SageMaker endpoint {itype}", r["name"], "instance-hour", price, lo * hours, hi * hours))
+
+    for r in by_type.get("aws:kms/key:Key", []):
+        items.append(Item("KMS key", r["name"], "key-month", p["kms_key_month"], 1, 1))
+
+    flow_gb = a["flow_log_gb_month"]
+    for r in by_type.get("aws:ec2/flowLog:FlowLog", []):
+        items.append(
+            Item(
+                f"flow-log ingestion (assumed {flow_gb} GB/month)",
+                r["name"],
+                "GB ingested",
+                p["cloudwatch_logs_ingest_gb"],
+                flow_gb,
+                flow_gb,
+                assumption=True,
+            )
+        )
+    bucket_gb = a["s3_gb_per_bucket"]
+    for r in by_type.get("aws:s3/bucket:Bucket", []):
+        items.append(
+            Item(
+                f"S3 storage (assumed {bucket_gb} GB)",
+                r["name"],
+                "GB-month",
+                p["s3_standard_gb_month"],
+                bucket_gb,
+                bucket_gb,
+                assumption=True,
+            )
+        )
+
+    rows = [i.as_json() for i in items]
+    assumptions = [
+        f"{hours} hours per month; on-demand Linux list prices for {region}, no savings plans or reserved capacity",
+        a["spot_discount_note"],
+        f"flow logs ingest {flow_gb} GB/month each (CloudWatch Logs ${p['cloudwatch_logs_ingest_gb']}/GB); "
+        "log storage and EKS control-plane logs not counted",
+        f"each S3 bucket holds {bucket_gb} GB (S3 Standard ${p['s3_standard_gb_month']}/GB-month); "
+        "requests not counted",
+        f"NAT data processing (${p['nat_gateway_gb']}/GB), data transfer, EBS volumes and load balancers created by "
+        "Kubernetes controllers are not counted",
+        "node groups with several instance types are priced as their first type",
+    ]
+    if unpriced:
+        assumptions.append(f"no price recorded (counted as $0): {', '.join(sorted(set(unpriced)))}")
+    return {
+        "currency": table["currency"],
+        "region": region,
+        "idle_monthly": round(sum(r["idle_monthly"] for r in rows), 2),
+        "peak_monthly": round(sum(r["peak_monthly"] for r in rows), 2),
+        "items": rows,
+        "assumptions": assumptions,
+        "price_source": f"{table['source']} Recorded {table['recorded']}.",
+    }
+
+
+def render(cost: Mapping[str, Any]) -> str:
+    """Human-readable cost table for `infra.preview`."""
+    lines = [
+        f"Estimated monthly cost ({cost['currency']}, {cost['region']}): "
+        f"idle ${cost['idle_monthly']:,.2f}, peak ${cost['peak_monthly']:,.2f}"
+    ]
+    for row in cost["items"]:
+        price = "n/a" if row["unit_price"] is None else f"${row['unit_price']:g}/{row['unit']}"
+        qty = f"{row['quantity_idle']:g}" + (
+            "" if row["quantity_idle"] == row["quantity_peak"] else f"-{row['quantity_peak']:g}"
+        )
+        mark = " *" if row["assumption"] else ""
+        lines.append(
+            f"  {row['item'][:52]:<52} {row['resource'][:34]:<34} {qty:>11} x {price:<26} "
+            f"idle ${row['idle_monthly']:>10,.2f}  peak ${row['peak_monthly']:>10,.2f}{mark}"
+        )
+    lines.append("  (* baseline whose quantity is an assumption) Assumptions:")
+    lines += [f"    - {a}" for a in cost["assumptions"]]
+    lines.append(f"  Prices: {cost['price_source']}")
+    return "\n".join(lines)
