@@ -39,6 +39,17 @@ GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
 """AL2023 with the NVIDIA driver, container toolkit and (for EFA types) the EFA driver; the device plugin is ours."""
 SYSTEM_DISK_GB = 50
 
+EFA_NETWORK_CARDS = {
+    "p4d.24xlarge": 4,
+    "p4de.24xlarge": 4,
+    "p5.48xlarge": 32,
+    "p5e.48xlarge": 32,
+    "p5en.48xlarge": 16,
+    "g6e.48xlarge": 4,
+}
+"""Network cards of multi-card EFA instance types (EC2 accelerated-computing docs); other EFA types have one. Full EFA
+bandwidth needs one EFA interface per card. Belongs in infra.instance_types once that table carries it."""
+
 _TAINT_EFFECTS = {"NoSchedule": "NO_SCHEDULE", "NoExecute": "NO_EXECUTE", "PreferNoSchedule": "PREFER_NO_SCHEDULE"}
 """Kubernetes spells taint effects one way, the EKS API another."""
 
@@ -359,8 +370,8 @@ class Cluster(pulumi.ComponentResource):
         pulumi.Output[list[str]], list[aws.ec2.LaunchTemplateNetworkInterfaceArgs], aws.ec2.LaunchTemplatePlacementArgs
     ]:
         """EFA: a cluster placement group and one subnet, so all training nodes share one AZ and one spine (EFA
-        traffic does not cross AZs). One EFA interface on network card 0 works on every EFA instance type; types with
-        several network cards (p4d: 4, p5: 32) need one interface per card for full bandwidth."""
+        traffic does not cross AZs). One EFA interface per network card, sized for the pool's smallest type: the
+        first also carries the node's IP traffic, the others are EFA-only (no IP address consumed from the subnet)."""
         cfg = self._args.config
         group = aws.ec2.PlacementGroup(
             f"{self._name}-{pool.name}-pg",
@@ -370,15 +381,17 @@ class Cluster(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
         single_subnet = pulumi.Output.from_input(self._args.private_subnet_ids).apply(lambda ids: [ids[0]])
+        cards = min(EFA_NETWORK_CARDS.get(t, 1) for t in pool.instance_types)
         interfaces = [
             aws.ec2.LaunchTemplateNetworkInterfaceArgs(
-                device_index=0,
-                network_card_index=0,
-                interface_type="efa",
+                device_index=0 if card == 0 else 1,
+                network_card_index=card,
+                interface_type="efa" if card == 0 else "efa-only",
                 delete_on_termination="true",
                 # EFA needs a security group that allows all traffic to and from itself: the cluster SG does.
                 security_groups=[self.security_group_id],
             )
+            for card in range(cards)
         ]
         return single_subnet, interfaces, aws.ec2.LaunchTemplatePlacementArgs(group_name=group.name)
 

@@ -213,9 +213,16 @@ def test_efa_training_pool_single_subnet_placement_group_and_efa_interface() -> 
     assert pg["strategy"] == "cluster"
     lt = run.one(LAUNCH_TEMPLATE, "cluster-training-lt").inputs
     assert lt["placement"]["groupName"] == pg["name"]
-    [nic] = lt["networkInterfaces"]
-    assert nic["interfaceType"] == "efa"
-    assert nic["securityGroups"] == [run.outputs["security_group_id"]]
+    nics = lt["networkInterfaces"]
+    assert len(nics) == 4  # p4d.24xlarge: one EFA interface per network card
+    assert [(n["networkCardIndex"], n["deviceIndex"], n["interfaceType"]) for n in nics] == [
+        (0, 0, "efa"),
+        (1, 1, "efa-only"),
+        (2, 1, "efa-only"),
+        (3, 1, "efa-only"),
+    ]
+    for nic in nics:
+        assert nic["securityGroups"] == [run.outputs["security_group_id"]]
     assert run.one(NODE_GROUP, "cluster-training").inputs["subnetIds"] == SUBNETS[:1]
     # inference is untouched by training's EFA
     assert "networkInterfaces" not in run.one(LAUNCH_TEMPLATE, "cluster-inference-lt").inputs
@@ -259,3 +266,17 @@ def test_ignore_changes_on_desired_size() -> None:
     from infra import cluster
 
     assert 'ignore_changes=["scalingConfig.desiredSize"]' in inspect.getsource(cluster.Cluster._create_gpu_node_group)
+
+
+@pytest.mark.parametrize("stack", ["dev", "staging", "prod"])
+def test_shipped_stacks(stack: str) -> None:
+    cfg = stack_config(stack)
+    run = run_cluster(cfg)
+    assert run.duplicate_names() == []
+    eks = run.one("aws:eks/cluster:Cluster").inputs
+    assert eks["name"] == cfg.name_prefix
+    assert eks["vpcConfig"]["endpointPublicAccess"] is cfg.cluster.public_api_endpoint
+    assert len(run.of_type("aws:eks/accessEntry:AccessEntry")) == len(cfg.cluster.admin_arns)
+    assert len(run.of_type(NODE_GROUP)) == 3
+    efa = cfg.cluster.pool("training").efa
+    assert len(run.of_type("aws:ec2/placementGroup:PlacementGroup")) == (1 if efa else 0)

@@ -233,3 +233,12 @@ def test_children_named_and_parented(dev: tuple[StackConfig, Run, dict]) -> None
         if r.type in ("llm-platform:infra:KubernetesBase", "pulumi:providers:kubernetes"):
             continue
         assert r.parent == "base" and r.name.startswith("base-"), r.name
+
+
+@pytest.mark.parametrize("stack", ["dev", "staging", "prod"])
+def test_shipped_stacks_are_valid_for_their_kubernetes_version(stack: str) -> None:
+    cfg = stack_config(stack)
+    run, _ = run_base(cfg)
+    assert run.duplicate_names() == []
+    for rec in (r for r in run.resources if r.type.startswith("kubernetes:")):
+        kubernetes_validate.validate(as_k8s_object(rec), cfg.cluster.kubernetes_version, strict=True)
