@@ -34,6 +34,16 @@ class ServingConfig:
             "when set, this service is a gateway and loads no model."
         },
     )
+    engine: str = field(
+        default="builtin",
+        metadata={
+            "help": "builtin (load the model in this process) or vllm (start `vllm serve` on loopback as a "
+            "child process and front it); ignored when --upstream is set."
+        },
+    )
+    vllm_command: str = field(default="vllm serve", metadata={"help": "Command that starts vLLM (model dir appended)."})
+    vllm_args: str = field(default="", metadata={"help": "Extra vLLM arguments, e.g. '--tensor-parallel-size 4'."})
+    vllm_port: int = field(default=8000, metadata={"help": "Loopback port of the vLLM child process."})
     upstream_api_key: str = field(default="", metadata={"help": "Bearer key this gateway sends to the upstream."})
     api_keys_file: str = field(
         default="", metadata={"help": "API keys file (see docs/serving.md); without it, auth is disabled."}
@@ -86,6 +96,8 @@ class ServingConfig:
             raise ConfigError("default_max_tokens must be <= max_tokens_cap")
         if self.batching not in ("continuous", "dynamic"):
             raise ConfigError(f"batching {self.batching!r} is not one of continuous, dynamic")
+        if self.engine not in ("builtin", "vllm"):
+            raise ConfigError(f"engine {self.engine!r} is not one of builtin, vllm")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
         if self.api_keys_file and not Path(self.api_keys_file).is_file():

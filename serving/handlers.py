@@ -61,7 +61,10 @@ class _ClientGoneError(Exception):
 
 
 async def healthz(request: Request) -> JSONResponse:
-    return JSONResponse({"status": "alive"})
+    state: AppState = request.app.state.serving
+    if await state.backend.alive():
+        return JSONResponse({"status": "alive"})
+    return JSONResponse({"status": "engine dead"}, status_code=503)
 
 
 async def readyz(request: Request) -> JSONResponse:

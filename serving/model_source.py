@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 log = logging.getLogger("serving.model_source")
@@ -55,3 +56,16 @@ def download_s3_prefix(uri: str, cache_dir: Path) -> Path:
     marker.touch()
     log.info("downloaded %d files from %s to %s", count, uri, target)
     return target
+
+
+def main(argv: list[str]) -> int:
+    """`python -m serving.model_source <model> <cache-dir>` prints the local directory (for image entry scripts)."""
+    if len(argv) != 2:
+        print("usage: python -m serving.model_source <dir|s3://bucket/prefix> <cache-dir>", file=sys.stderr)
+        return 2
+    print(resolve_model_dir(argv[0], argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
+import subprocess
 import sys
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -49,17 +52,42 @@ class DrainingServer(uvicorn.Server):
 
 
 def load_engine(cfg: ServingConfig, metrics: Metrics) -> Backend:
+    from serving.model_source import resolve_model_dir
+
     if cfg.upstream:
         from serving.backends.upstream import UpstreamBackend
 
         log.info("lifecycle: engine = upstream %s", cfg.upstream)
         return UpstreamBackend(cfg.upstream, cfg.upstream_api_key, cfg.request_timeout_s)
-    from serving.backends.local import LocalBackend
-    from serving.model_source import resolve_model_dir
-
     model_dir = resolve_model_dir(cfg.model, cfg.model_cache_dir)
+    if cfg.engine == "vllm":
+        return start_vllm(cfg, model_dir)
+    from serving.backends.local import LocalBackend
+
     log.info("lifecycle: loading built-in engine from %s", model_dir)
     return LocalBackend(model_dir, cfg, observer=metrics)
+
+
+def start_vllm(cfg: ServingConfig, model_dir: Path) -> Backend:
+    """Start vLLM on loopback as a child process and front it. Readiness waits for it (/readyz asks it), so the
+    socket binds at once and probes see "not ready" while vLLM loads, instead of a closed port."""
+    from serving.backends.upstream import UpstreamBackend
+
+    command = [
+        *shlex.split(cfg.vllm_command),
+        str(model_dir),
+        "--host", "127.0.0.1",
+        "--port", str(cfg.vllm_port),
+        "--served-model-name", cfg.model_id,
+        *shlex.split(cfg.vllm_args),
+    ]  # fmt: skip
+    log.info("lifecycle: starting engine process: %s", shlex.join(command))
+    # own session: a Ctrl-C or group signal must not stop the engine before the gateway has drained
+    child = subprocess.Popen(command, start_new_session=True)
+    return UpstreamBackend(
+        f"http://127.0.0.1:{cfg.vllm_port}", "", cfg.request_timeout_s, child=child,
+        child_stop_timeout_s=cfg.drain_timeout_s,
+    )  # fmt: skip
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -98,7 +126,7 @@ def run(cfg: ServingConfig) -> int:
         backend=backend,
         keys=keys,
         metrics=metrics,
-        default_model=cfg.served_model_name if cfg.upstream else cfg.model_id,
+        default_model="" if cfg.upstream and not cfg.served_model_name else cfg.model_id,
     )
     app = build_app(state)
     metrics.ready.set(1)

@@ -34,7 +34,13 @@ class RequestContext:
 class Backend(Protocol):
     async def model_ids(self) -> list[str]: ...
 
-    async def ready(self) -> bool: ...
+    async def alive(self) -> bool:
+        """False when the engine is dead for good (liveness fails, the orchestrator restarts the container)."""
+        ...
+
+    async def ready(self) -> bool:
+        """True when requests can be served now (readiness)."""
+        ...
 
     async def complete(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
         """The whole OpenAI response body (completion or chat completion)."""

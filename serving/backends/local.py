@@ -83,6 +83,9 @@ class LocalBackend:
     async def model_ids(self) -> list[str]:
         return [self.model_id]
 
+    async def alive(self) -> bool:
+        return self.scheduler.healthy
+
     async def ready(self) -> bool:
         return self.scheduler.healthy
 

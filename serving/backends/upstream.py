@@ -8,8 +8,11 @@ chunk again when the client did not ask for it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import signal
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +26,16 @@ log = logging.getLogger("serving.upstream")
 
 
 class UpstreamBackend:
-    def __init__(self, base_url: str, api_key: str = "", timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str = "",
+        timeout_s: float = 600.0,
+        child: subprocess.Popen[bytes] | None = None,
+        child_stop_timeout_s: float = 30.0,
+    ) -> None:
+        self.child = child  # the engine process this gateway started (--engine vllm), if any
+        self.child_stop_timeout_s = child_stop_timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         # many concurrent streams share few connections to one host: raise httpx's default pool limits
@@ -38,7 +50,12 @@ class UpstreamBackend:
         body = await self._json("GET", "/v1/models")
         return [m["id"] for m in body.get("data", [])]
 
+    async def alive(self) -> bool:
+        return self.child is None or self.child.poll() is None
+
     async def ready(self) -> bool:
+        if not await self.alive():
+            return False
         try:
             response = await self.client.get("/v1/models", timeout=5.0)
         except httpx.HTTPError:
@@ -47,6 +64,14 @@ class UpstreamBackend:
 
     async def close(self) -> None:
         await self.client.aclose()
+        if self.child is not None and self.child.poll() is None:
+            # after our own drain: nothing is in flight to the engine any more
+            self.child.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self.child.wait, self.child_stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.error("engine process did not stop in %.0fs; killing it", self.child_stop_timeout_s)
+                self.child.kill()
 
     @staticmethod
     def _path(body: GenerationBody) -> str:

@@ -39,3 +39,25 @@ def test_config_from_env_and_flags() -> None:
         load_config([], {"SERVING_PORT": "9000"})  # neither model nor upstream
     with pytest.raises(ConfigError):
         load_config([], {**env, "SERVING_MAX_QUEUE": "lots"})
+
+
+def test_gateway_path_does_not_import_torch() -> None:
+    """The GPU image's gateway runs beside vLLM's stack without depending on its torch: keep torch out of it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, serving.server, serving.app, serving.backends.upstream, serving.__main__; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_sagemaker_serve_argument_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    import serving.__main__ as entry
+
+    seen: list[object] = []
+    monkeypatch.setattr(entry, "run", lambda cfg: seen.append(cfg) or 0)
+    monkeypatch.setenv("SERVING_MODEL", "/opt/ml/model")
+    assert entry.main(["serve"]) == 0
+    assert seen[0].port == 8080  # type: ignore[attr-defined]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from tests.conftest import free_port
 from tests.serving.conftest import ALICE_KEY, FRONT_KEY, MODEL_ID, ServerFactory, ServingProcess
 
 
@@ -76,3 +79,22 @@ def test_front_audits_with_upstream_usage(front: ServingProcess) -> None:
     assert lines and all(a["key_id"] == "front-team" for a in lines)
     assert lines[-1]["stream"] and lines[-1]["prompt_tokens"] > 0 and lines[-1]["completion_tokens"] > 0
     assert httpx.get(front.url + "/readyz").status_code == 200
+
+
+def test_engine_vllm_spawns_and_stops_the_engine_process(
+    start_server: ServerFactory, debug_model_dir: Path, keys_file: Path
+) -> None:
+    """`--engine vllm` as in the GPU image, with the built-in server standing in for `vllm serve <model>` (the
+    command gets the model directory, --host, --port and --served-model-name, exactly as vLLM does)."""
+    engine_port = free_port()
+    gateway = start_server(
+        "--model", str(debug_model_dir), "--engine", "vllm", "--served-model-name", MODEL_ID,
+        "--vllm-command", f"{sys.executable} -m serving --model", "--vllm-port", str(engine_port),
+        "--api-keys-file", str(keys_file),
+    )  # fmt: skip
+    r = oai(gateway.url, ALICE_KEY).chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    assert r.model == MODEL_ID and r.usage is not None and r.usage.completion_tokens >= 1
+    assert httpx.get(f"http://127.0.0.1:{engine_port}/readyz").status_code == 200  # the engine is a separate process
+    assert gateway.stop() == 0
+    with pytest.raises(httpx.TransportError):  # the gateway stopped its engine after draining
+        httpx.get(f"http://127.0.0.1:{engine_port}/readyz", timeout=2)
