@@ -1,0 +1,107 @@
+"""The pulumi-policy wrappers run the same rules; `infra.preview` shows verdicts and exits 3 on mandatory ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from pulumi_policy import (
+    PolicyCustomTimeouts,
+    PolicyResource,
+    PolicyResourceOptions,
+    ResourceValidationArgs,
+    ResourceValidationPolicy,
+    StackValidationArgs,
+    StackValidationPolicy,
+)
+
+from infra import preview
+from policy import pack
+from policy.rules import RULES, Res, StackContext, evaluate
+
+REPO = Path(__file__).resolve().parents[2]
+OPTS = PolicyResourceOptions(False, [], None, [], PolicyCustomTimeouts(0, 0, 0), [])
+
+
+def by_name(name: str, kind: type) -> object:
+    return next(p for p in pack.policies() if p.name == name and isinstance(p, kind))
+
+
+def test_every_rule_becomes_a_policy_at_its_level() -> None:
+    policies = pack.policies()
+    assert {p.name for p in policies} == {r.name for r in RULES}
+    assert not (REPO / "policy" / "__main__.py").read_text().count("def ")  # only builds the pack
+
+
+def test_resource_policy_reports_through_pulumi_policy() -> None:
+    reported: list[tuple[str, str | None]] = []
+    args = ResourceValidationArgs(
+        "aws:eks/cluster:Cluster", {"vpcConfig": {"endpointPublicAccess": True}}, "urn:x", "cluster-eks", OPTS, None
+    )
+    by_name("eks-endpoint-not-public", ResourceValidationPolicy).validate(
+        args, lambda m, u=None: reported.append((m, u))
+    )
+    assert reported and "cluster-eks" in reported[0][0]
+
+
+def test_stack_policy_uses_policy_config_for_the_budget() -> None:
+    props = {
+        "instanceTypes": ["p5.48xlarge"],
+        "scalingConfig": {"minSize": 0, "maxSize": 2, "desiredSize": 0},
+        "taints": [{"key": "nvidia.com/gpu", "value": "true", "effect": "NO_SCHEDULE"}],
+    }
+    group = PolicyResource("aws:eks/nodeGroup:NodeGroup", props, "urn:ng", "training", OPTS, None, None, [], {})
+    reported: list[tuple[str, str | None]] = []
+    policy = by_name("gpu-budget", StackValidationPolicy)
+    policy.validate(StackValidationArgs([group], {"maxGpus": 8}), lambda m, u=None: reported.append((m, u)))
+    assert reported and reported[0][1] == "urn:ng" and "16 GPUs" in reported[0][0]
+
+
+def test_pack_reads_the_stack_config_from_pulumi_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = yaml.safe_load((REPO / "stacks" / "Pulumi.prod.yaml").read_text())["config"]
+    env = {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+    monkeypatch.setenv("PULUMI_CONFIG", json.dumps(env))
+    monkeypatch.setenv("PULUMI_STACK", "prod")
+    pack.stack_context_from_env.cache_clear()
+    try:
+        assert pack.stack_context_from_env() == StackContext(stack="prod", production=True, max_gpus=40)
+        assert pack.context_for({"maxGpus": 8}).max_gpus == 8
+    finally:
+        pack.stack_context_from_env.cache_clear()
+
+
+@pytest.mark.parametrize("stack", ["dev", "staging", "prod"])
+def test_shipped_stacks_pass_every_mandatory_rule(stack: str) -> None:
+    report, _ = preview.preview(stack)
+    failures = [v["message"] for r in report["policy"]["rules"] if r["level"] == "mandatory" for v in r["violations"]]
+    assert failures == []
+    assert report["policy"]["passed"]
+    assert report["cost"]["idle_monthly"] > 0 and report["cost"]["peak_monthly"] >= report["cost"]["idle_monthly"]
+
+
+def test_preview_exits_3_on_a_mandatory_violation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Config validation already rejects what it can (open API CIDRs, unprotected prod data, over-budget GPUs), so
+    the bad resource is injected next to the real program's: an untainted GPU node group."""
+    bad_stack = tmp_path / "Pulumi.dev.yaml"
+    bad_stack.write_text((REPO / "stacks" / "Pulumi.dev.yaml").read_text())
+    rogue = Res("aws:eks/nodeGroup:NodeGroup", "rogue-gpus", {"instanceTypes": ["g6.xlarge"], "taints": []})
+    monkeypatch.setattr(preview, "evaluate", lambda resources, ctx: evaluate([*resources, rogue], ctx))
+    assert preview.main(["dev", "--config-file", str(bad_stack), "--json"]) == 3
+    report = json.loads(capsys.readouterr().out)
+    rule = next(r for r in report["policy"]["rules"] if r["name"] == "gpu-node-groups-tainted")
+    assert rule["status"] == "fail" and "rogue-gpus" in rule["violations"][0]["message"]
+    assert not report["policy"]["passed"]
+
+
+def test_advisory_only_verdicts_exit_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    values = yaml.safe_load((REPO / "stacks" / "Pulumi.prod.yaml").read_text())
+    values["config"]["llm-platform:natGateways"] = "single"  # allowed by config, advised against by policy
+    stack_file = tmp_path / "Pulumi.prod.yaml"
+    stack_file.write_text(yaml.safe_dump(values))
+    assert preview.main(["prod", "--config-file", str(stack_file)]) == 0
+    out = capsys.readouterr().out
+    assert "single-nat-in-production" in out and "Policy: PASSED" in out and "idle $" in out
