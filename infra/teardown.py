@@ -331,8 +331,8 @@ def teardown(
             log("  no kubeconfig output: no cluster to clean")
         else:
             core, networking = kube_clients(kubeconfig)
-            left = run_kubernetes_cleanup(core, networking, log, timeout_s=args.wait_timeout)
-            left_aws = wait_for_controller_resources(sweeper, log, timeout_s=args.wait_timeout)
+            left = run_kubernetes_cleanup(core, networking, log, timeout_s=args.wait_timeout, poll_s=args.poll)
+            left_aws = wait_for_controller_resources(sweeper, log, timeout_s=args.wait_timeout, poll_s=args.poll)
             failed += left + [f"{f.service} {f.kind} {f.id}" for f in left_aws]
             if failed:
                 log("  continuing to destroy; the sweep will report what the controllers did not delete")
@@ -423,6 +423,9 @@ def parser() -> argparse.ArgumentParser:
         default=900,
         metavar="SECONDS",
         help="how long to wait for controller-owned AWS resources and deletions (default 900)",
+    )
+    p.add_argument(
+        "--poll", type=float, default=10, metavar="SECONDS", help="interval between checks while waiting (default 10)"
     )
     p.add_argument("--json", action="store_true", help="print the final sweep report as JSON on stdout")
     p.add_argument(

@@ -260,3 +260,46 @@ def test_arn_parts(arn: str, parts: tuple[str, str, str]) -> None:
     from infra.sweep import _arn_parts
 
     assert _arn_parts(arn) == parts
+
+
+def test_full_teardown_runs_phases_in_order(monkeypatch: pytest.MonkeyPatch, aws_env: str, moto_reset: None) -> None:
+    """Kubernetes cleanup, then destroy, then sweep; the CLI-backed steps are replaced, the sweep is real."""
+    from tests.ops.test_kubernetes_cleanup import _cluster
+
+    events: list[str] = []
+    cluster = _cluster()
+    monkeypatch.setattr(automation, "pulumi_cli", lambda: "/usr/local/bin/pulumi")
+    monkeypatch.setattr(
+        automation,
+        "stack_outputs",
+        lambda stack: {
+            keys.REGION: REGION,
+            keys.CLUSTER_NAME: CLUSTER,
+            keys.KUBECONFIG: "{}",
+            keys.TAGS: stack_tags(stack, "dev"),
+        },
+    )
+    monkeypatch.setattr(teardown, "kube_clients", lambda kubeconfig: (events.append("kube") or cluster, cluster))
+    monkeypatch.setattr(automation, "destroy", lambda stack, on_output: events.append(f"destroy {stack}") or {})
+    code, out, err = _run(STACK, "--wait-timeout", "5", "--poll", "0.01")
+    assert code == teardown.EXIT_CLEAN, out + err
+    assert events == ["kube", f"destroy {STACK}"]
+    assert cluster.calls and all(
+        ("Service" in c or "Ingress" in c or "Claim" in c or "Pod" in c) for c in cluster.calls
+    )
+    phases = [line for line in out.splitlines() if line.startswith("== phase")]
+    assert [p.split(":")[0] for p in phases] == ["== phase 1/4", "== phase 2/4", "== phase 3/4", "== phase 4/4"]
+    assert "nothing left" in out
+
+
+def test_failed_destroy_is_not_reported_clean(monkeypatch: pytest.MonkeyPatch, aws_env: str, moto_reset: None) -> None:
+    monkeypatch.setattr(automation, "pulumi_cli", lambda: "/usr/local/bin/pulumi")
+    monkeypatch.setattr(automation, "stack_outputs", lambda stack: {keys.REGION: REGION})
+
+    def boom(stack: str, on_output: object) -> dict:
+        raise RuntimeError("error: the stack is currently locked by 1 lock(s)")
+
+    monkeypatch.setattr(automation, "destroy", boom)
+    code, out, _ = _run(STACK)
+    assert code == teardown.EXIT_LEFTOVERS
+    assert "problem: pulumi destroy failed" in out and "locked" in out
