@@ -94,20 +94,27 @@ def test_companions_pair_by_property_dependency_when_the_name_is_unknown() -> No
 
 
 SG = "aws:ec2/securityGroup:SecurityGroup"
+IN_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+SG_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
+WORLD = ["0.0.0.0/0"]
+
+
+def sg(name: str, proto: str, port: int, **cidrs: list[str]) -> Res:
+    return Res(SG, name, {"ingress": [{"protocol": proto, "fromPort": port, "toPort": port, **cidrs}]})
 
 
 @pytest.mark.parametrize(
     ("res", "fires"),
     [
-        (Res(SG, "cluster-nodes", {"ingress": [{"protocol": "tcp", "fromPort": 22, "toPort": 22, "cidrBlocks": ["0.0.0.0/0"]}]}), True),
-        (Res(SG, "web-lb", {"ingress": [{"protocol": "tcp", "fromPort": 443, "toPort": 443, "cidrBlocks": ["0.0.0.0/0"]}]}), False),
-        (Res(SG, "web-lb", {"ingress": [{"protocol": "-1", "fromPort": 0, "toPort": 0, "ipv6CidrBlocks": ["::/0"]}]}), True),
-        (Res(SG, "cluster-nodes", {"ingress": [{"protocol": "tcp", "fromPort": 443, "toPort": 443, "cidrBlocks": ["0.0.0.0/0"]}]}), True),
-        (Res(SG, "cluster-nodes", {"ingress": [{"protocol": "tcp", "fromPort": 443, "toPort": 443, "cidrBlocks": ["10.0.0.0/16"]}]}), False),
-        (Res("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule", "db-in", {"ipProtocol": "tcp", "fromPort": 5432, "toPort": 5432, "cidrIpv4": "0.0.0.0/0"}), True),
-        (Res("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule", "alb-https", {"ipProtocol": "tcp", "fromPort": 443, "toPort": 443, "cidrIpv4": "0.0.0.0/0"}), False),
-        (Res("aws:ec2/securityGroupRule:SecurityGroupRule", "ssh", {"type": "ingress", "protocol": "tcp", "fromPort": 22, "toPort": 22, "ipv6CidrBlocks": ["::/0"]}), True),
-        (Res("aws:ec2/securityGroupRule:SecurityGroupRule", "out", {"type": "egress", "protocol": "-1", "fromPort": 0, "toPort": 0, "cidrBlocks": ["0.0.0.0/0"]}), False),
+        (sg("cluster-nodes", "tcp", 22, cidrBlocks=WORLD), True),
+        (sg("web-lb", "tcp", 443, cidrBlocks=WORLD), False),
+        (sg("web-lb", "-1", 0, ipv6CidrBlocks=["::/0"]), True),
+        (sg("cluster-nodes", "tcp", 443, cidrBlocks=WORLD), True),
+        (sg("cluster-nodes", "tcp", 443, cidrBlocks=["10.0.0.0/16"]), False),
+        (Res(IN_RULE, "db-in", {"ipProtocol": "tcp", "fromPort": 5432, "toPort": 5432, "cidrIpv4": WORLD[0]}), True),
+        (Res(IN_RULE, "alb-https", {"ipProtocol": "tcp", "fromPort": 443, "toPort": 443, "cidrIpv4": WORLD[0]}), False),
+        (Res(SG_RULE, "ssh", {"type": "ingress", "protocol": "tcp", "fromPort": 22, "toPort": 22, "ipv6CidrBlocks": ["::/0"]}), True),  # noqa: E501
+        (Res(SG_RULE, "out", {"type": "egress", "protocol": "-1", "fromPort": 0, "toPort": 0, "cidrBlocks": WORLD}), False),  # noqa: E501
     ],
 )  # fmt: skip
 def test_open_ingress(res: Res, fires: bool) -> None:

@@ -1,0 +1,105 @@
+"""Cost estimate from recorded resources, and the PR-comment comparison of two preview reports."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from infra import cost, preview
+from infra.compare import compare_markdown
+from infra.instance_types import GPU_INSTANCE_TYPES
+
+
+@pytest.fixture(scope="module")
+def dev_report() -> dict:
+    report, _ = preview.preview("dev")
+    return json.loads(json.dumps(report, default=str))
+
+
+def test_price_table_names_its_source_and_covers_every_gpu_type() -> None:
+    table = cost.price_table()
+    assert table["source"] and table["recorded"] and table["hours_per_month"] == 730
+    for region in ("us-east-1", "us-west-2", "eu-west-1"):
+        prices = table["regions"][region]
+        assert set(GPU_INSTANCE_TYPES) <= set(prices["ec2_hour"])
+        assert {"t3.large", "m7i.large", "m7i.xlarge"} <= set(prices["ec2_hour"])
+
+
+def test_node_groups_cost_at_min_and_max() -> None:
+    group = {
+        "type": "aws:eks/nodeGroup:NodeGroup",
+        "name": "gpu",
+        "inputs": {"instanceTypes": ["g6.xlarge"], "scalingConfig": {"minSize": 1.0, "maxSize": 3.0}},
+    }
+    est = cost.estimate([group], "us-east-1")
+    hourly = cost.price_table()["regions"]["us-east-1"]["ec2_hour"]["g6.xlarge"]
+    assert est["idle_monthly"] == pytest.approx(hourly * 730, abs=0.01)
+    assert est["peak_monthly"] == pytest.approx(hourly * 730 * 3, abs=0.01)
+    spot = copy.deepcopy(group)
+    spot["inputs"]["capacityType"] = "SPOT"
+    assert cost.estimate([spot], "us-east-1")["idle_monthly"] < est["idle_monthly"]
+
+
+def test_sagemaker_uses_autoscaling_bounds() -> None:
+    resources = [
+        {
+            "type": "aws:sagemaker/endpointConfiguration:EndpointConfiguration",
+            "name": "sm",
+            "inputs": {"productionVariants": [{"variantName": "main", "instanceType": "ml.g5.xlarge",
+                                               "initialInstanceCount": 1.0}]},
+        },
+        {
+            "type": "aws:appautoscaling/target:Target",
+            "name": "sm-target",
+            "inputs": {"resourceId": "endpoint/llmp-dev/variant/main", "minCapacity": 1.0, "maxCapacity": 4.0},
+        },
+    ]  # fmt: skip
+    est = cost.estimate(resources, "us-east-1")
+    assert est["peak_monthly"] == pytest.approx(est["idle_monthly"] * 4, abs=0.05)
+
+
+def test_dev_estimate_lists_items_and_assumptions(dev_report: dict) -> None:
+    c = dev_report["cost"]
+    items = {i["item"].split(" ")[0] for i in c["items"]}
+    assert {"EKS", "NAT", "interface", "node", "KMS", "flow-log", "S3"} <= items
+    assert any(i["assumption"] for i in c["items"]) and c["assumptions"] and "Recorded" in c["price_source"]
+    assert 0 < c["idle_monthly"] < c["peak_monthly"]
+
+
+def test_compare_reports_changes_policy_and_cost(dev_report: dict) -> None:
+    head = copy.deepcopy(dev_report)
+    resources = head["resources"]
+    group = next(r for r in resources if r["type"] == "aws:eks/nodeGroup:NodeGroup" and r["name"].endswith("inference"))
+    group["inputs"]["scalingConfig"]["maxSize"] = 4.0
+    removed = next(r for r in resources if r["type"] == "aws:ec2/vpcEndpoint:VpcEndpoint")
+    resources.remove(removed)
+    resources.append({"type": "aws:ec2/natGateway:NatGateway", "name": "network-nat-1", "parent": None,
+                      "inputs": {}, "protect": False, "retain_on_delete": False, "depends_on": []})  # fmt: skip
+    head["cost"] = cost.estimate(resources, "us-east-1")
+    head["policy"] = copy.deepcopy(head["policy"])
+    rule = next(r for r in head["policy"]["rules"] if r["name"] == "gpu-node-groups-tainted")
+    rule["violations"].append({"rule": rule["name"], "level": "mandatory", "resource_type": group["type"],
+                               "resource_name": group["name"], "message": "untainted"})  # fmt: skip
+    head["policy"]["passed"] = False
+
+    md = compare_markdown(dev_report, head)
+    assert md.startswith("### `dev`")
+    assert "dev: +1 ~1 -1 resources" in md
+    assert f"| ~ | `aws:eks/nodeGroup:NodeGroup` | `{group['name']}` | `scalingConfig` |" in md
+    assert f"| - | `aws:ec2/vpcEndpoint:VpcEndpoint` | `{removed['name']}` |" in md
+    assert "| + | `aws:ec2/natGateway:NatGateway` | `network-nat-1` |" in md
+    assert "1 new mandatory violation(s)" in md and "| new | mandatory | `gpu-node-groups-tainted`" in md
+    idle_delta = head["cost"]["idle_monthly"] - dev_report["cost"]["idle_monthly"]
+    assert f"({'+' if idle_delta >= 0 else '-'}${abs(idle_delta):,.2f}/mo)" in md
+    assert "**Monthly cost delta**" in md
+
+
+def test_compare_cli_against_itself(dev_report: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(dev_report))
+    assert preview.main(["dev", "--compare", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert "dev: +0 ~0 -0 resources, policy: no new violations" in out and "(+$0.00/mo)" in out
