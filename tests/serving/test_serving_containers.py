@@ -1,0 +1,56 @@
+"""The serving images: hadolint-clean, non-root, health-checked, SageMaker-ready, pinned like the repository."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+DOCKERFILES = ["containers/serving.Dockerfile", "containers/serving-vllm.Dockerfile"]
+HADOLINT = Path(sys.executable).with_name("hadolint")
+
+
+def pins(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            out[re.sub(r"\[.*\]", "", name).lower()] = version
+    return out
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_hadolint_clean(dockerfile: str) -> None:
+    result = subprocess.run([str(HADOLINT), dockerfile], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_image_contract(dockerfile: str) -> None:
+    text = (REPO_ROOT / dockerfile).read_text()
+    base = re.search(r"^FROM (\S+)", text, re.M)
+    assert base and re.search(r":v?\d+\.\d+\.\d+", base.group(1)), "base image pinned to an exact release"
+    user = re.findall(r"^USER (\S+)", text, re.M)
+    assert user and user[-1].split(":")[0] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*serving\.healthcheck", text, re.M)
+    assert re.search(r"^EXPOSE 8080$", text, re.M)
+    assert re.search(r'^ENTRYPOINT \[.*"-m", "serving"\]$', text, re.M)
+    assert re.search(r'^CMD \["serve"\]$', text, re.M)  # `docker run <image> serve` is SageMaker's invocation
+
+
+def test_image_pins_match_the_repository() -> None:
+    root = pins(REPO_ROOT / "requirements.txt")
+    for name in ("serving/requirements.txt", "serving/requirements-gateway.txt"):
+        for package, version in pins(REPO_ROOT / name).items():
+            assert root.get(package) == version, (
+                f"{name}: {package}=={version} but requirements.txt has {root.get(package)}"
+            )
+    cpu = (REPO_ROOT / "containers/serving.Dockerfile").read_text()
+    assert f"torch=={root['torch']}" in cpu
+    assert "torch" not in pins(REPO_ROOT / "serving/requirements-gateway.txt")
