@@ -297,7 +297,12 @@ def run_program(
     mocks = mocks or RecordingMocks(region)
     pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=False)
 
+    finished = False
+
     def record_options(args: pulumi.ResourceTransformationArgs) -> None:
+        # The root stack (and its transformations) outlives this run in-process: stay out of later runs.
+        if finished:
+            return None
         rec = mocks.resources.setdefault(
             (args.type_, args.name), Recorded(type=args.type_, name=args.name, custom=True, inputs={})
         )
@@ -332,4 +337,5 @@ def run_program(
         return asyncio.ensure_future(collect())
 
     _run()
+    finished = True
     return Run(stack=stack, mocks=mocks, outputs=outputs, secret_outputs=secrets)

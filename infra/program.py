@@ -60,6 +60,7 @@ def build() -> dict[str, Any]:
             node_role_arn=identity.node_role_arn,
             kms_key_arn=storage.kms_key_arn,
             tags=tags,
+            ebs_csi_role_arn=identity.ebs_csi_role_arn,
         ),
         # The cluster's ENIs, nodes and load balancers live in the VPC's subnets: they must go before the network
         # on destroy, which depends_on orders (destroy runs in reverse dependency order).

@@ -8,8 +8,6 @@ import pytest
 
 from infra.network import INTERFACE_ENDPOINT_SERVICES, plan_subnets
 
-from .conftest import stack_config
-
 
 @pytest.mark.parametrize("az_count", [2, 3, 4])
 @pytest.mark.parametrize("cidr", ["10.0.0.0/16", "172.16.0.0/18", "192.168.0.0/20"])
@@ -87,7 +85,3 @@ def test_endpoint_security_group_admits_only_https_from_the_vpc(shipped) -> None
     (rule,) = sg.inputs["ingress"]
     assert (rule["fromPort"], rule["toPort"], rule["protocol"]) == (443, 443, "tcp")
     assert rule["cidrBlocks"] == [cfg.network.vpc_cidr]
-
-
-def test_stack_config_helper_matches_the_stack_file() -> None:
-    assert stack_config("prod").network.nat_gateways == "perAz"
