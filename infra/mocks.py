@@ -47,6 +47,17 @@ class Recorded:
         }
 
 
+def _ints(value: Any) -> Any:
+    """The engine's wire format has only floats; integral ones were ints in the program."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
+
+
 def _digest(*parts: str, n: int = 17) -> str:
     return hashlib.sha256("/".join(parts).encode()).hexdigest()[:n]
 
@@ -68,10 +79,10 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.registrations.append(key)
         rec = self.resources.get(key)
         if rec is None:
-            rec = Recorded(type=args.typ, name=args.name, custom=args.custom, inputs=dict(args.inputs))
+            rec = Recorded(type=args.typ, name=args.name, custom=args.custom, inputs=_ints(dict(args.inputs)))
             self.resources[key] = rec
         else:
-            rec.inputs, rec.custom = dict(args.inputs), args.custom
+            rec.inputs, rec.custom = _ints(dict(args.inputs)), args.custom
         rec.provider = args.provider or None
         if not args.custom:
             # Components: don't echo inputs back as state (PROOF.md); they have none of their own.

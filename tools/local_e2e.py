@@ -77,7 +77,11 @@ def preview_dev() -> dict[str, Any]:
     print(f"  dev stack: {len(resources)} resources in {len({r.parent for r in resources})} components")
     policy = report.get("policy")
     if policy:
-        print(f"  policy: {policy.get('summary', policy)}")
+        verdict = "pass" if policy["passed"] else "FAIL"
+        print(
+            f"  policy: {verdict} ({policy['mandatory_violations']} mandatory, "
+            f"{policy['advisory_violations']} advisory violations over {len(policy['rules'])} rules)"
+        )
     cost = report.get("cost")
     if cost:
         print(f"  cost: idle ${cost['idle_monthly']:,.0f}/month, peak ${cost['peak_monthly']:,.0f}/month")
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         s3 = boto3.client("s3")
         for name in buckets.values():
             s3.create_bucket(Bucket=name)
-        corpus = (REPO / "training" / "assets" / "corpus.txt").read_bytes()
+        # The shipped corpus is a few KB; repeated, it gives both ranks full batches and a loss that visibly falls.
+        corpus = (REPO / "training" / "assets" / "corpus.txt").read_bytes() * 40
         s3.put_object(Bucket=buckets[out.DATASETS_BUCKET], Key="corpus/corpus.txt", Body=corpus)
         print(f"  {endpoint}: {', '.join(buckets.values())}")
 
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_seconds": round(train_s, 1),
             "checkpoint_objects": checkpoints,
             "model": export,
-            "served_answer": answer,
+            "served_answer": repr(answer),
             "usage": chat.usage.model_dump(),
             "logs": str(workdir) if (args.keep or args.workdir) else "(removed; use --keep to keep them)",
             "total_seconds": round(time.monotonic() - started, 1),
