@@ -27,6 +27,9 @@ from infra.instance_types import GPU_INSTANCE_TYPES
 SYSTEM_POOL = "system"
 KUBE_SYSTEM = "kube-system"
 GPU_RESOURCE = "nvidia.com/gpu"
+EFA_RESOURCE = "vpc.amazonaws.com/efa"
+EFA_INTERFACES_PER_NODE = 1
+"""infra/cluster.py attaches one EFA interface (network card 0) to each EFA node."""
 
 CLUSTER_AUTOSCALER_IMAGE = "registry.k8s.io/autoscaling/cluster-autoscaler"
 CLUSTER_AUTOSCALER_SA = "cluster-autoscaler"
@@ -64,6 +67,9 @@ def node_template_tags(pool: GpuPool) -> dict[str, str]:
     for taint in pool.taints:
         tags[f"k8s.io/cluster-autoscaler/node-template/taint/{taint['key']}"] = f"{taint['value']}:{taint['effect']}"
     tags[f"k8s.io/cluster-autoscaler/node-template/resources/{GPU_RESOURCE}"] = str(pool.gpus_per_node)
+    if pool.efa:
+        # Training pods on EFA pools request the EFA device; without it in the template CA never scales from zero.
+        tags[f"k8s.io/cluster-autoscaler/node-template/resources/{EFA_RESOURCE}"] = str(EFA_INTERFACES_PER_NODE)
     return tags
 
 
@@ -731,7 +737,7 @@ DAEMONSET_MEMORY_MIB = 1024
 plugin, DCGM exporter): a deliberately generous bound, so the contract fails before a real node would."""
 
 
-def allocatable(instance_type: str) -> dict[str, float]:
+def allocatable(instance_type: str, efa: bool = False) -> dict[str, float]:
     """What a pod can request on an empty node of this type: EKS AL2023's kube-reserved formula (CPU: 6% of the
     first core, 1% of the second, 0.5% of the next two, 0.25% of the rest; memory: 255 MiB + 11 MiB per pod at 110
     pods, plus a 100 MiB eviction threshold) minus the DaemonSets' share."""
@@ -743,6 +749,7 @@ def allocatable(instance_type: str) -> dict[str, float]:
         "cpu": cores - reserved_cpu - DAEMONSET_CPU,
         "memory": it.memory_gib * 1024 * 1024 * 1024 - (reserved_mem + DAEMONSET_MEMORY_MIB) * 1024 * 1024,
         GPU_RESOURCE: float(it.gpus),
+        EFA_RESOURCE: float(EFA_INTERFACES_PER_NODE if efa and it.efa else 0),
     }
 
 
@@ -821,6 +828,7 @@ def _pool_fields(pool: GpuPool | Mapping[str, Any]) -> dict[str, Any]:
             "max_size": pool.max_size,
             "labels": pool.labels,
             "taints": pool.taints,
+            "efa": pool.efa,
         }
     return {
         "name": pool.get("name") or (pool.get("labels") or {}).get(POOL_LABEL, "?"),
@@ -829,6 +837,7 @@ def _pool_fields(pool: GpuPool | Mapping[str, Any]) -> dict[str, Any]:
         "max_size": int(pool["max_size"]),
         "labels": dict(pool.get("labels") or {}),
         "taints": list(pool.get("taints") or []),
+        "efa": bool(pool.get("efa", False)),
     }
 
 
@@ -843,7 +852,7 @@ def node_labels(pool: Mapping[str, Any], instance_type: str) -> dict[str, str]:
     }
 
 
-def _why_not(pod_spec: Mapping[str, Any], pool: Mapping[str, Any]) -> str | None:
+def _why_not(pod_spec: Mapping[str, Any], pool: Mapping[str, Any], advertised: Sequence[str]) -> str | None:
     if pool["max_size"] <= 0:
         return "max size is 0"
     tolerations = pod_spec.get("tolerations") or []
@@ -867,28 +876,54 @@ def _why_not(pod_spec: Mapping[str, Any], pool: Mapping[str, Any]) -> str | None
         ):
             return f"required node affinity matches no {instance_type} node"
         # Every type must fit: the ASG may launch any of them, and a pod that fits only the biggest stays Pending.
-        capacity = allocatable(instance_type)
+        capacity = allocatable(instance_type, pool["efa"])
         for resource, amount in requests.items():
-            if resource in ("ephemeral-storage",):
+            if resource in ("ephemeral-storage",) or amount <= 0:
                 continue
+            if "/" in resource and resource not in advertised:
+                return f"requests {resource} but no device plugin in the cluster advertises it"
             have = capacity.get(resource, 0.0)
             if amount > have + 1e-9:
                 return f"requests {resource}={amount:g} but a {instance_type} node offers {have:g}"
     return None
 
 
-def can_schedule(pod_spec: Mapping[str, Any], pools: Sequence[GpuPool | Mapping[str, Any]]) -> tuple[bool, str]:
+DEVICE_PLUGINS = (GPU_RESOURCE,)
+"""Extended resources the cluster's device plugins advertise: infra/kubernetes_base.py installs the NVIDIA plugin.
+(No EFA device plugin is installed yet, so nothing advertises vpc.amazonaws.com/efa.)"""
+
+
+def can_schedule(
+    pod_spec: Mapping[str, Any],
+    pools: Sequence[GpuPool | Mapping[str, Any]],
+    advertised: Sequence[str] = DEVICE_PLUGINS,
+) -> tuple[bool, str]:
     """Can the autoscaler grow some pool so that this pod fits? Returns (True, pool name) or (False, why not for
     each pool). Checks what decides it for real: taints vs tolerations, nodeSelector and required node affinity vs
-    the labels nodes of the pool carry, requests vs every instance type's allocatable, and a non-zero max size."""
+    the labels nodes of the pool carry, requests vs every instance type's allocatable (extended resources only if a
+    device plugin advertises them), and a non-zero max size."""
     reasons = []
     for raw in pools:
         pool = _pool_fields(raw)
-        why = _why_not(pod_spec, pool)
+        why = _why_not(pod_spec, pool, advertised)
         if why is None:
             return True, pool["name"]
         reasons.append(f"{pool['name']}: {why}")
     return False, "; ".join(reasons) or "no pools"
+
+
+def pool_capacity(pod_spec: Mapping[str, Any], pool: GpuPool | Mapping[str, Any]) -> int:
+    """How many such pods the pool holds at its maximum size: max size x pods per node on its smallest type. A
+    workload asking for more (serving's max replicas, a training job's node count) can never all be placed."""
+    fields = _pool_fields(pool)
+    requests = {k: v for k, v in pod_requests(pod_spec).items() if v > 0 and k != "ephemeral-storage"}
+    if not requests:
+        return 0
+    per_node = min(
+        min(int(allocatable(t, fields["efa"]).get(r, 0.0) // v) for r, v in requests.items())
+        for t in fields["instance_types"]
+    )
+    return fields["max_size"] * per_node
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import yaml
 
 from infra.autoscaling import SYSTEM_POOL, _apply, _restricted_container_security, asg_name
 from infra.config import GPU_TAINT, POOL_LABEL, PURPOSE_LABEL, StackConfig
+from infra.kubernetes_base import SERVING_NAMESPACE, TRAINING_NAMESPACE
 
 MONITORING_NAMESPACE = "monitoring"
 PROMETHEUS_IMAGE = "quay.io/prometheus/prometheus"
@@ -26,7 +27,7 @@ PROMETHEUS_PORT = 9090
 DCGM_IMAGE = "nvcr.io/nvidia/k8s/dcgm-exporter"
 DCGM_PORT = 9400
 DASHBOARDS_DIR = Path(__file__).resolve().parent / "dashboards"
-WORKLOAD_NAMESPACES = ("serving", "training")
+WORKLOAD_NAMESPACES = {"serving": SERVING_NAMESPACE, "training": TRAINING_NAMESPACE}
 """Namespaces whose pods are scraped when annotated `prometheus.io/scrape: "true"` (+ `prometheus.io/port`,
 optional `prometheus.io/path`, default /metrics)."""
 
@@ -398,10 +399,10 @@ def scrape_config(cfg: StackConfig, managed_collector: bool = False) -> dict[str
             ],
         }
     ]
-    for ns in WORKLOAD_NAMESPACES:
+    for job, ns in WORKLOAD_NAMESPACES.items():
         jobs.append(
             {
-                "job_name": ns,
+                "job_name": job,
                 "kubernetes_sd_configs": [{"role": "pod", "namespaces": {"names": [ns]}}],
                 "relabel_configs": [
                     {
