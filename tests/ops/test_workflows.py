@@ -1,0 +1,223 @@
+"""The GitHub workflows: valid against GitHub's workflow schema, and holding the rules that keep them safe."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from infra import teardown
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = REPO_ROOT / ".github" / "workflows"
+STACKS = sorted(
+    p.name.removeprefix("Pulumi.").removesuffix(".yaml") for p in (REPO_ROOT / "stacks").glob("Pulumi.*.yaml")
+)
+PINNED = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?@([0-9a-f]{40}|v\d+(\.\d+){0,2})$")
+
+
+def _load(name: str) -> dict[str, Any]:
+    doc = yaml.safe_load((WORKFLOWS / name).read_text())
+    # YAML 1.1 reads the bare key `on` as the boolean True.
+    if True in doc:
+        doc["on"] = doc.pop(True)
+    return doc
+
+
+def _all() -> dict[str, dict[str, Any]]:
+    return {p.name: _load(p.name) for p in sorted(WORKFLOWS.glob("*.yml"))}
+
+
+def _steps(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return job.get("steps", [])
+
+
+def _uses(job: dict[str, Any], action: str) -> list[dict[str, Any]]:
+    return [s for s in _steps(job) if s.get("uses", "").split("@")[0] == action]
+
+
+def test_expected_workflows_exist() -> None:
+    assert set(_all()) == {
+        "pr-preview.yml",
+        "pr-preview-comment.yml",
+        "deploy.yml",
+        "teardown.yml",
+        "ttl-sweep.yml",
+        "nightly.yml",
+    }
+
+
+def test_workflows_validate_against_the_github_schema() -> None:
+    exe = Path(sys.executable).with_name("check-jsonschema")
+    files = [str(p) for p in sorted(WORKFLOWS.glob("*.yml"))]
+    proc = subprocess.run(
+        [str(exe), "--builtin-schema", "vendor.github-workflows", *files], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_schema_check_can_fail(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yml"
+    bad.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    stepz: []\n")
+    exe = Path(sys.executable).with_name("check-jsonschema")
+    proc = subprocess.run(
+        [str(exe), "--builtin-schema", "vendor.github-workflows", str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in WORKFLOWS.glob("*.yml")))
+def test_least_privilege_pinned_and_no_injection(name: str) -> None:
+    wf = _load(name)
+    assert wf["permissions"] == {}, "grant nothing at the top; each job asks for what it needs"
+    for job_id, job in wf["jobs"].items():
+        assert "permissions" in job, f"{job_id} must declare its permissions"
+        assert "timeout-minutes" in job, f"{job_id} needs a timeout"
+        for step in _steps(job):
+            if "uses" in step:
+                assert PINNED.match(step["uses"]), f"{job_id}: {step['uses']} is not pinned to a SHA or version tag"
+            # Untrusted text (inputs, PR titles, branch names) reaches scripts through env, never interpolated.
+            run = step.get("run", "")
+            assert "${{ inputs." not in run and "${{ github.event." not in run, f"{job_id}: interpolation in run"
+            if _is_checkout(step):
+                assert step.get("with", {}).get("persist-credentials") is False, f"{job_id}: token left in .git"
+
+
+def _is_checkout(step: dict[str, Any]) -> bool:
+    return step.get("uses", "").startswith("actions/checkout@")
+
+
+def test_pr_offline_preview_needs_no_secrets_and_cannot_write() -> None:
+    wf = _load("pr-preview.yml")
+    assert set(wf["on"]) == {"pull_request"}, "pull_request_target would run fork code with a write token"
+    job = wf["jobs"]["offline-preview"]
+    assert job["permissions"] == {"contents": "read"}
+    text = yaml.safe_dump(job)
+    assert "secrets." not in text and "id-token" not in text
+    script = next(s["run"] for s in _steps(job) if s.get("id") == "preview")
+    assert '-m infra.preview "$stack" --json' in script and "--compare" in script
+    assert sorted(re.search(r"for stack in ([\w ]+); do", script).group(1).split()) == STACKS
+    checkouts = [s for s in _steps(job) if _is_checkout(s)]
+    assert {c["with"]["path"] for c in checkouts} == {"base", "head"}
+    assert any(c["with"].get("ref") == "${{ github.event.pull_request.base.sha }}" for c in checkouts)
+    assert _uses(job, "actions/upload-artifact")[0]["with"]["name"] == "pr-preview"
+
+
+def test_pr_comment_is_one_sticky_comment_posted_without_running_pr_code() -> None:
+    preview, comment = _load("pr-preview.yml"), _load("pr-preview-comment.yml")
+    assert comment["on"]["workflow_run"]["workflows"] == [preview["name"]]
+    (job,) = comment["jobs"].values()
+    assert job["permissions"] == {"actions": "read", "pull-requests": "write"}
+    assert not any(_is_checkout(s) for s in _steps(job)), "never check out the PR in a job that can write"
+    assert "secrets." not in yaml.safe_dump(job)
+    script = _uses(job, "actions/github-script")[0]["with"]["script"]
+    assert "<!-- llm-platform-preview -->" in script and "updateComment" in script
+    assert "head_sha" in script  # only the run's own PR head gets the comment
+
+
+def test_real_pulumi_preview_only_for_same_repo_prs() -> None:
+    job = _load("pr-preview.yml")["jobs"]["pulumi-preview"]
+    assert "github.event.pull_request.head.repo.full_name == github.repository" in job["if"]
+    assert job["permissions"] == {"contents": "read", "id-token": "write", "pull-requests": "write"}
+    assert sorted(job["strategy"]["matrix"]["stack"]) == STACKS
+    assert _uses(job, "aws-actions/configure-aws-credentials")[0]["with"]["role-to-assume"].startswith("${{ vars.")
+    step = _uses(job, "pulumi/actions")[0]["with"]
+    assert step["command"] == "preview" and step["policyPacks"] == "policy" and step["diff"] is True
+    assert step["comment-on-pr"] is True
+
+
+def test_deploy_goes_dev_then_staging_then_prod_behind_approval() -> None:
+    wf = _load("deploy.yml")
+    assert wf["on"]["push"]["branches"] == ["main"]
+    assert wf["concurrency"]["cancel-in-progress"] is False
+    jobs = wf["jobs"]
+    assert "needs" not in jobs["dev"] and jobs["staging"]["needs"] == "dev" and jobs["prod"]["needs"] == "staging"
+    assert jobs["prod"]["environment"] == "production"
+    for stack in ("dev", "staging", "prod"):
+        up = _uses(jobs[stack], "pulumi/actions")[0]["with"]
+        assert (up["command"], up["stack-name"], up["policyPacks"]) == ("up", stack, "policy")
+        assert jobs[stack]["permissions"] == {"contents": "read", "id-token": "write"}
+
+
+def _confirm_script() -> tuple[str, dict[str, str]]:
+    step = _load("teardown.yml")["jobs"]["confirm"]["steps"][0]
+    return step["run"], step["env"]
+
+
+@pytest.mark.parametrize(
+    ("stack", "confirm", "ok"),
+    [
+        ("dev", "dev", True),
+        ("dev", "staging", False),
+        ("prod", "", False),
+        ("dev", "dev ", False),
+        ("", "", False),
+        ("x; rm -rf /", "x; rm -rf /", False),
+    ],
+)
+def test_teardown_confirmation_step_really_checks(stack: str, confirm: str, ok: bool) -> None:
+    script, env = _confirm_script()
+    assert env == {"STACK": "${{ inputs.stack }}", "CONFIRM": "${{ inputs.confirm }}"}
+    proc = subprocess.run(
+        ["bash", "-c", script],
+        env={**os.environ, "STACK": stack, "CONFIRM": confirm},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (proc.returncode == 0) is ok, proc.stdout
+
+
+def test_teardown_workflow_gates_production_and_calls_the_tool() -> None:
+    wf = _load("teardown.yml")
+    inputs = wf["on"]["workflow_dispatch"]["inputs"]
+    assert inputs["stack"]["required"] and inputs["confirm"]["required"]
+    job = wf["jobs"]["teardown"]
+    assert job["needs"] == "confirm" and "inputs.confirm == inputs.stack" in job["if"]
+    assert "'production'" in job["environment"] and "needs.confirm.outputs.production" in job["environment"]
+    run = next(s["run"] for s in _steps(job) if "infra.teardown" in s.get("run", ""))
+    assert "--confirm-production" in run and '[ "$PRODUCTION" = "true" ]' in run
+
+
+def test_the_production_mark_step_reads_the_stack_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    step = next(s for s in _load("teardown.yml")["jobs"]["confirm"]["steps"] if s.get("id") == "mark")
+    command = next(line for line in step["run"].splitlines() if line.startswith("python -c"))
+    code = shlex.split(command)[2]
+    marks = {}
+    for stack in STACKS:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "STACK": stack},
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        marks[stack] = proc.stdout.strip()
+    assert marks["prod"] == "production=true" and marks["dev"] == "production=false"
+
+
+def test_ttl_and_nightly_use_flags_the_tool_has() -> None:
+    ttl = _load("ttl-sweep.yml")
+    assert ttl["on"]["schedule"]
+    (job,) = ttl["jobs"].values()
+    step = next(s for s in _steps(job) if "infra.teardown" in s.get("run", ""))
+    assert "vars.DEV_STACK_TTL_HOURS" in step["env"]["TTL_HOURS"]
+    nightly = _load("nightly.yml")
+    assert nightly["on"]["schedule"]
+    (njob,) = nightly["jobs"].values()
+    runs = [s.get("run", "") for s in _steps(njob)]
+    assert any("pytest -m cloud tests/ops/test_cloud_integration.py" in r for r in runs)
+    assert (REPO_ROOT / "tests/ops/test_cloud_integration.py").exists()
+    for command in [step["run"]] + [r for r in runs if "infra.teardown" in r]:
+        argv = shlex.split(command.replace('"$TTL_HOURS"', "12"))
+        args = teardown.parser().parse_args(argv[argv.index("infra.teardown") + 1 :])
+        assert args.expired and args.force
