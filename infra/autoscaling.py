@@ -13,6 +13,7 @@ docs/capacity-and-observability.md.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -936,7 +937,8 @@ def _spec_kwargs(obj: pulumi.Output[dict[str, Any]]) -> dict[str, Any]:
 
 def _apply(resource_name: str, obj: dict[str, Any], opts: pulumi.ResourceOptions) -> pulumi.CustomResource:
     kind = obj["kind"]
-    rest = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}
+    # Top-level fields become keyword arguments (roleRef -> role_ref); nested values keep the wire (camelCase) form.
+    rest = {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in obj.items() if k not in ("apiVersion", "kind")}
     classes = {
         "ServiceAccount": k8s.core.v1.ServiceAccount,
         "ConfigMap": k8s.core.v1.ConfigMap,

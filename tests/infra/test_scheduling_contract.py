@@ -85,7 +85,9 @@ def test_required_node_affinity() -> None:
     def affinity(*exprs: dict[str, Any]) -> dict[str, Any]:
         return {
             "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": list(exprs)}]}
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": list(exprs)}]
+                }
             }
         }
 
@@ -138,7 +140,9 @@ def test_extended_resources_need_a_device_plugin() -> None:
     assert not ok and "no device plugin" in why
     assert can_schedule(efa_pod, [efa_pool], advertised=(GPU_RESOURCE, EFA_RESOURCE))[0]
     # ...and the node must actually have an EFA interface.
-    assert not can_schedule(efa_pod, [pool(instance_types=["g6e.12xlarge"])], advertised=(GPU_RESOURCE, EFA_RESOURCE))[0]
+    assert not can_schedule(efa_pod, [pool(instance_types=["g6e.12xlarge"])], advertised=(GPU_RESOURCE, EFA_RESOURCE))[
+        0
+    ]
 
 
 def test_first_fitting_pool_wins_and_every_refusal_is_explained() -> None:
@@ -181,7 +185,9 @@ def test_serving_deployment_schedules_in_every_stack(
     assert where == "inference"
     # Within the pool's limits: every replica the autoscaler may ask for has a place.
     capacity = pool_capacity(spec, cfg.cluster.pool("inference"))
-    assert cfg.serving.max_replicas <= capacity, f"{cfg.stack}: {cfg.serving.max_replicas} replicas, room for {capacity}"
+    assert cfg.serving.max_replicas <= capacity, (
+        f"{cfg.stack}: {cfg.serving.max_replicas} replicas, room for {capacity}"
+    )
 
 
 def training_job_pod(cfg: StackConfig, run: Run, nodes: int) -> dict[str, Any]:

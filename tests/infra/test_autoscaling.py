@@ -1,0 +1,332 @@
+"""GPU capacity from zero and back under the mock engine: Cluster Autoscaler (ASG node-template tags, controller,
+least-privilege Pod Identity role), spot interruption handling, and the KEDA ScaledObject for serving, per stack.
+Every Kubernetes object is validated strictly; the ScaledObject against the KEDA CRD schema shipped in infra/crds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pulumi_aws as aws
+import pulumi_kubernetes as k8s
+import pytest
+
+from infra.autoscaling import (
+    CLUSTER_AUTOSCALER_SA,
+    SCALED_OBJECT_CRD,
+    SPOT_EVENT_PATTERNS,
+    ClusterAutoscaler,
+    ClusterAutoscalerArgs,
+    NodeTerminationHandler,
+    NodeTerminationHandlerArgs,
+    ServingAutoscaling,
+    ServingAutoscalingArgs,
+    max_nodes_total,
+    needs_node_termination_handler,
+    node_template_tags,
+    scaled_object,
+)
+from infra.config import ConfigError, StackConfig, load_config, load_stack_file
+from infra.mocks import Recorded, RecordingMocks, Run, run_program
+from infra.tags import stack_tags
+
+REPO = Path(__file__).resolve().parents[2]
+STACKS = ("dev", "staging", "prod")
+PROMETHEUS = "http://prometheus.monitoring.svc:9090"
+ASG_TAG = "aws:autoscaling/tag:Tag"
+ROLE = "aws:iam/role:Role"
+ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
+POD_IDENTITY = "aws:eks/podIdentityAssociation:PodIdentityAssociation"
+SCALED_OBJECT = "kubernetes:keda.sh/v1alpha1:ScaledObject"
+
+
+class ClusterMocks(RecordingMocks):
+    """The stack's mock engine plus the computed attributes these components read: the ASG behind a managed node
+    group and an SQS queue URL (what AWS returns; infra/mocks.py does not model them yet)."""
+
+    def _aws_state(self, typ: str, module: str, name: str, physical: str, inputs: dict[str, Any]) -> Any:
+        rid, state = super()._aws_state(typ, module, name, physical, inputs)
+        if typ == "aws:eks/nodeGroup:NodeGroup":
+            state["resources"] = [{"autoscalingGroups": [{"name": f"eks-{inputs['nodeGroupName']}-asg"}]}]
+        if typ == "aws:sqs/queue:Queue":
+            state["url"] = f"https://sqs.{self.region}.amazonaws.com/{self.account_id}/{inputs['name']}"
+            state["arn"] = f"arn:aws:sqs:{self.region}:{self.account_id}:{inputs['name']}"
+        return rid, state
+
+
+def config(stack: str, **overrides: Any) -> StackConfig:
+    values, source = load_stack_file(stack)
+    values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
+    return load_config(values, stack, source)
+
+
+def fake_cluster(cfg: StackConfig) -> tuple[k8s.Provider, dict[str, aws.eks.NodeGroup]]:
+    provider = k8s.Provider("k8s", kubeconfig="{}")
+    groups = {
+        pool: aws.eks.NodeGroup(
+            f"ng-{pool}",
+            cluster_name=cfg.name_prefix,
+            node_group_name=f"{cfg.name_prefix}-{pool}",
+            node_role_arn="arn:aws:iam::123456789012:role/node",
+            subnet_ids=["subnet-a", "subnet-b"],
+            scaling_config=aws.eks.NodeGroupScalingConfigArgs(min_size=0, max_size=2, desired_size=0),
+        )
+        for pool in ("system", *(p.name for p in cfg.cluster.gpu_pools))
+    }
+    return provider, groups
+
+
+def run_capacity(cfg: StackConfig) -> Run:
+    def program() -> dict[str, Any]:
+        provider, groups = fake_cluster(cfg)
+        tags = stack_tags(cfg.stack, cfg.environment)
+        ca = ClusterAutoscaler("autoscaler", ClusterAutoscalerArgs(cfg, cfg.name_prefix, provider, groups, tags))
+        outputs: dict[str, Any] = {"ca_role": ca.role_arn}
+        if needs_node_termination_handler(cfg):
+            nth = NodeTerminationHandler("spot", NodeTerminationHandlerArgs(cfg, cfg.name_prefix, provider, tags))
+            outputs["queue"] = nth.queue_url
+        if cfg.autoscaling.serving_autoscaler == "keda":
+            so = ServingAutoscaling(
+                "serving-autoscaling",
+                ServingAutoscalingArgs(cfg, provider, "llm-serving", "llm-serving", PROMETHEUS),
+            )
+            outputs["scaled_object"] = so.scaled_object_name
+        return outputs
+
+    return run_program(program, {}, cfg.stack, cfg.project, cfg.region, mocks=ClusterMocks(cfg.region))
+
+
+_runs: dict[str, tuple[StackConfig, Run]] = {}
+
+
+@pytest.fixture(params=STACKS)
+def stack(request: pytest.FixtureRequest) -> tuple[StackConfig, Run]:
+    if request.param not in _runs:
+        cfg = config(request.param)
+        _runs[request.param] = (cfg, run_capacity(cfg))
+    return _runs[request.param]
+
+
+@pytest.fixture(scope="module")
+def keda_dev() -> tuple[StackConfig, Run]:
+    cfg = config("dev", servingAutoscaler="keda", servingScaleToZero=True)
+    return cfg, run_capacity(cfg)
+
+
+def crd_schema() -> dict[str, Any]:
+    return json.loads((REPO / SCALED_OBJECT_CRD).read_text())
+
+
+def k8s_objects(run: Run) -> list[Recorded]:
+    return [r for r in run.resources if r.type.startswith("kubernetes:") and not r.type.startswith("pulumi:")]
+
+
+def deployment(run: Run, parent: str) -> dict[str, Any]:
+    (rec,) = [r for r in run.of_type("kubernetes:apps/v1:Deployment") if r.parent == parent]
+    return rec.inputs
+
+
+# -- Cluster Autoscaler ------------------------------------------------------------------------------------------
+
+
+def test_gpu_groups_describe_their_nodes_to_scale_from_zero(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    tags = run.of_type(ASG_TAG)
+    for pool in cfg.cluster.gpu_pools:
+        asg = f"eks-{cfg.name_prefix}-{pool.name}-asg"
+        on_group = {t.inputs["tag"]["key"]: t.inputs["tag"] for t in tags if t.inputs["autoscalingGroupName"] == asg}
+        assert set(on_group) == set(node_template_tags(pool))
+        prefix = "k8s.io/cluster-autoscaler/node-template"
+        assert on_group[f"{prefix}/label/llm-platform/pool"]["value"] == pool.name
+        assert on_group[f"{prefix}/label/llm-platform/purpose"]["value"] == pool.purpose
+        assert on_group[f"{prefix}/taint/nvidia.com/gpu"]["value"] == "true:NoSchedule"
+        assert on_group[f"{prefix}/resources/nvidia.com/gpu"]["value"] == str(pool.gpus_per_node)
+        assert (f"{prefix}/resources/vpc.amazonaws.com/efa" in on_group) is pool.efa
+        # Template tags describe the group; they must not land on instances.
+        assert all(t["propagateAtLaunch"] is False for t in on_group.values())
+    # The system group is fixed-size; EKS already sets the auto-discovery tags, which we must not own (a destroy
+    # would delete them from under EKS).
+    assert not [t for t in tags if "system" in t.inputs["autoscalingGroupName"]]
+    assert not [t for t in tags if t.inputs["tag"]["key"].startswith("k8s.io/cluster-autoscaler/enabled")]
+
+
+def test_controller_runs_pinned_on_the_system_pool_and_caps_the_cluster(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    dep = deployment(run, "autoscaler")
+    pod = dep["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    version = cfg.autoscaling.cluster_autoscaler_version
+    assert container["image"] == f"registry.k8s.io/autoscaling/cluster-autoscaler:v{version}"
+    assert version.rsplit(".", 1)[0] == cfg.cluster.kubernetes_version
+    assert pod["nodeSelector"] == {"llm-platform/pool": "system"}
+    assert pod["serviceAccountName"] == CLUSTER_AUTOSCALER_SA
+    args = container["args"]
+    discovery = f"--node-group-auto-discovery=asg:tag=k8s.io/cluster-autoscaler/enabled,k8s.io/cluster-autoscaler/{cfg.name_prefix}"
+    assert discovery in args
+    assert "--expander=least-waste" in args and "--balance-similar-node-groups" in args
+    assert "--skip-nodes-with-system-pods=false" in args
+    assert f"--scale-down-unneeded-time={cfg.autoscaling.scale_down_unneeded_minutes}m" in args
+    total = cfg.cluster.system_node_count + sum(p.max_size for p in cfg.cluster.gpu_pools)
+    assert f"--max-nodes-total={total}" in args and max_nodes_total(cfg) == total
+    # The GPU budget: each group's maximum bounds it, and together they stay within maxGpus.
+    assert sum(p.max_size * p.gpus_per_node for p in cfg.cluster.gpu_pools) <= cfg.cluster.max_gpus
+
+
+def test_autoscaler_role_is_least_privilege_through_pod_identity(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    role = run.one(ROLE, "autoscaler-role").inputs
+    trust = json.loads(role["assumeRolePolicy"])["Statement"]
+    assert trust == [
+        {
+            "Effect": "Allow",
+            "Principal": {"Service": "pods.eks.amazonaws.com"},
+            "Action": ["sts:AssumeRole", "sts:TagSession"],
+        }
+    ]
+    policy = json.loads(run.one(ROLE_POLICY, "autoscaler-policy").inputs["policy"])
+    for statement in policy["Statement"]:
+        assert "*" not in statement["Action"] and not any(a.endswith(":*") for a in statement["Action"])
+        mutating = [a for a in statement["Action"] if not a.split(":")[1].startswith(("Describe", "Get"))]
+        if mutating:
+            assert statement["Condition"] == {
+                "StringEquals": {f"aws:ResourceTag/k8s.io/cluster-autoscaler/{cfg.name_prefix}": "owned"}
+            }
+    assert any("autoscaling:SetDesiredCapacity" in s["Action"] for s in policy["Statement"])
+    assoc = run.one(POD_IDENTITY, "autoscaler-pod-identity").inputs
+    assert (assoc["namespace"], assoc["serviceAccount"]) == ("kube-system", CLUSTER_AUTOSCALER_SA)
+    assert assoc["clusterName"] == cfg.name_prefix
+    # The controller starts only once its role is associated.
+    (dep,) = [r for r in run.of_type("kubernetes:apps/v1:Deployment") if r.parent == "autoscaler"]
+    assert f"{POD_IDENTITY}::autoscaler-pod-identity" in dep.depends_on
+
+
+def test_every_kubernetes_object_is_valid(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    objects = k8s_objects(run)
+    assert len(objects) >= 6
+    for rec in objects:
+        kubernetes_validate.validate(rec.inputs, cfg.cluster.kubernetes_version, strict=True)
+
+
+def test_tags_and_unique_names(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    tags = stack_tags(cfg.stack, cfg.environment)
+    taggable = (ROLE, POD_IDENTITY, "aws:sqs/queue:Queue", "aws:cloudwatch/eventRule:EventRule")
+    for rec in run.resources:
+        if rec.type in taggable:
+            assert rec.inputs.get("tags") == tags, rec.name
+    assert run.duplicate_names() == []
+
+
+# -- spot interruptions ----------------------------------------------------------------------------------------------
+
+
+def test_spot_pools_get_queue_mode_termination_handler(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    spot = any(p.capacity_type == "SPOT" for p in cfg.cluster.gpu_pools)
+    assert needs_node_termination_handler(cfg) is spot
+    rules = run.of_type("aws:cloudwatch/eventRule:EventRule")
+    if not spot:
+        assert not rules and not run.of_type("aws:sqs/queue:Queue")
+        return
+    assert {json.dumps(json.loads(r.inputs["eventPattern"]), sort_keys=True) for r in rules} == {
+        json.dumps(p, sort_keys=True) for p in SPOT_EVENT_PATTERNS.values()
+    }
+    queue = run.one("aws:sqs/queue:Queue").inputs
+    assert queue["messageRetentionSeconds"] == 300 and queue["sqsManagedSseEnabled"] is True
+    targets = run.of_type("aws:cloudwatch/eventTarget:EventTarget")
+    assert len(targets) == len(rules) and all(t.inputs["arn"].endswith(":llmp-dev-node-termination") for t in targets)
+    queue_policy = json.loads(run.one("aws:sqs/queuePolicy:QueuePolicy").inputs["policy"])
+    (statement,) = queue_policy["Statement"]
+    assert statement["Action"] == "sqs:SendMessage"
+    assert len(statement["Condition"]["ArnEquals"]["aws:SourceArn"]) == len(rules)
+    nth_policy = json.loads(run.one(ROLE_POLICY, "spot-policy").inputs["policy"])
+    assert nth_policy["Statement"][0]["Resource"].endswith(":llmp-dev-node-termination")
+    env = {e["name"]: e["value"] for e in deployment(run, "spot")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["QUEUE_URL"].endswith("/llmp-dev-node-termination")
+    assert env["MANAGED_TAG"] == f"k8s.io/cluster-autoscaler/{cfg.name_prefix}"
+    assert env["CHECK_TAG_BEFORE_DRAINING"] == "true" and env["POD_TERMINATION_GRACE_PERIOD"] == "-1"
+
+
+def test_spot_handler_can_be_switched_off() -> None:
+    assert not needs_node_termination_handler(config("dev", spotInterruptionHandler=False))
+
+
+# -- serving autoscaling (KEDA) ----------------------------------------------------------------------------------------
+
+
+def test_scaled_object_matches_the_keda_crd_schema(keda_dev: tuple[StackConfig, Run]) -> None:
+    cfg, run = keda_dev
+    schema = crd_schema()
+    assert schema["x-source"]["keda_release"].startswith("v2.")
+    rec = run.one(SCALED_OBJECT)
+    jsonschema.validate(rec.inputs, schema["openAPIV3Schema"])
+    spec = rec.inputs["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llm-serving"}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, cfg.serving.max_replicas)
+    load, window = spec["triggers"]
+    assert load["type"] == "prometheus" and load["metricType"] == "AverageValue"
+    assert load["metadata"]["serverAddress"] == PROMETHEUS
+    assert "llm_serving_inflight_requests" in load["metadata"]["query"]
+    assert load["metadata"]["threshold"] == str(cfg.autoscaling.serving_target_inflight_per_replica)
+    assert window["type"] == "cron" and window["metadata"]["desiredReplicas"] == str(cfg.serving.replicas)
+    for rec in k8s_objects(run):
+        if rec.type != SCALED_OBJECT:
+            kubernetes_validate.validate(rec.inputs, cfg.cluster.kubernetes_version, strict=True)
+
+
+def test_scaled_object_schema_rejects_mistakes() -> None:
+    schema = crd_schema()["openAPIV3Schema"]
+    good = scaled_object(config("dev", servingAutoscaler="keda"), "llm-serving", "llm-serving", PROMETHEUS)
+    jsonschema.validate(good, schema)
+    assert good["spec"]["minReplicaCount"] == 1 and len(good["spec"]["triggers"]) == 1
+    typo = json.loads(json.dumps(good))
+    typo["spec"]["minReplicas"] = typo["spec"].pop("minReplicaCount")
+    with pytest.raises(jsonschema.ValidationError, match="minReplicas"):
+        jsonschema.validate(typo, schema)
+    wrong_type = json.loads(json.dumps(good))
+    wrong_type["spec"]["triggers"][0]["metadata"]["threshold"] = 8
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(wrong_type, schema)
+    no_target = json.loads(json.dumps(good))
+    del no_target["spec"]["scaleTargetRef"]
+    with pytest.raises(jsonschema.ValidationError, match="scaleTargetRef"):
+        jsonschema.validate(no_target, schema)
+
+
+def test_the_scaling_signal_is_a_metric_the_serving_container_emits() -> None:
+    source = (REPO / "serving" / "metrics.py").read_text()
+    assert '"llm_serving_inflight_requests"' in source
+
+
+def test_shipped_stacks_use_cpu_hpa_without_the_keda_prerequisite(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    assert cfg.autoscaling.serving_autoscaler == "cpu"
+    assert not run.of_type(SCALED_OBJECT)
+
+
+# -- config rules ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"servingAutoscaler": "keda", "metrics": "amp"}, "keda reads the in-cluster Prometheus"),
+        ({"servingScaleToZero": True}, "scale to zero needs llm-platform:servingAutoscaler = keda"),
+        ({"clusterAutoscalerVersion": "1.32.1"}, "its minor version must equal llm-platform:kubernetesVersion"),
+        ({"clusterAutoscalerVersion": "latest"}, "must be a release version"),
+        ({"servingAutoscaler": "hpa"}, "must be one of cpu, keda"),
+        ({"scaleDownUnneededMinutes": 0}, "must be between 1 and 120"),
+        ({"servingActiveHoursStart": "8am"}, "5-field cron"),
+        ({"metrics": "cloudwatch"}, "must be one of amp, in-cluster, none"),
+    ],
+)
+def test_config_rules(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config("dev", **overrides)
+    assert message in str(err.value)
+    key = next(iter(overrides))
+    assert f"llm-platform:{key}" in str(err.value) or "llm-platform:servingAutoscaler" in str(err.value)
