@@ -221,3 +221,54 @@ def test_ttl_and_nightly_use_flags_the_tool_has() -> None:
         argv = shlex.split(command.replace('"$TTL_HOURS"', "12"))
         args = teardown.parser().parse_args(argv[argv.index("infra.teardown") + 1 :])
         assert args.expired and args.force
+
+
+STUB_PREVIEW = """
+import json, sys
+stack = sys.argv[1]
+if "--compare" in sys.argv:
+    base = json.load(open(sys.argv[sys.argv.index("--compare") + 1]))
+    print(f"### `{stack}` compared with a base of {len(base)} keys")
+    sys.exit(0)
+if stack == "prod":
+    print("error: invalid stack configuration: vpcCidr", file=sys.stderr)
+    sys.exit(2)
+print(json.dumps({"stack": stack}))
+sys.exit(3 if stack == "staging" else 0)  # staging: policy violated
+"""
+
+
+def test_offline_preview_script_handles_policy_failures_and_a_base_without_the_tool(tmp_path: Path) -> None:
+    """Run the workflow's own script, under the runner's `bash -eo pipefail`, against a stub preview module."""
+    (tmp_path / "head" / "infra").mkdir(parents=True)
+    (tmp_path / "head" / "infra" / "__init__.py").write_text("")
+    (tmp_path / "head" / "infra" / "preview.py").write_text(STUB_PREVIEW)
+    (tmp_path / "base").mkdir()  # the base branch predates infra.preview
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    step = next(s for s in _load("pr-preview.yml")["jobs"]["offline-preview"]["steps"] if s.get("id") == "preview")
+    env = {
+        **os.environ,
+        "GITHUB_WORKSPACE": str(tmp_path),
+        "GITHUB_OUTPUT": str(tmp_path / "gh-output"),
+        "GITHUB_STEP_SUMMARY": str(tmp_path / "summary"),
+        "PR_NUMBER": "42",
+        "BASE_SHA": "a" * 40,
+        "HEAD_SHA": "b" * 40,
+    }
+    proc = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "gh-output").read_text().strip() == "failed=1"
+    comment = (tmp_path / "out" / "comment.md").read_text()
+    assert comment.startswith("<!-- llm-platform-preview -->")
+    assert "### `dev` compared with a base of 0 keys" in comment
+    assert "### `staging` compared with a base of 0 keys" in comment  # policy failure: still compared
+    assert "### `prod`" in comment and "Preview failed (exit 2)" in comment and "vpcCidr" in comment
+    assert (tmp_path / "out" / "pr-number").read_text().strip() == "42"
