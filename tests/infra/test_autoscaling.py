@@ -164,7 +164,8 @@ def test_controller_runs_pinned_on_the_system_pool_and_caps_the_cluster(stack: t
     assert pod["nodeSelector"] == {"llm-platform/pool": "system"}
     assert pod["serviceAccountName"] == CLUSTER_AUTOSCALER_SA
     args = container["args"]
-    discovery = f"--node-group-auto-discovery=asg:tag=k8s.io/cluster-autoscaler/enabled,k8s.io/cluster-autoscaler/{cfg.name_prefix}"
+    tags = f"k8s.io/cluster-autoscaler/enabled,k8s.io/cluster-autoscaler/{cfg.name_prefix}"
+    discovery = f"--node-group-auto-discovery=asg:tag={tags}"
     assert discovery in args
     assert "--expander=least-waste" in args and "--balance-similar-node-groups" in args
     assert "--skip-nodes-with-system-pods=false" in args

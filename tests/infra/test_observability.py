@@ -1,0 +1,392 @@
+"""Observability under the mock engine, per stack: DCGM exporter on every GPU pool, Prometheus (in-cluster or Amazon
+Managed Prometheus) scraping GPUs, serving and training, the Grafana dashboard whose every query names a metric our
+exporters and containers really emit, and the alarms (SageMaker endpoint, node launch failures) on an encrypted
+topic."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pulumi_aws as aws
+import pulumi_kubernetes as k8s
+import pytest
+import yaml
+
+from infra.autoscaling import can_schedule
+from infra.config import StackConfig, load_config, load_stack_file
+from infra.mocks import RecordingMocks, Run, run_program
+from infra.observability import (
+    AMP_COLLECTOR_USER,
+    DCGM_COUNTERS,
+    Observability,
+    ObservabilityArgs,
+    dashboard_files,
+    dcgm_exporter_objects,
+    scrape_config,
+)
+from infra.tags import stack_tags
+
+REPO = Path(__file__).resolve().parents[2]
+STACKS = ("dev", "staging", "prod")
+ACCOUNT = "123456789012"
+ENDPOINT = "llmp-endpoint"
+TOPIC = "aws:sns/topic:Topic"
+ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"
+
+
+class ClusterMocks(RecordingMocks):
+    """Adds the computed attributes these components read and infra/mocks.py does not model yet."""
+
+    def _aws_state(self, typ: str, module: str, name: str, physical: str, inputs: dict[str, Any]) -> Any:
+        rid, state = super()._aws_state(typ, module, name, physical, inputs)
+        if typ == "aws:eks/nodeGroup:NodeGroup":
+            state["resources"] = [{"autoscalingGroups": [{"name": f"eks-{inputs['nodeGroupName']}-asg"}]}]
+        if typ == "aws:amp/workspace:Workspace":
+            rid = "ws-0123abcd-4567-89ef-0123-456789abcdef"
+            state["arn"] = f"arn:aws:aps:{self.region}:{self.account_id}:workspace/{rid}"
+            state["prometheusEndpoint"] = f"https://aps-workspaces.{self.region}.amazonaws.com/workspaces/{rid}/"
+        if typ == "aws:amp/scraper:Scraper":
+            state["roleArn"] = f"arn:aws:iam::{self.account_id}:role/aws-service-role/scraper.aps.amazonaws.com/x"
+        if typ == "aws:kms/key:Key":
+            state["id"] = rid
+        return rid, state
+
+
+def config(stack: str, **overrides: Any) -> StackConfig:
+    values, source = load_stack_file(stack)
+    values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
+    return load_config(values, stack, source)
+
+
+def run_observability(cfg: StackConfig) -> Run:
+    def program() -> dict[str, Any]:
+        provider = k8s.Provider("k8s", kubeconfig="{}")
+        groups = {
+            pool: aws.eks.NodeGroup(
+                f"ng-{pool}",
+                cluster_name=cfg.name_prefix,
+                node_group_name=f"{cfg.name_prefix}-{pool}",
+                node_role_arn=f"arn:aws:iam::{ACCOUNT}:role/node",
+                subnet_ids=["subnet-a", "subnet-b"],
+                scaling_config=aws.eks.NodeGroupScalingConfigArgs(min_size=0, max_size=2, desired_size=0),
+            )
+            for pool in ("system", *(p.name for p in cfg.cluster.gpu_pools))
+        }
+        obs = Observability(
+            "observability",
+            ObservabilityArgs(
+                config=cfg,
+                cluster_name=cfg.name_prefix,
+                cluster_arn=f"arn:aws:eks:{cfg.region}:{ACCOUNT}:cluster/{cfg.name_prefix}",
+                cluster_security_group_id="sg-cluster",
+                private_subnet_ids=["subnet-a", "subnet-b"],
+                provider=provider,
+                node_groups=groups,
+                account_id=ACCOUNT,
+                partition="aws",
+                tags=stack_tags(cfg.stack, cfg.environment),
+                sagemaker_endpoint_name=ENDPOINT if cfg.serving.on_sagemaker else None,
+            ),
+        )
+        return {"topic": obs.alert_topic_arn, "prometheus": obs.prometheus_url, "amp": obs.amp_workspace_id}
+
+    return run_program(program, {}, cfg.stack, cfg.project, cfg.region, mocks=ClusterMocks(cfg.region))
+
+
+_runs: dict[str, tuple[StackConfig, Run]] = {}
+
+
+@pytest.fixture(params=STACKS)
+def stack(request: pytest.FixtureRequest) -> tuple[StackConfig, Run]:
+    if request.param not in _runs:
+        cfg = config(request.param)
+        _runs[request.param] = (cfg, run_observability(cfg))
+    return _runs[request.param]
+
+
+def k8s_objects(run: Run) -> list[dict[str, Any]]:
+    return [r.inputs for r in run.resources if r.type.startswith("kubernetes:")]
+
+
+# -- metrics pipeline ----------------------------------------------------------------------------------------------
+
+
+def test_metrics_backend_follows_config(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    mode = cfg.observability.metrics
+    prometheus = [
+        r for r in run.of_type("kubernetes:apps/v1:Deployment") if r.inputs["metadata"]["name"] == "prometheus"
+    ]
+    assert bool(prometheus) is (mode == "in-cluster")
+    assert bool(run.of_type("aws:amp/workspace:Workspace")) is (mode == "amp")
+    if mode == "in-cluster":
+        assert run.outputs["prometheus"] == "http://prometheus.monitoring.svc:9090"
+        pod = prometheus[0].inputs["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"llm-platform/pool": "system"}
+        (container,) = pod["containers"]
+        assert container["image"] == f"quay.io/prometheus/prometheus:v{cfg.observability.prometheus_version}"
+        assert f"--storage.tsdb.retention.time={cfg.observability.prometheus_retention_days}d" in container["args"]
+        (cm,) = [o for o in k8s_objects(run) if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "prometheus"]
+        assert yaml.safe_load(cm["data"]["prometheus.yml"]) == scrape_config(cfg)
+    if mode == "amp":
+        scraper = run.one("aws:amp/scraper:Scraper").inputs
+        assert scraper["source"]["eks"] == {
+            "clusterArn": f"arn:aws:eks:{cfg.region}:{ACCOUNT}:cluster/{cfg.name_prefix}",
+            "subnetIds": ["subnet-a", "subnet-b"],
+            "securityGroupIds": ["sg-cluster"],
+        }
+        assert scraper["destination"]["amp"]["workspaceArn"].startswith(
+            f"arn:aws:aps:{cfg.region}:{ACCOUNT}:workspace/"
+        )
+        assert yaml.safe_load(scraper["scrapeConfiguration"]) == scrape_config(cfg, managed_collector=True)
+        access = run.one("aws:eks/accessEntry:AccessEntry").inputs
+        assert access["principalArn"].startswith(f"arn:aws:iam::{ACCOUNT}:role/aws-service-role/scraper.aps")
+        assert access["userName"] == AMP_COLLECTOR_USER
+        (binding,) = [o for o in k8s_objects(run) if o["kind"] == "ClusterRoleBinding"]
+        assert binding["subjects"] == [
+            {"kind": "User", "name": AMP_COLLECTOR_USER, "apiGroup": "rbac.authorization.k8s.io"}
+        ]
+        assert run.outputs["prometheus"].startswith(f"https://aps-workspaces.{cfg.region}.amazonaws.com/workspaces/")
+
+
+def test_scrape_jobs_cover_gpus_serving_and_training() -> None:
+    jobs = {j["job_name"]: j for j in scrape_config(config("dev"))["scrape_configs"]}
+    assert set(jobs) == {"dcgm", "serving", "training"}
+    assert jobs["serving"]["kubernetes_sd_configs"][0]["namespaces"]["names"] == ["llm-serving"]
+    assert jobs["training"]["kubernetes_sd_configs"][0]["namespaces"]["names"] == ["llm-training"]
+    # The address rewrite Prometheus applies (anchored RE2 regex, "$1:$2" replacement) lands on the annotated port.
+    rewrite = jobs["serving"]["relabel_configs"][2]
+    regex = re.compile(f"^(?:{rewrite['regex']})$")
+    for address in ("10.0.1.7:8080;9100", "10.0.1.7;9100"):
+        match = regex.match(address)
+        assert match is not None and f"{match[1]}:{match[2]}" == "10.0.1.7:9100"
+
+
+def test_serving_pods_are_annotated_for_the_serving_job(run_stack: Callable[..., Run]) -> None:
+    (dep,) = run_stack("dev").of_type("kubernetes:apps/v1:Deployment")
+    template = dep.inputs["spec"]["template"]
+    assert dep.inputs["metadata"]["namespace"] == "llm-serving"
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    ports = {p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+    assert int(annotations["prometheus.io/port"]) in ports
+
+
+def test_dcgm_exporter_runs_on_every_gpu_pool_and_nowhere_else(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    daemonsets = [o for o in k8s_objects(run) if o["kind"] == "DaemonSet"]
+    if cfg.observability.metrics == "none":
+        assert not daemonsets
+        return
+    (ds,) = daemonsets
+    pod = ds["spec"]["template"]["spec"]
+    assert ds == dcgm_exporter_objects(cfg)["daemonset"]
+    assert (
+        pod["containers"][0]["image"] == f"nvcr.io/nvidia/k8s/dcgm-exporter:{cfg.observability.dcgm_exporter_version}"
+    )
+    for pool in cfg.cluster.gpu_pools:
+        assert can_schedule(pod, [pool]) == (True, pool.name)
+    system = {
+        "name": "system",
+        "instance_types": ["g6.xlarge"],
+        "max_size": 2,
+        "labels": {"llm-platform/pool": "system"},
+    }
+    assert not can_schedule(pod, [system])[0]
+    (cm,) = [o for o in k8s_objects(run) if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "dcgm-exporter"]
+    assert [line.split(",")[0] for line in cm["data"]["counters.csv"].splitlines()] == [c[0] for c in DCGM_COUNTERS]
+
+
+def test_metrics_none_runs_nothing_in_the_cluster() -> None:
+    cfg = config("dev", metrics="none")
+    run = run_observability(cfg)
+    assert not k8s_objects(run) and run.outputs["prometheus"] is None
+    assert run.of_type(TOPIC)  # alarms don't depend on Prometheus
+
+
+def test_every_kubernetes_object_is_valid(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    objects = k8s_objects(run)
+    assert objects
+    for obj in objects:
+        kubernetes_validate.validate(obj, cfg.cluster.kubernetes_version, strict=True)
+
+
+# -- the dashboard --------------------------------------------------------------------------------------------------
+
+PROMQL_WORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset",
+    "inf", "nan",
+}  # fmt: skip
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects: identifiers left after removing strings, label matchers, ranges,
+    grouping clauses, function calls and keywords."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    text = re.sub(r"\{[^}]*\}", "", text)
+    text = re.sub(r"\[[^\]]*\]", "", text)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        rest = text[match.end() :].lstrip()
+        if rest.startswith("(") or match[0].lower() in PROMQL_WORDS:
+            continue
+        names.add(match[0])
+    return names
+
+
+def prometheus_client_names(*paths: Path) -> set[str]:
+    """Series names the prometheus_client metrics defined in these files expose (Counter `x` -> `x_total`, ...)."""
+    series = {
+        "Counter": ("_total", "_created"),
+        "Gauge": ("",),
+        "Histogram": ("_bucket", "_sum", "_count", "_created"),
+        "Summary": ("", "_sum", "_count", "_created"),
+        "Info": ("_info",),
+    }
+    names: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
+                continue
+            kind = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if kind in series and isinstance(node.args[0].value, str):
+                base = node.args[0].value.removesuffix("_total") if kind == "Counter" else node.args[0].value
+                names.update(base + suffix for suffix in series[kind])
+    return names
+
+
+def serving_metric_names() -> set[str]:
+    return prometheus_client_names(*sorted((REPO / "serving").rglob("*.py")))
+
+
+def training_metric_names() -> set[str]:
+    return prometheus_client_names(*sorted((REPO / "training").rglob("*.py")))
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    out = []
+    for file_name, text in dashboard_files().items():
+        for panel in json.loads(text)["panels"]:
+            for target in panel["targets"]:
+                out.append((f"{file_name}: {panel['title']}", target["expr"]))
+    return out
+
+
+def test_metric_name_extraction() -> None:
+    expr = (
+        'histogram_quantile(0.95, sum by (le) (rate(llm_serving_request_latency_seconds_bucket{endpoint="chat"}[5m])))'
+    )
+    assert metric_names(expr) == {"llm_serving_request_latency_seconds_bucket"}
+    assert metric_names("100 * sum by (gpu) (A) / (sum(B) + sum without (x) (C))") == {"A", "B", "C"}
+    assert "llm_serving_made_up_total" not in serving_metric_names()
+    assert {"llm_serving_requests_total", "llm_serving_queue_depth", "llm_serving_batch_size_bucket"} <= (
+        serving_metric_names()
+    )
+
+
+def test_dashboard_loads_and_every_query_names_an_emitted_metric() -> None:
+    files = dashboard_files()
+    assert files, "no dashboards in infra/dashboards"
+    emitted = serving_metric_names() | training_metric_names() | {name for name, _, _ in DCGM_COUNTERS}
+    queries = dashboard_queries()
+    for where, expr in queries:
+        names = metric_names(expr)
+        assert names, f"{where}: no metric in {expr!r}"
+        unknown = names - emitted
+        assert not unknown, f"{where}: {sorted(unknown)} emitted by no exporter or container of ours"
+    for text in files.values():
+        dash = json.loads(text)
+        ids = [p["id"] for p in dash["panels"]]
+        assert len(ids) == len(set(ids)) and dash["uid"]
+    used = set().union(*(metric_names(e) for _, e in queries))
+    # What the issue asks to watch: GPU utilisation and memory, serving requests, latency, TTFT, queue.
+    for required in (
+        "DCGM_FI_DEV_GPU_UTIL",
+        "DCGM_FI_DEV_FB_USED",
+        "llm_serving_requests_total",
+        "llm_serving_request_latency_seconds_bucket",
+        "llm_serving_time_to_first_token_seconds_bucket",
+        "llm_serving_queue_depth",
+        "llm_serving_inflight_requests",
+    ):
+        assert required in used, required
+    # Training panels come with the trainer's metrics: once training/ defines any, the dashboard must show them.
+    training = training_metric_names()
+    assert bool(training & used) is bool(training), f"training emits {sorted(training)}: add its panels"
+
+
+def test_dashboards_ship_as_grafana_configmaps(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    maps = [o for o in k8s_objects(run) if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"]["labels"]]
+    if cfg.observability.metrics == "none":
+        assert not maps
+        return
+    assert {name: text for m in maps for name, text in m["data"].items()} == dashboard_files()
+    assert all(m["metadata"]["labels"]["grafana_dashboard"] == "1" for m in maps)
+
+
+# -- alerting -------------------------------------------------------------------------------------------------------
+
+
+def test_alert_topic_is_encrypted_and_reaches_people(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    key = run.one("aws:kms/key:Key")
+    topic = run.one(TOPIC).inputs
+    assert topic["kmsMasterKeyId"] == key.state["keyId"]
+    assert key.inputs["enableKeyRotation"] is True
+    key_policy = json.loads(key.inputs["policy"])
+    publishers = next(s for s in key_policy["Statement"] if s["Sid"] == "AlarmAndEventPublishers")
+    assert publishers["Condition"] == {"StringEquals": {"aws:SourceAccount": ACCOUNT}}
+    topic_policy = json.loads(run.one("aws:sns/topicPolicy:TopicPolicy").inputs["policy"])
+    services = next(s for s in topic_policy["Statement"] if s["Sid"] == "AlarmsAndRulesOfThisAccount")
+    assert services["Action"] == "sns:Publish" and services["Condition"]["StringEquals"]["aws:SourceAccount"] == ACCOUNT
+    subs = run.of_type("aws:sns/topicSubscription:TopicSubscription")
+    assert sorted(s.inputs["endpoint"] for s in subs) == sorted(cfg.observability.alert_emails)
+    assert all(s.inputs["protocol"] == "email" for s in subs)
+    tags = stack_tags(cfg.stack, cfg.environment)
+    taggable = ("aws:kms/key:Key", TOPIC, ALARM, "aws:cloudwatch/eventRule:EventRule", "aws:amp/workspace:Workspace")
+    for rec in run.resources:
+        if rec.type in taggable or rec.type in ("aws:amp/scraper:Scraper", "aws:eks/accessEntry:AccessEntry"):
+            assert rec.inputs.get("tags") == tags, rec.name
+    assert run.duplicate_names() == []
+
+
+def test_node_launch_failures_alert(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    rule = run.one("aws:cloudwatch/eventRule:EventRule", "observability-capacity-failures").inputs
+    pattern = json.loads(rule["eventPattern"])
+    assert pattern["source"] == ["aws.autoscaling"]
+    assert pattern["detail-type"] == ["EC2 Instance Launch Unsuccessful"]
+    pools = ("system", *(p.name for p in cfg.cluster.gpu_pools))
+    assert pattern["detail"]["AutoScalingGroupName"] == sorted(f"eks-{cfg.name_prefix}-{p}-asg" for p in pools)
+    target = run.one("aws:cloudwatch/eventTarget:EventTarget").inputs
+    assert target["arn"] == run.outputs["topic"]
+
+
+def test_sagemaker_alarms_only_where_sagemaker_serves(stack: tuple[StackConfig, Run]) -> None:
+    cfg, run = stack
+    alarms = {r.inputs["name"].removeprefix(f"{cfg.name_prefix}-sagemaker-"): r.inputs for r in run.of_type(ALARM)}
+    if not cfg.serving.on_sagemaker:
+        assert not alarms
+        return
+    assert set(alarms) == {"latency-p90", "5xx", "invocations-high", "invocations-none"}
+    for alarm in alarms.values():
+        assert alarm["namespace"] == "AWS/SageMaker"
+        assert alarm["dimensions"] == {"EndpointName": ENDPOINT, "VariantName": "AllTraffic"}
+        assert alarm["alarmActions"] == [run.outputs["topic"]]
+        assert alarm["period"] * alarm["evaluationPeriods"] <= 86400
+    latency = alarms["latency-p90"]
+    assert latency["metricName"] == "ModelLatency" and latency["extendedStatistic"] == "p90"
+    assert latency["threshold"] == cfg.observability.sagemaker_latency_p90_ms * 1000  # microseconds
+    assert alarms["5xx"]["metricName"] == "Invocation5XXErrors" and alarms["5xx"]["threshold"] == 0
+    ceiling = cfg.serving.sagemaker_max_instances * cfg.serving.sagemaker_invocations_per_instance
+    assert alarms["invocations-high"]["threshold"] == int(ceiling * 0.9)
+    assert alarms["invocations-none"]["treatMissingData"] == "breaching"
