@@ -19,7 +19,7 @@ import yaml
 
 from infra.autoscaling import SYSTEM_POOL, _apply, _restricted_container_security, asg_name
 from infra.config import GPU_TAINT, POOL_LABEL, PURPOSE_LABEL, StackConfig
-from infra.kubernetes_base import SERVING_NAMESPACE, TRAINING_NAMESPACE
+from infra.kubernetes_base import SERVING_ACCESS_LABEL, SERVING_NAMESPACE, TRAINING_NAMESPACE
 
 MONITORING_NAMESPACE = "monitoring"
 PROMETHEUS_IMAGE = "quay.io/prometheus/prometheus"
@@ -255,10 +255,12 @@ def monitoring_namespace() -> dict[str, Any]:
         "kind": "Namespace",
         "metadata": {
             "name": MONITORING_NAMESPACE,
-            # DCGM exporter runs as root with host paths mounted; nothing else here needs more than baseline.
             "labels": {
+                # DCGM exporter runs as root with host paths mounted; nothing else here needs more than baseline.
                 "pod-security.kubernetes.io/enforce": "privileged",
                 "pod-security.kubernetes.io/warn": "baseline",
+                # The serving namespace's default-deny admits port 8080 only from namespaces carrying this label.
+                SERVING_ACCESS_LABEL: "allowed",
             },
         },
     }

@@ -28,6 +28,7 @@ from infra.observability import (
     ObservabilityArgs,
     dashboard_files,
     dcgm_exporter_objects,
+    monitoring_namespace,
     scrape_config,
 )
 from infra.tags import stack_tags
@@ -176,6 +177,23 @@ def test_serving_pods_are_annotated_for_the_serving_job(run_stack: Callable[...,
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
     ports = {p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
     assert int(annotations["prometheus.io/port"]) in ports
+
+
+def test_serving_network_policy_admits_the_in_cluster_prometheus(run_stack: Callable[..., Run]) -> None:
+    """kubernetes_base's default-deny in llm-serving admits port 8080 only from labelled namespaces."""
+    run = run_stack("dev")
+    (policy,) = [
+        r.inputs
+        for r in run.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")
+        if r.inputs["metadata"]["name"] == "allow-http-ingress"
+    ]
+    (rule,) = policy["spec"]["ingress"]
+    selectors = [s["namespaceSelector"]["matchLabels"] for s in rule["from"] if "namespaceSelector" in s]
+    labels = monitoring_namespace()["metadata"]["labels"]
+    assert any(all(labels.get(k) == v for k, v in sel.items()) for sel in selectors)
+    (dep,) = run.of_type("kubernetes:apps/v1:Deployment")
+    port = int(dep.inputs["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
+    assert {"protocol": "TCP", "port": port} in rule["ports"]
 
 
 def test_dcgm_exporter_runs_on_every_gpu_pool_and_nowhere_else(stack: tuple[StackConfig, Run]) -> None:
