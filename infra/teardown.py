@@ -13,7 +13,8 @@ Phases, in this order because each one removes what would block or outlive the n
 4. Sweep: the account/region is searched for anything still owned by the stack (see infra/sweep.py for how
    ownership is decided) and reported. `--force` deletes what was found, then sweeps again.
 
-Exit codes: 0 nothing left; 1 leftovers (or a failed phase); 2 bad usage or refused.
+Exit codes: 0 nothing left (the final sweep is clean and destroy succeeded); 1 leftovers, or a failed destroy or
+deletion; 2 bad usage or refused.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ EXIT_LEFTOVERS = 1
 EXIT_REFUSED = 2
 
 Log = Callable[[str], None]
+KUBE_TIMEOUT = (5, 30)
+"""(connect, read) seconds for every Kubernetes API call: the client's default is to wait forever, and a private
+endpoint seen from outside the VPC would hang the teardown instead of letting it fall back on the sweep."""
 
 
 # ---- phase 2: Kubernetes objects that own AWS resources --------------------------------------------------------
@@ -74,24 +78,24 @@ class KubePlan:
 def plan_kubernetes_cleanup(core: Any, networking: Any) -> KubePlan:
     """Select the objects to delete. `core`/`networking` are CoreV1Api / NetworkingV1Api (or a test fake)."""
     plan = KubePlan()
-    for ing in networking.list_ingress_for_all_namespaces().items:
+    for ing in networking.list_ingress_for_all_namespaces(_request_timeout=KUBE_TIMEOUT).items:
         plan.network.append(KubeRef("Ingress", ing.metadata.namespace, ing.metadata.name))
-    for svc in core.list_service_for_all_namespaces().items:
+    for svc in core.list_service_for_all_namespaces(_request_timeout=KUBE_TIMEOUT).items:
         if svc.spec and svc.spec.type == "LoadBalancer":
             plan.network.append(KubeRef("Service", svc.metadata.namespace, svc.metadata.name))
     claim_names: set[tuple[str, str]] = set()
-    for pvc in core.list_persistent_volume_claim_for_all_namespaces().items:
+    for pvc in core.list_persistent_volume_claim_for_all_namespaces(_request_timeout=KUBE_TIMEOUT).items:
         ref = KubeRef("PersistentVolumeClaim", pvc.metadata.namespace, pvc.metadata.name)
         plan.claims.append(ref)
         claim_names.add((ref.namespace, ref.name))
         volume_name = pvc.spec.volume_name if pvc.spec else None
         if volume_name:
-            pv = core.read_persistent_volume(volume_name)
+            pv = core.read_persistent_volume(volume_name, _request_timeout=KUBE_TIMEOUT)
             if (pv.spec.persistent_volume_reclaim_policy or "Delete") == "Delete":
                 plan.volumes.append(volume_name)
             else:
                 plan.retained_volumes.append(volume_name)
-    for pod in core.list_pod_for_all_namespaces().items:
+    for pod in core.list_pod_for_all_namespaces(_request_timeout=KUBE_TIMEOUT).items:
         for vol in (pod.spec.volumes or []) if pod.spec else []:
             claim = vol.persistent_volume_claim
             if claim and (pod.metadata.namespace, claim.claim_name) in claim_names:
@@ -117,7 +121,7 @@ def _delete(core: Any, networking: Any, ref: KubeRef) -> None:
         "Pod": core.delete_namespaced_pod,
     }[ref.kind]
     try:
-        call(ref.name, ref.namespace, body=body)
+        call(ref.name, ref.namespace, body=body, _request_timeout=KUBE_TIMEOUT)
     except ApiException as err:
         if err.status != 404:  # already gone is what we want
             raise
@@ -126,16 +130,17 @@ def _delete(core: Any, networking: Any, ref: KubeRef) -> None:
 def _remaining(core: Any, networking: Any, plan: KubePlan) -> list[str]:
     live = {
         KubeRef("Ingress", i.metadata.namespace, i.metadata.name)
-        for i in networking.list_ingress_for_all_namespaces().items
+        for i in networking.list_ingress_for_all_namespaces(_request_timeout=KUBE_TIMEOUT).items
     }
     live |= {
-        KubeRef("Service", s.metadata.namespace, s.metadata.name) for s in core.list_service_for_all_namespaces().items
+        KubeRef("Service", s.metadata.namespace, s.metadata.name)
+        for s in core.list_service_for_all_namespaces(_request_timeout=KUBE_TIMEOUT).items
     }
     live |= {
         KubeRef("PersistentVolumeClaim", c.metadata.namespace, c.metadata.name)
-        for c in core.list_persistent_volume_claim_for_all_namespaces().items
+        for c in core.list_persistent_volume_claim_for_all_namespaces(_request_timeout=KUBE_TIMEOUT).items
     }
-    pvs = {pv.metadata.name for pv in core.list_persistent_volume().items}
+    pvs = {pv.metadata.name for pv in core.list_persistent_volume(_request_timeout=KUBE_TIMEOUT).items}
     left = [str(r) for r in plan.network + plan.claims if r in live]
     left += [f"PersistentVolume {v}" for v in plan.volumes if v in pvs]
     return left
@@ -300,7 +305,10 @@ def teardown(
         print(msg, file=progress, flush=True)
 
     log(f"== phase 1/4: resolve stack '{args.stack}'")
-    resolved = resolve(args, log)
+    try:
+        resolved = resolve(args, log)
+    except Exception as exc:  # no such stack, not logged in to the backend, unreadable --outputs file
+        resolved = f"cannot read the outputs of stack '{args.stack}': {exc}"
     if isinstance(resolved, str):
         print(resolved, file=err)
         return EXIT_REFUSED
@@ -318,7 +326,9 @@ def teardown(
         f"cluster {resolved.cluster_name or '(none known: controller-created resources cannot be matched)'}"
     )
     sweeper = sweeper_factory(ownership, resolved.region)
-    failed: list[str] = []
+    failed: list[str] = []  # phases that left the stack not provably gone: exit 1
+    warnings: list[str] = []  # pre-destroy steps that did not finish; the final sweep decides whether it mattered
+    destroy_error: str | None = None
 
     if args.sweep_only:
         log("== phases 2-3 skipped (--sweep-only)")
@@ -330,19 +340,27 @@ def teardown(
         elif not kubeconfig:
             log("  no kubeconfig output: no cluster to clean")
         else:
-            core, networking = kube_clients(kubeconfig)
-            left = run_kubernetes_cleanup(core, networking, log, timeout_s=args.wait_timeout, poll_s=args.poll)
-            left_aws = wait_for_controller_resources(sweeper, log, timeout_s=args.wait_timeout, poll_s=args.poll)
-            failed += left + [f"{f.service} {f.kind} {f.id}" for f in left_aws]
-            if failed:
+            try:
+                core, networking = kube_clients(kubeconfig)
+                left = run_kubernetes_cleanup(core, networking, log, timeout_s=args.wait_timeout, poll_s=args.poll)
+            except Exception as exc:  # unreachable (private endpoint), forbidden, expired token ...
+                # Destroying anyway is still right: the sweep finds what the controllers leave by their cluster
+                # tags, and --force deletes it (then retries the destroy the leftovers blocked).
+                left = [f"Kubernetes cleanup failed: {exc}"]
+                log(f"  Kubernetes cleanup FAILED: {exc}")
+            # Nothing was asked to delete the load balancers if the cluster could not be reached: don't wait.
+            left_aws = (
+                []
+                if left and left[0].startswith("Kubernetes cleanup failed")
+                else wait_for_controller_resources(sweeper, log, timeout_s=args.wait_timeout, poll_s=args.poll)
+            )
+            warnings += left + [f"still present after the wait: {f.service} {f.kind} {f.id}" for f in left_aws]
+            if warnings:
                 log("  continuing to destroy; the sweep will report what the controllers did not delete")
         log("== phase 3/4: pulumi destroy")
-        try:
-            changes = automation.destroy(args.stack, on_output=lambda line: log("  " + line.rstrip()))
-            log(f"  destroy done: {changes}")
-        except Exception as exc:  # the CLI's CommandError carries its stderr; report and still sweep
-            failed.append(f"pulumi destroy failed: {exc}")
-            log(f"  pulumi destroy FAILED: {exc}")
+        destroy_error = _destroy(args.stack, log)
+        if destroy_error:
+            failed.append(destroy_error)
 
     log(f"== phase 4/4: sweep {resolved.region} for leftovers")
     findings = sweeper.find()
@@ -351,6 +369,12 @@ def teardown(
         log(report_text(findings, ownership, resolved.region))
         log(f"--force: deleting {sum(f.deletable for f in findings)} deletable leftover(s)")
         deleted_failures = sweeper.delete(findings, log=log, wait_s=args.wait_timeout)
+        if destroy_error and not deleted_failures:
+            # What blocked the destroy is typically what the sweep just removed (a controller's load balancer
+            # ENIs keep the subnets and VPC alive): one more destroy finishes the job.
+            log("== phase 3/4 again: pulumi destroy, now that the leftovers are gone")
+            if not _destroy(args.stack, log):
+                failed.remove(destroy_error)
         findings = sweeper.find()
     if args.json:
         doc = {
@@ -360,14 +384,28 @@ def teardown(
             "clean": not findings,
             "leftovers": [f.to_json() for f in findings],
             "phase_failures": failed,
+            "warnings": warnings,
             "delete_failures": deleted_failures,
         }
         print(json.dumps(doc, indent=2, default=str), file=out)
     else:
         print(report_text(findings, ownership, resolved.region), file=out, end="")
+        for line in warnings:
+            print(f"warning: {line}", file=out)
         for line in failed + deleted_failures:
             print(f"problem: {line}", file=out)
     return EXIT_CLEAN if not findings and not failed and not deleted_failures else EXIT_LEFTOVERS
+
+
+def _destroy(stack: str, log: Log) -> str | None:
+    """Run `pulumi destroy`; the error line on failure (the CLI's CommandError carries its stderr)."""
+    try:
+        changes = automation.destroy(stack, on_output=lambda line: log("  " + line.rstrip()))
+    except Exception as exc:
+        log(f"  pulumi destroy FAILED: {exc}")
+        return f"pulumi destroy failed: {exc}"
+    log(f"  destroy done: {changes}")
+    return None
 
 
 def teardown_expired(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:

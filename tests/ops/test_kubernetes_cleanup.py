@@ -75,34 +75,44 @@ class FakeCluster:
         self.terminating.setdefault(key, self.linger)
 
     # -- the CoreV1Api / NetworkingV1Api surface used by infra.teardown
-    def list_service_for_all_namespaces(self) -> k.V1ServiceList:
+    def list_service_for_all_namespaces(self, *, _request_timeout: object) -> k.V1ServiceList:
         return self._list("Service", k.V1ServiceList)
 
-    def list_ingress_for_all_namespaces(self) -> k.V1IngressList:
+    def list_ingress_for_all_namespaces(self, *, _request_timeout: object) -> k.V1IngressList:
         return self._list("Ingress", k.V1IngressList)
 
-    def list_persistent_volume_claim_for_all_namespaces(self) -> k.V1PersistentVolumeClaimList:
+    def list_persistent_volume_claim_for_all_namespaces(
+        self, *, _request_timeout: object
+    ) -> k.V1PersistentVolumeClaimList:
         return self._list("PersistentVolumeClaim", k.V1PersistentVolumeClaimList)
 
-    def list_persistent_volume(self) -> k.V1PersistentVolumeList:
+    def list_persistent_volume(self, *, _request_timeout: object) -> k.V1PersistentVolumeList:
         return self._list("PersistentVolume", k.V1PersistentVolumeList)
 
-    def list_pod_for_all_namespaces(self) -> k.V1PodList:
+    def list_pod_for_all_namespaces(self, *, _request_timeout: object) -> k.V1PodList:
         return self._list("Pod", k.V1PodList)
 
-    def read_persistent_volume(self, name: str) -> k.V1PersistentVolume:
+    def read_persistent_volume(self, name: str, *, _request_timeout: object) -> k.V1PersistentVolume:
         return self.objects[("PersistentVolume", "", name)]
 
-    def delete_namespaced_service(self, name: str, namespace: str, body: k.V1DeleteOptions) -> None:
+    def delete_namespaced_service(
+        self, name: str, namespace: str, body: k.V1DeleteOptions, *, _request_timeout: object
+    ) -> None:
         self._delete("Service", name, namespace, body)
 
-    def delete_namespaced_ingress(self, name: str, namespace: str, body: k.V1DeleteOptions) -> None:
+    def delete_namespaced_ingress(
+        self, name: str, namespace: str, body: k.V1DeleteOptions, *, _request_timeout: object
+    ) -> None:
         self._delete("Ingress", name, namespace, body)
 
-    def delete_namespaced_persistent_volume_claim(self, name: str, namespace: str, body: k.V1DeleteOptions) -> None:
+    def delete_namespaced_persistent_volume_claim(
+        self, name: str, namespace: str, body: k.V1DeleteOptions, *, _request_timeout: object
+    ) -> None:
         self._delete("PersistentVolumeClaim", name, namespace, body)
 
-    def delete_namespaced_pod(self, name: str, namespace: str, body: k.V1DeleteOptions) -> None:
+    def delete_namespaced_pod(
+        self, name: str, namespace: str, body: k.V1DeleteOptions, *, _request_timeout: object
+    ) -> None:
         self._delete("Pod", name, namespace, body)
 
 
@@ -188,9 +198,9 @@ def test_an_object_deleted_by_someone_else_meanwhile_is_fine() -> None:
     c = _cluster()
     original = c.delete_namespaced_service
 
-    def raced(name: str, namespace: str, body: Any) -> None:
+    def raced(name: str, namespace: str, body: Any, **kw: Any) -> None:
         c.objects.pop(("Service", namespace, name))  # gone between the plan and the delete: the API answers 404
-        original(name, namespace, body)
+        original(name, namespace, body, **kw)
 
     c.delete_namespaced_service = raced  # type: ignore[method-assign]
     assert run_kubernetes_cleanup(c, c, lambda _: None, timeout_s=60, poll_s=1, sleep=lambda _: None) == []
@@ -200,7 +210,7 @@ def test_an_object_deleted_by_someone_else_meanwhile_is_fine() -> None:
 def test_other_api_errors_are_not_swallowed() -> None:
     c = _cluster()
 
-    def forbidden(name: str, namespace: str, body: Any) -> None:
+    def forbidden(name: str, namespace: str, body: Any, **_: Any) -> None:
         raise ApiException(status=403, reason="Forbidden")
 
     c.delete_namespaced_ingress = forbidden  # type: ignore[method-assign]
@@ -224,3 +234,20 @@ def test_kube_clients_are_built_from_the_kubeconfig_output() -> None:
     core, networking = kube_clients(json.dumps(kubeconfig))  # the program exports it as JSON text
     assert isinstance(core, k.CoreV1Api) and isinstance(networking, k.NetworkingV1Api)
     assert core.api_client.configuration.host == "https://dev.example.invalid"
+
+
+def test_the_fake_only_implements_real_client_methods() -> None:
+    """Keep the fake honest: every method it offers exists on the real API classes and takes the same arguments."""
+    import inspect
+
+    for name, method in inspect.getmembers(FakeCluster, inspect.isfunction):
+        if name.startswith(("list_", "read_", "delete_")):
+            real = getattr(k.CoreV1Api, name, None) or getattr(k.NetworkingV1Api, name)
+            real_params = [p for p in inspect.signature(real).parameters if p not in ("self", "kwargs")]
+            fake_params = [p for p in inspect.signature(method).parameters if p not in ("self", "_request_timeout")]
+            assert fake_params[: len(real_params)] == real_params, name
+            # The rest (body, _request_timeout) travel in the real method's **kwargs: it must list them as known.
+            owner = k.CoreV1Api if hasattr(k.CoreV1Api, name) else k.NetworkingV1Api
+            source = inspect.getsource(getattr(owner, name + "_with_http_info"))
+            for extra in [*fake_params[len(real_params) :], "_request_timeout"]:
+                assert f"'{extra}'" in source, f"{name} does not accept {extra}"

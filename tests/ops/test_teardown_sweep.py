@@ -303,3 +303,46 @@ def test_failed_destroy_is_not_reported_clean(monkeypatch: pytest.MonkeyPatch, a
     code, out, _ = _run(STACK)
     assert code == teardown.EXIT_LEFTOVERS
     assert "problem: pulumi destroy failed" in out and "locked" in out
+
+
+def test_destroy_blocked_by_leftovers_is_retried_after_force(
+    monkeypatch: pytest.MonkeyPatch, aws_env: str, moto_reset: None
+) -> None:
+    """Unreachable cluster -> its load balancer survives -> destroy fails on the VPC -> --force removes the LB
+    (found by its controller tag) -> the second destroy succeeds -> clean."""
+    elbv2, ec2 = boto3.client("elbv2", region_name=REGION), boto3.client("ec2", region_name=REGION)
+    vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
+    subnets = [
+        ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.7.{i}.0/24", AvailabilityZone=f"{REGION}{az}")["Subnet"]["SubnetId"]
+        for i, az in enumerate("ab")
+    ]
+    elbv2.create_load_balancer(
+        Name="k8s-left-behind", Subnets=subnets, Tags=[{"Key": "elbv2.k8s.aws/cluster", "Value": CLUSTER}]
+    )
+    destroys: list[str] = []
+
+    def destroy(stack: str, on_output: object) -> dict:
+        destroys.append(stack)
+        if elbv2.describe_load_balancers()["LoadBalancers"]:
+            raise RuntimeError("deleting subnet: DependencyViolation: has dependencies and cannot be deleted")
+        return {"delete": 42}
+
+    def unreachable(kubeconfig: object) -> tuple[object, object]:
+        raise ConnectionError("https://private.eks.example: connection timed out")
+
+    monkeypatch.setattr(automation, "pulumi_cli", lambda: "/usr/local/bin/pulumi")
+    monkeypatch.setattr(
+        automation,
+        "stack_outputs",
+        lambda stack: {keys.REGION: REGION, keys.CLUSTER_NAME: CLUSTER, keys.KUBECONFIG: "{}"},
+    )
+    monkeypatch.setattr(teardown, "kube_clients", unreachable)
+    monkeypatch.setattr(automation, "destroy", destroy)
+    code, out, err = _run(STACK, "--poll", "0.01")  # default 900 s wait: must be skipped, nothing deletes the LB
+    assert code == teardown.EXIT_LEFTOVERS, "without --force the blocked destroy and the LB are reported"
+    assert "Kubernetes cleanup FAILED" in out and "k8s-left-behind" in out and destroys == [STACK]
+    destroys.clear()
+    code, out, err = _run(STACK, "--force", "--poll", "0.01")
+    assert code == teardown.EXIT_CLEAN, out + err
+    assert destroys == [STACK, STACK] and "phase 3/4 again" in out
+    assert elbv2.describe_load_balancers()["LoadBalancers"] == []
