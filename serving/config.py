@@ -74,6 +74,13 @@ class ServingConfig:
     )
     request_timeout_s: float = field(default=600.0, metadata={"help": "Upstream request timeout."})
     dtype: str = field(default="float32", metadata={"help": "Built-in engine dtype: float32, bfloat16 or float16."})
+    torch_threads: int = field(
+        default=0,
+        metadata={
+            "help": "Built-in engine CPU threads (torch.set_num_threads); 0 = torch's default (all cores). "
+            "Use 1 for tiny models or when the cores are shared."
+        },
+    )
     device: str = field(default="cpu", metadata={"help": "Built-in engine device: cpu or cuda."})
     log_level: str = field(default="info", metadata={"help": "Log level."})
 
@@ -94,6 +101,8 @@ class ServingConfig:
                 raise ConfigError(f"{name} must be > 0")
         if self.default_max_tokens > self.max_tokens_cap:
             raise ConfigError("default_max_tokens must be <= max_tokens_cap")
+        if self.torch_threads < 0:
+            raise ConfigError("torch_threads must be >= 0")
         if self.batching not in ("continuous", "dynamic"):
             raise ConfigError(f"batching {self.batching!r} is not one of continuous, dynamic")
         if self.engine not in ("builtin", "vllm"):

@@ -92,7 +92,9 @@ def start_vllm(cfg: ServingConfig, model_dir: Path) -> Backend:
 
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must be IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when it is, and
+    # without it Nagle + delayed ACKs add ~40 ms to every response on a keep-alive connection
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(2048)

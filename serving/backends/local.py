@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ class LocalBackend:
     def __init__(self, model_dir: Path, cfg: ServingConfig, observer: BatchObserver | None = None) -> None:
         self.model_id = cfg.model_id
         self.cfg = cfg
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
         self.model = model.to(cfg.device).eval()
@@ -71,6 +74,7 @@ class LocalBackend:
             policy=BatchPolicy(cfg.batching),
             observer=observer,
         )
+        self._relay: _EventRelay | None = None
         self.scheduler.start()
         log.info(
             "loaded %s (%s params, context %d, batching %s)",
@@ -131,10 +135,13 @@ class LocalBackend:
         params = self._sampling(body, len(prompt_ids))
         ctx.prompt_tokens = len(prompt_ids)
         loop = asyncio.get_running_loop()
+        if self._relay is None or self._relay.loop is not loop:
+            self._relay = _EventRelay(loop)
+        relay = self._relay
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:  # runs on the engine thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            relay.post(events, event)
 
         gen = GenerationRequest(prompt_ids, params, emit)
         try:
@@ -154,9 +161,15 @@ class LocalBackend:
     async def _text_deltas(
         self, gen: GenerationRequest, events: asyncio.Queue[Event], stops: list[str], ctx: RequestContext
     ) -> AsyncIterator[str]:
-        """Text as it becomes final: held back while it might be a partial UTF-8 character or a stop sequence."""
+        """Text as it becomes final: held back while it might be a partial UTF-8 character or a stop sequence.
+
+        Detokenization is incremental (a window from `prefix` to the end, as in vLLM), so each token costs the same
+        however long the completion grows.
+        """
+        decode = self.tokenizer.decode
         ids: list[int] = []
-        sent = 0
+        prefix = read = 0  # ids[prefix:read] is context already turned into text; ids[read:] is not yet text
+        text, sent = "", 0
         try:
             while True:
                 event = await events.get()
@@ -164,7 +177,10 @@ class LocalBackend:
                     if event.reason == "error":
                         raise APIError(500, f"Generation failed: {event.error}", type_="server_error")
                     ctx.finish_reason = "length" if event.reason == "length" else "stop"
-                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    if read < len(ids):  # flush what was held back as a partial character
+                        text += decode(ids[prefix:], skip_special_tokens=True)[
+                            len(decode(ids[prefix:read], skip_special_tokens=True)) :
+                        ]
                     if len(text) > sent:
                         yield text[sent:]
                     return
@@ -172,7 +188,12 @@ class LocalBackend:
                 ctx.first_token()
                 ids.append(event.token_id)
                 ctx.completion_tokens = len(ids)
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                before = decode(ids[prefix:read], skip_special_tokens=True)
+                after = decode(ids[prefix:], skip_special_tokens=True)
+                if len(after) <= len(before) or after.endswith("\ufffd"):
+                    continue  # a partial UTF-8 sequence (or a special token): wait for more
+                text += after[len(before) :]
+                prefix, read = read, len(ids)
                 hit = _find_stop(text, stops, sent)
                 if hit is not None:
                     gen.cancel()
@@ -181,8 +202,6 @@ class LocalBackend:
                         yield text[sent:hit]
                     return
                 end = len(text) - _held_back(text, stops)
-                if text.endswith("\ufffd"):
-                    end = min(end, len(text) - 1)
                 if end > sent:
                     yield text[sent:end]
                     sent = end
@@ -228,6 +247,31 @@ class LocalBackend:
                 total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
             )
             yield chat_chunk(rid, model, {}, None, usage) if chat else completion_chunk(rid, model, "", None, usage)
+
+
+class _EventRelay:
+    """Carries engine-thread events to the event loop with one wake-up per burst (a decode step emits one token for
+    every row), instead of one cross-thread wake-up per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue[Event], Event]] = []
+        self._scheduled = False
+        self._lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue[Event], event: Event) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
 
 
 def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
