@@ -185,7 +185,9 @@ class Observability(pulumi.ComponentResource):
             deletion_window_in_days=7,
             policy=json.dumps(alerts_key_policy(args.account_id, args.partition)),
             tags=args.tags,
-            opts=child,
+            # It holds no data, but the production policy protects every key of a protected stack (and deleting it
+            # would only break alerting): follow protectData like the data key.
+            opts=pulumi.ResourceOptions(parent=self, protect=cfg.storage.protect_data),
         )
         topic = aws.sns.Topic(
             f"{self._name}-alerts",

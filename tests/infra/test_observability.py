@@ -360,6 +360,7 @@ def test_alert_topic_is_encrypted_and_reaches_people(stack: tuple[StackConfig, R
     topic = run.one(TOPIC).inputs
     assert topic["kmsMasterKeyId"] == key.state["keyId"]
     assert key.inputs["enableKeyRotation"] is True
+    assert key.protect is cfg.storage.protect_data  # the production policy protects every key of a protected stack
     key_policy = json.loads(key.inputs["policy"])
     publishers = next(s for s in key_policy["Statement"] if s["Sid"] == "AlarmAndEventPublishers")
     assert publishers["Condition"] == {"StringEquals": {"aws:SourceAccount": ACCOUNT}}
