@@ -60,10 +60,8 @@ class Budgets(pulumi.ComponentResource):
             limit_unit="USD",
             time_unit="MONTHLY",
             cost_filters=[aws.budgets.BudgetCostFilterArgs(**stack_cost_filter(cfg.stack))],
-            # Amortized, net of credits and refunds: what the stack really costs, not upfront RI spikes.
-            cost_types=aws.budgets.BudgetCostTypesArgs(
-                include_credit=False, include_refund=False, use_amortized=True
-            ),
+            # Amortized, credits and refunds left out: what the stack consumes, not what credits cover or RI upfronts.
+            cost_types=aws.budgets.BudgetCostTypesArgs(include_credit=False, include_refund=False, use_amortized=True),
             # A notification must have a subscriber; with no alert e-mails configured the budget still shows in
             # the console and Cost Explorer.
             notifications=[
