@@ -230,7 +230,6 @@ class Sweeper:
                         _tags(inst.get("Tags")),
                         arn=None,
                         state=inst["State"]["Name"],
-                        note="nodes launched outside the node groups end here too",
                     )
                     if f:
                         out.append(f)

@@ -251,3 +251,28 @@ def test_the_fake_only_implements_real_client_methods() -> None:
             source = inspect.getsource(getattr(owner, name + "_with_http_info"))
             for extra in [*fake_params[len(real_params) :], "_request_timeout"]:
                 assert f"'{extra}'" in source, f"{name} does not accept {extra}"
+
+
+def test_waits_for_controller_load_balancers_until_aws_agrees() -> None:
+    from infra.sweep import Finding, Ownership
+    from infra.teardown import wait_for_controller_resources
+
+    class Sweeper:
+        ownership = Ownership("dev", "llm-platform-dev")
+
+        def __init__(self, answers: list[list[Finding]]) -> None:
+            self.answers = answers
+
+        def find_controller_owned_load_balancers(self) -> list[Finding]:
+            return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+    lb = Finding("elbv2", "load-balancer", "k8s-gw", None, "elbv2.k8s.aws/cluster=llm-platform-dev")
+    sleeps: list[float] = []
+    assert wait_for_controller_resources(Sweeper([[lb], [lb], []]), lambda _: None, 60, 5, sleeps.append) == []
+    assert sleeps == [5, 5]
+    sleeps.clear()
+    assert wait_for_controller_resources(Sweeper([[lb]]), lambda _: None, 12, 5, sleeps.append) == [lb]
+    assert sum(sleeps) >= 12  # gave up only after the timeout
+    nameless = Sweeper([[lb]])
+    nameless.ownership = Ownership("dev")  # no cluster: nothing of a controller can be recognised, so no wait
+    assert wait_for_controller_resources(nameless, lambda _: None, 60, 5, sleeps.append) == []

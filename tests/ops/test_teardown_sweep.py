@@ -346,3 +346,30 @@ def test_destroy_blocked_by_leftovers_is_retried_after_force(
     assert code == teardown.EXIT_CLEAN, out + err
     assert destroys == [STACK, STACK] and "phase 3/4 again" in out
     assert elbv2.describe_load_balancers()["LoadBalancers"] == []
+
+
+def test_expired_mode_tears_down_only_expired_non_production_stacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    ages = [
+        automation.StackAge("dev", now - timedelta(hours=20)),
+        automation.StackAge("dev-prodlike", now - timedelta(days=2)),
+        automation.StackAge("dev-fresh", now - timedelta(hours=1)),
+        automation.StackAge("staging", now - timedelta(days=9)),
+    ]
+    torn: list[tuple[str, bool, object]] = []
+    monkeypatch.setattr(automation, "pulumi_cli", lambda: "/usr/local/bin/pulumi")
+    monkeypatch.setattr(automation, "list_stack_ages", lambda: ages)
+    monkeypatch.setattr(automation, "read_stack_config", lambda s: {automation.PRODUCTION_KEY: s == "dev-prodlike"})
+    monkeypatch.setattr(
+        teardown,
+        "teardown",
+        lambda a, out, err: torn.append((a.stack, a.force, a.confirm_production)) or teardown.EXIT_CLEAN,
+    )
+    code, out, _ = _run("--expired", "--ttl-hours", "12", "--force")
+    assert code == teardown.EXIT_CLEAN
+    assert torn == [("dev", True, None)]
+    assert "skipping 'dev-prodlike': production-marked" in out
+    monkeypatch.setattr(automation, "pulumi_cli", lambda: None)
+    assert _run("--expired")[0] == teardown.EXIT_REFUSED
