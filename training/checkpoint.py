@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from training.parallelize import Dist
 from training.storage import Storage, is_s3, open_storage
+
+# A single-process run (no process group) is intentional here, not a misconfiguration worth a warning per save.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 MARKER = "COMPLETE"
 STATE_FILE = "train_state.json"

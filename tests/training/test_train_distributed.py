@@ -64,6 +64,10 @@ def test_sigterm_checkpoints_and_restart_resumes_same_data_order(corpus: Path, t
     assert 6 <= stopped_at < STEPS
     ckpt = tmp_path / "checkpoints" / f"step_{stopped_at:08d}"
     assert (ckpt / "COMPLETE").is_file()
+    state = json.loads((ckpt / "train_state.json").read_text())
+    # The full resolved config travels with the checkpoint, and so does the data position.
+    assert state["config"]["parallel"]["strategy"] == "fsdp" and state["config"]["data"]["seq_len"] == 32
+    assert state["step"] == stopped_at and state["loader"]["position"] > 0
     assert not (tmp_path / "model").exists(), "an interrupted run must not export"
 
     resumed = run_training(*args)
