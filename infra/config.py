@@ -509,7 +509,7 @@ def _check_operations(v: dict[str, Any], project: str) -> list[str]:
     if not 1 <= v["prometheusRetentionDays"] <= 90:
         bad("prometheusRetentionDays", "must be between 1 and 90")
     if not re.fullmatch(r"\d+\.\d+\.\d+-\d+\.\d+\.\d+-ubuntu\d+\.\d+", v["dcgmExporterVersion"]):
-        bad("dcgmExporterVersion", "must be a dcgm-exporter tag such as 3.3.9-3.6.1-ubuntu22.04")
+        bad("dcgmExporterVersion", "must be a dcgm-exporter tag such as 4.2.3-4.1.3-ubuntu22.04")
     for email in v["alertEmails"]:
         if not _EMAIL_RE.match(email):
             p.append(f"{project}:alertEmails contains {email!r}: not an e-mail address")
