@@ -220,3 +220,20 @@ def test_training_job_schedules_in_every_stack(shipped: tuple[StackConfig, Run])
         assert can_schedule(spec, cfg.cluster.gpu_pools, advertised=(GPU_RESOURCE, EFA_RESOURCE)) == (True, "training")
         return
     _training_contract(cfg, run)
+
+
+def test_namespace_gpu_quotas_admit_every_pod_the_autoscaler_may_place(shipped: tuple[StackConfig, Run]) -> None:
+    """A pod over its namespace's GPU quota is refused at admission, before the autoscaler ever sees it."""
+    cfg, run = shipped
+    quotas = {
+        r.inputs["metadata"]["namespace"]: quantity(r.inputs["spec"]["hard"][f"requests.{GPU_RESOURCE}"])
+        for r in run.of_type("kubernetes:core/v1:ResourceQuota")
+    }
+    serving = serving_pod(run)
+    if serving is not None:
+        demand = cfg.serving.max_replicas * pod_requests(serving)[GPU_RESOURCE]
+        assert demand <= quotas["llm-serving"], f"{cfg.stack}: serving may need {demand} GPUs"
+    pool = cfg.cluster.pool("training")
+    training = training_job_pod(cfg, run, nodes=pool.max_size)
+    demand = pool.max_size * pod_requests(training)[GPU_RESOURCE]
+    assert demand <= quotas["llm-training"], f"{cfg.stack}: a full-pool training job needs {demand} GPUs"
