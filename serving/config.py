@@ -60,6 +60,13 @@ class ServingConfig:
         default="continuous",
         metadata={"help": "continuous (requests join the running batch between steps) or dynamic (batch by batch)."},
     )
+    max_inflight: int = field(
+        default=0,
+        metadata={
+            "help": "Most generation requests handled at once (streams included); beyond it 503. "
+            "0 = automatic: max_batch_size + max_queue for the built-in engine, 256 as a gateway."
+        },
+    )
     max_tokens_cap: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none."})
     max_model_len: int = field(
@@ -101,6 +108,8 @@ class ServingConfig:
                 raise ConfigError(f"{name} must be > 0")
         if self.default_max_tokens > self.max_tokens_cap:
             raise ConfigError("default_max_tokens must be <= max_tokens_cap")
+        if self.max_inflight < 0:
+            raise ConfigError("max_inflight must be >= 0")
         if self.torch_threads < 0:
             raise ConfigError("torch_threads must be >= 0")
         if self.batching not in ("continuous", "dynamic"):
@@ -111,6 +120,13 @@ class ServingConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ConfigError(f"api keys file {self.api_keys_file} does not exist")
+
+    @property
+    def inflight_limit(self) -> int:
+        if self.max_inflight:
+            return self.max_inflight
+        gateway = bool(self.upstream) or self.engine == "vllm"
+        return 256 if gateway else self.max_batch_size + self.max_queue
 
     @property
     def model_id(self) -> str:

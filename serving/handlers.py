@@ -51,6 +51,7 @@ class AppState:
     default_model: str
     limiter: RateLimiter = field(default_factory=RateLimiter)
     draining: bool = False
+    inflight: int = 0  # generation requests admitted and not finished (streams until their last byte)
 
 
 class _ClientGoneError(Exception):
@@ -150,7 +151,7 @@ async def _generate(
     ctx = RequestContext(new_id("cmpl" if endpoint != "chat_completions" else "chatcmpl"), endpoint)
     key_id, model, stream = "-", "", False
     state.metrics.inflight.inc()
-    handed_off = False
+    handed_off = admitted = False
     try:
         key = state.keys.authenticate(presented_key(request.headers), state.cfg.default_rpm, state.cfg.default_tpm)
         key_id = key.key_id
@@ -165,9 +166,20 @@ async def _generate(
         except ValidationError as exc:
             raise from_validation_error(exc) from exc
         model, stream = body.model, body.stream
+        cap = state.cfg.max_tokens_cap
+        if body.max_tokens is not None and body.max_tokens > cap:
+            raise bad_request(f"max_tokens={body.max_tokens} is above this server's limit of {cap}.", "max_tokens")
         state.limiter.admit(key)
+        if state.inflight >= state.cfg.inflight_limit:
+            # the built-in engine also bounds its queue; this bound holds in gateway mode too, so memory stays
+            # bounded whatever the engine
+            raise APIError(503, "Server is overloaded: too many requests in flight. Retry later.",
+                           code="queue_full", retry_after=1.0)  # fmt: skip
+        state.inflight += 1
+        admitted = True
 
         def finish(status: int, code: str | None) -> None:
+            state.inflight -= 1
             state.limiter.charge(key, ctx.prompt_tokens + ctx.completion_tokens)
             _account(state, ctx, key_id, model, status, stream, code)
             state.metrics.inflight.dec()
@@ -201,6 +213,8 @@ async def _generate(
     finally:
         if not handed_off:
             state.metrics.inflight.dec()
+            if admitted:
+                state.inflight -= 1
 
 
 async def _sse(chunks: AsyncIterator[dict[str, Any]], finish: Callable[[int, str | None], None]) -> AsyncIterator[str]:

@@ -113,11 +113,6 @@ class LocalBackend:
 
     def _sampling(self, body: GenerationBody, prompt_len: int) -> SamplingParams:
         room = self.max_model_len - prompt_len
-        if body.max_tokens is not None and body.max_tokens > self.cfg.max_tokens_cap:
-            raise bad_request(
-                f"max_tokens={body.max_tokens} is above this server's limit of {self.cfg.max_tokens_cap}.",
-                param="max_tokens",
-            )
         if room <= 0 or (body.max_tokens is not None and body.max_tokens > room):
             asked = body.max_tokens or 0
             raise bad_request(

@@ -67,3 +67,20 @@ def test_client_disconnect_cancels_generation(small_server: ServingProcess) -> N
     assert closed and closed[0]["completion_tokens"] < 400
     ok = httpx.post(small_server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=60)
     assert ok.status_code == 200
+
+
+def test_gateway_bounds_requests_in_flight(start_server: ServerFactory, small_server: ServingProcess) -> None:
+    front = start_server("--upstream", small_server.url, "--max-inflight", "2")
+    body = {"model": MODEL_ID, "prompt": "flood the gateway", "max_tokens": 48, "stream": True}
+
+    def call(_: int) -> tuple[int, str, int]:
+        with httpx.stream("POST", front.url + "/v1/completions", json=body, timeout=120) as r:
+            text = "".join(r.iter_text())
+            return r.status_code, text, int(r.headers.get("Retry-After", "0"))
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(call, range(12)))
+    assert {status for status, _, _ in results} <= {200, 503}
+    at_gateway = [r for r in results if r[0] == 503 and "too many requests in flight" in r[1]]
+    assert at_gateway and all(retry >= 1 for _, _, retry in at_gateway)
+    assert all(text.rstrip().endswith("data: [DONE]") for status, text, _ in results if status == 200)
