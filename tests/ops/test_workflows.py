@@ -272,3 +272,69 @@ def test_offline_preview_script_handles_policy_failures_and_a_base_without_the_t
     assert "### `staging` compared with a base of 0 keys" in comment  # policy failure: still compared
     assert "### `prod`" in comment and "Preview failed (exit 2)" in comment and "vpcCidr" in comment
     assert (tmp_path / "out" / "pr-number").read_text().strip() == "42"
+
+
+def _third_party_imports(paths: list[Path]) -> set[str]:
+    import ast
+
+    local = {"infra", "policy", "tests", "__main__"}
+    found: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {m for m in found if m not in sys.stdlib_module_names and m not in local}
+
+
+def _closure(requirement_lines: list[str]) -> set[str]:
+    """Distribution names installed by these pinned lines, dependencies included (read from this venv)."""
+    from importlib import metadata
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    todo = [norm(line.split("==")[0]) for line in requirement_lines]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [norm(re.split(r"[\s;<>=!~\[(]", r, maxsplit=1)[0]) for r in requires if "extra ==" not in r]
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("workflow", "sources"),
+    [
+        ("deploy.yml", ["infra/*.py", "policy/*.py"]),
+        ("pr-preview.yml", ["infra/*.py", "policy/*.py"]),
+        ("teardown.yml", ["infra/*.py"]),
+        ("ttl-sweep.yml", ["infra/*.py"]),
+        (
+            "nightly.yml",
+            ["infra/*.py", "tests/conftest.py", "tests/ops/conftest.py", "tests/ops/test_cloud_integration.py"],
+        ),
+    ],
+)
+def test_the_slim_install_covers_every_import(workflow: str, sources: list[str]) -> None:
+    """The jobs install only the infrastructure's share of requirements.txt: it must provide every import."""
+    from importlib import metadata
+
+    pattern = re.compile(_load(workflow)["env"]["INFRA_REQUIREMENTS"])
+    lines = [line for line in (REPO_ROOT / "requirements.txt").read_text().splitlines() if pattern.match(line)]
+    installed = _closure(lines)
+    providers = metadata.packages_distributions()
+    paths = [p for glob in sources for p in sorted(REPO_ROOT.glob(glob))]
+    missing = {}
+    for module in _third_party_imports(paths):
+        dists = {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(module, [module])}
+        if not dists & installed:
+            missing[module] = sorted(dists)
+    assert not missing, f"{workflow} installs {sorted(installed)} but the code imports {missing}"
