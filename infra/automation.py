@@ -145,17 +145,17 @@ def copy_stack_config(source: Mapping[str, Any], overrides: Mapping[str, Any] | 
     return CopiedConfig(plain=plain, skipped_secrets=tuple(sorted(secrets)))
 
 
-def config_map(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Automation API ConfigValues: structured values go as JSON with `path=False`."""
-    import json
+def write_stack_config(stack: str, values: Mapping[str, Any], stacks_dir: Path | None = None) -> Path:
+    """Write `values` as the stack file's `config:`, keeping whatever else the CLI put there (encryptionsalt ...).
 
-    import pulumi.automation as auto
-
-    out = {}
-    for key, value in values.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        out[key] = auto.ConfigValue(value=text)
-    return out
+    Written as YAML rather than through `set_all_config`, which stores a list or a map as a JSON *string*: the
+    stack file must hold the same types as the dev file it was copied from, because infra/config.py validates them.
+    """
+    path = stack_file(stack, stacks_dir)
+    doc = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    doc["config"] = dict(values)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
 
 
 # ---- TTL selection for the scheduled dev teardown -------------------------------------------------------------

@@ -173,7 +173,7 @@ def test_ephemeral_dev_stack_up_check_teardown_sweep() -> None:
     stack = auto.create_stack(stack_name=name, work_dir=str(REPO_ROOT))
     problems: list[str] = []
     try:
-        stack.set_all_config(automation.config_map(copied.plain))
+        automation.write_stack_config(name, copied.plain)  # after create_stack, which may have added a salt
         result = stack.up(on_output=print, color="never")
         outputs = {k: v.value for k, v in result.outputs.items()}
         problems = check_stack(outputs, boto3.Session(region_name=outputs[keys.REGION]))
@@ -286,15 +286,30 @@ def test_config_copy_drops_secrets_and_production_and_applies_overrides() -> Non
     assert copied.plain["llm-platform:production"] is False
     assert copied.plain["llm-platform:publicApiCidrs"] == ["198.51.100.7/32"]
     assert "llm-platform:apiKey" not in copied.plain
-    values = automation.config_map(copied.plain)
-    assert values["llm-platform:publicApiCidrs"].value == '["198.51.100.7/32"]'
-    assert values["aws:region"].value == "us-east-1" and values["llm-platform:production"].value == "false"
+
+
+def test_written_stack_config_keeps_types_and_the_clis_keys(tmp_path: Path) -> None:
+    (tmp_path / "Pulumi.itest-1.yaml").write_text("encryptionsalt: v1:abc\nconfig:\n  aws:region: eu-west-1\n")
+    copied = automation.copy_stack_config(automation.read_stack_config("dev"), itest_overrides("198.51.100.7/32"))
+    path = automation.write_stack_config("itest-1", copied.plain, stacks_dir=tmp_path)
+    import yaml
+
+    doc = yaml.safe_load(path.read_text())
+    assert doc["encryptionsalt"] == "v1:abc"
+    assert doc["config"]["llm-platform:publicApiCidrs"] == ["198.51.100.7/32"]  # a list, not a JSON string
+    assert doc["config"]["llm-platform:production"] is False
+    assert automation.read_stack_config("itest-1", stacks_dir=tmp_path) == copied.plain
 
 
 def test_dev_config_copies_cleanly() -> None:
     copied = automation.copy_stack_config(automation.read_stack_config("dev"), itest_overrides("198.51.100.7/32"))
     assert copied.skipped_secrets == ()
     assert copied.plain["aws:region"] and copied.plain["llm-platform:production"] is False
+    # The program's own validation accepts the copy, so `up` will not fail on config after resources were paid for.
+    from infra.config import load_config
+
+    cfg = load_config(copied.plain, stack=automation.ephemeral_stack_name("itest", "1-1"))
+    assert cfg.production is False and cfg.cluster.public_api_cidrs == ("198.51.100.7/32",)
 
 
 def test_ttl_selection() -> None:
