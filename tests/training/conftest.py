@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import pytest
+
+# The suite runs with --import-mode=importlib, which does not put test directories on sys.path; the test modules
+# import their shared helpers as `train_helpers`, so make this directory importable once, here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog.",
