@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import boto3
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, WaiterError
 
 from infra.tags import STACK_TAG
 
@@ -493,21 +493,40 @@ class Sweeper:
     def delete(self, findings: list[Finding], log: Callable[[str], None] = print, wait_s: float = 600) -> list[str]:
         """Delete the deletable findings in dependency order; returns one line per failure.
 
-        Every finding passed in is re-checked against `Ownership.owns` by the caller's sweep (they came from
-        `find`), so this never reaches beyond what was reported.
+        Only findings from `find` come here, so nothing beyond what was reported is touched. An ENI, volume or
+        Elastic IP that was attached at sweep time is read again when its turn comes: the instances and load
+        balancers deleted before it usually set it free.
         """
         failures: list[str] = []
         rank = {k: i for i, k in enumerate(DELETE_ORDER)}
         for f in sorted(findings, key=lambda f: rank.get((f.service, f.kind), len(rank))):
-            if not f.deletable:
+            if not f.deletable and not self._freed(f):
                 continue
             try:
                 self._delete_one(f, wait_s)
                 log(f"  deleted {f.service} {f.kind} {f.id}")
-            except (ClientError, TimeoutError) as err:
+            except (ClientError, WaiterError, TimeoutError) as err:
                 failures.append(f"{f.service} {f.kind} {f.id}: {err}")
                 log(f"  FAILED  {f.service} {f.kind} {f.id}: {err}")
         return failures
+
+    def _freed(self, f: Finding) -> bool:
+        """Whether an attached ENI / volume / EIP has become deletable since the sweep (ownership is unchanged)."""
+        ec2 = self.client("ec2")
+        try:
+            match (f.service, f.kind):
+                case ("ec2", "network-interface"):
+                    enis = ec2.describe_network_interfaces(NetworkInterfaceIds=[f.id])["NetworkInterfaces"]
+                    f.deletable = bool(enis) and enis[0]["Status"] == "available"
+                case ("ec2", "volume"):
+                    vols = ec2.describe_volumes(VolumeIds=[f.id])["Volumes"]
+                    f.deletable = bool(vols) and vols[0]["State"] == "available"
+                case ("ec2", "elastic-ip"):
+                    addrs = ec2.describe_addresses(AllocationIds=[f.id])["Addresses"]
+                    f.deletable = bool(addrs) and "AssociationId" not in addrs[0]
+        except ClientError:  # already gone (deleted with its instance): nothing to do
+            return False
+        return f.deletable
 
     def _delete_one(self, f: Finding, wait_s: float) -> None:
         ec2 = self.client("ec2")
@@ -581,6 +600,11 @@ class Sweeper:
                 return
             except ClientError as err:
                 if err.response["Error"]["Code"] != "DependencyViolation" or time.monotonic() > deadline:
+                    raise
+                in_use = ec2.describe_network_interfaces(Filters=[{"Name": "group-id", "Values": [group_id]}])
+                if not in_use["NetworkInterfaces"]:
+                    # No ENI holds it, so another group's rule references it: waiting will not help, and that
+                    # group is not ours to edit.
                     raise
                 time.sleep(10)
 

@@ -221,7 +221,10 @@ def seeded(aws_env: str, moto_reset: None) -> Iterator[Seeded]:
             }
         ),
     )
-    s.add(s.ours, "instance", seed.instance({"eks:eks-cluster-name": CLUSTER, "karpenter.sh/nodepool": "gpu"}))
+    node = s.add(s.ours, "instance", seed.instance({"eks:eks-cluster-name": CLUSTER, "karpenter.sh/nodepool": "gpu"}))
+    # Attached at sweep time, so not deletable then; terminating its node first must free it for deletion.
+    data_volume = s.add(s.ours, "volume", seed.volume({"eks:cluster-name": CLUSTER}))
+    seed.ec2.attach_volume(VolumeId=data_volume, InstanceId=node, Device="/dev/sdf")
     # -- this stack, tagged, but not the sweep's to delete: pulumi destroy owns VPCs
     tagged_vpc = seed.ec2.create_vpc(CidrBlock="10.8.0.0/16", TagSpecifications=_spec("vpc", ours))["Vpc"]["VpcId"]
     s.add(s.ours_not_deletable, "vpc", tagged_vpc)

@@ -373,3 +373,35 @@ def test_expired_mode_tears_down_only_expired_non_production_stacks(monkeypatch:
     assert "skipping 'dev-prodlike': production-marked" in out
     monkeypatch.setattr(automation, "pulumi_cli", lambda: None)
     assert _run("--expired")[0] == teardown.EXIT_REFUSED
+
+
+def test_security_group_deletion_waits_for_enis_but_not_for_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto lets a referenced group go, so the two DependencyViolation cases are stubbed on a real botocore client."""
+    from botocore.stub import Stubber
+
+    from infra import sweep
+
+    sweeper = sweep.Sweeper(
+        Ownership(STACK, CLUSTER), REGION, session=boto3.Session(aws_access_key_id="x", aws_secret_access_key="x")
+    )
+    ec2 = sweeper.client("ec2")
+    sleeps: list[float] = []
+    monkeypatch.setattr(sweep.time, "sleep", sleeps.append)
+    group = {"GroupId": "sg-1", "GroupName": "k8s-traffic", "IpPermissions": [], "IpPermissionsEgress": []}
+    busy_eni = {"NetworkInterfaces": [{"NetworkInterfaceId": "eni-1"}]}
+    with Stubber(ec2) as stub:
+        # An ENI of a just-deleted load balancer still holds it: retried until it lets go.
+        stub.add_response("describe_security_groups", {"SecurityGroups": [group]})
+        stub.add_client_error("delete_security_group", "DependencyViolation")
+        stub.add_response("describe_network_interfaces", busy_eni)
+        stub.add_response("delete_security_group", {})
+        sweeper._delete_security_group("sg-1", wait_s=600)
+        assert sleeps == [10]
+        # Only another group's rule references it: fail at once, that group is not ours to edit.
+        stub.add_response("describe_security_groups", {"SecurityGroups": [group]})
+        stub.add_client_error("delete_security_group", "DependencyViolation")
+        stub.add_response("describe_network_interfaces", {"NetworkInterfaces": []})
+        with pytest.raises(sweep.ClientError):
+            sweeper._delete_security_group("sg-1", wait_s=600)
+        assert sleeps == [10]
+        stub.assert_no_pending_responses()
