@@ -72,3 +72,33 @@ def test_cosine_schedule_with_warmup() -> None:
     assert lr_at(100, 100, o) == pytest.approx(o.lr * o.min_lr_ratio)
     lrs = [lr_at(s, 100, o) for s in range(o.warmup_steps, 101)]
     assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_activation_checkpointing_trains_the_same_model() -> None:
+    """Recomputing activations in backward changes memory, not the gradients."""
+    from training.config import ModelConfig
+    from training.model import load_model_and_tokenizer
+
+    grads = []
+    for ac in (False, True):
+        model, _ = load_model_and_tokenizer(ModelConfig(activation_checkpointing=ac), cache_dir=Path("/nonexistent"))
+        model.train()
+        ids = torch.arange(64).reshape(2, 32) % 500
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(model.model.embed_tokens.weight.grad.clone())
+    assert model.is_activation_checkpointing
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_grad_accumulation_matches_the_larger_batch(corpus: Path, tmp_path: Path) -> None:
+    """On one rank, 2 x 4 accumulated micro-batches read the same 8 sequences as one batch of 8: same updates."""
+    from train_helpers import run_training
+
+    common = ("--data", str(corpus), "--max-steps", "3", "--save-every", "0", "--set", "data.seq_len=32")
+    big = run_training(*common, "--output", str(tmp_path / "a"), "--set", "parallel.micro_batch_size=8", ranks=1)
+    accum = run_training(*common, "--output", str(tmp_path / "b"), "--set", "parallel.micro_batch_size=4",
+                         "--set", "parallel.grad_accum_steps=2", ranks=1)  # fmt: skip
+    assert big.returncode == 0 and accum.returncode == 0, accum.stderr[-2000:]
+    assert big.losses.keys() == accum.losses.keys() == {1, 2, 3}
+    for step, loss in big.losses.items():
+        assert accum.losses[step] == pytest.approx(loss, rel=1e-4)
