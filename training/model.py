@@ -40,7 +40,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, cache_dir: Path, download: bool =
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.activation_checkpointing:
         # Non-reentrant checkpointing composes with FSDP2 and DDP (reentrant does not with FSDP2).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     return model, tokenizer
 
