@@ -71,24 +71,32 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(60)
 
 
-def sequential_generate(model_dir: Path, n: int, max_tokens: int, threads: int) -> float:
-    """tokens/s of one `generate` call per request, one request at a time (what a naive server does)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class Sequential:
+    """One `generate` call per request, one request at a time, in this process (what a naive server does)."""
 
-    torch.set_num_threads(threads)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    eos = set(model.generation_config.eos_token_id or [])
-    model.generate(torch.tensor([tok.encode("warm up")]), max_new_tokens=4, pad_token_id=tok.pad_token_id)
-    tokens, t0 = 0, time.perf_counter()
-    with torch.inference_mode():
-        for i in range(n):
-            ids = torch.tensor([tok.encode(PROMPTS[i % len(PROMPTS)])])
-            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-            new = out[0, ids.shape[1] :].tolist()
-            tokens += next((j for j, t in enumerate(new) if t in eos), len(new))
-    return tokens / (time.perf_counter() - t0)
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.eos = set(self.model.generation_config.eos_token_id or [])
+        self.run(1, 4)  # warm up
+
+    def run(self, n: int, max_tokens: int) -> float:
+        """tokens/s over n requests."""
+        tokens, t0 = 0, time.perf_counter()
+        with self.torch.inference_mode():
+            for i in range(n):
+                ids = self.torch.tensor([self.tok.encode(PROMPTS[i % len(PROMPTS)])])
+                out = self.model.generate(
+                    ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=self.tok.pad_token_id
+                )
+                new = out[0, ids.shape[1] :].tolist()
+                tokens += next((j for j, t in enumerate(new) if t in self.eos), len(new))
+        return tokens / (time.perf_counter() - t0)
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, i: int, max_tokens: int) -> tuple[int, float, float]:
@@ -132,19 +140,29 @@ async def load(url: str, clients: int, per_client: int, max_tokens: int) -> tupl
     return sum(r[0] for r in results) / wall, [r[1] for r in results]
 
 
-async def paired_latency(direct: str, front: str, n: int, max_tokens: int) -> tuple[float, float]:
-    """Median latency of the same greedy non-streaming request, alternating direct / through the gateway."""
+async def paired_latency(direct: str, front: str, n: int, max_tokens: int) -> tuple[float, float, float]:
+    """The same greedy non-streaming request, alternating direct / through the gateway, so both see the same load.
+
+    Returns the median direct latency, the median gateway latency and the median of the per-pair ratios (robust to
+    load drifting during the run).
+    """
     body = {"model": "debug-model", "prompt": "gateway overhead", "max_tokens": max_tokens, "temperature": 0}
-    times: dict[str, list[float]] = {direct: [], front: []}
+    pairs: list[tuple[float, float]] = []
     async with httpx.AsyncClient(timeout=300) as client:
         for url in (direct, front):
             (await client.post(url + "/v1/completions", json=body)).raise_for_status()
-        for i in range(2 * n):
-            url = (direct, front)[i % 2]
-            t0 = time.perf_counter()
-            (await client.post(url + "/v1/completions", json=body)).raise_for_status()
-            times[url].append(time.perf_counter() - t0)
-    return statistics.median(times[direct]), statistics.median(times[front])
+        for i in range(n):
+            times = []
+            for url in (direct, front) if i % 2 == 0 else (front, direct):
+                t0 = time.perf_counter()
+                (await client.post(url + "/v1/completions", json=body)).raise_for_status()
+                times.append(time.perf_counter() - t0)
+            pairs.append((times[0], times[1]) if i % 2 == 0 else (times[1], times[0]))
+    return (
+        statistics.median(d for d, _ in pairs),
+        statistics.median(f for _, f in pairs),
+        statistics.median(f / d for d, f in pairs),
+    )
 
 
 def pct(values: list[float], q: float) -> float:
@@ -156,8 +174,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests-per-client", type=int, default=4)
-    parser.add_argument("--sequential-requests", type=int, default=16)
-    parser.add_argument("--overhead-requests", type=int, default=20)
+    parser.add_argument("--sequential-requests", type=int, default=8)
+    parser.add_argument("--overhead-requests", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3, help="measurements alternate over rounds; medians reported")
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -169,39 +188,65 @@ def main() -> int:
 
     from training.debug_model import write_debug_model
 
+    # Neighbours' jobs make the machine's speed drift within seconds: every round measures the baseline and each
+    # server configuration back to back, and the ratios are taken per round, then the median over rounds.
+    seq_tps: list[float] = []
+    tps: dict[tuple[str, int], list[float]] = {}
+    ttfts: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_debug_model(Path(tmp) / "debug-model")
-        seq = sequential_generate(model_dir, args.sequential_requests, args.max_tokens, args.torch_threads)
-        print(f"sequential generate: {seq:8.1f} tokens/s  ({args.sequential_requests} requests, one at a time)")
-
-        results: dict[tuple[str, int], float] = {}
-        for policy in ("continuous", "dynamic"):
-            proc, url = start(
-                "--model", str(model_dir), "--served-model-name", "debug-model", "--batching", policy,
-                "--torch-threads", str(args.torch_threads),
-            )  # fmt: skip
+        sequential = Sequential(model_dir, args.torch_threads)
+        servers = {
+            policy: start(
+                "--model",
+                str(model_dir),
+                "--served-model-name",
+                "debug-model",
+                "--batching",
+                policy,
+                "--torch-threads",
+                str(args.torch_threads),
+            )
+            for policy in ("continuous", "dynamic")
+        }
+        configs = [("continuous", 1), ("continuous", 4), ("continuous", 16), ("dynamic", 16)]
+        try:
+            for _ in range(args.rounds):
+                seq_tps.append(sequential.run(args.sequential_requests, args.max_tokens))
+                for policy, clients in configs:
+                    url = servers[policy][1]
+                    t, ttft = asyncio.run(load(url, clients, args.requests_per_client, args.max_tokens))
+                    tps.setdefault((policy, clients), []).append(t)
+                    ttfts.setdefault((policy, clients), []).extend(ttft)
+            front, front_url = start("--upstream", servers["continuous"][1])
             try:
-                for clients in (1, 4, 16) if policy == "continuous" else (16,):
-                    tps, ttfts = asyncio.run(load(url, clients, args.requests_per_client, args.max_tokens))
-                    results[(policy, clients)] = tps
-                    print(
-                        f"server {policy:10s} {clients:2d} clients: {tps:8.1f} tokens/s  ratio {tps / seq:5.2f}  "
-                        f"ttft p50 {pct(ttfts, 0.5) * 1000:7.1f} ms  p99 {pct(ttfts, 0.99) * 1000:7.1f} ms"
-                    )
-                if policy == "continuous":
-                    front, front_url = start("--upstream", url)
-                    try:
-                        d, f = asyncio.run(paired_latency(url, front_url, args.overhead_requests, args.max_tokens))
-                    finally:
-                        stop(front)
-                    print(
-                        f"gateway overhead: direct {d * 1000:.1f} ms, through gateway {f * 1000:.1f} ms "
-                        f"(median of {args.overhead_requests}): +{(f / d - 1) * 100:.1f}%"
-                    )
+                direct_s, front_s, overhead = asyncio.run(
+                    paired_latency(servers["continuous"][1], front_url, args.overhead_requests, args.max_tokens)
+                )
             finally:
+                stop(front)
+        finally:
+            for proc, _ in servers.values():
                 stop(proc)
-        print(f"continuous / dynamic at 16 clients: {results[('continuous', 16)] / results[('dynamic', 16)]:.2f}")
-        print(f"ratio_16: {results[('continuous', 16)] / seq:.2f}")
+
+    def ratio(key: tuple[str, int]) -> float:
+        return statistics.median(t / s for t, s in zip(tps[key], seq_tps, strict=True))
+
+    print(f"sequential generate: {statistics.median(seq_tps):8.1f} tokens/s (median of {args.rounds} rounds)")
+    for key in configs:
+        policy, clients = key
+        print(
+            f"server {policy:10s} {clients:2d} clients: {statistics.median(tps[key]):8.1f} tokens/s  "
+            f"ratio {ratio(key):5.2f}  ttft p50 {pct(ttfts[key], 0.5) * 1000:7.1f} ms  "
+            f"p99 {pct(ttfts[key], 0.99) * 1000:7.1f} ms"
+        )
+    cont_vs_dyn = statistics.median(c / d for c, d in zip(tps[("continuous", 16)], tps[("dynamic", 16)], strict=True))
+    print(f"continuous / dynamic at 16 clients: {cont_vs_dyn:.2f}")
+    print(
+        f"gateway overhead: direct {direct_s * 1000:.1f} ms, through gateway {front_s * 1000:.1f} ms "
+        f"(medians of {args.overhead_requests} pairs); median per-pair overhead +{(overhead - 1) * 100:.1f}%"
+    )
+    print(f"ratio_16: {ratio(('continuous', 16)):.2f}")
     return 0
 
 

@@ -54,3 +54,18 @@ def test_image_pins_match_the_repository() -> None:
     cpu = (REPO_ROOT / "containers/serving.Dockerfile").read_text()
     assert f"torch=={root['torch']}" in cpu
     assert "torch" not in pins(REPO_ROOT / "serving/requirements-gateway.txt")
+
+
+def test_docs_list_every_flag_and_metric() -> None:
+    """docs/serving.md is the contract the infra and dashboard authors read: keep it complete."""
+    from dataclasses import fields
+
+    from serving.config import ServingConfig
+    from serving.metrics import Metrics
+
+    docs = (REPO_ROOT / "docs/serving.md").read_text()
+    for f in fields(ServingConfig):
+        assert f"`--{f.name.replace('_', '-')}`" in docs and f"`SERVING_{f.name.upper()}`" in docs, f.name
+    for metric in Metrics().registry.collect():
+        name = metric.name + ("_total" if metric.type == "counter" else "")
+        assert f"`{name}`" in docs, name
