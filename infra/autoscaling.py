@@ -890,8 +890,8 @@ def _why_not(pod_spec: Mapping[str, Any], pool: Mapping[str, Any], advertised: S
 
 
 DEVICE_PLUGINS = (GPU_RESOURCE,)
-"""Extended resources the cluster's device plugins advertise: infra/kubernetes_base.py installs the NVIDIA plugin.
-(No EFA device plugin is installed yet, so nothing advertises vpc.amazonaws.com/efa.)"""
+"""Extended resources advertised in every stack: infra/kubernetes_base.py installs the NVIDIA plugin everywhere
+and the EFA plugin (vpc.amazonaws.com/efa) where a pool has EFA."""
 
 
 def can_schedule(

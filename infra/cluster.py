@@ -238,6 +238,10 @@ class Cluster(pulumi.ComponentResource):
         if addon == "vpc-cni":
             # NetworkPolicy objects are no-ops unless the VPC CNI's network policy agent is on.
             configuration = json.dumps({"enableNetworkPolicy": "true"})
+        if addon == "aws-ebs-csi-driver":
+            # Volumes the driver creates for PVCs carry the stack tags, so cost allocation sees them and the teardown
+            # sweep can recognise them as this stack's (the driver's own tags name no cluster).
+            configuration = json.dumps({"controller": {"extraVolumeTags": self._args.tags}})
         if addon == "aws-ebs-csi-driver" and self._args.ebs_csi_role_arn is not None:
             pod_identity = [
                 aws.eks.AddonPodIdentityAssociationArgs(

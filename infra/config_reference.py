@@ -1,7 +1,7 @@
 """Render the config reference (README section) from Pulumi.yaml, the only place keys are declared.
 
-    python -m infra.config_reference            # print the markdown table
-    python -m infra.config_reference --write    # rewrite the README section between the markers
+python -m infra.config_reference            # print the markdown table
+python -m infra.config_reference --write    # rewrite the README section between the markers
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ SERVING_ACCESS_LABEL = "llm-platform/serving-access"
 ingress controller's namespace). The serving namespace carries it itself."""
 
 DEVICE_PLUGIN_IMAGE = "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"
+EFA_DEVICE_PLUGIN_IMAGE = "602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/aws-efa-k8s-device-plugin:v0.5.8"
+"""EKS's published image (the eks-charts default); EKS's ECR registry serves pulls from every commercial region."""
 """Pinned: the plugin's behaviour (resource naming, health checks) changes between minor versions."""
 
 POD_IDENTITY_AGENT_CIDR = "169.254.170.23/32"
@@ -87,6 +89,7 @@ class KubernetesBase(pulumi.ComponentResource):
         self._create_gpu_quotas()
         self._create_network_policies()
         self.device_plugin = self._create_device_plugin()
+        self.efa_device_plugin = self._create_efa_device_plugin()
 
         self.register_outputs(
             {
@@ -155,11 +158,26 @@ class KubernetesBase(pulumi.ComponentResource):
         """The NVIDIA device plugin advertises `nvidia.com/gpu` on GPU nodes. The AL2023 NVIDIA AMI ships the driver
         and container toolkit but not the plugin; without it no pod can request a GPU."""
         gpu_pools = [p.name for p in self._args.config.cluster.gpu_pools]
-        labels = {"app.kubernetes.io/name": "nvidia-device-plugin", **_MANAGED_BY}
-        selector = {"app.kubernetes.io/name": "nvidia-device-plugin"}
+        return self._device_plugin_daemonset(
+            "nvidia-device-plugin", DEVICE_PLUGIN_IMAGE, gpu_pools, env={"FAIL_ON_INIT_ERROR": "false"}
+        )
+
+    def _create_efa_device_plugin(self) -> k8s.apps.v1.DaemonSet | None:
+        """The EFA device plugin advertises `vpc.amazonaws.com/efa` on EFA nodes; training pods request it to get the
+        EFA interfaces (NCCL over libfabric). Without it, EFA training jobs stay Pending forever."""
+        efa_pools = [p.name for p in self._args.config.cluster.gpu_pools if p.efa]
+        if not efa_pools:
+            return None
+        return self._device_plugin_daemonset("aws-efa-k8s-device-plugin", EFA_DEVICE_PLUGIN_IMAGE, efa_pools, env={})
+
+    def _device_plugin_daemonset(
+        self, plugin: str, image: str, pools: list[str], env: dict[str, str]
+    ) -> k8s.apps.v1.DaemonSet:
+        labels = {"app.kubernetes.io/name": plugin, **_MANAGED_BY}
+        selector = {"app.kubernetes.io/name": plugin}
         return k8s.apps.v1.DaemonSet(
-            f"{self._name}-nvidia-device-plugin",
-            metadata=k8s.meta.v1.ObjectMetaArgs(name="nvidia-device-plugin", namespace="kube-system", labels=labels),
+            f"{self._name}-{plugin}",
+            metadata=k8s.meta.v1.ObjectMetaArgs(name=plugin, namespace="kube-system", labels=labels),
             spec=k8s.apps.v1.DaemonSetSpecArgs(
                 selector=k8s.meta.v1.LabelSelectorArgs(match_labels=selector),
                 update_strategy=k8s.apps.v1.DaemonSetUpdateStrategyArgs(type="RollingUpdate"),
@@ -174,7 +192,7 @@ class KubernetesBase(pulumi.ComponentResource):
                             ),
                             k8s.core.v1.TolerationArgs(key="CriticalAddonsOnly", operator="Exists"),
                         ],
-                        # Only the GPU pools' nodes: the plugin would crash-loop (or idle) on CPU nodes.
+                        # Only the pools with the device: the plugin would crash-loop (or idle) elsewhere.
                         affinity=k8s.core.v1.AffinityArgs(
                             node_affinity=k8s.core.v1.NodeAffinityArgs(
                                 required_during_scheduling_ignored_during_execution=k8s.core.v1.NodeSelectorArgs(
@@ -182,7 +200,7 @@ class KubernetesBase(pulumi.ComponentResource):
                                         k8s.core.v1.NodeSelectorTermArgs(
                                             match_expressions=[
                                                 k8s.core.v1.NodeSelectorRequirementArgs(
-                                                    key=POOL_LABEL, operator="In", values=gpu_pools
+                                                    key=POOL_LABEL, operator="In", values=pools
                                                 )
                                             ]
                                         )
@@ -192,9 +210,9 @@ class KubernetesBase(pulumi.ComponentResource):
                         ),
                         containers=[
                             k8s.core.v1.ContainerArgs(
-                                name="nvidia-device-plugin",
-                                image=DEVICE_PLUGIN_IMAGE,
-                                env=[k8s.core.v1.EnvVarArgs(name="FAIL_ON_INIT_ERROR", value="false")],
+                                name=plugin,
+                                image=image,
+                                env=[k8s.core.v1.EnvVarArgs(name=k, value=v) for k, v in env.items()] or None,
                                 resources=k8s.core.v1.ResourceRequirementsArgs(
                                     requests={"cpu": "50m", "memory": "64Mi"}, limits={"memory": "256Mi"}
                                 ),
@@ -263,10 +281,10 @@ class KubernetesBase(pulumi.ComponentResource):
         )
         # Clients in namespaces labelled as allowed (the serving namespace itself, monitoring, client apps).
         sources: list[dict[str, Any]] = [{"namespaceSelector": {"matchLabels": {SERVING_ACCESS_LABEL: "allowed"}}}]
-        if self._args.config.serving.ingress:
-            # The internal ALB (target type ip) connects from its own addresses in the VPC's subnets, which no pod or
-            # namespace selector matches. With the VPC CNI pods share that range, so this admits the whole VPC on
-            # 8080: the API keys, not the network, are the gate for ALB-fronted serving.
+        if self._args.config.serving.ingress or self._args.config.observability.metrics == "amp":
+            # The internal ALB (target type ip) and Amazon Managed Prometheus's scraper connect from their own ENIs
+            # in the VPC's subnets, which no pod or namespace selector matches. With the VPC CNI pods share that
+            # range, so this admits the whole VPC on 8080: the API keys, not the network, are the gate then.
             sources.append({"ipBlock": {"cidr": vpc_cidr}})
         self._policy(
             "serving",

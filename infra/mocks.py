@@ -169,6 +169,27 @@ class RecordingMocks(pulumi.runtime.Mocks):
                 "arn": self._arn("eks", f"nodegroup/{inputs.get('clusterName')}/{ng}/{h[:8]}"),
                 "nodeGroupName": ng,
                 "status": "ACTIVE",
+                # EKS names the managed Auto Scaling group after the node group (the autoscaler tags it).
+                "resources": [{"autoscalingGroups": [{"name": f"eks-{ng}-asg"}]}],
+            }
+        if typ == "aws:sqs/queue:Queue":
+            queue = inputs.get("name", physical)
+            return f"https://sqs.{self.region}.amazonaws.com/{self.account_id}/{queue}", {
+                "url": f"https://sqs.{self.region}.amazonaws.com/{self.account_id}/{queue}",
+                "arn": self._arn("sqs", queue),
+            }
+        if typ == "aws:amp/workspace:Workspace":
+            ws = f"ws-{h[:8]}-{h[8:12]}-{h[12:16]}-{_digest(name, n=4)}-{_digest(typ, n=12)}"
+            return ws, {
+                "arn": self._arn("aps", f"workspace/{ws}"),
+                "prometheusEndpoint": f"https://aps-workspaces.{self.region}.amazonaws.com/workspaces/{ws}/",
+            }
+        if typ == "aws:amp/scraper:Scraper":
+            sid = f"s-{h[:8]}-{h[8:12]}"
+            return sid, {
+                "arn": self._arn("aps", f"scraper/{sid}"),
+                "roleArn": f"arn:{self.partition}:iam::{self.account_id}:role/aws-service-role/"
+                "scraper.aps.amazonaws.com/AWSServiceRoleForAmazonPrometheusScraper",
             }
         if typ == "aws:sagemaker/endpoint:Endpoint" or typ.startswith("aws:sagemaker/"):
             kind = {"Model": "model", "EndpointConfiguration": "endpoint-config", "Endpoint": "endpoint"}.get(

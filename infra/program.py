@@ -10,12 +10,23 @@ import pulumi_aws as aws
 
 from infra import config as config_module
 from infra import outputs as out
+from infra.autoscaling import (
+    ClusterAutoscaler,
+    ClusterAutoscalerArgs,
+    NodeTerminationHandler,
+    NodeTerminationHandlerArgs,
+    ServingAutoscaling,
+    ServingAutoscalingArgs,
+    needs_node_termination_handler,
+)
+from infra.budgets import Budgets, BudgetsArgs
 from infra.cluster import Cluster, ClusterArgs
 from infra.identity import Identity, IdentityArgs
 from infra.kubernetes_base import KubernetesBase, KubernetesBaseArgs
 from infra.network import Network, NetworkArgs
+from infra.observability import Observability, ObservabilityArgs
 from infra.registry import Registry, RegistryArgs
-from infra.sagemaker_endpoint import SageMakerEndpoint, SageMakerEndpointArgs
+from infra.sagemaker_endpoint import VARIANT_NAME, SageMakerEndpoint, SageMakerEndpointArgs
 from infra.serving_eks import ServingOnEks, ServingOnEksArgs
 from infra.storage import Storage, StorageArgs
 from infra.tags import stack_tags
@@ -109,6 +120,21 @@ def build() -> dict[str, Any]:
         out.GPU_POOLS: {pool.name: pool.describe() for pool in cfg.cluster.gpu_pools},
     }
 
+    # Capacity controllers run on the system pool; they go before the node groups they scale on destroy.
+    ClusterAutoscaler(
+        "cluster-autoscaler",
+        ClusterAutoscalerArgs(cfg, cluster.name, cluster.provider, cluster.node_groups, tags),
+        opts=pulumi.ResourceOptions(depends_on=[base]),
+    )
+    if needs_node_termination_handler(cfg):
+        NodeTerminationHandler(
+            "node-termination",
+            NodeTerminationHandlerArgs(cfg, cluster.name, cluster.provider, tags),
+            opts=pulumi.ResourceOptions(depends_on=[base]),
+        )
+
+    serving: ServingOnEks | None = None
+    endpoint: SageMakerEndpoint | None = None
     if cfg.serving.on_eks:
         serving = ServingOnEks(
             "serving-eks",
@@ -140,4 +166,36 @@ def build() -> dict[str, Any]:
             opts=pulumi.ResourceOptions(depends_on=[network]),
         )
         outputs[out.SAGEMAKER_ENDPOINT_NAME] = endpoint.endpoint_name
+
+    observability = Observability(
+        "observability",
+        ObservabilityArgs(
+            config=cfg,
+            cluster_name=cluster.name,
+            cluster_arn=cluster.cluster.arn,
+            cluster_security_group_id=cluster.security_group_id,
+            private_subnet_ids=network.private_subnet_ids,
+            provider=cluster.provider,
+            node_groups=cluster.node_groups,
+            account_id=identity_info.account_id,
+            partition=partition,
+            tags=tags,
+            sagemaker_endpoint_name=endpoint.endpoint_name if endpoint else None,
+            sagemaker_variant_name=VARIANT_NAME,
+        ),
+        opts=pulumi.ResourceOptions(depends_on=[base]),
+    )
+    if serving is not None and cfg.autoscaling.serving_autoscaler == "keda":
+        ServingAutoscaling(
+            "serving-autoscaling",
+            ServingAutoscalingArgs(
+                cfg,
+                cluster.provider,
+                base.serving_namespace,
+                serving.deployment.metadata.name,
+                observability.prometheus_url,
+            ),
+            opts=pulumi.ResourceOptions(depends_on=[serving]),
+        )
+    Budgets("budgets", BudgetsArgs(cfg, tags))
     return outputs

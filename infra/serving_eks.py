@@ -90,7 +90,9 @@ class ServingOnEks(pulumi.ComponentResource):
             opts=self._k8s_opts,
         )
         self._create_disruption_budget()
-        self._create_autoscaler()
+        if cfg.autoscaling.serving_autoscaler == "cpu":
+            # With KEDA, its ScaledObject owns the HPA (infra/autoscaling.py); two HPAs on one Deployment fight.
+            self._create_autoscaler()
         self.ingress = self._create_ingress() if cfg.serving.ingress else None
 
         self.register_outputs(

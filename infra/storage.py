@@ -74,11 +74,7 @@ class Storage(pulumi.ComponentResource):
                         "kms:Describe*",
                     ],
                     "Resource": "*",
-                    "Condition": {
-                        "ArnLike": {
-                            "kms:EncryptionContext:aws:logs:arn": log_groups
-                        }
-                    },
+                    "Condition": {"ArnLike": {"kms:EncryptionContext:aws:logs:arn": log_groups}},
                 },
             ],
         }

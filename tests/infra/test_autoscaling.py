@@ -43,20 +43,6 @@ POD_IDENTITY = "aws:eks/podIdentityAssociation:PodIdentityAssociation"
 SCALED_OBJECT = "kubernetes:keda.sh/v1alpha1:ScaledObject"
 
 
-class ClusterMocks(RecordingMocks):
-    """The stack's mock engine plus the computed attributes these components read: the ASG behind a managed node
-    group and an SQS queue URL (what AWS returns; infra/mocks.py does not model them yet)."""
-
-    def _aws_state(self, typ: str, module: str, name: str, physical: str, inputs: dict[str, Any]) -> Any:
-        rid, state = super()._aws_state(typ, module, name, physical, inputs)
-        if typ == "aws:eks/nodeGroup:NodeGroup":
-            state["resources"] = [{"autoscalingGroups": [{"name": f"eks-{inputs['nodeGroupName']}-asg"}]}]
-        if typ == "aws:sqs/queue:Queue":
-            state["url"] = f"https://sqs.{self.region}.amazonaws.com/{self.account_id}/{inputs['name']}"
-            state["arn"] = f"arn:aws:sqs:{self.region}:{self.account_id}:{inputs['name']}"
-        return rid, state
-
-
 def config(stack: str, **overrides: Any) -> StackConfig:
     values, source = load_stack_file(stack)
     values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
@@ -96,7 +82,7 @@ def run_capacity(cfg: StackConfig) -> Run:
             outputs["scaled_object"] = so.scaled_object_name
         return outputs
 
-    return run_program(program, {}, cfg.stack, cfg.project, cfg.region, mocks=ClusterMocks(cfg.region))
+    return run_program(program, {}, cfg.stack, cfg.project, cfg.region, mocks=RecordingMocks(cfg.region))
 
 
 _runs: dict[str, tuple[StackConfig, Run]] = {}

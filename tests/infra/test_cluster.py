@@ -280,3 +280,16 @@ def test_shipped_stacks(stack: str) -> None:
     assert len(run.of_type(NODE_GROUP)) == 3
     efa = cfg.cluster.pool("training").efa
     assert len(run.of_type("aws:ec2/placementGroup:PlacementGroup")) == (1 if efa else 0)
+
+
+def test_ebs_csi_volumes_carry_the_stack_tags(run_stack) -> None:
+    """PVC-backed volumes are created by the driver, not Pulumi: they must still be attributable to the stack."""
+    import json as _json
+
+    from infra.tags import stack_tags
+
+    run = run_stack("dev")
+    addon = run.one("aws:eks/addon:Addon", "cluster-addon-aws-ebs-csi-driver")
+    assert _json.loads(addon.inputs["configurationValues"]) == {
+        "controller": {"extraVolumeTags": stack_tags("dev", "dev")}
+    }

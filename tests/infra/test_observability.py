@@ -41,24 +41,6 @@ TOPIC = "aws:sns/topic:Topic"
 ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"
 
 
-class ClusterMocks(RecordingMocks):
-    """Adds the computed attributes these components read and infra/mocks.py does not model yet."""
-
-    def _aws_state(self, typ: str, module: str, name: str, physical: str, inputs: dict[str, Any]) -> Any:
-        rid, state = super()._aws_state(typ, module, name, physical, inputs)
-        if typ == "aws:eks/nodeGroup:NodeGroup":
-            state["resources"] = [{"autoscalingGroups": [{"name": f"eks-{inputs['nodeGroupName']}-asg"}]}]
-        if typ == "aws:amp/workspace:Workspace":
-            rid = "ws-0123abcd-4567-89ef-0123-456789abcdef"
-            state["arn"] = f"arn:aws:aps:{self.region}:{self.account_id}:workspace/{rid}"
-            state["prometheusEndpoint"] = f"https://aps-workspaces.{self.region}.amazonaws.com/workspaces/{rid}/"
-        if typ == "aws:amp/scraper:Scraper":
-            state["roleArn"] = f"arn:aws:iam::{self.account_id}:role/aws-service-role/scraper.aps.amazonaws.com/x"
-        if typ == "aws:kms/key:Key":
-            state["id"] = rid
-        return rid, state
-
-
 def config(stack: str, **overrides: Any) -> StackConfig:
     values, source = load_stack_file(stack)
     values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
@@ -97,7 +79,7 @@ def run_observability(cfg: StackConfig) -> Run:
         )
         return {"topic": obs.alert_topic_arn, "prometheus": obs.prometheus_url, "amp": obs.amp_workspace_id}
 
-    return run_program(program, {}, cfg.stack, cfg.project, cfg.region, mocks=ClusterMocks(cfg.region))
+    return run_program(program, {}, cfg.stack, cfg.project, cfg.region, mocks=RecordingMocks(cfg.region))
 
 
 _runs: dict[str, tuple[StackConfig, Run]] = {}
@@ -170,7 +152,7 @@ def test_scrape_jobs_cover_gpus_serving_and_training() -> None:
 
 
 def test_serving_pods_are_annotated_for_the_serving_job(run_stack: Callable[..., Run]) -> None:
-    (dep,) = run_stack("dev").of_type("kubernetes:apps/v1:Deployment")
+    dep = run_stack("dev").one("kubernetes:apps/v1:Deployment", "serving-eks-deployment")
     template = dep.inputs["spec"]["template"]
     assert dep.inputs["metadata"]["namespace"] == "llm-serving"
     annotations = template["metadata"]["annotations"]
@@ -191,7 +173,7 @@ def test_serving_network_policy_admits_the_in_cluster_prometheus(run_stack: Call
     selectors = [s["namespaceSelector"]["matchLabels"] for s in rule["from"] if "namespaceSelector" in s]
     labels = monitoring_namespace()["metadata"]["labels"]
     assert any(all(labels.get(k) == v for k, v in sel.items()) for sel in selectors)
-    (dep,) = run.of_type("kubernetes:apps/v1:Deployment")
+    dep = run.one("kubernetes:apps/v1:Deployment", "serving-eks-deployment")
     port = int(dep.inputs["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
     assert {"protocol": "TCP", "port": port} in rule["ports"]
 

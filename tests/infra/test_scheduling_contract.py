@@ -9,10 +9,8 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from infra.autoscaling import EFA_RESOURCE, GPU_RESOURCE, can_schedule, pod_requests, pool_capacity, quantity
-from infra.config import GPU_TAINT, StackConfig
+from infra.config import GPU_TAINT, StackConfig, load_config, load_stack_file
 from infra.mocks import Run
 from training.k8s_job import TrainingJobSpec, render_training_job
 
@@ -197,29 +195,34 @@ def training_job_pod(cfg: StackConfig, run: Run, nodes: int) -> dict[str, Any]:
     return job["spec"]["template"]["spec"]
 
 
-def _training_contract(cfg: StackConfig, run: Run) -> None:
+PLUGIN_RESOURCES = {"nvidia-device-plugin": GPU_RESOURCE, "aws-efa-k8s-device-plugin": EFA_RESOURCE}
+
+
+def advertised(run: Run) -> tuple[str, ...]:
+    """Extended resources that the device plugins this stack actually installs advertise."""
+    names = {r.inputs["metadata"]["name"] for r in run.of_type("kubernetes:apps/v1:DaemonSet")}
+    return tuple(resource for plugin, resource in PLUGIN_RESOURCES.items() if plugin in names)
+
+
+def test_training_job_schedules_in_every_stack(shipped: tuple[StackConfig, Run]) -> None:
+    cfg, run = shipped
     pool = cfg.cluster.pool("training")
     spec = training_job_pod(cfg, run, nodes=pool.max_size)
-    ok, where = can_schedule(spec, cfg.cluster.gpu_pools)
+    ok, where = can_schedule(spec, cfg.cluster.gpu_pools, advertised=advertised(run))
     assert ok, f"{cfg.stack}: the training Job fits no pool: {where}"
     assert where == "training"
     # A job over every node the pool may have still fits; a job one node bigger cannot.
     assert pool_capacity(spec, pool) == pool.max_size
 
 
-def test_training_job_schedules_in_every_stack(shipped: tuple[StackConfig, Run]) -> None:
-    cfg, run = shipped
-    if cfg.cluster.pool("training").efa:
-        # The Job asks for vpc.amazonaws.com/efa, which only the EFA device plugin advertises; KubernetesBase does
-        # not install it yet, so these pods would stay Pending forever. Strict: passing again means the plugin
-        # landed and this branch must go.
-        with pytest.raises(AssertionError, match="no device plugin in the cluster advertises it"):
-            _training_contract(cfg, run)
-        pool = cfg.cluster.pool("training")
-        spec = training_job_pod(cfg, run, nodes=pool.max_size)
-        assert can_schedule(spec, cfg.cluster.gpu_pools, advertised=(GPU_RESOURCE, EFA_RESOURCE)) == (True, "training")
-        return
-    _training_contract(cfg, run)
+def test_efa_jobs_need_the_efa_device_plugin(run_stack: Callable[..., Run]) -> None:
+    """Without the EFA plugin, a Job asking for vpc.amazonaws.com/efa would stay Pending forever."""
+    run = run_stack("staging")
+    values, source = load_stack_file("staging")
+    cfg = load_config(values, "staging", source)
+    spec = training_job_pod(cfg, run, nodes=1)
+    assert EFA_RESOURCE in advertised(run)
+    assert not can_schedule(spec, cfg.cluster.gpu_pools, advertised=(GPU_RESOURCE,))[0]
 
 
 def test_namespace_gpu_quotas_admit_every_pod_the_autoscaler_may_place(shipped: tuple[StackConfig, Run]) -> None:

@@ -15,7 +15,7 @@ def _for_bucket(run, typ: str, bucket: str):
 
 def test_key_rotates_and_is_scoped(shipped) -> None:
     cfg, run = shipped
-    key = run.one("aws:kms/key:Key")
+    key = run.one("aws:kms/key:Key", "storage-key")
     assert key.inputs["enableKeyRotation"] is True
     policy = json.loads(key.inputs["policy"])
     logs = next(s for s in policy["Statement"] if s["Sid"] == "CloudWatchLogsEncrypt")
