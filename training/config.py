@@ -32,14 +32,11 @@ def _check(cond: bool, msg: str) -> None:
 class ModelConfig:
     path: str = DEBUG_MODEL
     """A Hugging Face model directory (local path or s3:// prefix) loaded with AutoModelForCausalLM,
-    or "debug" for the ~1M-parameter Llama built from config (training/debug_model.py)."""
+    or "debug" for the ~1M-parameter Llama built from config (training/debug_model.py). Required for real presets."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward: ~30% more compute for far less memory."""
     bf16: bool = True
     """bf16 autocast (and FSDP2 bf16 params) on GPU. Ignored on CPU, where bf16 matmuls are slow."""
-
-    def __post_init__(self) -> None:
-        _check(bool(self.path), "model.path must not be empty")
 
 
 @dataclass
@@ -131,6 +128,10 @@ class TrainConfig:
         """Checks that only make sense once the CLI has filled in paths."""
         _check(bool(self.data.path), "no training data: pass --data (a local path or s3:// URI)")
         _check(bool(self.output), "no output location: pass --output (a local directory or s3:// prefix)")
+        _check(
+            bool(self.model.path),
+            f"preset {self.name!r} needs a model: pass --model (a Hugging Face model directory, local or s3://)",
+        )
 
     @property
     def export_location(self) -> str:
@@ -233,10 +234,12 @@ def debug() -> TrainConfig:
     return cfg
 
 
-def _llm(name: str, model_path: str, micro_batch_size: int, grad_accum_steps: int, lr: float) -> TrainConfig:
+def _llm(name: str, micro_batch_size: int, grad_accum_steps: int, lr: float) -> TrainConfig:
+    # No default model path: the weights are the user's (a directory in the stack's models bucket or on local
+    # disk), and a guessed location would fail later and less clearly than "pass --model".
     cfg = base()
     cfg.name = name
-    cfg.model = ModelConfig(path=model_path, activation_checkpointing=True, bf16=True)
+    cfg.model = ModelConfig(path="", activation_checkpointing=True, bf16=True)
     cfg.data = DataConfig(seq_len=4096)
     cfg.optim = OptimConfig(lr=lr, warmup_steps=200, weight_decay=0.1, grad_clip=1.0)
     cfg.parallel = ParallelConfig(strategy="fsdp", micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps)
@@ -247,17 +250,17 @@ def _llm(name: str, model_path: str, micro_batch_size: int, grad_accum_steps: in
 
 def llama_1b() -> TrainConfig:
     """Llama-3.2-1B-class continued pre-training/fine-tuning; fits one 24-48 GB GPU per rank with FSDP2."""
-    return _llm("llama-1b", "s3://models/llama-3.2-1b", micro_batch_size=4, grad_accum_steps=4, lr=1e-4)
+    return _llm("llama-1b", micro_batch_size=4, grad_accum_steps=4, lr=1e-4)
 
 
 def llama_3b() -> TrainConfig:
     """Llama-3.2-3B-class; FSDP2 over one g6e.12xlarge / p4d node or more."""
-    return _llm("llama-3b", "s3://models/llama-3.2-3b", micro_batch_size=2, grad_accum_steps=8, lr=5e-5)
+    return _llm("llama-3b", micro_batch_size=2, grad_accum_steps=8, lr=5e-5)
 
 
 def llama_8b() -> TrainConfig:
     """Llama-3.1-8B-class; FSDP2 + activation checkpointing across 8+ GPUs (multi-node with EFA preferred)."""
-    return _llm("llama-8b", "s3://models/llama-3.1-8b", micro_batch_size=1, grad_accum_steps=16, lr=3e-5)
+    return _llm("llama-8b", micro_batch_size=1, grad_accum_steps=16, lr=3e-5)
 
 
 PRESETS: dict[str, Callable[[], TrainConfig]] = {

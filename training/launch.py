@@ -24,7 +24,7 @@ import yaml
 from infra import outputs as out
 from training.k8s_job import TrainingJobSpec, render_training_job
 from training.sagemaker_job import SageMakerJobSpec, build_training_job_request, submit
-from training.stack import StackError, load_outputs
+from training.stack import StackError, load_outputs, require
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="run name: Job / training-job name and S3 prefix of the run")
     p.add_argument("--image-tag", default="latest", help="tag of the training image in the stack's ECR repository")
     p.add_argument("--preset", default="debug")
+    p.add_argument("--model", help="HF model directory: s3:// URI or a key in the stack's models bucket")
     p.add_argument("--data", required=True, help="s3:// URI or a key in the stack's datasets bucket")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--nodes", type=int, default=1, help="EKS: nodes of the training pool (one pod per node)")
+    p.add_argument("--efa-devices", type=int, default=1, help="EKS: EFA devices per node (p4d: 4, p5: 32)")
     p.add_argument("--instance-type", default="ml.p4d.24xlarge", help="SageMaker instance type")
     p.add_argument("--instance-count", type=int, default=1, help="SageMaker instances")
     p.add_argument("--spot", action="store_true", help="SageMaker managed spot training")
@@ -47,16 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _overrides(args: argparse.Namespace, outputs: dict[str, Any]) -> list[str]:
+    if not args.model:
+        return list(args.overrides)
+    model = args.model
+    if not model.startswith("s3://") and model != "debug":
+        model = f"s3://{require(outputs, out.MODELS_BUCKET)}/{model.lstrip('/')}"
+    return [f"model.path={model}", *args.overrides]
+
+
 def launch_eks(args: argparse.Namespace, outputs: dict[str, Any]) -> int:
     spec = TrainingJobSpec(
         name=args.name,
         image_tag=args.image_tag,
         nodes=args.nodes,
+        efa_devices=args.efa_devices,
         preset=args.preset,
         data=args.data,
         max_steps=args.max_steps,
         save_every=args.save_every,
-        overrides=args.overrides,
+        overrides=_overrides(args, outputs),
     )
     manifest = yaml.safe_dump_all(render_training_job(spec, outputs), sort_keys=False)
     if args.dry_run:
@@ -84,7 +96,7 @@ def launch_sagemaker(args: argparse.Namespace, outputs: dict[str, Any]) -> int:
         data=args.data,
         max_steps=args.max_steps,
         save_every=args.save_every,
-        overrides=args.overrides,
+        overrides=_overrides(args, outputs),
         spot=args.spot,
     )
     request = build_training_job_request(spec, outputs)

@@ -84,7 +84,7 @@ def parallelize(model: torch.nn.Module, cfg: ParallelConfig, d: Dist, bf16: bool
         )
         # One FSDP unit per decoder layer: parameters are all-gathered one layer at a time, so peak memory is
         # one layer's full weights plus the shards; the root wraps embeddings, final norm and LM head.
-        # With a world of one, fully_shard still works (no-op collectives) so single-process runs share the path.
+        # A plain `python -m training` has no process group: it trains the unwrapped model (nothing to shard).
         if d.distributed or dist.is_initialized():
             for layer in decoder_layers(model):
                 fully_shard(layer, mp_policy=mp)

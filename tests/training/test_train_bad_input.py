@@ -66,6 +66,7 @@ def test_bad_input_exits_2_and_keeps_checkpoints(
         (["--max-steps", "0"], "max_steps must be >= 1"),
         (["--set", "data.seq_len=4"], "data.seq_len must be >= 8"),
         ([], "no training data: pass --data"),
+        (["--preset", "llama-1b", "--data", "corpus.txt"], "needs a model: pass --model"),
     ],
 )
 def test_bad_config_is_rejected_before_training(

@@ -48,7 +48,8 @@ def test_outputs_file_accepts_flat_and_preview_formats(tmp_path: Path) -> None:
 
 def test_eks_dry_run_renders_valid_objects_placed_on_the_training_pool(outputs: dict[str, Any]) -> None:
     proc = launch("--target", "eks", "--name", "run1", "--nodes", "2", "--data", "corpora/c4", "--max-steps", "500",
-                  "--image-tag", "v1", "--set", "optim.lr=1e-4", "--dry-run")  # fmt: skip
+                  "--image-tag", "v1", "--set", "optim.lr=1e-4", "--model", "base/llama-3.2-1b",
+                  "--dry-run")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     objs = list(yaml.safe_load_all(proc.stdout))
     assert [o["kind"] for o in objs] == ["Service", "Job"]
@@ -87,6 +88,7 @@ def test_eks_dry_run_renders_valid_objects_placed_on_the_training_pool(outputs: 
     assert f"--output s3://{outputs[out.CHECKPOINTS_BUCKET]}/run1" in joined
     assert f"--export s3://{outputs[out.MODELS_BUCKET]}/run1" in joined
     assert "--set optim.lr=1e-4" in joined
+    assert f"--set model.path=s3://{outputs[out.MODELS_BUCKET]}/base/llama-3.2-1b" in joined
 
 
 def test_eks_job_without_efa_requests_only_gpus(outputs: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ import boto3
 from train_helpers import run_training
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from training.debug_model import write_debug_model
 from training.storage import S3Storage
 
 
@@ -19,8 +20,11 @@ def test_s3_data_checkpoints_resume_and_export(aws_env: str, corpus: Path, tmp_p
     text = corpus.read_text()
     s3.put_object(Bucket="t-datasets", Key="corpora/rep/part-0.txt", Body=text.encode())
     s3.put_object(Bucket="t-datasets", Key="corpora/rep/part-1.jsonl", Body=b'{"text": "hello s3 world."}\n' * 50)
+    # The base model is a Hugging Face directory in the models bucket, as a real 1B-8B model would be.
+    S3Storage("s3://t-models/base/debug-llama").upload_dir(write_debug_model(tmp_path / "base"), "")
     common = ("--data", "s3://t-datasets/corpora/rep", "--output", "s3://t-checkpoints/run1",
-              "--export", "s3://t-models/run1", "--set", "data.seq_len=32")  # fmt: skip
+              "--export", "s3://t-models/run1", "--model", "s3://t-models/base/debug-llama",
+              "--set", "data.seq_len=32")  # fmt: skip
 
     # One process first: checkpoints at steps 3 and 6.
     first = run_training(*common, "--max-steps", "6", "--save-every", "3", ranks=1)
