@@ -20,7 +20,6 @@ from infra.config import POOL_LABEL, GpuPool, StackConfig
 CONTROL_PLANE_LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
 """All five control-plane log types: audit and authenticator are the access-control trail; the rest debug upgrades."""
 
-CONTROL_PLANE_LOG_RETENTION_DAYS = 90
 """Retention of the control-plane log group. EKS would otherwise create it itself with no expiry (cost grows
 forever) and outside the stack (teardown leaves it behind). A constant until Pulumi.yaml declares a key for it."""
 
@@ -97,7 +96,7 @@ class Cluster(pulumi.ComponentResource):
         log_group = aws.cloudwatch.LogGroup(
             f"{name}-control-plane-logs",
             name=f"/aws/eks/{cfg.name_prefix}/cluster",
-            retention_in_days=CONTROL_PLANE_LOG_RETENTION_DAYS,
+            retention_in_days=cfg.cluster.control_plane_log_retention_days,
             tags=args.tags,
             opts=pulumi.ResourceOptions(parent=self),
         )
@@ -181,6 +180,9 @@ class Cluster(pulumi.ComponentResource):
             f"{self._name}-eks",
             name=cfg.name_prefix,
             version=cfg.cluster.kubernetes_version,
+            kubernetes_network_config=aws.eks.ClusterKubernetesNetworkConfigArgs(
+                service_ipv4_cidr=cfg.cluster.service_cidr, ip_family="ipv4"
+            ),
             role_arn=self._args.cluster_role_arn,
             access_config=aws.eks.ClusterAccessConfigArgs(
                 authentication_mode="API",

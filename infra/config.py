@@ -162,6 +162,8 @@ class GpuPool:
 @dataclass(frozen=True)
 class ClusterConfig:
     kubernetes_version: str
+    service_cidr: str
+    control_plane_log_retention_days: int
     admin_arns: tuple[str, ...]
     public_api_endpoint: bool
     public_api_cidrs: tuple[str, ...]
@@ -361,8 +363,10 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
     ):
         bad("environment", "must be a short lowercase name such as dev, staging or prod")
 
+    vpc_net = None
     try:
         vpc = ipaddress.ip_network(v["vpcCidr"], strict=True)
+        vpc_net = vpc
         if vpc.version != 4 or not 16 <= vpc.prefixlen <= 20:
             bad("vpcCidr", "must be an IPv4 CIDR between /16 and /20")
         elif not vpc.is_private:
@@ -382,6 +386,19 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
     if v["production"] and v["forceDestroyBuckets"]:
         bad("forceDestroyBuckets", "must be false when production is true")
 
+    try:
+        services = ipaddress.ip_network(v["serviceCidr"], strict=True)
+        if services.version != 4 or not 12 <= services.prefixlen <= 24 or not services.is_private:
+            bad("serviceCidr", "must be a private IPv4 CIDR between /12 and /24")
+        elif vpc_net is not None and services.overlaps(vpc_net):
+            bad(
+                "serviceCidr",
+                f"overlaps {project}:vpcCidr ({v['vpcCidr']}); pick a disjoint range such as 172.20.0.0/16",
+            )
+    except ValueError as exc:
+        bad("serviceCidr", f"not a valid CIDR ({exc})")
+    if v["controlPlaneLogRetentionDays"] not in LOG_RETENTION_DAYS:
+        bad("controlPlaneLogRetentionDays", f"must be one of CloudWatch's retention values {LOG_RETENTION_DAYS}")
     if v["kubernetesVersion"] not in SUPPORTED_KUBERNETES:
         bad("kubernetesVersion", f"must be one of {', '.join(SUPPORTED_KUBERNETES)}")
     for arn in v["clusterAdminArns"]:
@@ -554,6 +571,8 @@ def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackCon
         ),
         cluster=ClusterConfig(
             kubernetes_version=v["kubernetesVersion"],
+            service_cidr=v["serviceCidr"],
+            control_plane_log_retention_days=v["controlPlaneLogRetentionDays"],
             admin_arns=v["clusterAdminArns"],
             public_api_endpoint=v["publicApiEndpoint"],
             public_api_cidrs=v["publicApiCidrs"],

@@ -293,3 +293,11 @@ def test_ebs_csi_volumes_carry_the_stack_tags(run_stack) -> None:
     assert _json.loads(addon.inputs["configurationValues"]) == {
         "controller": {"extraVolumeTags": stack_tags("dev", "dev")}
     }
+
+
+def test_service_cidr_and_log_retention_come_from_config(run_stack) -> None:
+    run = run_stack("prod")
+    cluster = run.one("aws:eks/cluster:Cluster")
+    assert cluster.inputs["kubernetesNetworkConfig"]["serviceIpv4Cidr"] == "172.20.0.0/16"
+    logs = run.one("aws:cloudwatch/logGroup:LogGroup", "cluster-control-plane-logs")
+    assert logs.inputs["retentionInDays"] == 90

@@ -83,6 +83,10 @@ def test_environments_differ_only_by_config() -> None:
         ({"sagemakerMinInstances": 0}, "real-time endpoints cannot scale to zero"),
         ({"clusterAdminArns": ["admin"]}, "clusterAdminArns contains 'admin': not an IAM role or user ARN"),
         ({"flowLogRetentionDays": 10}, "must be one of CloudWatch's retention values"),
+        ({"controlPlaneLogRetentionDays": 10}, "llm-platform:controlPlaneLogRetentionDays = 10: must be one of"),
+        ({"serviceCidr": "10.0.128.0/17"}, "llm-platform:serviceCidr = '10.0.128.0/17': overlaps llm-platform:vpcCidr"),
+        ({"serviceCidr": "172.20.0.0/8"}, "llm-platform:serviceCidr = '172.20.0.0/8': not a valid CIDR"),
+        ({"serviceCidr": "100.64.0.0/16"}, "must be a private IPv4 CIDR between /12 and /24"),
     ],
 )
 def test_each_rule_names_key_value_and_fix(overrides: dict[str, Any], expected: str) -> None:
