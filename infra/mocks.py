@@ -32,6 +32,7 @@ class Recorded:
     protect: bool = False
     retain_on_delete: bool = False
     depends_on: list[str] = field(default_factory=list)
+    ignore_changes: list[str] = field(default_factory=list)
     provider: str | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -341,6 +342,7 @@ def run_program(
         opts = args.opts
         rec.protect = bool(opts.protect)
         rec.retain_on_delete = bool(opts.retain_on_delete)
+        rec.ignore_changes = list(opts.ignore_changes or [])
         if opts.parent is not None and opts.parent._type != "pulumi:pulumi:Stack":
             rec.parent = opts.parent._name
             rec.parent_type = opts.parent._type

@@ -259,13 +259,11 @@ def test_everything_is_a_child_tagged_and_uniquely_named(dev: tuple[StackConfig,
             assert r.inputs.get("tags", {}).items() >= stack_tags("dev", "dev").items(), r.name
 
 
-def test_ignore_changes_on_desired_size() -> None:
-    # The option is not visible to the mocks' recording; check the source of truth instead.
-    import inspect
-
-    from infra import cluster
-
-    assert 'ignore_changes=["scalingConfig.desiredSize"]' in inspect.getsource(cluster.Cluster._create_gpu_node_group)
+def test_autoscaler_owns_desired_size(run_stack) -> None:
+    """Pulumi must not reset a GPU pool the autoscaler scaled up (that would kill running training jobs)."""
+    for group in run_stack("dev").of_type(NODE_GROUP):
+        if group.inputs["amiType"] == "AL2023_x86_64_NVIDIA":
+            assert group.ignore_changes == ["scalingConfig.desiredSize"], group.name
 
 
 @pytest.mark.parametrize("stack", ["dev", "staging", "prod"])
