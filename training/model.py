@@ -27,13 +27,17 @@ def load_model_and_tokenizer(cfg: ModelConfig, cache_dir: Path, download: bool =
         tokenizer = build_tokenizer()
         model = build_model(tokenizer)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         local = fetch(cfg.path, cache_dir / "model", download=download)
         if not (local / "config.json").is_file():
             raise ModelError(f"model path {cfg.path} is not a Hugging Face model directory (no config.json)")
         tokenizer = AutoTokenizer.from_pretrained(local)
+        source_dtype = AutoConfig.from_pretrained(local).dtype
         model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
+        # Loading as fp32 rewrites config.dtype; restore the checkpoint's dtype so that the export ships the
+        # precision the model came in (bf16 for real checkpoints), not the fp32 of the master weights.
+        model.config.dtype = source_dtype or torch.float32
     if tokenizer.eos_token_id is None:
         raise ModelError(f"tokenizer of {cfg.path} has no EOS token: packing needs one to separate documents")
     if tokenizer.pad_token_id is None:

@@ -102,3 +102,26 @@ def test_grad_accumulation_matches_the_larger_batch(corpus: Path, tmp_path: Path
     assert big.losses.keys() == accum.losses.keys() == {1, 2, 3}
     for step, loss in big.losses.items():
         assert accum.losses[step] == pytest.approx(loss, rel=1e-4)
+
+
+def test_bf16_checkpoint_trains_in_fp32_and_exports_bf16(tmp_path: Path) -> None:
+    """Master weights are fp32 whatever the checkpoint's dtype; the export ships the dtype the model came in."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from training.config import ModelConfig
+    from training.export import export_model
+    from training.model import load_model_and_tokenizer
+    from training.parallelize import Dist
+
+    tok = build_tokenizer()
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, **shape)).to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(path=str(tmp_path / "base")), cache_dir=tmp_path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    export_model(model, tokenizer, str(tmp_path / "out"), Dist(0, 1, 0, torch.device("cpu")))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert exported.dtype == torch.bfloat16
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()  # still tied
