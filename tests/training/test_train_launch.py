@@ -44,6 +44,9 @@ def test_outputs_file_accepts_flat_and_preview_formats(tmp_path: Path) -> None:
     flat.write_text(json.dumps(preview["outputs"]))
     assert load_outputs("dev", str(flat)) == load_outputs("dev", str(FIXTURE)) == preview["outputs"]
     assert parse_outputs({out.STACK: "dev"}) == {out.STACK: "dev"}
+    # The fixture speaks the stack's vocabulary: every key is a constant of infra.outputs.
+    known = {v for k, v in vars(out).items() if k.isupper() and isinstance(v, str)}
+    assert set(preview["outputs"]) <= known
 
 
 def test_eks_dry_run_renders_valid_objects_placed_on_the_training_pool(outputs: dict[str, Any]) -> None:
