@@ -1,7 +1,8 @@
 """The SageMaker training-container contract: `train` (the image's entry point) runs this module.
 
 SageMaker starts the image with `train` on every instance and describes the job through files and variables:
-    /opt/ml/input/config/hyperparameters.json   string-valued hyperparameters (our CLI flags)
+    /opt/ml/input/config/hyperparameters.json   string-valued hyperparameters (our CLI flags);
+                                                the directory is SM_INPUT_CONFIG_DIR when set
     SM_CHANNEL_TRAIN (or any SM_CHANNEL_*)       the local directory holding the `train` channel's data
     SM_MODEL_DIR (/opt/ml/model)                 uploaded as model.tar.gz when the job ends
     /opt/ml/checkpoints                          synced with the job's CheckpointConfig, if one is set
@@ -20,8 +21,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-HYPERPARAMETERS = Path("/opt/ml/input/config/hyperparameters.json")
-RESOURCE_CONFIG = Path("/opt/ml/input/config/resourceconfig.json")
+CONFIG_DIR = "/opt/ml/input/config"
 INPUT_DATA = Path("/opt/ml/input/data")
 CHECKPOINT_DIR = "/opt/ml/checkpoints"
 MODEL_DIR = "/opt/ml/model"
@@ -74,7 +74,8 @@ def torchrun_argv(hp: Mapping[str, object], env: Mapping[str, str]) -> list[str]
         f"--nproc_per_node={max(gpus, 1)}",
         # Static rendezvous: SageMaker fixes the host list for the job's lifetime and restarts the whole job on
         # failure, so elastic membership buys nothing here.
-        f"--master_addr={hosts[0]}",
+        # One host needs no network rendezvous (and its own name may not resolve outside SageMaker).
+        f"--master_addr={hosts[0] if len(hosts) > 1 else '127.0.0.1'}",
         f"--master_port={MASTER_PORT}",
         "-m",
         "training",
@@ -82,11 +83,14 @@ def torchrun_argv(hp: Mapping[str, object], env: Mapping[str, str]) -> list[str]
     ]
 
 
-def sagemaker_env(
-    env: Mapping[str, str], resource_config: Path = RESOURCE_CONFIG, input_data: Path = INPUT_DATA
-) -> dict[str, str]:
+def config_dir(env: Mapping[str, str]) -> Path:
+    return Path(env.get("SM_INPUT_CONFIG_DIR", CONFIG_DIR))
+
+
+def sagemaker_env(env: Mapping[str, str], input_data: Path = INPUT_DATA) -> dict[str, str]:
     """`env` completed with the SM_* variables the toolkit would set, derived from SageMaker's files."""
     full = dict(env)
+    resource_config = config_dir(env) / "resourceconfig.json"
     if "SM_HOSTS" not in full and resource_config.is_file():
         rc = json.loads(resource_config.read_text(encoding="utf-8"))
         full["SM_HOSTS"] = json.dumps(rc["hosts"])
@@ -103,7 +107,8 @@ def sagemaker_env(
 
 
 def main() -> None:
-    hp = json.loads(HYPERPARAMETERS.read_text(encoding="utf-8")) if HYPERPARAMETERS.is_file() else {}
+    hp_file = config_dir(os.environ) / "hyperparameters.json"
+    hp = json.loads(hp_file.read_text(encoding="utf-8")) if hp_file.is_file() else {}
     argv = torchrun_argv(hp, sagemaker_env(os.environ))
     print("exec:", " ".join(argv), flush=True)
     os.execv(argv[0], argv)
