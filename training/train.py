@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from training.checkpoint import CheckpointManager
-from training.config import OptimConfig, TrainConfig
+from training.config import ConfigError, OptimConfig, TrainConfig
 from training.data import PackedLoader, build_sequences
 from training.export import export_model
 from training.model import flops_per_token, load_model_and_tokenizer, num_params
@@ -151,7 +151,13 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
 
     ckpt = CheckpointManager(cfg.output, scratch, d, keep_last=cfg.checkpoint.keep_last)
     step = 0
-    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    latest = ckpt.latest_step()
+    if latest is not None and not cfg.checkpoint.resume:
+        # Starting over would overwrite and rotate away that run's checkpoints: make the user choose.
+        raise ConfigError(
+            f"{ckpt.remote.uri} already has complete checkpoints (latest step {latest}) and checkpoint.resume=false:"
+            " pass a new --output, or resume"
+        )
     metrics = _Metrics(d, start=0, total=cfg.max_steps)
     if latest is not None:
         resumed = ckpt.load(latest, model, optimizer)

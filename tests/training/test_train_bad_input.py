@@ -32,13 +32,14 @@ def _snapshot(root: Path) -> dict[str, bytes]:
         (["--data", "{tmp}/bad.jsonl"], "not valid JSON"),
         (["--preset", "llama-70b", "--data", "{tmp}/empty.txt"], "unknown preset 'llama-70b'"),
         (["--data", "{tmp}/empty.txt", "--set", "optim.lr=fast"], "bad override optim.lr='fast'"),
+        (["--data", "{tmp}/ok.txt", "--set", "checkpoint.resume=false"], "already has complete checkpoints"),
     ],
 )
 def test_bad_input_exits_2_and_keeps_checkpoints(
     args: list[str], message: str, output_with_checkpoint: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "empty.txt").write_text("\n\n  \n")
-    (tmp_path / "tiny.txt").write_text("hi")
+    (tmp_path / "ok.txt").write_text("the quick brown fox jumps over the lazy dog.\n\n" * 200)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
     before = _snapshot(output_with_checkpoint)
     argv = [a.format(tmp=tmp_path) for a in args]
