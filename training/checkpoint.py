@@ -93,12 +93,12 @@ class CheckpointManager:
     ) -> None:
         name = step_dir(step)
         local = self.local_root / name
-        if self.d.is_main:
-            # A directory for this step can only be a leftover of an interrupted save: clear it so stale shards
-            # from a different world size cannot mix with the new ones.
+        # A directory for this step can only be a leftover of an interrupted save: clear it (on every node's
+        # scratch, and remotely) so stale shards from a different world size cannot mix with the new ones.
+        if self.d.local_rank == 0 and (self.staged or self.d.is_main):
             shutil.rmtree(local, ignore_errors=True)
-            if self.staged:
-                self.remote.delete_dir(name)
+        if self.d.is_main and self.staged:
+            self.remote.delete_dir(name)
         self.d.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(local))
