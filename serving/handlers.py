@@ -210,6 +210,11 @@ async def _generate(
     except _ClientGoneError:
         _account(state, ctx, key_id, model, CLIENT_CLOSED, stream, "client_closed")
         return Response(status_code=CLIENT_CLOSED)
+    except Exception:
+        log.exception("request %s failed", ctx.request_id)
+        error = APIError(500, "Internal server error.", type_="server_error")
+        _account(state, ctx, key_id, model, 500, stream, "internal_error")
+        return error.response()
     finally:
         if not handed_off:
             state.metrics.inflight.dec()
@@ -228,6 +233,11 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]], finish: Callable[[int, str
     except APIError as exc:
         status, code = exc.status, exc.code
         yield f"data: {json.dumps(exc.body())}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception:
+        log.exception("stream failed")
+        status, code = 500, "internal_error"
+        yield f"data: {json.dumps(APIError(500, 'Internal server error.', type_='server_error').body())}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         # shielded: when the client disconnects this runs inside a cancelled scope, and the engine must still hear
