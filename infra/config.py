@@ -269,6 +269,14 @@ def load_stack_file(stack: str, path: Path | None = None) -> tuple[dict[str, Any
     return config, str(path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path)
 
 
+def load_stack(stack: str = "dev", /, path: Path | None = None, **overrides: Any) -> StackConfig:
+    """A stack file's validated config, with overrides by key (`trainingEfa=True`; the project prefix is implied)."""
+    values, source = load_stack_file(stack, path)
+    project = project_name()
+    values.update({(k if ":" in k else f"{project}:{k}"): v for k, v in overrides.items()})
+    return load_config(values, stack, source)
+
+
 def load_config(values: Mapping[str, Any], stack: str, source: str = "stack config") -> StackConfig:
     """Validate raw config values (`<namespace>:<key>` -> value, as Pulumi supplies them) into a StackConfig.
 

@@ -15,6 +15,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from policy.rules import as_list, one_block
+
 PRICES_FILE = Path(__file__).resolve().parent / "prices.json"
 
 
@@ -50,18 +52,6 @@ class Item:
         }
 
 
-def _list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _one(value: Any) -> Mapping[str, Any]:
-    if isinstance(value, (list, tuple)):
-        value = value[0] if value else {}
-    return value if isinstance(value, Mapping) else {}
-
-
 def _num(value: Any, default: float = 0) -> float:
     try:
         return float(value)
@@ -92,7 +82,7 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
         inputs = r.get("inputs") or {}
         if inputs.get("vpcEndpointType") != "Interface":
             continue  # gateway endpoints (S3, DynamoDB) are free
-        azs = max(len(_list(inputs.get("subnetIds"))), 1)
+        azs = max(len(as_list(inputs.get("subnetIds"))), 1)
         service = str(inputs.get("serviceName", "")).rsplit(".", 1)[-1]
         items.append(
             Item(
@@ -107,8 +97,8 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
 
     for r in by_type.get("aws:eks/nodeGroup:NodeGroup", []):
         inputs = r.get("inputs") or {}
-        scaling = _one(inputs.get("scalingConfig"))
-        types = _list(inputs.get("instanceTypes")) or ["t3.medium"]  # EKS's default for managed node groups
+        scaling = one_block(inputs.get("scalingConfig"))
+        types = as_list(inputs.get("instanceTypes")) or ["t3.medium"]  # EKS's default for managed node groups
         itype = str(types[0])
         spot = inputs.get("capacityType") == "SPOT"
         price = p["ec2_hour"].get(itype)
@@ -124,7 +114,7 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
 
     targets = by_type.get("aws:appautoscaling/target:Target", [])
     for r in by_type.get("aws:sagemaker/endpointConfiguration:EndpointConfiguration", []):
-        for variant in _list((r.get("inputs") or {}).get("productionVariants")):
+        for variant in as_list((r.get("inputs") or {}).get("productionVariants")):
             if not isinstance(variant, Mapping):
                 continue
             itype = str(variant.get("instanceType"))

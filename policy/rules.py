@@ -122,13 +122,13 @@ class Rule:
 # Helpers
 
 
-def _list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _one(value: Any) -> Mapping[str, Any]:
+def one_block(value: Any) -> Mapping[str, Any]:
     """A nested block that pulumi-aws models as an object (v7) or a one-element list (older schemas)."""
     if isinstance(value, (list, tuple)):
         value = value[0] if value else {}
@@ -199,8 +199,8 @@ def _for_bucket(companions: dict[str, list[Res]], bucket: Res) -> list[Res]:
 
 
 def _sse_uses_kms(rules: Any) -> bool:
-    for rule in _list(rules):
-        default = _one(rule.get("applyServerSideEncryptionByDefault") if isinstance(rule, Mapping) else None)
+    for rule in as_list(rules):
+        default = one_block(rule.get("applyServerSideEncryptionByDefault") if isinstance(rule, Mapping) else None)
         if str(default.get("sseAlgorithm", "")).startswith("aws:kms"):
             return True
     return False
@@ -209,7 +209,7 @@ def _sse_uses_kms(rules: Any) -> bool:
 def check_bucket_kms(resources: list[Res], ctx: StackContext) -> Iterable[tuple[Res | None, str]]:
     sse = _companions(resources, BUCKET_SSE)
     for b in _of_type(resources, BUCKET):
-        inline = _one(b.props.get("serverSideEncryptionConfiguration")).get("rule")
+        inline = one_block(b.props.get("serverSideEncryptionConfiguration")).get("rule")
         configs = _for_bucket(sse, b)
         if any(_sse_uses_kms(c.props.get("rules")) for c in configs) or _sse_uses_kms(inline):
             continue
@@ -247,13 +247,13 @@ def _denies_insecure_transport(policy: Any) -> bool:
     doc = _json(policy)
     if not isinstance(doc, Mapping):
         return False
-    for stmt in _list(doc.get("Statement")):
+    for stmt in as_list(doc.get("Statement")):
         if not isinstance(stmt, Mapping) or stmt.get("Effect") != "Deny":
             continue
-        actions = [str(a).lower() for a in _list(stmt.get("Action"))]
+        actions = [str(a).lower() for a in as_list(stmt.get("Action"))]
         principal = stmt.get("Principal")
-        everyone = principal == "*" or (isinstance(principal, Mapping) and _list(principal.get("AWS")) == ["*"])
-        cond = _one(stmt.get("Condition")).get("Bool")
+        everyone = principal == "*" or (isinstance(principal, Mapping) and as_list(principal.get("AWS")) == ["*"])
+        cond = one_block(stmt.get("Condition")).get("Bool")
         insecure = isinstance(cond, Mapping) and str(cond.get("aws:SecureTransport")).lower() == "false"
         if everyone and insecure and ("s3:*" in actions or "*" in actions):
             return True
@@ -291,7 +291,7 @@ def _is_load_balancer(res: Res) -> bool:
 
 
 def _open_ingress(rule: Mapping[str, Any], cidr_keys: tuple[str, ...]) -> list[str]:
-    return [c for k in cidr_keys for c in _list(rule.get(k)) if c in OPEN_CIDRS]
+    return [c for k in cidr_keys for c in as_list(rule.get(k)) if c in OPEN_CIDRS]
 
 
 def _web_port(rule: Mapping[str, Any]) -> bool:
@@ -305,7 +305,7 @@ def _web_port(rule: Mapping[str, Any]) -> bool:
 
 def check_open_ingress(res: Res, ctx: StackContext) -> Iterable[str]:
     if res.type == SG:
-        rules = [r for r in _list(res.props.get("ingress")) if isinstance(r, Mapping)]
+        rules = [r for r in as_list(res.props.get("ingress")) if isinstance(r, Mapping)]
         cidr_keys: tuple[str, ...] = ("cidrBlocks", "ipv6CidrBlocks")
     elif res.type == SG_INGRESS_RULE:
         rules, cidr_keys = [res.props], ("cidrIpv4", "cidrIpv6")
@@ -348,7 +348,7 @@ def check_iam_documents(res: Res, ctx: StackContext) -> Iterable[str]:
     if res.type in IAM_DOCUMENT_TYPES:
         docs.append(("policy", res.props.get("policy"), False))
     elif res.type == "aws:iam/role:Role":
-        for i, inline in enumerate(_list(res.props.get("inlinePolicies"))):
+        for i, inline in enumerate(as_list(res.props.get("inlinePolicies"))):
             if isinstance(inline, Mapping) and inline.get("policy"):
                 docs.append((f"inline policy {inline.get('name', i)}", inline["policy"], False))
     elif res.type == KMS_KEY and res.props.get("policy"):
@@ -365,7 +365,7 @@ def check_full_access_policies(res: Res, ctx: StackContext) -> Iterable[str]:
     if res.type in POLICY_ARN_TYPES:
         arns = [res.props.get("policyArn")]
     elif res.type == "aws:iam/role:Role":
-        arns = _list(res.props.get("managedPolicyArns"))
+        arns = as_list(res.props.get("managedPolicyArns"))
     for arn in arns:
         if is_full_access_managed_policy(arn):
             yield f"{res.label} attaches the AWS-managed {arn}: write a policy with the actions and resources needed"
@@ -381,11 +381,11 @@ NODE_GROUP = "aws:eks/nodeGroup:NodeGroup"
 def check_eks_endpoint(res: Res, ctx: StackContext) -> Iterable[str]:
     if res.type != EKS_CLUSTER:
         return
-    vpc = _one(res.props.get("vpcConfig"))
+    vpc = one_block(res.props.get("vpcConfig"))
     # AWS defaults: public endpoint on, open to 0.0.0.0/0.
     if vpc.get("endpointPublicAccess") is False or str(vpc.get("endpointPublicAccess")).lower() == "false":
         return
-    cidrs = _list(vpc.get("publicAccessCidrs")) or ["0.0.0.0/0 (the AWS default)"]
+    cidrs = as_list(vpc.get("publicAccessCidrs")) or ["0.0.0.0/0 (the AWS default)"]
     open_ = [c for c in cidrs if str(c).split(" ")[0] in OPEN_CIDRS]
     if open_:
         yield (
@@ -398,8 +398,8 @@ def check_eks_endpoint(res: Res, ctx: StackContext) -> Iterable[str]:
 def check_eks_secrets_encryption(res: Res, ctx: StackContext) -> Iterable[str]:
     if res.type != EKS_CLUSTER:
         return
-    enc = _one(res.props.get("encryptionConfig"))
-    if "secrets" in _list(enc.get("resources")) and _one(enc.get("provider")).get("keyArn"):
+    enc = one_block(res.props.get("encryptionConfig"))
+    if "secrets" in as_list(enc.get("resources")) and one_block(enc.get("provider")).get("keyArn"):
         return
     yield (
         f"{res.label} does not encrypt Kubernetes secrets with KMS: set encryption_config="
@@ -408,7 +408,7 @@ def check_eks_secrets_encryption(res: Res, ctx: StackContext) -> Iterable[str]:
 
 
 def _gpu_types(res: Res) -> list[str]:
-    return [t for t in _list(res.props.get("instanceTypes")) if t in GPU_INSTANCE_TYPES]
+    return [t for t in as_list(res.props.get("instanceTypes")) if t in GPU_INSTANCE_TYPES]
 
 
 def _is_gpu_node_group(res: Res) -> bool:
@@ -418,7 +418,7 @@ def _is_gpu_node_group(res: Res) -> bool:
 def check_gpu_taints(res: Res, ctx: StackContext) -> Iterable[str]:
     if not _is_gpu_node_group(res):
         return
-    for taint in _list(res.props.get("taints")):
+    for taint in as_list(res.props.get("taints")):
         if (
             isinstance(taint, Mapping)
             and taint.get("key") == GPU_TAINT_KEY
@@ -434,7 +434,7 @@ def check_gpu_taints(res: Res, ctx: StackContext) -> Iterable[str]:
 def node_group_max_gpus(res: Res) -> int:
     """GPUs a node group can reach at its max size (worst case over its instance types)."""
     per_node = max((GPU_INSTANCE_TYPES[t].gpus for t in _gpu_types(res)), default=0)
-    max_size = _one(res.props.get("scalingConfig")).get("maxSize") or 0
+    max_size = one_block(res.props.get("scalingConfig")).get("maxSize") or 0
     return int(float(max_size)) * per_node
 
 

@@ -10,18 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.config import StackConfig, load_config, load_stack_file
+from infra.config import StackConfig, load_stack, load_stack_file
 from infra.mocks import Run
 
 SHIPPED_STACKS = ("dev", "staging", "prod")
 
 _cache: dict[str, tuple[dict[str, Any], Run]] = {}
-
-
-def stack_config(stack: str, overrides: dict[str, Any] | None = None) -> StackConfig:
-    values, source = load_stack_file(stack)
-    values.update(overrides or {})
-    return load_config(values, stack, source)
 
 
 @pytest.fixture
@@ -51,4 +45,4 @@ def run_stack(tmp_path: Path) -> Callable[..., Run]:
 @pytest.fixture(params=SHIPPED_STACKS)
 def shipped(request: pytest.FixtureRequest, run_stack: Callable[..., Run]) -> tuple[StackConfig, Run]:
     """(config, run) for each shipped stack."""
-    return stack_config(request.param), run_stack(request.param)
+    return load_stack(request.param), run_stack(request.param)

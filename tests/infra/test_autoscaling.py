@@ -29,7 +29,8 @@ from infra.autoscaling import (
     node_template_tags,
     scaled_object,
 )
-from infra.config import ConfigError, StackConfig, load_config, load_stack_file
+from infra.config import ConfigError, StackConfig
+from infra.config import load_stack as config
 from infra.mocks import Recorded, RecordingMocks, Run, run_program
 from infra.tags import stack_tags
 
@@ -41,12 +42,6 @@ ROLE = "aws:iam/role:Role"
 ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
 POD_IDENTITY = "aws:eks/podIdentityAssociation:PodIdentityAssociation"
 SCALED_OBJECT = "kubernetes:keda.sh/v1alpha1:ScaledObject"
-
-
-def config(stack: str, **overrides: Any) -> StackConfig:
-    values, source = load_stack_file(stack)
-    values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
-    return load_config(values, stack, source)
 
 
 def fake_cluster(cfg: StackConfig) -> tuple[k8s.Provider, dict[str, aws.eks.NodeGroup]]:

@@ -8,18 +8,13 @@ from typing import Any
 import pytest
 
 from infra.budgets import Budgets, BudgetsArgs, stack_cost_filter
-from infra.config import ConfigError, StackConfig, load_config, load_stack_file
+from infra.config import ConfigError, StackConfig
+from infra.config import load_stack as config
 from infra.mocks import Run, run_program
 from infra.tags import STACK_TAG, STACK_TAG_KEYS, stack_tags
 
 BUDGET = "aws:budgets/budget:Budget"
 COST_TAG = "aws:costexplorer/costAllocationTag:CostAllocationTag"
-
-
-def config(stack: str, **overrides: Any) -> StackConfig:
-    values, source = load_stack_file(stack)
-    values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
-    return load_config(values, stack, source)
 
 
 def run_budgets(cfg: StackConfig) -> Run:

@@ -16,7 +16,8 @@ from infra.cluster import (
     Cluster,
     ClusterArgs,
 )
-from infra.config import GPU_TAINT, POOL_LABEL, StackConfig, load_config, load_stack_file
+from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
+from infra.config import load_stack as stack_config
 from infra.mocks import Run, run_program
 from infra.tags import stack_tags
 
@@ -26,12 +27,6 @@ ADMIN = "arn:aws:iam::123456789012:role/platform-admins"
 
 NODE_GROUP = "aws:eks/nodeGroup:NodeGroup"
 LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
-
-
-def stack_config(stack: str = "dev", **overrides: Any) -> StackConfig:
-    values, source = load_stack_file(stack)
-    values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
-    return load_config(values, stack, source)
 
 
 def run_cluster(cfg: StackConfig, **extra: Any) -> Run:

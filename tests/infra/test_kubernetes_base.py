@@ -10,7 +10,8 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pytest
 
-from infra.config import GPU_TAINT, POOL_LABEL, StackConfig, load_config, load_stack_file
+from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
+from infra.config import load_stack as stack_config
 from infra.kubernetes_base import (
     DEVICE_PLUGIN_IMAGE,
     POD_IDENTITY_AGENT_CIDR,
@@ -24,12 +25,6 @@ from infra.tags import stack_tags
 TRAINING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-training"
 SERVING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-serving"
 NETWORK_POLICY = "kubernetes:networking.k8s.io/v1:NetworkPolicy"
-
-
-def stack_config(stack: str = "dev", **overrides: Any) -> StackConfig:
-    values, source = load_stack_file(stack)
-    values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
-    return load_config(values, stack, source)
 
 
 def run_base(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:

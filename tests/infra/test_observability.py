@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from infra.autoscaling import can_schedule
-from infra.config import StackConfig, load_config, load_stack_file
+from infra.config import StackConfig
+from infra.config import load_stack as config
 from infra.mocks import RecordingMocks, Run, run_program
 from infra.observability import (
     AMP_COLLECTOR_USER,
@@ -39,12 +40,6 @@ ACCOUNT = "123456789012"
 ENDPOINT = "llmp-endpoint"
 TOPIC = "aws:sns/topic:Topic"
 ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"
-
-
-def config(stack: str, **overrides: Any) -> StackConfig:
-    values, source = load_stack_file(stack)
-    values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
-    return load_config(values, stack, source)
 
 
 def run_observability(cfg: StackConfig) -> Run:

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from infra.config import StackConfig, load_config, load_stack_file
+from infra.config import StackConfig
+from infra.config import load_stack as stack_config
 from infra.mocks import Run, run_program
 from infra.sagemaker_endpoint import (
     STARTUP_HEALTH_CHECK_TIMEOUT_S,
@@ -29,13 +30,6 @@ CONFIG = "aws:sagemaker/endpointConfiguration:EndpointConfiguration"
 ENDPOINT = "aws:sagemaker/endpoint:Endpoint"
 TARGET = "aws:appautoscaling/target:Target"
 POLICY = "aws:appautoscaling/policy:Policy"
-
-
-def stack_config(stack: str = "dev", **overrides: Any) -> StackConfig:
-    values, source = load_stack_file(stack)
-    values = {**values, "llm-platform:servingOnSagemaker": True}
-    values.update({f"llm-platform:{k}": v for k, v in overrides.items()})
-    return load_config(values, stack, source)
 
 
 def run_endpoint(cfg: StackConfig, image: str = IMAGE) -> Run:

@@ -9,7 +9,8 @@ import kubernetes_validate
 import pulumi_kubernetes as k8s
 import pytest
 
-from infra.config import StackConfig, load_config, load_stack_file
+from infra.config import StackConfig
+from infra.config import load_stack as stack_config
 from infra.mocks import Recorded, Run, run_program
 from infra.serving_eks import (
     API_KEYS_FILE,
@@ -26,12 +27,6 @@ BUCKET = "llmp-dev-models-123456789012"
 NAMESPACE = "llm-serving"
 SERVICE_ACCOUNT = "server"
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
-
-
-def stack_config(stack: str = "dev", **overrides: Any) -> StackConfig:
-    values, source = load_stack_file(stack)
-    values = {**values, **{f"llm-platform:{k}": v for k, v in overrides.items()}}
-    return load_config(values, stack, source)
 
 
 def run_serving(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:
