@@ -56,18 +56,8 @@ def run_base(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:
 
 
 def as_k8s_object(rec: Recorded) -> dict[str, Any]:
-    """The object as the provider sends it to the API server (the mock engine turns integers into floats)."""
-
-    def ints(v: Any) -> Any:
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        if isinstance(v, dict):
-            return {k: ints(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [ints(x) for x in v]
-        return v
-
-    return ints(rec.inputs)
+    """The object as the provider sends it to the API server (the recording mocks restore integers)."""
+    return rec.inputs
 
 
 def kubernetes_objects(run: Run) -> list[Recorded]:
