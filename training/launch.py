@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, choices=["eks", "sagemaker"])
     p.add_argument("--outputs", help="JSON file of stack outputs instead of running `pulumi stack output`")
     p.add_argument("--name", required=True, help="run name: Job / training-job name and S3 prefix of the run")
-    p.add_argument("--image-tag", default="latest", help="tag of the training image in the stack's ECR repository")
+    p.add_argument(
+        "--image-tag",
+        required=True,
+        help="tag of the training image in the stack's ECR repository (tags are immutable: name the build, not latest)",
+    )
     p.add_argument("--preset", default="debug")
     p.add_argument("--model", help="HF model directory: s3:// URI or a key in the stack's models bucket")
     p.add_argument("--data", required=True, help="s3:// URI or a key in the stack's datasets bucket")

@@ -112,7 +112,7 @@ def test_stack_without_training_pool_is_a_clear_error(outputs: dict[str, Any], t
     f.write_text(json.dumps(outputs))
     proc = subprocess.run(
         [sys.executable, "-m", "training.launch", "--stack", "dev", "--outputs", str(f), "--target", "eks",
-         "--name", "x", "--data", "d", "--dry-run"],
+         "--name", "x", "--image-tag", "v1", "--data", "d", "--dry-run"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "purpose 'training'" in proc.stderr
@@ -121,7 +121,7 @@ def test_stack_without_training_pool_is_a_clear_error(outputs: dict[str, Any], t
 def test_sagemaker_job_created_against_moto_with_the_stacks_role_and_buckets(
     aws_env: str, outputs: dict[str, Any]
 ) -> None:
-    proc = launch("--target", "sagemaker", "--name", "sm-run-1", "--instance-type", "ml.p3.2xlarge",
+    proc = launch("--target", "sagemaker", "--name", "sm-run-1", "--image-tag", "v1", "--instance-type", "ml.p3.2xlarge",
                   "--instance-count", "2", "--data", "corpora/c4", "--max-steps", "100", "--spot",
                   "--set", "optim.lr=1e-4")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -130,7 +130,7 @@ def test_sagemaker_job_created_against_moto_with_the_stacks_role_and_buckets(
     sm = boto3.client("sagemaker", region_name=outputs[out.REGION])
     job = sm.describe_training_job(TrainingJobName="sm-run-1")
     assert job["RoleArn"] == outputs[out.SAGEMAKER_EXECUTION_ROLE_ARN]
-    assert job["AlgorithmSpecification"]["TrainingImage"] == f"{outputs[out.TRAINING_REPOSITORY_URL]}:latest"
+    assert job["AlgorithmSpecification"]["TrainingImage"] == f"{outputs[out.TRAINING_REPOSITORY_URL]}:v1"
     assert job["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"
     assert job["ResourceConfig"]["InstanceCount"] == 2
     channel = job["InputDataConfig"][0]
@@ -154,7 +154,7 @@ def test_sagemaker_job_created_against_moto_with_the_stacks_role_and_buckets(
 
 
 def test_sagemaker_dry_run_submits_nothing(aws_env: str) -> None:
-    proc = launch("--target", "sagemaker", "--name", "sm-dry", "--data", "d", "--dry-run")
+    proc = launch("--target", "sagemaker", "--name", "sm-dry", "--image-tag", "v1", "--data", "d", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["TrainingJobName"] == "sm-dry"
     names = [j["TrainingJobName"] for j in boto3.client("sagemaker").list_training_jobs()["TrainingJobSummaries"]]
