@@ -47,7 +47,8 @@ RUN ${PYTHON} -m venv "${VIRTUAL_ENV}" \
         tokenizers==0.23.3 \
         safetensors==0.8.0 \
         boto3==1.44.5 \
-        PyYAML==6.0.3
+        PyYAML==6.0.3 \
+        prometheus-client==0.26.0
 
 # Non-root at run time. SageMaker mounts /opt/ml/* over these directories; creating them owned by the
 # trainer keeps them writable when it does not.
@@ -64,5 +65,6 @@ COPY --chown=trainer:trainer training/ /app/training/
 USER 1000:1000
 
 # EKS runs `torchrun ... -m training` (the Job's command); SageMaker runs `train`.
-EXPOSE 29500
+# 29500: torchrun rendezvous; 9400: the trainer's Prometheus metrics (metrics_port, set by the EKS Job).
+EXPOSE 29500 9400
 CMD ["train"]

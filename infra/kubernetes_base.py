@@ -26,6 +26,12 @@ SERVING_ACCESS_LABEL = "llm-platform/serving-access"
 """Namespaces labelled `llm-platform/serving-access: allowed` may call the serving pods (clients, monitoring, the
 ingress controller's namespace). The serving namespace carries it itself."""
 
+TRAINING_METRICS_ACCESS_LABEL = "llm-platform/training-metrics-access"
+"""Namespaces labelled `llm-platform/training-metrics-access: allowed` (monitoring) may scrape the trainer's metrics
+port in the training namespace; nothing else from outside the namespace reaches training pods."""
+TRAINING_METRICS_PORT = 9400
+"""The trainer's Prometheus port (`metrics_port`); training/k8s_job.py's METRICS_PORT, which a test keeps equal."""
+
 DEVICE_PLUGIN_IMAGE = "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"
 EFA_DEVICE_PLUGIN_IMAGE = "602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/aws-efa-k8s-device-plugin:v0.5.8"
 """EKS's published image (the eks-charts default); EKS's ECR registry serves pulls from every commercial region."""
@@ -277,6 +283,22 @@ class KubernetesBase(pulumi.ComponentResource):
                 "policyTypes": ["Ingress", "Egress"],
                 "ingress": [{"from": [{"podSelector": {}}]}],
                 "egress": [{"to": [{"podSelector": {}}]}],
+            },
+        )
+        # Prometheus scrapes the trainer's metrics port: from the monitoring namespace (in-cluster), or from the
+        # managed collector's ENIs in the VPC's subnets (AMP), which no namespace selector matches.
+        scrapers: list[dict[str, Any]] = [
+            {"namespaceSelector": {"matchLabels": {TRAINING_METRICS_ACCESS_LABEL: "allowed"}}}
+        ]
+        if self._args.config.observability.metrics == "amp":
+            scrapers.append({"ipBlock": {"cidr": vpc_cidr}})
+        self._policy(
+            "training",
+            "allow-metrics-ingress",
+            {
+                "podSelector": {},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": scrapers, "ports": [{"protocol": "TCP", "port": TRAINING_METRICS_PORT}]}],
             },
         )
         # Clients in namespaces labelled as allowed (the serving namespace itself, monitoring, client apps).

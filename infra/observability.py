@@ -19,7 +19,12 @@ import yaml
 
 from infra.autoscaling import SYSTEM_POOL, _apply, _restricted_container_security, asg_name
 from infra.config import GPU_TAINT, POOL_LABEL, PURPOSE_LABEL, StackConfig
-from infra.kubernetes_base import SERVING_ACCESS_LABEL, SERVING_NAMESPACE, TRAINING_NAMESPACE
+from infra.kubernetes_base import (
+    SERVING_ACCESS_LABEL,
+    SERVING_NAMESPACE,
+    TRAINING_METRICS_ACCESS_LABEL,
+    TRAINING_NAMESPACE,
+)
 
 MONITORING_NAMESPACE = "monitoring"
 PROMETHEUS_IMAGE = "quay.io/prometheus/prometheus"
@@ -263,6 +268,8 @@ def monitoring_namespace() -> dict[str, Any]:
                 "pod-security.kubernetes.io/warn": "baseline",
                 # The serving namespace's default-deny admits port 8080 only from namespaces carrying this label.
                 SERVING_ACCESS_LABEL: "allowed",
+                # ... and the training namespace's admits the trainer's metrics port (9400) only from these.
+                TRAINING_METRICS_ACCESS_LABEL: "allowed",
             },
         },
     }

@@ -119,10 +119,14 @@ class TrainConfig:
     max_steps: int = 1000
     log_every: int = 1
     seed: int = 0
+    metrics_port: int = 0
+    """Serve Prometheus metrics (`llm_training_*`, training/metrics.py) on this port at `/metrics`; 0: off. The EKS
+    job sets 9400 and annotates its pods for scraping."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        _check(0 <= self.metrics_port <= 65535, f"metrics_port must be in [0, 65535], got {self.metrics_port}")
 
     def validate_for_run(self) -> None:
         """Checks that only make sense once the CLI has filled in paths."""

@@ -18,6 +18,9 @@ from infra import outputs as out
 from training.stack import require, training_pool
 
 RDZV_PORT = 29500
+METRICS_PORT = 9400
+"""The trainer's Prometheus endpoint (`metrics_port`, training/metrics.py); the pods are annotated for the stack's
+`training` scrape job and `llm-training`'s network policy admits the monitoring namespace on it."""
 CONTAINER = "trainer"
 
 
@@ -73,6 +76,8 @@ def trainer_args(spec: TrainingJobSpec, locations: dict[str, str]) -> list[str]:
         args += ["--save-every", str(spec.save_every)]
     for item in spec.overrides:
         args += ["--set", item]
+    # Last, so that the port the pod annotations and network policy name is the one the trainer serves.
+    args += ["--set", f"metrics_port={METRICS_PORT}"]
     return args
 
 
@@ -148,7 +153,10 @@ def render_training_job(spec: TrainingJobSpec, outputs: dict[str, Any]) -> list[
                 "imagePullPolicy": "IfNotPresent",
                 "command": torchrun,
                 "env": env,
-                "ports": [{"name": "c10d", "containerPort": RDZV_PORT, "protocol": "TCP"}],
+                "ports": [
+                    {"name": "c10d", "containerPort": RDZV_PORT, "protocol": "TCP"},
+                    {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+                ],
                 "resources": {"limits": limits, "requests": dict(limits)},
                 "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
                 "volumeMounts": [
@@ -176,7 +184,18 @@ def render_training_job(spec: TrainingJobSpec, outputs: dict[str, Any]) -> list[
             "completions": spec.nodes,
             "parallelism": spec.nodes,
             "backoffLimit": spec.backoff_limit,
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    # Global rank 0 (pod 0) serves the run's values; the other pods answer with an empty page.
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(METRICS_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
         },
     }
     return [service, job]

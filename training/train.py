@@ -159,6 +159,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
             " pass a new --output, or resume"
         )
     metrics = _Metrics(d, start=0, total=cfg.max_steps)
+    prom = _prometheus(cfg, d)
     if latest is not None:
         resumed = ckpt.load(latest, model, optimizer)
         loader.load_state_dict(resumed.loader_state)
@@ -178,11 +179,14 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
     )
     if metrics.bar is not None:
         metrics.bar.update(step)
+    if prom is not None:
+        prom.set_step(step)
 
     tokens_per_step = cfg.parallel.micro_batch_size * cfg.parallel.grad_accum_steps * d.world_size * cfg.data.seq_len
     fpt = flops_per_token(hf_config, n_params, cfg.data.seq_len)
     peak = peak_flops(d.device)
     saved_step = step
+    logged_step = step
     config_dict = cfg.to_dict()
     model.train()
 
@@ -190,8 +194,12 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
         if d.any_true(stop.set):
             if step != saved_step:
                 ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
+                if prom is not None:
+                    prom.checkpoint_saved(step)
             metrics.emit({"event": "preempted", "step": step, "checkpoint_step": step})
             metrics.close()
+            if prom is not None:
+                prom.close()
             return EXIT_PREEMPTED
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.max_steps, cfg.optim)
@@ -231,18 +239,36 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
             if peak is not None:
                 record["mfu"] = round(tokens_per_s * fpt / (peak * d.world_size), 4)
             metrics.emit(record)
+            if prom is not None:
+                prom.record_step(record, tokens=tokens_per_step * (step - logged_step))
+            logged_step = step
         if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.max_steps:
             ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
             saved_step = step
             metrics.emit({"event": "checkpoint", "step": step})
+            if prom is not None:
+                prom.checkpoint_saved(step)
 
     if step != saved_step:
         ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
         metrics.emit({"event": "checkpoint", "step": step})
+        if prom is not None:
+            prom.checkpoint_saved(step)
     export_model(model, tokenizer, cfg.export_location, d)
     metrics.emit({"event": "exported", "step": step, "path": cfg.export_location})
     metrics.close()
+    if prom is not None:
+        prom.close()
     return 0
+
+
+def _prometheus(cfg: TrainConfig, d: Dist) -> Any:
+    """The Prometheus endpoint when `metrics_port` is set (imported only then: the JSON lines need nothing)."""
+    if not cfg.metrics_port:
+        return None
+    from training.metrics import start_training_metrics
+
+    return start_training_metrics(cfg.metrics_port, d.rank, d.local_rank)
 
 
 def _set_grad_sync(model: torch.nn.Module, strategy: str, d: Dist, sync: bool) -> None:

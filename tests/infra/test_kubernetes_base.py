@@ -16,11 +16,15 @@ from infra.kubernetes_base import (
     DEVICE_PLUGIN_IMAGE,
     POD_IDENTITY_AGENT_CIDR,
     SERVING_ACCESS_LABEL,
+    TRAINING_METRICS_ACCESS_LABEL,
+    TRAINING_METRICS_PORT,
     KubernetesBase,
     KubernetesBaseArgs,
 )
 from infra.mocks import Recorded, Run, run_program
+from infra.observability import monitoring_namespace
 from infra.tags import stack_tags
+from training.k8s_job import METRICS_PORT
 
 TRAINING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-training"
 SERVING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-serving"
@@ -209,6 +213,27 @@ def test_serving_ingress_admits_the_alb_when_ingress_is_on() -> None:
     run, attrs = run_base(cfg)
     [rule] = policies(run, attrs["serving_namespace"])["allow-http-ingress"]["ingress"]
     assert {"ipBlock": {"cidr": cfg.network.vpc_cidr}} in rule["from"]
+
+
+def test_training_metrics_port_admits_only_the_monitoring_namespace(dev: tuple[StackConfig, Run, dict]) -> None:
+    cfg, run, attrs = dev
+    assert cfg.observability.metrics == "in-cluster"
+    [rule] = policies(run, attrs["training_namespace"])["allow-metrics-ingress"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": TRAINING_METRICS_PORT}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {TRAINING_METRICS_ACCESS_LABEL: "allowed"}}}]
+    # The port the rendered training Job serves and annotates; the label the monitoring namespace carries.
+    assert METRICS_PORT == TRAINING_METRICS_PORT
+    assert monitoring_namespace()["metadata"]["labels"][TRAINING_METRICS_ACCESS_LABEL] == "allowed"
+    assert "allow-metrics-ingress" not in policies(run, attrs["serving_namespace"])
+
+
+def test_training_metrics_port_admits_the_managed_collector_with_amp() -> None:
+    cfg = stack_config("dev", metrics="amp")
+    run, attrs = run_base(cfg)
+    [rule] = policies(run, attrs["training_namespace"])["allow-metrics-ingress"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": TRAINING_METRICS_PORT}]
+    assert {"ipBlock": {"cidr": cfg.network.vpc_cidr}} in rule["from"]
+    assert {"namespaceSelector": {"matchLabels": {TRAINING_METRICS_ACCESS_LABEL: "allowed"}}} in rule["from"]
 
 
 def test_children_named_and_parented(dev: tuple[StackConfig, Run, dict]) -> None:

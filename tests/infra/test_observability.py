@@ -146,6 +146,22 @@ def test_scrape_jobs_cover_gpus_serving_and_training() -> None:
         assert match is not None and f"{match[1]}:{match[2]}" == "10.0.1.7:9100"
 
 
+def test_training_pods_are_annotated_for_the_training_job() -> None:
+    from training.k8s_job import TrainingJobSpec, render_training_job
+    from training.stack import load_outputs
+
+    outputs = load_outputs("dev", str(REPO / "tests" / "training" / "fixtures" / "stack_outputs_dev.json"))
+    _, job = render_training_job(TrainingJobSpec(name="run1", data="d"), outputs)
+    template = job["spec"]["template"]
+    assert job["metadata"]["namespace"] == "llm-training"
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    (container,) = template["spec"]["containers"]
+    port = int(annotations["prometheus.io/port"])
+    assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in container["ports"]
+    assert f"metrics_port={port}" in container["command"]
+
+
 def test_serving_pods_are_annotated_for_the_serving_job(run_stack: Callable[..., Run]) -> None:
     dep = run_stack("dev").one("kubernetes:apps/v1:Deployment", "serving-eks-deployment")
     template = dep.inputs["spec"]["template"]
@@ -316,6 +332,13 @@ def test_dashboard_loads_and_every_query_names_an_emitted_metric() -> None:
     # Training panels come with the trainer's metrics: once training/ defines any, the dashboard must show them.
     training = training_metric_names()
     assert bool(training & used) is bool(training), f"training emits {sorted(training)}: add its panels"
+    # Every series the trainer exposes (bar the counters' `_created` timestamps) has a panel.
+    for name in ("llm_training_tokens_per_second", "llm_training_tokens_total", "llm_training_loss",
+                 "llm_training_learning_rate", "llm_training_mfu", "llm_training_checkpoints_total",
+                 "llm_training_step"):  # fmt: skip
+        assert name in training, f"training/ no longer defines {name}"
+        assert name in used, name
+    assert {n for n in training if not n.endswith("_created")} <= used
 
 
 def test_dashboards_ship_as_grafana_configmaps(stack: tuple[StackConfig, Run]) -> None:

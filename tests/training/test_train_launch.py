@@ -93,6 +93,14 @@ def test_eks_dry_run_renders_valid_objects_placed_on_the_training_pool(outputs: 
     assert f"--export s3://{outputs[out.MODELS_BUCKET]}/run1" in joined
     assert "--set optim.lr=1e-4" in joined
     assert f"--set model.path=s3://{outputs[out.MODELS_BUCKET]}/base/llama-3.2-1b" in joined
+    # Prometheus: the trainer serves its metrics port and the pods say so, as the serving Deployment's do.
+    assert joined.endswith("--set metrics_port=9400")
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
+    assert job["spec"]["template"]["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9400",
+        "prometheus.io/path": "/metrics",
+    }
 
 
 def test_eks_job_without_efa_requests_only_gpus(outputs: dict[str, Any]) -> None:
@@ -121,8 +129,9 @@ def test_stack_without_training_pool_is_a_clear_error(outputs: dict[str, Any], t
 def test_sagemaker_job_created_against_moto_with_the_stacks_role_and_buckets(
     aws_env: str, outputs: dict[str, Any]
 ) -> None:
-    proc = launch("--target", "sagemaker", "--name", "sm-run-1", "--image-tag", "v1", "--instance-type", "ml.p3.2xlarge",
-                  "--instance-count", "2", "--data", "corpora/c4", "--max-steps", "100", "--spot",
+    proc = launch("--target", "sagemaker", "--name", "sm-run-1", "--image-tag", "v1",
+                  "--instance-type", "ml.p3.2xlarge", "--instance-count", "2", "--data", "corpora/c4",
+                  "--max-steps", "100", "--spot",
                   "--set", "optim.lr=1e-4")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith(":training-job/sm-run-1")
