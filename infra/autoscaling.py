@@ -23,6 +23,7 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
 from infra.config import POOL_LABEL, GpuPool, StackConfig
+from infra.identity import pod_identity_trust
 from infra.instance_types import GPU_INSTANCE_TYPES
 
 SYSTEM_POOL = "system"
@@ -36,18 +37,6 @@ CLUSTER_AUTOSCALER_IMAGE = "registry.k8s.io/autoscaling/cluster-autoscaler"
 CLUSTER_AUTOSCALER_SA = "cluster-autoscaler"
 NTH_IMAGE = "public.ecr.aws/aws-ec2/aws-node-termination-handler"
 NTH_SA = "aws-node-termination-handler"
-
-POD_IDENTITY_TRUST = {
-    "Version": "2012-10-17",
-    "Statement": [
-        {
-            "Effect": "Allow",
-            "Principal": {"Service": "pods.eks.amazonaws.com"},
-            "Action": ["sts:AssumeRole", "sts:TagSession"],
-        }
-    ],
-}
-"""EKS Pod Identity: the agent on the node assumes the role for the pod's service account (no OIDC provider)."""
 
 KEDA_API_VERSION = "keda.sh/v1alpha1"
 SCALED_OBJECT_CRD = "infra/crds/keda.sh_scaledobjects.json"
@@ -94,12 +83,17 @@ def asg_name(node_group: aws.eks.NodeGroup) -> pulumi.Output[str]:
 
 
 def _pod_identity_role(
-    parent: pulumi.Resource, name: str, role_name: str, policy: pulumi.Input[str], tags: dict[str, str]
+    parent: pulumi.Resource,
+    name: str,
+    role_name: str,
+    policy: pulumi.Input[str],
+    tags: dict[str, str],
+    account_id: str,
 ) -> aws.iam.Role:
     role = aws.iam.Role(
         f"{name}-role",
         name=role_name,
-        assume_role_policy=json.dumps(POD_IDENTITY_TRUST),
+        assume_role_policy=pod_identity_trust(account_id),
         tags=tags,
         opts=pulumi.ResourceOptions(parent=parent),
     )
@@ -139,6 +133,8 @@ class ClusterAutoscalerArgs:
     """The cluster's node groups by pool name ("system", "training", "inference")."""
     tags: dict[str, str]
     """Stack tags for every taggable AWS resource."""
+    account_id: str
+    """Account of the stack: the controller's role trusts Pod Identity from this account only."""
 
 
 class ClusterAutoscaler(pulumi.ComponentResource):
@@ -161,6 +157,7 @@ class ClusterAutoscaler(pulumi.ComponentResource):
             f"{cfg.name_prefix}-cluster-autoscaler",
             pulumi.Output.from_input(args.cluster_name).apply(lambda c: json.dumps(cluster_autoscaler_policy(c))),
             args.tags,
+            args.account_id,
         )
         association = aws.eks.PodIdentityAssociation(
             f"{name}-pod-identity",
@@ -412,6 +409,8 @@ class NodeTerminationHandlerArgs:
     """Kubernetes provider of the cluster."""
     tags: dict[str, str]
     """Stack tags for every taggable AWS resource."""
+    account_id: str
+    """Account of the stack: the controller's role trusts Pod Identity from this account only."""
 
 
 class NodeTerminationHandler(pulumi.ComponentResource):
@@ -475,6 +474,7 @@ class NodeTerminationHandler(pulumi.ComponentResource):
             f"{cfg.name_prefix}-node-termination-handler",
             queue.arn.apply(lambda arn: json.dumps(node_termination_handler_policy(arn))),
             args.tags,
+            args.account_id,
         )
         association = aws.eks.PodIdentityAssociation(
             f"{name}-pod-identity",

@@ -46,6 +46,16 @@ def _trust(service: str, extra_actions: tuple[str, ...] = (), condition: dict | 
     return json.dumps({"Version": "2012-10-17", "Statement": [statement]})
 
 
+def pod_identity_trust(account_id: str) -> str:
+    """Trust policy of every role a Kubernetes service account assumes through EKS Pod Identity (workloads and
+    cluster controllers alike): only the Pod Identity service, only from this account."""
+    return _trust(
+        "pods.eks.amazonaws.com",
+        extra_actions=("sts:TagSession",),  # Pod Identity tags sessions with cluster/namespace/service account
+        condition={"StringEquals": {"aws:SourceAccount": account_id}},
+    )
+
+
 def s3_statements(
     bucket_arns: dict[str, pulumi.Input[str]], access: dict[str, list[str]], kms_key_arn: pulumi.Input[str], region: str
 ) -> list[dict[str, Any]]:
@@ -98,11 +108,7 @@ class Identity(pulumi.ComponentResource):
         self._base, self._spec = name, args
         cfg = args.config
         managed = f"arn:{args.partition}:iam::aws:policy"
-        pod_identity_trust = _trust(
-            "pods.eks.amazonaws.com",
-            extra_actions=("sts:TagSession",),  # Pod Identity tags sessions with cluster/namespace/service account
-            condition={"StringEquals": {"aws:SourceAccount": args.account_id}},
-        )
+        workload_trust = pod_identity_trust(args.account_id)
 
         self.cluster_role = self._role(
             "cluster", _trust("eks.amazonaws.com", ("sts:TagSession",)), [f"{managed}/AmazonEKSClusterPolicy"]
@@ -117,17 +123,15 @@ class Identity(pulumi.ComponentResource):
                 f"{managed}/AmazonEKS_CNI_Policy",
             ],
         )
-        self.ebs_csi_role = self._role(
-            "ebs-csi", pod_identity_trust, [f"{managed}/service-role/AmazonEBSCSIDriverPolicy"]
-        )
+        self.ebs_csi_role = self._role("ebs-csi", workload_trust, [f"{managed}/service-role/AmazonEBSCSIDriverPolicy"])
         self.training_role = self._role(
             "training",
-            pod_identity_trust,
+            workload_trust,
             inline=s3_statements(args.bucket_arns, TRAINING_ACCESS, args.kms_key_arn, cfg.region),
         )
         self.serving_role = self._role(
             "serving",
-            pod_identity_trust,
+            workload_trust,
             inline=s3_statements(args.bucket_arns, SERVING_ACCESS, args.kms_key_arn, cfg.region),
         )
         self.sagemaker_role = self._role(

@@ -123,13 +123,13 @@ def build() -> dict[str, Any]:
     # Capacity controllers run on the system pool; they go before the node groups they scale on destroy.
     ClusterAutoscaler(
         "cluster-autoscaler",
-        ClusterAutoscalerArgs(cfg, cluster.name, cluster.provider, cluster.node_groups, tags),
+        ClusterAutoscalerArgs(cfg, cluster.name, cluster.provider, cluster.node_groups, tags, identity_info.account_id),
         opts=pulumi.ResourceOptions(depends_on=[base]),
     )
     if needs_node_termination_handler(cfg):
         NodeTerminationHandler(
             "node-termination",
-            NodeTerminationHandlerArgs(cfg, cluster.name, cluster.provider, tags),
+            NodeTerminationHandlerArgs(cfg, cluster.name, cluster.provider, tags, identity_info.account_id),
             opts=pulumi.ResourceOptions(depends_on=[base]),
         )
 

@@ -36,6 +36,7 @@ from infra.tags import stack_tags
 
 REPO = Path(__file__).resolve().parents[2]
 STACKS = ("dev", "staging", "prod")
+ACCOUNT = "123456789012"
 PROMETHEUS = "http://prometheus.monitoring.svc:9090"
 ASG_TAG = "aws:autoscaling/tag:Tag"
 ROLE = "aws:iam/role:Role"
@@ -64,10 +65,14 @@ def run_capacity(cfg: StackConfig) -> Run:
     def program() -> dict[str, Any]:
         provider, groups = fake_cluster(cfg)
         tags = stack_tags(cfg.stack, cfg.environment)
-        ca = ClusterAutoscaler("autoscaler", ClusterAutoscalerArgs(cfg, cfg.name_prefix, provider, groups, tags))
+        ca = ClusterAutoscaler(
+            "autoscaler", ClusterAutoscalerArgs(cfg, cfg.name_prefix, provider, groups, tags, ACCOUNT)
+        )
         outputs: dict[str, Any] = {"ca_role": ca.role_arn}
         if needs_node_termination_handler(cfg):
-            nth = NodeTerminationHandler("spot", NodeTerminationHandlerArgs(cfg, cfg.name_prefix, provider, tags))
+            nth = NodeTerminationHandler(
+                "spot", NodeTerminationHandlerArgs(cfg, cfg.name_prefix, provider, tags, ACCOUNT)
+            )
             outputs["queue"] = nth.queue_url
         if cfg.autoscaling.serving_autoscaler == "keda":
             so = ServingAutoscaling(
@@ -166,6 +171,7 @@ def test_autoscaler_role_is_least_privilege_through_pod_identity(stack: tuple[St
             "Effect": "Allow",
             "Principal": {"Service": "pods.eks.amazonaws.com"},
             "Action": ["sts:AssumeRole", "sts:TagSession"],
+            "Condition": {"StringEquals": {"aws:SourceAccount": ACCOUNT}},
         }
     ]
     policy = json.loads(run.one(ROLE_POLICY, "autoscaler-policy").inputs["policy"])
