@@ -25,6 +25,8 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from tools.net import free_port  # noqa: E402
+
 PROMPTS = [
     "The platform serves models to applications",
     "Once upon a time",
@@ -35,14 +37,6 @@ PROMPTS = [
     "The quick brown fox jumps over the lazy dog",
     "Tokens per second",
 ]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(*args: str) -> tuple[subprocess.Popen[bytes], str]:

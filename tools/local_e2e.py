@@ -19,15 +19,15 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
+from tools.net import free_port, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -35,28 +35,6 @@ BIN = Path(sys.executable).parent
 
 def step(n: int, text: str) -> None:
     print(f"\n[{n}/6] {text}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except Exception:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not ready at {url} after {timeout:.0f}s")
-        time.sleep(0.3)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:

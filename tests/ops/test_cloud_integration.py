@@ -29,7 +29,7 @@ import pytest
 
 from infra import automation, teardown
 from infra import outputs as keys
-from tests.conftest import free_port
+from tools.net import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_ID_ENV = "LLM_PLATFORM_ITEST_RUN_ID"

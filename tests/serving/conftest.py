@@ -7,16 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT
+from tools.net import free_port, wait_http
 
 ALICE_KEY = "sk-test-alice-0123456789"
 LIMITED_KEY = "sk-test-limited-0123456789"
@@ -75,21 +73,6 @@ class ServingProcess:
                 f.close()
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before becoming ready")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
-
-
 ServerFactory = Callable[..., ServingProcess]
 
 
@@ -113,7 +96,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFac
         server = ServingProcess(proc, port, logs / "stdout.log", logs / "stderr.log", [out, err])
         started.append(server)
         try:
-            wait_ready(server.url, proc)
+            wait_http(server.url + "/readyz", 120, proc, "server")
         except Exception:
             server.stop(10)
             raise RuntimeError(f"server failed to start:\n{server.logs()[-4000:]}") from None
