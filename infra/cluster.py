@@ -9,6 +9,7 @@ through EKS Pod Identity (no OIDC provider, no IRSA annotations).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pulumi
@@ -72,6 +73,13 @@ class ClusterArgs:
     ebs_csi_role_arn: pulumi.Input[str] | None = None
     """Optional Pod Identity role for the EBS CSI controller (AmazonEBSCSIDriverPolicy). Without it the driver
     falls back to the node role, which then needs that policy."""
+    cluster_role_policies: Sequence[pulumi.Resource] = ()
+    """The cluster role's policy attachments (`Identity.role_policies["cluster"]`): the control plane depends on them
+    explicitly, as pulumi-aws's aws.eks.Cluster docs require, or EKS may start without its permissions and, on
+    destroy, lose them before it has deleted the security groups and ENIs it created."""
+    node_role_policies: Sequence[pulumi.Resource] = ()
+    """The node role's policy attachments: every node group depends on them (pulumi-aws aws.eks.NodeGroup docs), so
+    nodes never join without ECR pull / CNI permissions and destroy does not hang on nodes that cannot drain."""
 
 
 class Cluster(pulumi.ComponentResource):
@@ -209,7 +217,7 @@ class Cluster(pulumi.ComponentResource):
             upgrade_policy=aws.eks.ClusterUpgradePolicyArgs(support_type="STANDARD"),
             tags=self._args.tags,
             # The log group must exist first, or EKS creates its own (no retention, not in the stack).
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[log_group]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[log_group, *self._args.cluster_role_policies]),
         )
 
     def _create_access_entries(self) -> None:
@@ -330,7 +338,7 @@ class Cluster(pulumi.ComponentResource):
             launch_template=aws.eks.NodeGroupLaunchTemplateArgs(id=lt.id, version=lt.latest_version.apply(str)),
             tags=self._args.tags,
             # Without the CNI the nodes never become Ready and the node group creation fails.
-            opts=pulumi.ResourceOptions(parent=self, depends_on=early_addons),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[*early_addons, *self._args.node_role_policies]),
         )
 
     def _create_gpu_node_group(self, pool: GpuPool, early_addons: list[aws.eks.Addon]) -> aws.eks.NodeGroup:
@@ -363,7 +371,7 @@ class Cluster(pulumi.ComponentResource):
             tags=self._args.tags,
             opts=pulumi.ResourceOptions(
                 parent=self,
-                depends_on=early_addons,
+                depends_on=[*early_addons, *self._args.node_role_policies],
                 # desired_size starts at the minimum and then belongs to the cluster autoscaler (or whatever scales
                 # the group); re-applying the stack must not reset a busy pool to its minimum.
                 ignore_changes=["scalingConfig.desiredSize"],

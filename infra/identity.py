@@ -94,6 +94,11 @@ TRAINING_ACCESS = {"datasets": READ, "checkpoints": READ + WRITE + DELETE, "mode
 """Training reads datasets, reads/writes/prunes checkpoints (keep-last-K), writes the exported model."""
 SERVING_ACCESS = {"models": READ}
 
+CLUSTER_KEY_ACTIONS = ["kms:Encrypt", "kms:Decrypt", "kms:ListGrants", "kms:DescribeKey"]
+"""What the EKS cluster role needs on the secrets-encryption key: the control plane encrypts and decrypts Secrets
+as itself, and checks its grants on the key at version upgrades, which otherwise fail
+(aws/containers-roadmap#1533). The same four actions terraform-aws-eks attaches (`cluster_encryption` policy)."""
+
 
 class Identity(pulumi.ComponentResource):
     cluster_role_arn: pulumi.Output[str]
@@ -102,6 +107,10 @@ class Identity(pulumi.ComponentResource):
     serving_role_arn: pulumi.Output[str]
     sagemaker_role_arn: pulumi.Output[str]
     ebs_csi_role_arn: pulumi.Output[str]
+    role_policies: dict[str, list[pulumi.Resource]]
+    """Policy attachments and inline policies per role (cluster, node, sagemaker, ...). A consumer depends on them
+    explicitly: depending on the role ARN alone lets AWS create the consumer before the role may do anything, and
+    on destroy removes the permissions while the consumer still needs them to clean up."""
 
     def __init__(self, name: str, args: IdentityArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Identity", name, None, opts)
@@ -109,9 +118,20 @@ class Identity(pulumi.ComponentResource):
         cfg = args.config
         managed = f"arn:{args.partition}:iam::aws:policy"
         workload_trust = pod_identity_trust(args.account_id)
+        self.role_policies = {}
 
         self.cluster_role = self._role(
-            "cluster", _trust("eks.amazonaws.com", ("sts:TagSession",)), [f"{managed}/AmazonEKSClusterPolicy"]
+            "cluster",
+            _trust("eks.amazonaws.com", ("sts:TagSession",)),
+            [f"{managed}/AmazonEKSClusterPolicy"],
+            inline=[
+                {
+                    "Sid": "SecretsEncryptionKey",
+                    "Effect": "Allow",
+                    "Action": CLUSTER_KEY_ACTIONS,
+                    "Resource": args.kms_key_arn,
+                }
+            ],
         )
         self.node_role = self._role(
             "node",
@@ -165,6 +185,7 @@ class Identity(pulumi.ComponentResource):
         inline: list[dict[str, Any]] | None = None,
     ) -> aws.iam.Role:
         cfg = self._spec.config
+        policies: list[pulumi.Resource] = []
         role = aws.iam.Role(
             f"{self._base}-{suffix}",
             name=f"{cfg.name_prefix}-{suffix}",
@@ -174,19 +195,24 @@ class Identity(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
         for i, arn in enumerate(managed_policy_arns or []):
-            aws.iam.RolePolicyAttachment(
-                f"{self._base}-{suffix}-managed-{i}",
-                role=role.name,
-                policy_arn=arn,
-                opts=pulumi.ResourceOptions(parent=self),
+            policies.append(
+                aws.iam.RolePolicyAttachment(
+                    f"{self._base}-{suffix}-managed-{i}",
+                    role=role.name,
+                    policy_arn=arn,
+                    opts=pulumi.ResourceOptions(parent=self),
+                )
             )
         if inline:
-            aws.iam.RolePolicy(
-                f"{self._base}-{suffix}-policy",
-                role=role.id,
-                policy=policy_document(inline),
-                opts=pulumi.ResourceOptions(parent=self),
+            policies.append(
+                aws.iam.RolePolicy(
+                    f"{self._base}-{suffix}-policy",
+                    role=role.id,
+                    policy=policy_document(inline),
+                    opts=pulumi.ResourceOptions(parent=self),
+                )
             )
+        self.role_policies[suffix] = policies
         return role
 
     def _sagemaker_statements(self) -> list[dict[str, Any]]:

@@ -72,6 +72,8 @@ def build() -> dict[str, Any]:
             kms_key_arn=storage.kms_key_arn,
             tags=tags,
             ebs_csi_role_arn=identity.ebs_csi_role_arn,
+            cluster_role_policies=identity.role_policies["cluster"],
+            node_role_policies=identity.role_policies["node"],
         ),
         # The cluster's ENIs, nodes and load balancers live in the VPC's subnets: they must go before the network
         # on destroy, which depends_on orders (destroy runs in reverse dependency order).
@@ -162,6 +164,7 @@ def build() -> dict[str, Any]:
                 private_subnet_ids=network.private_subnet_ids,
                 kms_key_arn=storage.kms_key_arn,
                 tags=tags,
+                execution_role_policies=identity.role_policies["sagemaker"],
             ),
             opts=pulumi.ResourceOptions(depends_on=[network]),
         )

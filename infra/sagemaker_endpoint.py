@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pulumi
@@ -64,6 +65,9 @@ class SageMakerEndpointArgs:
     """Stack KMS key: encrypts the instances' EBS volumes where the instance type has EBS storage."""
     tags: dict[str, str]
     """Stack tags for every taggable resource."""
+    execution_role_policies: Sequence[pulumi.Resource] = ()
+    """The execution role's policies (`Identity.role_policies["sagemaker"]`). CreateModel checks that the role can
+    pull the image: created in parallel with its RolePolicy, the Model races it and fails."""
 
 
 class SageMakerEndpoint(pulumi.ComponentResource):
@@ -156,7 +160,7 @@ class SageMakerEndpoint(pulumi.ComponentResource):
             # execution role before the container starts; the container only reads /opt/ml/model.
             enable_network_isolation=True,
             tags=self._args.tags,
-            opts=pulumi.ResourceOptions(parent=self),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=list(self._args.execution_role_policies)),
         )
 
     def _create_endpoint_config(self) -> aws.sagemaker.EndpointConfiguration:

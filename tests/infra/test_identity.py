@@ -83,3 +83,46 @@ def test_no_aws_full_access_policies_anywhere(shipped) -> None:
     _, run = shipped
     arns = [a.inputs["policyArn"] for a in run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")]
     assert arns and not [a for a in arns if a.endswith("FullAccess")]
+
+
+def test_cluster_role_may_use_the_secrets_encryption_key(shipped) -> None:
+    # EKS encrypts Secrets with the stack key as the cluster role: without these four actions on that key (what
+    # terraform-aws-eks attaches), version upgrades fail (aws/containers-roadmap#1533).
+    _, run = shipped
+    key = run.outputs["kms_key_arn"]
+    assert run.one("aws:eks/cluster:Cluster").inputs["encryptionConfig"]["provider"]["keyArn"] == key
+    policy = run.one("aws:iam/rolePolicy:RolePolicy", "identity-cluster-policy")
+    assert policy.inputs["role"] == run.one("aws:iam/role:Role", "identity-cluster").inputs["name"]
+    assert _grants(json.loads(policy.inputs["policy"])) == {
+        key: {"kms:Encrypt", "kms:Decrypt", "kms:ListGrants", "kms:DescribeKey"}
+    }
+
+
+def _role_policies(run, role: str) -> set[str]:
+    """`type::name` of every attachment and inline policy of the Identity role `role`."""
+    found = set()
+    for typ in ("aws:iam/rolePolicyAttachment:RolePolicyAttachment", "aws:iam/rolePolicy:RolePolicy"):
+        for r in run.of_type(typ):
+            if r.name == f"identity-{role}-policy" or r.name.startswith(f"identity-{role}-managed-"):
+                found.add(f"{typ}::{r.name}")
+    return found
+
+
+def test_consumers_depend_on_their_role_policies_not_only_the_role(shipped) -> None:
+    # pulumi-aws's docs for aws.eks.Cluster and aws.eks.NodeGroup: depend on the policy attachments explicitly, or
+    # EKS can be created before its permissions exist and destroy removes them while EKS still cleans up. The
+    # SageMaker Model likewise races its RolePolicy at CreateModel (the role must be able to pull the image).
+    cfg, run = shipped
+    cluster_policies = _role_policies(run, "cluster")
+    assert len(cluster_policies) == 2  # AmazonEKSClusterPolicy + the secrets-key policy
+    assert cluster_policies <= set(run.one("aws:eks/cluster:Cluster").depends_on)
+    node_policies = _role_policies(run, "node")
+    assert len(node_policies) == 3
+    groups = run.of_type("aws:eks/nodeGroup:NodeGroup")
+    assert len(groups) == 1 + len(cfg.cluster.gpu_pools)
+    for group in groups:
+        assert node_policies <= set(group.depends_on), group.name
+    if cfg.serving.on_sagemaker:
+        sagemaker_policies = _role_policies(run, "sagemaker")
+        assert len(sagemaker_policies) == 1
+        assert sagemaker_policies <= set(run.one("aws:sagemaker/model:Model").depends_on)
