@@ -25,14 +25,14 @@ LIFECYCLE_POLICY = {
             },
             "action": {"type": "expire"},
         },
-        {
-            "rulePriority": 2,
-            "description": "Keep the 50 most recent images",
-            "selection": {"tagStatus": "any", "countType": "imageCountMoreThan", "countNumber": 50},
-            "action": {"type": "expire"},
-        },
     ]
 }
+"""Only untagged images ever expire. A stack deploys whatever tag (or digest of a tagged image) its config names, for
+as long as it names it: a count- or age-based rule on tagged images ("keep the 50 most recent") eventually expires a
+pinned release that a stack still runs, and its nodes then fail to pull. A prefix rule is no safer: ECR expires whole
+images, so an image carrying both a `ci-*` tag and a release tag matches a `ci-*` rule and loses both (ECR user
+guide, lifecycle policy examples, "Filtering on multiple tags"). Tags are immutable, so the number of tagged
+images grows only with pushes; prune them deliberately (`aws ecr batch-delete-image`) once no stack names them."""
 
 
 @dataclass

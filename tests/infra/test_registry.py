@@ -16,9 +16,21 @@ def test_repositories_are_immutable_scanned_encrypted(shipped) -> None:
             {"encryptionType": "KMS", "kmsKey": run.outputs["kms_key_arn"]}
         ]
         assert repo.inputs["forceDelete"] is cfg.storage.force_destroy
-    for policy in run.of_type("aws:ecr/lifecyclePolicy:LifecyclePolicy"):
+
+
+def test_lifecycle_never_expires_a_tagged_image(shipped) -> None:
+    # A stack deploys a pinned tag (or the digest of a tagged image) for as long as its config names it: any rule
+    # that selects tagged images ("any", "tagged", a prefix or pattern) can expire it under a running stack.
+    _, run = shipped
+    policies = run.of_type("aws:ecr/lifecyclePolicy:LifecyclePolicy")
+    assert len(policies) == 2
+    for policy in policies:
         rules = json.loads(policy.inputs["policy"])["rules"]
-        assert [r["selection"]["tagStatus"] for r in rules] == ["untagged", "any"]
+        assert rules, "untagged layers of failed pushes must still be cleaned up"
+        for rule in rules:
+            assert rule["action"] == {"type": "expire"}
+            assert rule["selection"]["tagStatus"] == "untagged", rule
+            assert not {"tagPrefixList", "tagPatternList"} & set(rule["selection"]), rule
 
 
 def test_repository_urls_are_exported(shipped) -> None:
