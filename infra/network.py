@@ -11,9 +11,73 @@ import pulumi_aws as aws
 
 from infra.config import StackConfig
 
-INTERFACE_ENDPOINT_SERVICES = ("ecr.api", "ecr.dkr", "sts", "logs")
+INTERFACE_ENDPOINT_SERVICES = ("ecr.api", "ecr.dkr", "eks-auth", "sts", "logs")
 """What nodes and pods need without NAT: image pulls (ECR api + dkr; layers come from S3 via the gateway endpoint),
-Pod Identity / IRSA credentials (STS) and log shipping (CloudWatch Logs)."""
+workload credentials (the Pod Identity agent calls `eks-auth:AssumeRoleForPodIdentity`, not STS; EKS user guide,
+"Pod Identity": private clusters need the `com.amazonaws.<region>.eks-auth` endpoint), STS (listed for private
+clusters by the EKS user guide, "Deploy private clusters"; regional STS for SDKs and tools resolving identities) and
+log shipping (CloudWatch Logs)."""
+
+S3_ACTIONS_ON_STACK_BUCKETS = sorted(
+    {
+        "s3:GetObject",
+        "s3:GetObjectVersion",
+        "s3:PutObject",
+        "s3:AbortMultipartUpload",
+        "s3:ListMultipartUploadParts",
+        "s3:DeleteObject",
+        "s3:ListBucket",
+        "s3:GetBucketLocation",
+    }
+)
+"""Every S3 action a role of this stack is granted (infra.identity READ/WRITE/DELETE/LIST; a test keeps them equal).
+The endpoint policy only narrows: the caller's IAM policy still decides who may do which of these."""
+
+
+def aws_owned_buckets(region: str) -> list[str]:
+    """Buckets that nodes read anonymously or through presigned URLs, not with the stack's credentials.
+
+    - ECR image layers: `prod-<region>-starport-layer-bucket` (ECR user guide, "Interface VPC endpoints": minimum
+      Amazon S3 bucket permissions for Amazon ECR).
+    - registry.k8s.io redirects pulls from AWS regions to its per-region bucket `prod-registry-k8s-io-<region>`
+      (kubernetes/registry.k8s.io; an endpoint policy without it fails the pull with 403,
+      prometheus-community/helm-charts#2421). Upstream images (cluster-autoscaler, kube-state-metrics ...) come
+      from there.
+    - Amazon Linux 2023 package repositories, `al2023-repos-<region>-de612dc2` (AL2023 user guide): `dnf` on a
+      node (debugging, AMI tooling) goes through this endpoint too.
+    """
+    return [
+        f"prod-{region}-starport-layer-bucket",
+        f"prod-registry-k8s-io-{region}",
+        f"al2023-repos-{region}-de612dc2",
+    ]
+
+
+def s3_endpoint_policy(bucket_arns: list[str], region: str) -> dict:
+    """The S3 gateway endpoint's policy: the stack's own buckets (the actions its roles are granted) and read-only
+    access to the AWS-owned buckets image pulls need. Everything else is denied through this endpoint: a workload
+    cannot copy data to a bucket outside the stack (its IAM policy could not grant that anyway, but a stolen
+    credential from elsewhere could)."""
+    partition = bucket_arns[0].split(":")[1] if bucket_arns else "aws"
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "StackBuckets",
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": S3_ACTIONS_ON_STACK_BUCKETS,
+                "Resource": [r for arn in bucket_arns for r in (arn, f"{arn}/*")],
+            },
+            {
+                "Sid": "AwsOwnedBucketsRead",
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": ["s3:GetObject"],
+                "Resource": [f"arn:{partition}:s3:::{b}/*" for b in aws_owned_buckets(region)],
+            },
+        ],
+    }
 
 
 @dataclass
@@ -24,6 +88,9 @@ class NetworkArgs:
     kms_key_arn: pulumi.Input[str]
     """Key that encrypts the flow-log group."""
     tags: dict[str, str]
+    bucket_arns: dict[str, pulumi.Input[str]]
+    """The stack's buckets (datasets, checkpoints, models): the only buckets of this account the S3 gateway endpoint
+    admits."""
 
 
 def plan_subnets(vpc_cidr: str, az_count: int) -> tuple[list[str], list[str]]:
@@ -167,6 +234,9 @@ class Network(pulumi.ComponentResource):
             service_name=f"com.amazonaws.{region}.s3",
             vpc_endpoint_type="Gateway",
             route_table_ids=[rt.id for rt in self.private_route_tables],
+            policy=pulumi.Output.all(*self._spec.bucket_arns.values()).apply(
+                lambda arns: json.dumps(s3_endpoint_policy(sorted(arns), region))
+            ),
             tags=self._tags(f"{cfg.name_prefix}-s3"),
             opts=self._child,
         )

@@ -47,7 +47,9 @@ def build() -> dict[str, Any]:
         )
 
     storage = Storage("storage", StorageArgs(cfg, identity_info.account_id, partition, tags))
-    network = Network("network", NetworkArgs(cfg, list(zones), storage.kms_key_arn, tags))
+    network = Network(
+        "network", NetworkArgs(cfg, list(zones), storage.kms_key_arn, tags, bucket_arns=storage.bucket_arns)
+    )
     registry = Registry("registry", RegistryArgs(cfg, storage.kms_key_arn, tags))
     identity = Identity(
         "identity",

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 
 import pytest
 
+from infra.identity import DELETE, LIST, READ, WRITE
 from infra.network import INTERFACE_ENDPOINT_SERVICES, plan_subnets
+from policy.rules import iam_document_violations
 
 
 @pytest.mark.parametrize("az_count", [2, 3, 4])
@@ -85,3 +88,48 @@ def test_endpoint_security_group_admits_only_https_from_the_vpc(shipped) -> None
     (rule,) = sg.inputs["ingress"]
     assert (rule["fromPort"], rule["toPort"], rule["protocol"]) == (443, 443, "tcp")
     assert rule["cidrBlocks"] == [cfg.network.vpc_cidr]
+
+
+def test_pod_identity_has_its_eks_auth_endpoint(run_stack) -> None:
+    # The Pod Identity agent gets workload credentials from eks-auth (AssumeRoleForPodIdentity), not from STS: with
+    # interface endpoints on (no path to AWS but through them), a missing eks-auth endpoint leaves pods credential-less.
+    run = run_stack("dev")
+    names = {e.inputs["serviceName"] for e in run.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")}
+    assert "com.amazonaws.us-east-1.eks-auth" in names
+    assert "eks-auth" in INTERFACE_ENDPOINT_SERVICES
+
+
+def _endpoint_policy(run) -> dict:
+    (gateway,) = [e for e in run.of_type("aws:ec2/vpcEndpoint:VpcEndpoint") if e.inputs["vpcEndpointType"] == "Gateway"]
+    return json.loads(gateway.inputs["policy"])
+
+
+def test_s3_gateway_endpoint_admits_only_the_stack_buckets_and_image_layers(shipped) -> None:
+    cfg, run = shipped
+    doc = _endpoint_policy(run)
+    assert iam_document_violations(doc) == []
+    assert all(st["Effect"] == "Allow" and st["Principal"] == "*" for st in doc["Statement"])
+    stack = next(st for st in doc["Statement"] if st["Sid"] == "StackBuckets")
+    arns = sorted(f"arn:aws:s3:::{run.outputs[k + '_bucket']}" for k in ("datasets", "checkpoints", "models"))
+    assert stack["Resource"] == [r for a in arns for r in (a, f"{a}/*")]
+    aws_owned = next(st for st in doc["Statement"] if st["Sid"] == "AwsOwnedBucketsRead")
+    assert aws_owned["Action"] == ["s3:GetObject"]
+    # ECR serves image layers from this AWS-owned bucket (ECR user guide); without it no node pulls any image.
+    assert f"arn:aws:s3:::prod-{cfg.region}-starport-layer-bucket/*" in aws_owned["Resource"]
+    assert f"arn:aws:s3:::prod-registry-k8s-io-{cfg.region}/*" in aws_owned["Resource"]
+    # Nothing else: every resource is one of these buckets' ARNs, never a wildcard bucket.
+    assert {r for st in doc["Statement"] for r in st["Resource"]} == set(stack["Resource"]) | set(aws_owned["Resource"])
+
+
+def test_s3_endpoint_allows_every_s3_action_the_stack_roles_are_granted(shipped) -> None:
+    # The endpoint policy must not silently break a workload: whatever S3 action a role of this stack may perform on
+    # a stack bucket, the endpoint admits it.
+    _, run = shipped
+    allowed = set(next(st for st in _endpoint_policy(run)["Statement"] if st["Sid"] == "StackBuckets")["Action"])
+    granted = set()
+    for policy in run.of_type("aws:iam/rolePolicy:RolePolicy"):
+        for st in json.loads(policy.inputs["policy"])["Statement"]:
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            granted |= {a for a in actions if a.startswith("s3:")}
+    assert granted and granted <= allowed
+    assert allowed == set(READ + WRITE + DELETE + LIST)
