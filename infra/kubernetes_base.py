@@ -15,6 +15,7 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
 from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
+from infra.network import plan_collector_subnets
 
 TRAINING_NAMESPACE = "llm-training"
 SERVING_NAMESPACE = "llm-serving"
@@ -251,8 +252,19 @@ class KubernetesBase(pulumi.ComponentResource):
     def _create_network_policies(self) -> None:
         """Default deny in both directions, then the few flows each workload needs. Enforced by the VPC CNI's network
         policy agent (enabled on the vpc-cni add-on). EFA traffic bypasses the kernel network stack and is not
-        subject to these policies; the training pool's security group governs it."""
-        vpc_cidr = self._args.config.network.vpc_cidr
+        subject to these policies; the training pool's security group governs it.
+
+        Egress is DNS, the Pod Identity agent and S3 (data, checkpoints, models) only. Neither workload calls the
+        Kubernetes API (no service-account token is mounted) nor any other AWS API: credentials come from the agent,
+        which calls eks-auth from the host network; images are pulled by the kubelet, also on the host network, so
+        the ECR/STS/Logs interface endpoints need no pod egress."""
+        cfg = self._args.config
+        s3_egress = s3_cidrs(cfg.region).apply(
+            lambda cidrs: {
+                "to": [{"ipBlock": {"cidr": c}} for c in cidrs],
+                "ports": [{"protocol": "TCP", "port": 443}],
+            }
+        )
         for key in ("training", "serving"):
             self._policy(key, "default-deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})
             self._policy(key, "allow-dns", {"podSelector": {}, "policyTypes": ["Egress"], "egress": [_DNS_EGRESS]})
@@ -263,8 +275,9 @@ class KubernetesBase(pulumi.ComponentResource):
                     "podSelector": {},
                     "policyTypes": ["Egress"],
                     "egress": [
-                        # S3, ECR, STS and CloudWatch through the VPC endpoints or the NAT gateway.
-                        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"protocol": "TCP", "port": 443}]},
+                        # S3 through the gateway endpoint: the traffic keeps S3's public addresses (the region's
+                        # `com.amazonaws.<region>.s3` prefix list), so that list is what the policy names.
+                        s3_egress,
                         # The Pod Identity agent (host network, link-local): a default-deny egress cuts pods off from
                         # their AWS credentials unless this is allowed explicitly.
                         {
@@ -286,12 +299,17 @@ class KubernetesBase(pulumi.ComponentResource):
             },
         )
         # Prometheus scrapes the trainer's metrics port: from the monitoring namespace (in-cluster), or from the
-        # managed collector's ENIs in the VPC's subnets (AMP), which no namespace selector matches.
+        # managed collector's ENIs (AMP), which live in their own subnets (infra.network.plan_collector_subnets)
+        # where no pod ever gets an address: those CIDRs admit the collector and nothing else.
+        collectors: list[dict[str, Any]] = []
+        if cfg.observability.metrics == "amp":
+            collectors = [
+                {"ipBlock": {"cidr": c}} for c in plan_collector_subnets(cfg.network.vpc_cidr, cfg.network.az_count)
+            ]
         scrapers: list[dict[str, Any]] = [
-            {"namespaceSelector": {"matchLabels": {TRAINING_METRICS_ACCESS_LABEL: "allowed"}}}
+            {"namespaceSelector": {"matchLabels": {TRAINING_METRICS_ACCESS_LABEL: "allowed"}}},
+            *collectors,
         ]
-        if self._args.config.observability.metrics == "amp":
-            scrapers.append({"ipBlock": {"cidr": vpc_cidr}})
         self._policy(
             "training",
             "allow-metrics-ingress",
@@ -301,13 +319,17 @@ class KubernetesBase(pulumi.ComponentResource):
                 "ingress": [{"from": scrapers, "ports": [{"protocol": "TCP", "port": TRAINING_METRICS_PORT}]}],
             },
         )
-        # Clients in namespaces labelled as allowed (the serving namespace itself, monitoring, client apps).
-        sources: list[dict[str, Any]] = [{"namespaceSelector": {"matchLabels": {SERVING_ACCESS_LABEL: "allowed"}}}]
-        if self._args.config.serving.ingress or self._args.config.observability.metrics == "amp":
-            # The internal ALB (target type ip) and Amazon Managed Prometheus's scraper connect from their own ENIs
-            # in the VPC's subnets, which no pod or namespace selector matches. With the VPC CNI pods share that
-            # range, so this admits the whole VPC on 8080: the API keys, not the network, are the gate then.
-            sources.append({"ipBlock": {"cidr": vpc_cidr}})
+        # Clients in namespaces labelled as allowed (the serving namespace itself, monitoring, client apps), and the
+        # managed collector's subnets in AMP mode.
+        sources: list[dict[str, Any]] = [
+            {"namespaceSelector": {"matchLabels": {SERVING_ACCESS_LABEL: "allowed"}}},
+            *collectors,
+        ]
+        if cfg.serving.ingress:
+            # The internal ALB (target type ip) connects from its own ENIs in the VPC's subnets, which no pod or
+            # namespace selector matches. With the VPC CNI pods share that range, so this admits the whole VPC on
+            # 8080: the API keys, not the network, are the gate then.
+            sources.append({"ipBlock": {"cidr": cfg.network.vpc_cidr}})
         self._policy(
             "serving",
             "allow-http-ingress",
@@ -327,6 +349,12 @@ class KubernetesBase(pulumi.ComponentResource):
             spec=spec,
             opts=self._k8s_opts,
         )
+
+
+def s3_cidrs(region: str) -> pulumi.Output[list[str]]:
+    """The address ranges of the region's S3 (its AWS-managed prefix list), sorted. Read at deploy time: AWS adds
+    ranges rarely, and a `pulumi up` picks them up; until then traffic to a new range would be refused."""
+    return aws.ec2.get_prefix_list_output(name=f"com.amazonaws.{region}.s3").cidr_blocks.apply(sorted)
 
 
 _DNS_EGRESS = {

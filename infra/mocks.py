@@ -260,6 +260,12 @@ class RecordingMocks(pulumi.runtime.Mocks):
                 "dnsSuffix": "amazonaws.com",
                 "id": self.partition,
             },
+            # Shaped like AWS's answer for the S3 prefix list; the ranges are illustrative, not the live list.
+            "aws:ec2/getPrefixList:getPrefixList": lambda a: {
+                "id": f"pl-{_digest(a.get('name') or '', n=8)}",
+                "name": a.get("name") or "",
+                "cidrBlocks": ["52.216.0.0/15", "54.231.0.0/16", "3.5.0.0/19"],
+            },
             "aws:index/getRegion:getRegion": lambda a: {
                 "name": self.region,
                 "region": self.region,

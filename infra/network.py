@@ -107,11 +107,24 @@ def plan_subnets(vpc_cidr: str, az_count: int) -> tuple[list[str], list[str]]:
     return private, public
 
 
+def plan_collector_subnets(vpc_cidr: str, az_count: int) -> list[str]:
+    """Subnet CIDRs for the Amazon Managed Prometheus collector's ENIs, one per zone: the slices of the last eighth
+    after the public ones (same size). No node group uses them, so no pod ever takes an address there (VPC CNI), and
+    a NetworkPolicy `ipBlock` on exactly these CIDRs admits the managed collector and nothing else. The collector
+    connects from ENIs in the subnets given to CreateScraper (AMP user guide, "Set up managed collectors for Amazon
+    EKS"), which no pod or namespace selector can match."""
+    vpc = ipaddress.ip_network(vpc_cidr)
+    eighths = list(vpc.subnets(new_prefix=vpc.prefixlen + 3))
+    return [str(n) for n in list(eighths[-1].subnets(new_prefix=vpc.prefixlen + 6))[4 : 4 + az_count]]
+
+
 class Network(pulumi.ComponentResource):
     vpc_id: pulumi.Output[str]
     private_subnet_ids: pulumi.Output[list[str]]
     public_subnet_ids: pulumi.Output[list[str]]
     private_route_table_ids: pulumi.Output[list[str]]
+    collector_subnet_ids: pulumi.Output[list[str]]
+    """Subnets for the managed Prometheus collector's ENIs (metrics: amp); empty otherwise."""
 
     def __init__(self, name: str, args: NetworkArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Network", name, None, opts)
@@ -154,6 +167,7 @@ class Network(pulumi.ComponentResource):
         ]
         self._create_public_routes()
         self._create_nat_and_private_routes()
+        self._create_collector_subnets(args.availability_zones)
         self._create_endpoints()
         self._create_flow_logs()
 
@@ -161,6 +175,7 @@ class Network(pulumi.ComponentResource):
         self.private_subnet_ids = pulumi.Output.all(*[s.id for s in self.private_subnets])
         self.public_subnet_ids = pulumi.Output.all(*[s.id for s in self.public_subnets])
         self.private_route_table_ids = pulumi.Output.all(*[rt.id for rt in self.private_route_tables])
+        self.collector_subnet_ids = pulumi.Output.all(*[s.id for s in self.collector_subnets])
         self.register_outputs(
             {
                 "vpc_id": self.vpc_id,
@@ -223,6 +238,31 @@ class Network(pulumi.ComponentResource):
                 f"{name}-private-rta-{i}", subnet_id=subnet.id, route_table_id=rt.id, opts=self._child
             )
             self.private_route_tables.append(rt)
+
+    def _create_collector_subnets(self, zones: list[str]) -> None:
+        """Dedicated subnets for the AMP managed collector, routed like the private subnets of their zone."""
+        name, cfg = self._base, self._spec.config
+        self.collector_subnets: list[aws.ec2.Subnet] = []
+        if cfg.observability.metrics != "amp":
+            return
+        cidrs = plan_collector_subnets(cfg.network.vpc_cidr, cfg.network.az_count)
+        for i, (az, cidr) in enumerate(zip(zones, cidrs, strict=True)):
+            subnet = aws.ec2.Subnet(
+                f"{name}-collector-{i}",
+                vpc_id=self.vpc.id,
+                cidr_block=cidr,
+                availability_zone=az,
+                # No kubernetes.io/role/* tag: load balancers and nodes never land here.
+                tags=self._tags(f"{cfg.name_prefix}-collector-{az}"),
+                opts=self._child,
+            )
+            aws.ec2.RouteTableAssociation(
+                f"{name}-collector-rta-{i}",
+                subnet_id=subnet.id,
+                route_table_id=self.private_route_tables[i].id,
+                opts=self._child,
+            )
+            self.collector_subnets.append(subnet)
 
     def _create_endpoints(self) -> None:
         name, cfg = self._base, self._spec.config

@@ -144,7 +144,7 @@ class Observability(pulumi.ComponentResource):
         workspace = aws.amp.Workspace(
             f"{self._name}-amp", alias=f"{cfg.name_prefix}-metrics", tags=args.tags, opts=child
         )
-        scraper = aws.amp.Scraper(
+        aws.amp.Scraper(
             f"{self._name}-amp-scraper",
             alias=f"{cfg.name_prefix}-scraper",
             source=aws.amp.ScraperSourceArgs(
@@ -161,17 +161,10 @@ class Observability(pulumi.ComponentResource):
             tags=args.tags,
             opts=child,
         )
-        # The collector authenticates to the cluster as its service-linked role; the access entry maps it to the
-        # Kubernetes user the RBAC below grants read access to (AWS's documented `aps-collector-user`).
-        aws.eks.AccessEntry(
-            f"{self._name}-amp-access",
-            cluster_name=args.cluster_name,
-            principal_arn=scraper.role_arn,
-            user_name=AMP_COLLECTOR_USER,
-            type="STANDARD",
-            tags=args.tags,
-            opts=child,
-        )
+        # The collector authenticates to the cluster as its service-linked role. On a cluster with API authentication
+        # (ours) AMP creates that role's access entry itself, mapped to `aps-collector-user` (AMP user guide, "Set up
+        # managed collectors for Amazon EKS"); a second one from us fails with ResourceInUseException. The RBAC below
+        # grants that user read access.
         for key, obj in amp_collector_rbac().items():
             _apply(f"{self._name}-amp-{key}", obj, k8s_opts)
         self.amp_workspace_id = workspace.id

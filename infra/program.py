@@ -179,7 +179,9 @@ def build() -> dict[str, Any]:
             cluster_name=cluster.name,
             cluster_arn=cluster.cluster.arn,
             cluster_security_group_id=cluster.security_group_id,
-            private_subnet_ids=network.private_subnet_ids,
+            # The managed collector's ENIs go into their own subnets, so the serving and training network policies
+            # can admit exactly those CIDRs (network.plan_collector_subnets) instead of the whole VPC.
+            private_subnet_ids=network.collector_subnet_ids,
             provider=cluster.provider,
             node_groups=cluster.node_groups,
             account_id=identity_info.account_id,

@@ -3,6 +3,7 @@ network policies, each validated against the configured Kubernetes version's sch
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import kubernetes_validate
@@ -22,6 +23,7 @@ from infra.kubernetes_base import (
     KubernetesBaseArgs,
 )
 from infra.mocks import Recorded, Run, run_program
+from infra.network import plan_collector_subnets
 from infra.observability import monitoring_namespace
 from infra.tags import stack_tags
 from training.k8s_job import METRICS_PORT
@@ -29,6 +31,8 @@ from training.k8s_job import METRICS_PORT
 TRAINING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-training"
 SERVING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-serving"
 NETWORK_POLICY = "kubernetes:networking.k8s.io/v1:NetworkPolicy"
+S3_PREFIX_LIST = ["3.5.0.0/19", "52.216.0.0/15", "54.231.0.0/16"]
+"""What infra.mocks answers for the region's S3 prefix list, sorted."""
 
 
 def run_base(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:
@@ -188,9 +192,24 @@ def test_default_deny_plus_dns_and_https(dev: tuple[StackConfig, Run, dict], key
     [dns] = specs["allow-dns"]["egress"]
     assert dns["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
     assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
-    egress = specs["allow-aws-egress"]["egress"]
-    assert {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"protocol": "TCP", "port": 443}]} in egress
-    assert any(r["to"] == [{"ipBlock": {"cidr": POD_IDENTITY_AGENT_CIDR}}] for r in egress)
+    s3, agent = specs["allow-aws-egress"]["egress"]
+    # S3 (through the gateway endpoint, so S3's own addresses: the region's prefix list), on 443 only.
+    assert s3 == {"to": [{"ipBlock": {"cidr": c}} for c in S3_PREFIX_LIST], "ports": [{"protocol": "TCP", "port": 443}]}
+    assert agent == {"to": [{"ipBlock": {"cidr": POD_IDENTITY_AGENT_CIDR}}], "ports": [{"protocol": "TCP", "port": 80}]}
+    assert "aws:ec2/getPrefixList:getPrefixList" in run.mocks.invokes
+
+
+@pytest.mark.parametrize("key", ["training_namespace", "serving_namespace"])
+def test_no_egress_to_anywhere(dev: tuple[StackConfig, Run, dict], key: str) -> None:
+    # "Default deny" means nothing: every egress rule names its peers; no rule without "to" (any destination) and
+    # no ipBlock wider than the S3 ranges (never 0.0.0.0/0, never the whole VPC).
+    _, run, attrs = dev
+    for name, spec in policies(run, attrs[key]).items():
+        for rule in spec.get("egress", []):
+            assert rule.get("to"), (name, rule)
+            for peer in rule["to"]:
+                cidr = peer.get("ipBlock", {}).get("cidr")
+                assert cidr is None or ipaddress.ip_network(cidr).prefixlen >= 15, (name, cidr)
 
 
 def test_training_pods_reach_each_other_on_any_port(dev: tuple[StackConfig, Run, dict]) -> None:
@@ -227,13 +246,22 @@ def test_training_metrics_port_admits_only_the_monitoring_namespace(dev: tuple[S
     assert "allow-metrics-ingress" not in policies(run, attrs["serving_namespace"])
 
 
-def test_training_metrics_port_admits_the_managed_collector_with_amp() -> None:
+def test_metrics_ports_admit_only_the_managed_collectors_subnets_with_amp() -> None:
+    # The AMP collector connects from its ENIs in the subnets given to the scraper: those are dedicated subnets no pod
+    # takes an address in, so admitting them (not the VPC) lets the collector in and nothing else.
     cfg = stack_config("dev", metrics="amp")
     run, attrs = run_base(cfg)
+    collectors = [{"ipBlock": {"cidr": c}} for c in plan_collector_subnets(cfg.network.vpc_cidr, cfg.network.az_count)]
+    assert len(collectors) == cfg.network.az_count
     [rule] = policies(run, attrs["training_namespace"])["allow-metrics-ingress"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": TRAINING_METRICS_PORT}]
-    assert {"ipBlock": {"cidr": cfg.network.vpc_cidr}} in rule["from"]
-    assert {"namespaceSelector": {"matchLabels": {TRAINING_METRICS_ACCESS_LABEL: "allowed"}}} in rule["from"]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {TRAINING_METRICS_ACCESS_LABEL: "allowed"}}},
+        *collectors,
+    ]
+    [rule] = policies(run, attrs["serving_namespace"])["allow-http-ingress"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {SERVING_ACCESS_LABEL: "allowed"}}}, *collectors]
 
 
 def test_children_named_and_parented(dev: tuple[StackConfig, Run, dict]) -> None:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from infra.identity import DELETE, LIST, READ, WRITE
-from infra.network import INTERFACE_ENDPOINT_SERVICES, plan_subnets
+from infra.network import INTERFACE_ENDPOINT_SERVICES, plan_collector_subnets, plan_subnets
 from policy.rules import iam_document_violations
 
 
@@ -133,3 +133,45 @@ def test_s3_endpoint_allows_every_s3_action_the_stack_roles_are_granted(shipped)
             granted |= {a for a in actions if a.startswith("s3:")}
     assert granted and granted <= allowed
     assert allowed == set(READ + WRITE + DELETE + LIST)
+
+
+@pytest.mark.parametrize("az_count", [2, 3, 4])
+@pytest.mark.parametrize("cidr", ["10.0.0.0/16", "172.16.0.0/18", "192.168.0.0/20"])
+def test_collector_subnets_hold_no_node(cidr: str, az_count: int) -> None:
+    # The managed collector's subnets must not overlap any subnet a node (and so a pod, with the VPC CNI) lives in:
+    # the network policies admit these CIDRs as "the collector".
+    private, public = plan_subnets(cidr, az_count)
+    collectors = [ipaddress.ip_network(c) for c in plan_collector_subnets(cidr, az_count)]
+    assert len(collectors) == az_count
+    others = [ipaddress.ip_network(c) for c in private + public]
+    assert all(c.subnet_of(ipaddress.ip_network(cidr)) for c in collectors)
+    assert not any(c.overlaps(o) for c in collectors for o in others + [x for x in collectors if x != c])
+
+
+def test_amp_scraper_sits_in_its_own_subnets_and_has_no_second_access_entry(run_stack) -> None:
+    run = run_stack("prod")
+    cidr_of = {s.state["arn"].rsplit("/", 1)[1]: s.inputs["cidrBlock"] for s in run.of_type("aws:ec2/subnet:Subnet")}
+    scraper = run.one("aws:amp/scraper:Scraper").inputs["source"]["eks"]
+    assert sorted(cidr_of[i] for i in scraper["subnetIds"]) == sorted(plan_collector_subnets("10.30.0.0/16", 3))
+    # No node group (so no pod) uses them.
+    used = {i for g in run.of_type("aws:eks/nodeGroup:NodeGroup") for i in g.inputs["subnetIds"]}
+    assert used and not used & set(scraper["subnetIds"])
+    # The cluster authenticates through access entries only, so AMP creates the collector's entry itself; a second
+    # one of ours for the same principal fails with ResourceInUseException.
+    assert run.one("aws:eks/cluster:Cluster").inputs["accessConfig"]["authenticationMode"] == "API"
+    assert run.of_type("aws:eks/accessEntry:AccessEntry") == [] or all(
+        "scraper" not in e.inputs["principalArn"] for e in run.of_type("aws:eks/accessEntry:AccessEntry")
+    )
+    # The serving port admits the collector's subnets, not the VPC.
+    serving = next(
+        p
+        for p in run.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")
+        if p.inputs["metadata"]["name"] == "allow-http-ingress"
+    )
+    peers = serving.inputs["spec"]["ingress"][0]["from"]
+    assert {"ipBlock": {"cidr": "10.30.0.0/16"}} not in peers
+    assert [p["ipBlock"]["cidr"] for p in peers if "ipBlock" in p] == plan_collector_subnets("10.30.0.0/16", 3)
+
+
+def test_collector_subnets_only_with_amp(run_stack) -> None:
+    assert not [s for s in run_stack("dev").of_type("aws:ec2/subnet:Subnet") if "collector" in s.name]
