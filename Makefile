@@ -24,6 +24,7 @@ test: setup  ## the whole test suite (what CI runs)
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	.venv/bin/zizmor --offline --min-severity high .github/workflows
 
 format: setup
 	$(PY) -m ruff format .
