@@ -42,6 +42,7 @@ _ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]+$")
 _SAGEMAKER_INSTANCE_RE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 SERVING_AUTOSCALERS = ("cpu", "keda")
 METRICS_MODES = ("amp", "in-cluster", "none")
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
@@ -230,6 +231,14 @@ class BudgetConfig:
 
 
 @dataclass(frozen=True)
+class ImagesConfig:
+    """Image digests (`sha256:<64 hex>`); empty when the stack references images by tag."""
+
+    serving_digest: str = ""
+    training_digest: str = ""
+
+
+@dataclass(frozen=True)
 class StackConfig:
     project: str
     stack: str
@@ -243,6 +252,7 @@ class StackConfig:
     autoscaling: AutoscalingConfig
     observability: ObservabilityConfig
     budget: BudgetConfig
+    images: ImagesConfig = ImagesConfig()
 
     @property
     def name_prefix(self) -> str:
@@ -493,6 +503,22 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
     if v["sagemakerInvocationsPerInstance"] < 1:
         bad("sagemakerInvocationsPerInstance", "must be at least 1")
     p.extend(_check_operations(v, project))
+    p.extend(_check_images(v, project))
+    return p
+
+
+def _check_images(v: dict[str, Any], project: str) -> list[str]:
+    """Image digests: well-formed, and present where production serves."""
+    p: list[str] = []
+    for key in ("servingImageDigest", "trainingImageDigest"):
+        if v[key] and not _DIGEST_RE.match(v[key]):
+            p.append(f"{project}:{key} = {v[key]!r}: must be an image digest sha256:<64 lowercase hex digits>")
+    serves = v["servingImageTag"] and (v["servingOnEks"] or v["servingOnSagemaker"])
+    if v["production"] and serves and not v["servingImageDigest"]:
+        p.append(
+            f"{project}:servingImageDigest is not set: a production stack references its serving image by digest "
+            f"(the one ECR reports for {project}:servingImageTag = {v['servingImageTag']!r})"
+        )
     return p
 
 
@@ -628,6 +654,7 @@ def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackCon
             monthly_usd=v["monthlyBudgetUsd"],
             activate_cost_allocation_tags=v["activateCostAllocationTags"],
         ),
+        images=ImagesConfig(serving_digest=v["servingImageDigest"], training_digest=v["trainingImageDigest"]),
     )
 
 

@@ -29,6 +29,9 @@ MODELS_BUCKET = "models_bucket"
 
 TRAINING_REPOSITORY_URL = "training_repository_url"
 SERVING_REPOSITORY_URL = "serving_repository_url"
+TRAINING_IMAGE = "training_image"
+"""`<training repository>@<trainingImageDigest>`: the exact image training jobs of this stack are to run (absent
+when no digest is configured)."""
 
 TRAINING_ROLE_ARN = "training_role_arn"
 """Pod Identity role of the training service account."""

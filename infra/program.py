@@ -32,6 +32,12 @@ from infra.storage import Storage, StorageArgs
 from infra.tags import stack_tags
 
 
+def image_reference(repository_url: str, tag: str, digest: str) -> str:
+    """`<repository>@<digest>` when a digest is configured (what runs is exactly that image, whatever happens to tags;
+    Kubernetes and SageMaker both accept this form), else `<repository>:<tag>`."""
+    return f"{repository_url}@{digest}" if digest else f"{repository_url}:{tag}"
+
+
 def build() -> dict[str, Any]:
     """Declare every resource of the stack and return its outputs (keys from `infra.outputs`)."""
     # Config first: a bad stack file fails here, before any resource is registered.
@@ -94,7 +100,9 @@ def build() -> dict[str, Any]:
         opts=pulumi.ResourceOptions(depends_on=[cluster]),
     )
 
-    image = registry.repository_urls["serving"].apply(lambda url: f"{url}:{cfg.serving.image_tag}")
+    image = registry.repository_urls["serving"].apply(
+        lambda url: image_reference(url, cfg.serving.image_tag, cfg.images.serving_digest)
+    )
     outputs: dict[str, Any] = {
         out.STACK: cfg.stack,
         out.ENVIRONMENT: cfg.environment,
@@ -123,6 +131,10 @@ def build() -> dict[str, Any]:
         out.SERVING_SERVICE_ACCOUNT: base.serving_service_account,
         out.GPU_POOLS: {pool.name: pool.describe() for pool in cfg.cluster.gpu_pools},
     }
+    if cfg.images.training_digest:
+        outputs[out.TRAINING_IMAGE] = registry.repository_urls["training"].apply(
+            lambda url: image_reference(url, "", cfg.images.training_digest)
+        )
 
     # Capacity controllers run on the system pool; they go before the node groups they scale on destroy.
     ClusterAutoscaler(

@@ -160,3 +160,36 @@ def test_every_key_is_documented_and_typed() -> None:
         assert key.type in ("string", "integer", "boolean", "array"), key.name
         if key.type == "array":
             assert key.items == "string", key.name
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("servingImageDigest", "sha256:abc"),
+        ("servingImageDigest", "sha256:" + "A" * 64),
+        ("trainingImageDigest", "0123456789abcdef" * 4),
+        ("trainingImageDigest", "sha512:" + "0" * 64),
+    ],
+)
+def test_image_digests_must_be_sha256(key: str, value: str) -> None:
+    message = problems("dev", **{key: value})
+    assert f"{P}{key} = {value!r}: must be an image digest sha256:<64 lowercase hex digits>" in message
+
+
+def test_image_digests_are_read() -> None:
+    cfg = load("dev", servingImageDigest=DIGEST, trainingImageDigest=DIGEST)
+    assert (cfg.images.serving_digest, cfg.images.training_digest) == (DIGEST, DIGEST)
+    assert load("dev").images.serving_digest == ""
+
+
+def test_production_serves_its_image_by_digest() -> None:
+    assert f"{P}servingImageDigest is not set: a production stack references its serving image by digest" in problems(
+        "prod", servingImageDigest=None
+    )
+    # A production stack that serves nothing needs no serving digest.
+    load("prod", servingImageDigest=None, servingOnEks=False, servingOnSagemaker=False)
+    # Non-production stacks may use tags.
+    assert load("dev").images.serving_digest == ""

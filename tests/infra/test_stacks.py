@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from functools import cache
 
 import kubernetes_validate
 import pytest
 
 from infra import outputs as out
+from infra.config import load_stack
 from infra.tags import STACK_TAG_KEYS, stack_tags
 
-REQUIRED_OUTPUTS = [
-    v for k, v in vars(out).items() if k.isupper() and v not in (out.SERVING_SERVICE_NAME, out.SAGEMAKER_ENDPOINT_NAME)
-]
+OPTIONAL_OUTPUTS = (out.SERVING_SERVICE_NAME, out.SAGEMAKER_ENDPOINT_NAME, out.TRAINING_IMAGE)
+REQUIRED_OUTPUTS = [v for k, v in vars(out).items() if k.isupper() and v not in OPTIONAL_OUTPUTS]
 
 
 @cache
@@ -52,6 +53,7 @@ def test_outputs_are_complete_and_kubeconfig_is_secret(shipped) -> None:
     assert out.KUBECONFIG in run.secret_outputs
     assert (out.SERVING_SERVICE_NAME in run.outputs) is cfg.serving.on_eks
     assert (out.SAGEMAKER_ENDPOINT_NAME in run.outputs) is cfg.serving.on_sagemaker
+    assert (out.TRAINING_IMAGE in run.outputs) is bool(cfg.images.training_digest)
     assert run.outputs[out.GPU_POOLS] == {p.name: p.describe() for p in cfg.cluster.gpu_pools}
 
 
@@ -161,3 +163,25 @@ def test_destroy_order_workloads_before_nodes_before_network(shipped) -> None:
         assert {d for d in serving.depends_on if d.startswith("aws:eks/nodeGroup")} == {
             f"aws:eks/nodeGroup:NodeGroup::{g.name}" for g in run.of_type("aws:eks/nodeGroup:NodeGroup")
         }
+
+
+def test_prod_references_its_images_by_digest(run_stack) -> None:
+    # Tags can be re-pointed (or an immutable repository replaced); a digest is the image. Prod's Deployment, its
+    # SageMaker model and the training image it exports all name `<repository>@sha256:<64 hex>`.
+    run = run_stack("prod")
+    cfg = load_stack("prod")
+    serving_repo, training_repo = run.outputs[out.SERVING_REPOSITORY_URL], run.outputs[out.TRAINING_REPOSITORY_URL]
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", cfg.images.serving_digest)
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", cfg.images.training_digest)
+    expected = f"{serving_repo}@{cfg.images.serving_digest}"
+    images = [
+        c["image"]
+        for d in run.of_type("kubernetes:apps/v1:Deployment")
+        for c in d.inputs["spec"]["template"]["spec"]["containers"]
+        if c["image"].startswith(serving_repo)
+    ]
+    assert images and set(images) == {expected}
+    assert run.one("aws:sagemaker/model:Model").inputs["primaryContainer"]["image"] == expected
+    assert run.outputs[out.TRAINING_IMAGE] == f"{training_repo}@{cfg.images.training_digest}"
+    # A stack without digests keeps tags (and exports no training image).
+    assert out.TRAINING_IMAGE not in run_stack("dev").outputs
