@@ -34,30 +34,35 @@ S3_ACTIONS_ON_STACK_BUCKETS = sorted(
 The endpoint policy only narrows: the caller's IAM policy still decides who may do which of these."""
 
 
-def aws_owned_buckets(region: str) -> list[str]:
-    """Buckets that nodes read anonymously or through presigned URLs, not with the stack's credentials.
+def read_only_buckets(region: str) -> list[str]:
+    """Buckets nodes read image layers and packages from, anonymously or through presigned URLs (not with the
+    stack's credentials). S3 traffic to the region goes through the gateway endpoint, so its policy must admit them.
 
     - ECR image layers: `prod-<region>-starport-layer-bucket` (ECR user guide, "Interface VPC endpoints": minimum
-      Amazon S3 bucket permissions for Amazon ECR).
+      Amazon S3 bucket permissions for Amazon ECR). Every EKS add-on image comes from ECR too.
     - registry.k8s.io redirects pulls from AWS regions to its per-region bucket `prod-registry-k8s-io-<region>`
       (kubernetes/registry.k8s.io; an endpoint policy without it fails the pull with 403,
-      prometheus-community/helm-charts#2421). Upstream images (cluster-autoscaler, kube-state-metrics ...) come
-      from there.
+      prometheus-community/helm-charts#2421): cluster-autoscaler and other upstream images.
+    - Docker Hub and quay.io can hand out presigned URLs of their us-east-1 buckets `docker-images-prod`
+      (docker/hub-feedback#1318) and `quayio-production-s3` (Prometheus' image registry); in other regions that traffic
+      does not use the endpoint and the entries are inert.
     - Amazon Linux 2023 package repositories, `al2023-repos-<region>-de612dc2` (AL2023 user guide): `dnf` on a
-      node (debugging, AMI tooling) goes through this endpoint too.
+      node (debugging, AMI tooling).
     """
     return [
         f"prod-{region}-starport-layer-bucket",
         f"prod-registry-k8s-io-{region}",
+        "docker-images-prod",
+        "quayio-production-s3",
         f"al2023-repos-{region}-de612dc2",
     ]
 
 
 def s3_endpoint_policy(bucket_arns: list[str], region: str) -> dict:
     """The S3 gateway endpoint's policy: the stack's own buckets (the actions its roles are granted) and read-only
-    access to the AWS-owned buckets image pulls need. Everything else is denied through this endpoint: a workload
-    cannot copy data to a bucket outside the stack (its IAM policy could not grant that anyway, but a stolen
-    credential from elsewhere could)."""
+    access to the buckets image pulls need (`read_only_buckets`). Everything else is denied through this endpoint:
+    a workload cannot copy data to a bucket outside the stack (its IAM policy could not grant that anyway, but a
+    stolen credential from elsewhere could)."""
     partition = bucket_arns[0].split(":")[1] if bucket_arns else "aws"
     return {
         "Version": "2012-10-17",
@@ -70,11 +75,11 @@ def s3_endpoint_policy(bucket_arns: list[str], region: str) -> dict:
                 "Resource": [r for arn in bucket_arns for r in (arn, f"{arn}/*")],
             },
             {
-                "Sid": "AwsOwnedBucketsRead",
+                "Sid": "ImageLayersAndPackagesRead",
                 "Effect": "Allow",
                 "Principal": "*",
                 "Action": ["s3:GetObject"],
-                "Resource": [f"arn:{partition}:s3:::{b}/*" for b in aws_owned_buckets(region)],
+                "Resource": [f"arn:{partition}:s3:::{b}/*" for b in read_only_buckets(region)],
             },
         ],
     }

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from infra.identity import DELETE, LIST, READ, WRITE
-from infra.network import INTERFACE_ENDPOINT_SERVICES, plan_collector_subnets, plan_subnets
+from infra.network import INTERFACE_ENDPOINT_SERVICES, plan_collector_subnets, plan_subnets, read_only_buckets
 from policy.rules import iam_document_violations
 
 
@@ -112,11 +112,12 @@ def test_s3_gateway_endpoint_admits_only_the_stack_buckets_and_image_layers(ship
     stack = next(st for st in doc["Statement"] if st["Sid"] == "StackBuckets")
     arns = sorted(f"arn:aws:s3:::{run.outputs[k + '_bucket']}" for k in ("datasets", "checkpoints", "models"))
     assert stack["Resource"] == [r for a in arns for r in (a, f"{a}/*")]
-    aws_owned = next(st for st in doc["Statement"] if st["Sid"] == "AwsOwnedBucketsRead")
+    aws_owned = next(st for st in doc["Statement"] if st["Sid"] == "ImageLayersAndPackagesRead")
     assert aws_owned["Action"] == ["s3:GetObject"]
     # ECR serves image layers from this AWS-owned bucket (ECR user guide); without it no node pulls any image.
     assert f"arn:aws:s3:::prod-{cfg.region}-starport-layer-bucket/*" in aws_owned["Resource"]
     assert f"arn:aws:s3:::prod-registry-k8s-io-{cfg.region}/*" in aws_owned["Resource"]
+    assert aws_owned["Resource"] == [f"arn:aws:s3:::{b}/*" for b in read_only_buckets(cfg.region)]
     # Nothing else: every resource is one of these buckets' ARNs, never a wildcard bucket.
     assert {r for st in doc["Statement"] for r in st["Resource"]} == set(stack["Resource"]) | set(aws_owned["Resource"])
 
