@@ -16,6 +16,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.config import StackConfig
+from infra.preflight import RunningVariant, initial_instance_count
 
 VARIANT_NAME = "primary"
 MODEL_DIR = "/opt/ml/model"
@@ -64,6 +65,9 @@ class SageMakerEndpointArgs:
     """Stack KMS key: encrypts the instances' EBS volumes where the instance type has EBS storage."""
     tags: dict[str, str]
     """Stack tags for every taggable resource."""
+    running: RunningVariant | None = None
+    """The endpoint's primary variant as it runs now (infra.preflight.running_variant); None before it exists. A
+    rollout starts at its instance count instead of resetting to the minimum."""
 
 
 class SageMakerEndpoint(pulumi.ComponentResource):
@@ -91,7 +95,8 @@ class SageMakerEndpoint(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
         self.endpoint_name = self.endpoint.name
-        self._create_autoscaling()
+        if cfg.serving.sagemaker_autoscaling:
+            self._create_autoscaling()
 
         self.register_outputs(
             {
@@ -170,7 +175,10 @@ class SageMakerEndpoint(pulumi.ComponentResource):
                     variant_name=VARIANT_NAME,
                     model_name=self.model.name,
                     instance_type=instance_type,
-                    initial_instance_count=cfg.serving.sagemaker_min_instances,
+                    # The running count on a rollout, the minimum on create (infra.preflight.initial_instance_count).
+                    initial_instance_count=self.model.name.apply(
+                        lambda model: initial_instance_count(cfg, model, self._args.running)
+                    ),
                     initial_variant_weight=1.0,
                     container_startup_health_check_timeout_in_seconds=STARTUP_HEALTH_CHECK_TIMEOUT_S,
                     model_data_download_timeout_in_seconds=MODEL_DOWNLOAD_TIMEOUT_S,
