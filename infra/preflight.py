@@ -208,7 +208,7 @@ def describe_running_variant(
     try:
         endpoint = sagemaker.describe_endpoint(EndpointName=endpoint_name)
     except sagemaker.exceptions.ClientError as exc:
-        if "Could not find endpoint" in str(exc) or exc.response["Error"]["Code"] in ("ValidationException",):
+        if "Could not find endpoint" in str(exc):  # SageMaker's not-found is a ValidationException with this text
             return None
         raise
     live = next(v for v in endpoint["ProductionVariants"] if v["VariantName"] == variant)
