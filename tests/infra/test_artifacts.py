@@ -137,3 +137,50 @@ def test_put_api_keys_refuses_a_malformed_keys_file(tmp_path: Path) -> None:
     bad.write_text("just-one-field\n")
     with pytest.raises(artifacts.ArtifactError, match="line 1: expected '<key-id> <key>"):
         artifacts.keys_file_text(bad, hash_keys=False)
+
+
+RUNBOOK = REPO_ROOT / "docs" / "first-deploy.md"
+
+
+def _runbook_commands() -> list[str]:
+    """The commands of docs/first-deploy.md that this repository owns (make targets, python -m infra.*)."""
+    commands = []
+    for line in RUNBOOK.read_text().splitlines():
+        line = line.strip().split("  #", 1)[0].strip()
+        if line.startswith(("make ", "python -m infra.")):
+            commands.append(line)
+    return commands
+
+
+def test_every_owned_runbook_command_exists_and_its_dry_run_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infra import account
+    from infra import preview as preview_cli
+
+    monkeypatch.setattr(artifacts, "image_tag", lambda: "git-0123456789ab")
+    commands = _runbook_commands()
+    assert any(c.startswith("make push-image") for c in commands)
+    assert any(c.startswith("make upload-model") for c in commands)
+    assert any("put-api-keys" in c for c in commands) and any("activate-cost-allocation-tags" in c for c in commands)
+    mains = {"infra.artifacts": artifacts.main, "infra.account": account.main, "infra.preview": preview_cli.main}
+    for command in commands:
+        argv = command.split()
+        if argv[0] == "make":
+            proc = subprocess.run(["make", "-n", *argv[1:]], cwd=REPO_ROOT, capture_output=True, text=True)
+            assert proc.returncode == 0, (command, proc.stderr)
+            continue
+        module, args = argv[2], argv[3:]
+        if "|" in args:
+            args = args[: args.index("|")]
+        if module == "infra.artifacts" and args[0] != "put-api-keys":
+            args = [a for a in args if a not in ("--dry-run",)]
+            args = [*args, "--dry-run", "--account-id", ACCOUNT] if args[0] == "push-image" else args
+        if module == "infra.artifacts" and args[0] == "upload-model":
+            continue  # needs a model directory: exercised with moto above
+        if module == "infra.artifacts" and args[0] == "put-api-keys":
+            with pytest.raises(SystemExit) as exc:  # the documented flags parse
+                artifacts.main([*args, "--help"], out=io.StringIO())
+            assert exc.value.code == 0
+            continue
+        if module == "infra.account" and "--dry-run" not in args:
+            args = [*args, "--dry-run"]  # the real call needs the payer account
+        assert mains[module](args, **({} if module == "infra.preview" else {"out": io.StringIO()})) == 0, command
