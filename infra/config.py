@@ -51,7 +51,7 @@ _GITHUB_REPO_RE = re.compile(r"^https://github\.com/[A-Za-z0-9_.-]+/[A-Za-z0-9_.
 _CAPACITY_RESERVATION_RE = re.compile(r"^cr-[0-9a-f]{8,17}$")
 EGRESS_HINT = (
     "find the public address you deploy from with `curl -s https://checkip.amazonaws.com` and allow it as <ip>/32 "
-    "(CI runners: use kubernetesDeployer in-vpc-runner instead; their addresses are not stable)"
+    "(a deploy workflow: use kubernetesDeployer in-vpc-runner; a GitHub-hosted runner's address changes every job)"
 )
 REMOVED_KEYS = {
     "activateCostAllocationTags": "cost-allocation tags are activated once per payer account, outside environment "
