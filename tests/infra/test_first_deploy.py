@@ -406,3 +406,14 @@ def test_running_variant_is_read_at_the_request_level_against_moto() -> None:
             MaxCapacity=6,
         )
         assert describe_running_variant(sm, aas, "llmp-prod-serving", "primary").autoscaled is True
+
+
+def test_the_pr_preview_of_the_real_engine_skips_the_unreachable_kubernetes_layer() -> None:
+    """`pulumi preview` of Kubernetes objects talks to the API server too; from a GitHub-hosted runner it cannot."""
+    job = yaml.safe_load((DEPLOY.parent / "pr-preview.yml").read_text())["jobs"]["pulumi-preview"]
+    assert not str(job["runs-on"]).startswith("codebuild-")
+    [step] = [s for s in job["steps"] if s.get("uses", "").split("@")[0] == "pulumi/actions"]
+    assert step["with"]["command"] == "preview" and step["with"]["exclude-dependents"] is True
+    for stack in job["strategy"]["matrix"]["stack"]:
+        urn = step["with"]["exclude"].replace("${{ matrix.stack }}", stack)
+        assert urn == kubernetes_provider_urn(stack, "llm-platform")
