@@ -103,7 +103,10 @@ def check_version_drift(cfg: StackConfig) -> str | None:
     try:
         running = aws.eks.get_cluster(name=cfg.name_prefix).version
     except Exception as exc:
-        if "not found" in str(exc).lower() or "couldn't find" in str(exc).lower():
+        text = str(exc).lower()
+        # terraform-provider-aws's data source reports a missing cluster as "couldn't find resource"; EKS's own error
+        # is ResourceNotFoundException.
+        if "couldn't find" in text or "resourcenotfound" in text or "not found" in text:
             return None  # first run: the stack creates it
         raise PreflightError(f"stack '{cfg.stack}'", [f"could not read EKS cluster {cfg.name_prefix}: {exc}"]) from exc
     configured = cfg.cluster.kubernetes_version
