@@ -1,8 +1,10 @@
 # The few verbs a newcomer needs. Everything runs from the repository's own virtualenv (.venv).
 PY := .venv/bin/python
 STACK ?= dev
+IMAGE ?= serving
+ARGS ?=
 
-.PHONY: setup demo preview test lint format bench clean
+.PHONY: setup demo preview test lint format bench clean push-image upload-model
 
 setup: .venv/.installed  ## create .venv and install the pinned dependencies (torch is the CPU wheel)
 
@@ -17,6 +19,12 @@ demo: setup  ## the main job: preview the dev stack, then train -> export -> ser
 
 preview: setup  ## offline preview of one stack: make preview STACK=prod
 	$(PY) -m infra.preview $(STACK)
+
+push-image: setup  ## build and push an image, tagged from git: make push-image STACK=dev IMAGE=serving [ARGS=--dry-run]
+	$(PY) -m infra.artifacts push-image --stack $(STACK) --image $(IMAGE) $(ARGS)
+
+upload-model: setup  ## upload a model directory: make upload-model STACK=dev MODEL_DIR=out/model MODEL=debug-llama
+	$(PY) -m infra.artifacts upload-model --stack $(STACK) --model-dir $(MODEL_DIR) --name $(MODEL) $(ARGS)
 
 test: setup  ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q

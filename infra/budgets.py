@@ -1,7 +1,10 @@
 """Spend: a monthly AWS Budgets cost budget per stack, scoped by the stack tag every resource carries, with alerts
-before the money is gone (80% actual) and when the month is heading over (100% forecast); and, once per account,
-activation of the platform's tag keys as cost-allocation tags (without it, Budgets and Cost Explorer cannot filter
-on them at all).
+before the money is gone (80% actual) and when the month is heading over (100% forecast).
+
+Activating the platform's tag keys as cost-allocation tags (without which the budget's tag filter matches nothing) is
+not done here: it is account-wide, only the payer account of an AWS Organization may do it, and Billing must have
+seen the keys first (up to 24 hours after the first tagged resource), so it would fail any first `pulumi up`. It is a
+one-time step per payer account: `python -m infra.account activate-cost-allocation-tags` (infra/account.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.config import StackConfig
-from infra.tags import STACK_TAG, STACK_TAG_KEYS
+from infra.tags import STACK_TAG
 
 NOTIFICATIONS = (
     # (notification type, threshold %): actual spend crossing 80% leaves a fifth of the month's money to react;
@@ -31,7 +34,7 @@ def stack_cost_filter(stack: str) -> dict[str, Any]:
 @dataclass
 class BudgetsArgs:
     config: StackConfig
-    """Validated stack config: budget amount, alert e-mails, whether this stack activates the cost-allocation tags."""
+    """Validated stack config: budget amount and alert e-mails."""
     tags: dict[str, str]
     """Stack tags (the budget is tagged like everything else; its filter keys on the stack tag)."""
 
@@ -42,15 +45,6 @@ class Budgets(pulumi.ComponentResource):
     def __init__(self, name: str, args: BudgetsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Budgets", name, None, opts)
         cfg = args.config
-        child = pulumi.ResourceOptions(parent=self)
-        activations = []
-        if cfg.budget.activate_cost_allocation_tags:
-            # Account-wide state: exactly one stack per account sets activateCostAllocationTags. A key can only be
-            # activated after AWS has seen it on a resource (up to 24 h after the first `pulumi up`).
-            for i, key in enumerate(STACK_TAG_KEYS):
-                activations.append(
-                    aws.costexplorer.CostAllocationTag(f"{name}-tag-{i}", tag_key=key, status="Active", opts=child)
-                )
         emails = list(cfg.observability.alert_emails)
         budget = aws.budgets.Budget(
             f"{name}-monthly",
@@ -77,7 +71,7 @@ class Budgets(pulumi.ComponentResource):
             if emails
             else None,
             tags=args.tags,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=activations),
+            opts=pulumi.ResourceOptions(parent=self),
         )
         self.budget_name = budget.name
         self.register_outputs({"budget_name": self.budget_name})

@@ -16,6 +16,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
+from infra.capacity import node_group_capacity_type, reservation_launch_template_args
 from infra.config import POOL_LABEL, GpuPool, StackConfig
 
 CONTROL_PLANE_LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
@@ -80,6 +81,9 @@ class ClusterArgs:
     node_role_policies: Sequence[pulumi.Resource] = ()
     """The node role's policy attachments: every node group depends on them (pulumi-aws aws.eks.NodeGroup docs), so
     nodes never join without ECR pull / CNI permissions and destroy does not hang on nodes that cannot drain."""
+    training_subnet_index: int = 0
+    """Index of the private subnet (zone) a single-zone training pool (EFA, or a capacity reservation) lives in: a
+    zone that offers its instance types / holds its reservation (infra/preflight.py)."""
 
 
 class Cluster(pulumi.ComponentResource):
@@ -278,6 +282,7 @@ class Cluster(pulumi.ComponentResource):
         disk_gb: int,
         network_interfaces: list[aws.ec2.LaunchTemplateNetworkInterfaceArgs] | None = None,
         placement: aws.ec2.LaunchTemplatePlacementArgs | None = None,
+        **extra: object,
     ) -> aws.ec2.LaunchTemplate:
         """Launch template for a managed node group: encrypted gp3 root volume, IMDSv2 only, tags on instances and
         volumes. No AMI and no user data: EKS fills both in for the node group's AMI type."""
@@ -309,6 +314,7 @@ class Cluster(pulumi.ComponentResource):
             ),
             network_interfaces=network_interfaces,
             placement=placement,
+            **extra,
             tag_specifications=[
                 aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=propagated)
                 for kind in ("instance", "volume", "network-interface")
@@ -348,7 +354,14 @@ class Cluster(pulumi.ComponentResource):
         placement = None
         if pool.efa:
             subnet_ids, network_interfaces, placement = self._efa_networking(pool)
-        lt = self._launch_template(pool.name, pool.disk_gb, network_interfaces, placement)
+        if pool.capacity_reservation_id:
+            # A reservation lives in one zone, and its instances are placed by the reservation: a cluster placement
+            # group would also have to be the reservation's own (EC2 User Guide, "Capacity Reservations in cluster
+            # placement groups"), so none is named here.
+            subnet_ids, placement = self._training_subnet(), None
+        lt = self._launch_template(
+            pool.name, pool.disk_gb, network_interfaces, placement, **reservation_launch_template_args(pool)
+        )
         return aws.eks.NodeGroup(
             f"{self._name}-{pool.name}",
             cluster_name=self.cluster.name,
@@ -356,7 +369,7 @@ class Cluster(pulumi.ComponentResource):
             node_role_arn=self._args.node_role_arn,
             subnet_ids=subnet_ids,
             ami_type=GPU_AMI_TYPE,
-            capacity_type=pool.capacity_type,
+            capacity_type=node_group_capacity_type(pool),
             instance_types=list(pool.instance_types),
             scaling_config=aws.eks.NodeGroupScalingConfigArgs(
                 min_size=pool.min_size, max_size=pool.max_size, desired_size=pool.min_size
@@ -394,7 +407,7 @@ class Cluster(pulumi.ComponentResource):
             tags=self._args.tags,
             opts=pulumi.ResourceOptions(parent=self),
         )
-        single_subnet = pulumi.Output.from_input(self._args.private_subnet_ids).apply(lambda ids: [ids[0]])
+        single_subnet = self._training_subnet()
         cards = min(EFA_NETWORK_CARDS.get(t, 1) for t in pool.instance_types)
         interfaces = [
             aws.ec2.LaunchTemplateNetworkInterfaceArgs(
@@ -408,6 +421,10 @@ class Cluster(pulumi.ComponentResource):
             for card in range(cards)
         ]
         return single_subnet, interfaces, aws.ec2.LaunchTemplatePlacementArgs(group_name=group.name)
+
+    def _training_subnet(self) -> pulumi.Output[list[str]]:
+        index = self._args.training_subnet_index
+        return pulumi.Output.from_input(self._args.private_subnet_ids).apply(lambda ids: [ids[index]])
 
 
 def _kubeconfig(cluster_name: str, endpoint: str, ca_data: str, region: str) -> str:

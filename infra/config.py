@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from infra.instance_types import GPU_INSTANCE_TYPES
+from infra.versions import CLUSTER_AUTOSCALER, cluster_autoscaler_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILE = REPO_ROOT / "Pulumi.yaml"
@@ -45,6 +46,19 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 SERVING_AUTOSCALERS = ("cpu", "keda")
 METRICS_MODES = ("amp", "in-cluster", "none")
+DEPLOYERS = ("in-vpc-runner", "public-allowlist")
+"""How `pulumi up` reaches the Kubernetes API (infra/access.py)."""
+_GITHUB_REPO_RE = re.compile(r"^https://github\.com/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+_CAPACITY_RESERVATION_RE = re.compile(r"^cr-[0-9a-f]{8,17}$")
+EGRESS_HINT = (
+    "find the public address you deploy from with `curl -s https://checkip.amazonaws.com` and allow it as <ip>/32 "
+    "(a deploy workflow: use kubernetesDeployer in-vpc-runner; a GitHub-hosted runner's address changes every job)"
+)
+REMOVED_KEYS = {
+    "activateCostAllocationTags": "cost-allocation tags are activated once per payer account, outside environment "
+    "stacks: run `python -m infra.account activate-cost-allocation-tags` (docs/first-deploy.md, step 0)",
+}
+"""Keys that existed once, with where their job went: a stack file still setting one gets told, not just refused."""
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 _CRON_RE = re.compile(r"^\S+ \S+ \S+ \S+ \S+$")
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[A-Za-z]{2,}$")
@@ -128,6 +142,10 @@ class GpuPool:
     max_size: int
     disk_gb: int
     efa: bool
+    capacity_reservation_id: str = ""
+    """An EC2 capacity reservation (or Capacity Block) the pool launches into; empty for none."""
+    capacity_block: bool = False
+    """The reservation is a Capacity Block for ML (node group capacity type CAPACITY_BLOCK)."""
 
     @property
     def gpus_per_node(self) -> int:
@@ -172,6 +190,10 @@ class ClusterConfig:
     system_node_count: int
     gpu_pools: tuple[GpuPool, ...]
     max_gpus: int
+    deployer: Literal["in-vpc-runner", "public-allowlist"] = "in-vpc-runner"
+    """Where the Kubernetes layer is applied from (infra/access.py)."""
+    deployer_repository: str = ""
+    """GitHub repository whose workflow jobs the in-VPC runner takes."""
 
     def pool(self, purpose: str) -> GpuPool:
         return next(p for p in self.gpu_pools if p.purpose == purpose)
@@ -192,6 +214,20 @@ class ServingConfig:
     sagemaker_min_instances: int
     sagemaker_max_instances: int
     sagemaker_invocations_per_instance: int
+    sagemaker_autoscaling: bool = True
+
+    @property
+    def artifacts_configured(self) -> bool:
+        """Image tag and model both set: the first-run lifecycle's gate for declaring any serving workload."""
+        return bool(self.image_tag and self.model_prefix)
+
+    @property
+    def eks_declared(self) -> bool:
+        return self.on_eks and self.artifacts_configured
+
+    @property
+    def sagemaker_declared(self) -> bool:
+        return self.on_sagemaker and self.artifacts_configured
 
 
 @dataclass(frozen=True)
@@ -224,10 +260,9 @@ class ObservabilityConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Spend controls: the stack's monthly cost budget and cost-allocation tag activation."""
+    """Spend controls: the stack's monthly cost budget (tag activation is account-level: infra/account.py)."""
 
     monthly_usd: int
-    activate_cost_allocation_tags: bool
 
 
 @dataclass(frozen=True)
@@ -300,6 +335,9 @@ def load_config(values: Mapping[str, Any], stack: str, source: str = "stack conf
     for full_key, value in values.items():
         namespace, _, key = full_key.partition(":")
         if namespace != project:
+            continue
+        if key in REMOVED_KEYS:
+            problems.append(f"{full_key}: no longer a stack setting; {REMOVED_KEYS[key]}")
             continue
         if key not in keys:
             close = [k for k in keys if k.lower() == key.lower()]
@@ -422,6 +460,27 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
     for arn in v["clusterAdminArns"]:
         if not _ARN_RE.match(arn):
             p.append(f"{project}:clusterAdminArns contains {arn!r}: not an IAM role or user ARN")
+    if not any(":role/" in arn for arn in v["clusterAdminArns"]):
+        bad(
+            "clusterAdminArns",
+            "must name at least one IAM role besides the identity that creates the cluster (break-glass: when the "
+            "deploy role is deleted, recreated or rotated, nobody else could reach the cluster; "
+            "docs/first-deploy.md#recovering-cluster-access)",
+        )
+    if v["kubernetesDeployer"] not in DEPLOYERS:
+        bad("kubernetesDeployer", f"must be one of {', '.join(DEPLOYERS)}")
+    elif v["kubernetesDeployer"] == "public-allowlist" and not v["publicApiEndpoint"]:
+        bad(
+            "kubernetesDeployer",
+            f"public-allowlist needs {project}:publicApiEndpoint = true (and publicApiCidrs); with a private-only "
+            "endpoint use in-vpc-runner",
+        )
+    elif v["kubernetesDeployer"] == "in-vpc-runner" and not _GITHUB_REPO_RE.match(v["deployerRepository"]):
+        bad(
+            "deployerRepository",
+            "the in-VPC runner needs the GitHub repository it serves, as https://github.com/OWNER/REPO "
+            "(the deploy workflow passes its own)",
+        )
     if v["publicApiEndpoint"] and not v["publicApiCidrs"]:
         bad("publicApiEndpoint", "a public API endpoint needs publicApiCidrs (an allowlist); 0.0.0.0/0 is refused")
     allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
@@ -433,6 +492,10 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
             continue
         if net.prefixlen == 0:
             p.append(f"{project}:publicApiCidrs contains {cidr!r}: the whole internet is not an allowlist")
+        elif (why := non_routable(net)) is not None:
+            p.append(
+                f"{project}:publicApiCidrs contains {cidr!r}: {why}, so no deployer can connect from it; {EGRESS_HINT}"
+            )
         for other in allowed:
             if net.version == other.version and net.overlaps(other):
                 p.append(f"{project}:publicApiCidrs contains {cidr!r}, which overlaps '{other}': list each range once")
@@ -464,6 +527,24 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
             bad(max_key, "must be at least 1")
         if v[min_key] > v[max_key]:
             bad(min_key, f"must not exceed {project}:{max_key} ({v[max_key]})")
+    reservation = v["trainingCapacityReservationId"]
+    if reservation and not _CAPACITY_RESERVATION_RE.match(reservation):
+        bad("trainingCapacityReservationId", "not a capacity reservation ID (cr- followed by 8 to 17 hex digits)")
+    if reservation and v["trainingCapacityType"] != "ON_DEMAND":
+        bad(
+            "trainingCapacityReservationId",
+            f"a reservation is On-Demand capacity: set {project}:trainingCapacityType ON_DEMAND",
+        )
+    if v["trainingCapacityBlock"] and not reservation:
+        bad(
+            "trainingCapacityBlock",
+            f"a Capacity Block is used through its reservation: set {project}:trainingCapacityReservationId",
+        )
+    if v["trainingCapacityBlock"] and len(v["trainingInstanceTypes"]) != 1:
+        bad(
+            "trainingCapacityBlock",
+            f"a Capacity Block is for one instance type; list exactly one in {project}:trainingInstanceTypes",
+        )
     if v["trainingEfa"]:
         no_efa = [t for t in v["trainingInstanceTypes"] if t in GPU_INSTANCE_TYPES and not GPU_INSTANCE_TYPES[t].efa]
         if no_efa:
@@ -484,9 +565,10 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
         bad("servingGpusPerReplica", "must be at least 1")
     if v["servingEngine"] not in ENGINES:
         bad("servingEngine", f"must be one of {', '.join(ENGINES)}")
-    if not _TAG_RE.match(v["servingImageTag"]) or v["servingImageTag"] == "latest":
+    # Empty tag or model: serving is not declared yet (first-run lifecycle, docs/first-deploy.md).
+    if v["servingImageTag"] and (not _TAG_RE.match(v["servingImageTag"]) or v["servingImageTag"] == "latest"):
         bad("servingImageTag", "must be a valid, immutable image tag (not 'latest')")
-    if not _PREFIX_RE.match(v["servingModelPrefix"]) or ".." in v["servingModelPrefix"]:
+    if v["servingModelPrefix"] and (not _PREFIX_RE.match(v["servingModelPrefix"]) or ".." in v["servingModelPrefix"]):
         bad("servingModelPrefix", "must be a relative S3 key prefix such as models/llama-3-8b")
     if v["servingReplicas"] < 1:
         bad("servingReplicas", "must be at least 1")
@@ -530,9 +612,17 @@ def _check_operations(v: dict[str, Any], project: str) -> list[str]:
         p.append(f"{project}:{key} = {v[key]!r}: {why}")
 
     for key in ("clusterAutoscalerVersion", "nodeTerminationHandlerVersion", "prometheusVersion"):
+        if key == "clusterAutoscalerVersion" and v[key] == "":
+            continue  # follows kubernetesVersion (infra/versions.py)
         if not _VERSION_RE.match(v[key]):
             bad(key, "must be a release version MAJOR.MINOR.PATCH such as 1.33.0 (no 'v', no 'latest')")
-    if _VERSION_RE.match(v["clusterAutoscalerVersion"]):
+    if v["clusterAutoscalerVersion"] == "":
+        if v["kubernetesVersion"] not in CLUSTER_AUTOSCALER:
+            bad(
+                "clusterAutoscalerVersion",
+                f"infra/versions.py pins none for Kubernetes {v['kubernetesVersion']}; set one",
+            )
+    elif _VERSION_RE.match(v["clusterAutoscalerVersion"]):
         ca_minor = ".".join(v["clusterAutoscalerVersion"].split(".")[:2])
         if ca_minor != v["kubernetesVersion"]:
             bad(
@@ -582,6 +672,8 @@ def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackCon
             max_size=v[f"{purpose}MaxSize"],
             disk_gb=v["gpuNodeDiskGb"],
             efa=v["trainingEfa"] if purpose == "training" else False,
+            capacity_reservation_id=v["trainingCapacityReservationId"] if purpose == "training" else "",
+            capacity_block=v["trainingCapacityBlock"] if purpose == "training" else False,
         )
         for purpose in ("training", "inference")
     )
@@ -614,6 +706,8 @@ def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackCon
             system_node_count=v["systemNodeCount"],
             gpu_pools=pools,
             max_gpus=v["maxGpus"],
+            deployer=v["kubernetesDeployer"],
+            deployer_repository=v["deployerRepository"],
         ),
         serving=ServingConfig(
             on_eks=v["servingOnEks"],
@@ -629,9 +723,10 @@ def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackCon
             sagemaker_min_instances=v["sagemakerMinInstances"],
             sagemaker_max_instances=v["sagemakerMaxInstances"],
             sagemaker_invocations_per_instance=v["sagemakerInvocationsPerInstance"],
+            sagemaker_autoscaling=v["sagemakerAutoscaling"],
         ),
         autoscaling=AutoscalingConfig(
-            cluster_autoscaler_version=v["clusterAutoscalerVersion"],
+            cluster_autoscaler_version=v["clusterAutoscalerVersion"] or cluster_autoscaler_for(v["kubernetesVersion"]),
             scale_down_unneeded_minutes=v["scaleDownUnneededMinutes"],
             spot_interruption_handler=v["spotInterruptionHandler"],
             node_termination_handler_version=v["nodeTerminationHandlerVersion"],
@@ -652,10 +747,36 @@ def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackCon
         ),
         budget=BudgetConfig(
             monthly_usd=v["monthlyBudgetUsd"],
-            activate_cost_allocation_tags=v["activateCostAllocationTags"],
         ),
         images=ImagesConfig(serving_digest=v["servingImageDigest"], training_digest=v["trainingImageDigest"]),
     )
+
+
+_NON_ROUTABLE = (
+    # Ranges no deployer's traffic reaches a public endpoint from (IANA special-purpose registries, RFC 6890).
+    (ipaddress.ip_network("192.0.2.0/24"), "a documentation range (RFC 5737 TEST-NET-1)"),
+    (ipaddress.ip_network("198.51.100.0/24"), "a documentation range (RFC 5737 TEST-NET-2)"),
+    (ipaddress.ip_network("203.0.113.0/24"), "a documentation range (RFC 5737 TEST-NET-3)"),
+    (ipaddress.ip_network("2001:db8::/32"), "a documentation range (RFC 3849)"),
+    (ipaddress.ip_network("198.18.0.0/15"), "a benchmarking range (RFC 2544)"),
+    (ipaddress.ip_network("100.64.0.0/10"), "carrier-grade NAT space (RFC 6598)"),
+)
+
+
+def non_routable(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
+    """Why traffic to a public EKS endpoint can never come from `net` (None when it can): the endpoint sees the
+    deployer's public source address, so private, documentation, loopback, link-local and reserved ranges never
+    match (EKS cluster endpoint docs: publicAccessCidrs are matched against the client's public IP)."""
+    for special, why in _NON_ROUTABLE:
+        if net.version == special.version and net.overlaps(special):
+            return why
+    if net.is_private:
+        return "a private range (RFC 1918 / RFC 4193); the public endpoint sees your public egress address"
+    if net.is_loopback or net.is_link_local or net.is_multicast or net.is_reserved or net.is_unspecified:
+        return "not a routable public range"
+    if not net.is_global:
+        return "not a globally routable range"
+    return None
 
 
 def from_pulumi() -> StackConfig:

@@ -22,6 +22,36 @@ ACCOUNT_ID = "123456789012"
 
 
 @dataclass
+class Account:
+    """What already exists in the mocked AWS account, for the program's preview-time look-ups (infra/preflight.py).
+
+    The defaults model a steady state (every configured image and model there, no cluster yet, every offering
+    available); tests narrow them to model a first run: "not pushed yet", a cluster EKS upgraded on its own, a zone
+    without the instance type. `None` means "anything asked for exists".
+    """
+
+    images: set[tuple[str, str]] | None = None
+    """(repository name, tag) pairs pushed to ECR."""
+    objects: set[tuple[str, str]] | None = None
+    """(bucket, key) pairs in S3; a model prefix exists when a `config.json` is under it."""
+    secrets: dict[str, str] | None = None
+    """Secrets Manager secret name -> current value."""
+    clusters: dict[str, str] = field(default_factory=dict)
+    """EKS cluster name -> Kubernetes version of the running cluster."""
+    offerings: dict[str, list[str]] | None = None
+    """instance type -> zones (names) offering it; None: every zone offers every type."""
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """SageMaker endpoint name -> running primary variant (infra.preflight.RunningVariant fields)."""
+    reservations: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Capacity reservation ID -> {"zone": ..., "instance_type": ...} (DescribeCapacityReservations)."""
+
+
+def _not_found(reason: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """An invoke failure as the engine reports one: the SDK raises `invoke of <tok> failed: <reason> ()`."""
+    return {}, [("", reason)]
+
+
+@dataclass
 class Recorded:
     type: str
     name: str
@@ -66,9 +96,10 @@ def _digest(*parts: str, n: int = 17) -> str:
 class RecordingMocks(pulumi.runtime.Mocks):
     """Answers the engine like AWS would, deterministically, and records what the program asked for."""
 
-    def __init__(self, region: str, account_id: str = ACCOUNT_ID) -> None:
+    def __init__(self, region: str, account_id: str = ACCOUNT_ID, account: Account | None = None) -> None:
         self.region = region
         self.account_id = account_id
+        self.account = account or Account()
         self.partition = "aws-us-gov" if region.startswith("us-gov-") else "aws"
         self.resources: dict[tuple[str, str], Recorded] = {}
         self.registrations: list[tuple[str, str]] = []
@@ -229,7 +260,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
         return f"{physical}-{h[:8]}", {"arn": self._arn(module, f"{short.lower()}/{physical}")}
 
     # -- invokes -----------------------------------------------------------------------------------------------
-    def call(self, args: pulumi.runtime.MockCallArgs) -> dict:
+    def call(self, args: pulumi.runtime.MockCallArgs) -> Any:
         self.invokes.append(args.token)
         handler = self._invokes().get(args.token)
         if handler is None:
@@ -266,12 +297,89 @@ class RecordingMocks(pulumi.runtime.Mocks):
                 "name": a.get("name") or "",
                 "cidrBlocks": ["52.216.0.0/15", "54.231.0.0/16", "3.5.0.0/19"],
             },
+            "aws:ecr/getImage:getImage": self._get_image,
+            "aws:s3/getObjects:getObjects": self._get_objects,
+            "aws:secretsmanager/getSecretVersion:getSecretVersion": self._get_secret_version,
+            "aws:eks/getCluster:getCluster": self._get_cluster,
+            "aws:ec2/getInstanceTypeOfferings:getInstanceTypeOfferings": self._get_offerings,
             "aws:index/getRegion:getRegion": lambda a: {
                 "name": self.region,
                 "region": self.region,
                 "id": self.region,
                 "endpoint": f"ec2.{self.region}.amazonaws.com",
             },
+        }
+
+    # -- look-ups of what exists in the account (Account) ------------------------------------------------------------
+    def _get_image(self, a: dict[str, Any]) -> Any:
+        repo, tag = a.get("repositoryName"), a.get("imageTag")
+        images = self.account.images
+        if images is not None and (repo, tag) not in images:
+            return _not_found(
+                f"ImageNotFoundException: The image with imageId {{imageTag:'{tag}'}} does not exist "
+                f"within the repository with name '{repo}'"
+            )
+        digest = "sha256:" + hashlib.sha256(f"{repo}:{tag}".encode()).hexdigest()
+        return {
+            "id": digest,
+            "imageDigest": digest,
+            "imageTags": [tag],
+            "repositoryName": repo,
+            "registryId": self.account_id,
+        }
+
+    def _get_objects(self, a: dict[str, Any]) -> dict[str, Any]:
+        bucket, prefix = a.get("bucket"), a.get("prefix") or ""
+        objects = self.account.objects
+        if objects is None:
+            keys = [f"{prefix}config.json", f"{prefix}model.safetensors"]
+        else:
+            keys = sorted(k for b, k in objects if b == bucket and k.startswith(prefix))
+        keys = keys[: int(a.get("maxKeys") or 1000)]
+        return {"id": bucket, "bucket": bucket, "keys": keys, "commonPrefixes": [], "owners": [], "requestCharged": ""}
+
+    def _get_secret_version(self, a: dict[str, Any]) -> Any:
+        name = a.get("secretId")
+        secrets = self.account.secrets
+        if secrets is not None and name not in secrets:
+            return _not_found(f"ResourceNotFoundException: Secrets Manager can't find the specified secret ({name})")
+        value = (secrets or {}).get(name, "preview-key sk-preview-0000000000000000\n")
+        return {
+            "id": name,
+            "arn": self._arn("secretsmanager", f"secret:{name}-AbCdEf"),
+            "secretId": name,
+            "secretString": value,
+            "secretBinary": "",
+            "versionId": "v1",
+            "versionStages": ["AWSCURRENT"],
+        }
+
+    def _get_cluster(self, a: dict[str, Any]) -> Any:
+        name = a.get("name")
+        if name not in self.account.clusters:
+            return _not_found(f"couldn't find resource: ResourceNotFoundException: No cluster found for name: {name}.")
+        return {
+            "id": name,
+            "name": name,
+            "version": self.account.clusters[name],
+            "status": "ACTIVE",
+            "arn": self._arn("eks", f"cluster/{name}"),
+        }
+
+    def _get_offerings(self, a: dict[str, Any]) -> dict[str, Any]:
+        wanted: list[str] = []
+        for f in a.get("filters") or []:
+            if f.get("name") == "instance-type":
+                wanted += list(f.get("values") or [])
+        zones = [f"{self.region}{s}" for s in "abcd"]
+        offers = self.account.offerings
+        rows = [(t, z) for t in wanted for z in (zones if offers is None else offers.get(t, []))]
+        return {
+            "id": self.region,
+            "locationType": a.get("locationType"),
+            "instanceTypes": [t for t, _ in rows],
+            "locations": [z for _, z in rows],
+            "locationTypes": ["availability-zone"] * len(rows),
         }
 
 
@@ -328,12 +436,13 @@ def run_program(
     project: str,
     region: str,
     mocks: RecordingMocks | None = None,
+    account: Account | None = None,
 ) -> Run:
     """Run `program` (returns its stack outputs) under a fresh recording mock engine (or the given one)."""
     # A previous asyncio.run() (or test) may have closed the loop; the mock engine needs a current one.
     asyncio.set_event_loop(asyncio.new_event_loop())
     pulumi.runtime.set_all_config(config_strings(config_values))
-    mocks = mocks or RecordingMocks(region)
+    mocks = mocks or RecordingMocks(region, account=account)
     pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=False)
 
     finished = False

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from infra import cost as cost_estimate
+from infra.capacity import required_quotas
 from infra.config import ConfigError, load_config, load_stack_file, project_name
-from infra.mocks import Recorded, Run, run_program
+from infra.mocks import Account, Recorded, Run, run_program
 from policy.rules import StackContext, evaluate, resources_from_report
 
 SECRET = "[secret]"
@@ -56,14 +57,17 @@ KEY_SETTINGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def preview(stack: str, config_file: Path | None = None) -> tuple[dict[str, Any], Run]:
-    """Validate the stack's config, run the program under mocks, return the JSON report and the raw run."""
+def preview(stack: str, config_file: Path | None = None, account: Account | None = None) -> tuple[dict[str, Any], Run]:
+    """Validate the stack's config, run the program under mocks, return the JSON report and the raw run.
+
+    `account` models what already exists in AWS for the preview-time checks (default: every configured artifact
+    exists, no cluster yet; infra.mocks.Account)."""
     values, source = load_stack_file(stack, config_file)
     cfg = load_config(values, stack, source)  # fails before any resource is registered
 
     from infra.program import build  # imported late: importing pulumi_aws costs ~2 s, config errors should not
 
-    run = run_program(build, values, stack=stack, project=project_name(), region=cfg.region)
+    run = run_program(build, values, stack=stack, project=project_name(), region=cfg.region, account=account)
     report = {
         "stack": stack,
         "config_file": source,
@@ -72,6 +76,7 @@ def preview(stack: str, config_file: Path | None = None) -> tuple[dict[str, Any]
     }
     report["policy"] = evaluate(resources_from_report(report), StackContext.from_config(cfg))
     report["cost"] = cost_estimate.estimate(report["resources"], cfg.region)
+    report["quotas"] = [{**vars(q), "request": q.request_command(cfg.region)} for q in required_quotas(cfg)]
     return report, run
 
 
@@ -129,6 +134,14 @@ def render(report: dict[str, Any], run: Run) -> str:
     return "\n".join(lines)
 
 
+def _quotas_text(report: dict[str, Any]) -> str:
+    lines = ["Service quotas this stack needs (request them before the first `pulumi up`; new accounts start at 0):"]
+    for q in report["quotas"]:
+        lines.append(f"  {q['service']} {q['code'] or '(per type)':<12} {q['name']}: >= {q['needed']} {q['unit']}")
+        lines.append(f"      {q['why']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.preview", description=__doc__.split("\n\n")[0])
     parser.add_argument("stack", help="stack name: dev, staging, prod (reads stacks/Pulumi.<stack>.yaml)")
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         report, run = preview(args.stack, args.config_file)
-    except ConfigError as exc:
+    except ConfigError as exc:  # includes infra.preflight.PreflightError (missing artifacts, drift)
         print(f"error: {exc}", file=sys.stderr)
         print(
             "fix the stack file (keys, types and defaults are declared in Pulumi.yaml) and run again", file=sys.stderr
@@ -161,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         print(render_policy(report["policy"]))
         print()
         print(cost_estimate.render(report["cost"]))
+        print()
+        print(_quotas_text(report))
         print(f"\n(previewed offline under the mock engine in {time.monotonic() - started:.1f}s)")
     return 0 if report["policy"]["passed"] else 3
 

@@ -7,9 +7,12 @@ from typing import Any
 
 import pulumi
 import pulumi_aws as aws
+import pulumi_kubernetes as k8s
 
 from infra import config as config_module
 from infra import outputs as out
+from infra import preflight
+from infra.access import DeployerRunner, DeployerRunnerArgs
 from infra.autoscaling import (
     ClusterAutoscaler,
     ClusterAutoscalerArgs,
@@ -27,7 +30,7 @@ from infra.network import Network, NetworkArgs
 from infra.observability import Observability, ObservabilityArgs
 from infra.registry import Registry, RegistryArgs
 from infra.sagemaker_endpoint import VARIANT_NAME, SageMakerEndpoint, SageMakerEndpointArgs
-from infra.serving_eks import ServingOnEks, ServingOnEksArgs
+from infra.serving_eks import API_KEYS_SECRET, ServingOnEks, ServingOnEksArgs
 from infra.storage import Storage, StorageArgs
 from infra.tags import stack_tags
 
@@ -51,6 +54,21 @@ def build() -> dict[str, Any]:
             f"stack '{cfg.stack}'",
             [f"{cfg.project}:azCount = {cfg.network.az_count}: region {cfg.region} has only {len(zones)} zones"],
         )
+    # Preview-time checks against the account (infra/preflight.py): fail now, with the fix, not 40 minutes into `up`.
+    preflight.check_version_drift(cfg)
+    training = cfg.cluster.pool("training")
+    training_subnet_index = 0
+    if training.capacity_reservation_id:
+        training_subnet_index = preflight.reservation_zone(cfg, list(zones))
+    elif training.efa:
+        training_subnet_index = preflight.training_zone_index(cfg, list(zones))
+    api_keys = preflight.check_serving_artifacts(cfg, identity_info.account_id)
+    for on, path in ((cfg.serving.on_eks, "servingOnEks"), (cfg.serving.on_sagemaker, "servingOnSagemaker")):
+        if on and not cfg.serving.artifacts_configured:
+            pulumi.log.warn(
+                f"{path} is on but servingImageTag/servingModelPrefix are not both set: serving is not declared yet "
+                "(first-run lifecycle: push the image, upload or export the model, set both; docs/first-deploy.md)"
+            )
 
     storage = Storage("storage", StorageArgs(cfg, identity_info.account_id, partition, tags))
     network = Network(
@@ -82,6 +100,7 @@ def build() -> dict[str, Any]:
             ebs_csi_role_arn=identity.ebs_csi_role_arn,
             cluster_role_policies=identity.role_policies["cluster"],
             node_role_policies=identity.role_policies["node"],
+            training_subnet_index=training_subnet_index,
         ),
         # The cluster's ENIs, nodes and load balancers live in the VPC's subnets: they must go before the network
         # on destroy, which depends_on orders (destroy runs in reverse dependency order).
@@ -99,6 +118,15 @@ def build() -> dict[str, Any]:
         ),
         opts=pulumi.ResourceOptions(depends_on=[cluster]),
     )
+
+    if cfg.cluster.deployer == "in-vpc-runner":
+        # The runner the deploy workflow applies the Kubernetes layer from (infra/access.py).
+        DeployerRunner(
+            "deployer",
+            DeployerRunnerArgs(
+                cfg, network.vpc_id, network.private_subnet_ids, identity_info.account_id, partition, tags
+            ),
+        )
 
     image = registry.repository_urls["serving"].apply(
         lambda url: image_reference(url, cfg.serving.image_tag, cfg.images.serving_digest)
@@ -151,7 +179,17 @@ def build() -> dict[str, Any]:
 
     serving: ServingOnEks | None = None
     endpoint: SageMakerEndpoint | None = None
-    if cfg.serving.on_eks:
+    if cfg.serving.eks_declared:
+        # The keys file from Secrets Manager (checked above), as the Secret the Deployment mounts: a first rollout
+        # never waits on a Secret nobody created. A Pulumi secret: encrypted in state by the stack's secrets provider;
+        # the keys file may hold SHA-256 digests instead of keys (docs/serving.md) so no usable key is in state.
+        keys_secret = k8s.core.v1.Secret(
+            "serving-api-keys",
+            metadata=k8s.meta.v1.ObjectMetaArgs(name=API_KEYS_SECRET, namespace=base.serving_namespace),
+            type="Opaque",
+            string_data={"keys": pulumi.Output.secret(api_keys or "")},
+            opts=pulumi.ResourceOptions(provider=cluster.provider, depends_on=[base]),
+        )
         serving = ServingOnEks(
             "serving-eks",
             ServingOnEksArgs(
@@ -163,10 +201,12 @@ def build() -> dict[str, Any]:
                 models_bucket=storage.bucket_names["models"],
             ),
             # Workloads go first on destroy: their pods must leave the GPU nodes before the node groups are deleted.
-            opts=pulumi.ResourceOptions(depends_on=[base, *cluster.node_groups.values()]),
+            opts=pulumi.ResourceOptions(depends_on=[base, keys_secret, *cluster.node_groups.values()]),
         )
         outputs[out.SERVING_SERVICE_NAME] = serving.service_name
-    if cfg.serving.on_sagemaker:
+    if cfg.serving.sagemaker_declared:
+        running = preflight.running_variant(cfg, f"{cfg.name_prefix}-serving", VARIANT_NAME)
+        preflight.check_instance_type_change(cfg, running)
         endpoint = SageMakerEndpoint(
             "serving-sagemaker",
             SageMakerEndpointArgs(
@@ -179,6 +219,7 @@ def build() -> dict[str, Any]:
                 kms_key_arn=storage.kms_key_arn,
                 tags=tags,
                 execution_role_policies=identity.role_policies["sagemaker"],
+                running=running,
             ),
             opts=pulumi.ResourceOptions(depends_on=[network]),
         )

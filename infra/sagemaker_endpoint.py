@@ -17,6 +17,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.config import StackConfig
+from infra.preflight import RunningVariant, initial_instance_count
 
 VARIANT_NAME = "primary"
 MODEL_DIR = "/opt/ml/model"
@@ -68,6 +69,9 @@ class SageMakerEndpointArgs:
     execution_role_policies: Sequence[pulumi.Resource] = ()
     """The execution role's policies (`Identity.role_policies["sagemaker"]`). CreateModel checks that the role can
     pull the image: created in parallel with its RolePolicy, the Model races it and fails."""
+    running: RunningVariant | None = None
+    """The endpoint's primary variant as it runs now (infra.preflight.running_variant); None before it exists. A
+    rollout starts at its instance count instead of resetting to the minimum."""
 
 
 class SageMakerEndpoint(pulumi.ComponentResource):
@@ -95,7 +99,8 @@ class SageMakerEndpoint(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
         self.endpoint_name = self.endpoint.name
-        self._create_autoscaling()
+        if cfg.serving.sagemaker_autoscaling:
+            self._create_autoscaling()
 
         self.register_outputs(
             {
@@ -174,7 +179,10 @@ class SageMakerEndpoint(pulumi.ComponentResource):
                     variant_name=VARIANT_NAME,
                     model_name=self.model.name,
                     instance_type=instance_type,
-                    initial_instance_count=cfg.serving.sagemaker_min_instances,
+                    # The running count on a rollout, the minimum on create (infra.preflight.initial_instance_count).
+                    initial_instance_count=self.model.name.apply(
+                        lambda model: initial_instance_count(cfg, model, self._args.running)
+                    ),
                     initial_variant_weight=1.0,
                     container_startup_health_check_timeout_in_seconds=STARTUP_HEALTH_CHECK_TIMEOUT_S,
                     model_data_download_timeout_in_seconds=MODEL_DOWNLOAD_TIMEOUT_S,

@@ -1,12 +1,18 @@
 """The stack's cost budget under the mock engine: amount, scope (the stack tag, in Budgets' filter syntax), alert
-thresholds and subscribers per stack; cost-allocation tag activation only where config says (once per account)."""
+thresholds and subscribers per stack; cost-allocation tag activation is an account-level step (infra/account.py),
+checked at the request level against the Cost Explorer API model."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
+import boto3
 import pytest
+from botocore.stub import Stubber
 
+from infra.account import activation_request
+from infra.account import main as account_main
 from infra.budgets import Budgets, BudgetsArgs, stack_cost_filter
 from infra.config import ConfigError, StackConfig
 from infra.config import load_stack as config
@@ -52,17 +58,55 @@ def test_alerts_before_the_money_is_gone(stack: tuple[StackConfig, Run]) -> None
         assert note["subscriberEmailAddresses"] == list(cfg.observability.alert_emails)
 
 
-def test_cost_allocation_tags_activated_once_per_account(stack: tuple[StackConfig, Run]) -> None:
-    cfg, run = stack
-    activated = sorted(r.inputs["tagKey"] for r in run.of_type(COST_TAG))
-    if cfg.budget.activate_cost_allocation_tags:
-        assert activated == sorted(STACK_TAG_KEYS)
-        assert all(r.inputs["status"] == "Active" for r in run.of_type(COST_TAG))
-        assert all(f"{COST_TAG}::{r.name}" in run.one(BUDGET).depends_on for r in run.of_type(COST_TAG))
-    else:
-        assert activated == []
-    # The shipped stacks share one account: exactly one of them activates the tags.
-    assert sum(config(s).budget.activate_cost_allocation_tags for s in ("dev", "staging", "prod")) == 1
+def test_no_stack_activates_cost_allocation_tags(stack: tuple[StackConfig, Run]) -> None:
+    """Activation is account-level (payer account, keys seen by Billing first): never part of a stack's `up`."""
+    _, run = stack
+    assert run.of_type(COST_TAG) == []
+    assert run.one(BUDGET).depends_on == []
+
+
+def test_the_old_stack_key_says_where_activation_went() -> None:
+    with pytest.raises(ConfigError, match=r"activateCostAllocationTags: no longer a stack setting; .*infra.account"):
+        config("dev", activateCostAllocationTags=True)
+
+
+def _ce_stub() -> tuple[Any, Stubber]:
+    ce = boto3.client("ce", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+    return ce, Stubber(ce)
+
+
+def test_account_step_activates_every_stack_tag_key() -> None:
+    """The request is checked against the Cost Explorer API model by botocore's Stubber."""
+    ce, stub = _ce_stub()
+    stub.add_response("update_cost_allocation_tags_status", {"Errors": []}, activation_request())
+    out = io.StringIO()
+    with stub:
+        assert account_main(["activate-cost-allocation-tags"], out=out, ce=ce) == 0
+    stub.assert_no_pending_responses()
+    assert [s["TagKey"] for s in activation_request()["CostAllocationTagsStatus"]] == list(STACK_TAG_KEYS)
+    assert "activated 4" in out.getvalue()
+
+
+def test_account_step_explains_keys_billing_has_not_seen_and_non_payer_accounts() -> None:
+    ce, stub = _ce_stub()
+    stub.add_response(
+        "update_cost_allocation_tags_status",
+        {"Errors": [{"TagKey": STACK_TAG, "Code": "TagKeysNotFound", "Message": "Tag keys not found"}]},
+        activation_request(),
+    )
+    stub.add_client_error("update_cost_allocation_tags_status", "AccessDeniedException", "not the payer")
+    err = io.StringIO()
+    with stub:
+        assert account_main(["activate-cost-allocation-tags"], err=err, ce=ce) == 1
+        assert account_main(["activate-cost-allocation-tags"], err=err, ce=ce) == 1
+    assert "up to 24 hours after the first" in err.getvalue()
+    assert "payer (management) account" in err.getvalue()
+
+
+def test_account_step_dry_run_changes_nothing() -> None:
+    out = io.StringIO()
+    assert account_main(["activate-cost-allocation-tags", "--dry-run"], out=out, ce=object()) == 0
+    assert "would call ce:UpdateCostAllocationTagsStatus" in out.getvalue()
 
 
 def test_no_subscribers_means_no_notifications() -> None:

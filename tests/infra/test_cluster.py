@@ -16,7 +16,7 @@ from infra.cluster import (
     Cluster,
     ClusterArgs,
 )
-from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
+from infra.config import GPU_TAINT, POOL_LABEL, ConfigError, StackConfig
 from infra.config import load_stack as stack_config
 from infra.mocks import Run, run_program
 from infra.tags import stack_tags
@@ -27,6 +27,9 @@ ADMIN = "arn:aws:iam::123456789012:role/platform-admins"
 
 NODE_GROUP = "aws:eks/nodeGroup:NodeGroup"
 LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
+
+DEPLOYER_CIDR = "1.2.3.4/32"
+"""A globally routable address standing in for the deployer's egress IP (documentation ranges are refused)."""
 
 
 def run_cluster(cfg: StackConfig, **extra: Any) -> Run:
@@ -58,7 +61,14 @@ def run_cluster(cfg: StackConfig, **extra: Any) -> Run:
 def dev() -> tuple[StackConfig, Run]:
     # Function scope: a Run recorded earlier can pick up option records from later runs (see the report on
     # infra/mocks.py), so each test gets a fresh one (~0.1 s).
-    cfg = stack_config("dev", clusterAdminArns=[ADMIN])
+    # The workstation path (kubernetesDeployer public-allowlist), a routable deployer address supplied at deploy time.
+    cfg = stack_config(
+        "dev",
+        clusterAdminArns=[ADMIN],
+        kubernetesDeployer="public-allowlist",
+        publicApiEndpoint=True,
+        publicApiCidrs=[DEPLOYER_CIDR],
+    )
     return cfg, run_cluster(cfg)
 
 
@@ -71,9 +81,9 @@ def test_control_plane_is_private_encrypted_and_logged(dev: tuple[StackConfig, R
     vpc = eks["vpcConfig"]
     assert vpc["endpointPrivateAccess"] is True
     assert vpc["subnetIds"] == SUBNETS
-    # dev opens the public endpoint, but only to its allowlist
+    # the public endpoint is open to the deployer's allowlist only
     assert vpc["endpointPublicAccess"] is True
-    assert vpc["publicAccessCidrs"] == list(cfg.cluster.public_api_cidrs) == ["203.0.113.0/24"]
+    assert vpc["publicAccessCidrs"] == list(cfg.cluster.public_api_cidrs) == [DEPLOYER_CIDR]
     assert eks["encryptionConfig"] == {"provider": {"keyArn": KMS_ARN}, "resources": ["secrets"]}
     assert sorted(eks["enabledClusterLogTypes"]) == sorted(CONTROL_PLANE_LOG_TYPES)
     assert len(set(eks["enabledClusterLogTypes"])) == 5
@@ -112,9 +122,10 @@ def test_admins_get_access_entries_with_cluster_admin_policy(dev: tuple[StackCon
     assert assoc["accessScope"] == {"type": "cluster"}
 
 
-def test_no_admins_no_access_entries() -> None:
-    run = run_cluster(stack_config("dev"))
-    assert run.of_type("aws:eks/accessEntry:AccessEntry") == []
+def test_a_stack_without_a_break_glass_admin_role_is_refused() -> None:
+    for admins in ([], ["arn:aws:iam::123456789012:user/alice"]):
+        with pytest.raises(ConfigError, match="at least one IAM role besides the identity that creates the cluster"):
+            stack_config("dev", clusterAdminArns=admins)
 
 
 def test_all_managed_addons_with_network_policy_enabled(dev: tuple[StackConfig, Run]) -> None:

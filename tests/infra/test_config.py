@@ -74,7 +74,7 @@ def test_environments_differ_only_by_config() -> None:
         ({"servingOnEks": "yes"}, "llm-platform:servingOnEks = 'yes': must be true or false"),
         ({"natGateways": "many"}, "llm-platform:natGateways = 'many': must be one of single, perAz"),
         ({"kubernetesVersion": "1.20"}, "llm-platform:kubernetesVersion = '1.20': must be one of"),
-        ({"publicApiCidrs": []}, "a public API endpoint needs publicApiCidrs"),
+        ({"publicApiEndpoint": True, "publicApiCidrs": []}, "a public API endpoint needs publicApiCidrs"),
         ({"maxGpus": 2}, "the GPU pools can reach 4 GPUs at their maximum sizes"),
         ({"servingGpusPerReplica": 2}, "an inference node has only 1 GPU(s)"),
         ({"trainingEfa": True}, "EFA is not supported by g6e.xlarge, g6e.2xlarge"),

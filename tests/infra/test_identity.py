@@ -122,7 +122,7 @@ def test_consumers_depend_on_their_role_policies_not_only_the_role(shipped) -> N
     assert len(groups) == 1 + len(cfg.cluster.gpu_pools)
     for group in groups:
         assert node_policies <= set(group.depends_on), group.name
-    if cfg.serving.on_sagemaker:
+    if cfg.serving.sagemaker_declared:
         sagemaker_policies = _role_policies(run, "sagemaker")
         assert len(sagemaker_policies) == 1
         assert sagemaker_policies <= set(run.one("aws:sagemaker/model:Model").depends_on)

@@ -42,6 +42,10 @@ TOPIC = "aws:sns/topic:Topic"
 ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"
 
 
+SERVING = {"llm-platform:servingImageTag": "0.1.0"}
+"""dev with its serving image pushed (shipped, it is in its first-run shape: no serving declared)."""
+
+
 def run_observability(cfg: StackConfig) -> Run:
     def program() -> dict[str, Any]:
         provider = k8s.Provider("k8s", kubeconfig="{}")
@@ -162,7 +166,7 @@ def test_training_pods_are_annotated_for_the_training_job() -> None:
 
 
 def test_serving_pods_are_annotated_for_the_serving_job(run_stack: Callable[..., Run]) -> None:
-    dep = run_stack("dev").one("kubernetes:apps/v1:Deployment", "serving-eks-deployment")
+    dep = run_stack("dev", SERVING).one("kubernetes:apps/v1:Deployment", "serving-eks-deployment")
     template = dep.inputs["spec"]["template"]
     assert dep.inputs["metadata"]["namespace"] == "llm-serving"
     annotations = template["metadata"]["annotations"]
@@ -173,7 +177,7 @@ def test_serving_pods_are_annotated_for_the_serving_job(run_stack: Callable[...,
 
 def test_serving_network_policy_admits_the_in_cluster_prometheus(run_stack: Callable[..., Run]) -> None:
     """kubernetes_base's default-deny in llm-serving admits port 8080 only from labelled namespaces."""
-    run = run_stack("dev")
+    run = run_stack("dev", SERVING)
     (policy,) = [
         r.inputs
         for r in run.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")

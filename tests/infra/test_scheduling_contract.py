@@ -174,9 +174,11 @@ def test_serving_deployment_schedules_in_every_stack(
     cfg, run = shipped
     spec = serving_pod(run)
     if spec is None:
-        # This stack serves on SageMaker only; prove its pool would still take the Deployment if servingOnEks flipped.
-        assert not cfg.serving.on_eks
-        spec = serving_pod(run_stack(cfg.stack, {"llm-platform:servingOnEks": True}))
+        # Not serving on EKS (yet): prove its pool would take the Deployment once servingOnEks and an image are set.
+        assert not cfg.serving.eks_declared
+        spec = serving_pod(
+            run_stack(cfg.stack, {"llm-platform:servingOnEks": True, "llm-platform:servingImageTag": "0.1.0"})
+        )
     assert spec is not None
     ok, where = can_schedule(spec, cfg.cluster.gpu_pools)
     assert ok, f"{cfg.stack}: the serving Deployment fits no pool: {where}"

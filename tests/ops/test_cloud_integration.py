@@ -146,8 +146,14 @@ def check_stack(outputs: Mapping[str, Any], session: Any) -> list[str]:
 
 
 def itest_overrides(client_cidr: str) -> dict[str, Any]:
-    """What the ephemeral copy of dev changes: the API endpoint must admit this runner to be checked at all."""
-    return {f"{automation.PROJECT}:publicApiCidrs": [client_cidr]}
+    """What the ephemeral copy of dev changes: the API endpoint must admit this runner to be checked at all. The
+    runner's egress address holds for the job's lifetime, and the stack lives no longer than the job, so the
+    public-allowlist path fits here (infra/access.py); no in-VPC runner is created for it."""
+    return {
+        f"{automation.PROJECT}:kubernetesDeployer": "public-allowlist",
+        f"{automation.PROJECT}:publicApiEndpoint": True,
+        f"{automation.PROJECT}:publicApiCidrs": [client_cidr],
+    }
 
 
 def _client_cidr() -> str:
@@ -281,35 +287,36 @@ def test_config_copy_drops_secrets_and_production_and_applies_overrides() -> Non
         "llm-platform:publicApiCidrs": ["203.0.113.0/24"],
         "llm-platform:apiKey": {"secure": "v1:abc"},
     }
-    copied = automation.copy_stack_config(source, itest_overrides("198.51.100.7/32"))
+    copied = automation.copy_stack_config(source, itest_overrides("1.2.3.4/32"))
     assert copied.skipped_secrets == ("llm-platform:apiKey",)
     assert copied.plain["llm-platform:production"] is False
-    assert copied.plain["llm-platform:publicApiCidrs"] == ["198.51.100.7/32"]
+    assert copied.plain["llm-platform:publicApiCidrs"] == ["1.2.3.4/32"]
     assert "llm-platform:apiKey" not in copied.plain
 
 
 def test_written_stack_config_keeps_types_and_the_clis_keys(tmp_path: Path) -> None:
     (tmp_path / "Pulumi.itest-1.yaml").write_text("encryptionsalt: v1:abc\nconfig:\n  aws:region: eu-west-1\n")
-    copied = automation.copy_stack_config(automation.read_stack_config("dev"), itest_overrides("198.51.100.7/32"))
+    copied = automation.copy_stack_config(automation.read_stack_config("dev"), itest_overrides("1.2.3.4/32"))
     path = automation.write_stack_config("itest-1", copied.plain, stacks_dir=tmp_path)
     import yaml
 
     doc = yaml.safe_load(path.read_text())
     assert doc["encryptionsalt"] == "v1:abc"
-    assert doc["config"]["llm-platform:publicApiCidrs"] == ["198.51.100.7/32"]  # a list, not a JSON string
+    assert doc["config"]["llm-platform:publicApiCidrs"] == ["1.2.3.4/32"]  # a list, not a JSON string
     assert doc["config"]["llm-platform:production"] is False
     assert automation.read_stack_config("itest-1", stacks_dir=tmp_path) == copied.plain
 
 
 def test_dev_config_copies_cleanly() -> None:
-    copied = automation.copy_stack_config(automation.read_stack_config("dev"), itest_overrides("198.51.100.7/32"))
+    copied = automation.copy_stack_config(automation.read_stack_config("dev"), itest_overrides("1.2.3.4/32"))
     assert copied.skipped_secrets == ()
     assert copied.plain["aws:region"] and copied.plain["llm-platform:production"] is False
     # The program's own validation accepts the copy, so `up` will not fail on config after resources were paid for.
     from infra.config import load_config
 
     cfg = load_config(copied.plain, stack=automation.ephemeral_stack_name("itest", "1-1"))
-    assert cfg.production is False and cfg.cluster.public_api_cidrs == ("198.51.100.7/32",)
+    assert cfg.production is False and cfg.cluster.public_api_cidrs == ("1.2.3.4/32",)
+    assert cfg.cluster.deployer == "public-allowlist" and cfg.cluster.public_api_endpoint
 
 
 def test_ttl_selection() -> None:

@@ -144,12 +144,18 @@ def test_deploy_goes_dev_then_staging_then_prod_behind_approval() -> None:
     assert wf["on"]["push"]["branches"] == ["main"]
     assert wf["concurrency"]["cancel-in-progress"] is False
     jobs = wf["jobs"]
-    assert "needs" not in jobs["dev"] and jobs["staging"]["needs"] == "dev" and jobs["prod"]["needs"] == "staging"
-    assert jobs["prod"]["environment"] == "production"
+    # Each stack: the AWS layer from GitHub, then the Kubernetes layer from the stack's in-VPC runner
+    # (the reachability of each job's runner is proven in tests/infra/test_first_deploy.py).
+    order = ["dev-aws", "dev", "staging-aws", "staging", "prod-aws", "prod"]
+    assert list(jobs) == order
+    assert "needs" not in jobs["dev-aws"]
+    assert [jobs[j]["needs"] for j in order[1:]] == order[:-1]
+    assert jobs["prod-aws"]["environment"] == jobs["prod"]["environment"] == "production"
     for stack in ("dev", "staging", "prod"):
-        up = _uses(jobs[stack], "pulumi/actions")[0]["with"]
-        assert (up["command"], up["stack-name"], up["policyPacks"]) == ("up", stack, "policy")
-        assert jobs[stack]["permissions"] == {"contents": "read", "id-token": "write"}
+        for job in (f"{stack}-aws", stack):
+            up = _uses(jobs[job], "pulumi/actions")[0]["with"]
+            assert (up["command"], up["stack-name"], up["policyPacks"]) == ("up", stack, "policy")
+            assert jobs[job]["permissions"] == {"contents": "read", "id-token": "write"}
 
 
 def _confirm_script() -> tuple[str, dict[str, str]]:

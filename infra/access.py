@@ -1,0 +1,331 @@
+"""How the deployer reaches the Kubernetes API, chosen by `kubernetesDeployer`, and the offline proof that it can.
+
+The Kubernetes objects of a stack are applied through the cluster's Kubernetes provider, so whatever runs
+`pulumi up` must reach the cluster endpoint:
+
+- `in-vpc-runner` (default; the only path for a private-only endpoint): the stack creates an AWS CodeBuild project that
+  hosts GitHub Actions runners in its private subnets (CodeBuild User Guide, "Self-hosted GitHub Actions runners in
+  AWS CodeBuild": a webhook on WORKFLOW_JOB_QUEUED, jobs select it with
+  `runs-on: codebuild-<project>-${{ github.run_id }}-${{ github.run_attempt }}`). The deploy workflow runs
+  `pulumi up --exclude <the Kubernetes provider> --exclude-dependents` on a GitHub-hosted runner (the AWS layer,
+  which creates the VPC, the cluster and the runner; excluded resources are left as they are, never deleted: Pulumi
+  docs, "Targeted updates"), then the full `pulumi up` on the in-VPC runner, which reaches the private endpoint
+  (the API security group admits HTTPS from the VPC CIDR, infra/cluster.py).
+- `public-allowlist`: the public endpoint restricted to `publicApiCidrs`, the public egress addresses of whoever
+  deploys (a workstation). GitHub-hosted runners have no stable address, so CI never uses this path.
+
+`deployer_path_problems` checks a stack's recorded resources and the deploy workflow together; the tests run it
+over every shipped stack and fail when Kubernetes objects would be applied from somewhere that cannot reach them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.config import StackConfig, non_routable
+
+RUNNER_IMAGE = "aws/codebuild/amazonlinux-x86_64-standard:5.0"
+"""CodeBuild's curated Amazon Linux image (CodeBuild User Guide, "Docker images provided by CodeBuild"); the
+workflow installs Python and the Pulumi CLI itself."""
+RUNNER_COMPUTE = "BUILD_GENERAL1_MEDIUM"
+"""4 vCPUs, 7 GB: a Pulumi program of this size with pulumi-aws and pulumi-kubernetes plugins."""
+RUNNER_TIMEOUT_MINUTES = 150
+"""Above the deploy jobs' own timeouts (120 min for prod), so the workflow's limit is the one that applies."""
+CLUSTER_COMPONENT_TYPE = "llm-platform:infra:Cluster"
+CLUSTER_COMPONENT_NAME = "cluster"
+KUBERNETES_PROVIDER_NAME = f"{CLUSTER_COMPONENT_NAME}-k8s"
+"""infra/cluster.py names the cluster's Kubernetes provider `<component>-k8s`; every Kubernetes object uses it."""
+
+
+def runner_project_name(cfg: StackConfig) -> str:
+    return f"{cfg.name_prefix}-deployer"
+
+
+def runner_label(project_name: str) -> str:
+    """The `runs-on` label that routes a job to the CodeBuild project (CodeBuild User Guide, action-runner)."""
+    return f"codebuild-{project_name}-${{{{ github.run_id }}}}-${{{{ github.run_attempt }}}}"
+
+
+def kubernetes_provider_urn(stack: str, project: str) -> str:
+    """URN of the cluster's Kubernetes provider (a child of the Cluster component): the resource the AWS-layer run
+    excludes, together with everything that depends on it."""
+    kind = f"{CLUSTER_COMPONENT_TYPE}$pulumi:providers:kubernetes"
+    return f"urn:pulumi:{stack}::{project}::{kind}::{KUBERNETES_PROVIDER_NAME}"
+
+
+@dataclass
+class DeployerRunnerArgs:
+    config: StackConfig
+    vpc_id: pulumi.Input[str]
+    private_subnet_ids: pulumi.Input[list[str]]
+    account_id: str
+    partition: str
+    tags: dict[str, str]
+
+
+class DeployerRunner(pulumi.ComponentResource):
+    """A CodeBuild-hosted GitHub Actions runner in the stack's private subnets. Its role can only run the build
+    (logs, VPC network interfaces); the deploy job itself assumes the deploy role through GitHub OIDC as on
+    GitHub-hosted runners, so the runner holds no deploy rights of its own."""
+
+    project_name: pulumi.Output[str]
+
+    def __init__(self, name: str, args: DeployerRunnerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:DeployerRunner", name, None, opts)
+        cfg = args.config
+        child = pulumi.ResourceOptions(parent=self)
+        project_name = runner_project_name(cfg)
+        log_group = aws.cloudwatch.LogGroup(
+            f"{name}-logs",
+            name=f"/aws/codebuild/{project_name}",
+            retention_in_days=cfg.network.flow_log_retention_days,
+            tags=args.tags,
+            opts=child,
+        )
+        security_group = aws.ec2.SecurityGroup(
+            f"{name}-sg",
+            name=f"{cfg.name_prefix}-deployer",
+            description="Deploy runner: HTTPS egress only (GitHub, state backend, AWS APIs, the EKS API)",
+            vpc_id=args.vpc_id,
+            ingress=[],
+            egress=[
+                aws.ec2.SecurityGroupEgressArgs(
+                    protocol="tcp", from_port=443, to_port=443, cidr_blocks=["0.0.0.0/0"], description="HTTPS"
+                )
+            ],
+            tags={**args.tags, "Name": f"{cfg.name_prefix}-deployer"},
+            opts=child,
+        )
+        role = aws.iam.Role(
+            f"{name}-role",
+            name=f"{cfg.name_prefix}-deployer-runner",
+            assume_role_policy=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"Service": "codebuild.amazonaws.com"},
+                            "Action": "sts:AssumeRole",
+                            # Confused-deputy guard (IAM User Guide, "Cross-service confused deputy prevention").
+                            "Condition": {"StringEquals": {"aws:SourceAccount": args.account_id}},
+                        }
+                    ],
+                }
+            ),
+            tags=args.tags,
+            opts=child,
+        )
+        region = cfg.region
+        policy = pulumi.Output.all(log_group.arn, args.private_subnet_ids).apply(
+            lambda a: json.dumps(_runner_policy(a[0], a[1], args.partition, region, args.account_id))
+        )
+        role_policy = aws.iam.RolePolicy(f"{name}-policy", role=role.id, policy=policy, opts=child)
+        project = aws.codebuild.Project(
+            f"{name}-project",
+            name=project_name,
+            description=f"GitHub Actions runner for the Kubernetes layer of stack {cfg.stack} (inside its VPC)",
+            service_role=role.arn,
+            artifacts=aws.codebuild.ProjectArtifactsArgs(type="NO_ARTIFACTS"),
+            environment=aws.codebuild.ProjectEnvironmentArgs(
+                compute_type=RUNNER_COMPUTE, image=RUNNER_IMAGE, type="LINUX_CONTAINER"
+            ),
+            source=aws.codebuild.ProjectSourceArgs(type="GITHUB", location=cfg.cluster.deployer_repository),
+            vpc_config=aws.codebuild.ProjectVpcConfigArgs(
+                vpc_id=args.vpc_id, subnets=args.private_subnet_ids, security_group_ids=[security_group.id]
+            ),
+            logs_config=aws.codebuild.ProjectLogsConfigArgs(
+                cloudwatch_logs=aws.codebuild.ProjectLogsConfigCloudwatchLogsArgs(
+                    group_name=log_group.name, status="ENABLED"
+                )
+            ),
+            build_timeout=RUNNER_TIMEOUT_MINUTES,
+            tags=args.tags,
+            # The role's VPC permissions must exist before CodeBuild validates the VPC configuration.
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[role_policy]),
+        )
+        aws.codebuild.Webhook(
+            f"{name}-webhook",
+            project_name=project.name,
+            build_type="BUILD",
+            filter_groups=[
+                aws.codebuild.WebhookFilterGroupArgs(
+                    filters=[aws.codebuild.WebhookFilterGroupFilterArgs(type="EVENT", pattern="WORKFLOW_JOB_QUEUED")]
+                )
+            ],
+            opts=child,
+        )
+        self.project_name = project.name
+        self.register_outputs({"project_name": self.project_name})
+
+
+def _runner_policy(
+    log_group_arn: str, subnet_ids: list[str], partition: str, region: str, account: str
+) -> dict[str, Any]:
+    """Logs, plus the network-interface permissions a VPC-attached CodeBuild project needs (CodeBuild User Guide,
+    "Allow CodeBuild access to AWS services required to create a VPC network interface")."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "Logs",
+                "Effect": "Allow",
+                "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                "Resource": [log_group_arn, f"{log_group_arn}:*"],
+            },
+            {
+                "Sid": "VpcDescribe",
+                "Effect": "Allow",
+                "Action": [
+                    "ec2:CreateNetworkInterface",
+                    "ec2:DescribeDhcpOptions",
+                    "ec2:DescribeNetworkInterfaces",
+                    "ec2:DeleteNetworkInterface",
+                    "ec2:DescribeSubnets",
+                    "ec2:DescribeSecurityGroups",
+                    "ec2:DescribeVpcs",
+                ],
+                "Resource": "*",
+            },
+            {
+                "Sid": "VpcInterfacePermission",
+                "Effect": "Allow",
+                "Action": "ec2:CreateNetworkInterfacePermission",
+                "Resource": f"arn:{partition}:ec2:{region}:{account}:network-interface/*",
+                "Condition": {
+                    "StringEquals": {"ec2:AuthorizedService": "codebuild.amazonaws.com"},
+                    "ArnEquals": {
+                        "ec2:Subnet": [f"arn:{partition}:ec2:{region}:{account}:subnet/{s}" for s in subnet_ids]
+                    },
+                },
+            },
+        ],
+    }
+
+
+# -- the offline proof -----------------------------------------------------------------------------------------------
+def _steps_running_up(job: Mapping[str, Any], stack: str) -> list[Mapping[str, Any]]:
+    return [
+        s
+        for s in job.get("steps", [])
+        if s.get("uses", "").split("@")[0] == "pulumi/actions"
+        and s.get("with", {}).get("command") == "up"
+        and s.get("with", {}).get("stack-name") == stack
+    ]
+
+
+def _excludes_kubernetes_layer(step: Mapping[str, Any], stack: str, project: str) -> bool:
+    args = step.get("with", {})
+    excluded = [line.strip() for line in str(args.get("exclude", "")).splitlines() if line.strip()]
+    return kubernetes_provider_urn(stack, project) in excluded and args.get("exclude-dependents") is True
+
+
+def deployer_path_problems(cfg: StackConfig, resources: list[Any], workflow: Mapping[str, Any]) -> list[str]:
+    """Why the deploy workflow could not apply this stack's Kubernetes objects (empty: it can).
+
+    `resources` are the recorded resources of the stack's preview (infra.mocks.Recorded); `workflow` the parsed
+    deploy workflow."""
+    stack, project = cfg.stack, cfg.project
+    problems: list[str] = []
+    provider_urn = kubernetes_provider_urn(stack, project)
+    by_type: dict[str, list[Any]] = {}
+    for r in resources:
+        by_type.setdefault(r.type, []).append(r)
+
+    # Every Kubernetes object goes through the cluster's provider (the one the AWS-layer run excludes); one on the
+    # default provider would use whatever kubeconfig the runner happens to have.
+    for r in resources:
+        if r.type.startswith("kubernetes:") and not (r.provider or "").startswith(provider_urn + "::"):
+            problems.append(f"{r.type} {r.name} is not applied through {provider_urn} (provider {r.provider!r})")
+    [cluster] = by_type.get("aws:eks/cluster:Cluster", [None])
+    if cluster is None:
+        return [*problems, "the stack declares no EKS cluster"]
+    vpc_cfg = cluster.inputs.get("vpcConfig", {})
+
+    applying: list[str] = []
+    for job_id, job in workflow.get("jobs", {}).items():
+        for step in _steps_running_up(job, stack):
+            runs_on = job.get("runs-on")
+            labels = runs_on if isinstance(runs_on, list) else [runs_on]
+            codebuild = [lbl for lbl in labels if str(lbl).startswith("codebuild-")]
+            if _excludes_kubernetes_layer(step, stack, project):
+                continue  # the AWS layer only: may run anywhere
+            if not codebuild:
+                problems.append(
+                    f"job {job_id!r} applies the Kubernetes layer of {stack} from a GitHub-hosted runner ({runs_on}), "
+                    "which has no route to a private endpoint and no stable address for an allowlist; exclude "
+                    f"{provider_urn} with exclude-dependents there and apply it from the in-VPC runner"
+                )
+                continue
+            problems += _in_vpc_runner_problems(cfg, job_id, str(codebuild[0]), by_type, vpc_cfg)
+            applying.append(job_id)
+    if not applying and not problems:
+        problems.append(f"no job of the deploy workflow applies the Kubernetes layer of {stack}")
+    if cfg.cluster.deployer == "public-allowlist":
+        problems += _public_allowlist_problems(cfg, vpc_cfg)
+    return problems
+
+
+def _in_vpc_runner_problems(
+    cfg: StackConfig, job_id: str, label: str, by_type: dict[str, list[Any]], vpc_cfg: Mapping[str, Any]
+) -> list[str]:
+    problems = []
+    if cfg.cluster.deployer != "in-vpc-runner":
+        problems.append(
+            f"job {job_id!r} uses an in-VPC runner but the stack's kubernetesDeployer is {cfg.cluster.deployer}"
+        )
+    projects = {p.inputs.get("name"): p for p in by_type.get("aws:codebuild/project:Project", [])}
+    name = next((n for n in projects if label == runner_label(n)), None)
+    if name is None:
+        return [
+            *problems,
+            f"job {job_id!r} runs on {label!r}, which is no CodeBuild runner project this stack declares",
+        ]
+    project = projects[name]
+    subnets = set(project.inputs.get("vpcConfig", {}).get("subnets") or [])
+    if not subnets or subnets - set(vpc_cfg.get("subnetIds") or []):
+        problems.append(f"runner project {name} is not in the cluster's private subnets")
+    if vpc_cfg.get("endpointPrivateAccess") is not True:
+        problems.append("the cluster's private endpoint is off: the in-VPC runner could not reach it")
+    webhooks = by_type.get("aws:codebuild/webhook:Webhook", [])
+    if not any(
+        w.inputs.get("projectName") == name
+        and any(
+            f.get("pattern") == "WORKFLOW_JOB_QUEUED" for g in w.inputs.get("filterGroups", []) for f in g["filters"]
+        )
+        for w in webhooks
+    ):
+        problems.append(f"runner project {name} has no WORKFLOW_JOB_QUEUED webhook: no job would ever reach it")
+    # The API security group must admit HTTPS from the VPC (where the runner's interfaces are).
+    vpc_cidr = ipaddress.ip_network(cfg.network.vpc_cidr)
+    api_sg_ok = any(
+        rule.get("fromPort", 0) <= 443 <= rule.get("toPort", 0)
+        and any(vpc_cidr.subnet_of(ipaddress.ip_network(c)) for c in rule.get("cidrBlocks") or [])
+        for sg in by_type.get("aws:ec2/securityGroup:SecurityGroup", [])
+        if sg.name.endswith("-api-sg")
+        for rule in sg.inputs.get("ingress") or []
+    )
+    if not api_sg_ok:
+        problems.append("no security group on the EKS API admits HTTPS from the VPC CIDR")
+    return problems
+
+
+def _public_allowlist_problems(cfg: StackConfig, vpc_cfg: Mapping[str, Any]) -> list[str]:
+    problems = []
+    if vpc_cfg.get("endpointPublicAccess") is not True:
+        problems.append("kubernetesDeployer is public-allowlist but the cluster's public endpoint is off")
+    cidrs = vpc_cfg.get("publicAccessCidrs") or []
+    if not cidrs:
+        problems.append("kubernetesDeployer is public-allowlist but the public endpoint allows no CIDR")
+    for cidr in cidrs:
+        why = non_routable(ipaddress.ip_network(cidr))
+        if why:
+            problems.append(f"the public endpoint allows {cidr}: {why}")
+    return problems
