@@ -10,24 +10,20 @@ import pulumi_aws as aws
 
 from infra import config as config_module
 from infra import outputs as out
-from infra.autoscaling import (
-    ClusterAutoscaler,
-    ClusterAutoscalerArgs,
-    NodeTerminationHandler,
-    NodeTerminationHandlerArgs,
-    ServingAutoscaling,
-    ServingAutoscalingArgs,
-    needs_node_termination_handler,
-)
 from infra.budgets import Budgets, BudgetsArgs
 from infra.cluster import Cluster, ClusterArgs
+from infra.cluster_autoscaler import ClusterAutoscaler, ClusterAutoscalerArgs
+from infra.gpu_plugins import GpuDevicePlugins, GpuDevicePluginsArgs
 from infra.identity import Identity, IdentityArgs
 from infra.kubernetes_base import KubernetesBase, KubernetesBaseArgs
+from infra.load_balancer_controller import LoadBalancerController, LoadBalancerControllerArgs
 from infra.network import Network, NetworkArgs
 from infra.observability import Observability, ObservabilityArgs
 from infra.registry import Registry, RegistryArgs
 from infra.sagemaker_endpoint import VARIANT_NAME, SageMakerEndpoint, SageMakerEndpointArgs
+from infra.serving_autoscaling import ServingAutoscaling, ServingAutoscalingArgs
 from infra.serving_eks import ServingOnEks, ServingOnEksArgs
+from infra.spot_interruptions import NodeTerminationHandler, NodeTerminationHandlerArgs, needs_node_termination_handler
 from infra.storage import Storage, StorageArgs
 from infra.tags import stack_tags
 
@@ -120,6 +116,10 @@ def build() -> dict[str, Any]:
         out.GPU_POOLS: {pool.name: pool.describe() for pool in cfg.cluster.gpu_pools},
     }
 
+    # Without the device plugins no pod can request a GPU (or EFA device); they run on the GPU pools only.
+    GpuDevicePlugins(
+        "gpu-plugins", GpuDevicePluginsArgs(cfg, cluster.provider), opts=pulumi.ResourceOptions(depends_on=[base])
+    )
     # Capacity controllers run on the system pool; they go before the node groups they scale on destroy.
     ClusterAutoscaler(
         "cluster-autoscaler",
@@ -135,6 +135,18 @@ def build() -> dict[str, Any]:
 
     serving: ServingOnEks | None = None
     endpoint: SageMakerEndpoint | None = None
+    ingress_controller: list[pulumi.Resource] = []
+    if cfg.serving.on_eks and cfg.serving.ingress:
+        # The internal ALB Ingress does nothing without the controller that turns it into a load balancer.
+        ingress_controller.append(
+            LoadBalancerController(
+                "load-balancer-controller",
+                LoadBalancerControllerArgs(
+                    cfg, cluster.name, network.vpc_id, cluster.provider, tags, identity_info.account_id
+                ),
+                opts=pulumi.ResourceOptions(depends_on=[base]),
+            )
+        )
     if cfg.serving.on_eks:
         serving = ServingOnEks(
             "serving-eks",
@@ -147,7 +159,7 @@ def build() -> dict[str, Any]:
                 models_bucket=storage.bucket_names["models"],
             ),
             # Workloads go first on destroy: their pods must leave the GPU nodes before the node groups are deleted.
-            opts=pulumi.ResourceOptions(depends_on=[base, *cluster.node_groups.values()]),
+            opts=pulumi.ResourceOptions(depends_on=[base, *cluster.node_groups.values(), *ingress_controller]),
         )
         outputs[out.SERVING_SERVICE_NAME] = serving.service_name
     if cfg.serving.on_sagemaker:
