@@ -213,3 +213,30 @@ def pool_capacity(pod_spec: Mapping[str, Any], pool: GpuPool | Mapping[str, Any]
         for t in fields["instance_types"]
     )
     return fields["max_size"] * per_node
+
+
+def chart_pod_spec(chart: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The placement part of the pods a pinned chart renders, from the values we give it: where each chart reads
+    nodeSelector, affinity and tolerations (see each chart's values.yaml at the pinned version, infra/charts.py).
+    No containers: requests come from the charts' templates, which render only at deploy time."""
+    if chart == "prometheus":
+        values = values.get("server") or {}
+    spec: dict[str, Any] = {"containers": []}
+    if values.get("nodeSelector"):
+        spec["nodeSelector"] = dict(values["nodeSelector"])
+    tolerations = list(values.get("tolerations") or [])
+    if chart == "aws-efa-k8s-device-plugin":
+        # templates/daemonset.yaml: CriticalAddonsOnly first, then ours; affinity = one term per label key (In).
+        tolerations = [{"key": "CriticalAddonsOnly", "operator": "Exists"}, *tolerations]
+        labels = values["supportedInstanceLabels"]
+        terms = [
+            {"matchExpressions": [{"key": k, "operator": "In", "values": labels["values"]}]} for k in labels["keys"]
+        ]
+        spec["affinity"] = {
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
+        }
+    elif values.get("affinity"):
+        spec["affinity"] = values["affinity"]
+    if tolerations:
+        spec["tolerations"] = tolerations
+    return spec

@@ -19,6 +19,7 @@ from tests.infra.scheduling import (
     EFA_RESOURCE,
     GPU_RESOURCE,
     can_schedule,
+    chart_pod_spec,
     pod_requests,
     pool_capacity,
     quantity,
@@ -213,24 +214,8 @@ def advertised(run: Run) -> tuple[str, ...]:
 
 
 def plugin_pod(run: Run, key: str) -> dict[str, Any]:
-    """The scheduling-relevant part of a device plugin's pod, from the values we give its chart (tolerations,
-    affinity; the EFA chart builds its affinity from supportedInstanceLabels, keys x values, operator In)."""
     (rec,) = [r for r in run.of_type(CHART_TYPE) if r.inputs["chart"] == CHARTS[key].chart]
-    values = rec.inputs["values"]
-    if "supportedInstanceLabels" in values:
-        labels = values["supportedInstanceLabels"]
-        terms = [
-            {"matchExpressions": [{"key": k, "operator": "In", "values": labels["values"]}]} for k in labels["keys"]
-        ]
-        affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
-        tolerations = [{"key": "CriticalAddonsOnly", "operator": "Exists"}, *values["tolerations"]]
-    else:
-        affinity, tolerations = values["affinity"], values["tolerations"]
-    return {
-        "affinity": affinity,
-        "tolerations": tolerations,
-        "containers": [{"name": "plugin", "image": "x", "resources": {"requests": {"cpu": "10m"}}}],
-    }
+    return chart_pod_spec(key, rec.inputs["values"])
 
 
 def test_device_plugins_run_on_exactly_the_pools_that_need_them(shipped: tuple[StackConfig, Run]) -> None:
@@ -284,6 +269,30 @@ def test_efa_jobs_need_the_efa_device_plugin(run_stack: Callable[..., Run], stac
     for kind in ("limits", "requests"):
         spec["containers"][0]["resources"][kind][EFA_RESOURCE] = str(pool.efa_interfaces_per_node + 1)
     assert not can_schedule(spec, cfg.cluster.gpu_pools, advertised=advertised(run))[0]
+
+
+def test_controllers_run_on_the_system_pool_and_plugins_on_the_gpu_pools(shipped: tuple[StackConfig, Run]) -> None:
+    """Every chart's pods land somewhere the cluster has nodes: controllers on the fixed system pool (never on a GPU
+    node the autoscaler may remove), node agents on the GPU pools they serve."""
+    cfg, run = shipped
+    system = {
+        "name": "system",
+        "instance_types": ["g6.xlarge"],
+        "max_size": 2,
+        "labels": {"llm-platform/pool": "system"},
+    }
+    by_chart = {pinned.chart: key for key, pinned in CHARTS.items()}
+    node_agents = {"nvidia-device-plugin", "aws-efa-k8s-device-plugin", "dcgm-exporter"}
+    for rec in run.of_type(CHART_TYPE):
+        key = by_chart[rec.inputs["chart"]]
+        spec = chart_pod_spec(key, rec.inputs["values"])
+        if key in node_agents:
+            assert not can_schedule(spec, [system])[0], key
+            assert any(can_schedule(spec, [p])[0] for p in cfg.cluster.gpu_pools), key
+        else:
+            assert spec.get("nodeSelector") == {"llm-platform/pool": "system"}, key
+            assert can_schedule(spec, [system]) == (True, "system"), key
+            assert not any(can_schedule(spec, [p])[0] for p in cfg.cluster.gpu_pools), key
 
 
 def test_namespace_gpu_quotas_admit_every_pod_the_autoscaler_may_place(shipped: tuple[StackConfig, Run]) -> None:
