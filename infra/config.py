@@ -545,8 +545,9 @@ def _check_operations(v: dict[str, Any], project: str) -> list[str]:
         bad("metrics", f"must be one of {', '.join(METRICS_MODES)}")
     if not 1 <= v["prometheusRetentionDays"] <= 90:
         bad("prometheusRetentionDays", "must be between 1 and 90")
-    if not re.fullmatch(r"\d+\.\d+\.\d+-\d+\.\d+\.\d+-ubuntu\d+\.\d+", v["dcgmExporterVersion"]):
-        bad("dcgmExporterVersion", "must be a dcgm-exporter tag such as 4.2.3-4.1.3-ubuntu22.04")
+    # NVIDIA's tags are <DCGM>-<exporter>-<flavour>; the chart's default flavour is distroless from 4.5 on.
+    if not re.fullmatch(r"\d+\.\d+\.\d+-\d+\.\d+\.\d+-(ubuntu\d+\.\d+|ubi\d+|distroless)", v["dcgmExporterVersion"]):
+        bad("dcgmExporterVersion", "must be a dcgm-exporter tag such as 4.5.3-4.8.2-distroless")
     for email in v["alertEmails"]:
         if not _EMAIL_RE.match(email):
             p.append(f"{project}:alertEmails contains {email!r}: not an e-mail address")

@@ -109,7 +109,8 @@ def test_image_defaults_are_the_charts_own_releases() -> None:
     keys = schema()
     assert keys["nodeTerminationHandlerVersion"].default == CHARTS["aws-node-termination-handler"].app_version
     assert keys["prometheusVersion"].default == CHARTS["prometheus"].app_version.removeprefix("v")
-    assert f"-{CHARTS['dcgm-exporter'].app_version}-" in keys["dcgmExporterVersion"].default
+    # NVIDIA/dcgm-exporter 4.5.3-4.8.2 deployment/values.yaml: image.tag (distroless is the flavour it publishes).
+    assert keys["dcgmExporterVersion"].default == f"4.5.3-{CHARTS['dcgm-exporter'].app_version}-distroless"
     # The autoscaler is the exception: its image must follow the cluster's Kubernetes minor, not the chart's.
     assert keys["clusterAutoscalerVersion"].default.rsplit(".", 1)[0] == keys["kubernetesVersion"].default
 
