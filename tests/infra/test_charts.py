@@ -115,6 +115,23 @@ def test_image_defaults_are_the_charts_own_releases() -> None:
     assert keys["clusterAutoscalerVersion"].default.rsplit(".", 1)[0] == keys["kubernetesVersion"].default
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.lstrip("v").split("."))
+
+
+def test_pins_are_at_or_past_the_releases_that_fix_our_hand_copies() -> None:
+    """The bugs the hand copies had, fixed upstream: each pin must not go back before the fix."""
+    # templates/clusterrole.yaml lists storage.k8s.io volumeattachments from chart 9.46.3 on (kubernetes/autoscaler
+    # #7663, #8678: without it CA 1.32+ stops adding nodes).
+    assert _version(CHARTS["cluster-autoscaler"].version) >= (9, 46, 3)
+    # The queue-mode Deployment template sets NODE_NAME from spec.nodeName (v1.25 panics without it) since chart
+    # 0.11.0; the chart's appVersion must be the handler release whose env it renders (1.25.x here).
+    assert _version(CHARTS["aws-node-termination-handler"].version) >= (0, 11, 0)
+    assert _version(CHARTS["aws-node-termination-handler"].app_version)[:2] == (1, 25)
+    # EKS's EFA chart runs the plugin with hostNetwork and /dev/infiniband mounted (the image v0.5.8 needs both).
+    assert _version(CHARTS["aws-efa-k8s-device-plugin"].app_version) >= (0, 5, 8)
+
+
 def test_every_pin_names_its_upstream_source() -> None:
     for key, pinned in CHARTS.items():
         assert pinned.version and pinned.app_version and "@" in pinned.source, key
