@@ -40,17 +40,6 @@ GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
 """AL2023 with the NVIDIA driver, container toolkit and (for EFA types) the EFA driver; the device plugin is ours."""
 SYSTEM_DISK_GB = 50
 
-EFA_NETWORK_CARDS = {
-    "p4d.24xlarge": 4,
-    "p4de.24xlarge": 4,
-    "p5.48xlarge": 32,
-    "p5e.48xlarge": 32,
-    "p5en.48xlarge": 16,
-    "g6e.48xlarge": 4,
-}
-"""Network cards of multi-card EFA instance types (EC2 accelerated-computing docs); other EFA types have one. Full EFA
-bandwidth needs one EFA interface per card. Belongs in infra.instance_types once that table carries it."""
-
 _TAINT_EFFECTS = {"NoSchedule": "NO_SCHEDULE", "NoExecute": "NO_EXECUTE", "PreferNoSchedule": "PREFER_NO_SCHEDULE"}
 """Kubernetes spells taint effects one way, the EKS API another."""
 
@@ -408,7 +397,9 @@ class Cluster(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
         single_subnet = self._training_subnet()
-        cards = min(EFA_NETWORK_CARDS.get(t, 1) for t in pool.instance_types)
+        # One interface per network card (infra.instance_types): what the EFA device plugin then advertises, and
+        # what the autoscaler's node template and the training pod's default request say.
+        cards = pool.efa_interfaces_per_node
         interfaces = [
             aws.ec2.LaunchTemplateNetworkInterfaceArgs(
                 device_index=0 if card == 0 else 1,

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from infra.instance_types import GPU_INSTANCE_TYPES
+from infra.instance_types import ACCELERATOR_LABEL, GPU_INSTANCE_TYPES
 from infra.versions import CLUSTER_AUTOSCALER, cluster_autoscaler_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -156,8 +156,16 @@ class GpuPool:
         return self.max_size * self.gpus_per_node
 
     @property
+    def efa_interfaces_per_node(self) -> int:
+        """EFA interfaces (= `vpc.amazonaws.com/efa` devices) on every node of the pool: the launch template's count,
+        the autoscaler's node template and the training pod's default request all read it (0 without EFA)."""
+        return min(GPU_INSTANCE_TYPES[t].efa_interfaces for t in self.instance_types) if self.efa else 0
+
+    @property
     def labels(self) -> dict[str, str]:
-        return {POOL_LABEL: self.name, PURPOSE_LABEL: self.purpose}
+        # The accelerator label lets the Cluster Autoscaler wait for the device plugin instead of scaling out again.
+        accelerator = GPU_INSTANCE_TYPES[self.instance_types[0]].accelerator
+        return {POOL_LABEL: self.name, PURPOSE_LABEL: self.purpose, ACCELERATOR_LABEL: accelerator}
 
     @property
     def taints(self) -> list[dict[str, str]]:
@@ -173,6 +181,7 @@ class GpuPool:
             "max_size": self.max_size,
             "gpus_per_node": self.gpus_per_node,
             "efa": self.efa,
+            "efa_interfaces_per_node": self.efa_interfaces_per_node,
             "labels": self.labels,
             "taints": self.taints,
         }
@@ -517,6 +526,8 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
             bad(types_key, f"{', '.join(unknown)} not GPU instance types; allowed: {', '.join(GPU_INSTANCE_TYPES)}")
         elif len({GPU_INSTANCE_TYPES[t].gpus for t in types}) > 1:
             bad(types_key, "all instance types of a pool must have the same GPU count")
+        elif len({GPU_INSTANCE_TYPES[t].gpu for t in types}) > 1:
+            bad(types_key, f"all instance types of a pool must have the same GPU model (one {ACCELERATOR_LABEL} label)")
         cap_key = f"{pool}CapacityType"
         if v[cap_key] not in CAPACITY_TYPES:
             bad(cap_key, f"must be one of {', '.join(CAPACITY_TYPES)}")
@@ -605,7 +616,8 @@ def _check_images(v: dict[str, Any], project: str) -> list[str]:
 
 
 def _check_operations(v: dict[str, Any], project: str) -> list[str]:
-    """Autoscaling, observability and budget keys (infra/autoscaling.py, observability.py, budgets.py)."""
+    """Autoscaling, observability and budget keys (infra/cluster_autoscaler.py, spot_interruptions.py,
+    serving_autoscaling.py, observability.py, budgets.py)."""
     p: list[str] = []
 
     def bad(key: str, why: str) -> None:
@@ -649,8 +661,9 @@ def _check_operations(v: dict[str, Any], project: str) -> list[str]:
         bad("metrics", f"must be one of {', '.join(METRICS_MODES)}")
     if not 1 <= v["prometheusRetentionDays"] <= 90:
         bad("prometheusRetentionDays", "must be between 1 and 90")
-    if not re.fullmatch(r"\d+\.\d+\.\d+-\d+\.\d+\.\d+-ubuntu\d+\.\d+", v["dcgmExporterVersion"]):
-        bad("dcgmExporterVersion", "must be a dcgm-exporter tag such as 4.2.3-4.1.3-ubuntu22.04")
+    # NVIDIA's tags are <DCGM>-<exporter>-<flavour>; the chart's default flavour is distroless from 4.5 on.
+    if not re.fullmatch(r"\d+\.\d+\.\d+-\d+\.\d+\.\d+-(ubuntu\d+\.\d+|ubi\d+|distroless)", v["dcgmExporterVersion"]):
+        bad("dcgmExporterVersion", "must be a dcgm-exporter tag such as 4.5.3-4.8.2-distroless")
     for email in v["alertEmails"]:
         if not _EMAIL_RE.match(email):
             p.append(f"{project}:alertEmails contains {email!r}: not an e-mail address")

@@ -1,5 +1,5 @@
 """What every workload on the cluster relies on: namespaces, service accounts with AWS access through EKS Pod Identity,
-the NVIDIA device plugin, GPU quotas and default-deny network policies.
+GPU quotas and default-deny network policies. (The device plugins come from their charts: infra/gpu_plugins.py.)
 
 Everything goes through the cluster's explicit provider, so nothing here can land on whatever cluster the operator's
 current kubeconfig context happens to point at.
@@ -14,7 +14,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
-from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
+from infra.config import StackConfig
 from infra.network import plan_collector_subnets
 
 TRAINING_NAMESPACE = "llm-training"
@@ -32,11 +32,6 @@ TRAINING_METRICS_ACCESS_LABEL = "llm-platform/training-metrics-access"
 port in the training namespace; nothing else from outside the namespace reaches training pods."""
 TRAINING_METRICS_PORT = 9400
 """The trainer's Prometheus port (`metrics_port`); training/k8s_job.py's METRICS_PORT, which a test keeps equal."""
-
-DEVICE_PLUGIN_IMAGE = "nvcr.io/nvidia/k8s-device-plugin:v0.17.1"
-EFA_DEVICE_PLUGIN_IMAGE = "602401143452.dkr.ecr.us-west-2.amazonaws.com/eks/aws-efa-k8s-device-plugin:v0.5.8"
-"""EKS's published image (the eks-charts default); EKS's ECR registry serves pulls from every commercial region."""
-"""Pinned: the plugin's behaviour (resource naming, health checks) changes between minor versions."""
 
 POD_IDENTITY_AGENT_CIDR = "169.254.170.23/32"
 
@@ -66,7 +61,6 @@ class KubernetesBase(pulumi.ComponentResource):
     serving_service_account: str
     namespaces: dict[str, k8s.core.v1.Namespace]
     service_accounts: dict[str, k8s.core.v1.ServiceAccount]
-    device_plugin: k8s.apps.v1.DaemonSet
 
     def __init__(self, name: str, args: KubernetesBaseArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:KubernetesBase", name, None, opts)
@@ -95,8 +89,6 @@ class KubernetesBase(pulumi.ComponentResource):
         }
         self._create_gpu_quotas()
         self._create_network_policies()
-        self.device_plugin = self._create_device_plugin()
-        self.efa_device_plugin = self._create_efa_device_plugin()
 
         self.register_outputs(
             {
@@ -160,93 +152,6 @@ class KubernetesBase(pulumi.ComponentResource):
                 spec=k8s.core.v1.ResourceQuotaSpecArgs(hard={f"requests.{GPU_RESOURCE}": str(pools[purpose].max_gpus)}),
                 opts=self._k8s_opts,
             )
-
-    def _create_device_plugin(self) -> k8s.apps.v1.DaemonSet:
-        """The NVIDIA device plugin advertises `nvidia.com/gpu` on GPU nodes. The AL2023 NVIDIA AMI ships the driver
-        and container toolkit but not the plugin; without it no pod can request a GPU."""
-        gpu_pools = [p.name for p in self._args.config.cluster.gpu_pools]
-        return self._device_plugin_daemonset(
-            "nvidia-device-plugin", DEVICE_PLUGIN_IMAGE, gpu_pools, env={"FAIL_ON_INIT_ERROR": "false"}
-        )
-
-    def _create_efa_device_plugin(self) -> k8s.apps.v1.DaemonSet | None:
-        """The EFA device plugin advertises `vpc.amazonaws.com/efa` on EFA nodes; training pods request it to get the
-        EFA interfaces (NCCL over libfabric). Without it, EFA training jobs stay Pending forever."""
-        efa_pools = [p.name for p in self._args.config.cluster.gpu_pools if p.efa]
-        if not efa_pools:
-            return None
-        return self._device_plugin_daemonset("aws-efa-k8s-device-plugin", EFA_DEVICE_PLUGIN_IMAGE, efa_pools, env={})
-
-    def _device_plugin_daemonset(
-        self, plugin: str, image: str, pools: list[str], env: dict[str, str]
-    ) -> k8s.apps.v1.DaemonSet:
-        labels = {"app.kubernetes.io/name": plugin, **_MANAGED_BY}
-        selector = {"app.kubernetes.io/name": plugin}
-        return k8s.apps.v1.DaemonSet(
-            f"{self._name}-{plugin}",
-            metadata=k8s.meta.v1.ObjectMetaArgs(name=plugin, namespace="kube-system", labels=labels),
-            spec=k8s.apps.v1.DaemonSetSpecArgs(
-                selector=k8s.meta.v1.LabelSelectorArgs(match_labels=selector),
-                update_strategy=k8s.apps.v1.DaemonSetUpdateStrategyArgs(type="RollingUpdate"),
-                template=k8s.core.v1.PodTemplateSpecArgs(
-                    metadata=k8s.meta.v1.ObjectMetaArgs(labels=labels),
-                    spec=k8s.core.v1.PodSpecArgs(
-                        # Evicting the plugin makes a node's GPUs vanish from the scheduler's view.
-                        priority_class_name="system-node-critical",
-                        tolerations=[
-                            k8s.core.v1.TolerationArgs(
-                                key=GPU_TAINT["key"], operator="Exists", effect=GPU_TAINT["effect"]
-                            ),
-                            k8s.core.v1.TolerationArgs(key="CriticalAddonsOnly", operator="Exists"),
-                        ],
-                        # Only the pools with the device: the plugin would crash-loop (or idle) elsewhere.
-                        affinity=k8s.core.v1.AffinityArgs(
-                            node_affinity=k8s.core.v1.NodeAffinityArgs(
-                                required_during_scheduling_ignored_during_execution=k8s.core.v1.NodeSelectorArgs(
-                                    node_selector_terms=[
-                                        k8s.core.v1.NodeSelectorTermArgs(
-                                            match_expressions=[
-                                                k8s.core.v1.NodeSelectorRequirementArgs(
-                                                    key=POOL_LABEL, operator="In", values=pools
-                                                )
-                                            ]
-                                        )
-                                    ]
-                                )
-                            )
-                        ),
-                        containers=[
-                            k8s.core.v1.ContainerArgs(
-                                name=plugin,
-                                image=image,
-                                env=[k8s.core.v1.EnvVarArgs(name=k, value=v) for k, v in env.items()] or None,
-                                resources=k8s.core.v1.ResourceRequirementsArgs(
-                                    requests={"cpu": "50m", "memory": "64Mi"}, limits={"memory": "256Mi"}
-                                ),
-                                security_context=k8s.core.v1.SecurityContextArgs(
-                                    allow_privilege_escalation=False,
-                                    capabilities=k8s.core.v1.CapabilitiesArgs(drop=["ALL"]),
-                                ),
-                                volume_mounts=[
-                                    k8s.core.v1.VolumeMountArgs(
-                                        name="device-plugin", mount_path="/var/lib/kubelet/device-plugins"
-                                    )
-                                ],
-                            )
-                        ],
-                        volumes=[
-                            k8s.core.v1.VolumeArgs(
-                                name="device-plugin",
-                                host_path=k8s.core.v1.HostPathVolumeSourceArgs(
-                                    path="/var/lib/kubelet/device-plugins", type="Directory"
-                                ),
-                            )
-                        ],
-                    ),
-                ),
-            ),
-            opts=self._k8s_opts,
-        )
 
     # -- network policies ------------------------------------------------------------------------------------------
     def _create_network_policies(self) -> None:

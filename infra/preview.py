@@ -28,6 +28,11 @@ from policy.rules import StackContext, evaluate, resources_from_report
 
 SECRET = "[secret]"
 
+CHART = "kubernetes:helm.sh/v4:Chart"
+"""A Helm chart release: a (remote) component whose objects the provider renders at deploy time; under the mock
+engine it records as one resource with its inputs (chart, version, repositoryOpts, values), shown as one line here."""
+
+
 KEY_SETTINGS: dict[str, tuple[str, ...]] = {
     "aws:ec2/vpc:Vpc": ("cidrBlock",),
     "aws:ec2/subnet:Subnet": ("availabilityZone", "cidrBlock"),
@@ -54,6 +59,7 @@ KEY_SETTINGS: dict[str, tuple[str, ...]] = {
     "aws:eks/podIdentityAssociation:PodIdentityAssociation": ("namespace", "serviceAccount"),
     "aws:sagemaker/endpointConfiguration:EndpointConfiguration": ("productionVariants",),
     "aws:appautoscaling/target:Target": ("resourceId", "minCapacity", "maxCapacity"),
+    CHART: ("chart", "version", "repositoryOpts", "namespace"),
 }
 
 
@@ -92,12 +98,16 @@ def render_policy(policy: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _component_of(rec: Recorded, by_name: dict[str, Recorded]) -> str:
-    """Top-level component a resource belongs to (walks up the parent chain)."""
+def _is_leaf(rec: Recorded) -> bool:
+    return rec.custom or rec.type == CHART
+
+
+def _component_of(rec: Recorded, components: dict[tuple[str, str], Recorded]) -> str:
+    """Top-level component a resource belongs to (walks up the parent chain; names are unique per type only)."""
     node = rec
-    while node.parent is not None and node.parent in by_name:
-        node = by_name[node.parent]
-    return node.name if node is not rec or not rec.custom else "(stack)"
+    while node.parent is not None and (node.parent_type, node.parent) in components:
+        node = components[(node.parent_type, node.parent)]
+    return node.name if node is not rec else "(stack)"
 
 
 def _short(value: Any, limit: int = 110) -> str:
@@ -106,11 +116,12 @@ def _short(value: Any, limit: int = 110) -> str:
 
 
 def render(report: dict[str, Any], run: Run) -> str:
-    by_name = {r.name: r for r in run.resources if not r.custom}
+    components = {(r.type, r.name): r for r in run.resources if not _is_leaf(r)}
+    by_name = {r.name: r for r in components.values() if r.parent is None}
     groups: dict[str, list[Recorded]] = defaultdict(list)
     for rec in run.resources:
-        if rec.custom:
-            groups[_component_of(rec, by_name)].append(rec)
+        if _is_leaf(rec):
+            groups[_component_of(rec, components)].append(rec)
     lines = [f"Stack {report['stack']} ({report['config_file']}): {sum(len(g) for g in groups.values())} resources"]
     for component in sorted(groups, key=lambda c: (c == "(stack)", c)):
         comp = by_name.get(component)

@@ -13,24 +13,20 @@ from infra import config as config_module
 from infra import outputs as out
 from infra import preflight
 from infra.access import DeployerRunner, DeployerRunnerArgs
-from infra.autoscaling import (
-    ClusterAutoscaler,
-    ClusterAutoscalerArgs,
-    NodeTerminationHandler,
-    NodeTerminationHandlerArgs,
-    ServingAutoscaling,
-    ServingAutoscalingArgs,
-    needs_node_termination_handler,
-)
 from infra.budgets import Budgets, BudgetsArgs
 from infra.cluster import Cluster, ClusterArgs
+from infra.cluster_autoscaler import ClusterAutoscaler, ClusterAutoscalerArgs
+from infra.gpu_plugins import GpuDevicePlugins, GpuDevicePluginsArgs
 from infra.identity import Identity, IdentityArgs
 from infra.kubernetes_base import KubernetesBase, KubernetesBaseArgs
+from infra.load_balancer_controller import LoadBalancerController, LoadBalancerControllerArgs
 from infra.network import Network, NetworkArgs
 from infra.observability import Observability, ObservabilityArgs
 from infra.registry import Registry, RegistryArgs
 from infra.sagemaker_endpoint import VARIANT_NAME, SageMakerEndpoint, SageMakerEndpointArgs
+from infra.serving_autoscaling import ServingAutoscaling, ServingAutoscalingArgs
 from infra.serving_eks import API_KEYS_SECRET, ServingOnEks, ServingOnEksArgs
+from infra.spot_interruptions import NodeTerminationHandler, NodeTerminationHandlerArgs, needs_node_termination_handler
 from infra.storage import Storage, StorageArgs
 from infra.tags import stack_tags
 
@@ -164,6 +160,10 @@ def build() -> dict[str, Any]:
             lambda url: image_reference(url, "", cfg.images.training_digest)
         )
 
+    # Without the device plugins no pod can request a GPU (or EFA device); they run on the GPU pools only.
+    GpuDevicePlugins(
+        "gpu-plugins", GpuDevicePluginsArgs(cfg, cluster.provider), opts=pulumi.ResourceOptions(depends_on=[base])
+    )
     # Capacity controllers run on the system pool; they go before the node groups they scale on destroy.
     ClusterAutoscaler(
         "cluster-autoscaler",
@@ -179,6 +179,18 @@ def build() -> dict[str, Any]:
 
     serving: ServingOnEks | None = None
     endpoint: SageMakerEndpoint | None = None
+    ingress_controller: list[pulumi.Resource] = []
+    if cfg.serving.eks_declared and cfg.serving.ingress:
+        # The internal ALB Ingress does nothing without the controller that turns it into a load balancer.
+        ingress_controller.append(
+            LoadBalancerController(
+                "load-balancer-controller",
+                LoadBalancerControllerArgs(
+                    cfg, cluster.name, network.vpc_id, cluster.provider, tags, identity_info.account_id
+                ),
+                opts=pulumi.ResourceOptions(depends_on=[base]),
+            )
+        )
     if cfg.serving.eks_declared:
         # The keys file from Secrets Manager (checked above), as the Secret the Deployment mounts: a first rollout
         # never waits on a Secret nobody created. A Pulumi secret: encrypted in state by the stack's secrets provider;
@@ -201,7 +213,9 @@ def build() -> dict[str, Any]:
                 models_bucket=storage.bucket_names["models"],
             ),
             # Workloads go first on destroy: their pods must leave the GPU nodes before the node groups are deleted.
-            opts=pulumi.ResourceOptions(depends_on=[base, keys_secret, *cluster.node_groups.values()]),
+            opts=pulumi.ResourceOptions(
+                depends_on=[base, keys_secret, *cluster.node_groups.values(), *ingress_controller]
+            ),
         )
         outputs[out.SERVING_SERVICE_NAME] = serving.service_name
     if cfg.serving.sagemaker_declared:

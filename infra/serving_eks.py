@@ -91,7 +91,7 @@ class ServingOnEks(pulumi.ComponentResource):
         )
         self._create_disruption_budget()
         if cfg.autoscaling.serving_autoscaler == "cpu":
-            # With KEDA, its ScaledObject owns the HPA (infra/autoscaling.py); two HPAs on one Deployment fight.
+            # With KEDA, its ScaledObject owns the HPA (infra/serving_autoscaling.py); two HPAs on one Deployment fight.
             self._create_autoscaler()
         self.ingress = self._create_ingress() if cfg.serving.ingress else None
 

@@ -30,8 +30,9 @@ class TrainingJobSpec:
     """Job name: a DNS label (lowercase alphanumerics and '-'), also the rendezvous id and the run's S3 prefix."""
     image_tag: str = "latest"
     nodes: int = 1
-    efa_devices: int = 1
-    """EFA devices requested per pod when the pool has EFA: all the node has (g6e.12xlarge 1, p4d 4, p5 32)."""
+    efa_devices: int | None = None
+    """EFA devices requested per pod when the pool has EFA. Default: all the node has, the pool's
+    `efa_interfaces_per_node` from the stack outputs (infra.instance_types: g6e.12xlarge 1, p4d 4, p5 32)."""
     preset: str = "debug"
     data: str = ""
     """s3:// URI, or a key inside the stack's datasets bucket."""
@@ -127,7 +128,8 @@ def render_training_job(spec: TrainingJobSpec, outputs: dict[str, Any]) -> list[
         limits["nvidia.com/gpu"] = str(gpus)
     if efa:
         # aws-ofi-nccl carries NCCL over EFA; one pod per node, so the pod takes all of the node's EFA devices.
-        limits["vpc.amazonaws.com/efa"] = str(spec.efa_devices)
+        devices = spec.efa_devices if spec.efa_devices is not None else int(pool.get("efa_interfaces_per_node", 1))
+        limits["vpc.amazonaws.com/efa"] = str(devices)
         env += [{"name": "FI_PROVIDER", "value": "efa"}, {"name": "FI_EFA_USE_DEVICE_RDMA", "value": "1"}]
     tolerations = [
         {"key": t["key"], "operator": "Equal", "value": t["value"], "effect": t["effect"]}

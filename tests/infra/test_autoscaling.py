@@ -1,6 +1,7 @@
-"""GPU capacity from zero and back under the mock engine: Cluster Autoscaler (ASG node-template tags, controller,
-least-privilege Pod Identity role), spot interruption handling, and the KEDA ScaledObject for serving, per stack.
-Every Kubernetes object is validated strictly; the ScaledObject against the KEDA CRD schema shipped in infra/crds."""
+"""GPU capacity from zero and back under the mock engine: Cluster Autoscaler (ASG node-template tags, its pinned
+chart and the values our contracts depend on, least-privilege Pod Identity role), spot interruption handling
+(aws-node-termination-handler's chart in queue mode), and KEDA (its chart) with the ScaledObject for serving, per
+stack. Our own Kubernetes objects are validated strictly; the ScaledObject against the KEDA CRD schema in infra/crds."""
 
 from __future__ import annotations
 
@@ -14,24 +15,25 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 import pytest
 
-from infra.autoscaling import (
-    CLUSTER_AUTOSCALER_SA,
-    SCALED_OBJECT_CRD,
-    SPOT_EVENT_PATTERNS,
+from infra.charts import CHART_TYPE, CHARTS
+from infra.cluster_autoscaler import SERVICE_ACCOUNT as CLUSTER_AUTOSCALER_SA
+from infra.cluster_autoscaler import (
     ClusterAutoscaler,
     ClusterAutoscalerArgs,
-    NodeTerminationHandler,
-    NodeTerminationHandlerArgs,
-    ServingAutoscaling,
-    ServingAutoscalingArgs,
     max_nodes_total,
-    needs_node_termination_handler,
     node_template_tags,
-    scaled_object,
 )
 from infra.config import ConfigError, StackConfig
 from infra.config import load_stack as config
+from infra.instance_types import GPU_INSTANCE_TYPES
 from infra.mocks import Recorded, RecordingMocks, Run, run_program
+from infra.serving_autoscaling import SCALED_OBJECT_CRD, ServingAutoscaling, ServingAutoscalingArgs, scaled_object
+from infra.spot_interruptions import (
+    SPOT_EVENT_PATTERNS,
+    NodeTerminationHandler,
+    NodeTerminationHandlerArgs,
+    needs_node_termination_handler,
+)
 from infra.tags import stack_tags
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,9 +112,17 @@ def k8s_objects(run: Run) -> list[Recorded]:
     return [r for r in run.resources if r.type.startswith("kubernetes:") and not r.type.startswith("pulumi:")]
 
 
-def deployment(run: Run, parent: str) -> dict[str, Any]:
-    (rec,) = [r for r in run.of_type("kubernetes:apps/v1:Deployment") if r.parent == parent]
-    return rec.inputs
+def chart(run: Run, parent: str) -> Recorded:
+    (rec,) = [r for r in run.of_type(CHART_TYPE) if r.parent == parent]
+    return rec
+
+
+def assert_pinned(rec: Recorded, key: str, namespace: str) -> None:
+    pinned = CHARTS[key]
+    assert rec.inputs["chart"] == pinned.chart and rec.inputs["version"] == pinned.version
+    assert rec.inputs.get("repositoryOpts", {}).get("repo") == pinned.repository
+    assert rec.inputs["namespace"] == namespace and rec.inputs["name"] == key
+    assert rec.provider and "k8s" in rec.provider, "charts must go through the cluster's explicit provider"
 
 
 # -- Cluster Autoscaler ------------------------------------------------------------------------------------------
@@ -131,6 +141,11 @@ def test_gpu_groups_describe_their_nodes_to_scale_from_zero(stack: tuple[StackCo
         assert on_group[f"{prefix}/taint/nvidia.com/gpu"]["value"] == "true:NoSchedule"
         assert on_group[f"{prefix}/resources/nvidia.com/gpu"]["value"] == str(pool.gpus_per_node)
         assert (f"{prefix}/resources/vpc.amazonaws.com/efa" in on_group) is pool.efa
+        # CA's AWS README: GPU nodes must carry k8s.amazonaws.com/accelerator, or CA scales out again while the
+        # device plugin registers; the node group sets it as a node label and the template says so.
+        accelerator = GPU_INSTANCE_TYPES[pool.instance_types[0]].accelerator
+        assert on_group[f"{prefix}/label/k8s.amazonaws.com/accelerator"]["value"] == accelerator
+        assert pool.labels["k8s.amazonaws.com/accelerator"] == accelerator
         # Template tags describe the group; they must not land on instances.
         assert all(t["propagateAtLaunch"] is False for t in on_group.values())
     # The system group is fixed-size; EKS already sets the auto-discovery tags, which we must not own (a destroy
@@ -139,27 +154,34 @@ def test_gpu_groups_describe_their_nodes_to_scale_from_zero(stack: tuple[StackCo
     assert not [t for t in tags if t.inputs["tag"]["key"].startswith("k8s.io/cluster-autoscaler/enabled")]
 
 
-def test_controller_runs_pinned_on_the_system_pool_and_caps_the_cluster(stack: tuple[StackConfig, Run]) -> None:
+def test_controller_chart_runs_pinned_on_the_system_pool_and_caps_the_cluster(stack: tuple[StackConfig, Run]) -> None:
     cfg, run = stack
-    dep = deployment(run, "autoscaler")
-    pod = dep["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
+    rec = chart(run, "autoscaler")
+    assert_pinned(rec, "cluster-autoscaler", "kube-system")
+    values = rec.inputs["values"]
     version = cfg.autoscaling.cluster_autoscaler_version
-    assert container["image"] == f"registry.k8s.io/autoscaling/cluster-autoscaler:v{version}"
+    assert values["image"] == {"tag": f"v{version}"}
     assert version.rsplit(".", 1)[0] == cfg.cluster.kubernetes_version
-    assert pod["nodeSelector"] == {"llm-platform/pool": "system"}
-    assert pod["serviceAccountName"] == CLUSTER_AUTOSCALER_SA
-    args = container["args"]
-    tags = f"k8s.io/cluster-autoscaler/enabled,k8s.io/cluster-autoscaler/{cfg.name_prefix}"
-    discovery = f"--node-group-auto-discovery=asg:tag={tags}"
-    assert discovery in args
-    assert "--expander=least-waste" in args and "--balance-similar-node-groups" in args
-    assert "--skip-nodes-with-system-pods=false" in args
-    assert f"--scale-down-unneeded-time={cfg.autoscaling.scale_down_unneeded_minutes}m" in args
+    assert values["nodeSelector"] == {"llm-platform/pool": "system"}
+    # The service account Pod Identity binds, and the name the chart's lease/endpoints RBAC (resourceNames) expects.
+    assert values["rbac"]["serviceAccount"] == {"create": True, "name": CLUSTER_AUTOSCALER_SA}
+    assert values["fullnameOverride"] == "cluster-autoscaler"
+    # The chart renders --node-group-auto-discovery=asg:tag=<tags> from these, and AWS_REGION from awsRegion.
+    assert values["cloudProvider"] == "aws" and values["awsRegion"] == cfg.region
+    assert values["autoDiscovery"] == {
+        "clusterName": cfg.name_prefix,
+        "tags": ["k8s.io/cluster-autoscaler/enabled", f"k8s.io/cluster-autoscaler/{cfg.name_prefix}"],
+    }
+    args = values["extraArgs"]
+    assert args["expander"] == "least-waste" and args["balance-similar-node-groups"] is True
+    assert args["skip-nodes-with-system-pods"] is False
+    assert args["scale-down-unneeded-time"] == f"{cfg.autoscaling.scale_down_unneeded_minutes}m"
     total = cfg.cluster.system_node_count + sum(p.max_size for p in cfg.cluster.gpu_pools)
-    assert f"--max-nodes-total={total}" in args and max_nodes_total(cfg) == total
+    assert args["max-nodes-total"] == total and max_nodes_total(cfg) == total
     # The GPU budget: each group's maximum bounds it, and together they stay within maxGpus.
     assert sum(p.max_size * p.gpus_per_node for p in cfg.cluster.gpu_pools) <= cfg.cluster.max_gpus
+    # No hand-written copy of the controller or its RBAC is left beside the chart.
+    assert not [r for r in run.resources if r.type.startswith("kubernetes:") and r.type != CHART_TYPE]
 
 
 def test_autoscaler_role_is_least_privilege_through_pod_identity(stack: tuple[StackConfig, Run]) -> None:
@@ -186,17 +208,9 @@ def test_autoscaler_role_is_least_privilege_through_pod_identity(stack: tuple[St
     assoc = run.one(POD_IDENTITY, "autoscaler-pod-identity").inputs
     assert (assoc["namespace"], assoc["serviceAccount"]) == ("kube-system", CLUSTER_AUTOSCALER_SA)
     assert assoc["clusterName"] == cfg.name_prefix
-    # The controller starts only once its role is associated.
-    (dep,) = [r for r in run.of_type("kubernetes:apps/v1:Deployment") if r.parent == "autoscaler"]
-    assert f"{POD_IDENTITY}::autoscaler-pod-identity" in dep.depends_on
-
-
-def test_every_kubernetes_object_is_valid(stack: tuple[StackConfig, Run]) -> None:
-    cfg, run = stack
-    objects = k8s_objects(run)
-    assert len(objects) >= 6
-    for rec in objects:
-        kubernetes_validate.validate(rec.inputs, cfg.cluster.kubernetes_version, strict=True)
+    # The controller starts only once its role is associated and its policy attached.
+    deps = chart(run, "autoscaler").depends_on
+    assert f"{POD_IDENTITY}::autoscaler-pod-identity" in deps and f"{ROLE_POLICY}::autoscaler-policy" in deps
 
 
 def test_tags_and_unique_names(stack: tuple[StackConfig, Run]) -> None:
@@ -207,6 +221,20 @@ def test_tags_and_unique_names(stack: tuple[StackConfig, Run]) -> None:
         if rec.type in taggable:
             assert rec.inputs.get("tags") == tags, rec.name
     assert run.duplicate_names() == []
+
+
+def test_efa_template_count_is_the_launch_template_count() -> None:
+    """A p5 node has 32 EFA interfaces: a pod asking for 32 must see 32 in the template, or CA never scales up."""
+    prod = config("prod").cluster.pool("training")
+    assert prod.instance_types == ("p5.48xlarge",) and prod.efa
+    tags = node_template_tags(prod)
+    assert tags["k8s.io/cluster-autoscaler/node-template/resources/vpc.amazonaws.com/efa"] == "32"
+    assert tags["k8s.io/cluster-autoscaler/node-template/label/k8s.amazonaws.com/accelerator"] == "nvidia-h100"
+    assert prod.describe()["efa_interfaces_per_node"] == 32
+    staging = config("staging").cluster.pool("training")
+    efa_tag = "k8s.io/cluster-autoscaler/node-template/resources/vpc.amazonaws.com/efa"
+    assert node_template_tags(staging)[efa_tag] == "1"
+    assert config("dev").cluster.pool("inference").labels["k8s.amazonaws.com/accelerator"] == "nvidia-l4"
 
 
 # -- spot interruptions ----------------------------------------------------------------------------------------------
@@ -233,10 +261,21 @@ def test_spot_pools_get_queue_mode_termination_handler(stack: tuple[StackConfig,
     assert len(statement["Condition"]["ArnEquals"]["aws:SourceArn"]) == len(rules)
     nth_policy = json.loads(run.one(ROLE_POLICY, "spot-policy").inputs["policy"])
     assert nth_policy["Statement"][0]["Resource"].endswith(":llmp-dev-node-termination")
-    env = {e["name"]: e["value"] for e in deployment(run, "spot")["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["QUEUE_URL"].endswith("/llmp-dev-node-termination")
-    assert env["MANAGED_TAG"] == f"k8s.io/cluster-autoscaler/{cfg.name_prefix}"
-    assert env["CHECK_TAG_BEFORE_DRAINING"] == "true" and env["POD_TERMINATION_GRACE_PERIOD"] == "-1"
+    rec = chart(run, "spot")
+    assert_pinned(rec, "aws-node-termination-handler", "kube-system")
+    values = rec.inputs["values"]
+    # Queue mode: the chart's Deployment (which sets NODE_NAME from spec.nodeName), reading our queue.
+    assert values["enableSqsTerminationDraining"] is True
+    assert values["queueURL"].endswith("/llmp-dev-node-termination") and values["awsRegion"] == cfg.region
+    assert values["checkTagBeforeDraining"] is True
+    assert values["managedTag"] == f"k8s.io/cluster-autoscaler/{cfg.name_prefix}"
+    assert values["podTerminationGracePeriod"] == -1
+    assert values["serviceAccount"] == {"create": True, "name": "aws-node-termination-handler"}
+    assert values["nodeSelector"] == {"llm-platform/pool": "system"}
+    assert values["image"] == {"tag": f"v{cfg.autoscaling.node_termination_handler_version}"}
+    assoc = run.one(POD_IDENTITY, "spot-pod-identity").inputs
+    assert (assoc["namespace"], assoc["serviceAccount"]) == ("kube-system", "aws-node-termination-handler")
+    assert f"{POD_IDENTITY}::spot-pod-identity" in rec.depends_on
 
 
 def test_spot_handler_can_be_switched_off() -> None:
@@ -244,6 +283,23 @@ def test_spot_handler_can_be_switched_off() -> None:
 
 
 # -- serving autoscaling (KEDA) ----------------------------------------------------------------------------------------
+
+
+def test_keda_is_installed_from_its_chart_before_the_scaled_object(keda_dev: tuple[StackConfig, Run]) -> None:
+    _, run = keda_dev
+    rec = chart(run, "serving-autoscaling")
+    assert_pinned(rec, "keda", "keda")
+    assert rec.inputs["values"]["nodeSelector"] == {"llm-platform/pool": "system"}
+    assert rec.inputs["values"]["crds"] == {"install": True}
+    (ns,) = run.of_type("kubernetes:core/v1:Namespace")
+    assert ns.inputs["metadata"]["name"] == "keda"
+    assert f"kubernetes:core/v1:Namespace::{ns.name}" in rec.depends_on
+    # The CRD (and its admission webhook) come with the chart: the ScaledObject must wait for it.
+    assert f"{CHART_TYPE}::{rec.name}" in run.one(SCALED_OBJECT).depends_on
+    # The CRD schema we validate against is of the release the chart installs.
+    assert (
+        crd_schema()["x-source"]["keda_release"].lstrip("v").split(".")[:2] == CHARTS["keda"].app_version.split(".")[:2]
+    )
 
 
 def test_scaled_object_matches_the_keda_crd_schema(keda_dev: tuple[StackConfig, Run]) -> None:
@@ -262,7 +318,7 @@ def test_scaled_object_matches_the_keda_crd_schema(keda_dev: tuple[StackConfig, 
     assert load["metadata"]["threshold"] == str(cfg.autoscaling.serving_target_inflight_per_replica)
     assert window["type"] == "cron" and window["metadata"]["desiredReplicas"] == str(cfg.serving.replicas)
     for rec in k8s_objects(run):
-        if rec.type != SCALED_OBJECT:
+        if rec.type not in (SCALED_OBJECT, CHART_TYPE):
             kubernetes_validate.validate(rec.inputs, cfg.cluster.kubernetes_version, strict=True)
 
 
@@ -290,10 +346,11 @@ def test_the_scaling_signal_is_a_metric_the_serving_container_emits() -> None:
     assert '"llm_serving_inflight_requests"' in source
 
 
-def test_shipped_stacks_use_cpu_hpa_without_the_keda_prerequisite(stack: tuple[StackConfig, Run]) -> None:
+def test_shipped_stacks_use_cpu_hpa_without_keda(stack: tuple[StackConfig, Run]) -> None:
     cfg, run = stack
     assert cfg.autoscaling.serving_autoscaler == "cpu"
     assert not run.of_type(SCALED_OBJECT)
+    assert not [r for r in run.of_type(CHART_TYPE) if r.inputs["chart"] == "keda"]
 
 
 # -- config rules ------------------------------------------------------------------------------------------------------

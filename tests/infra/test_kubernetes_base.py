@@ -1,5 +1,5 @@
-"""The cluster's base objects under the mock engine: namespaces, Pod Identity, the device plugin, GPU quotas and
-network policies, each validated against the configured Kubernetes version's schema."""
+"""The cluster's base objects under the mock engine: namespaces, Pod Identity, GPU quotas and network policies,
+each validated against the configured Kubernetes version's schema. (Device plugins: test_gpu_plugins.py.)"""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pytest
 
-from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
+from infra.config import StackConfig
 from infra.config import load_stack as stack_config
 from infra.kubernetes_base import (
-    DEVICE_PLUGIN_IMAGE,
     POD_IDENTITY_AGENT_CIDR,
     SERVING_ACCESS_LABEL,
     TRAINING_METRICS_ACCESS_LABEL,
@@ -24,7 +23,7 @@ from infra.kubernetes_base import (
 )
 from infra.mocks import Recorded, Run, run_program
 from infra.network import plan_collector_subnets
-from infra.observability import monitoring_namespace
+from infra.prometheus import monitoring_namespace
 from infra.tags import stack_tags
 from training.k8s_job import METRICS_PORT
 
@@ -98,8 +97,10 @@ def test_every_object_is_valid_for_the_configured_kubernetes_version(dev: tuple[
 
 def test_validation_catches_a_misspelled_field(dev: tuple[StackConfig, Run, dict]) -> None:
     cfg, run, _ = dev
-    obj = as_k8s_object(run.one("kubernetes:apps/v1:DaemonSet"))
-    obj["spec"]["template"]["spec"]["tolerations"][0]["efect"] = "NoSchedule"
+    obj = as_k8s_object(run.of_type(NETWORK_POLICY)[0])
+    obj["spec"]["policyTypes"] = ["Ingress"]
+    kubernetes_validate.validate(obj, cfg.cluster.kubernetes_version, strict=True)
+    obj["spec"]["podSelecter"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(obj, cfg.cluster.kubernetes_version, strict=True)
 
@@ -136,29 +137,6 @@ def test_service_accounts_bound_to_pod_identity_roles(dev: tuple[StackConfig, Ru
     for assoc in associations.values():
         assert assoc["clusterName"] == "llmp-dev"
         assert assoc["tags"] == stack_tags("dev", "dev")
-
-
-def test_device_plugin_runs_on_every_gpu_pool(dev: tuple[StackConfig, Run, dict]) -> None:
-    cfg, run, _ = dev
-    ds = run.one("kubernetes:apps/v1:DaemonSet").inputs
-    pod = ds["spec"]["template"]["spec"]
-    assert pod["containers"][0]["image"] == DEVICE_PLUGIN_IMAGE
-    assert DEVICE_PLUGIN_IMAGE.rsplit(":", 1)[1].startswith("v0.17.")
-    assert pod["priorityClassName"] == "system-node-critical"
-    # It must tolerate exactly what the node groups taint GPU nodes with
-    for taint in (t for p in cfg.cluster.gpu_pools for t in p.taints):
-        assert any(
-            tol["key"] == taint["key"]
-            and tol["effect"] == taint["effect"]
-            and (tol["operator"] == "Exists" or tol.get("value") == taint["value"])
-            for tol in pod["tolerations"]
-        ), taint
-    [term] = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    [expr] = term["matchExpressions"]
-    assert expr["key"] == POOL_LABEL and expr["operator"] == "In"
-    assert sorted(expr["values"]) == sorted(p.labels[POOL_LABEL] for p in cfg.cluster.gpu_pools)
-    assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
-    assert GPU_TAINT["effect"] == "NoSchedule"
 
 
 def test_gpu_quotas_follow_the_pools(dev: tuple[StackConfig, Run, dict]) -> None:

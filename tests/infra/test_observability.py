@@ -18,21 +18,21 @@ import pulumi_kubernetes as k8s
 import pytest
 import yaml
 
-from infra.autoscaling import can_schedule
+from infra.charts import CHART_TYPE, CHARTS
 from infra.config import StackConfig
 from infra.config import load_stack as config
-from infra.mocks import RecordingMocks, Run, run_program
-from infra.observability import (
-    AMP_COLLECTOR_USER,
+from infra.mocks import Recorded, RecordingMocks, Run, run_program
+from infra.observability import AMP_COLLECTOR_USER, Observability, ObservabilityArgs
+from infra.prometheus import (
     DCGM_COUNTERS,
-    Observability,
-    ObservabilityArgs,
+    PROMETHEUS_CHART_DEFAULT_JOBS,
     dashboard_files,
-    dcgm_exporter_objects,
+    dcgm_exporter_values,
     monitoring_namespace,
     scrape_config,
 )
 from infra.tags import stack_tags
+from tests.infra.scheduling import can_schedule
 
 REPO = Path(__file__).resolve().parents[2]
 STACKS = ("dev", "staging", "prod")
@@ -93,7 +93,20 @@ def stack(request: pytest.FixtureRequest) -> tuple[StackConfig, Run]:
 
 
 def k8s_objects(run: Run) -> list[dict[str, Any]]:
-    return [r.inputs for r in run.resources if r.type.startswith("kubernetes:")]
+    """Our own Kubernetes objects (the charts' are rendered by the provider at deploy time)."""
+    return [r.inputs for r in run.resources if r.type.startswith("kubernetes:") and r.type != CHART_TYPE]
+
+
+def charts(run: Run) -> dict[str, Recorded]:
+    return {r.inputs["name"]: r for r in run.of_type(CHART_TYPE)}
+
+
+def assert_pinned(rec: Recorded, key: str) -> None:
+    pinned = CHARTS[key]
+    assert (rec.inputs["chart"], rec.inputs["version"]) == (pinned.chart, pinned.version)
+    assert rec.inputs["repositoryOpts"] == {"repo": pinned.repository}
+    assert rec.inputs["namespace"] == "monitoring"
+    assert "kubernetes:core/v1:Namespace::observability-namespace" in rec.depends_on
 
 
 # -- metrics pipeline ----------------------------------------------------------------------------------------------
@@ -102,20 +115,27 @@ def k8s_objects(run: Run) -> list[dict[str, Any]]:
 def test_metrics_backend_follows_config(stack: tuple[StackConfig, Run]) -> None:
     cfg, run = stack
     mode = cfg.observability.metrics
-    prometheus = [
-        r for r in run.of_type("kubernetes:apps/v1:Deployment") if r.inputs["metadata"]["name"] == "prometheus"
-    ]
+    prometheus = charts(run).get("prometheus")
     assert bool(prometheus) is (mode == "in-cluster")
     assert bool(run.of_type("aws:amp/workspace:Workspace")) is (mode == "amp")
-    if mode == "in-cluster":
+    if prometheus is not None:
+        assert_pinned(prometheus, "prometheus")
         assert run.outputs["prometheus"] == "http://prometheus.monitoring.svc:9090"
-        pod = prometheus[0].inputs["spec"]["template"]["spec"]
-        assert pod["nodeSelector"] == {"llm-platform/pool": "system"}
-        (container,) = pod["containers"]
-        assert container["image"] == f"quay.io/prometheus/prometheus:v{cfg.observability.prometheus_version}"
-        assert f"--storage.tsdb.retention.time={cfg.observability.prometheus_retention_days}d" in container["args"]
-        (cm,) = [o for o in k8s_objects(run) if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "prometheus"]
-        assert yaml.safe_load(cm["data"]["prometheus.yml"]) == scrape_config(cfg)
+        values = prometheus.inputs["values"]
+        server = values["server"]
+        # The Service the URL names: the chart's server fullname and service port.
+        assert server["fullnameOverride"] == "prometheus" and server["service"] == {"servicePort": 9090}
+        assert server["nodeSelector"] == {"llm-platform/pool": "system"}
+        assert server["image"] == {"tag": f"v{cfg.observability.prometheus_version}"}
+        assert server["retention"] == f"{cfg.observability.prometheus_retention_days}d"
+        assert server["persistentVolume"] == {"enabled": False}
+        # prometheus.yml = server.global + our scrape jobs; every default job of the chart switched off.
+        expected = scrape_config(cfg)
+        assert server["global"] == expected["global"]
+        assert values["serverFiles"]["prometheus.yml"]["scrape_configs"] == expected["scrape_configs"]
+        assert values["scrapeConfigs"] == {job: {"enabled": False} for job in PROMETHEUS_CHART_DEFAULT_JOBS}
+        for sub in ("alertmanager", "kube-state-metrics", "prometheus-node-exporter", "prometheus-pushgateway"):
+            assert values[sub] == {"enabled": False}
     if mode == "amp":
         scraper = run.one("aws:amp/scraper:Scraper").inputs
         assert scraper["source"]["eks"] == {
@@ -194,16 +214,22 @@ def test_serving_network_policy_admits_the_in_cluster_prometheus(run_stack: Call
 
 def test_dcgm_exporter_runs_on_every_gpu_pool_and_nowhere_else(stack: tuple[StackConfig, Run]) -> None:
     cfg, run = stack
-    daemonsets = [o for o in k8s_objects(run) if o["kind"] == "DaemonSet"]
+    dcgm = charts(run).get("dcgm-exporter")
     if cfg.observability.metrics == "none":
-        assert not daemonsets
+        assert dcgm is None
         return
-    (ds,) = daemonsets
-    pod = ds["spec"]["template"]["spec"]
-    assert ds == dcgm_exporter_objects(cfg)["daemonset"]
-    assert (
-        pod["containers"][0]["image"] == f"nvcr.io/nvidia/k8s/dcgm-exporter:{cfg.observability.dcgm_exporter_version}"
-    )
+    assert dcgm is not None
+    assert_pinned(dcgm, "dcgm-exporter")
+    values = dcgm.inputs["values"]
+    assert values == dcgm_exporter_values(cfg)
+    assert values["image"] == {"tag": cfg.observability.dcgm_exporter_version}
+    # The chart's pods carry app.kubernetes.io/name=<chart name> and serve on service.port: what the dcgm job keeps.
+    assert values["fullnameOverride"] == "dcgm-exporter" and values["service"] == {"port": 9400}
+    (job,) = [j for j in scrape_config(cfg)["scrape_configs"] if j["job_name"] == "dcgm"]
+    assert [r["regex"] for r in job["relabel_configs"][:2]] == ["dcgm-exporter", "9400"]
+    assert values["serviceMonitor"] == {"enabled": False}
+    assert values["securityContext"]["capabilities"] == {"add": [], "drop": ["ALL"]}
+    pod = {"affinity": values["affinity"], "tolerations": values["tolerations"], "containers": [{"name": "x"}]}
     for pool in cfg.cluster.gpu_pools:
         assert can_schedule(pod, [pool]) == (True, pool.name)
     system = {
@@ -213,14 +239,13 @@ def test_dcgm_exporter_runs_on_every_gpu_pool_and_nowhere_else(stack: tuple[Stac
         "labels": {"llm-platform/pool": "system"},
     }
     assert not can_schedule(pod, [system])[0]
-    (cm,) = [o for o in k8s_objects(run) if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "dcgm-exporter"]
-    assert [line.split(",")[0] for line in cm["data"]["counters.csv"].splitlines()] == [c[0] for c in DCGM_COUNTERS]
+    assert [line.split(",")[0] for line in values["customMetrics"].splitlines()] == [c[0] for c in DCGM_COUNTERS]
 
 
 def test_metrics_none_runs_nothing_in_the_cluster() -> None:
     cfg = config("dev", metrics="none")
     run = run_observability(cfg)
-    assert not k8s_objects(run) and run.outputs["prometheus"] is None
+    assert not k8s_objects(run) and not run.of_type(CHART_TYPE) and run.outputs["prometheus"] is None
     assert run.of_type(TOPIC)  # alarms don't depend on Prometheus
 
 

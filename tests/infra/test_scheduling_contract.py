@@ -9,9 +9,21 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-from infra.autoscaling import EFA_RESOURCE, GPU_RESOURCE, can_schedule, pod_requests, pool_capacity, quantity
+import pytest
+
+from infra.charts import CHART_TYPE, CHARTS
 from infra.config import GPU_TAINT, StackConfig, load_config, load_stack_file
+from infra.gpu_plugins import PLUGIN_RESOURCES
 from infra.mocks import Run
+from tests.infra.scheduling import (
+    EFA_RESOURCE,
+    GPU_RESOURCE,
+    can_schedule,
+    chart_pod_spec,
+    pod_requests,
+    pool_capacity,
+    quantity,
+)
 from training.k8s_job import TrainingJobSpec, render_training_job
 
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
@@ -197,13 +209,38 @@ def training_job_pod(cfg: StackConfig, run: Run, nodes: int) -> dict[str, Any]:
     return job["spec"]["template"]["spec"]
 
 
-PLUGIN_RESOURCES = {"nvidia-device-plugin": GPU_RESOURCE, "aws-efa-k8s-device-plugin": EFA_RESOURCE}
-
-
 def advertised(run: Run) -> tuple[str, ...]:
-    """Extended resources that the device plugins this stack actually installs advertise."""
-    names = {r.inputs["metadata"]["name"] for r in run.of_type("kubernetes:apps/v1:DaemonSet")}
-    return tuple(resource for plugin, resource in PLUGIN_RESOURCES.items() if plugin in names)
+    """Extended resources that the device plugin charts this stack actually installs advertise."""
+    charts = {r.inputs["chart"] for r in run.of_type(CHART_TYPE)}
+    return tuple(resource for key, resource in PLUGIN_RESOURCES.items() if CHARTS[key].chart in charts)
+
+
+def plugin_pod(run: Run, key: str) -> dict[str, Any]:
+    (rec,) = [r for r in run.of_type(CHART_TYPE) if r.inputs["chart"] == CHARTS[key].chart]
+    return chart_pod_spec(key, rec.inputs["values"])
+
+
+def test_device_plugins_run_on_exactly_the_pools_that_need_them(shipped: tuple[StackConfig, Run]) -> None:
+    """Tolerations for the GPU taint and affinity to the pools, as the charts get them: the NVIDIA plugin lands on
+    every GPU pool, the EFA plugin on every EFA pool, neither anywhere else (the system pool)."""
+    cfg, run = shipped
+    system = {
+        "name": "system",
+        "instance_types": ["g6.xlarge"],
+        "max_size": 2,
+        "labels": {"llm-platform/pool": "system"},
+    }
+    nvidia = plugin_pod(run, "nvidia-device-plugin")
+    for pool in cfg.cluster.gpu_pools:
+        assert can_schedule(nvidia, [pool]) == (True, pool.name)
+    assert not can_schedule(nvidia, [system])[0]
+    efa_pools = [p for p in cfg.cluster.gpu_pools if p.efa]
+    assert (EFA_RESOURCE in advertised(run)) is bool(efa_pools)
+    if efa_pools:
+        efa = plugin_pod(run, "aws-efa-k8s-device-plugin")
+        for pool in cfg.cluster.gpu_pools:
+            assert can_schedule(efa, [pool])[0] is pool.efa, pool.name
+        assert not can_schedule(efa, [system])[0]
 
 
 def test_training_job_schedules_in_every_stack(shipped: tuple[StackConfig, Run]) -> None:
@@ -217,14 +254,47 @@ def test_training_job_schedules_in_every_stack(shipped: tuple[StackConfig, Run])
     assert pool_capacity(spec, pool) == pool.max_size
 
 
-def test_efa_jobs_need_the_efa_device_plugin(run_stack: Callable[..., Run]) -> None:
-    """Without the EFA plugin, a Job asking for vpc.amazonaws.com/efa would stay Pending forever."""
-    run = run_stack("staging")
-    values, source = load_stack_file("staging")
-    cfg = load_config(values, "staging", source)
+@pytest.mark.parametrize("stack", ["staging", "prod"])
+def test_efa_jobs_need_the_efa_device_plugin(run_stack: Callable[..., Run], stack: str) -> None:
+    """Without the EFA plugin, a Job asking for vpc.amazonaws.com/efa would stay Pending forever. By default it asks
+    for every EFA device of the node (p5: 32), which the pool's nodes - and the autoscaler's template - offer."""
+    run = run_stack(stack)
+    values, source = load_stack_file(stack)
+    cfg = load_config(values, stack, source)
+    pool = cfg.cluster.pool("training")
     spec = training_job_pod(cfg, run, nodes=1)
     assert EFA_RESOURCE in advertised(run)
+    assert pod_requests(spec)[EFA_RESOURCE] == pool.efa_interfaces_per_node
+    assert can_schedule(spec, cfg.cluster.gpu_pools, advertised=advertised(run)) == (True, "training")
     assert not can_schedule(spec, cfg.cluster.gpu_pools, advertised=(GPU_RESOURCE,))[0]
+    # One device more than the node has never fits.
+    for kind in ("limits", "requests"):
+        spec["containers"][0]["resources"][kind][EFA_RESOURCE] = str(pool.efa_interfaces_per_node + 1)
+    assert not can_schedule(spec, cfg.cluster.gpu_pools, advertised=advertised(run))[0]
+
+
+def test_controllers_run_on_the_system_pool_and_plugins_on_the_gpu_pools(shipped: tuple[StackConfig, Run]) -> None:
+    """Every chart's pods land somewhere the cluster has nodes: controllers on the fixed system pool (never on a GPU
+    node the autoscaler may remove), node agents on the GPU pools they serve."""
+    cfg, run = shipped
+    system = {
+        "name": "system",
+        "instance_types": ["g6.xlarge"],
+        "max_size": 2,
+        "labels": {"llm-platform/pool": "system"},
+    }
+    by_chart = {pinned.chart: key for key, pinned in CHARTS.items()}
+    node_agents = {"nvidia-device-plugin", "aws-efa-k8s-device-plugin", "dcgm-exporter"}
+    for rec in run.of_type(CHART_TYPE):
+        key = by_chart[rec.inputs["chart"]]
+        spec = chart_pod_spec(key, rec.inputs["values"])
+        if key in node_agents:
+            assert not can_schedule(spec, [system])[0], key
+            assert any(can_schedule(spec, [p])[0] for p in cfg.cluster.gpu_pools), key
+        else:
+            assert spec.get("nodeSelector") == {"llm-platform/pool": "system"}, key
+            assert can_schedule(spec, [system]) == (True, "system"), key
+            assert not any(can_schedule(spec, [p])[0] for p in cfg.cluster.gpu_pools), key
 
 
 def test_namespace_gpu_quotas_admit_every_pod_the_autoscaler_may_place(shipped: tuple[StackConfig, Run]) -> None:

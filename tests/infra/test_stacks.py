@@ -12,8 +12,10 @@ import kubernetes_validate
 import pytest
 
 from infra import outputs as out
+from infra.charts import CHART_TYPE, CHARTS
 from infra.config import load_stack
 from infra.tags import STACK_TAG_KEYS, stack_tags
+from tests.infra.scheduling import chart_pod_spec
 
 OPTIONAL_OUTPUTS = (out.SERVING_SERVICE_NAME, out.SAGEMAKER_ENDPOINT_NAME, out.TRAINING_IMAGE)
 REQUIRED_OUTPUTS = [v for k, v in vars(out).items() if k.isupper() and v not in OPTIONAL_OUTPUTS]
@@ -101,11 +103,16 @@ def test_every_kubernetes_object_validates_strictly(shipped) -> None:
 
 
 def _pod_specs(run):
-    """(kind, name, namespace, pod spec) of every workload the stack defines."""
+    """(kind, name, namespace, pod spec) of every workload the stack defines: our own objects, and the placement of
+    the pods each pinned chart renders (from the values we give it)."""
+    by_chart = {pinned.chart: key for key, pinned in CHARTS.items()}
     for rec in run.resources:
         kind = rec.inputs.get("kind")
         if kind in ("Deployment", "DaemonSet", "StatefulSet", "Job"):
             yield kind, rec.name, rec.inputs["metadata"].get("namespace"), rec.inputs["spec"]["template"]["spec"]
+        elif rec.type == CHART_TYPE:
+            key = by_chart[rec.inputs["chart"]]
+            yield "Chart", rec.name, rec.inputs["namespace"], chart_pod_spec(key, rec.inputs["values"])
 
 
 def _node_groups(run):

@@ -1,0 +1,239 @@
+"""GPU nodes from zero and back: the Cluster Autoscaler (its upstream chart) on the managed node groups, with the ASG
+node-template tags that let it scale a pool up from zero nodes, and a least-privilege Pod Identity role.
+
+Why the Cluster Autoscaler on the managed node groups rather than Karpenter: the node groups (built from the stack
+config in `infra/cluster.py`) stay the single source of truth for instance types, labels, taints and maximum sizes.
+Karpenter would need a second, parallel description (NodePools, EC2NodeClasses) that can drift from the node groups
+and from what workloads select - the failure mode peers ship (pods Pending forever). The price: slower scale-up
+(one ASG at a time, ~1 min more than Karpenter) and no bin-packing across instance families. See
+docs/capacity-and-observability.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_kubernetes as k8s
+
+from infra.charts import (
+    KUBE_SYSTEM,
+    SYSTEM_NODE_SELECTOR,
+    install_chart,
+    pod_identity_association,
+    pod_identity_role,
+)
+from infra.config import GpuPool, StackConfig
+
+CHART = "cluster-autoscaler"
+SERVICE_ACCOUNT = "cluster-autoscaler"
+GPU_RESOURCE = "nvidia.com/gpu"
+EFA_RESOURCE = "vpc.amazonaws.com/efa"
+TEMPLATE_PREFIX = "k8s.io/cluster-autoscaler/node-template"
+
+
+def autoscaler_tag_keys(cluster_name: str) -> tuple[str, str]:
+    """The two ASG tags CA auto-discovery filters on. EKS puts both on every managed node group's ASG itself."""
+    return "k8s.io/cluster-autoscaler/enabled", f"k8s.io/cluster-autoscaler/{cluster_name}"
+
+
+def node_template_tags(pool: GpuPool) -> dict[str, str]:
+    """ASG tags that describe a node of `pool` to the Cluster Autoscaler while the group has no node at all.
+
+    Scaling from zero means simulating a node that does not exist: CA builds it from the instance type and these
+    tags (cluster-autoscaler/cloudprovider/aws/README.md, "Auto-Discovery Setup"). CA also reads labels and taints
+    from the EKS DescribeNodegroup API, but only until a group has had a node; the tags keep the template right
+    after that, and are the only place the extended resources (GPUs, EFA devices) can be declared. The labels
+    include `k8s.amazonaws.com/accelerator`, which the node group also sets on its nodes."""
+    tags = {f"{TEMPLATE_PREFIX}/label/{k}": v for k, v in pool.labels.items()}
+    for taint in pool.taints:
+        tags[f"{TEMPLATE_PREFIX}/taint/{taint['key']}"] = f"{taint['value']}:{taint['effect']}"
+    tags[f"{TEMPLATE_PREFIX}/resources/{GPU_RESOURCE}"] = str(pool.gpus_per_node)
+    if pool.efa:
+        # The launch template's interface count (infra.instance_types), which the EFA plugin advertises: a pod asking
+        # for all of a p5's 32 devices must see 32 here or CA never scales the group up for it.
+        tags[f"{TEMPLATE_PREFIX}/resources/{EFA_RESOURCE}"] = str(pool.efa_interfaces_per_node)
+    return tags
+
+
+def asg_name(node_group: aws.eks.NodeGroup) -> pulumi.Output[str]:
+    """Name of the Auto Scaling group behind a managed node group.
+
+    Managed node group tags are not copied to its ASG, so tags CA must see go on the ASG itself. Before the node
+    group exists (a preview, the mock engine) the name is unknown; a placeholder naming the node group keeps previews
+    readable instead of failing."""
+
+    def first(resources: Any, ng_name: str) -> str:
+        for res in resources or []:
+            groups = res.get("autoscaling_groups") if isinstance(res, dict) else res.autoscaling_groups
+            for group in groups or []:
+                name = group.get("name") if isinstance(group, dict) else group.name
+                if name:
+                    return name
+        return f"eks-{ng_name}-asg-unknown"
+
+    return pulumi.Output.all(node_group.resources, node_group.node_group_name).apply(lambda a: first(a[0], a[1]))
+
+
+def max_nodes_total(cfg: StackConfig) -> int:
+    """Hard ceiling on nodes CA will ever have: the system group plus every GPU group at its maximum. With config
+    validation guaranteeing sum(max_size * gpus_per_node) <= maxGpus, this and the per-group maxima cap GPUs."""
+    return cfg.cluster.system_node_count + sum(p.max_size for p in cfg.cluster.gpu_pools)
+
+
+@dataclass
+class ClusterAutoscalerArgs:
+    config: StackConfig
+    """Validated stack config: GPU pools (sizes, labels, taints), autoscaler version and scale-down timing."""
+    cluster_name: pulumi.Input[str]
+    """EKS cluster name: auto-discovery tag and the IAM condition that limits which ASGs CA may resize."""
+    provider: k8s.Provider
+    """Kubernetes provider of the cluster (infra.cluster.Cluster.provider)."""
+    node_groups: Mapping[str, aws.eks.NodeGroup]
+    """The cluster's node groups by pool name ("system", "training", "inference")."""
+    tags: dict[str, str]
+    """Stack tags for every taggable AWS resource."""
+    account_id: str
+    """Account of the stack: the controller's role trusts Pod Identity from this account only."""
+
+
+class ClusterAutoscaler(pulumi.ComponentResource):
+    """Cluster Autoscaler for the managed node groups, on the system pool, with a least-privilege Pod Identity role."""
+
+    role_arn: pulumi.Output[str]
+    chart: k8s.helm.v4.Chart
+
+    def __init__(self, name: str, args: ClusterAutoscalerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:ClusterAutoscaler", name, None, opts)
+        self._name = name
+        self._args = args
+        cfg = args.config
+
+        self._tag_gpu_groups()
+        role, policy = pod_identity_role(
+            self,
+            name,
+            f"{cfg.name_prefix}-cluster-autoscaler",
+            pulumi.Output.from_input(args.cluster_name).apply(lambda c: json.dumps(cluster_autoscaler_policy(c))),
+            args.tags,
+            args.account_id,
+        )
+        association = pod_identity_association(
+            self, name, args.cluster_name, KUBE_SYSTEM, SERVICE_ACCOUNT, role, args.tags
+        )
+        self.chart = install_chart(
+            f"{name}-chart",
+            CHART,
+            KUBE_SYSTEM,
+            pulumi.Output.from_input(args.cluster_name).apply(lambda c: cluster_autoscaler_values(cfg, c)),
+            # The role (and its policy) must be associated before the pod starts, or its first AWS calls fail.
+            pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[association, policy]),
+        )
+        self.role_arn = role.arn
+        self.register_outputs({"role_arn": self.role_arn})
+
+    def _tag_gpu_groups(self) -> None:
+        for pool in self._args.config.cluster.gpu_pools:
+            group = asg_name(self._args.node_groups[pool.name])
+            for i, (key, value) in enumerate(sorted(node_template_tags(pool).items())):
+                aws.autoscaling.Tag(
+                    f"{self._name}-{pool.name}-template-{i}",
+                    autoscaling_group_name=group,
+                    tag=aws.autoscaling.TagTagArgs(key=key, value=value, propagate_at_launch=False),
+                    opts=pulumi.ResourceOptions(parent=self),
+                )
+
+
+def cluster_autoscaler_policy(cluster_name: str) -> dict[str, Any]:
+    """The "Full Cluster Autoscaler Features Policy" of cluster-autoscaler/cloudprovider/aws/README.md (chart 9.59.0's
+    tag), narrowed: it may only resize or terminate in ASGs owned by this cluster (EKS tags its managed node group
+    ASGs `k8s.io/cluster-autoscaler/<cluster>=owned`)."""
+    _, owned_tag = autoscaler_tag_keys(cluster_name)
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "Describe",
+                "Effect": "Allow",
+                "Action": [
+                    "autoscaling:DescribeAutoScalingGroups",
+                    "autoscaling:DescribeAutoScalingInstances",
+                    "autoscaling:DescribeLaunchConfigurations",
+                    "autoscaling:DescribeScalingActivities",
+                    "autoscaling:DescribeTags",
+                    "ec2:DescribeImages",
+                    "ec2:DescribeInstanceTypes",
+                    "ec2:DescribeLaunchTemplateVersions",
+                    "ec2:GetInstanceTypesFromInstanceRequirements",
+                    "eks:DescribeNodegroup",
+                ],
+                # Describe/List calls do not support resource-level permissions.
+                "Resource": "*",
+            },
+            {
+                "Sid": "ResizeOwnGroupsOnly",
+                "Effect": "Allow",
+                "Action": ["autoscaling:SetDesiredCapacity", "autoscaling:TerminateInstanceInAutoScalingGroup"],
+                "Resource": "*",
+                "Condition": {"StringEquals": {f"aws:ResourceTag/{owned_tag}": "owned"}},
+            },
+        ],
+    }
+
+
+def cluster_autoscaler_values(cfg: StackConfig, cluster_name: str) -> dict[str, Any]:
+    """Values over the chart's defaults (kubernetes/autoscaler cluster-autoscaler-chart-9.59.0:
+    cluster-autoscaler/charts/cluster-autoscaler/values.yaml; every key below exists there). The chart's RBAC
+    (templates/clusterrole.yaml) includes what our hand copy lacked: volumeattachments (kubernetes/autoscaler#7663,
+    #8678), resource.k8s.io for DRA, podtemplates, and the other API groups CA 1.32+ lists."""
+    enabled, owned = autoscaler_tag_keys(cluster_name)
+    return {
+        "cloudProvider": "aws",
+        "awsRegion": cfg.region,
+        # The chart renders --node-group-auto-discovery=asg:tag=<tags joined by ','> from these two.
+        "autoDiscovery": {"clusterName": cluster_name, "tags": [enabled, owned]},
+        # The image must match the cluster's Kubernetes minor (config validation checks it); the chart's default
+        # follows its own appVersion (1.35.0), so pin the tag explicitly as its README instructs.
+        "image": {"tag": f"v{cfg.autoscaling.cluster_autoscaler_version}"},
+        # Fixed names: Pod Identity binds this exact service account; the chart's lease and endpoints rules name
+        # "cluster-autoscaler" (resourceNames), which fullnameOverride keeps true.
+        "fullnameOverride": "cluster-autoscaler",
+        "rbac": {"create": True, "serviceAccount": {"create": True, "name": SERVICE_ACCOUNT}},
+        # The system pool is fixed-size and untainted: CA never runs on a node it might remove.
+        "nodeSelector": dict(SYSTEM_NODE_SELECTOR),
+        "priorityClassName": "system-cluster-critical",
+        "replicaCount": 1,
+        # CA must never evict itself while draining the node it runs on.
+        "podAnnotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+        "resources": {"requests": {"cpu": "100m", "memory": "600Mi"}, "limits": {"memory": "600Mi"}},
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 65534, "fsGroup": 65534},
+        "containerSecurityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "extraArgs": {
+            "logtostderr": True,
+            "stderrthreshold": "info",
+            "v": 2,
+            # One ASG per pool, so any expander picks the same group; least-waste is the sensible tie-breaker if a
+            # pool ever gets a second group (e.g. per AZ).
+            "expander": "least-waste",
+            "balance-similar-node-groups": True,
+            # GPU nodes only run DaemonSets besides workloads; kube-system pods on them must not pin an idle GPU
+            # node forever.
+            "skip-nodes-with-system-pods": False,
+            "skip-nodes-with-local-storage": False,
+            "scale-down-unneeded-time": f"{cfg.autoscaling.scale_down_unneeded_minutes}m",
+            "scale-down-delay-after-add": "5m",
+            "max-nodes-total": max_nodes_total(cfg),
+            # Give a pod its full terminationGracePeriodSeconds (training checkpoints on SIGTERM) up to this bound
+            # when CA drains a node it removes.
+            "max-graceful-termination-sec": 900,
+        },
+    }
