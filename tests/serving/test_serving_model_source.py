@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from serving.config import ConfigError, load_config
+from serving.model_source import MANIFEST
 from tests.serving.conftest import ServerFactory
 
 
@@ -20,14 +21,15 @@ def test_serves_a_model_downloaded_from_s3(
     for f in debug_model_dir.iterdir():
         s3.upload_file(str(f), "serving-models", f"models/debug/{f.name}")
     server = start_server(
-        "--model", "s3://serving-models/models/debug", "--model-cache-dir", str(tmp_path / "cache")
+        "--model", "s3://serving-models/models/debug", "--model-cache-dir", str(tmp_path / "cache"),
+        "--allow-unauthenticated",
     )  # fmt: skip
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == ["debug"]
     r = client.completions.create(model="debug", prompt="from s3", max_tokens=3)
     assert r.usage is not None and r.usage.completion_tokens >= 1
     cached = next((tmp_path / "cache").iterdir())
-    assert (cached / ".complete").is_file() and (cached / "config.json").is_file()
+    assert (cached / MANIFEST).is_file() and (cached / "config.json").is_file()
 
 
 def test_config_from_env_and_flags() -> None:

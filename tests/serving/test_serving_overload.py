@@ -17,7 +17,8 @@ FLOOD = 24
 @pytest.fixture(scope="module")
 def small_server(start_server: ServerFactory, debug_model_dir: Path) -> ServingProcess:
     return start_server(
-        "--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--max-batch-size", "2", "--max-queue", "2"
+        "--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--max-batch-size", "2", "--max-queue", "2",
+        "--allow-unauthenticated",
     )  # fmt: skip
 
 
@@ -70,7 +71,7 @@ def test_client_disconnect_cancels_generation(small_server: ServingProcess) -> N
 
 
 def test_gateway_bounds_requests_in_flight(start_server: ServerFactory, small_server: ServingProcess) -> None:
-    front = start_server("--upstream", small_server.url, "--max-inflight", "2")
+    front = start_server("--upstream", small_server.url, "--max-inflight", "2", "--allow-unauthenticated")
     body = {"model": MODEL_ID, "prompt": "flood the gateway", "max_tokens": 48, "stream": True}
 
     def call(_: int) -> tuple[int, str, int]:
