@@ -257,11 +257,6 @@ def _exit_quietly(sig: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def _ignore_late_signal(sig: int, frame: FrameType | None) -> None:
-    """A repeated signal after the server stopped (teardown): it is already exiting; let it finish with 0."""
-    log.info("lifecycle: signal %d during teardown: already stopping", sig)
-
-
 def run(cfg: ServingConfig) -> int:
     """Start-up failures are one line on stderr and an exit status (EXIT_*), never a traceback."""
     logging.basicConfig(
@@ -276,8 +271,11 @@ def run(cfg: ServingConfig) -> int:
         print(f"serving: {exc}", file=sys.stderr)
         return exc.status
     finally:
+        # teardown (joining threads, freeing the model) can take a while, and a repeated SIGTERM then must not turn a
+        # clean exit into 143: ignored at the OS level, because Python resets its own handlers to the default while
+        # the interpreter finalizes (signal._PySignal_Fini), but keeps SIG_IGN
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _ignore_late_signal)
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _run(cfg: ServingConfig) -> int:
