@@ -212,8 +212,12 @@ async def _generate(
             state.metrics.rejected.labels(reason=exc.code or str(exc.status)).inc()
         elif exc.status < 500:
             state.metrics.rejected.labels(reason="invalid").inc()
-        if admission is not None and exc.status == 503:
-            state.limiter.settle(admission, 0, refund_request=True)  # shed: no work done, nothing charged
+        if admission is not None:
+            # refused before generating (4xx, or shed with 503: then its RPM slot comes back too): nothing charged;
+            # failed while generating (500, 502): charged what it used
+            shed = exc.status == 503
+            used = 0 if exc.status < 500 or shed else ctx.prompt_tokens + ctx.completion_tokens
+            state.limiter.settle(admission, used, refund_request=shed)
         _account(state, ctx, key_id, model, exc.status, stream, exc.code)
         return exc.response()
     except _ClientGoneError:

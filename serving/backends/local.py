@@ -366,11 +366,17 @@ def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
 
 
 def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of a stop sequence."""
+    """Length of the longest suffix of text that is a proper prefix of a stop sequence.
+
+    Only positions in the tail where the stop's first character occurs are tried (str.find, in C), leftmost first:
+    the first match is the longest. Trying every length with a fresh slice cost O(len(stop)^2) per token."""
     best = 0
     for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
+        tail = text[-(len(s) - 1) :] if len(s) > 1 else ""
+        i = tail.find(s[0])
+        while i >= 0 and len(tail) - i > best:
+            if s.startswith(tail[i:]):
+                best = len(tail) - i
                 break
+            i = tail.find(s[0], i + 1)
     return best

@@ -325,3 +325,19 @@ def test_openapi_documents_the_request_bodies(server: ServingProcess) -> None:
         assert {"model", "max_tokens", "temperature", "stop"} <= set(schemas[model]["properties"])
     assert "messages" in schemas["ChatCompletionRequest"]["required"]
     assert "requestBody" in spec["paths"]["/invocations"]["post"]
+
+
+def test_stop_hold_back_matches_the_definition() -> None:
+    """`_held_back` (the longest suffix of the text that is a proper prefix of a stop) against its definition."""
+    import random
+
+    from serving.backends.local import _held_back
+
+    def definition(text: str, stops: list[str]) -> int:
+        return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+    rng = random.Random(0)
+    for _ in range(5000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+        assert _held_back(text, stops) == definition(text, stops), (text, stops)
