@@ -175,3 +175,28 @@ def test_a_repeated_signal_still_exits_0(start_server: ServerFactory, debug_mode
             server.proc.send_signal(signal.SIGTERM)
             time.sleep(0.15)
     assert server.proc.wait(30) == 0
+
+
+def test_sigterm_while_the_model_loads_exits_0(debug_model_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    from tools.net import free_port
+
+    err = (tmp_path / "stderr").open("w+b")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(free_port()), "--model",
+         str(debug_model_dir), "--allow-unauthenticated"],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while b"loading the engine" not in (tmp_path / "stderr").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err.close()
