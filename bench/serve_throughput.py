@@ -41,6 +41,7 @@ PROMPTS = [
 
 def start(*args: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    args = ("--allow-unauthenticated", *args)  # loopback-only benchmark servers, no keys
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args],
         cwd=REPO_ROOT,

@@ -134,7 +134,9 @@ class SageMakerEndpoint(pulumi.ComponentResource):
         cfg = self._args.config
         prefix = cfg.serving.model_prefix
         model_uri = pulumi.Output.from_input(self._args.models_bucket).apply(lambda b: f"s3://{b}/{prefix}/")
-        environment = {"SERVING_MODEL": MODEL_DIR}
+        # InvokeEndpoint is authenticated by IAM (SigV4) before a request reaches the container, and the serving
+        # process refuses to start without API keys unless told explicitly (docs/serving.md "Authentication")
+        environment = {"SERVING_MODEL": MODEL_DIR, "SERVING_ALLOW_UNAUTHENTICATED": "true"}
         # The name changes whenever anything that defines the model changes, so Pulumi's create-before-delete
         # replacement never collides with the model it replaces.
         name = pulumi.Output.all(

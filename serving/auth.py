@@ -1,8 +1,12 @@
 """API keys: loaded from a file (a mounted secret), kept only as SHA-256 hashes, compared in constant time.
 
-File format, one key per line (`#` comments and blank lines ignored):
+File format, one key per line (blank lines and comments ignored; a comment is a line starting with `#`, or
+`#` after whitespace: a key is everything up to the next whitespace, `#` included):
 
-    <key-id> <key or sha256:<hex>> [rpm=<n>] [tpm=<n>]
+    <key-id> <key or sha256:<hex>> [rpm=<n>] [tpm=<n>]    # comment
+
+Malformed lines, duplicate ids, duplicate keys and bad digests are errors (naming the line, never its text). A file
+with no keys is a start-up error unless the server runs with --allow-unauthenticated (serving.server.load_keys).
 
 A plaintext key is hashed at load and the plaintext dropped; prefer `sha256:` entries in secrets
 (`python -m serving.auth hash <key>` prints one). The key id, never the key, appears in logs and metrics.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +33,12 @@ class ApiKey:
 
 
 ANONYMOUS = "anonymous"
+_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class KeyFileError(ValueError):
+    """A malformed keys file; the message never contains key material."""
 
 
 def hash_key(key: str) -> str:
@@ -47,34 +58,55 @@ class KeyStore:
 
     @classmethod
     def parse(cls, text: str, default_rpm: int, default_tpm: int) -> KeyStore:
+        """Errors name the line and the problem, never the line's text: it may hold a key."""
         entries: list[tuple[str, ApiKey]] = []
-        ids: set[str] = set()
+        ids: dict[str, int] = {}
+        digests: dict[str, int] = {}
         for lineno, raw in enumerate(text.splitlines(), 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
+            parts = raw.split()
+            # a comment is a whole line, or the rest of a line after whitespace: `#` inside a key is part of the key
+            for i, part in enumerate(parts):
+                if part.startswith("#"):
+                    parts = parts[:i]
+                    break
+            if not parts:
                 continue
-            parts = line.split()
+            where = f"line {lineno}"
             if len(parts) < 2:
-                raise ValueError(f"api keys line {lineno}: expected '<key-id> <key> [rpm=N] [tpm=N]'")
+                raise KeyFileError(f"{where}: expected '<key-id> <key> [rpm=N] [tpm=N]' (line not shown)")
             key_id, secret, *opts = parts
+            if not _KEY_ID.fullmatch(key_id):
+                raise KeyFileError(f"{where}: the key id must be 1-64 of A-Z a-z 0-9 . _ - (not shown: may be a key)")
+            if secret.partition("=")[0] in ("rpm", "tpm"):
+                raise KeyFileError(f"{where}: key id {key_id!r} has no key before its options")
             if key_id in ids:
-                raise ValueError(f"api keys line {lineno}: duplicate key id {key_id!r}")
-            ids.add(key_id)
+                raise KeyFileError(f"{where}: duplicate key id {key_id!r} (first on line {ids[key_id]})")
+            ids[key_id] = lineno
             limits = {"rpm": default_rpm, "tpm": default_tpm}
             for opt in opts:
                 name, _, value = opt.partition("=")
                 if name not in limits or not value.isdigit() or int(value) <= 0:
-                    raise ValueError(f"api keys line {lineno}: bad option {opt!r} (rpm=N or tpm=N)")
+                    raise KeyFileError(f"{where}: key {key_id!r}: options must be rpm=N or tpm=N with N > 0")
                 limits[name] = int(value)
-            digest = secret.removeprefix("sha256:").lower() if secret.startswith("sha256:") else hash_key(secret)
-            if len(digest) != 64:
-                raise ValueError(f"api keys line {lineno}: sha256 digest must be 64 hex characters")
+            if secret.startswith("sha256:"):
+                digest = secret.removeprefix("sha256:").lower()
+                if not _SHA256.fullmatch(digest):
+                    raise KeyFileError(f"{where}: key {key_id!r}: a sha256: digest must be 64 hex characters")
+            else:
+                digest = hash_key(secret)
+            if digest in digests:
+                raise KeyFileError(f"{where}: key {key_id!r} has the same key as line {digests[digest]}")
+            digests[digest] = lineno
             entries.append((digest, ApiKey(key_id, limits["rpm"], limits["tpm"])))
         return cls(entries)
 
     @classmethod
     def from_file(cls, path: str | Path, default_rpm: int, default_tpm: int) -> KeyStore:
-        return cls.parse(Path(path).read_text(), default_rpm, default_tpm)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise KeyFileError("not UTF-8 text") from None
+        return cls.parse(text, default_rpm, default_tpm)
 
     def authenticate(self, token: str | None, default_rpm: int, default_tpm: int) -> ApiKey:
         """The key for a presented token; 401 when missing or unknown (anonymous when auth is disabled)."""

@@ -7,6 +7,12 @@ Two policies share one loop (`BatchPolicy`):
 
 Requests talk to the thread only through `GenerationRequest`: `emit` is called from the engine thread with
 `TokenEvent` / `FinishEvent`, and `cancel()` (client gone, stop string seen) is honoured at the next step.
+
+Failure isolation: every request the engine accepted gets exactly one `FinishEvent`, whatever fails. An error that
+belongs to one row (its seed, its sampling, its prefill, its consumer) finishes that row with an error and the batch
+goes on; an error that belongs to no row (a decode step, e.g. out of memory) finishes every row of that batch,
+joiners included, and the engine goes on with the queue; if the engine thread itself dies, every running and queued
+request is finished with an error and new requests are refused.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ import torch
 from serving.decode import DecodeBatch, Decoder, SamplingParams, sample
 
 log = logging.getLogger("serving.batching")
+
+# What a failed request is told (details go to the server log only: they may name internals, never another tenant's
+# data, but a client has no use for a torch stack message)
+REQUEST_FAILED = "generation failed for this request"
+ENGINE_FAILED = "the engine failed while decoding this request's batch"
 
 
 class BatchPolicy(StrEnum):
@@ -64,10 +75,20 @@ class GenerationRequest:
     generated: int = 0
     finished: bool = False
 
+    def send(self, event: Event) -> bool:
+        """Emit an event; False (and the request counts as finished) when the consumer raised."""
+        try:
+            self.emit(event)
+            return True
+        except Exception:
+            log.exception("request consumer failed; dropping the request")
+            self.finished = True
+            return False
+
     def finish(self, reason: str, error: str = "") -> None:
         if not self.finished:
             self.finished = True
-            self.emit(FinishEvent(reason, error))
+            self.send(FinishEvent(reason, error))
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -118,6 +139,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._failed: BaseException | None = None
+        self._active: list[GenerationRequest] = []  # the rows the engine thread is decoding (or prefilling) now
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     # -- called from the event loop -------------------------------------------------------------------------------
@@ -186,47 +208,77 @@ class BatchScheduler:
                 self._generate(batch)
         except BaseException as exc:  # the engine is dead: fail loudly, readiness turns false
             log.exception("engine thread failed")
-            self._failed = exc
             with self._cond:
-                for req in self._queue:
-                    req.finish("error", str(exc))
+                self._failed = exc
+                queued = list(self._queue)
                 self._queue.clear()
+            # every request the engine holds (running, joining or queued) gets an error: none may hang
+            for req in [*self._active, *queued]:
+                req.finish("error", ENGINE_FAILED)
 
     def _prefill(self, requests: list[GenerationRequest]) -> tuple[DecodeBatch, list[torch.Generator | None]]:
-        batch = self.decoder.prefill([r.prompt_ids for r in requests])
         generators: list[torch.Generator | None] = []
         for r in requests:
             gen = None
             if r.params.seed is not None:
                 gen = torch.Generator().manual_seed(r.params.seed)
             generators.append(gen)
-        return batch, generators
+        return self.decoder.prefill([r.prompt_ids for r in requests]), generators
 
-    def _generate(self, requests: list[GenerationRequest]) -> None:
+    def _prefill_isolated(
+        self, requests: list[GenerationRequest]
+    ) -> tuple[list[GenerationRequest], DecodeBatch | None, list[torch.Generator | None]]:
+        """Prefill together; if that fails, find the rows that fail on their own, fail only those, and prefill the
+        rest together again (an error from the second try is not attributable to one row and propagates)."""
         try:
             batch, generators = self._prefill(requests)
-        except Exception as exc:
-            log.exception("prefill failed")
-            for r in requests:
-                r.finish("error", str(exc))
-            return
-        try:
-            self._decode(requests, batch, generators)
-        except Exception as exc:  # fail this batch's requests, keep serving
-            log.exception("decode failed")
-            for r in requests:
-                if not r.finished:
-                    r.finish("error", str(exc))
+            return requests, batch, generators
+        except Exception:
+            if len(requests) == 1:
+                log.exception("prefill failed for one request")
+                requests[0].finish("error", REQUEST_FAILED)
+                return [], None, []
+            log.exception("prefill of %d requests failed; retrying them one by one", len(requests))
+        good: list[GenerationRequest] = []
+        for r in requests:
+            try:
+                self._prefill([r])
+                good.append(r)
+            except Exception:
+                log.exception("prefill failed for one request")
+                r.finish("error", REQUEST_FAILED)
+        if not good:
+            return [], None, []
+        batch, generators = self._prefill(good)
+        return good, batch, generators
 
-    def _decode(
-        self, requests: list[GenerationRequest], batch: DecodeBatch, generators: list[torch.Generator | None]
-    ) -> None:
-        requests = list(requests)
+    def _generate(self, requests: list[GenerationRequest]) -> None:
+        # `_active` always holds every request this thread owns (joiners as soon as they are taken), so a failure
+        # anywhere below finishes all of them with an error instead of leaving a stream without a finish event
+        self._active = list(requests)
+        try:
+            live, batch, generators = self._prefill_isolated(requests)
+            if batch is not None:
+                self._active = live
+                self._decode(batch, generators)
+        except Exception:  # not attributable to one row (e.g. out of memory in a decode step): fail this batch only
+            log.exception("decode failed; failing the %d requests in the batch", len(self._active))
+            for r in self._active:
+                r.finish("error", ENGINE_FAILED)
+        self._active = []
+
+    def _decode(self, batch: DecodeBatch, generators: list[torch.Generator | None]) -> None:
+        requests = self._active
         while requests:
             self.observer.batch_size(len(requests))
-            tokens = sample(batch.logits, [r.params for r in requests], generators)
+            failed: dict[int, Exception] = {}
+            tokens = sample(batch.logits, [r.params for r in requests], generators, failed)
             keep: list[int] = []
             for row, (req, token) in enumerate(zip(requests, tokens, strict=True)):
+                if row in failed:  # this row alone could not be sampled: it leaves, the others go on
+                    log.error("sampling failed for one request: %r", failed[row])
+                    req.finish("error", REQUEST_FAILED)
+                    continue
                 if req.cancelled:
                     req.finish("cancelled")
                     continue
@@ -234,7 +286,8 @@ class BatchScheduler:
                     req.finish("stop")
                     continue
                 req.generated += 1
-                req.emit(TokenEvent(token))
+                if not req.send(TokenEvent(token)):
+                    continue  # its consumer is broken: drop the row
                 if req.generated >= req.params.max_tokens:
                     req.finish("length")
                     continue
@@ -243,6 +296,7 @@ class BatchScheduler:
                 requests = [requests[i] for i in keep]
                 generators = [generators[i] for i in keep]
                 tokens = [tokens[i] for i in keep]
+                self._active = requests
                 if not requests:
                     break
                 batch.keep(keep)
@@ -250,13 +304,10 @@ class BatchScheduler:
             if self.policy is BatchPolicy.CONTINUOUS and len(requests) < self.max_batch_size and self._queue:
                 joiners = self._take(self.max_batch_size - len(requests), wait=False)
                 if joiners:
-                    try:
-                        new_batch, new_generators = self._prefill(joiners)
-                    except Exception as exc:
-                        log.exception("prefill failed")
-                        for r in joiners:
-                            r.finish("error", str(exc))
-                        continue
-                    batch.merge(new_batch)
-                    requests += joiners
-                    generators += new_generators
+                    self._active = requests = [*requests, *joiners]
+                    live, new_batch, new_generators = self._prefill_isolated(joiners)
+                    requests = [*requests[: len(requests) - len(joiners)], *live]
+                    self._active = requests
+                    if new_batch is not None:
+                        batch.merge(new_batch)
+                        generators = [*generators, *new_generators]

@@ -46,10 +46,22 @@ class ServingConfig:
     vllm_port: int = field(default=8000, metadata={"help": "Loopback port of the vLLM child process."})
     upstream_api_key: str = field(default="", metadata={"help": "Bearer key this gateway sends to the upstream."})
     api_keys_file: str = field(
-        default="", metadata={"help": "API keys file (see docs/serving.md); without it, auth is disabled."}
+        default="",
+        metadata={"help": "API keys file (see docs/serving.md); required unless --allow-unauthenticated is given."},
+    )
+    allow_unauthenticated: bool = field(
+        default=False,
+        metadata={
+            "help": "Serve without API keys (anyone who reaches the port may call the API); only behind another "
+            "authenticating layer, e.g. SageMaker (IAM). Without it, a missing or empty keys file is a start-up error."
+        },
     )
     model_cache_dir: str = field(
-        default="/tmp/llm-serving-models", metadata={"help": "Where s3:// models are downloaded."}
+        default="",
+        metadata={
+            "help": "Where s3:// models are downloaded: a private (0700) directory this user owns; "
+            "default $XDG_CACHE_HOME/llm-serving/models or ~/.cache/llm-serving/models."
+        },
     )
     max_batch_size: int = field(default=16, metadata={"help": "Most sequences decoded together."})
     batch_wait_ms: float = field(default=5.0, metadata={"help": "How long the batcher waits to fill a batch."})
@@ -80,6 +92,28 @@ class ServingConfig:
         default=30.0, metadata={"help": "On SIGTERM, how long in-flight requests may take to finish."}
     )
     request_timeout_s: float = field(default=600.0, metadata={"help": "Upstream request timeout."})
+    max_request_bytes: int = field(
+        default=0,
+        metadata={
+            "help": "Largest request body; larger ones get 413 before they are read. 0 = automatic: "
+            "max(1 MiB, 64 bytes per token of context) (the gateway assumes a 128k context unless --max-model-len)."
+        },
+    )
+    body_timeout_s: float = field(
+        default=30.0, metadata={"help": "Time a client has to send a request body once its headers arrived (408)."}
+    )
+    header_timeout_s: float = field(
+        default=10.0,
+        metadata={"help": "Time a connection has to send a complete request head (new or kept-alive); then closed."},
+    )
+    keepalive_timeout_s: float = field(default=5.0, metadata={"help": "Idle keep-alive connections close after this."})
+    max_connections: int = field(
+        default=0,
+        metadata={
+            "help": "Most open client connections; beyond it new connections are closed at once. 0 = automatic: "
+            "the open-file limit minus 128 (descriptors for the model, logs and the upstream), at most 4096."
+        },
+    )
     dtype: str = field(default="float32", metadata={"help": "Built-in engine dtype: float32, bfloat16 or float16."})
     torch_threads: int = field(
         default=0,
@@ -110,6 +144,12 @@ class ServingConfig:
             raise ConfigError("default_max_tokens must be <= max_tokens_cap")
         if self.max_inflight < 0:
             raise ConfigError("max_inflight must be >= 0")
+        for name in ("max_request_bytes", "max_connections"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        for name in ("body_timeout_s", "header_timeout_s", "keepalive_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0")
         if self.torch_threads < 0:
             raise ConfigError("torch_threads must be >= 0")
         if self.batching not in ("continuous", "dynamic"):
@@ -148,13 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for f in fields(ServingConfig):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(
-            flag,
-            type=type(f.default),
-            default=None,
-            help=f"{f.metadata['help']} [env {_env_name(f.name)}; default {f.default!r}]",
-        )
+        help_ = f"{f.metadata['help']} [env {_env_name(f.name)}; default {f.default!r}]"
+        if isinstance(f.default, bool):  # a switch: present = true (env: true/false, 1/0, yes/no)
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=help_)
+            continue
+        parser.add_argument(flag, type=type(f.default), default=None, help=help_)
     return parser
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
 
 
 def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServingConfig:
@@ -171,7 +219,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         elif _env_name(f.name) in environ:
             raw = environ[_env_name(f.name)]
             try:
-                values[f.name] = type(f.default)(raw)
+                values[f.name] = _parse_bool(raw) if isinstance(f.default, bool) else type(f.default)(raw)
             except ValueError as exc:
                 raise ConfigError(f"{_env_name(f.name)}={raw!r}: {exc}") from exc
     if not values.get("model") and not values.get("upstream") and Path(SAGEMAKER_MODEL_DIR).is_dir():

@@ -244,10 +244,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    failed: dict[int, Exception] | None = None,
+) -> list[int]:
     """One token per row: greedy when temperature is 0, else temperature + nucleus (top_p) sampling.
 
-    Rows sample independently so a request's `seed` reproduces its tokens whatever else shares the batch.
+    Rows sample independently so a request's `seed` reproduces its tokens whatever else shares the batch. With
+    `failed`, a row that cannot be sampled (e.g. non-finite logits) is recorded there with token -1 instead of
+    failing every row.
     """
     greedy = logits.argmax(dim=-1).tolist()
     tokens: list[int] = []
@@ -255,13 +262,25 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         if p.temperature == 0.0:
             tokens.append(greedy[row])
             continue
-        probs = torch.softmax(logits[row] / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        gen = generators[row]
-        tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=gen)))
+        try:
+            tokens.append(_sample_row(logits[row], p, generators[row]))
+        except Exception as exc:
+            if failed is None:
+                raise
+            failed[row] = exc
+            tokens.append(-1)
     return tokens
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    # subtract the max first: (x - max) / T is <= 0 for every T > 0, so a tiny temperature gives exp(-inf) = 0 for
+    # the others and 1 for the top token instead of inf / inf = nan (logits / 1e-45 overflows float32)
+    probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
+        drop[0] = False  # explicitly: a top_p that rounds to 0 in float32 would otherwise drop every token
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))

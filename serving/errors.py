@@ -73,6 +73,9 @@ def from_validation_error(exc: RequestValidationError | ValidationError) -> APIE
     first: Mapping[str, Any] = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return bad_request("Request body is not valid JSON.", code="invalid_json")
+    if first.get("type") == "unsupported_parameter":
+        ctx = first.get("ctx") or {}
+        return bad_request(str(first.get("msg")), param=ctx.get("param"), code="unsupported_parameter")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     return bad_request(f"Invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}", param=param)
@@ -89,7 +92,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return APIError(exc.status_code, str(exc.detail)).response()
+        response = APIError(exc.status_code, str(exc.detail)).response()
+        response.headers.update(exc.headers or {})  # e.g. `Allow` on 405 (RFC 9110 section 15.5.6: MUST)
+        return response
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)

@@ -7,6 +7,7 @@ limits or audit, so the built-in engine and the upstream gateway get the same tr
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from serving.auth import KeyStore, presented_key
 from serving.backends.base import Backend, GenerationBody, RequestContext
 from serving.config import ServingConfig
 from serving.errors import APIError, bad_request, from_validation_error
-from serving.limits import RateLimiter
+from serving.limits import Admission, RateLimiter
 from serving.metrics import Metrics
 from serving.protocol import (
     ChatCompletionRequest,
@@ -52,6 +53,9 @@ class AppState:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     draining: bool = False
     inflight: int = 0  # generation requests admitted and not finished (streams until their last byte)
+    max_request_bytes: int = 1 << 20  # set from the config and the engine's context length (serving.server)
+    # the task serving each admitted request (for a stream: the task writing it), for the drain deadline
+    active: dict[RequestContext, asyncio.Task[Any]] = field(default_factory=dict)
 
 
 class _ClientGoneError(Exception):
@@ -147,20 +151,24 @@ async def _generate(
     parse: Callable[[Any], GenerationBody],
     render: Callable[[dict[str, Any], Any], Any] | None = None,
 ) -> Response:
+    """authenticate -> draining? -> rate limit (RPM) -> read body (bounded) -> validate -> in-flight bound ->
+    engine (tokenize, reserve tokens, queue) -> account. Cheap checks first: nothing costly runs for a request the key's
+    limits would refuse, and nothing is read beyond the body limit."""
     state: AppState = request.app.state.serving
     ctx = RequestContext(new_id("cmpl" if endpoint != "chat_completions" else "chatcmpl"), endpoint)
     key_id, model, stream = "-", "", False
     state.metrics.inflight.inc()
     handed_off = admitted = False
+    admission: Admission | None = None
+    task = asyncio.current_task()
     try:
         key = state.keys.authenticate(presented_key(request.headers), state.cfg.default_rpm, state.cfg.default_tpm)
         key_id = key.key_id
         if state.draining:
             raise APIError(503, "Server is shutting down.", code="draining", retry_after=1.0)
-        try:
-            raw = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request("Request body is not valid JSON.", code="invalid_json") from exc
+        admission = state.limiter.admit(key)
+        ctx.reserve = functools.partial(state.limiter.reserve, admission)
+        raw = _parse_json(await _read_body(request, state.max_request_bytes, state.cfg.body_timeout_s))
         try:
             body = parse(raw)
         except ValidationError as exc:
@@ -169,7 +177,6 @@ async def _generate(
         cap = state.cfg.max_tokens_cap
         if body.max_tokens is not None and body.max_tokens > cap:
             raise bad_request(f"max_tokens={body.max_tokens} is above this server's limit of {cap}.", "max_tokens")
-        state.limiter.admit(key)
         if state.inflight >= state.cfg.inflight_limit:
             # the built-in engine also bounds its queue; this bound holds in gateway mode too, so memory stays
             # bounded whatever the engine
@@ -177,10 +184,14 @@ async def _generate(
                            code="queue_full", retry_after=1.0)  # fmt: skip
         state.inflight += 1
         admitted = True
+        if task is not None:
+            state.active[ctx] = task
 
         def finish(status: int, code: str | None) -> None:
+            state.active.pop(ctx, None)
             state.inflight -= 1
-            state.limiter.charge(key, ctx.prompt_tokens + ctx.completion_tokens)
+            assert admission is not None
+            state.limiter.settle(admission, ctx.prompt_tokens + ctx.completion_tokens)
             _account(state, ctx, key_id, model, status, stream, code)
             state.metrics.inflight.dec()
 
@@ -188,15 +199,11 @@ async def _generate(
             chunks = await state.backend.stream(body, ctx)
             handed_off = True
             return StreamingResponse(
-                _sse(chunks, finish),
+                _sse(state, ctx, chunks, finish),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        try:
-            result = await _unless_disconnected(request, state.backend.complete(body, ctx))
-        except BaseException:
-            state.limiter.charge(key, ctx.prompt_tokens + ctx.completion_tokens)
-            raise
+        result = await _unless_disconnected(request, state.backend.complete(body, ctx))
         finish(200, None)
         handed_off = True
         return JSONResponse(render(result, raw) if render else result)
@@ -205,11 +212,24 @@ async def _generate(
             state.metrics.rejected.labels(reason=exc.code or str(exc.status)).inc()
         elif exc.status < 500:
             state.metrics.rejected.labels(reason="invalid").inc()
+        if admission is not None:
+            # refused before generating (4xx, or shed with 503: then its RPM slot comes back too): nothing charged;
+            # failed while generating (500, 502): charged what it used
+            shed = exc.status == 503
+            used = 0 if exc.status < 500 or shed else ctx.prompt_tokens + ctx.completion_tokens
+            state.limiter.settle(admission, used, refund_request=shed)
         _account(state, ctx, key_id, model, exc.status, stream, exc.code)
         return exc.response()
     except _ClientGoneError:
         _account(state, ctx, key_id, model, CLIENT_CLOSED, stream, "client_closed")
         return Response(status_code=CLIENT_CLOSED)
+    except asyncio.CancelledError:
+        if not ctx.cut or task is None:
+            raise
+        task.uncancel()  # the drain deadline cut it (see serving.server): answer it instead of dying
+        error = drain_deadline_error()
+        _account(state, ctx, key_id, model, error.status, stream, error.code)
+        return error.response()
     except Exception:
         log.exception("request %s failed", ctx.request_id)
         error = APIError(500, "Internal server error.", type_="server_error")
@@ -217,14 +237,72 @@ async def _generate(
         return error.response()
     finally:
         if not handed_off:
+            state.active.pop(ctx, None)
             state.metrics.inflight.dec()
             if admitted:
                 state.inflight -= 1
+            if admission is not None:  # no-op when already settled (shed)
+                state.limiter.settle(admission, ctx.prompt_tokens + ctx.completion_tokens)
 
 
-async def _sse(chunks: AsyncIterator[dict[str, Any]], finish: Callable[[int, str | None], None]) -> AsyncIterator[str]:
+def drain_deadline_error() -> APIError:
+    return APIError(
+        503, "Server is shutting down: the request was cut at the drain deadline. Retry it.",
+        code="drain_deadline", retry_after=1.0,
+    )  # fmt: skip
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (from Content-Length, before reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(size, limit)
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise APIError(408, f"Request body not received within {timeout_s:g}s.", code="request_timeout") from exc
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(
+        413, f"Request body is larger than this server's limit of {limit} bytes (--max-request-bytes).",
+        code="request_too_large",
+    )  # fmt: skip
+
+
+def _parse_json(data: bytes) -> Any:
+    try:
+        raw = json.loads(data)
+        # a lone surrogate (`"\ud800"`) is valid JSON but no string a tokenizer (or our own JSON output) can encode
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request("Request body is not valid JSON.", code="invalid_json") from exc
+    except UnicodeEncodeError as exc:
+        raise bad_request("Request body holds a string with an unpaired surrogate.", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise bad_request("Request body is nested too deeply.", code="invalid_json") from exc
+    return raw
+
+
+async def _sse(
+    state: AppState,
+    ctx: RequestContext,
+    chunks: AsyncIterator[dict[str, Any]],
+    finish: Callable[[int, str | None], None],
+) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's format; errors after the first byte become an error event, then [DONE]."""
     status, code = CLIENT_CLOSED, "client_closed"
+    task = asyncio.current_task()  # the task writing this stream (not the handler's): the drain deadline cancels it
+    if task is not None:
+        state.active[ctx] = task
     try:
         async for chunk in chunks:
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
@@ -233,6 +311,14 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]], finish: Callable[[int, str
     except APIError as exc:
         status, code = exc.status, exc.code
         yield f"data: {json.dumps(exc.body())}\n\n"
+        yield "data: [DONE]\n\n"
+    except asyncio.CancelledError:
+        if not ctx.cut or task is None:
+            raise
+        task.uncancel()
+        error = drain_deadline_error()
+        status, code = error.status, error.code
+        yield f"data: {json.dumps(error.body())}\n\n"
         yield "data: [DONE]\n\n"
     except Exception:
         log.exception("stream failed")
@@ -245,6 +331,18 @@ async def _sse(chunks: AsyncIterator[dict[str, Any]], finish: Callable[[int, str
         with anyio.CancelScope(shield=True):
             await chunks.aclose()  # type: ignore[attr-defined]
         finish(status, code)
+
+
+def cut_in_flight(state: AppState) -> int:
+    """The drain deadline: cancel every request still in flight; each answers with a `drain_deadline` error (JSON
+    or a stream error event) and its audit line, instead of the server's plain-text 500 at its own deadline."""
+    cut = 0
+    for ctx, task in list(state.active.items()):
+        if not task.done():
+            ctx.cut = True
+            task.cancel()
+            cut += 1
+    return cut
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:

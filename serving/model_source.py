@@ -1,60 +1,104 @@
-"""Resolve `--model` to a local directory: a local path as is, or an s3:// prefix downloaded to a cache."""
+"""Resolve `--model` to a local directory: a local path as is, or an s3:// prefix downloaded to a private cache."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import stat
 import sys
 from pathlib import Path
 
 log = logging.getLogger("serving.model_source")
 
 
+MANIFEST = ".llm-serving-manifest.json"  # local record of a complete download; never a name taken from S3
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/llm-serving/models or ~/.cache/llm-serving/models: per user, not a predictable path under a
+    world-writable /tmp where another local user could plant a model directory first."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llm-serving" / "models"
+
+
+def private_dir(path: Path) -> Path:
+    """Create (0700) or check a directory only this user can write: a cache another user can write to is a cache
+    they can put a model (code, via custom model classes; or weights) into."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"model cache {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise ValueError(f"model cache {path} is owned by uid {st.st_uid}, not this user ({os.getuid()})")
+    if st.st_mode & 0o022:
+        raise ValueError(f"model cache {path} is writable by others (mode {stat.S_IMODE(st.st_mode):o}); use 0700")
+    return path
+
+
 def resolve_model_dir(model: str, cache_dir: str) -> Path:
     if model.startswith("s3://"):
-        return download_s3_prefix(model, Path(cache_dir))
+        return download_s3_prefix(model, Path(cache_dir) if cache_dir else default_cache_dir())
     path = Path(model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{model} is not a Hugging Face model directory (no config.json)")
     return path
 
 
-def download_s3_prefix(uri: str, cache_dir: Path) -> Path:
-    """Download every object under the prefix; skip files already present with the same size.
+def _relative_key(key: str, prefix: str) -> str | None:
+    """The key's path below the prefix, or None for keys that are not plain files below it."""
+    rel = key[len(prefix) :].lstrip("/") if prefix else key
+    parts = rel.split("/")
+    if not rel or any(p in ("", ".", "..") for p in parts):
+        return None  # directory markers (`x/`), `prefix/.`, `a//b`, `..`: never files of the model
+    if parts[-1] == MANIFEST:
+        return None
+    return rel
 
-    The cache key is a hash of the URI, so two models never share a directory. A `.complete` marker is written last:
-    a pod killed mid-download re-downloads instead of loading a partial model.
+
+def download_s3_prefix(uri: str, cache_dir: Path) -> Path:
+    """Download every object under the prefix into a private cache; skip files the local manifest says are current.
+
+    Completeness is recorded locally, never trusted from S3: after every file is in place, a manifest of the S3
+    listing (key -> size, ETag) is written last, in the cache directory. At the next start the listing is compared
+    with it: a pod killed mid-download, or a model changed in S3, downloads again what differs.
     """
     import boto3  # imported here: the gateway and local models never need it
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     prefix = prefix.strip("/")
-    target = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    marker = target / ".complete"
-    if marker.is_file():
-        log.info("model %s already cached at %s", uri, target)
-        return target
+    root = private_dir(cache_dir)
+    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target.mkdir(mode=0o700, exist_ok=True)
     s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-    paginator = s3.get_paginator("list_objects_v2")
-    count = 0
-    for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
+    listing: dict[str, dict[str, object]] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
         for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix) :].lstrip("/") if prefix else obj["Key"]
-            if not rel or rel.endswith("/"):
-                continue
-            dest = target / rel
-            if dest.resolve().is_relative_to(target.resolve()) is False:
-                raise ValueError(f"refusing S3 key that escapes the cache directory: {obj['Key']}")
-            if dest.is_file() and dest.stat().st_size == obj["Size"]:
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, obj["Key"], str(dest))
-            count += 1
-    if not (target / "config.json").is_file():
+            rel = _relative_key(obj["Key"], prefix)
+            if rel is not None:
+                listing[rel] = {"key": obj["Key"], "size": obj["Size"], "etag": obj.get("ETag", "")}
+    if "config.json" not in listing:
         raise FileNotFoundError(f"{uri} holds no config.json: not a Hugging Face model directory")
-    marker.touch()
-    log.info("downloaded %d files from %s to %s", count, uri, target)
+    manifest_path = target / MANIFEST
+    try:
+        recorded = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    count = 0
+    for rel, meta in sorted(listing.items()):
+        dest = target / rel
+        if not dest.resolve().is_relative_to(target.resolve()) or dest.resolve() == target.resolve():
+            raise ValueError(f"refusing S3 key that escapes the cache directory: {meta['key']}")
+        if recorded.get(rel) == meta and dest.is_file() and dest.stat().st_size == meta["size"]:
+            continue
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        s3.download_file(bucket, str(meta["key"]), str(dest))
+        count += 1
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(listing, sort_keys=True))
+    tmp.replace(manifest_path)  # atomic: the manifest exists only once every file does
+    log.info("model %s: downloaded %d of %d files to %s", uri, count, len(listing), target)
     return target
 
 

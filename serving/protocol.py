@@ -1,7 +1,10 @@
 """Request and response models: OpenAI's completions / chat completions / models, and SageMaker's invocations body.
 
-Request models validate ranges so bad parameters fail with 400 before any work. Unknown fields are kept (`extra`)
-so a gateway can pass engine-specific options (e.g. vLLM's) through to the upstream.
+Request models validate ranges so bad parameters fail with 400 before any work. A parameter this server does not
+implement (`logprobs`, `tools`, `response_format`, `echo`, `suffix`, engine options such as vLLM's `ignore_eos`, ...)
+is refused with 400 naming it, unless it is sent with its no-op value (e.g. `"logprobs": false`): silently ignoring it
+would give the client something other than what it asked for. The gateway forwards only the fields declared here
+(`serving.backends.upstream.FORWARDED_FIELDS`), so a client cannot reach engine options the operator did not expose.
 """
 
 from __future__ import annotations
@@ -11,34 +14,108 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+MAX_MODEL_NAME_CHARS = 256  # the model id is echoed in errors and written to the audit log
+MAX_STOP_SEQUENCES = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # each; stop handling costs grow with their length on every generated token
+MAX_USER_CHARS = 256
+# torch.Generator.manual_seed accepts exactly this range (a signed or unsigned 64-bit integer)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+# OpenAI / engine parameters that are not implemented, with the values that mean "off" (accepted and dropped)
+_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False, True),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
+}
+# the TGI / Hugging Face `parameters` of SageMaker's invocations body, likewise
+_TGI_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
+    "details": (None, False),
+    "decoder_input_details": (None, False),
+    "top_k": (None, 0),
+    "repetition_penalty": (None, 1, 1.0),
+    "truncate": (None,),
+    "typical_p": (None, 1, 1.0),
+    "watermark": (None, False),
+    "best_of": (None, 1),
+}
+
+
+def _refuse_unsupported(raw: Any, model: type[BaseModel], no_ops: dict[str, tuple[Any, ...]]) -> Any:
+    """Drop unimplemented parameters sent with their no-op value; refuse any other undeclared parameter."""
+    if not isinstance(raw, dict):
+        return raw
+    unknown = [k for k in raw if k not in model.model_fields]
+    refused = [k for k in unknown if not any(_same(raw[k], v) for v in no_ops.get(k, ()))]
+    if refused:
+        names = ", ".join(str(k)[:64] for k in refused[:8])
+        raise PydanticCustomError(
+            "unsupported_parameter",
+            "Unsupported parameter(s): {names}. This server does not implement them.",
+            {"names": names, "param": str(refused[0])[:64]},
+        )
+    return {k: v for k, v in raw.items() if k not in unknown}
+
+
+def _same(value: Any, no_op: Any) -> bool:
+    # `type(...) is` so that True does not pass for 1 or 0.0 for False
+    return (value is None and no_op is None) or (type(value) is type(no_op) and value == no_op)
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str = Field(max_length=MAX_MODEL_NAME_CHARS)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(
+        default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="Below 0.001 the sampling is greedy."
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=1, description="Only n=1 is supported.")
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(
+        default=None, description=f"At most {MAX_STOP_SEQUENCES} sequences of 1-{MAX_STOP_CHARS} characters."
+    )
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, raw: Any) -> Any:
+        return _refuse_unsupported(raw, cls, _NO_OP_VALUES)
 
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
         stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return v
 
     @property
@@ -66,12 +143,14 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -97,18 +176,25 @@ class ChatCompletionRequest(_SamplingFields):
 class SageMakerParameters(BaseModel):
     """The common Hugging Face / TGI `parameters` block."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     do_sample: bool | None = None
     stop: list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     return_full_text: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, raw: Any) -> Any:
+        return _refuse_unsupported(raw, cls, _TGI_NO_OP_VALUES)
 
 
 class SageMakerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     inputs: str
     parameters: SageMakerParameters = Field(default_factory=SageMakerParameters)
 

@@ -1,27 +1,37 @@
 """Start-up lifecycle and graceful shutdown.
 
-    load engine -> bind socket -> build app -> serve
+    read keys -> bind socket -> load engine -> build app -> serve
 
-The engine loads before the socket is bound, so a bound port always means a loaded model (probes never see a
-half-started server). On SIGTERM/SIGINT the server stops accepting, `/readyz` turns 503, in-flight requests get up to
-`drain_timeout_s` to finish, then the engine stops and the process exits 0.
+The keys file is read and the port bound before the model loads, so a bad keys file or a busy port fails at once
+(one line, an exit status) instead of after minutes of loading. Until the app serves, connections wait in the
+listen backlog (probes time out: Kubernetes' startupProbe covers the load). On SIGTERM/SIGINT the server stops
+accepting, `/readyz` turns 503, in-flight requests get up to `drain_timeout_s` to finish (then they are cut with a
+`drain_deadline` error), the engine stops and the process exits 0; a repeated signal also ends in exit 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import resource
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serving import audit
-from serving.auth import KeyStore
+from serving.auth import KeyFileError, KeyStore
 from serving.backends.base import Backend
 from serving.config import ServingConfig
 from serving.handlers import AppState
@@ -30,25 +40,141 @@ from serving.metrics import Metrics
 log = logging.getLogger("serving")
 
 
+# Exit statuses of start-up failures (one line on stderr each; docs/serving.md "Exit statuses").
+EXIT_CONFIG = 2  # bad flags / environment, keys file unreadable, malformed or empty without --allow-unauthenticated
+EXIT_BIND = 3  # the port cannot be bound (in use, no permission)
+EXIT_MODEL = 4  # the model cannot be found, downloaded or loaded
+# uvicorn's own drain deadline is a backstop this long after ours (ours answers every cut request properly)
+DRAIN_BACKSTOP_S = 5.0
+
+
+class StartupError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, but a termination signal is a normal, successful exit after draining.
 
     uvicorn re-raises a captured signal after shutdown (the process would die by SIGTERM, exit status 143); a
     container orchestrator should see exit 0 after a clean drain, so the signal is not recorded for re-raising.
+    At `drain_timeout_s` after the signal, requests still in flight are cut with an OpenAI-shaped `drain_deadline`
+    error and an audit line (`handlers.cut_in_flight`), before uvicorn's own deadline would cancel them into a
+    plain-text 500.
     """
 
     def __init__(self, config: uvicorn.Config, state: AppState) -> None:
         super().__init__(config)
         self.serving_state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(_quiet_exception_handler())
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:
             self.force_exit = True  # a second signal: stop waiting
             return
-        log.info("lifecycle: signal %d: draining (deadline %.0fs)", sig, self.config.timeout_graceful_shutdown or 0)
+        drain = self.serving_state.cfg.drain_timeout_s
+        log.info("lifecycle: signal %d: draining (deadline %.0fs)", sig, drain)
         self.serving_state.draining = True
         self.serving_state.metrics.ready.set(0)
         self.should_exit = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.call_later, drain, self._cut)
+
+    def _cut(self) -> None:
+        from serving.handlers import cut_in_flight
+
+        cut = cut_in_flight(self.serving_state)
+        if cut:
+            log.warning("lifecycle: drain deadline: cut %d requests still in flight", cut)
+
+
+def _quiet_exception_handler() -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """The loop's default handler, but each distinct message at most once per 10 s: when descriptors run out,
+    asyncio reports every failed accept() with a traceback, and that must not become a log storm."""
+    last: dict[str, float] = {}
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", ""))
+        now = time.monotonic()
+        if now - last.get(message, -1e9) < 10.0:
+            return
+        last[message] = now
+        loop.default_exception_handler(context)
+
+    return handler
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus two guards uvicorn lacks: a deadline for a complete request head (a new
+    connection, or a kept-alive one that starts a request, must send its headers within `header_timeout_s`, so idle
+    and half-sent connections cannot pile up), and a cap on open connections (beyond it a new connection is closed
+    at once, so sockets never exhaust the descriptors that health checks, the model and the upstream need).
+
+    uvicorn's `timeout_keep_alive` covers only the idle time after a response, and `limit_concurrency` answers 503
+    only once a request head has arrived, which a slow client never completes.
+    """
+
+    header_timeout_s = 10.0
+    max_connections = 1024
+    _last_cap_log = 0.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            now = time.monotonic()
+            if now - GuardedH11Protocol._last_cap_log > 10.0:
+                GuardedH11Protocol._last_cap_log = now
+                log.warning("connection cap (%d) reached: closing new connections", self.max_connections)
+            transport.abort()
+            return
+        self._watch_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _watch_head(self) -> None:
+        """Armed while the client owes a request head: on a fresh connection, and once a kept-alive connection has
+        sent part of one (before that, the idle kept-alive connection is uvicorn's keep-alive timer's)."""
+        waiting = self.conn.their_state is h11.IDLE and self.timeout_keep_alive_task is None
+        if waiting and self._head_timer is None and not self.transport.is_closing():
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timeout)
+        elif not waiting:
+            self._stop_head_timer()
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def connection_cap(cfg: ServingConfig) -> int:
+    if cfg.max_connections:
+        return cfg.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, min(4096, soft - 128))
 
 
 def load_engine(cfg: ServingConfig, metrics: Metrics) -> Backend:
@@ -58,7 +184,9 @@ def load_engine(cfg: ServingConfig, metrics: Metrics) -> Backend:
         from serving.backends.upstream import UpstreamBackend
 
         log.info("lifecycle: engine = upstream %s", cfg.upstream)
-        return UpstreamBackend(cfg.upstream, cfg.upstream_api_key, cfg.request_timeout_s)
+        return UpstreamBackend(
+            cfg.upstream, cfg.upstream_api_key, cfg.request_timeout_s, default_max_tokens=cfg.default_max_tokens
+        )
     model_dir = resolve_model_dir(cfg.model, cfg.model_cache_dir)
     if cfg.engine == "vllm":
         return start_vllm(cfg, model_dir)
@@ -86,7 +214,7 @@ def start_vllm(cfg: ServingConfig, model_dir: Path) -> Backend:
     child = subprocess.Popen(command, start_new_session=True)
     return UpstreamBackend(
         f"http://127.0.0.1:{cfg.vllm_port}", "", cfg.request_timeout_s, child=child,
-        child_stop_timeout_s=cfg.drain_timeout_s,
+        child_stop_timeout_s=cfg.drain_timeout_s, default_max_tokens=cfg.default_max_tokens,
     )  # fmt: skip
 
 
@@ -102,24 +230,69 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def load_keys(cfg: ServingConfig) -> KeyStore:
+    """Fail closed: no keys means no server, unless the operator said --allow-unauthenticated."""
+    keys = KeyStore([])
+    if cfg.api_keys_file:
+        try:
+            keys = KeyStore.from_file(cfg.api_keys_file, cfg.default_rpm, cfg.default_tpm)
+        except OSError as exc:
+            raise StartupError(EXIT_CONFIG, f"api keys file {cfg.api_keys_file}: {exc.strerror}") from None
+        except KeyFileError as exc:
+            raise StartupError(EXIT_CONFIG, f"api keys file {cfg.api_keys_file}: {exc}") from None
+    if keys.enabled:
+        log.info("lifecycle: %d API keys loaded (hashes only)", len(keys))
+        return keys
+    if not cfg.allow_unauthenticated:
+        where = f"api keys file {cfg.api_keys_file} holds no keys" if cfg.api_keys_file else "no --api-keys-file"
+        raise StartupError(
+            EXIT_CONFIG, f"{where}: refusing to serve without authentication (pass --allow-unauthenticated to do so)"
+        )
+    log.warning("lifecycle: --allow-unauthenticated: authentication is DISABLED")
+    return keys
+
+
+def _exit_quietly(sig: int, frame: FrameType | None) -> None:
+    """SIGTERM / SIGINT before serving (nothing in flight): exit 0 at once."""
+    raise SystemExit(0)
+
+
 def run(cfg: ServingConfig) -> int:
+    """Start-up failures are one line on stderr and an exit status (EXIT_*), never a traceback."""
     logging.basicConfig(
         level=cfg.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     audit.configure_audit_log()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_quietly)
+    try:
+        return _run(cfg)
+    except StartupError as exc:
+        print(f"serving: {exc}", file=sys.stderr)
+        return exc.status
+    finally:
+        # teardown (joining threads, freeing the model) can take a while, and a repeated SIGTERM then must not turn a
+        # clean exit into 143: ignored at the OS level, because Python resets its own handlers to the default while
+        # the interpreter finalizes (signal._PySignal_Fini), but keeps SIG_IGN
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _run(cfg: ServingConfig) -> int:
     metrics = Metrics()
-
-    backend = load_engine(cfg, metrics)
-    keys = (
-        KeyStore.from_file(cfg.api_keys_file, cfg.default_rpm, cfg.default_tpm) if cfg.api_keys_file else KeyStore([])
-    )
-    if keys.enabled:
-        log.info("lifecycle: %d API keys loaded (hashes only)", len(keys))
-    else:
-        log.warning("lifecycle: no API keys configured: authentication is DISABLED")
-
-    sock = bind_socket(cfg.host, cfg.port)
-    log.info("lifecycle: bound %s:%d (pid %d)", cfg.host, cfg.port, os.getpid())
+    # cheap checks first: a bad keys file or a busy port fails in a second, not after minutes of model loading
+    keys = load_keys(cfg)
+    try:
+        sock = bind_socket(cfg.host, cfg.port)
+    except OSError as exc:
+        raise StartupError(EXIT_BIND, f"cannot bind {cfg.host}:{cfg.port}: {exc.strerror}") from None
+    log.info("lifecycle: bound %s:%d (pid %d); loading the engine", cfg.host, cfg.port, os.getpid())
+    try:
+        backend = load_engine(cfg, metrics)
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        log.debug("engine load failed", exc_info=True)
+        sock.close()
+        raise StartupError(EXIT_MODEL, f"cannot load the model {cfg.model}: {type(exc).__name__}: {exc}") from None
 
     from serving.app import build_app  # imported late: FastAPI import cost is not on the engine's critical path
 
@@ -129,17 +302,30 @@ def run(cfg: ServingConfig) -> int:
         keys=keys,
         metrics=metrics,
         default_model="" if cfg.upstream and not cfg.served_model_name else cfg.model_id,
+        max_request_bytes=request_limit(cfg, backend),
     )
     app = build_app(state)
     metrics.ready.set(1)
-    log.info("lifecycle: app built; serving")
+    protocol = type(
+        "ServingH11Protocol",
+        (GuardedH11Protocol,),
+        {"header_timeout_s": cfg.header_timeout_s, "max_connections": connection_cap(cfg)},
+    )
+    log.info(
+        "lifecycle: app built; serving (request body limit %d bytes, at most %d connections)",
+        state.max_request_bytes,
+        protocol.max_connections,
+    )
 
     server = DrainingServer(
         uvicorn.Config(
             app,
+            http=protocol,
             log_level=cfg.log_level,
             access_log=False,  # the audit log is the access log, without secrets
-            timeout_graceful_shutdown=int(cfg.drain_timeout_s),
+            timeout_keep_alive=max(1, round(cfg.keepalive_timeout_s)),
+            timeout_graceful_shutdown=round(cfg.drain_timeout_s + DRAIN_BACKSTOP_S),
+            h11_max_incomplete_event_size=64 * 1024,  # request head size bound (uvicorn's default, stated)
             lifespan="on",
         ),
         state,
@@ -147,3 +333,12 @@ def run(cfg: ServingConfig) -> int:
     server.run(sockets=[sock])
     log.info("lifecycle: stopped")
     return 0
+
+
+def request_limit(cfg: ServingConfig, backend: Backend) -> int:
+    """--max-request-bytes, or max(1 MiB, 64 bytes per context token): room for a context-filling prompt in JSON
+    with escapes, and nothing near the sizes that froze the server (multi-megabyte prompts for a 2k context)."""
+    if cfg.max_request_bytes:
+        return cfg.max_request_bytes
+    context = cfg.max_model_len or int(getattr(backend, "max_model_len", 0) or 0) or 131072
+    return max(1 << 20, 64 * context)

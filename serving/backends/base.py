@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -12,7 +12,7 @@ from serving.protocol import ChatCompletionRequest, CompletionRequest
 GenerationBody = CompletionRequest | ChatCompletionRequest
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the handlers key in-flight requests by their context
 class RequestContext:
     request_id: str
     endpoint: str
@@ -21,6 +21,11 @@ class RequestContext:
     completion_tokens: int = 0
     first_token_at: float | None = None
     finish_reason: str | None = None
+    # Called by the engine once it knows the most tokens the request can use (prompt + max_tokens), before any
+    # generation work; the handler reserves that much of the key's token budget here (raising 429 when it does not
+    # fit). A no-op outside the handlers.
+    reserve: Callable[[int], None] = field(default=lambda tokens: None)
+    cut: bool = False  # set when the drain deadline cut this request
 
     def first_token(self) -> None:
         if self.first_token_at is None:

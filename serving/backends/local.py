@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,11 @@ log = logging.getLogger("serving.local")
 
 # Seconds a shed client is told to wait; one batch of the debug model takes well under this.
 QUEUE_RETRY_AFTER_S = 1.0
+# A prompt longer than context * this many characters cannot fit (no tokenizer averages 32 characters per token
+# over a whole prompt), so it is refused before tokenizing: tokenizing costs time proportional to its length.
+MAX_CHARS_PER_TOKEN = 32
+# Temperatures below this are treated exactly as 0 (greedy); see docs/serving.md "Limits".
+MIN_TEMPERATURE = 1e-3
 
 
 class LocalBackend:
@@ -75,6 +83,9 @@ class LocalBackend:
             observer=observer,
         )
         self._relay: _EventRelay | None = None
+        # tokenization and chat templates run here, off the event loop; one thread, so a flood of long prompts
+        # queues here (bounded by the in-flight limit) instead of competing with the engine for cores
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.scheduler.start()
         log.info(
             "loaded %s (%s params, context %d, batching %s)",
@@ -94,6 +105,7 @@ class LocalBackend:
         return self.scheduler.healthy
 
     async def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.scheduler.stop, self.cfg.drain_timeout_s)
 
     # -- request preparation -----------------------------------------------------------------------------------------
@@ -103,13 +115,70 @@ class LocalBackend:
             raise APIError(404, f"The model '{body.model}' does not exist.", code="model_not_found", param="model")
 
     def _prompt_ids(self, body: GenerationBody) -> list[int]:
+        """Runs on the tokenizer thread, never on the event loop."""
+        param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+        chars = (
+            sum(len(m.text) for m in body.messages)
+            if isinstance(body, ChatCompletionRequest)
+            else len(body.prompt_text)
+        )
+        if chars > self.max_model_len * MAX_CHARS_PER_TOKEN:
+            # bounded work: a prompt this long cannot fit the context, so it is refused without tokenizing it
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {chars} "
+                "characters, more than any prompt of that many tokens.",
+                param=param,
+                code="context_length_exceeded",
+            )
         if isinstance(body, ChatCompletionRequest):
             if not self.tokenizer.chat_template:
                 raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
-            messages = [{"role": m.role, "content": m.text} for m in body.messages]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer.encode(str(text), add_special_tokens=False))
-        return list(self.tokenizer.encode(body.prompt_text))
+            ids = self._chat_ids(body)
+        else:
+            ids = self._encode(body.prompt_text, special=True, add_special_tokens=True)
+        if not ids:
+            raise bad_request("The prompt is empty: it must hold at least one token.", param=param)
+        return ids
+
+    def _encode(self, text: str, *, special: bool, add_special_tokens: bool = False) -> list[int]:
+        # a one-item batch: the Rust tokenizer releases the GIL for batches, not for single encodes, so the event
+        # loop keeps running while a long prompt is tokenized on this thread
+        out = self.tokenizer([text], add_special_tokens=add_special_tokens, split_special_tokens=not special)
+        return list(out["input_ids"][0])
+
+    def _chat_ids(self, body: ChatCompletionRequest) -> list[int]:
+        """The chat template's own markers as special tokens; message content always as text.
+
+        Rendering the template with the content in place and encoding the result would turn `<|im_start|>system`
+        typed by a user into the real role marker (a prompt injection across the template's trust boundary). So the
+        template is rendered around per-request placeholders, and only the template's text between them is parsed
+        for special tokens.
+        """
+        nonce = secrets.token_hex(8)
+        marks = [f"\u27e6{nonce}:{i}\u27e7" for i in range(len(body.messages))]
+        messages = [{"role": m.role, "content": mark} for m, mark in zip(body.messages, marks, strict=True)]
+        rendered = str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        pieces = re.split(f"(\u27e6{nonce}:\\d+\u27e7)", rendered)
+        seen = pieces[1::2]
+        if sorted(seen) != sorted(marks) or len(seen) != len(set(seen)):
+            # the template transforms or drops content: render it for real, and refuse content that would turn into
+            # special tokens rather than encode it as markers
+            for m in body.messages:
+                hit = next((t for t in self.tokenizer.all_special_tokens if t and t in m.text), None)
+                if hit is not None:
+                    raise bad_request(f"Message content contains the special token {hit!r}.", param="messages")
+            plain = [{"role": m.role, "content": m.text} for m in body.messages]
+            text = self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+            return self._encode(str(text), special=True)
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if not piece:
+                continue
+            if i % 2:
+                ids += self._encode(body.messages[marks.index(piece)].text, special=False)
+            else:
+                ids += self._encode(piece, special=True)
+        return ids
 
     def _sampling(self, body: GenerationBody, prompt_len: int) -> SamplingParams:
         room = self.max_model_len - prompt_len
@@ -122,14 +191,17 @@ class LocalBackend:
                 code="context_length_exceeded",
             )
         max_tokens = body.max_tokens if body.max_tokens is not None else min(self.cfg.default_max_tokens, room)
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        # below MIN_TEMPERATURE sampling is greedy in all but name; treating it as greedy exactly is documented
+        temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, seed=body.seed)
 
-    def _admit(self, body: GenerationBody, ctx: RequestContext) -> tuple[GenerationRequest, asyncio.Queue[Event]]:
+    async def _admit(self, body: GenerationBody, ctx: RequestContext) -> tuple[GenerationRequest, asyncio.Queue[Event]]:
         self._check_model(body)
-        prompt_ids = self._prompt_ids(body)
+        loop = asyncio.get_running_loop()
+        prompt_ids = await loop.run_in_executor(self._tokenize_pool, self._prompt_ids, body)
         params = self._sampling(body, len(prompt_ids))
         ctx.prompt_tokens = len(prompt_ids)
-        loop = asyncio.get_running_loop()
+        ctx.reserve(len(prompt_ids) + params.max_tokens)  # the key's token budget, before any engine work
         if self._relay is None or self._relay.loop is not loop:
             self._relay = _EventRelay(loop)
         relay = self._relay
@@ -188,7 +260,7 @@ class LocalBackend:
                     prefix, read = read, len(ids)
                 if finish is not None:
                     if finish.reason == "error":
-                        raise APIError(500, f"Generation failed: {finish.error}", type_="server_error")
+                        raise APIError(500, f"Generation failed: {finish.error}.", code="engine_error")
                     ctx.finish_reason = "length" if finish.reason == "length" else "stop"
                     if read < len(ids):  # flush what was held back as a partial character
                         text += decode(ids[prefix:], skip_special_tokens=True)[
@@ -213,7 +285,7 @@ class LocalBackend:
             gen.cancel()  # no-op when finished; stops decoding when the client went away
 
     async def complete(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
-        gen, events = self._admit(body, ctx)
+        gen, events = await self._admit(body, ctx)
         text = "".join([d async for d in self._text_deltas(gen, events, body.stop_list, ctx)])
         usage = Usage(
             prompt_tokens=ctx.prompt_tokens,
@@ -225,7 +297,7 @@ class LocalBackend:
         return completion_body(ctx.request_id, self.model_id, text, ctx.finish_reason, usage)
 
     async def stream(self, body: GenerationBody, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
-        gen, events = self._admit(body, ctx)
+        gen, events = await self._admit(body, ctx)
         return self._chunks(body, gen, events, ctx)
 
     async def _chunks(
@@ -294,11 +366,17 @@ def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
 
 
 def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of a stop sequence."""
+    """Length of the longest suffix of text that is a proper prefix of a stop sequence.
+
+    Only positions in the tail where the stop's first character occurs are tried (str.find, in C), leftmost first:
+    the first match is the longest. Trying every length with a fresh slice cost O(len(stop)^2) per token."""
     best = 0
     for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
+        tail = text[-(len(s) - 1) :] if len(s) > 1 else ""
+        i = tail.find(s[0])
+        while i >= 0 and len(tail) - i > best:
+            if s.startswith(tail[i:]):
+                best = len(tail) - i
                 break
+            i = tail.find(s[0], i + 1)
     return best

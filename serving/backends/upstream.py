@@ -4,6 +4,13 @@ The gateway never forwards the client's key (it sends its own `--upstream-api-ke
 through as they arrive, and reads `usage` from the upstream so token limits, metrics and audit work as in the
 built-in engine. For streams it asks the upstream for usage (`stream_options.include_usage`) and drops that final
 chunk again when the client did not ask for it.
+
+Parity with the built-in engine: `max_tokens` defaults to --default-max-tokens (never the upstream's default, which
+for vLLM is the rest of the context), only the declared request fields are forwarded (`FORWARDED_FIELDS`), and the
+key's token budget is reserved before forwarding (prompt estimated from its length, settled to the upstream's usage,
+or to the chunks counted as they pass when the upstream reports none, so an abandoned stream is charged too). The
+upstream's own 401/403/429 are about the gateway's credentials or the upstream's capacity, never the client's key:
+they become 502 / 503 with a message that says so.
 """
 
 from __future__ import annotations
@@ -24,6 +31,15 @@ from serving.protocol import ChatCompletionRequest
 
 log = logging.getLogger("serving.upstream")
 
+# The request fields a client may have forwarded upstream: an allow-list, so engine options (vLLM's `ignore_eos`,
+# `min_tokens`, `best_of`, `use_beam_search`, ...) never reach it. `max_completion_tokens` is sent as `max_tokens`.
+FORWARDED_FIELDS = frozenset(
+    {"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user"}
+)
+# Prompt tokens are estimated from UTF-8 bytes before the upstream reports the real count (typical BPE vocabularies
+# average 3-4 bytes per token on English text; the reservation settles to the real usage at the end).
+BYTES_PER_TOKEN_ESTIMATE = 4
+
 
 class UpstreamBackend:
     def __init__(
@@ -33,7 +49,9 @@ class UpstreamBackend:
         timeout_s: float = 600.0,
         child: subprocess.Popen[bytes] | None = None,
         child_stop_timeout_s: float = 30.0,
+        default_max_tokens: int = 256,
     ) -> None:
+        self.default_max_tokens = default_max_tokens
         self.child = child  # the engine process this gateway started (--engine vllm), if any
         self.child_stop_timeout_s = child_stop_timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -84,21 +102,37 @@ class UpstreamBackend:
             raise APIError(502, f"Upstream engine unreachable: {type(exc).__name__}.", code="upstream_error") from exc
         if response.status_code >= 400:
             raise _upstream_error(response.status_code, response.content, response.headers)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise APIError(502, "Upstream engine sent a body that is not JSON.", code="upstream_error") from exc
+
+    def _payload(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
+        """The allow-listed fields, the default max_tokens, and the key's token reservation."""
+        payload = body.model_dump(include=set(FORWARDED_FIELDS), exclude_none=True)
+        payload["max_tokens"] = body.max_tokens if body.max_tokens is not None else self.default_max_tokens
+        ctx.prompt_tokens = estimate_prompt_tokens(body)
+        ctx.reserve(ctx.prompt_tokens + payload["max_tokens"])
+        return payload
 
     async def complete(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
-        payload = body.model_dump(exclude_none=True)
+        payload = self._payload(body, ctx)
         payload["stream"] = False
         result = await self._json("POST", self._path(body), payload)
         usage = result.get("usage") or {}
-        ctx.prompt_tokens = int(usage.get("prompt_tokens", 0))
-        ctx.completion_tokens = int(usage.get("completion_tokens", 0))
         choices = result.get("choices") or [{}]
-        ctx.finish_reason = choices[0].get("finish_reason")
+        ctx.prompt_tokens = int(usage.get("prompt_tokens", ctx.prompt_tokens))
+        if "completion_tokens" in usage:
+            ctx.completion_tokens = int(usage["completion_tokens"])
+        else:  # no usage from the upstream: estimate from the text, so the key is still charged
+            choice = choices[0] if isinstance(choices[0], dict) else {}
+            text = choice.get("text") or (choice.get("message") or {}).get("content") or ""
+            ctx.completion_tokens = -(-len(str(text).encode()) // BYTES_PER_TOKEN_ESTIMATE)
+        ctx.finish_reason = choices[0].get("finish_reason") if isinstance(choices[0], dict) else None
         return result
 
     async def stream(self, body: GenerationBody, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
-        payload = body.model_dump(exclude_none=True)
+        payload = self._payload(body, ctx)
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
         request = self.client.build_request("POST", self._path(body), json=payload)
@@ -115,6 +149,7 @@ class UpstreamBackend:
     async def _chunks(
         self, response: httpx.Response, client_wants_usage: bool, ctx: RequestContext
     ) -> AsyncIterator[dict[str, Any]]:
+        counted = 0  # content chunks seen: vLLM sends one per token; the charge if the upstream reports no usage
         try:
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -122,7 +157,14 @@ class UpstreamBackend:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     return
-                chunk = json.loads(data)
+                try:
+                    chunk = json.loads(data)
+                except ValueError as exc:
+                    raise APIError(
+                        502, "Upstream engine sent a malformed stream chunk.", code="upstream_error"
+                    ) from exc
+                if not isinstance(chunk, dict):
+                    raise APIError(502, "Upstream engine sent a malformed stream chunk.", code="upstream_error")
                 if "error" in chunk:
                     raise APIError(502, f"Upstream error mid-stream: {chunk['error']}", code="upstream_error")
                 choices = chunk.get("choices") or []
@@ -130,12 +172,14 @@ class UpstreamBackend:
                     delta = choice.get("delta") or {}
                     if delta.get("content") or choice.get("text"):
                         ctx.first_token()
+                        counted += 1
+                        ctx.completion_tokens = counted
                     if choice.get("finish_reason"):
                         ctx.finish_reason = choice["finish_reason"]
                 usage = chunk.get("usage")
                 if usage:
-                    ctx.prompt_tokens = int(usage.get("prompt_tokens", 0))
-                    ctx.completion_tokens = int(usage.get("completion_tokens", 0))
+                    ctx.prompt_tokens = int(usage.get("prompt_tokens", ctx.prompt_tokens))
+                    ctx.completion_tokens = int(usage.get("completion_tokens", counted))
                     if not choices and not client_wants_usage:
                         continue
                     if not client_wants_usage:
@@ -147,8 +191,32 @@ class UpstreamBackend:
             await response.aclose()  # closing mid-stream tells the upstream the client went away
 
 
+def estimate_prompt_tokens(body: GenerationBody) -> int:
+    if isinstance(body, ChatCompletionRequest):
+        size = sum(len(m.text.encode()) for m in body.messages)
+    else:
+        size = len(body.prompt_text.encode())
+    return max(1, -(-size // BYTES_PER_TOKEN_ESTIMATE))
+
+
 def _upstream_error(status: int, content: bytes, headers: httpx.Headers) -> APIError:
-    """Pass the upstream's status and message through (a 400 from vLLM stays a 400 for the client)."""
+    """Pass the upstream's client errors through (a 400 from vLLM stays a 400 for the client); its 401/403 (the
+    gateway's own credentials) become 502, its 429 (its capacity) 503, its 5xx 502 (503 stays 503)."""
+    retry_after = headers.get("Retry-After")
+    retry = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
+    if status in (401, 403):
+        log.error("upstream refused the gateway's credentials (HTTP %d): check --upstream-api-key", status)
+        return APIError(
+            502, f"The upstream engine refused this gateway's credentials (HTTP {status}); this is a server "
+            "configuration problem, not your API key.", code="upstream_auth_error",
+        )  # fmt: skip
+    if status == 429 or status == 503:
+        return APIError(
+            503, f"The upstream engine is overloaded (HTTP {status}). Retry later.",
+            code="upstream_overloaded", retry_after=retry if retry is not None else 1.0,
+        )  # fmt: skip
+    if status >= 500:
+        return APIError(502, f"The upstream engine failed (HTTP {status}).", code="upstream_error")
     message, code, param = f"Upstream returned HTTP {status}.", None, None
     try:
         err = json.loads(content).get("error")
@@ -159,11 +227,10 @@ def _upstream_error(status: int, content: bytes, headers: httpx.Headers) -> APIE
             message = err
     except (ValueError, AttributeError):
         pass
-    retry_after = headers.get("Retry-After")
     return APIError(
         status,
-        message,
-        code=str(code) if code is not None else None,
-        param=param,
-        retry_after=float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None,
+        str(message)[:1000],
+        code=str(code)[:64] if code is not None else None,
+        param=str(param)[:64] if param is not None else None,
+        retry_after=retry,
     )

@@ -92,7 +92,7 @@ def test_model_reads_the_uncompressed_export_inside_the_vpc(dev: tuple[StackConf
         "s3DataType": "S3Prefix",
         "compressionType": "None",
     }
-    assert container["environment"] == {"SERVING_MODEL": "/opt/ml/model"}
+    assert container["environment"] == {"SERVING_MODEL": "/opt/ml/model", "SERVING_ALLOW_UNAUTHENTICATED": "true"}
     assert model["vpcConfig"]["subnets"] == SUBNETS
     assert model["vpcConfig"]["securityGroupIds"][0].startswith("sg-")
     assert model["enableNetworkIsolation"] is True

@@ -18,6 +18,8 @@ from tools.net import free_port, wait_http
 
 ALICE_KEY = "sk-test-alice-0123456789"
 LIMITED_KEY = "sk-test-limited-0123456789"
+STRICT_KEY = "sk-test-strict-0123456789"  # rpm=3: counted before validation
+TINY_KEY = "sk-test-tiny-0123456789"  # tpm=60: reservations under concurrency
 FRONT_KEY = "sk-test-front-0123456789"
 MODEL_ID = "debug-model"
 
@@ -32,7 +34,10 @@ def debug_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("secrets") / "keys"
-    path.write_text(f"# key-id  key  limits\nalice {ALICE_KEY} rpm=100000 tpm=100000000\nlimited {LIMITED_KEY} rpm=2\n")
+    path.write_text(
+        f"# key-id  key  limits\nalice {ALICE_KEY} rpm=100000 tpm=100000000\nlimited {LIMITED_KEY} rpm=2\n"
+        f"strict {STRICT_KEY} rpm=3\ntiny {TINY_KEY} tpm=60  # a comment after whitespace\n"
+    )
     return path
 
 

@@ -123,8 +123,7 @@ def test_rate_limiter_windows_slide() -> None:
         limiter.admit(key)
     assert err.value.status == 429 and err.value.headers()["Retry-After"] == "60"
     now[0] = 61.0
-    limiter.admit(key)
-    limiter.charge(key, 150)
+    limiter.settle(limiter.admit(key), 150)
     now[0] = 100.0
     with pytest.raises(APIError) as err:
         limiter.admit(key)

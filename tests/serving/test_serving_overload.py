@@ -17,7 +17,8 @@ FLOOD = 24
 @pytest.fixture(scope="module")
 def small_server(start_server: ServerFactory, debug_model_dir: Path) -> ServingProcess:
     return start_server(
-        "--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--max-batch-size", "2", "--max-queue", "2"
+        "--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--max-batch-size", "2", "--max-queue", "2",
+        "--allow-unauthenticated",
     )  # fmt: skip
 
 
@@ -70,7 +71,7 @@ def test_client_disconnect_cancels_generation(small_server: ServingProcess) -> N
 
 
 def test_gateway_bounds_requests_in_flight(start_server: ServerFactory, small_server: ServingProcess) -> None:
-    front = start_server("--upstream", small_server.url, "--max-inflight", "2")
+    front = start_server("--upstream", small_server.url, "--max-inflight", "2", "--allow-unauthenticated")
     body = {"model": MODEL_ID, "prompt": "flood the gateway", "max_tokens": 48, "stream": True}
 
     def call(_: int) -> tuple[int, str, int]:
@@ -84,3 +85,29 @@ def test_gateway_bounds_requests_in_flight(start_server: ServerFactory, small_se
     at_gateway = [r for r in results if r[0] == 503 and "too many requests in flight" in r[1]]
     assert at_gateway and all(retry >= 1 for _, _, retry in at_gateway)
     assert all(text.rstrip().endswith("data: [DONE]") for status, text, _ in results if status == 200)
+
+
+def test_shed_requests_do_not_use_up_the_keys_rpm(
+    start_server: ServerFactory, debug_model_dir: Path, tmp_path: Path
+) -> None:
+    """rpm=3 and room for one request in flight: while a stream holds it, five requests are shed with 503; a client
+    obeying Retry-After still has its two remaining requests afterwards (shed requests used to count)."""
+    key = "sk-test-shed-0123456789"
+    keys = tmp_path / "keys"
+    keys.write_text(f"shed {key} rpm=3\n")
+    server = start_server(
+        "--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--api-keys-file", str(keys),
+        "--max-batch-size", "1", "--max-queue", "1", "--max-inflight", "1",
+    )  # fmt: skip
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": MODEL_ID, "prompt": "hold the slot", "max_tokens": 400, "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, headers=headers) as r:
+        lines = r.iter_lines()
+        next(lines)
+        shed = [httpx.post(server.url + "/v1/completions", json=body, headers=headers, timeout=60) for _ in range(5)]
+        assert [s.status_code for s in shed] == [503] * 5
+        for _ in lines:
+            pass
+    short = {**body, "max_tokens": 2}
+    after = [httpx.post(server.url + "/v1/completions", json=short, headers=headers, timeout=60) for _ in range(3)]
+    assert [a.status_code for a in after] == [200, 200, 429]

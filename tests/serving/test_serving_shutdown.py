@@ -16,7 +16,10 @@ TOKENS = 120
 
 
 def test_sigterm_finishes_in_flight_streams_then_exits_0(start_server: ServerFactory, debug_model_dir: Path) -> None:
-    server = start_server("--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--drain-timeout-s", "60")
+    server = start_server(
+        "--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--drain-timeout-s", "60",
+        "--allow-unauthenticated",
+    )  # fmt: skip
     body = {
         "model": MODEL_ID,
         "messages": [{"role": "user", "content": "tell me everything"}],

@@ -89,7 +89,8 @@ def test_engine_vllm_spawns_and_stops_the_engine_process(
     engine_port = free_port()
     gateway = start_server(
         "--model", str(debug_model_dir), "--engine", "vllm", "--served-model-name", MODEL_ID,
-        "--vllm-command", f"{sys.executable} -m serving --model", "--vllm-port", str(engine_port),
+        "--vllm-command", f"{sys.executable} -m serving --allow-unauthenticated --model",
+        "--vllm-port", str(engine_port),
         "--api-keys-file", str(keys_file),
     )  # fmt: skip
     r = oai(gateway.url, ALICE_KEY).chat.completions.create(**CHAT)  # type: ignore[call-overload]
