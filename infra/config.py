@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from infra.instance_types import GPU_INSTANCE_TYPES
+from infra.vllm_sizing import MODEL_SHAPES, check_serving_fit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILE = REPO_ROOT / "Pulumi.yaml"
@@ -183,6 +184,8 @@ class ServingConfig:
     image_tag: str
     model_prefix: str
     engine: Literal["builtin", "vllm"]
+    model_shape: str
+    """Key of infra.vllm_sizing.MODEL_SHAPES vLLM is sized for; empty: derived from model_prefix."""
     replicas: int
     max_replicas: int
     gpus_per_replica: int
@@ -474,6 +477,8 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
         bad("servingGpusPerReplica", "must be at least 1")
     if v["servingEngine"] not in ENGINES:
         bad("servingEngine", f"must be one of {', '.join(ENGINES)}")
+    if v["servingModelShape"] and v["servingModelShape"] not in MODEL_SHAPES:
+        bad("servingModelShape", f"must be empty or one of {', '.join(MODEL_SHAPES)}")
     if not _TAG_RE.match(v["servingImageTag"]) or v["servingImageTag"] == "latest":
         bad("servingImageTag", "must be a valid, immutable image tag (not 'latest')")
     if not _PREFIX_RE.match(v["servingModelPrefix"]) or ".." in v["servingModelPrefix"]:
@@ -493,6 +498,9 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
     if v["sagemakerInvocationsPerInstance"] < 1:
         bad("sagemakerInvocationsPerInstance", "must be at least 1")
     p.extend(_check_operations(v, project))
+    if not p:
+        # Last: it reads the pool, instance-type and serving keys checked above.
+        p.extend(check_serving_fit(v, project))
     return p
 
 
@@ -595,6 +603,7 @@ def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackCon
             image_tag=v["servingImageTag"],
             model_prefix=v["servingModelPrefix"].strip("/"),
             engine=v["servingEngine"],
+            model_shape=v["servingModelShape"],
             replicas=v["servingReplicas"],
             max_replicas=v["servingMaxReplicas"],
             gpus_per_replica=v["servingGpusPerReplica"],
