@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--nodes", type=int, default=1, help="EKS: nodes of the training pool (one pod per node)")
-    p.add_argument("--efa-devices", type=int, default=1, help="EKS: EFA devices per node (p4d: 4, p5: 32)")
+    p.add_argument(
+        "--efa-devices", type=int, default=None, help="EKS: EFA devices per node (default: all the type has)"
+    )
     p.add_argument("--instance-type", default="ml.p4d.24xlarge", help="SageMaker instance type")
     p.add_argument("--instance-count", type=int, default=1, help="SageMaker instances")
     p.add_argument("--spot", action="store_true", help="SageMaker managed spot training")
