@@ -8,6 +8,7 @@ through EKS Pod Identity (no OIDC provider, no IRSA annotations).
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
 from infra.config import POOL_LABEL, GpuPool, StackConfig
+from infra.instance_types import NVME_INSTANCE_STORE_GB
 
 CONTROL_PLANE_LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
 """All five control-plane log types: audit and authenticator are the access-control trail; the rest debug upgrades."""
@@ -48,6 +50,28 @@ EFA_NETWORK_CARDS = {
 }
 """Network cards of multi-card EFA instance types (EC2 accelerated-computing docs); other EFA types have one. Full EFA
 bandwidth needs one EFA interface per card. Belongs in infra.instance_types once that table carries it."""
+
+LOCAL_NVME_NODE_CONFIG = """MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="BOUNDARY"
+
+--BOUNDARY
+Content-Type: application/node.eks.aws
+
+---
+apiVersion: node.eks.aws/v1alpha1
+kind: NodeConfig
+spec:
+  instance:
+    localStorage:
+      strategy: RAID0
+
+--BOUNDARY--
+"""
+"""nodeadm (AL2023) stripes the instance-store NVMe disks into one RAID0 array and moves the kubelet's and
+containerd's directories onto it (awslabs/amazon-eks-ami nodeadm/api/v1alpha1 LocalStorageOptions; setup-local-disks
+binds both unless disabledMounts says otherwise). So pods' emptyDir scratch, model caches and image layers land on
+local NVMe (p5: 8 x 3.84 TB) instead of the gp3 root volume. A managed node group merges this MIME part with the
+NodeConfig it generates itself (no custom AMI: EKS fills in the cluster details)."""
 
 _TAINT_EFFECTS = {"NoSchedule": "NO_SCHEDULE", "NoExecute": "NO_EXECUTE", "PreferNoSchedule": "PREFER_NO_SCHEDULE"}
 """Kubernetes spells taint effects one way, the EKS API another."""
@@ -270,9 +294,11 @@ class Cluster(pulumi.ComponentResource):
         disk_gb: int,
         network_interfaces: list[aws.ec2.LaunchTemplateNetworkInterfaceArgs] | None = None,
         placement: aws.ec2.LaunchTemplatePlacementArgs | None = None,
+        user_data: str | None = None,
     ) -> aws.ec2.LaunchTemplate:
         """Launch template for a managed node group: encrypted gp3 root volume, IMDSv2 only, tags on instances and
-        volumes. No AMI and no user data: EKS fills both in for the node group's AMI type."""
+        volumes. No AMI: EKS fills it in for the node group's AMI type, and its bootstrap user data too (merged with
+        `user_data`, a nodeadm NodeConfig, when given)."""
         cfg = self._args.config
         propagated = {**self._args.tags, POOL_LABEL: pool_name}
         return aws.ec2.LaunchTemplate(
@@ -301,6 +327,7 @@ class Cluster(pulumi.ComponentResource):
             ),
             network_interfaces=network_interfaces,
             placement=placement,
+            user_data=base64.b64encode(user_data.encode()).decode() if user_data else None,
             tag_specifications=[
                 aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=propagated)
                 for kind in ("instance", "volume", "network-interface")
@@ -340,7 +367,10 @@ class Cluster(pulumi.ComponentResource):
         placement = None
         if pool.efa:
             subnet_ids, network_interfaces, placement = self._efa_networking(pool)
-        lt = self._launch_template(pool.name, pool.disk_gb, network_interfaces, placement)
+        local_nvme = all(t in NVME_INSTANCE_STORE_GB for t in pool.instance_types)
+        lt = self._launch_template(
+            pool.name, pool.disk_gb, network_interfaces, placement, LOCAL_NVME_NODE_CONFIG if local_nvme else None
+        )
         return aws.eks.NodeGroup(
             f"{self._name}-{pool.name}",
             cluster_name=self.cluster.name,

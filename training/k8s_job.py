@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infra import outputs as out
-from infra.instance_types import EFA_INTERFACES, GPU_INSTANCE_TYPES, has_gpudirect_rdma
+from infra.instance_types import EFA_INTERFACES, GPU_INSTANCE_TYPES, NVME_INSTANCE_STORE_GB, has_gpudirect_rdma
 from training.stack import require, training_pool
 
 RDZV_PORT = 29500
@@ -32,6 +32,8 @@ store) can come minutes after the others', and its image pull adds more. Past th
 RDZV_JOIN_TIMEOUT_S = 1800
 """How long a rendezvous waits for all nodes (default 600 s): a cold scale-up of GPU nodes plus a 10 GB image pull
 on each can take longer than ten minutes, and a spot replacement longer still."""
+DEFAULT_SCRATCH_GB = 200
+"""Types without an instance store keep scratch on the root volume (gpuNodeDiskGb, 200 GiB by default)."""
 CPU_SHARE = 0.85
 MEMORY_SHARE = 0.8
 """Requested share of the smallest node type's vCPUs and memory: below EKS's allocatable (kubelet and system
@@ -58,10 +60,11 @@ class TrainingJobSpec:
     backoff_limit: int = 3
     """Failures of one index (node) the Job tolerates before it fails; each costs at most one checkpoint interval.
     Disruptions (spot, drains, preemption) do not count; torchrun restarts within a pod do not either."""
-    scratch_gib: int = 100
+    scratch_gib: int | None = None
     """Node-local scratch (dataset and model downloads, checkpoint staging): the emptyDir's size limit and the pod's
-    ephemeral-storage request, so the scheduler places it on a node with that much room. GPU nodes' root volume is
-    gpuNodeDiskGb (200 GiB by default); container images share it."""
+    ephemeral-storage request, so the scheduler places it on a node with that much room. None: half the instance
+    store of the pool's smallest type. GPU nodes put the kubelet's directories on their NVMe instance store
+    (infra/cluster.py LOCAL_NVME_NODE_CONFIG), so this scratch is local NVMe, not the gp3 root volume."""
     termination_grace_s: int = 120
     """Time between SIGTERM and SIGKILL: the trainer writes a checkpoint in it."""
     shm_size: str = "16Gi"
@@ -75,7 +78,7 @@ class TrainingJobSpec:
             raise ValueError("nodes must be >= 1")
         if self.efa_devices is not None and self.efa_devices < 1:
             raise ValueError("efa_devices must be >= 1 (or None: all the instance type has)")
-        if self.scratch_gib < 1:
+        if self.scratch_gib is not None and self.scratch_gib < 1:
             raise ValueError("scratch_gib must be >= 1")
 
 
@@ -154,7 +157,8 @@ def render_training_job(spec: TrainingJobSpec, outputs: dict[str, Any]) -> list[
         # aws-ofi-nccl carries NCCL over EFA; one pod per node, so the pod takes all of the node's EFA devices.
         limits["vpc.amazonaws.com/efa"] = str(spec.efa_devices or efa_devices(pool))
         env += efa_env(pool)
-    requests = {**limits, **node_share(pool), "ephemeral-storage": f"{spec.scratch_gib}Gi"}
+    scratch = f"{spec.scratch_gib or scratch_gib(pool)}Gi"
+    requests = {**limits, **node_share(pool), "ephemeral-storage": scratch}
     tolerations = [
         {"key": t["key"], "operator": "Equal", "value": t["value"], "effect": t["effect"]}
         if t.get("value") not in (None, "")
@@ -197,7 +201,7 @@ def render_training_job(spec: TrainingJobSpec, outputs: dict[str, Any]) -> list[
         "volumes": [
             # NCCL and DataLoader workers share memory through /dev/shm; the container default (64 MiB) is too small.
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
-            {"name": "scratch", "emptyDir": {"sizeLimit": f"{spec.scratch_gib}Gi"}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": scratch}},
         ],
     }
     job = {
@@ -254,6 +258,13 @@ def node_share(pool: dict[str, Any]) -> dict[str, str]:
     """CPU and memory requests: most of the pool's smallest node (one training pod per node)."""
     t = GPU_INSTANCE_TYPES[_smallest_type(pool)]
     return {"cpu": str(max(1, int(t.vcpus * CPU_SHARE))), "memory": f"{max(1, int(t.memory_gib * MEMORY_SHARE))}Gi"}
+
+
+def scratch_gib(pool: dict[str, Any]) -> int:
+    """Half the NVMe instance store of the pool's smallest type, in GiB: the rest is for images and the node."""
+    sizes = [NVME_INSTANCE_STORE_GB.get(t, 0) for t in pool.get("instance_types", [])]
+    smallest_gb = min(sizes) if sizes and min(sizes) else DEFAULT_SCRATCH_GB
+    return max(1, int(smallest_gb * 1e9 / 2**30 / 2))
 
 
 def efa_devices(pool: dict[str, Any]) -> int:

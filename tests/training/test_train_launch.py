@@ -236,6 +236,12 @@ def test_eks_job_is_burstable_with_memory_and_scratch_requests(outputs: dict[str
     assert requests["cpu"] == "40" and requests["memory"] == "307Gi"
     assert requests["ephemeral-storage"] == "150Gi"
     assert {v["name"]: v for v in pod["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "150Gi"}
+    # by default: half the NVMe instance store of the pool's type (g6e.12xlarge: 3800 GB), which the nodes'
+    # NodeConfig puts under the kubelet (infra/cluster.py)
+    _, job = render_training_job(TrainingJobSpec(name="qos", data="d"), outputs)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "1769Gi"
+    assert {v["name"]: v for v in pod["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "1769Gi"}
     # Burstable, not BestEffort: requests set; the GPU and EFA extended resources are equal in both
     assert "memory" not in resources["limits"]
     assert {k: requests[k] for k in resources["limits"]} == resources["limits"]
