@@ -24,14 +24,12 @@ import pulumi_kubernetes as k8s
 
 from infra.config import POOL_LABEL, GpuPool, StackConfig
 from infra.identity import pod_identity_trust
-from infra.instance_types import GPU_INSTANCE_TYPES
+from infra.instance_types import GPU_INSTANCE_TYPES, efa_interfaces
 
 SYSTEM_POOL = "system"
 KUBE_SYSTEM = "kube-system"
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
-EFA_INTERFACES_PER_NODE = 1
-"""infra/cluster.py attaches one EFA interface (network card 0) to each EFA node."""
 
 CLUSTER_AUTOSCALER_IMAGE = "registry.k8s.io/autoscaling/cluster-autoscaler"
 CLUSTER_AUTOSCALER_SA = "cluster-autoscaler"
@@ -59,7 +57,9 @@ def node_template_tags(pool: GpuPool) -> dict[str, str]:
     tags[f"k8s.io/cluster-autoscaler/node-template/resources/{GPU_RESOURCE}"] = str(pool.gpus_per_node)
     if pool.efa:
         # Training pods on EFA pools request the EFA device; without it in the template CA never scales from zero.
-        tags[f"k8s.io/cluster-autoscaler/node-template/resources/{EFA_RESOURCE}"] = str(EFA_INTERFACES_PER_NODE)
+        tags[f"k8s.io/cluster-autoscaler/node-template/resources/{EFA_RESOURCE}"] = str(
+            efa_interfaces(pool.instance_types)
+        )
     return tags
 
 
@@ -750,7 +750,8 @@ def allocatable(instance_type: str, efa: bool = False) -> dict[str, float]:
         "cpu": cores - reserved_cpu - DAEMONSET_CPU,
         "memory": it.memory_gib * 1024 * 1024 * 1024 - (reserved_mem + DAEMONSET_MEMORY_MIB) * 1024 * 1024,
         GPU_RESOURCE: float(it.gpus),
-        EFA_RESOURCE: float(EFA_INTERFACES_PER_NODE if efa and it.efa else 0),
+        # infra/cluster.py attaches one EFA interface per network card (p5: 32)
+        EFA_RESOURCE: float(efa_interfaces([instance_type]) if efa and it.efa else 0),
     }
 
 

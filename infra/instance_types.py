@@ -128,5 +128,11 @@ NVME_INSTANCE_STORE_GB: dict[str, int] = {
 the platform allows has some; the node's storage configuration decides whether pods' scratch lands on it."""
 
 
+def efa_interfaces(instance_types: list[str] | tuple[str, ...]) -> int:
+    """EFA devices a node of a pool offers: infra/cluster.py attaches one EFA interface per network card, sized for
+    the pool's smallest type, so this is the fewest any of its types has."""
+    return min(EFA_INTERFACES.get(t, 1) for t in instance_types)
+
+
 def has_gpudirect_rdma(instance_type: str) -> bool:
     return instance_type.removeprefix("ml.").split(".", 1)[0] in GPUDIRECT_RDMA_FAMILIES

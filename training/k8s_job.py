@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infra import outputs as out
-from infra.instance_types import EFA_INTERFACES, GPU_INSTANCE_TYPES, NVME_INSTANCE_STORE_GB, has_gpudirect_rdma
+from infra.instance_types import GPU_INSTANCE_TYPES, NVME_INSTANCE_STORE_GB, efa_interfaces, has_gpudirect_rdma
 from training.stack import require, training_pool
 
 RDZV_PORT = 29500
@@ -269,7 +269,7 @@ def scratch_gib(pool: dict[str, Any]) -> int:
 
 def efa_devices(pool: dict[str, Any]) -> int:
     """All the EFA interfaces the pool's instance types have (the fewest, if they differ)."""
-    return min(EFA_INTERFACES.get(t, 1) for t in pool.get("instance_types", [])) if pool.get("instance_types") else 1
+    return efa_interfaces(pool["instance_types"]) if pool.get("instance_types") else 1
 
 
 def efa_env(pool: dict[str, Any]) -> list[dict[str, str]]:
