@@ -120,3 +120,26 @@ def test_mfu_flops_leave_out_the_input_embedding_unless_tied() -> None:
     assert num_embedding_params(tied) == 0  # the same matrix is the LM head's matmul: real FLOPs
     dense = num_params(untied) - num_embedding_params(untied)
     assert flops_per_token(untied.config, dense, 128) == 6 * dense + 12 * 2 * 32 * 128
+
+
+def test_no_tensor_of_logits_size_is_kept_for_backward() -> None:
+    """What saves the memory: the reference keeps [tokens, vocab] logits (and their fp32 copy) alive until backward;
+    the fused loss keeps only [tokens, hidden] and [vocab, hidden] gradients."""
+    tokens, hidden_size, vocab = 512, 16, 4096
+    hidden = torch.randn(tokens, hidden_size, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+
+    def largest_saved(fn) -> int:
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return max(sizes)
+
+    assert largest_saved(lambda: reference_loss(hidden @ weight.t(), labels)) >= tokens * vocab
+    assert largest_saved(lambda: linear_cross_entropy(hidden, weight, labels, 128)) <= vocab * hidden_size
