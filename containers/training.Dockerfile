@@ -10,7 +10,9 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 # EFA: libfabric + aws-ofi-nccl let NCCL use the Elastic Fabric Adapter between nodes (p4d/p5/g6e.12xlarge+).
 # Without it NCCL falls back to TCP sockets: correct, much slower across nodes.
 ARG INSTALL_EFA=true
-ARG EFA_INSTALLER_VERSION=1.43.1
+# A release that exists: AWS's own container templates pin it (aws-samples/awsome-distributed-training,
+# micro-benchmarks/expert-parallelism/deepep-benchmark/deepep.Dockerfile). 1.43.1 was never confirmed.
+ARG EFA_INSTALLER_VERSION=1.48.0
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \

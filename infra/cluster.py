@@ -8,6 +8,7 @@ through EKS Pod Identity (no OIDC provider, no IRSA annotations).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import pulumi_kubernetes as k8s
 
 from infra.capacity import node_group_capacity_type, reservation_launch_template_args
 from infra.config import POOL_LABEL, GpuPool, StackConfig
+from infra.instance_types import NVME_INSTANCE_STORE_GB
 
 CONTROL_PLANE_LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
 """All five control-plane log types: audit and authenticator are the access-control trail; the rest debug upgrades."""
@@ -39,6 +41,28 @@ SYSTEM_AMI_TYPE = "AL2023_x86_64_STANDARD"
 GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
 """AL2023 with the NVIDIA driver, container toolkit and (for EFA types) the EFA driver; the device plugin is ours."""
 SYSTEM_DISK_GB = 50
+
+LOCAL_NVME_NODE_CONFIG = """MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="BOUNDARY"
+
+--BOUNDARY
+Content-Type: application/node.eks.aws
+
+---
+apiVersion: node.eks.aws/v1alpha1
+kind: NodeConfig
+spec:
+  instance:
+    localStorage:
+      strategy: RAID0
+
+--BOUNDARY--
+"""
+"""nodeadm (AL2023) stripes the instance-store NVMe disks into one RAID0 array and moves the kubelet's and
+containerd's directories onto it (awslabs/amazon-eks-ami nodeadm/api/v1alpha1 LocalStorageOptions; setup-local-disks
+binds both unless disabledMounts says otherwise). So pods' emptyDir scratch, model caches and image layers land on
+local NVMe (p5: 8 x 3.84 TB) instead of the gp3 root volume. A managed node group merges this MIME part with the
+NodeConfig it generates itself (no custom AMI: EKS fills in the cluster details)."""
 
 _TAINT_EFFECTS = {"NoSchedule": "NO_SCHEDULE", "NoExecute": "NO_EXECUTE", "PreferNoSchedule": "PREFER_NO_SCHEDULE"}
 """Kubernetes spells taint effects one way, the EKS API another."""
@@ -271,10 +295,12 @@ class Cluster(pulumi.ComponentResource):
         disk_gb: int,
         network_interfaces: list[aws.ec2.LaunchTemplateNetworkInterfaceArgs] | None = None,
         placement: aws.ec2.LaunchTemplatePlacementArgs | None = None,
+        user_data: str | None = None,
         **extra: object,
     ) -> aws.ec2.LaunchTemplate:
         """Launch template for a managed node group: encrypted gp3 root volume, IMDSv2 only, tags on instances and
-        volumes. No AMI and no user data: EKS fills both in for the node group's AMI type."""
+        volumes. No AMI: EKS fills it in for the node group's AMI type, and its bootstrap user data too (merged with
+        `user_data`, a nodeadm NodeConfig, when given)."""
         cfg = self._args.config
         propagated = {**self._args.tags, POOL_LABEL: pool_name}
         return aws.ec2.LaunchTemplate(
@@ -303,6 +329,7 @@ class Cluster(pulumi.ComponentResource):
             ),
             network_interfaces=network_interfaces,
             placement=placement,
+            user_data=base64.b64encode(user_data.encode()).decode() if user_data else None,
             **extra,
             tag_specifications=[
                 aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=propagated)
@@ -348,8 +375,14 @@ class Cluster(pulumi.ComponentResource):
             # group would also have to be the reservation's own (EC2 User Guide, "Capacity Reservations in cluster
             # placement groups"), so none is named here.
             subnet_ids, placement = self._training_subnet(), None
+        local_nvme = all(t in NVME_INSTANCE_STORE_GB for t in pool.instance_types)
         lt = self._launch_template(
-            pool.name, pool.disk_gb, network_interfaces, placement, **reservation_launch_template_args(pool)
+            pool.name,
+            pool.disk_gb,
+            network_interfaces,
+            placement,
+            LOCAL_NVME_NODE_CONFIG if local_nvme else None,
+            **reservation_launch_template_args(pool),
         )
         return aws.eks.NodeGroup(
             f"{self._name}-{pool.name}",

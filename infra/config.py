@@ -21,6 +21,7 @@ import yaml
 
 from infra.instance_types import ACCELERATOR_LABEL, GPU_INSTANCE_TYPES
 from infra.versions import CLUSTER_AUTOSCALER, cluster_autoscaler_for
+from infra.vllm_sizing import MODEL_SHAPES, check_serving_fit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILE = REPO_ROOT / "Pulumi.yaml"
@@ -215,6 +216,8 @@ class ServingConfig:
     image_tag: str
     model_prefix: str
     engine: Literal["builtin", "vllm"]
+    model_shape: str
+    """Key of infra.vllm_sizing.MODEL_SHAPES vLLM is sized for; empty: derived from model_prefix."""
     replicas: int
     max_replicas: int
     gpus_per_replica: int
@@ -576,6 +579,8 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
         bad("servingGpusPerReplica", "must be at least 1")
     if v["servingEngine"] not in ENGINES:
         bad("servingEngine", f"must be one of {', '.join(ENGINES)}")
+    if v["servingModelShape"] and v["servingModelShape"] not in MODEL_SHAPES:
+        bad("servingModelShape", f"must be empty or one of {', '.join(MODEL_SHAPES)}")
     # Empty tag or model: serving is not declared yet (first-run lifecycle, docs/first-deploy.md).
     if v["servingImageTag"] and (not _TAG_RE.match(v["servingImageTag"]) or v["servingImageTag"] == "latest"):
         bad("servingImageTag", "must be a valid, immutable image tag (not 'latest')")
@@ -597,6 +602,9 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
         bad("sagemakerInvocationsPerInstance", "must be at least 1")
     p.extend(_check_operations(v, project))
     p.extend(_check_images(v, project))
+    if not p:
+        # Last: it reads the pool, instance-type and serving keys checked above.
+        p.extend(check_serving_fit(v, project))
     return p
 
 
@@ -728,6 +736,7 @@ def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackCon
             image_tag=v["servingImageTag"],
             model_prefix=v["servingModelPrefix"].strip("/"),
             engine=v["servingEngine"],
+            model_shape=v["servingModelShape"],
             replicas=v["servingReplicas"],
             max_replicas=v["servingMaxReplicas"],
             gpus_per_replica=v["servingGpusPerReplica"],

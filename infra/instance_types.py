@@ -68,3 +68,77 @@ GPU_INSTANCE_TYPES: dict[str, GpuInstanceType] = {
     "p5e.48xlarge": GpuInstanceType(8, "H200", 1128, 192, 2048, 32),
     "p5en.48xlarge": GpuInstanceType(8, "H200", 1128, 192, 2048, 16),
 }
+
+
+# -- GPU memory and node hardware (additive: what vLLM sizing and the training Job read) ---------------------------
+
+GPU_MEMORY_MIB: dict[tuple[str, int], int] = {
+    ("T4", 16): 15360,
+    ("A10G", 24): 23028,
+    ("L4", 24): 23034,
+    ("L40S", 48): 46068,
+    ("A100", 40): 40960,
+    ("A100", 80): 81920,
+    ("H100", 80): 81559,
+    ("H200", 141): 143771,
+}
+"""Memory of one GPU as the driver reports it (`nvidia-smi --query-gpu=memory.total`), keyed by (model, nominal GB
+per GPU). The nominal figure overstates what CUDA can allocate (an A10G's "24 GB" is 22.5 GiB), and vLLM's
+`--gpu-memory-utilization` is a fraction of this reported total, so sizing must start from it."""
+
+
+def instance_gpu(instance_type: str) -> GpuInstanceType | None:
+    """The GPU hardware of an EC2 or SageMaker (`ml.`-prefixed) instance type; None for CPU or unknown types.
+    SageMaker's `ml.<type>` hosting instances are the EC2 instances of the same name."""
+    return GPU_INSTANCE_TYPES.get(instance_type.removeprefix("ml."))
+
+
+def gpu_memory_gib(instance_type: str) -> float:
+    """Reported memory of one GPU of the instance type, in GiB."""
+    t = instance_gpu(instance_type)
+    if t is None:
+        raise KeyError(f"{instance_type} is not a GPU instance type this platform knows")
+    return GPU_MEMORY_MIB[(t.gpu, round(t.gpu_memory_gib / t.gpus))] / 1024
+
+
+GPUDIRECT_RDMA_FAMILIES = ("p4d", "p4de", "p5", "p5e", "p5en")
+"""Families whose EFA supports GPUDirect RDMA. Per the aws-ofi-nccl maintainers, only P-series from p4d on do; G
+instances (g6e included) do not, though their GPUs could (aws/aws-ofi-nccl#547, 2025-08)."""
+
+NVME_INSTANCE_STORE_GB: dict[str, int] = {
+    "g4dn.xlarge": 125,
+    "g4dn.2xlarge": 225,
+    "g4dn.12xlarge": 900,
+    "g4dn.metal": 1800,
+    "g5.xlarge": 250,
+    "g5.2xlarge": 450,
+    "g5.4xlarge": 600,
+    "g5.12xlarge": 3800,
+    "g5.48xlarge": 7600,
+    "g6.xlarge": 250,
+    "g6.2xlarge": 450,
+    "g6.4xlarge": 600,
+    "g6.12xlarge": 3760,
+    "g6.48xlarge": 7520,
+    "g6e.xlarge": 250,
+    "g6e.2xlarge": 450,
+    "g6e.12xlarge": 3800,
+    "g6e.48xlarge": 7600,
+    "p4d.24xlarge": 8000,
+    "p4de.24xlarge": 8000,
+    "p5.48xlarge": 30720,
+    "p5e.48xlarge": 30720,
+    "p5en.48xlarge": 30720,
+}
+"""Local NVMe instance store per type, in GB (EC2 instance-type specifications, "Instance storage"). Every GPU type
+the platform allows has some; the node's storage configuration decides whether pods' scratch lands on it."""
+
+
+def efa_interfaces(instance_types: list[str] | tuple[str, ...]) -> int:
+    """EFA devices a node of a pool offers: infra/cluster.py attaches one EFA interface per network card, sized for
+    the pool's smallest type, so this is the fewest any of its types has."""
+    return min(GPU_INSTANCE_TYPES[t].efa_interfaces if t in GPU_INSTANCE_TYPES else 1 for t in instance_types)
+
+
+def has_gpudirect_rdma(instance_type: str) -> bool:
+    return instance_type.removeprefix("ml.").split(".", 1)[0] in GPUDIRECT_RDMA_FAMILIES

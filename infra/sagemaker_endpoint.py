@@ -17,7 +17,9 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.config import StackConfig
+from infra.instance_types import instance_gpu
 from infra.preflight import RunningVariant, initial_instance_count
+from infra.vllm_sizing import sizing_for
 
 VARIANT_NAME = "primary"
 MODEL_DIR = "/opt/ml/model"
@@ -136,7 +138,11 @@ class SageMakerEndpoint(pulumi.ComponentResource):
         model_uri = pulumi.Output.from_input(self._args.models_bucket).apply(lambda b: f"s3://{b}/{prefix}/")
         # InvokeEndpoint is authenticated by IAM (SigV4) before a request reaches the container, and the serving
         # process refuses to start without API keys unless told explicitly (docs/serving.md "Authentication")
-        environment = {"SERVING_MODEL": MODEL_DIR, "SERVING_ALLOW_UNAUTHENTICATED": "true"}
+        environment = {
+            "SERVING_MODEL": MODEL_DIR,
+            "SERVING_ALLOW_UNAUTHENTICATED": "true",
+            **engine_environment(cfg),
+        }
         # The name changes whenever anything that defines the model changes, so Pulumi's create-before-delete
         # replacement never collides with the model it replaces.
         name = pulumi.Output.all(
@@ -224,6 +230,26 @@ class SageMakerEndpoint(pulumi.ComponentResource):
             ),
             opts=pulumi.ResourceOptions(parent=self),
         )
+
+
+def engine_environment(cfg: StackConfig) -> dict[str, str]:
+    """The engine, chosen explicitly: SageMaker passes no flags (only `serve`), so SERVING_* variables pick it, and a
+    default baked into the image must not (the vLLM image bakes SERVING_ENGINE=vllm, the CPU default is cpu)."""
+    serving = cfg.serving
+    instance_type = serving.sagemaker_instance_type
+    gpu = instance_gpu(instance_type)
+    if serving.engine == "vllm":
+        # SageMaker hands the container every GPU of the instance: tensor parallel over all of them.
+        sizing = sizing_for(serving.model_prefix, serving.model_shape, instance_type, gpu.gpus if gpu else 0)
+        return {"SERVING_ENGINE": "vllm", "SERVING_VLLM_ARGS": " ".join(sizing.args())}
+    if gpu is None:
+        return {"SERVING_ENGINE": "builtin", "SERVING_DEVICE": "cpu"}
+    # T4 (g4dn) has no bfloat16 tensor cores; every later GPU of the table does.
+    return {
+        "SERVING_ENGINE": "builtin",
+        "SERVING_DEVICE": "cuda",
+        "SERVING_DTYPE": "float16" if gpu.gpu == "T4" else "bfloat16",
+    }
 
 
 def has_instance_storage(instance_type: str) -> bool:

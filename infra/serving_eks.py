@@ -14,8 +14,9 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from infra.config import StackConfig
-from infra.instance_types import GPU_INSTANCE_TYPES
+from infra.instance_types import GPU_INSTANCE_TYPES, gpu_memory_gib
 from infra.tags import stack_tags
+from infra.vllm_sizing import VllmSizing, sizing_for
 
 SERVICE_NAME = "llm-serving"
 HTTP_PORT = 8080
@@ -29,7 +30,12 @@ API_KEYS_DIR = "/etc/llm-platform/api-keys"
 API_KEYS_FILE = f"{API_KEYS_DIR}/keys"
 CACHE_DIR = "/var/cache/llm-serving"
 VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
-"""Pinned: vLLM's flags and its torch/CUDA stack change with every release."""
+"""Pinned: vLLM's flags and its torch/CUDA stack change with every release. vLLM 0.33.0 is the release on PyPI
+(checked with `pip index versions vllm`); its images are tagged `v<version>` (docs.vllm.ai, deployment/docker).
+Docker Hub is not reachable from where this was written: CI resolves the tag to a digest before a deploy."""
+VLLM_UID = 65534
+"""`nobody`, present in the passwd file of every Debian/Ubuntu image, vLLM's included. Under an arbitrary uid
+with no passwd entry, Python's getpass.getuser() (torch inductor's and Triton's cache paths) raises KeyError."""
 
 DRAIN_TIMEOUT_S = 30
 """How long the server lets in-flight requests finish after SIGTERM (its --drain-timeout-s)."""
@@ -117,8 +123,10 @@ class ServingOnEks(pulumi.ComponentResource):
         cfg = self._args.config
         vllm = cfg.serving.engine == "vllm"
         containers = [self._gateway_container(vllm)]
-        if vllm:
-            containers.append(self._vllm_container())
+        # vLLM is a native sidecar (an init container with restartPolicy Always; Kubernetes >= 1.29, every version
+        # this platform supports): the kubelet starts it before the gateway and stops it only after the gateway
+        # has exited, so it serves the gateway's whole preStop + drain instead of getting SIGTERM with it.
+        init_containers = [self._vllm_container()] if vllm else None
         volumes = [
             k8s.core.v1.VolumeArgs(
                 name="api-keys",
@@ -166,6 +174,7 @@ class ServingOnEks(pulumi.ComponentResource):
                     label_selector=k8s.meta.v1.LabelSelectorArgs(match_labels=self._labels),
                 )
             ],
+            init_containers=init_containers,
             containers=containers,
             volumes=volumes,
         )
@@ -202,8 +211,12 @@ class ServingOnEks(pulumi.ComponentResource):
     def _gateway_container(self, vllm: bool) -> k8s.core.v1.ContainerArgs:
         """The serving container. With the built-in engine it loads the model and holds the GPUs; with vLLM it is
         the gateway in front of it (keys, limits, metrics) and loads nothing."""
+        # The engine is always explicit: an image's baked SERVING_ENGINE (the vLLM image sets vllm) must not pick
+        # it. Flags win over environment variables in serving/config.py.
         model_args: list[pulumi.Input[str]] = (
-            ["--upstream", f"http://127.0.0.1:{VLLM_PORT}"] if vllm else ["--model", self._model_uri()]
+            ["--upstream", f"http://127.0.0.1:{VLLM_PORT}"]
+            if vllm
+            else ["--engine", "builtin", "--device", "cuda", "--dtype", "bfloat16", "--model", self._model_uri()]
         )
         env = [
             k8s.core.v1.EnvVarArgs(name="SERVING_DRAIN_TIMEOUT_S", value=str(DRAIN_TIMEOUT_S)),
@@ -213,11 +226,7 @@ class ServingOnEks(pulumi.ComponentResource):
         if vllm:
             env.append(k8s.core.v1.EnvVarArgs(name="SERVING_SERVED_MODEL_NAME", value=self._served_model_name()))
         else:
-            env += [
-                k8s.core.v1.EnvVarArgs(name="SERVING_DEVICE", value="cuda"),
-                k8s.core.v1.EnvVarArgs(name="SERVING_DTYPE", value="bfloat16"),
-                k8s.core.v1.EnvVarArgs(name="HF_HOME", value=f"{CACHE_DIR}/hf"),
-            ]
+            env.append(k8s.core.v1.EnvVarArgs(name="HF_HOME", value=f"{CACHE_DIR}/hf"))
         resources = (
             k8s.core.v1.ResourceRequirementsArgs(
                 requests={"cpu": "500m", "memory": "512Mi"}, limits={"cpu": "1", "memory": "1Gi"}
@@ -251,13 +260,15 @@ class ServingOnEks(pulumi.ComponentResource):
         """vLLM behind the gateway: clients reach it only through the gateway, which authenticates them. It binds all
         addresses because kubelet probes come from the node, not loopback; the namespace's network policies admit
         only port 8080 from other pods, so 8000 is reachable from the pod itself and its node alone."""
-        gpus = self._args.config.serving.gpus_per_replica
         cache = f"{CACHE_DIR}/vllm"
         return k8s.core.v1.ContainerArgs(
             name="vllm",
             image=VLLM_IMAGE,
+            restart_policy="Always",
+            # `vllm serve <model>`: the positional model (the `--model` flag is deprecated there). The command is set
+            # rather than left to the image's entrypoint, so the arguments mean the same whatever it is.
+            command=["vllm", "serve"],
             args=[
-                "--model",
                 self._model_uri(),
                 # Streams safetensors straight from S3 (credentials from Pod Identity) instead of a full download.
                 "--load-format",
@@ -268,10 +279,11 @@ class ServingOnEks(pulumi.ComponentResource):
                 "0.0.0.0",
                 "--port",
                 str(VLLM_PORT),
-                "--tensor-parallel-size",
-                str(gpus),
+                *self.vllm_sizing().args(),
             ],
             env=[
+                # The S3 streamer's client needs the region: IMDS (hop limit 1) is out of a pod's reach.
+                k8s.core.v1.EnvVarArgs(name="AWS_REGION", value=self._args.config.region),
                 k8s.core.v1.EnvVarArgs(name="HOME", value="/tmp"),
                 k8s.core.v1.EnvVarArgs(name="HF_HOME", value=f"{cache}/hf"),
                 k8s.core.v1.EnvVarArgs(name="VLLM_CACHE_ROOT", value=cache),
@@ -285,13 +297,19 @@ class ServingOnEks(pulumi.ComponentResource):
                 "/health", VLLM_PORT, period=STARTUP_PERIOD_S, failures=STARTUP_FAILURE_THRESHOLD
             ),
             liveness_probe=_http_probe("/health", VLLM_PORT, period=10, failures=3),
-            security_context=_restricted_container(),
+            security_context=_restricted_container(run_as_user=VLLM_UID),
             volume_mounts=[
                 k8s.core.v1.VolumeMountArgs(name="cache", mount_path=CACHE_DIR),
                 k8s.core.v1.VolumeMountArgs(name="tmp", mount_path="/tmp"),
                 k8s.core.v1.VolumeMountArgs(name="dshm", mount_path="/dev/shm"),
             ],
         )
+
+    def vllm_sizing(self) -> VllmSizing:
+        """Sized for the pool's smallest GPU (infra/vllm_sizing.py; config loading has checked that it fits)."""
+        serving = self._args.config.serving
+        smallest = min(self._pool.instance_types, key=gpu_memory_gib)
+        return sizing_for(serving.model_prefix, serving.model_shape, smallest, serving.gpus_per_replica)
 
     def _served_model_name(self) -> str:
         return self._args.config.serving.model_prefix.rstrip("/").rsplit("/", 1)[-1]
@@ -415,9 +433,10 @@ def _http_probe(path: str, port: int | str, period: int, failures: int) -> k8s.c
     )
 
 
-def _restricted_container() -> k8s.core.v1.SecurityContextArgs:
+def _restricted_container(run_as_user: int | None = None) -> k8s.core.v1.SecurityContextArgs:
     """What the "restricted" Pod Security Standard demands, plus a read-only root filesystem."""
     return k8s.core.v1.SecurityContextArgs(
+        run_as_user=run_as_user,
         allow_privilege_escalation=False,
         read_only_root_filesystem=True,
         run_as_non_root=True,

@@ -252,10 +252,19 @@ def sample(
 ) -> list[int]:
     """One token per row: greedy when temperature is 0, else temperature + nucleus (top_p) sampling.
 
-    Rows sample independently so a request's `seed` reproduces its tokens whatever else shares the batch. With
-    `failed`, a row that cannot be sampled (e.g. non-finite logits) is recorded there with token -1 instead of
-    failing every row.
+    All rows at once on the logits' device, one transfer back: per-row softmax, sort and `.cpu()` cost ~23 ms for 16
+    rows of a 128k vocabulary on an H100 (issue 15) against 0.04 ms for greedy. Each sampled row draws one uniform
+    number from its own generator (its request's `seed`) and inverts its own CDF, so a seeded request reproduces its
+    tokens whatever else shares the batch.
+
+    With `failed`, a batch the batched path cannot sample (e.g. one row's logits are not finite) is sampled again row
+    by row, and a row that still cannot be sampled is recorded there with token -1 instead of failing every row.
     """
+    try:
+        return _sample_batch(logits, params, generators)
+    except Exception:
+        if failed is None:
+            raise
     greedy = logits.argmax(dim=-1).tolist()
     tokens: list[int] = []
     for row, p in enumerate(params):
@@ -265,11 +274,46 @@ def sample(
         try:
             tokens.append(_sample_row(logits[row], p, generators[row]))
         except Exception as exc:
-            if failed is None:
-                raise
             failed[row] = exc
             tokens.append(-1)
     return tokens
+
+
+def _sample_batch(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    out = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
+    if rows:
+        device = logits.device
+        index = torch.tensor(rows, device=device)
+        temps = torch.tensor([params[i].temperature for i in rows], device=device, dtype=torch.float32)
+        selected = logits.index_select(0, index).float()
+        # subtract each row's max first: a tiny temperature then gives exp(-inf) = 0 instead of inf / inf = nan
+        probs = torch.softmax((selected - selected.amax(dim=-1, keepdim=True)) / temps[:, None], dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # one host sync: a poisoned row must not sample garbage
+            raise ValueError("non-finite probabilities in a sampled row")
+        top_p = [params[i].top_p for i in rows]
+        uniform = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in rows]).to(device)
+        if any(p < 1.0 for p in top_p):
+            # keep the smallest prefix whose mass reaches top_p (always at least the top token); rows with
+            # top_p = 1 keep everything (an infinite threshold, not 1.0, which rounding could reach early)
+            limit = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], device=device)
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            cumulative = sorted_probs.cumsum(dim=-1)
+            kept = cumulative - sorted_probs < limit[:, None]
+            # the CDF of the kept prefix is the running sum itself: search it in sorted order, map back
+            total = (cumulative * kept).amax(dim=-1)
+            position = torch.searchsorted(cumulative, (uniform.float() * total)[:, None], right=True).squeeze(1)
+            position = torch.minimum(position, kept.sum(dim=-1) - 1)  # rounding never escapes the nucleus
+            picked = order.gather(1, position[:, None]).squeeze(1)
+        else:
+            # float64 CDF: u * total < total strictly for u < 1, so the search lands on a token of non-zero mass
+            cdf = probs.double().cumsum(dim=-1)
+            picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(1)
+            picked = picked.clamp_(max=probs.shape[-1] - 1)
+        out[index] = picked
+    return out.tolist()
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:

@@ -37,6 +37,9 @@ class ModelConfig:
     """Recompute each decoder layer's activations in backward: ~30% more compute for far less memory."""
     bf16: bool = True
     """bf16 autocast (and FSDP2 bf16 params) on GPU. Ignored on CPU, where bf16 matmuls are slow."""
+    compile: bool = False
+    """torch.compile each decoder layer (torchtitan's per-block compile, under FSDP2's hooks): fused kernels for the
+    norms, rotary embeddings and activations. The first steps pay the compile time (minutes for a real model)."""
 
 
 @dataclass
@@ -253,7 +256,9 @@ def _llm(name: str, micro_batch_size: int, grad_accum_steps: int, lr: float) -> 
 
 
 def llama_1b() -> TrainConfig:
-    """Llama-3.2-1B-class continued pre-training/fine-tuning; fits one 24-48 GB GPU per rank with FSDP2."""
+    """Llama-3.2-1B-class continued pre-training/fine-tuning with FSDP2. Measured on one H100 before the fused loss
+    (issue 15: 4 x 4096 tokens, bf16 policy, activation checkpointing): 37 GiB above params+optimizer, so not a
+    24 GB GPU then; with training/loss.py the full fp32 logits are gone. Which GPUs it fits now: bench/RESULTS.md."""
     return _llm("llama-1b", micro_batch_size=4, grad_accum_steps=4, lr=1e-4)
 
 

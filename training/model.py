@@ -62,8 +62,22 @@ def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def num_embedding_params(model: torch.nn.Module) -> int:
+    """Parameters of the input embedding, unless it is tied to the LM head (then its matmul is real compute)."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    embedding = get_in() if get_in else None
+    if embedding is None:
+        return 0
+    head = get_out() if get_out else None
+    if head is not None and getattr(head, "weight", None) is embedding.weight:
+        return 0
+    return sum(p.numel() for p in embedding.parameters())
+
+
 def flops_per_token(model_config: Any, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the dense matmuls plus attention's 12 * layers * hidden * seq_len."""
+    """Training FLOPs per token: 6N for the dense matmuls plus attention's 12 * layers * hidden * seq_len. N excludes
+    the input embedding (a lookup; see num_embedding_params), as torchtitan's MFU does."""
     layers = getattr(model_config, "num_hidden_layers", 0)
     hidden = getattr(model_config, "hidden_size", 0)
     return 6.0 * n_params + 12.0 * layers * hidden * seq_len

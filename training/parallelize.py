@@ -97,6 +97,14 @@ def parallelize(model: torch.nn.Module, cfg: ParallelConfig, d: Dist, bf16: bool
     return model
 
 
+def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each decoder layer in place. Per layer, not the whole model: every layer has the same code, so
+    one compiled graph serves all of them, FSDP2's all-gather/reduce-scatter hooks stay outside the graphs, and the
+    HF model's Python around the layers (masks, cache plumbing) is never traced."""
+    for layer in decoder_layers(unwrap(model)):
+        layer.compile(backend=backend)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The underlying HF module (DDP wraps it; FSDP2 modifies it in place)."""
     return getattr(model, "module", model)

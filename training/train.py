@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from training.checkpoint import CheckpointManager
 from training.config import ConfigError, OptimConfig, TrainConfig
 from training.data import PackedLoader, build_sequences
 from training.export import export_model
-from training.model import flops_per_token, load_model_and_tokenizer, num_params
-from training.parallelize import Dist, init_distributed, parallelize, shutdown
+from training.loss import install_chunked_loss, reference_loss
+from training.model import flops_per_token, load_model_and_tokenizer, num_embedding_params, num_params
+from training.parallelize import Dist, compile_layers, init_distributed, parallelize, shutdown
 from training.storage import fetch
 
 EXIT_PREEMPTED = 143
@@ -145,8 +145,14 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
 
     n_params = num_params(model)
     hf_config = model.config
+    # MFU counts the matmul FLOPs: the input embedding is a lookup, not a matmul (torchtitan excludes it too).
+    n_dense_params = n_params - num_embedding_params(model)
     use_autocast = cfg.model.bf16 and d.device.type == "cuda"
+    # Before FSDP wraps the model: the fused head+loss must run inside the root unit's forward.
+    loss_head = install_chunked_loss(model)
     model = parallelize(model, cfg.parallel, d, bf16=cfg.model.bf16)
+    if cfg.model.compile:
+        compile_layers(model)
     optimizer = _optimizer(model, cfg.optim)
 
     ckpt = CheckpointManager(cfg.output, scratch, d, keep_last=cfg.checkpoint.keep_last)
@@ -183,10 +189,11 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
         prom.set_step(step)
 
     tokens_per_step = cfg.parallel.micro_batch_size * cfg.parallel.grad_accum_steps * d.world_size * cfg.data.seq_len
-    fpt = flops_per_token(hf_config, n_params, cfg.data.seq_len)
+    fpt = flops_per_token(hf_config, n_dense_params, cfg.data.seq_len)
     peak = peak_flops(d.device)
     saved_step = step
     logged_step = step
+    t_logged = time.perf_counter()
     config_dict = cfg.to_dict()
     model.train()
 
@@ -201,38 +208,42 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
             if prom is not None:
                 prom.close()
             return EXIT_PREEMPTED
-        t0 = time.perf_counter()
         lr = lr_at(step, cfg.max_steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        # Summed on the device: no host sync per micro-batch (.item() only at log steps).
+        loss_sum = torch.zeros((), device=d.device)
         accum = cfg.parallel.grad_accum_steps
         for micro in range(accum):
             last = micro == accum - 1
-            _set_grad_sync(model, cfg.parallel.strategy, d, last)
             inputs, labels = loader.next_batch()
             inputs, labels = inputs.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
             ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else nullcontext()
+            # DDP skips the all-reduce until the last micro-batch (its gradients are already full-size). FSDP2
+            # reduce-scatters after every micro-batch: skipping would keep every layer's unsharded fp32 gradient
+            # alive across the accumulation (~30 GiB per GPU for an 8B model), the memory FSDP exists to save.
             with ctx, nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-                logits = model(input_ids=inputs).logits
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1))
+                loss = _loss(model, loss_head, inputs, labels)
                 (loss / accum).backward()
-            loss_sum += loss.detach().item()
+            loss_sum += loss.detach()
         grad_norm = _clip(model, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if d.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
+            # Timed over the whole log interval: the only host sync of the loop (besides the stop check) is here.
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            dt = (now - t_logged) / (step - logged_step)
+            t_logged = now
             tokens_per_s = tokens_per_step / dt
             record: dict[str, Any] = {
                 "step": step,
-                "loss": round(d.mean(loss_sum / accum), 6),
+                "loss": round(d.mean(float(loss_sum) / accum), 6),
                 "lr": lr,
-                "grad_norm": round(grad_norm, 6),
+                "grad_norm": round(float(grad_norm), 6),
                 "tokens_per_s": round(tokens_per_s, 1),
                 "step_time_s": round(dt, 4),
             }
@@ -243,7 +254,9 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
                 prom.record_step(record, tokens=tokens_per_step * (step - logged_step))
             logged_step = step
         if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.max_steps:
+            t_save = time.perf_counter()
             ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
+            t_logged += time.perf_counter() - t_save  # throughput is the training's, not the checkpoint's
             saved_step = step
             metrics.emit({"event": "checkpoint", "step": step})
             if prom is not None:
@@ -271,19 +284,23 @@ def _prometheus(cfg: TrainConfig, d: Dist) -> Any:
     return start_training_metrics(cfg.metrics_port, d.rank, d.local_rank)
 
 
-def _set_grad_sync(model: torch.nn.Module, strategy: str, d: Dist, sync: bool) -> None:
-    """FSDP2: skip the reduce-scatter on all but the last micro-batch of an accumulation (DDP uses no_sync)."""
-    if strategy == "fsdp" and d.distributed and hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(sync)
+def _loss(model: torch.nn.Module, head: Any, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss. With the fused head (training/loss.py) the model's forward returns the loss itself and
+    no [tokens, vocab] logits exist; otherwise the reference loss over full fp32 logits."""
+    if head is None:
+        return reference_loss(model(input_ids=inputs).logits, labels)
+    with head.computing_loss(labels):
+        return model(input_ids=inputs).logits
 
 
-def _clip(model: torch.nn.Module, max_norm: float) -> float:
+def _clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    # Under FSDP2 the norm is a DTensor over the shards; full_tensor() reduces it to the global value.
+    # Under FSDP2 the norm is a DTensor over the shards; full_tensor() reduces it to the global value. A tensor:
+    # converting it to a float here would wait for the GPU every step.
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    return float(norm)
+    return norm

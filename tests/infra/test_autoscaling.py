@@ -375,3 +375,17 @@ def test_config_rules(overrides: dict[str, Any], message: str) -> None:
     assert message in str(err.value)
     key = next(iter(overrides))
     assert f"llm-platform:{key}" in str(err.value) or "llm-platform:servingAutoscaler" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "efa"), [("p5.48xlarge", "32"), ("p4d.24xlarge", "4"), ("g6e.12xlarge", "1")]
+)
+def test_scale_from_zero_template_offers_every_efa_interface_the_node_gets(instance_type: str, efa: str) -> None:
+    """The training Job requests all of a node's EFA devices (one per network card, infra/cluster.py): a template
+    offering fewer would keep the autoscaler from ever adding a node for it."""
+    from tests.infra.scheduling import EFA_RESOURCE, allocatable
+
+    cfg = config("prod", trainingInstanceTypes=[instance_type], trainingEfa=True)
+    tags = node_template_tags(cfg.cluster.pool("training"))
+    assert tags[f"k8s.io/cluster-autoscaler/node-template/resources/{EFA_RESOURCE}"] == efa
+    assert allocatable(instance_type, efa=True)[EFA_RESOURCE] == float(efa)

@@ -3,16 +3,19 @@ scheduling contract (labels, taints) the GPU pools offer to workloads."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
 import pytest
+import yaml
 
 from infra.cluster import (
     ADDONS,
     CLUSTER_ADMIN_POLICY_ARN,
     CONTROL_PLANE_LOG_TYPES,
     GPU_AMI_TYPE,
+    LOCAL_NVME_NODE_CONFIG,
     Cluster,
     ClusterArgs,
 )
@@ -193,7 +196,15 @@ def test_launch_templates_encrypt_root_volume_require_imdsv2_and_propagate_tags(
         assert {"instance", "volume"} <= set(kinds)
         for tags in kinds.values():
             assert stack_tags("dev", "dev").items() <= tags.items()
-        assert "imageId" not in lt and "userData" not in lt
+        assert "imageId" not in lt
+    # System nodes: EKS's own bootstrap only. GPU nodes: scratch, caches and images on the instance's NVMe.
+    assert "userData" not in templates["cluster-system-lt"]
+    for pool in ("training", "inference"):
+        user_data = base64.b64decode(templates[f"cluster-{pool}-lt"]["userData"]).decode()
+        assert user_data == LOCAL_NVME_NODE_CONFIG
+        node_config = yaml.safe_load(user_data.split("---\n", 1)[1].split("\n--BOUNDARY--")[0])
+        assert node_config["kind"] == "NodeConfig" and node_config["apiVersion"] == "node.eks.aws/v1alpha1"
+        assert node_config["spec"]["instance"]["localStorage"] == {"strategy": "RAID0"}
     assert templates["cluster-inference-lt"]["blockDeviceMappings"][0]["ebs"]["volumeSize"] == (
         cfg.cluster.pool("inference").disk_gb
     )

@@ -92,7 +92,14 @@ def test_model_reads_the_uncompressed_export_inside_the_vpc(dev: tuple[StackConf
         "s3DataType": "S3Prefix",
         "compressionType": "None",
     }
-    assert container["environment"] == {"SERVING_MODEL": "/opt/ml/model", "SERVING_ALLOW_UNAUTHENTICATED": "true"}
+    # dev: the built-in engine on ml.g5.xlarge's A10G, chosen explicitly
+    assert container["environment"] == {
+        "SERVING_MODEL": "/opt/ml/model",
+        "SERVING_ALLOW_UNAUTHENTICATED": "true",
+        "SERVING_ENGINE": "builtin",
+        "SERVING_DEVICE": "cuda",
+        "SERVING_DTYPE": "bfloat16",
+    }
     assert model["vpcConfig"]["subnets"] == SUBNETS
     assert model["vpcConfig"]["securityGroupIds"][0].startswith("sg-")
     assert model["enableNetworkIsolation"] is True
@@ -146,3 +153,34 @@ def test_autoscaling_target_and_policy(dev: tuple[StackConfig, Run]) -> None:
     tracking = policy["targetTrackingScalingPolicyConfiguration"]
     assert tracking["targetValue"] == 40
     assert tracking["predefinedMetricSpecification"]["predefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "vllm_args"),
+    [
+        # prod's pair: Llama-3.1-8B on one A10G: 3.3 GiB of KV cache after the weights, not the 16 GiB that the
+        # model's 131072-token context would need
+        ("ml.g5.2xlarge", "--tensor-parallel-size 1 --max-model-len 13312 --gpu-memory-utilization 0.90"),
+        # four A10Gs: tensor parallel over all of them, the weights split four ways
+        ("ml.g5.12xlarge", "--tensor-parallel-size 4 --max-model-len 131072 --gpu-memory-utilization 0.90"),
+    ],
+)
+def test_vllm_engine_is_sized_for_the_instance(instance_type: str, vllm_args: str) -> None:
+    cfg = stack_config("prod", sagemakerInstanceType=instance_type)
+    env = run_endpoint(cfg).one(MODEL).inputs["primaryContainer"]["environment"]
+    assert env["SERVING_ENGINE"] == "vllm"
+    assert env["SERVING_VLLM_ARGS"] == vllm_args
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "dtype"), [("ml.g4dn.xlarge", "float16"), ("ml.g6e.xlarge", "bfloat16"), ("ml.m5.large", None)]
+)
+def test_builtin_engine_device_follows_the_instance(instance_type: str, dtype: str | None) -> None:
+    env = (
+        run_endpoint(stack_config("dev", sagemakerInstanceType=instance_type))
+        .one(MODEL)
+        .inputs["primaryContainer"]["environment"]
+    )
+    assert env["SERVING_ENGINE"] == "builtin"
+    assert env["SERVING_DEVICE"] == ("cuda" if dtype else "cpu")
+    assert env.get("SERVING_DTYPE") == dtype

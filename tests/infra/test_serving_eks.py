@@ -17,6 +17,7 @@ from infra.serving_eks import (
     API_KEYS_SECRET,
     DRAIN_TIMEOUT_S,
     VLLM_IMAGE,
+    VLLM_UID,
     ServingOnEks,
     ServingOnEksArgs,
 )
@@ -61,7 +62,8 @@ def pod_spec(run: Run) -> dict[str, Any]:
 
 
 def container(run: Run, name: str) -> dict[str, Any]:
-    return next(c for c in pod_spec(run)["containers"] if c["name"] == name)
+    pod = pod_spec(run)
+    return next(c for c in pod["containers"] + pod.get("initContainers", []) if c["name"] == name)
 
 
 @pytest.fixture
@@ -148,6 +150,13 @@ def test_builtin_engine_container(dev: tuple[StackConfig, Run, dict]) -> None:
     server = container(run, "server")
     assert server["image"] == IMAGE
     assert server["args"] == [
+        # explicit: the vLLM image bakes SERVING_ENGINE=vllm, and the CPU default would fail on CUDA
+        "--engine",
+        "builtin",
+        "--device",
+        "cuda",
+        "--dtype",
+        "bfloat16",
         "--model",
         f"s3://{BUCKET}/{cfg.serving.model_prefix}",
         "--port",
@@ -256,7 +265,7 @@ def test_vllm_engine_runs_beside_the_gateway() -> None:
     cfg = stack_config("dev", servingEngine="vllm")
     run, _ = run_serving(cfg)
     pod = pod_spec(run)
-    assert sorted(c["name"] for c in pod["containers"]) == ["server", "vllm"]
+    assert [c["name"] for c in pod["containers"]] == ["server"]
     server, vllm = container(run, "server"), container(run, "vllm")
     assert server["args"][:2] == ["--upstream", "http://127.0.0.1:8000"]
     assert "--model" not in server["args"]
@@ -264,9 +273,15 @@ def test_vllm_engine_runs_beside_the_gateway() -> None:
     assert "nvidia.com/gpu" not in server["resources"]["requests"]
     assert vllm["image"] == VLLM_IMAGE and ":latest" not in VLLM_IMAGE
     assert vllm["resources"]["limits"]["nvidia.com/gpu"] == str(cfg.serving.gpus_per_replica)
+    # `vllm serve <model>`: the positional model, not the deprecated --model flag
+    assert vllm["command"] == ["vllm", "serve"]
     args = vllm["args"]
-    assert args[args.index("--model") + 1] == f"s3://{BUCKET}/{cfg.serving.model_prefix}"
+    assert args[0] == f"s3://{BUCKET}/{cfg.serving.model_prefix}" and "--model" not in args
     assert args[args.index("--port") + 1] == "8000"
+    assert args[args.index("--tensor-parallel-size") + 1] == str(cfg.serving.gpus_per_replica)
+    env = {e["name"]: e["value"] for e in vllm["env"]}
+    assert env["AWS_REGION"] == cfg.region  # IMDS is out of a pod's reach (hop limit 1)
+    assert vllm["securityContext"]["runAsUser"] == VLLM_UID  # a uid with a passwd entry in the vLLM image
     # the readiness the Service routes on is still the gateway's
     assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert {v["name"] for v in pod["volumes"]} >= {"dshm", "cache", "tmp", "api-keys"}
@@ -287,3 +302,38 @@ def test_shipped_stacks_are_valid_for_their_kubernetes_version(stack: str) -> No
     assert run.duplicate_names() == []
     for rec in (r for r in run.resources if r.type.startswith("kubernetes:")):
         kubernetes_validate.validate(as_k8s_object(rec), cfg.cluster.kubernetes_version, strict=True)
+
+
+def test_vllm_is_a_native_sidecar_that_outlives_the_gateway_drain() -> None:
+    """A restartable init container starts before the gateway and is stopped only after it has exited, so the
+    gateway's preStop + drain never routes to a vLLM that already got SIGTERM."""
+    cfg = stack_config("dev", servingEngine="vllm")
+    run, _ = run_serving(cfg)
+    pod = pod_spec(run)
+    assert [c["name"] for c in pod["initContainers"]] == ["vllm"]
+    vllm = pod["initContainers"][0]
+    assert vllm["restartPolicy"] == "Always"
+    assert vllm["startupProbe"]["httpGet"]["path"] == "/health"  # the gateway starts once vLLM is up
+    assert "lifecycle" not in vllm  # nothing delays it: it is stopped after the gateway, by ordering
+    assert cfg.cluster.kubernetes_version >= "1.29"  # native sidecars are on by default from 1.29
+
+
+@pytest.mark.parametrize(
+    ("instance_types", "prefix", "expected_len"),
+    [
+        # prod's inference pool: one L40S (45 GiB): 23.5 GiB of KV cache for Llama-3.1-8B
+        (["g6e.2xlarge"], "llama-3.1-8b-instruct", 96256),
+        # an A10G / L4 (22.5 GiB): ~3.3 GiB after the weights, so far below the model's 131072
+        (["g6.xlarge", "g6.2xlarge"], "llama-3.1-8b-instruct", 13312),
+        (["g6.xlarge"], "debug-llama", 512),  # the model's own context fits whole
+    ],
+)
+def test_vllm_args_are_sized_for_the_pools_smallest_gpu(
+    instance_types: list[str], prefix: str, expected_len: int
+) -> None:
+    cfg = stack_config("dev", servingEngine="vllm", inferenceInstanceTypes=instance_types, servingModelPrefix=prefix)
+    run, _ = run_serving(cfg)
+    args = container(run, "vllm")["args"]
+    assert args[args.index("--max-model-len") + 1] == str(expected_len)
+    assert args[args.index("--gpu-memory-utilization") + 1] == "0.90"
+    assert args[args.index("--tensor-parallel-size") + 1] == "1"

@@ -11,7 +11,11 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-DOCKERFILES = ["containers/serving.Dockerfile", "containers/serving-vllm.Dockerfile"]
+DOCKERFILES = [
+    "containers/serving.Dockerfile",
+    "containers/serving-vllm.Dockerfile",
+    "containers/serving-cuda.Dockerfile",
+]
 HADOLINT = Path(sys.executable).with_name("hadolint")
 
 
@@ -69,3 +73,16 @@ def test_docs_list_every_flag_and_metric() -> None:
     for metric in Metrics().registry.collect():
         name = metric.name + ("_total" if metric.type == "counter" else "")
         assert f"`{name}`" in docs, name
+
+
+def test_cuda_image_runs_the_builtin_engine_on_the_gpu() -> None:
+    """What a builtin-engine stack runs on its GPUs: CUDA torch at the repository's pin, engine and device baked."""
+    text = (REPO_ROOT / "containers/serving-cuda.Dockerfile").read_text()
+    root = pins(REPO_ROOT / "requirements.txt")
+    assert f"torch=={root['torch']}" in text
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+$", text, re.M)
+    for env in ("SERVING_ENGINE=builtin", "SERVING_DEVICE=cuda", "NVIDIA_DRIVER_CAPABILITIES=compute,utility"):
+        assert env in text
+    training = (REPO_ROOT / "containers/training.Dockerfile").read_text()
+    index = re.search(r"whl/(cu\d+)", training)
+    assert index and f"whl/{index.group(1)}" in text  # one CUDA build of torch across the GPU images

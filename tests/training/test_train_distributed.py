@@ -82,3 +82,18 @@ def test_sigterm_checkpoints_and_restart_resumes_same_data_order(corpus: Path, t
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == [f"step_{s:08d}" for s in complete[-2:]]
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_gradient_accumulation_fsdp_reduces_every_micro_batch_and_matches_ddp(corpus: Path, tmp_path: Path) -> None:
+    """FSDP2 reduce-scatters after each micro-batch (its unsharded gradients never outlive one backward) while DDP
+    all-reduces once per step; both must apply the same update."""
+    accum = ("--max-steps", "6", "--set", "data.seq_len=32", "--set", "parallel.grad_accum_steps=2",
+             "--set", "parallel.micro_batch_size=4", "--save-every", "0")  # fmt: skip
+    fsdp = run_training("--data", str(corpus), "--output", str(tmp_path / "f"), "--strategy", "fsdp", *accum)
+    ddp = run_training("--data", str(corpus), "--output", str(tmp_path / "d"), "--strategy", "ddp", *accum)
+    for run in (fsdp, ddp):
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert sorted(run.losses) == list(range(1, 7))
+    for step, loss in fsdp.losses.items():
+        assert ddp.losses[step] == pytest.approx(loss, rel=1e-3, abs=1e-3)
+    assert fsdp.losses[6] < fsdp.losses[1]

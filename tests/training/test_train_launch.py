@@ -78,7 +78,7 @@ def test_eks_dry_run_renders_valid_objects_placed_on_the_training_pool(outputs: 
 
     assert job["spec"]["completionMode"] == "Indexed"
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
-    assert pod["restartPolicy"] == "OnFailure" and job["spec"]["backoffLimit"] > 0
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimitPerIndex"] > 0
     container = pod["containers"][0]
     assert container["image"] == f"{outputs[out.TRAINING_REPOSITORY_URL]}:v1"
     limits = container["resources"]["limits"]
@@ -202,3 +202,75 @@ def test_sagemaker_train_entry_point_runs_a_job_end_to_end(corpus: Path, tmp_pat
     assert (tmp_path / "checkpoints" / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert '"event": "exported"' in proc.stdout
+
+
+def test_eks_job_failure_policy_does_not_count_disruptions(outputs: dict[str, Any]) -> None:
+    """Spot interruption, drains and preemption replace the pod without spending retries; each node (index) has its
+    own budget and one exhausted index fails the Job; a replacement waits for the old pod to be gone."""
+    _, job = render_training_job(TrainingJobSpec(name="fp", nodes=4, data="d", backoff_limit=3), outputs)
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"  # podFailurePolicy only applies to pods that are not restarted in place
+    assert "backoffLimit" not in spec and spec["backoffLimitPerIndex"] == 3 and spec["maxFailedIndexes"] == 0
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert spec["podFailurePolicy"]["rules"] == [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    ]
+
+
+def test_eks_rendezvous_waits_for_a_cold_scale_up(outputs: dict[str, Any]) -> None:
+    _, job = render_training_job(TrainingJobSpec(name="rdzv", nodes=2, data="d"), outputs)
+    cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    conf = dict(
+        kv.split("=") for kv in next(a for a in cmd if a.startswith("--rdzv_conf=")).split("=", 1)[1].split(",")
+    )
+    # c10d's defaults (60 s store reads, 600 s join) are shorter than a GPU node scale-up plus an image pull
+    assert int(conf["read_timeout"]) >= 600 and int(conf["join_timeout"]) >= 1200
+
+
+def test_eks_job_is_burstable_with_memory_and_scratch_requests(outputs: dict[str, Any]) -> None:
+    _, job = render_training_job(TrainingJobSpec(name="qos", data="d", scratch_gib=150), outputs)
+    pod = job["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    requests = resources["requests"]
+    # g6e.12xlarge: 48 vCPUs, 384 GiB; requests stay below the node's allocatable
+    assert requests["cpu"] == "40" and requests["memory"] == "307Gi"
+    assert requests["ephemeral-storage"] == "150Gi"
+    assert {v["name"]: v for v in pod["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "150Gi"}
+    # by default: half the NVMe instance store of the pool's type (g6e.12xlarge: 3800 GB), which the nodes'
+    # NodeConfig puts under the kubelet (infra/cluster.py)
+    _, job = render_training_job(TrainingJobSpec(name="qos", data="d"), outputs)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["requests"]["ephemeral-storage"] == "1769Gi"
+    assert {v["name"]: v for v in pod["volumes"]}["scratch"]["emptyDir"] == {"sizeLimit": "1769Gi"}
+    # Burstable, not BestEffort: requests set; the GPU and EFA extended resources are equal in both
+    assert "memory" not in resources["limits"]
+    assert {k: requests[k] for k in resources["limits"]} == resources["limits"]
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "devices", "rdma"),
+    [
+        ("g6e.12xlarge", "1", False),  # G-series: EFA without GPUDirect RDMA (aws/aws-ofi-nccl#547)
+        ("g6e.48xlarge", "4", False),
+        ("p4d.24xlarge", "4", True),
+        ("p5.48xlarge", "32", True),
+        ("p5en.48xlarge", "16", True),
+    ],
+)
+def test_eks_efa_devices_and_env_follow_the_instance_family(
+    outputs: dict[str, Any], instance_type: str, devices: str, rdma: bool
+) -> None:
+    from infra.instance_types import GPU_INSTANCE_TYPES
+
+    pool = outputs[out.GPU_POOLS]["training"]
+    pool.update(instance_types=[instance_type], gpus_per_node=GPU_INSTANCE_TYPES[instance_type].gpus, efa=True)
+    _, job = render_training_job(TrainingJobSpec(name="efa", data="d"), outputs)
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["vpc.amazonaws.com/efa"] == devices
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["FI_PROVIDER"] == "efa"
+    assert env.get("FI_EFA_USE_DEVICE_RDMA") == ("1" if rdma else None)
+    # an explicit count still wins
+    _, job = render_training_job(TrainingJobSpec(name="efa", data="d", efa_devices=2), outputs)
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["vpc.amazonaws.com/efa"] == "2"

@@ -1,0 +1,63 @@
+"""The batched sampler (serving/decode.py `sample`): the right distribution, nucleus cut, greedy rows untouched,
+seeded rows independent of their batch companions."""
+
+from __future__ import annotations
+
+import torch
+
+from serving.decode import SamplingParams, sample
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+
+
+def frequencies(params: SamplingParams, n: int = 4000, logits: torch.Tensor = LOGITS) -> torch.Tensor:
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    picks = sample(logits.expand(n, -1).clone(), [params] * n, gens)  # n rows in one call, one generator each
+    return torch.bincount(torch.tensor(picks), minlength=logits.numel()).double() / n
+
+
+def test_temperature_sampling_follows_the_softmax() -> None:
+    for temperature in (1.0, 0.5, 2.0):
+        expected = torch.softmax(LOGITS.double() / temperature, dim=-1)
+        got = frequencies(SamplingParams(1, temperature=temperature))
+        assert torch.allclose(got, expected, atol=0.03), (temperature, got, expected)
+
+
+def test_top_p_renormalises_the_nucleus_and_never_picks_outside_it() -> None:
+    probs = torch.softmax(LOGITS.double(), dim=-1)  # 0.57, 0.21, 0.13, 0.08, ...
+    got = frequencies(SamplingParams(1, temperature=1.0, top_p=0.8))
+    nucleus = probs[:3] / probs[:3].sum()  # 0.57 + 0.21 < 0.8, so the third token completes the mass
+    assert got[3:].sum() == 0
+    assert torch.allclose(got[:3], nucleus, atol=0.03)
+
+
+def test_greedy_rows_are_argmax_in_a_mixed_batch() -> None:
+    logits = torch.randn(5, 50)
+    params = [SamplingParams(1, temperature=0.0), SamplingParams(1, temperature=1.0, top_p=0.5)] * 2 + [
+        SamplingParams(1, temperature=0.0)
+    ]
+    gens = [None, torch.Generator().manual_seed(1), None, None, None]
+    tokens = sample(logits, params, gens)
+    argmax = logits.argmax(-1).tolist()
+    assert [tokens[i] for i in (0, 2, 4)] == [argmax[i] for i in (0, 2, 4)]
+    assert all(isinstance(t, int) for t in tokens)
+
+
+def test_a_seeded_row_does_not_depend_on_its_companions() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000)
+    mine = SamplingParams(1, temperature=0.8, top_p=0.9, seed=5)
+
+    def my_tokens(companions: list[SamplingParams]) -> list[int]:
+        gen = torch.Generator().manual_seed(5)
+        out = []
+        for _ in range(20):
+            batch = [*companions, mine]
+            rows = torch.cat([logits[: len(companions)], logits[3:]])
+            gens = [torch.Generator().manual_seed(99 + k) for k in range(len(companions))] + [gen]
+            out.append(sample(rows, batch, gens)[-1])
+        return out
+
+    alone = my_tokens([])
+    assert my_tokens([SamplingParams(1, temperature=1.0)]) == alone
+    assert my_tokens([SamplingParams(1, temperature=0.0), SamplingParams(1, temperature=2.0, top_p=0.3)]) == alone
