@@ -52,7 +52,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def load_engine(cfg: ServingConfig, metrics: Metrics) -> Backend:
-    from serving.model_source import resolve_model_dir
+    from serving.model_source import named_by_export, resolve_model_dir
 
     if cfg.upstream:
         from serving.backends.upstream import UpstreamBackend
@@ -60,6 +60,7 @@ def load_engine(cfg: ServingConfig, metrics: Metrics) -> Backend:
         log.info("lifecycle: engine = upstream %s", cfg.upstream)
         return UpstreamBackend(cfg.upstream, cfg.upstream_api_key, cfg.request_timeout_s)
     model_dir = resolve_model_dir(cfg.model, cfg.model_cache_dir)
+    cfg = named_by_export(cfg, model_dir)
     if cfg.engine == "vllm":
         return start_vllm(cfg, model_dir)
     from serving.backends.local import LocalBackend
@@ -128,7 +129,8 @@ def run(cfg: ServingConfig) -> int:
         backend=backend,
         keys=keys,
         metrics=metrics,
-        default_model="" if cfg.upstream and not cfg.served_model_name else cfg.model_id,
+        # the built-in engine knows its id (maybe named by the export); a gateway asks its upstream on first use
+        default_model=cfg.served_model_name or getattr(backend, "model_id", ""),
     )
     app = build_app(state)
     metrics.ready.set(1)
