@@ -16,6 +16,7 @@ from typing import Any
 
 from infra import outputs as out
 from training.stack import require, training_pool
+from training.torchrun import shutdown_timeout
 
 RDZV_PORT = 29500
 METRICS_PORT = 9400
@@ -43,7 +44,9 @@ class TrainingJobSpec:
     backoff_limit: int = 10
     """Pod failures the Job tolerates; each costs at most one checkpoint interval."""
     termination_grace_s: int = 120
-    """Time between SIGTERM and SIGKILL: the trainer writes a checkpoint in it."""
+    """Time between SIGTERM and SIGKILL: the trainer finishes its step and writes a checkpoint in it; torchrun's
+    --shutdown-timeout is derived from it. 120 s matches EC2's spot interruption notice, the most a spot node
+    gives (docs/training.md, "Preemption", has the measured save times)."""
     shm_size: str = "16Gi"
 
     def __post_init__(self) -> None:
@@ -105,7 +108,8 @@ def render_training_job(spec: TrainingJobSpec, outputs: dict[str, Any]) -> list[
     }
 
     torchrun = [
-        "torchrun",
+        # torchrun that exits 143 on SIGTERM (training/torchrun.py); its workers get the pod's grace period.
+        *("python", "-m", "training.torchrun", f"--shutdown-timeout={shutdown_timeout(spec.termination_grace_s)}"),
         f"--nnodes={spec.nodes}",
         f"--nproc_per_node={max(gpus, 1)}",
         "--rdzv_backend=c10d",

@@ -14,11 +14,28 @@ from __future__ import annotations
 import signal
 import sys
 
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.run import main as torchrun_main
+AGENT_MARGIN_S = 15
+"""Seconds of the grace period kept for the agent itself after its workers have exited (closing the rendezvous
+store, logging, the process exit) and for the kubelet's own latency in delivering the signal."""
+
+SAGEMAKER_STOP_GRACE_S = 120
+"""StopTrainingJob sends SIGTERM, "which delays job termination for 120 seconds" (SageMaker API reference,
+StopTrainingJob); managed spot interruptions use the same stop path."""
+
+
+def shutdown_timeout(grace_s: int) -> int:
+    """torchrun's --shutdown-timeout (SIGTERM to workers -> SIGKILL) for a pod/job grace period of `grace_s`:
+    the workers get all of it but the agent's margin. torchrun's own default is 30 s whatever the grace."""
+    if grace_s <= AGENT_MARGIN_S:
+        raise ValueError(f"termination grace {grace_s}s leaves no time to checkpoint (> {AGENT_MARGIN_S}s needed)")
+    return grace_s - AGENT_MARGIN_S
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here: the launchers import shutdown_timeout() and need no torch for it.
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as torchrun_main
+
     try:
         torchrun_main(argv if argv is not None else sys.argv[1:])
     except SignalException as e:

@@ -218,11 +218,12 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
 
     while step < cfg.max_steps:
         if d.any_true(stop.set):
+            save_s = 0.0
             if step != saved_step:
-                ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
+                save_s = ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
                 if prom is not None:
                     prom.checkpoint_saved(step)
-            metrics.emit({"event": "preempted", "step": step, "checkpoint_step": step})
+            metrics.emit({"event": "preempted", "step": step, "checkpoint_step": step, "save_s": save_s})
             metrics.close()
             if prom is not None:
                 prom.close()
@@ -269,15 +270,15 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
                 prom.record_step(record, tokens=tokens_per_step * (step - logged_step))
             logged_step = step
         if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.max_steps:
-            ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
+            save_s = ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
             saved_step = step
-            metrics.emit({"event": "checkpoint", "step": step})
+            metrics.emit({"event": "checkpoint", "step": step, "save_s": save_s})
             if prom is not None:
                 prom.checkpoint_saved(step)
 
     if step != saved_step:
-        ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
-        metrics.emit({"event": "checkpoint", "step": step})
+        save_s = ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
+        metrics.emit({"event": "checkpoint", "step": step, "save_s": save_s})
         if prom is not None:
             prom.checkpoint_saved(step)
     export_model(model, tokenizer, cfg.export_location, d, served_name=cfg.exported_name)
