@@ -62,7 +62,6 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     A real model (its config.json, read without the weights) sizes the `finetune` preset and is checked against
     the result, so a contradiction is an error before anything is downloaded or loaded.
     """
-    name = args.preset or ("finetune" if args.model and args.model != DEBUG_MODEL else "debug")
     named = []
     for flag, key in (
         ("data", "data.path"),
@@ -77,6 +76,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         if value is not None:
             named.append(f"{key}={value}")
     overrides = [*named, *args.overrides]
+    name = args.preset
+    if name is None:  # a real model (--model, or model.path as the launchers pass it) gets `finetune`
+        probe = apply_overrides(preset("debug"), overrides)
+        name = "finetune" if probe.model.path not in ("", DEBUG_MODEL) else "debug"
     cfg = apply_overrides(preset(name), overrides)
     if cfg.model.path in ("", DEBUG_MODEL):
         return cfg

@@ -71,7 +71,9 @@ def run_locations(outputs: dict[str, Any], name: str, data: str) -> dict[str, st
 
 
 def trainer_args(spec: TrainingJobSpec, locations: dict[str, str]) -> list[str]:
-    args = ["--preset", spec.preset, "--data", locations["data"], "--output", locations["output"]]
+    # No preset: the trainer picks (finetune for a real model, sized to it; debug otherwise).
+    args = ["--preset", spec.preset] if spec.preset else []
+    args += ["--data", locations["data"], "--output", locations["output"]]
     args += ["--export", locations["export"]]
     if spec.max_steps is not None:
         args += ["--max-steps", str(spec.max_steps)]

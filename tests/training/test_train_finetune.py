@@ -43,6 +43,9 @@ def test_model_without_preset_gets_finetune_sized_to_model_and_machine(tmp_path:
     assert cfg["optim"]["lr"] == 5e-5 and cfg["optim"]["weight_decay"] == 0.0
     assert cfg["data"]["seq_len"] == 256 and cfg["parallel"]["micro_batch_size"] == 2
     assert cfg["checkpoint"]["keep_last"] == 2 and not cfg["model"]["activation_checkpointing"]
+    # The launchers pass the model as an override: the same preset is derived.
+    assert main(["--set", f"model.path={model}", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "finetune"
     # --set still has the last word.
     assert main(["--model", str(model), "--set", "data.seq_len=512", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["seq_len"] == 512

@@ -96,6 +96,7 @@ def test_eks_dry_run_renders_valid_objects_placed_on_the_training_pool(outputs: 
     assert f"--export s3://{outputs[out.MODELS_BUCKET]}/run1" in joined
     assert "--set optim.lr=1e-4" in joined
     assert f"--set model.path=s3://{outputs[out.MODELS_BUCKET]}/base/llama-3.2-1b" in joined
+    assert "--preset" not in cmd, "a real model without --preset gets the trainer's finetune preset, not debug"
     # Prometheus: the trainer serves its metrics port and the pods say so, as the serving Deployment's do.
     assert joined.endswith("--set metrics_port=9400")
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
@@ -163,7 +164,8 @@ def test_sagemaker_job_created_against_moto_with_the_stacks_role_and_buckets(
     assert "--nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=algo-1" in joined
     # StopTrainingJob's 120 s SIGTERM window, less the agent's margin, and the wrapper that exits 143.
     assert "-m training.torchrun --shutdown-timeout=105" in joined
-    assert f"--data /opt/ml/input/data/train --preset debug --output {hp['output']}" in joined
+    # No --preset given to the launcher: none is passed, the trainer picks (debug here, finetune with a model).
+    assert f"--data /opt/ml/input/data/train --output {hp['output']}" in joined and "--preset" not in joined
     assert "--set optim.lr=1e-4" in joined and "--max-steps 100" in joined
 
 
