@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             chat = client.chat.completions.create(
                 model=model_id,
                 messages=[{"role": "user", "content": question}],
-                max_tokens=24 if args.debug_model else 96,
+                max_tokens=24 if args.debug_model else 160,
                 temperature=0,
             )
             choice = chat.choices[0]
