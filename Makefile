@@ -14,7 +14,7 @@ setup: .venv/.installed  ## create .venv and install the pinned dependencies (to
 	$(PY) -m pip install --quiet --progress-bar off -r requirements.txt
 	touch $@
 
-demo: setup  ## the main job: preview the dev stack, then train -> export -> serve locally (no cloud account)
+demo: setup  ## the main job: preview the dev stack, then fine-tune SmolLM2 -> export -> serve -> ask, locally (no cloud account)
 	$(PY) -m tools.local_e2e
 
 preview: setup  ## offline preview of one stack: make preview STACK=prod

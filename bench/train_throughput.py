@@ -1,6 +1,10 @@
 """Training throughput: our trainer vs the Hugging Face `Trainer`, same model, data, batch and steps, same run.
 
     .venv/bin/python bench/train_throughput.py [--steps 30] [--rounds 2]
+    .venv/bin/python bench/train_throughput.py --model smollm2 --batch 4 --steps 6 --warmup 2 --rounds 2
+
+`--model smollm2` trains the real SmolLM2-135M-Instruct (tools/smollm2.py) instead of the debug Llama; any
+Hugging Face model directory works too.
 
 Both train the debug Llama (training/debug_model.py) on the same packed sequences of the same corpus, one process,
 same micro-batch, sequence length, optimizer (AdamW), clipping and cosine schedule. Ours runs as users run it
@@ -45,10 +49,15 @@ def write_corpus(path: Path, n: int = 4000) -> None:
     path.write_text("\n\n".join(rng.choice(SENTENCES) for _ in range(n)), encoding="utf-8")
 
 
+MODEL = "debug"
+"""`--model`: "debug", or a Hugging Face model directory (set by main())."""
+
+
 def ours(corpus: Path, steps: int, batch: int, seq_len: int, warmup: int, threads: int) -> list[float]:
     with tempfile.TemporaryDirectory() as out:
         proc = subprocess.run(
-            [sys.executable, "-m", "training", "--preset", "debug", "--data", str(corpus), "--output", out,
+            [sys.executable, "-m", "training", "--preset", "debug", "--model", MODEL, "--data", str(corpus),
+             "--output", out,
              "--max-steps", str(steps), "--save-every", "0", "--strategy", "ddp",
              "--set", f"parallel.micro_batch_size={batch}", "--set", f"data.seq_len={seq_len}",
              "--set", "optim.weight_decay=0.0"],
@@ -69,8 +78,14 @@ def hf_trainer(corpus: Path, steps: int, batch: int, seq_len: int, warmup: int, 
 
     torch.set_num_threads(threads)
     cfg = preset("debug")
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer)
+    if MODEL == "debug":
+        tokenizer = build_tokenizer()
+        model = build_model(tokenizer)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(MODEL)
+        model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     model.config.use_cache = False
     seqs = build_sequences(corpus, tokenizer, seq_len, "text")
     # Same tokens per step as ours: seq_len inputs per row; HF shifts labels inside the model.
@@ -120,7 +135,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--model", default="debug", help="debug, smollm2, or a Hugging Face model directory")
     a = p.parse_args()
+    global MODEL
+    if a.model == "smollm2":
+        from tools.smollm2 import ensure
+
+        MODEL = str(ensure())
+    else:
+        MODEL = a.model
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
@@ -136,10 +159,11 @@ def main() -> None:
                 tps = a.batch * a.seq_len / statistics.median(times)
                 print(f"round {r + 1} {name:>4}: {tps:8.0f} tokens/s", flush=True)
     tokens = a.batch * a.seq_len
+    name = "debug Llama" if MODEL == "debug" else Path(MODEL).name
     o = tokens / statistics.median(step_times["ours"])
     h = tokens / statistics.median(step_times["hf"])
     print(
-        f"model: debug Llama, batch {a.batch} x {a.seq_len} tokens, {a.steps} steps ({a.warmup} warm-up) x {a.rounds}"
+        f"model: {name}, batch {a.batch} x {a.seq_len} tokens, {a.steps} steps ({a.warmup} warm-up) x {a.rounds}"
         f" rounds, 1 process, {a.threads} thread(s)"
     )
     print(f"ours (python -m training): {o:.0f} tokens/s (median step time over {len(step_times['ours'])} steps)")

@@ -66,7 +66,7 @@ COPY --chown=trainer:trainer training/ /app/training/
 # Numeric, so that Kubernetes can verify runAsNonRoot without resolving names.
 USER 1000:1000
 
-# EKS runs `torchrun ... -m training` (the Job's command); SageMaker runs `train`.
+# EKS runs `python -m training.torchrun ... -m training` (the Job's command); SageMaker runs `train`.
 # 29500: torchrun rendezvous; 9400: the trainer's Prometheus metrics (metrics_port, set by the EKS Job).
 EXPOSE 29500 9400
 CMD ["train"]

@@ -37,6 +37,25 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+EXPORT_INFO = "llm-platform.json"
+"""Written by the trainer's export (training/export.py): {"served_model_name": ...}."""
+
+
+def named_by_export(cfg, model_dir: Path):  # (ServingConfig, Path) -> ServingConfig
+    """Without --served-model-name, serve an exported model under the name its export recorded."""
+    import dataclasses
+    import json
+
+    info = model_dir / EXPORT_INFO
+    if cfg.served_model_name or not info.is_file():
+        return cfg
+    name = json.loads(info.read_text(encoding="utf-8")).get("served_model_name")
+    if not isinstance(name, str) or not name:
+        return cfg
+    log.info("model %s: serving it as %r (recorded in %s)", cfg.model, name, EXPORT_INFO)
+    return dataclasses.replace(cfg, served_model_name=name)
+
+
 def resolve_model_dir(model: str, cache_dir: str) -> Path:
     if model.startswith("s3://"):
         return download_s3_prefix(model, Path(cache_dir) if cache_dir else default_cache_dir())

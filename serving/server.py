@@ -178,7 +178,7 @@ def connection_cap(cfg: ServingConfig) -> int:
 
 
 def load_engine(cfg: ServingConfig, metrics: Metrics) -> Backend:
-    from serving.model_source import resolve_model_dir
+    from serving.model_source import named_by_export, resolve_model_dir
 
     if cfg.upstream:
         from serving.backends.upstream import UpstreamBackend
@@ -188,6 +188,7 @@ def load_engine(cfg: ServingConfig, metrics: Metrics) -> Backend:
             cfg.upstream, cfg.upstream_api_key, cfg.request_timeout_s, default_max_tokens=cfg.default_max_tokens
         )
     model_dir = resolve_model_dir(cfg.model, cfg.model_cache_dir)
+    cfg = named_by_export(cfg, model_dir)
     if cfg.engine == "vllm":
         return start_vllm(cfg, model_dir)
     from serving.backends.local import LocalBackend
@@ -301,7 +302,10 @@ def _run(cfg: ServingConfig) -> int:
         backend=backend,
         keys=keys,
         metrics=metrics,
-        default_model="" if cfg.upstream and not cfg.served_model_name else cfg.model_id,
+        # the built-in engine knows its id (maybe named by the export); a gateway asks its upstream on first use
+        default_model=""
+        if cfg.upstream and not cfg.served_model_name
+        else (cfg.served_model_name or getattr(backend, "model_id", "") or cfg.model_id),
         max_request_bytes=request_limit(cfg, backend),
     )
     app = build_app(state)

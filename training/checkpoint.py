@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,9 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         loader_state: dict[str, int],
         config: dict[str, Any],
-    ) -> None:
+    ) -> float:
+        """Collective; returns the seconds it took (local write, upload, marker): what a SIGTERM save costs."""
+        started = time.monotonic()
         name = step_dir(step)
         local = self.local_root / name
         # A directory for this step can only be a leftover of an interrupted save: clear it (on every node's
@@ -114,6 +117,7 @@ class CheckpointManager:
             self.remote.write_text(f"{name}/{MARKER}", json.dumps({"step": step}))
             self._rotate(keep_from=step)
         self.d.barrier()
+        return round(time.monotonic() - started, 2)
 
     def _rotate(self, keep_from: int) -> None:
         """Keep the newest `keep_last` complete checkpoints; drop older ones and any unmarked leftovers."""

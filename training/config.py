@@ -45,7 +45,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""
-    """Text (.txt) or JSON lines (.jsonl, field `text_field`) file, or a directory / s3:// prefix of them."""
+    """Text (.txt) or JSON lines (.jsonl) file, or a directory / s3:// prefix of them. A JSONL record is either
+    `{"<text_field>": "..."}` (plain text, packed) or `{"messages": [{"role", "content"}, ...]}` (a chat, rendered
+    with the tokenizer's chat template; the loss covers the assistant turns only)."""
     seq_len: int = 128
     text_field: str = "text"
     seed: int = 0
@@ -62,6 +64,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr * min_lr_ratio."""
     warmup_steps: int = 10
+    warmup_ratio: float = 0.1
+    """Warmup is capped at this fraction of max_steps, so a short run still reaches its peak lr (1: no cap)."""
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -73,9 +77,16 @@ class OptimConfig:
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.warmup_ratio <= 1, f"optim.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
         _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+def effective_warmup(o: OptimConfig, max_steps: int) -> int:
+    """`warmup_steps`, capped at `warmup_ratio * max_steps`: 200 warmup steps against a 40-step run would
+    otherwise leave the learning rate near zero for the whole run."""
+    return min(o.warmup_steps, int(o.warmup_ratio * max_steps))
 
 
 @dataclass
@@ -126,6 +137,9 @@ class TrainConfig:
     """Serve Prometheus metrics (`llm_training_*`, training/metrics.py) on this port at `/metrics`; 0: off. The EKS
     job sets 9400 and annotates its pods for scraping."""
 
+    served_model_name: str = ""
+    """The id `python -m serving` serves the export under (recorded in the export); default: the run name."""
+
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
@@ -139,6 +153,38 @@ class TrainConfig:
             bool(self.model.path),
             f"preset {self.name!r} needs a model: pass --model (a Hugging Face model directory, local or s3://)",
         )
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps actually used: `optim.warmup_steps`, capped at `optim.warmup_ratio` of max_steps."""
+        return effective_warmup(self.optim, self.max_steps)
+
+    def check_against_model(self, model: ModelInfo) -> None:
+        """Contradictions between the config and the model, found before any weight is loaded."""
+        _check(
+            model.max_seq_len is None or self.data.seq_len <= model.max_seq_len,
+            f"data.seq_len={self.data.seq_len} is longer than the model's context ({model.max_seq_len} tokens, "
+            f"max_position_embeddings of {self.model.path}): lower data.seq_len",
+        )
+
+    def summary(self) -> str:
+        """One line with what decides a run's outcome; printed at start (the full config is in every checkpoint)."""
+        p, o = self.parallel, self.optim
+        return (
+            f"preset={self.name} model={self.model.path} lr={o.lr:g} (cosine to {o.lr * o.min_lr_ratio:g}) "
+            f"warmup={self.warmup} weight_decay={o.weight_decay:g} seq_len={self.data.seq_len} "
+            f"micro_batch={p.micro_batch_size} grad_accum={p.grad_accum_steps} max_steps={self.max_steps} "
+            f"strategy={p.strategy} activation_checkpointing={self.model.activation_checkpointing}"
+        )
+
+    @property
+    def exported_name(self) -> str:
+        """`served_model_name`, else `<base model>-<run>` from the model path's and the output's last parts."""
+        if self.served_model_name:
+            return self.served_model_name
+        base = self.model.path.rstrip("/").rsplit("/", 1)[-1] or "model"
+        run = self.output.rstrip("/").rsplit("/", 1)[-1] or self.name
+        return f"{base}-{run}"
 
     @property
     def export_location(self) -> str:
@@ -250,7 +296,8 @@ def _llm(name: str, micro_batch_size: int, grad_accum_steps: int, lr: float) -> 
     cfg.data = DataConfig(seq_len=4096)
     cfg.optim = OptimConfig(lr=lr, warmup_steps=200, weight_decay=0.1, grad_clip=1.0)
     cfg.parallel = ParallelConfig(strategy="fsdp", micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps)
-    cfg.checkpoint = CheckpointConfig(save_every=250, keep_last=3)
+    # 12 bytes per parameter per checkpoint (fp32 weights + two Adam moments): keep two, not more.
+    cfg.checkpoint = CheckpointConfig(save_every=250, keep_last=2)
     cfg.max_steps = 10_000
     return cfg
 
@@ -272,8 +319,77 @@ def llama_8b() -> TrainConfig:
     return _llm("llama-8b", micro_batch_size=1, grad_accum_steps=16, lr=3e-5)
 
 
+@dataclass
+class ModelInfo:
+    """What a preset needs to know about a model, read from its config.json (no weights)."""
+
+    name: str
+    max_seq_len: int | None
+    """max_position_embeddings, when the config has it."""
+    params: int
+    """Parameter count estimated from the shapes in the config."""
+
+    @classmethod
+    def from_hf_config(cls, name: str, c: dict[str, Any]) -> ModelInfo:
+        h, layers = int(c.get("hidden_size", 0)), int(c.get("num_hidden_layers", 0))
+        heads = int(c.get("num_attention_heads", 1) or 1)
+        head_dim = int(c.get("head_dim") or h // heads)
+        kv = int(c.get("num_key_value_heads") or heads)
+        inter, vocab = int(c.get("intermediate_size", 4 * h)), int(c.get("vocab_size", 0))
+        # q and o: h x h; k and v: h x kv*head_dim; gated MLP: 3 x h x intermediate; embeddings (x2 if untied).
+        per_layer = 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * inter
+        emb = vocab * h * (1 if c.get("tie_word_embeddings", False) else 2)
+        ctx = c.get("max_position_embeddings")
+        return cls(name=name, max_seq_len=int(ctx) if ctx else None, params=layers * per_layer + emb)
+
+
+def finetune() -> TrainConfig:
+    """Fine-tuning a real model: the default when `--model` is given without `--preset`.
+
+    Fine-tuning learning rates (far below pre-training's: a real model's knowledge survives them), cosine decay to
+    10%, warmup capped at 10% of the steps, no weight decay. `fit_to_model` then sizes sequence length, batch,
+    activation checkpointing and checkpoint retention to the model (its config.json) and the machine.
+    """
+    cfg = base()
+    cfg.name = "finetune"
+    cfg.model = ModelConfig(path="", activation_checkpointing=False, bf16=True)
+    cfg.data = DataConfig(seq_len=512)
+    cfg.optim = OptimConfig(lr=5e-5, warmup_steps=100, warmup_ratio=0.1, weight_decay=0.0, grad_clip=1.0)
+    cfg.parallel = ParallelConfig(strategy="fsdp", micro_batch_size=4, grad_accum_steps=1)
+    cfg.checkpoint = CheckpointConfig(save_every=200, keep_last=2)
+    cfg.max_steps = 1000
+    return cfg
+
+
+def fit_to_model(cfg: TrainConfig, model: ModelInfo, cuda: bool) -> TrainConfig:
+    """The finetune preset sized for `model` on this machine (a GPU per rank, or CPU cores)."""
+    cfg = dataclasses.replace(cfg)
+    big = model.params >= 1_000_000_000
+    ctx = model.max_seq_len or 2048
+    if cuda:
+        # Tokens per micro-batch per GPU that fit a 24-80 GB GPU with FSDP2 at these sizes; activation
+        # checkpointing from 1B parameters on (the llama-* presets' measured-safe setting).
+        seq = min(ctx, 4096 if big else 2048)
+        budget = 4096 if model.params >= 4_000_000_000 else 8192 if big else 16384
+        micro = max(1, budget // seq)
+        cfg.parallel = dataclasses.replace(cfg.parallel, micro_batch_size=micro, grad_accum_steps=max(1, 4 // micro))
+    else:
+        # A laptop / CI CPU: 512 tokens per rank per step keep a step of a ~100M model to seconds (135M: 5-20 s).
+        seq = min(ctx, 256)
+        cfg.parallel = dataclasses.replace(cfg.parallel, micro_batch_size=2, grad_accum_steps=1)
+    cfg.data = dataclasses.replace(cfg.data, seq_len=seq)
+    cfg.model = dataclasses.replace(cfg.model, activation_checkpointing=big)
+    # Larger models: lower fine-tuning lr. A checkpoint holds fp32 weights + two Adam moments (12 bytes per
+    # parameter: 1.6 GB at 135M, 96 GB at 8B), so big models keep only the latest complete one.
+    lr = 5e-5 if not big else 2e-5 if model.params < 4_000_000_000 else 1e-5
+    cfg.optim = dataclasses.replace(cfg.optim, lr=lr)
+    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, keep_last=1 if big else 2)
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "debug": debug,
+    "finetune": finetune,
     "llama-1b": llama_1b,
     "llama-3b": llama_3b,
     "llama-8b": llama_8b,

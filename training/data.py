@@ -1,7 +1,16 @@
 """Data: text / JSONL from a local path or S3, tokenized, packed into fixed-length sequences, sharded by rank.
 
-Packing concatenates every document (each followed by EOS) into one token stream and cuts it into
-`seq_len + 1`-token windows (inputs and shifted labels), so no compute is spent on padding.
+Packing concatenates every document (each followed by the model's document separator) into one token stream and
+cuts it into `seq_len + 1`-token windows (inputs and shifted labels), so no compute is spent on padding.
+
+Two kinds of document:
+- plain text (a .txt paragraph or a JSONL `{"text": ...}`): every token is trained on. The separator is EOS for a
+  base model; for an instruct model whose EOS ends a chat turn (SmolLM2 and Qwen's `<|im_end|>`, Llama 3's
+  `<|eot_id|>`), it is the pre-training end-of-text token instead (`document_separator`), because training on
+  "end of turn" after every paragraph teaches the model to stop its answers mid-way;
+- a chat (a JSONL `{"messages": [{"role": ..., "content": ...}, ...]}`): rendered with the tokenizer's own chat
+  template, and only the assistant turns (including their end-of-turn token, which is what teaches the model to
+  stop) carry loss; system and user tokens are context. Windows with no assistant token are dropped.
 
 Order is a pure function of (seed, epoch): each epoch is a seeded permutation of the packed sequences, and each
 optimizer micro-step consumes the next `world_size * micro_batch_size` of them, rank r taking the r-th slice. The
@@ -19,6 +28,8 @@ from typing import Any
 import torch
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
+IGNORE_INDEX = -100
+"""Label of tokens that carry no loss (torch.nn.functional.cross_entropy's default ignore_index)."""
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 
 
@@ -37,8 +48,24 @@ def list_data_files(path: Path) -> list[Path]:
     return files
 
 
-def read_documents(files: list[Path], text_field: str) -> list[str]:
-    docs: list[str] = []
+Document = str | list[dict[str, str]]
+"""Plain text, or a chat: a list of {"role", "content"} messages."""
+
+
+def _messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
+    msgs = record["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for i, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise DataError(f"{where}: a chat needs at least one 'assistant' message (the only tokens trained on)")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def read_documents(files: list[Path], text_field: str) -> list[Document]:
+    docs: list[Document] = []
     for f in files:
         if f.suffix in JSONL_SUFFIXES:
             for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
@@ -48,38 +75,141 @@ def read_documents(files: list[Path], text_field: str) -> list[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
+                if isinstance(record, dict) and "messages" in record:
+                    docs.append(_messages(record, f"{f}:{lineno}"))
+                    continue
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise DataError(f"{f}:{lineno}: expected an object with a string field {text_field!r}")
+                    raise DataError(
+                        f"{f}:{lineno}: expected an object with a string field {text_field!r} or a 'messages' list"
+                    )
                 docs.append(record[text_field])
         else:
             # Blank-line-separated paragraphs are documents: keeps tokenizer calls bounded on large files.
             docs.extend(p for p in f.read_text(encoding="utf-8").split("\n\n"))
-    return [d for d in docs if d.strip()]
+    return [d for d in docs if not isinstance(d, str) or d.strip()]
 
 
-def pack(token_ids: list[list[int]], eos_id: int, seq_len: int) -> torch.Tensor:
-    """Concatenate documents (EOS after each) and cut into [n, seq_len + 1] windows; the tail is dropped."""
+# End-of-text tokens of common model families, tried in order when EOS itself ends a chat turn.
+_END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+
+
+def document_separator(tokenizer: Any) -> int | None:
+    """The token between packed plain-text documents: EOS, unless the chat template uses it (then EOS means
+    "end of turn", not "end of document"): then the first end-of-text token the chat template does not use.
+    None (documents concatenated as they are) if there is no such token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.eos_token_id
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    used = set(tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True)["input_ids"])
+    if tokenizer.eos_token_id not in used:
+        return tokenizer.eos_token_id
+    vocab = tokenizer.get_vocab()
+    for token in _END_OF_TEXT:
+        if token in vocab and vocab[token] not in used:
+            return vocab[token]
+    return None
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    """Token ids of a chat rendered with the tokenizer's template, and per token: is it part of an assistant turn.
+
+    Templates rarely mark assistant spans (`{% generation %}`), so the spans are found by rendering growing
+    prefixes: the text an assistant message adds after the generation prompt is that turn, end-of-turn included.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat data ('messages') needs a tokenizer with a chat template; this model has none")
+
+    def text(msgs: list[dict[str, str]], prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            before = text(messages[:i], True) if i else ""
+            pieces.append((before[len(done) :], False))
+            done = before
+        full = text(messages[: i + 1], False)
+        if not full.startswith(done):
+            raise DataError("the chat template renders a prefix of a chat differently from the chat itself")
+        pieces.append((full[len(done) :], m["role"] == "assistant"))
+        done = full
+    ids: list[int] = []
+    mask: list[bool] = []
+    for piece, trained in pieces:
+        if piece:
+            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids.extend(piece_ids)
+            mask.extend([trained] * len(piece_ids))
+    return ids, mask
+
+
+def pack(
+    token_ids: list[list[int]], eos_id: int | None, seq_len: int, masks: list[list[bool]] | None = None
+) -> torch.Tensor:
+    """Concatenate documents (`eos_id` after each, unless None) and cut into [n, seq_len + 1] windows; the tail
+    is dropped. With `masks` (per token: trained on?), returns [n, 2, seq_len + 1]: tokens and the label mask,
+    without windows that train on nothing."""
     stream: list[int] = []
-    for ids in token_ids:
+    trained: list[bool] = []
+    for k, ids in enumerate(token_ids):
         stream.extend(ids)
-        stream.append(eos_id)
+        trained.extend(masks[k] if masks is not None else [True] * len(ids))
+        if eos_id is not None:
+            stream.append(eos_id)
+            # After a chat the separator is context (the chat's own end-of-turn was the trained stop); after text,
+            # learning "the document ends here" is part of the text.
+            trained.append(masks is None or all(masks[k]))
     n = (len(stream) - 1) // seq_len
     if n == 0:
-        return torch.empty(0, seq_len + 1, dtype=torch.long)
+        return (
+            torch.empty(0, seq_len + 1, dtype=torch.long)
+            if masks is None
+            else torch.empty(0, 2, seq_len + 1, dtype=torch.long)
+        )
     flat = torch.tensor(stream[: n * seq_len + 1], dtype=torch.long)
     # Windows overlap by one token: the last label of window i is the first input of window i+1.
-    return flat.unfold(0, seq_len + 1, seq_len)
+    windows = flat.unfold(0, seq_len + 1, seq_len)
+    if masks is None:
+        return windows
+    mask = torch.tensor(trained[: n * seq_len + 1], dtype=torch.long).unfold(0, seq_len + 1, seq_len)
+    both = torch.stack([windows, mask], dim=1)
+    return both[mask[:, 1:].any(dim=1)]
 
 
-def build_sequences(path: Path, tokenizer: Any, seq_len: int, text_field: str) -> torch.Tensor:
+def read_dataset(path: Path, text_field: str) -> list[Document]:
+    """Every document under `path`, validated: the part of data loading that needs no tokenizer (and so can run,
+    and fail on bad input, before the model is downloaded or loaded)."""
     docs = read_documents(list_data_files(path), text_field)
     if not docs:
         raise DataError(f"dataset at {path} is empty: no non-blank text")
-    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    seqs = pack(ids, tokenizer.eos_token_id, seq_len)
+    return docs
+
+
+def build_sequences(
+    path: Path, tokenizer: Any, seq_len: int, text_field: str, docs: list[Document] | None = None
+) -> torch.Tensor:
+    """Packed windows: [n, seq_len + 1] for plain text, [n, 2, seq_len + 1] (tokens, label mask) if any chat."""
+    docs = read_dataset(path, text_field) if docs is None else docs
+    separator = document_separator(tokenizer)
+    if not any(isinstance(d, list) for d in docs):
+        ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+        seqs = pack(ids, separator, seq_len)
+    else:
+        ids, masks = [], []
+        for d in docs:
+            if isinstance(d, list):
+                i, m = render_chat(tokenizer, d)
+            else:
+                i = tokenizer(d, add_special_tokens=False)["input_ids"]
+                m = [True] * len(i)
+            ids.append(i)
+            masks.append(m)
+        # Between chats the separator is the end-of-text token: the rendered chat already ends its own turns.
+        seqs = pack(ids, separator, seq_len, masks)
     if len(seqs) == 0:
         total = sum(len(i) + 1 for i in ids)
-        raise DataError(f"dataset at {path} has {total} tokens: fewer than one sequence of {seq_len + 1}")
+        raise DataError(f"dataset at {path} has {total} tokens: fewer than one trainable sequence of {seq_len + 1}")
     return seqs
 
 
@@ -120,6 +250,9 @@ class PackedLoader:
         start = self.state.position + self.rank * self.micro_batch_size
         batch = self.sequences[self._perm[start : start + self.micro_batch_size]]
         self.state.position += self.global_micro_batch
+        if batch.dim() == 3:  # chat data: (tokens, label mask); untrained labels get cross_entropy's ignore_index
+            tokens, mask = batch[:, 0], batch[:, 1]
+            return tokens[:, :-1], tokens[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
         return batch[:, :-1], batch[:, 1:]
 
     def state_dict(self) -> dict[str, int]:

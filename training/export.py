@@ -7,6 +7,7 @@ GPU memory never holds the whole model), loaded into a fresh model built on the 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,8 +19,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from training.parallelize import Dist, unwrap
 from training.storage import is_s3, open_storage
 
+EXPORT_INFO = "llm-platform.json"
+"""Written next to config.json: `served_model_name`, the id `python -m serving` serves the export under."""
 
-def export_model(model: torch.nn.Module, tokenizer: Any, destination: str, d: Dist) -> None:
+
+def export_model(model: torch.nn.Module, tokenizer: Any, destination: str, d: Dist, served_name: str = "") -> None:
     """Collective: every rank must call it. Rank 0 writes `destination` (local dir or s3:// prefix)."""
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
@@ -40,6 +44,9 @@ def export_model(model: torch.nn.Module, tokenizer: Any, destination: str, d: Di
             staging = Path(tmp) / "model"
             fresh.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
+            if served_name:
+                info = {"served_model_name": served_name}
+                (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
             _publish(staging, destination)
     d.barrier()
 

@@ -20,6 +20,7 @@ from typing import Any
 from infra import outputs as out
 from infra.instance_types import GPU_INSTANCE_TYPES, NVME_INSTANCE_STORE_GB, efa_interfaces, has_gpudirect_rdma
 from training.stack import require, training_pool
+from training.torchrun import shutdown_timeout
 
 RDZV_PORT = 29500
 METRICS_PORT = 9400
@@ -66,7 +67,9 @@ class TrainingJobSpec:
     store of the pool's smallest type. GPU nodes put the kubelet's directories on their NVMe instance store
     (infra/cluster.py LOCAL_NVME_NODE_CONFIG), so this scratch is local NVMe, not the gp3 root volume."""
     termination_grace_s: int = 120
-    """Time between SIGTERM and SIGKILL: the trainer writes a checkpoint in it."""
+    """Time between SIGTERM and SIGKILL: the trainer finishes its step and writes a checkpoint in it; torchrun's
+    --shutdown-timeout is derived from it. 120 s matches EC2's spot interruption notice, the most a spot node
+    gives (docs/training.md, "Preemption", has the measured save times)."""
     shm_size: str = "16Gi"
 
     def __post_init__(self) -> None:
@@ -95,7 +98,9 @@ def run_locations(outputs: dict[str, Any], name: str, data: str) -> dict[str, st
 
 
 def trainer_args(spec: TrainingJobSpec, locations: dict[str, str]) -> list[str]:
-    args = ["--preset", spec.preset, "--data", locations["data"], "--output", locations["output"]]
+    # No preset: the trainer picks (finetune for a real model, sized to it; debug otherwise).
+    args = ["--preset", spec.preset] if spec.preset else []
+    args += ["--data", locations["data"], "--output", locations["output"]]
     args += ["--export", locations["export"]]
     if spec.max_steps is not None:
         args += ["--max-steps", str(spec.max_steps)]
@@ -132,7 +137,8 @@ def render_training_job(spec: TrainingJobSpec, outputs: dict[str, Any]) -> list[
     }
 
     torchrun = [
-        "torchrun",
+        # torchrun that exits 143 on SIGTERM (training/torchrun.py); its workers get the pod's grace period.
+        *("python", "-m", "training.torchrun", f"--shutdown-timeout={shutdown_timeout(spec.termination_grace_s)}"),
         f"--nnodes={spec.nodes}",
         f"--nproc_per_node={max(gpus, 1)}",
         "--rdzv_backend=c10d",

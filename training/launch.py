@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="tag of the training image in the stack's ECR repository (tags are immutable: name the build, not latest)",
     )
-    p.add_argument("--preset", default="debug")
+    p.add_argument("--preset", help="trainer preset; default: finetune with --model, else debug (python -m training)")
     p.add_argument("--model", help="HF model directory: s3:// URI or a key in the stack's models bucket")
     p.add_argument("--data", required=True, help="s3:// URI or a key in the stack's datasets bucket")
     p.add_argument("--max-steps", type=int)
@@ -70,7 +70,7 @@ def launch_eks(args: argparse.Namespace, outputs: dict[str, Any]) -> int:
         image_tag=args.image_tag,
         nodes=args.nodes,
         efa_devices=args.efa_devices,
-        preset=args.preset,
+        preset=args.preset or "",
         data=args.data,
         max_steps=args.max_steps,
         save_every=args.save_every,
@@ -98,7 +98,7 @@ def launch_sagemaker(args: argparse.Namespace, outputs: dict[str, Any]) -> int:
         image_tag=args.image_tag,
         instance_type=args.instance_type,
         instance_count=args.instance_count,
-        preset=args.preset,
+        preset=args.preset or "",
         data=args.data,
         max_steps=args.max_steps,
         save_every=args.save_every,

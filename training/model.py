@@ -8,7 +8,17 @@ from typing import Any
 import torch
 
 from training.config import DEBUG_MODEL, ModelConfig
-from training.storage import fetch
+from training.storage import fetch, fetch_dir_atomic, is_s3
+
+
+def model_cache_path(path: str, cache_dir: Path) -> Path:
+    return fetch(path, cache_dir / "model", download=False)
+
+
+def download_model(path: str, cache_dir: Path) -> Path:
+    """Local rank 0 of each node: the model directory on local disk (S3 downloaded atomically, once per node)."""
+    local = model_cache_path(path, cache_dir)
+    return fetch_dir_atomic(path, local) if is_s3(path) else local
 
 
 class ModelError(ValueError):
@@ -16,7 +26,8 @@ class ModelError(ValueError):
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, cache_dir: Path, download: bool = True) -> tuple[torch.nn.Module, Any]:
-    """Returns (model in fp32 on CPU, tokenizer).
+    """Returns (model in fp32 on CPU, tokenizer). With `download=False` the model must already be on local disk
+    (`download_model` by local rank 0, then a barrier).
 
     Parameters stay fp32 (master weights); bf16 is applied by autocast / FSDP2's mixed-precision policy on GPU,
     so the optimizer state and checkpoints keep full precision.
@@ -29,7 +40,7 @@ def load_model_and_tokenizer(cfg: ModelConfig, cache_dir: Path, download: bool =
     else:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        local = fetch(cfg.path, cache_dir / "model", download=download)
+        local = download_model(cfg.path, cache_dir) if download else model_cache_path(cfg.path, cache_dir)
         if not (local / "config.json").is_file():
             raise ModelError(f"model path {cfg.path} is not a Hugging Face model directory (no config.json)")
         tokenizer = AutoTokenizer.from_pretrained(local)

@@ -21,6 +21,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from training.torchrun import SAGEMAKER_STOP_GRACE_S, shutdown_timeout
+
 CONFIG_DIR = "/opt/ml/input/config"
 INPUT_DATA = Path("/opt/ml/input/data")
 CHECKPOINT_DIR = "/opt/ml/checkpoints"
@@ -68,7 +70,8 @@ def torchrun_argv(hp: Mapping[str, object], env: Mapping[str, str]) -> list[str]
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "training.torchrun",  # torchrun that exits 143 on SIGTERM (StopTrainingJob, spot)
+        f"--shutdown-timeout={shutdown_timeout(SAGEMAKER_STOP_GRACE_S)}",
         f"--nnodes={len(hosts)}",
         f"--node_rank={hosts.index(current)}",
         f"--nproc_per_node={max(gpus, 1)}",

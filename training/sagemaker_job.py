@@ -45,7 +45,9 @@ class SageMakerJobSpec:
 
 def hyperparameters(spec: SageMakerJobSpec, locations: dict[str, str]) -> dict[str, str]:
     # SageMaker passes hyperparameters as strings; the entry point maps them back to CLI flags.
-    hp = {"preset": spec.preset, "output": locations["output"], "export": locations["export"]}
+    hp = {"output": locations["output"], "export": locations["export"]}
+    if spec.preset:  # none: the trainer picks (finetune for a real model, debug otherwise)
+        hp["preset"] = spec.preset
     if spec.max_steps is not None:
         hp["max-steps"] = str(spec.max_steps)
     if spec.save_every is not None:

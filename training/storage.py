@@ -7,6 +7,7 @@ endpoint resolution, so the same code runs with Pod Identity on EKS, the executi
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Protocol
@@ -194,4 +195,33 @@ def fetch(uri: str, cache_dir: Path, download: bool = True) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     client.download_file(bucket, key, str(dest))
+    return dest
+
+
+COMPLETE_MARKER = ".complete"
+
+
+def fetch_dir_atomic(uri: str, dest: Path) -> Path:
+    """Download the S3 prefix `uri` to `dest` so that `dest` exists only once every file is there.
+
+    Files go to a `.partial-*` sibling first, then a marker, then one rename: a crash mid-download (a killed pod, a
+    full disk, a network error) leaves no directory named `dest`, and the next attempt starts the partial over. A
+    complete `dest` from an earlier attempt on this node is reused. Call from one process per node (local rank 0)
+    and make the others wait on a barrier.
+    """
+    if (dest / COMPLETE_MARKER).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    try:
+        S3Storage(uri).download_dir("", partial)
+        if not partial.is_dir():
+            partial.mkdir()  # an empty prefix: an empty (complete) directory, reported by the caller as "no model"
+        (partial / COMPLETE_MARKER).write_text(uri, encoding="utf-8")
+        shutil.rmtree(dest, ignore_errors=True)  # a leftover without the marker (from before this scheme)
+        partial.rename(dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return dest

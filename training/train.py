@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from training.checkpoint import CheckpointManager
-from training.config import ConfigError, OptimConfig, TrainConfig
-from training.data import PackedLoader, build_sequences
+from training.config import ConfigError, OptimConfig, TrainConfig, effective_warmup
+from training.data import PackedLoader, build_sequences, read_dataset
 from training.export import export_model
 from training.loss import install_chunked_loss, reference_loss
-from training.model import flops_per_token, load_model_and_tokenizer, num_embedding_params, num_params
+from training.model import download_model, flops_per_token, load_model_and_tokenizer, num_embedding_params, num_params
 from training.parallelize import Dist, compile_layers, init_distributed, parallelize, shutdown
 from training.storage import fetch
 
@@ -46,10 +46,11 @@ PEAK_BF16_FLOPS = {
 
 
 def lr_at(step: int, max_steps: int, o: OptimConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`."""
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps)
+    """Linear warmup to `lr` (capped: config.effective_warmup), then cosine decay to `lr * min_lr_ratio`."""
+    warmup = effective_warmup(o, max_steps)
+    if step < warmup:
+        return o.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * cosine)
 
@@ -83,11 +84,14 @@ def _optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
     # No weight decay on norms and biases (1-D tensors): decaying them only hurts.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    # fused: one kernel per parameter group instead of ~10 elementwise passes per tensor; on CPU the unfused
+    # default is a per-tensor loop (SmolLM2-135M: 1.6 s vs 0.55 s per step, 1 thread). HF Trainer's default too.
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
+        fused=True,
     )
 
 
@@ -132,15 +136,30 @@ def train(cfg: TrainConfig) -> int:
 
 def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
     torch.manual_seed(cfg.seed)
+    started = time.monotonic()
+    say = _progress(d, started)
+    say(f"config: {cfg.summary()}")
+    if cfg.warmup < cfg.optim.warmup_steps:
+        say(
+            f"warning: optim.warmup_steps={cfg.optim.warmup_steps} capped to {cfg.warmup} "
+            f"(optim.warmup_ratio={cfg.optim.warmup_ratio:g} of max_steps={cfg.max_steps})"
+        )
     scratch = local_scratch(cfg)
     if d.local_rank == 0:
         fetch(cfg.data.path, scratch / "data")
     d.barrier()
-    model, tokenizer = load_model_and_tokenizer(cfg.model, scratch, download=d.local_rank == 0)
+    # Data is read and validated before the model is downloaded or loaded: a typo costs seconds, not a download.
+    data_dir = fetch(cfg.data.path, scratch / "data", download=False)
+    docs = read_dataset(data_dir, cfg.data.text_field)
+    say(f"data: {len(docs)} documents from {cfg.data.path}; loading model {cfg.model.path}")
+    # One download per node: local rank 0 fetches (atomically) while the other ranks wait here, then all load.
+    if d.local_rank == 0:
+        download_model(cfg.model.path, scratch)
     d.barrier()
-    sequences = build_sequences(
-        fetch(cfg.data.path, scratch / "data", download=False), tokenizer, cfg.data.seq_len, cfg.data.text_field
-    )
+    model, tokenizer = load_model_and_tokenizer(cfg.model, scratch, download=False)
+    d.barrier()
+    sequences = build_sequences(data_dir, tokenizer, cfg.data.seq_len, cfg.data.text_field, docs)
+    say(f"model loaded ({num_params(model) / 1e6:.1f}M parameters); {len(sequences)} packed sequences")
     loader = PackedLoader(sequences, cfg.parallel.micro_batch_size, d.rank, d.world_size, cfg.data.seed)
 
     n_params = num_params(model)
@@ -181,8 +200,18 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
             "params": n_params,
             "sequences": len(sequences),
             "device": d.device.type,
+            "preset": cfg.name,
+            "lr": cfg.optim.lr,
+            "warmup": cfg.warmup,
+            "seq_len": cfg.data.seq_len,
+            "tokens_per_step": cfg.parallel.micro_batch_size
+            * cfg.parallel.grad_accum_steps
+            * d.world_size
+            * cfg.data.seq_len,
         }
     )
+    if step == 0:
+        say("first step running (the first steps of a real model on CPU take tens of seconds)")
     if metrics.bar is not None:
         metrics.bar.update(step)
     if prom is not None:
@@ -199,11 +228,12 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
 
     while step < cfg.max_steps:
         if d.any_true(stop.set):
+            save_s = 0.0
             if step != saved_step:
-                ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
+                save_s = ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
                 if prom is not None:
                     prom.checkpoint_saved(step)
-            metrics.emit({"event": "preempted", "step": step, "checkpoint_step": step})
+            metrics.emit({"event": "preempted", "step": step, "checkpoint_step": step, "save_s": save_s})
             metrics.close()
             if prom is not None:
                 prom.close()
@@ -254,25 +284,34 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
                 prom.record_step(record, tokens=tokens_per_step * (step - logged_step))
             logged_step = step
         if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.max_steps:
-            t_save = time.perf_counter()
-            ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
-            t_logged += time.perf_counter() - t_save  # throughput is the training's, not the checkpoint's
+            save_s = ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
+            t_logged += save_s  # throughput is the training's, not the checkpoint's
             saved_step = step
-            metrics.emit({"event": "checkpoint", "step": step})
+            metrics.emit({"event": "checkpoint", "step": step, "save_s": save_s})
             if prom is not None:
                 prom.checkpoint_saved(step)
 
     if step != saved_step:
-        ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
-        metrics.emit({"event": "checkpoint", "step": step})
+        save_s = ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
+        metrics.emit({"event": "checkpoint", "step": step, "save_s": save_s})
         if prom is not None:
             prom.checkpoint_saved(step)
-    export_model(model, tokenizer, cfg.export_location, d)
+    export_model(model, tokenizer, cfg.export_location, d, served_name=cfg.exported_name)
     metrics.emit({"event": "exported", "step": step, "path": cfg.export_location})
     metrics.close()
     if prom is not None:
         prom.close()
     return 0
+
+
+def _progress(d: Dist, started: float) -> Any:
+    """Human progress lines on stderr (rank 0): what the run is doing between start and the first step record."""
+
+    def say(msg: str) -> None:
+        if d.is_main:
+            print(f"[train {time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _prometheus(cfg: TrainConfig, d: Dist) -> Any:

@@ -85,7 +85,10 @@ def test_eks_dry_run_renders_valid_objects_placed_on_the_training_pool(outputs: 
     assert limits["nvidia.com/gpu"] == str(pool["gpus_per_node"])
     assert limits["vpc.amazonaws.com/efa"] == "1"  # the fixture's training pool has EFA
     cmd = container["command"]
-    assert cmd[0] == "torchrun" and "--nnodes=2" in cmd and f"--nproc_per_node={pool['gpus_per_node']}" in cmd
+    # torchrun through the wrapper that exits 143 on SIGTERM, with the workers' share of the grace period.
+    assert cmd[:3] == ["python", "-m", "training.torchrun"] and "--nnodes=2" in cmd
+    assert pod["terminationGracePeriodSeconds"] == 120 and "--shutdown-timeout=105" in cmd
+    assert "--nnodes=2" in cmd and f"--nproc_per_node={pool['gpus_per_node']}" in cmd
     assert f"--rdzv_endpoint=run1-0.run1.{ns}.svc.cluster.local:29500" in cmd
     joined = " ".join(cmd)
     assert f"--data s3://{outputs[out.DATASETS_BUCKET]}/corpora/c4" in joined
@@ -93,6 +96,7 @@ def test_eks_dry_run_renders_valid_objects_placed_on_the_training_pool(outputs: 
     assert f"--export s3://{outputs[out.MODELS_BUCKET]}/run1" in joined
     assert "--set optim.lr=1e-4" in joined
     assert f"--set model.path=s3://{outputs[out.MODELS_BUCKET]}/base/llama-3.2-1b" in joined
+    assert "--preset" not in cmd, "a real model without --preset gets the trainer's finetune preset, not debug"
     # Prometheus: the trainer serves its metrics port and the pods say so, as the serving Deployment's do.
     assert joined.endswith("--set metrics_port=9400")
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
@@ -158,7 +162,10 @@ def test_sagemaker_job_created_against_moto_with_the_stacks_role_and_buckets(
     argv = torchrun_argv(hp, env)
     joined = " ".join(argv)
     assert "--nnodes=2 --node_rank=1 --nproc_per_node=8 --master_addr=algo-1" in joined
-    assert f"--data /opt/ml/input/data/train --preset debug --output {hp['output']}" in joined
+    # StopTrainingJob's 120 s SIGTERM window, less the agent's margin, and the wrapper that exits 143.
+    assert "-m training.torchrun --shutdown-timeout=105" in joined
+    # No --preset given to the launcher: none is passed, the trainer picks (debug here, finetune with a model).
+    assert f"--data /opt/ml/input/data/train --output {hp['output']}" in joined and "--preset" not in joined
     assert "--set optim.lr=1e-4" in joined and "--max-steps 100" in joined
 
 

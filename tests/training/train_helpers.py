@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+TORCHRUN = [sys.executable, "-m", "training.torchrun", "--nproc_per_node=2"]
 
 
 @dataclass
