@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from serving.quantize import check_quantization
+
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
 
 
@@ -84,11 +86,25 @@ class ServingConfig:
     torch_threads: int = field(
         default=0,
         metadata={
-            "help": "Built-in engine CPU threads (torch.set_num_threads); 0 = torch's default (all cores). "
-            "Use 1 for tiny models or when the cores are shared."
+            "help": "Built-in engine CPU threads (torch.set_num_threads); 0 = the CPUs this process may use "
+            "(affinity and cgroup CPU quota, see serving/threads.py). Use 1 for tiny models or on shared cores."
         },
     )
     device: str = field(default="cpu", metadata={"help": "Built-in engine device: cpu or cuda."})
+    quantization: str = field(
+        default="none",
+        metadata={
+            "help": "Weight quantization (serving/quantize.py): built-in engine none or int8; with --engine vllm "
+            "passed as `vllm serve --quantization` (fp8, awq, gptq, ...)."
+        },
+    )
+    prefix_cache_mb: int = field(
+        default=256,
+        metadata={
+            "help": "Built-in engine: memory for cached KV blocks of shared prompt prefixes (serving/prefix_cache.py); "
+            "0 disables prefix caching. The vLLM engine runs with --enable-prefix-caching."
+        },
+    )
     log_level: str = field(default="info", metadata={"help": "Log level."})
 
     def __post_init__(self) -> None:
@@ -118,6 +134,15 @@ class ServingConfig:
             raise ConfigError(f"engine {self.engine!r} is not one of builtin, vllm")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
+        if self.prefix_cache_mb < 0:
+            raise ConfigError("prefix_cache_mb must be >= 0")
+        try:  # a gateway (--upstream) loads no model: its engine decides
+            if not self.upstream:
+                check_quantization(self.quantization, self.engine)
+        except ValueError as exc:
+            raise ConfigError(f"quantization: {exc}") from exc
+        if self.quantization == "int8" and self.device == "cpu" and self.dtype != "float32":
+            raise ConfigError("quantization int8 on cpu needs dtype float32 (int8 kernels take float32 activations)")
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ConfigError(f"api keys file {self.api_keys_file} does not exist")
 
