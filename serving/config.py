@@ -12,9 +12,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from serving.quantize import check_quantization
-
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
+
+# --quantization choices (serving/quantize.py explains them). vLLM 0.33 `--quantization` values that fit a served
+# checkpoint (vllm/model_executor/layers/quantization/__init__.py QUANTIZATION_METHODS; the rest are model-specific).
+BUILTIN_QUANTIZATIONS = ("none", "int8")
+VLLM_QUANTIZATIONS = ("none", "fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes")
+
+
+def check_quantization(method: str, engine: str) -> None:
+    """Raise ValueError naming the choices when `method` does not fit `engine` (builtin or vllm)."""
+    choices = VLLM_QUANTIZATIONS if engine == "vllm" else BUILTIN_QUANTIZATIONS
+    if method not in choices:
+        raise ValueError(f"{method!r} is not one of {', '.join(choices)} for the {engine} engine")
 
 
 class ConfigError(ValueError):

@@ -10,10 +10,11 @@ The design follows vLLM's automatic prefix caching (https://docs.vllm.ai/en/late
   chain from its last block back to its first, so a chain's first blocks are always younger than its later ones and
   eviction removes chains from the end (a block is never kept while its parent is gone).
 
-Exactness: the cached keys/values are the ones the same prefill would compute (a token's K/V depend only on the
-tokens before it), and each entry stores its parent key and its own tokens, compared on lookup, so a hash
-collision can only miss, never return another prompt's KV. tests/serving/test_serving_prefix_cache.py checks that
-greedy output with the cache is identical to without it, token for token.
+Exactness: the cached keys/values are the ones the same prefill computes (a token's K/V depend only on the tokens
+before it; only the last bit can differ, where a matmul of another shape rounds differently), and each entry stores
+its parent key and its own tokens, compared on lookup, so a hash collision can only miss, never return another
+prompt's KV. tests/serving/test_serving_prefix_cache.py checks that greedy output with the cache is identical to
+without it, token for token (debug model and SmolLM2, through the batching scheduler).
 
 Only the engine thread uses a `PrefixCache` (not thread-safe, no locks needed).
 """
@@ -120,17 +121,13 @@ class PrefixCache:
             self.bytes_used += block.nbytes
             keys.append(key)
         self._touch(keys)
-        self._evict(protect=set(keys))
+        self._evict()
 
-    def _evict(self, protect: set[int]) -> None:
-        for key in list(self._blocks):
-            if self.bytes_used <= self.max_bytes:
-                break
-            if key in protect:
-                continue
-            self.bytes_used -= self._blocks.pop(key).nbytes
-        while self.bytes_used > self.max_bytes and self._blocks:  # the new chain alone is over the budget
-            _, block = self._blocks.popitem(last=True)  # its last block first: keep the chain's head reachable
+    def _evict(self) -> None:
+        """Least recently used first. The chain just inserted or matched is the most recent, its head last of all,
+        so other prompts' blocks go first, and a chain longer than the whole budget loses its tail, not its head."""
+        while self.bytes_used > self.max_bytes:
+            _, block = self._blocks.popitem(last=False)
             self.bytes_used -= block.nbytes
 
     # -- the engine hook -----------------------------------------------------------------------------------------

@@ -1,57 +1,49 @@
 """Weight quantization for the built-in engine (`--quantization`), and what the vLLM engine is passed instead.
 
 Built-in engine, `int8`:
-- CPU: `torch.ao` dynamic quantization of every `nn.Linear` (int8 weights, per output channel; activations quantized
-  per batch at run time; fbgemm/x86 int8 GEMM). Chosen over torchao by measurement on SmolLM2-135M, 1 thread, one
-  decode step (bench/quantize_step.py; torch 2.13, torchao 0.18, 2 shared cores):
+- CPU: `Int8Linear` below replaces every `nn.Linear`: int8 weights with one scale per output channel, activations
+  quantized to int8 per token at run time, `torch._int_mm` (int8 x int8 -> int32, the kernel torchao's int8 dynamic
+  recipe also calls), then both scales applied. Chosen by measurement on SmolLM2-135M (bench/quantize_step.py;
+  torch 2.13, torchao 0.18, 1 thread, 2 shared cores; perplexity on a held-out text, fp32 = 46.0):
 
-      fp32                                   b1  57 ms   b16 134 ms
-      torch.ao quantize_dynamic (int8)       b1  26 ms   b16  60 ms   <- 2.2x faster than fp32
-      torchao Int8WeightOnlyConfig           b1 101 ms   b16 184 ms   (slower than fp32)
-      torchao Int8DynamicActivationInt8Weight b1 120 ms  b16 118 ms
+      fp32                                       step b1  57 ms  b16 134 ms   ppl 46.0
+      torch.ao quantize_dynamic (per-tensor act) step b1  26 ms  b16  60 ms   ppl 144  (+214%)
+      torchao Int8WeightOnlyConfig               step b1 101 ms  b16 184 ms
+      torchao Int8DynamicActivationInt8Weight    step b1 120 ms  b16 118 ms
+      Int8Linear (per-token act, _int_mm)        see bench/RESULTS.md           ppl 46.5 (+1.1%)
 
-  torchao is the maintained path, but its CPU int8 kernels only pay off under `torch.compile` (its tensor subclasses
-  dispatch to unfused dequantize + matmul in eager mode), and compiling a server's dynamic batch shapes is its own
-  project. `torch.ao.quantization` warns that it is deprecated; it is still in torch 2.13 (the pin). When a later
-  torch removes it, `int8` on CPU falls back to torchao's dynamic-activation recipe (slower, still int8 weights) and
-  logs so, rather than failing to start.
+  `torch.ao` dynamic quantization is the fastest kernel (fbgemm) but quantizes a whole batch's activations with one
+  scale, and small Llamas have a few tokens with huge activations (the first token's "attention sink"), which
+  crushes every other token's resolution: perplexity tripled, and a request's output would depend on which requests
+  share its batch. SmoothQuant-style rescaling (arXiv 2211.10438) only brought it to +44%. Per-token scales fix both
+  (each row is quantized on its own, so batching does not change a request's tokens). torchao, the maintained path,
+  has that recipe, but in eager mode its tensor-subclass dispatch made it slower than fp32 here; it pays off under
+  `torch.compile`, which a server with changing batch shapes would recompile constantly.
 - CUDA: torchao `Int8WeightOnlyConfig` (int8 weights, bf16/fp16 activations): single-request decode on a GPU is
   bound by reading weights, so halving the bytes read is what pays; activations stay in floating point, so quality
-  is that of weight-only int8 (https://github.com/pytorch/ao, torchao/quantization/README.md). Needs torchao in the
-  image.
+  is that of weight-only int8 (https://github.com/pytorch/ao, torchao/quantization/README.md). `torch._int_mm` on
+  CUDA needs more than 16 rows, i.e. not decode. Needs torchao in the GPU image.
 
 vLLM engine: `--quantization` is passed to `vllm serve --quantization X` (awq, gptq, fp8, ...): AWQ/GPTQ need a
 checkpoint quantized that way; `fp8` quantizes a bf16/fp16 checkpoint on load (Ada/Hopper GPUs)
 (https://docs.vllm.ai/en/latest/features/quantization/).
 
-The decode fast path (`serving.decode._LlamaStep`) calls each projection through `linear_fn`, which knows both
-quantized forms and otherwise calls the module itself, so a quantized model keeps the fast path.
+The decode fast path (`serving.decode._LlamaStep`) calls each projection through `linear_fn`, which knows plain,
+torchao and `Int8Linear` layers and otherwise calls the module itself, so a quantized model keeps the fast path.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported where used: serving.config validates choices in the torch-free gateway image
-    import torch
-    from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serving.config import check_quantization
 
 log = logging.getLogger("serving.quantize")
-
-BUILTIN_QUANTIZATIONS = ("none", "int8")
-# vLLM 0.33 `--quantization` choices that make sense for a served checkpoint (vllm/model_executor/layers/quantization/
-# __init__.py QUANTIZATION_METHODS); the rest of that list are model-specific formats.
-VLLM_QUANTIZATIONS = ("none", "fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes")
-
-
-def check_quantization(method: str, engine: str) -> None:
-    """Raise ValueError naming the choices when `method` does not fit `engine` (builtin or vllm)."""
-    choices = VLLM_QUANTIZATIONS if engine == "vllm" else BUILTIN_QUANTIZATIONS
-    if method not in choices:
-        raise ValueError(f"quantization {method!r} is not one of {', '.join(choices)} for the {engine} engine")
 
 
 def vllm_args(method: str) -> list[str]:
@@ -61,66 +53,80 @@ def vllm_args(method: str) -> list[str]:
 
 def quantize_model(model: nn.Module, method: str, device: str) -> str:
     """Quantize `model` in place (it must already be on `device`); returns what was done, for the log."""
-    import torch
-    from torch import nn
-
     check_quantization(method, "builtin")
     if method == "none":
         return "none"
     if device.startswith("cuda"):
-        return _torchao(model, "weight-only")
-    try:
-        dynamic = torch.ao.quantization.quantize_dynamic
-    except AttributeError:  # removed from a later torch: see the module docstring
-        log.warning("torch.ao.quantization is not available in torch %s; using torchao on CPU", torch.__version__)
-        return _torchao(model, "dynamic")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-        # per-channel weight scales: one scale per output row keeps rows with small weights accurate (a per-tensor
-        # scale is set by the largest weight in the whole matrix)
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        dynamic(model, {nn.Linear: qconfig}, dtype=torch.qint8, inplace=True)
-    return f"int8 dynamic (torch.ao, per-channel weights, {torch.backends.quantized.engine})"
+        return _torchao(model)
+    _replace_linears(model)
+    return "int8 (per-channel int8 weights, per-token int8 activations, torch._int_mm)"
 
 
-def _torchao(model: nn.Module, recipe: str) -> str:
+def _replace_linears(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if type(child) is nn.Linear:
+            setattr(module, name, Int8Linear.from_linear(child))
+        else:
+            _replace_linears(child)
+
+
+def _torchao(model: nn.Module) -> str:
     try:
-        from torchao.quantization import (
-            Int8DynamicActivationInt8WeightConfig,
-            Int8WeightOnlyConfig,
-            quantize_,
-        )
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as exc:
-        raise RuntimeError(f"quantization int8 ({recipe}) needs the torchao package in this image") from exc
-    config = Int8WeightOnlyConfig() if recipe == "weight-only" else Int8DynamicActivationInt8WeightConfig()
-    quantize_(model, config)
-    return f"int8 {recipe} (torchao {type(config).__name__})"
+        raise RuntimeError("quantization int8 on cuda needs the torchao package in this image") from exc
+    quantize_(model, Int8WeightOnlyConfig())
+    return "int8 weight-only (torchao Int8WeightOnlyConfig)"
 
 
 def linear_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`x -> module(x)` for a projection without the module-call overhead where the form is known.
+    """`x -> module(x)` for a projection, without `nn.Module.__call__`'s overhead where the form is known.
 
     - `nn.Linear` (also with a torchao tensor-subclass weight, which `F.linear` dispatches): `F.linear(x, weight)`;
-    - a `torch.ao` dynamic-quantized Linear: the quantized op its `forward` calls, with the same arguments;
+    - `Int8Linear`: its `forward`;
     - anything else: the module itself (correct, just slower).
     """
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
-    packed = getattr(getattr(module, "_packed_params", None), "_packed_params", None)
-    if (
-        packed is not None
-        and type(module).__module__.startswith("torch.ao.nn.quantized.dynamic")
-        and module._packed_params.dtype == torch.qint8
-    ):
-        # the same call as torch/ao/nn/quantized/dynamic/modules/linear.py Linear.forward (version >= 4)
-        reduce_range = not (module.version is None or module.version < 4)
-        op = torch.ops.quantized.linear_dynamic
-        return lambda x: op(x, packed, reduce_range=reduce_range)
+    if type(module) is Int8Linear:
+        return module.forward
     return module
+
+
+class Int8Linear(nn.Module):
+    """A bias-free or biased `nn.Linear` with int8 weights and per-token int8 activations (see the module docstring).
+
+    y = (round(x / s_x) @ round(W / s_w)^T) * s_x * s_w, with s_x = max|x_row| / 127 per token and s_w = max|W_row|
+    / 127 per output channel. The int8 product accumulates exactly in int32, so a row's result does not depend on the
+    other rows of the batch.
+    """
+
+    def __init__(self, weight_t: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight_t", weight_t)  # [in, out] int8 (a transposed view, as _int_mm takes it)
+        self.register_buffer("scale", scale)  # [out] float32
+        self.bias = bias
+        self.in_features, self.out_features = weight_t.shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q.t(), scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        # symmetric per-token scale; an all-zero row keeps a tiny scale so it quantizes to zeros, not NaN
+        sx = (x2.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
+        xq = torch.round(x2 / sx).to(torch.int8)
+        y = torch._int_mm(xq, self.weight_t).float() * sx * self.scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-token"
