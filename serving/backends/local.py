@@ -198,6 +198,11 @@ class LocalBackend:
                     if finish.reason == "error":
                         raise APIError(500, f"Generation failed: {finish.error}", type_="server_error")
                     ctx.finish_reason = "length" if finish.reason == "length" else "stop"
+                    if finish.reason == "stop":
+                        # the engine's "stop" is the EOS token, which has no text but was generated: counted in
+                        # usage, as vLLM does (completion_tokens = len(output.token_ids), EOS included; vllm/v1/core/
+                        # sched/utils.py check_stop), so limits and bills agree whichever engine served the request
+                        ctx.completion_tokens = len(ids) + 1
                     if read < len(ids):  # flush what was held back as a partial character
                         text += decode(ids[prefix:], skip_special_tokens=True)[
                             len(decode(ids[prefix:read], skip_special_tokens=True)) :
