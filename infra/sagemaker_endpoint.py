@@ -126,6 +126,8 @@ class SageMakerEndpoint(pulumi.ComponentResource):
         prefix = cfg.serving.model_prefix
         model_uri = pulumi.Output.from_input(self._args.models_bucket).apply(lambda b: f"s3://{b}/{prefix}/")
         environment = {"SERVING_MODEL": MODEL_DIR}
+        if cfg.serving.quantization != "none":  # only when set: an unchanged default keeps the model's name
+            environment["SERVING_QUANTIZATION"] = cfg.serving.quantization
         # The name changes whenever anything that defines the model changes, so Pulumi's create-before-delete
         # replacement never collides with the model it replaces.
         name = pulumi.Output.all(

@@ -218,6 +218,9 @@ class ServingOnEks(pulumi.ComponentResource):
                 k8s.core.v1.EnvVarArgs(name="SERVING_DTYPE", value="bfloat16"),
                 k8s.core.v1.EnvVarArgs(name="HF_HOME", value=f"{CACHE_DIR}/hf"),
             ]
+            quantization = self._args.config.serving.quantization
+            if quantization != "none":  # the built-in engine's --quantization (serving/quantize.py)
+                env.append(k8s.core.v1.EnvVarArgs(name="SERVING_QUANTIZATION", value=quantization))
         resources = (
             k8s.core.v1.ResourceRequirementsArgs(
                 requests={"cpu": "500m", "memory": "512Mi"}, limits={"cpu": "1", "memory": "1Gi"}
@@ -270,6 +273,10 @@ class ServingOnEks(pulumi.ComponentResource):
                 str(VLLM_PORT),
                 "--tensor-parallel-size",
                 str(gpus),
+                # KV blocks of shared prompt prefixes are reused across requests; explicit, so an image default
+                # cannot turn it off (https://docs.vllm.ai/en/latest/features/automatic_prefix_caching.html)
+                "--enable-prefix-caching",
+                *self._vllm_quantization_args(),
             ],
             env=[
                 k8s.core.v1.EnvVarArgs(name="HOME", value="/tmp"),
@@ -292,6 +299,12 @@ class ServingOnEks(pulumi.ComponentResource):
                 k8s.core.v1.VolumeMountArgs(name="dshm", mount_path="/dev/shm"),
             ],
         )
+
+    def _vllm_quantization_args(self) -> list[str]:
+        """servingQuantization as vLLM's --quantization (AWQ/GPTQ need a checkpoint quantized that way; fp8
+        quantizes a bf16 checkpoint on load: https://docs.vllm.ai/en/latest/features/quantization/)."""
+        quantization = self._args.config.serving.quantization
+        return [] if quantization == "none" else ["--quantization", quantization]
 
     def _served_model_name(self) -> str:
         return self._args.config.serving.model_prefix.rstrip("/").rsplit("/", 1)[-1]
