@@ -111,9 +111,14 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        w = linear.weight.detach()
+        scale = (w.abs().amax(dim=1).float() / 127).clamp(min=1e-12)
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        # in row chunks: whole-matrix temporaries of a large vocabulary projection (SmolLM2's lm_head: 113 MB in
+        # float32, three of them) would raise the process's peak memory more than int8 saves
+        for start in range(0, w.shape[0], 4096):
+            rows = slice(start, start + 4096)
+            q[rows] = torch.round(w[rows].float() / scale[rows, None]).clamp_(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q.t(), scale, bias)
 
