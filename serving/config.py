@@ -7,6 +7,7 @@ Every option has a flag and an environment variable (`SERVING_<NAME>`); flags wi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -153,6 +154,9 @@ class ServingConfig:
             raise ConfigError(f"quantization: {exc}") from exc
         if self.quantization == "int8" and self.device == "cpu" and self.dtype != "float32":
             raise ConfigError("quantization int8 on cpu needs dtype float32 (int8 kernels take float32 activations)")
+        if self.quantization == "int8" and self.device.startswith("cuda") and not importlib.util.find_spec("torchao"):
+            # not in the CPU image's requirements: transformers imports torchao at every model load when installed
+            raise ConfigError("quantization int8 on cuda needs the torchao package (torchao==0.18.0) in the image")
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ConfigError(f"api keys file {self.api_keys_file} does not exist")
 

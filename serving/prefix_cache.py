@@ -17,6 +17,10 @@ prompt's KV. tests/serving/test_serving_prefix_cache.py checks that greedy outpu
 without it, token for token (debug model and SmolLM2, through the batching scheduler).
 
 Only the engine thread uses a `PrefixCache` (not thread-safe, no locks needed).
+
+Known limit: the cache is shared by all API keys, so a client could tell from its time to first token whether a
+prefix was used recently by anyone (vLLM offers a per-request `cache_salt` for this). Prompts that must not leak even
+that bit need `--prefix-cache-mb 0` until blocks are salted per key.
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ class PrefixCache:
         queried, hit = self.queried_tokens, self.hit_tokens
         hits = [self.match(p) for p in prompts]
         batch = self._prefill_cached(decoder, prompts, hits) if any(hits) else decoder.prefill_full(prompts)
-        self._store(prompts, batch)
+        self._store(prompts, batch, [len(h) for h in hits])
         if self.observer is not None:
             self.observer.prefix_cache(self.queried_tokens - queried, self.hit_tokens - hit, self.bytes_used)
         return batch
@@ -160,11 +164,11 @@ class PrefixCache:
         rests = [p[n:] for p, n in zip(prompts, cached, strict=True)]
         return decoder.prefill_after(kv, prefix_mask, rests)
 
-    def _store(self, prompts: list[list[int]], batch: DecodeBatch) -> None:
+    def _store(self, prompts: list[list[int]], batch: DecodeBatch, matched: list[int]) -> None:
         real = batch.attention_mask.bool()
         for row, prompt in enumerate(prompts):
-            if len(prompt) < self.block_size:
-                continue
+            if len(prompt) // self.block_size <= matched[row]:
+                continue  # every full block came from the cache (or there is none)
             cols = real[row].nonzero().squeeze(-1)[: len(prompt) // self.block_size * self.block_size]
             kv = torch.stack(
                 [torch.stack([layer.keys[row][:, cols], layer.values[row][:, cols]]) for layer in batch.cache.layers]

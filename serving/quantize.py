@@ -3,22 +3,24 @@
 Built-in engine, `int8`:
 - CPU: `Int8Linear` below replaces every `nn.Linear`: int8 weights with one scale per output channel, activations
   quantized to int8 per token at run time, `torch._int_mm` (int8 x int8 -> int32, the kernel torchao's int8 dynamic
-  recipe also calls), then both scales applied. Chosen by measurement on SmolLM2-135M (bench/quantize_step.py;
-  torch 2.13, torchao 0.18, 1 thread, 2 shared cores; perplexity on a held-out text, fp32 = 46.0):
+  recipe also calls), then both scales applied. Chosen by measurement on SmolLM2-135M (bench/quantize_step.py: one
+  decode step through this engine's Decoder, median of 12, 1 thread, torch 2.13, torchao 0.18, 2 cores shared with
+  other jobs (load ~6), so compare within the table; perplexity on a held-out text):
 
-      fp32                                       step b1  57 ms  b16 134 ms   ppl 46.0
-      torch.ao quantize_dynamic (per-tensor act) step b1  26 ms  b16  60 ms   ppl 144  (+214%)
-      torchao Int8WeightOnlyConfig               step b1 101 ms  b16 184 ms
-      torchao Int8DynamicActivationInt8Weight    step b1 120 ms  b16 118 ms
-      Int8Linear (per-token act, _int_mm)        see bench/RESULTS.md           ppl 46.5 (+1.1%)
+      fp32                                         step b1 175 ms  b16 248 ms   perplexity  39.10
+      Int8Linear (per-token act, _int_mm)          step b1  75 ms  b16 132 ms   perplexity  40.42 (+3.4%)
+      torch.ao quantize_dynamic (per-tensor act)   step b1  53 ms  b16 141 ms   perplexity 126.26 (+223%)
+      torchao Int8WeightOnlyConfig                 step b1 343 ms  b16 561 ms   perplexity  39.34
+      torchao Int8DynamicActivationInt8Weight      step b1 269 ms  b16 365 ms   perplexity  40.20
 
   `torch.ao` dynamic quantization is the fastest kernel (fbgemm) but quantizes a whole batch's activations with one
-  scale, and small Llamas have a few tokens with huge activations (the first token's "attention sink"), which
-  crushes every other token's resolution: perplexity tripled, and a request's output would depend on which requests
-  share its batch. SmoothQuant-style rescaling (arXiv 2211.10438) only brought it to +44%. Per-token scales fix both
-  (each row is quantized on its own, so batching does not change a request's tokens). torchao, the maintained path,
-  has that recipe, but in eager mode its tensor-subclass dispatch made it slower than fp32 here; it pays off under
-  `torch.compile`, which a server with changing batch shapes would recompile constantly.
+  scale (7-bit with x86's reduce_range): perplexity tripled, and a request's output would depend on which requests
+  share its batch. SmoothQuant-style per-channel rescaling (arXiv 2211.10438) only brought it to +44% (on another
+  held-out text); per-token scales alone brought it to +1.1% there, so the damage comes from a few tokens whose
+  activations set the whole batch's scale. Per-token scales also make each row independent of the others, so
+  batching does not change a request's tokens. torchao, the maintained path, has the same recipe, but in eager mode
+  (its tensor subclasses dispatching per op) it was slower than fp32 here; torchao's own speedups are measured
+  under `torch.compile`, not tried for a server whose batch shape changes every step.
 - CUDA: torchao `Int8WeightOnlyConfig` (int8 weights, bf16/fp16 activations): single-request decode on a GPU is
   bound by reading weights, so halving the bytes read is what pays; activations stay in floating point, so quality
   is that of weight-only int8 (https://github.com/pytorch/ao, torchao/quantization/README.md). `torch._int_mm` on
