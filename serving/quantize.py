@@ -36,6 +36,9 @@ torchao and `Int8Linear` layers and otherwise calls the module itself, so a quan
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 from collections.abc import Callable
 
@@ -61,7 +64,24 @@ def quantize_model(model: nn.Module, method: str, device: str) -> str:
     if device.startswith("cuda"):
         return _torchao(model)
     _replace_linears(model)
+    _release_checkpoint(model)
     return "int8 (per-channel int8 weights, per-token int8 activations, torch._int_mm)"
+
+
+def _release_checkpoint(model: nn.Module) -> None:
+    """Give the float32 weights' memory back once they are replaced.
+
+    transformers loads safetensors through a memory map, and every tensor of the file keeps that map alive: while the
+    embedding (not quantized) still points into it, all the pages the quantization read stay resident (SmolLM2:
+    RSS 1.1 GB after quantizing, of which 0.6 GB file pages of weights no longer used). Copying the remaining
+    parameters into their own memory releases the map (RSS 0.7 GB); `malloc_trim` then returns the quantization's
+    freed temporaries to the OS (glibc keeps freed heap otherwise)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the memory stays reusable by this process
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _replace_linears(module: nn.Module) -> None:
