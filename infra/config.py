@@ -36,6 +36,13 @@ GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
 CAPACITY_TYPES = ("ON_DEMAND", "SPOT")
 NAT_MODES = ("single", "perAz")
 ENGINES = ("builtin", "vllm")
+# servingQuantization per engine: the same choices as the serving container's --quantization (serving/config.py
+# BUILTIN_QUANTIZATIONS / VLLM_QUANTIZATIONS; tests/infra check they agree), so a bad value fails at preview, not
+# as a crash-looping pod.
+SERVING_QUANTIZATIONS = {
+    "builtin": ("none", "int8"),
+    "vllm": ("none", "fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes"),
+}
 SUPPORTED_KUBERNETES = ("1.31", "1.32", "1.33", "1.34", "1.35")
 LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922)
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
@@ -227,6 +234,7 @@ class ServingConfig:
     sagemaker_max_instances: int
     sagemaker_invocations_per_instance: int
     sagemaker_autoscaling: bool = True
+    quantization: str = "none"  # servingQuantization (serving/quantize.py)
 
     @property
     def artifacts_configured(self) -> bool:
@@ -579,6 +587,9 @@ def _check(v: dict[str, Any], project: str) -> list[str]:
         bad("servingGpusPerReplica", "must be at least 1")
     if v["servingEngine"] not in ENGINES:
         bad("servingEngine", f"must be one of {', '.join(ENGINES)}")
+    elif v["servingQuantization"] not in SERVING_QUANTIZATIONS[v["servingEngine"]]:
+        choices = ", ".join(SERVING_QUANTIZATIONS[v["servingEngine"]])
+        bad("servingQuantization", f"must be one of {choices} with servingEngine {v['servingEngine']}")
     if v["servingModelShape"] and v["servingModelShape"] not in MODEL_SHAPES:
         bad("servingModelShape", f"must be empty or one of {', '.join(MODEL_SHAPES)}")
     # Empty tag or model: serving is not declared yet (first-run lifecycle, docs/first-deploy.md).
@@ -746,6 +757,7 @@ def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackCon
             sagemaker_max_instances=v["sagemakerMaxInstances"],
             sagemaker_invocations_per_instance=v["sagemakerInvocationsPerInstance"],
             sagemaker_autoscaling=v["sagemakerAutoscaling"],
+            quantization=v["servingQuantization"],
         ),
         autoscaling=AutoscalingConfig(
             cluster_autoscaler_version=v["clusterAutoscalerVersion"] or cluster_autoscaler_for(v["kubernetesVersion"]),

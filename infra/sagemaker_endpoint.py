@@ -143,6 +143,8 @@ class SageMakerEndpoint(pulumi.ComponentResource):
             "SERVING_ALLOW_UNAUTHENTICATED": "true",
             **engine_environment(cfg),
         }
+        if cfg.serving.quantization != "none":  # only when set: an unchanged default keeps the model's name
+            environment["SERVING_QUANTIZATION"] = cfg.serving.quantization
         # The name changes whenever anything that defines the model changes, so Pulumi's create-before-delete
         # replacement never collides with the model it replaces.
         name = pulumi.Output.all(

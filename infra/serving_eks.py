@@ -227,6 +227,9 @@ class ServingOnEks(pulumi.ComponentResource):
             env.append(k8s.core.v1.EnvVarArgs(name="SERVING_SERVED_MODEL_NAME", value=self._served_model_name()))
         else:
             env.append(k8s.core.v1.EnvVarArgs(name="HF_HOME", value=f"{CACHE_DIR}/hf"))
+            quantization = self._args.config.serving.quantization
+            if quantization != "none":  # the built-in engine's --quantization (serving/quantize.py)
+                env.append(k8s.core.v1.EnvVarArgs(name="SERVING_QUANTIZATION", value=quantization))
         resources = (
             k8s.core.v1.ResourceRequirementsArgs(
                 requests={"cpu": "500m", "memory": "512Mi"}, limits={"cpu": "1", "memory": "1Gi"}
@@ -280,6 +283,10 @@ class ServingOnEks(pulumi.ComponentResource):
                 "--port",
                 str(VLLM_PORT),
                 *self.vllm_sizing().args(),
+                # KV blocks of shared prompt prefixes are reused across requests; explicit, so an image default
+                # cannot turn it off (https://docs.vllm.ai/en/latest/features/automatic_prefix_caching.html)
+                "--enable-prefix-caching",
+                *self._vllm_quantization_args(),
             ],
             env=[
                 # The S3 streamer's client needs the region: IMDS (hop limit 1) is out of a pod's reach.
@@ -310,6 +317,12 @@ class ServingOnEks(pulumi.ComponentResource):
         serving = self._args.config.serving
         smallest = min(self._pool.instance_types, key=gpu_memory_gib)
         return sizing_for(serving.model_prefix, serving.model_shape, smallest, serving.gpus_per_replica)
+
+    def _vllm_quantization_args(self) -> list[str]:
+        """servingQuantization as vLLM's --quantization (AWQ/GPTQ need a checkpoint quantized that way; fp8
+        quantizes a bf16 checkpoint on load: https://docs.vllm.ai/en/latest/features/quantization/)."""
+        quantization = self._args.config.serving.quantization
+        return [] if quantization == "none" else ["--quantization", quantization]
 
     def _served_model_name(self) -> str:
         return self._args.config.serving.model_prefix.rstrip("/").rsplit("/", 1)[-1]

@@ -7,12 +7,25 @@ Every option has a flag and an environment variable (`SERVING_<NAME>`); flags wi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
+
+# --quantization choices (serving/quantize.py explains them). vLLM 0.33 `--quantization` values that fit a served
+# checkpoint (vllm/model_executor/layers/quantization/__init__.py QUANTIZATION_METHODS; the rest are model-specific).
+BUILTIN_QUANTIZATIONS = ("none", "int8")
+VLLM_QUANTIZATIONS = ("none", "fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes")
+
+
+def check_quantization(method: str, engine: str) -> None:
+    """Raise ValueError naming the choices when `method` does not fit `engine` (builtin or vllm)."""
+    choices = VLLM_QUANTIZATIONS if engine == "vllm" else BUILTIN_QUANTIZATIONS
+    if method not in choices:
+        raise ValueError(f"{method!r} is not one of {', '.join(choices)} for the {engine} engine")
 
 
 class ConfigError(ValueError):
@@ -118,11 +131,25 @@ class ServingConfig:
     torch_threads: int = field(
         default=0,
         metadata={
-            "help": "Built-in engine CPU threads (torch.set_num_threads); 0 = torch's default (all cores). "
-            "Use 1 for tiny models or when the cores are shared."
+            "help": "Built-in engine CPU threads (torch.set_num_threads); 0 = the CPUs this process may use "
+            "(affinity and cgroup CPU quota, see serving/threads.py). Use 1 for tiny models or on shared cores."
         },
     )
     device: str = field(default="cpu", metadata={"help": "Built-in engine device: cpu or cuda."})
+    quantization: str = field(
+        default="none",
+        metadata={
+            "help": "Weight quantization (serving/quantize.py): built-in engine none or int8; with --engine vllm "
+            "passed as `vllm serve --quantization` (fp8, awq, gptq, ...)."
+        },
+    )
+    prefix_cache_mb: int = field(
+        default=256,
+        metadata={
+            "help": "Built-in engine: memory for cached KV blocks of shared prompt prefixes (serving/prefix_cache.py); "
+            "0 disables prefix caching. The vLLM engine runs with --enable-prefix-caching."
+        },
+    )
     log_level: str = field(default="info", metadata={"help": "Log level."})
 
     def __post_init__(self) -> None:
@@ -158,6 +185,18 @@ class ServingConfig:
             raise ConfigError(f"engine {self.engine!r} is not one of builtin, vllm")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
+        if self.prefix_cache_mb < 0:
+            raise ConfigError("prefix_cache_mb must be >= 0")
+        try:  # a gateway (--upstream) loads no model: its engine decides
+            if not self.upstream:
+                check_quantization(self.quantization, self.engine)
+        except ValueError as exc:
+            raise ConfigError(f"quantization: {exc}") from exc
+        if self.quantization == "int8" and self.device == "cpu" and self.dtype != "float32":
+            raise ConfigError("quantization int8 on cpu needs dtype float32 (int8 kernels take float32 activations)")
+        if self.quantization == "int8" and self.device.startswith("cuda") and not importlib.util.find_spec("torchao"):
+            # not in the CPU image's requirements: transformers imports torchao at every model load when installed
+            raise ConfigError("quantization int8 on cuda needs the torchao package (torchao==0.18.0) in the image")
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ConfigError(f"api keys file {self.api_keys_file} does not exist")
 

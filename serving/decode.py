@@ -8,11 +8,17 @@ rows join (`merge`) between steps: that is all continuous batching needs on a dy
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
+
+from serving.quantize import linear_fn
+
+if TYPE_CHECKING:
+    from serving.prefix_cache import PrefixCache
 
 
 @dataclass(frozen=True)
@@ -75,11 +81,13 @@ def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 class Decoder:
     """Runs the model over a `DecodeBatch`. Not thread-safe: one engine thread owns it."""
 
-    def __init__(self, model: PreTrainedModel, pad_token_id: int) -> None:
+    def __init__(self, model: PreTrainedModel, pad_token_id: int, prefix_cache: PrefixCache | None = None) -> None:
         self.model = model
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
         self._fast = _LlamaStep(model) if _LlamaStep.supports(model) else None
+        # reusing cached KV needs the same plain per-layer cache that merging rows needs
+        self.prefix_cache = prefix_cache if prefix_cache is not None and self.supports_merge else None
 
     @property
     def supports_merge(self) -> bool:
@@ -89,6 +97,11 @@ class Decoder:
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> DecodeBatch:
+        if self.prefix_cache is not None:
+            return self.prefix_cache.prefill(self, prompts)
+        return self.prefill_full(prompts)
+
+    def prefill_full(self, prompts: list[list[int]]) -> DecodeBatch:
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -110,6 +123,30 @@ class Decoder:
             positions=mask.sum(-1),
             logits=out.logits[:, -1, :].float(),
         )
+
+    def prefill_after(self, kv: torch.Tensor, prefix_mask: torch.Tensor, rests: list[list[int]]) -> DecodeBatch:
+        """Prefill `rests` after cached keys/values `kv` ([layers, 2, rows, heads, P, dim], `prefix_mask` [rows, P]
+        marking each row's real cached tokens): the prefix-cache path of `prefill` (serving/prefix_cache.py)."""
+        cache = DynamicCache(config=self.model.config)
+        for i in range(kv.shape[0]):
+            cache.update(kv[i, 0], kv[i, 1], i)
+        length = max(len(r) for r in rests)
+        ids = torch.full((len(rests), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rests), length), dtype=torch.long)
+        for row, rest in enumerate(rests):
+            ids[row, length - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            mask[row, length - len(rest) :] = 1
+        mask = torch.cat([prefix_mask, mask], dim=1).to(self.device)
+        ids = ids.to(self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        if self._fast is not None:
+            logits = self._fast.extend(cache, ids, mask, position_ids)
+        else:
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+        return DecodeBatch(cache=cache, attention_mask=mask, positions=mask.sum(-1), logits=logits)
 
     @torch.inference_mode()
     def step(self, batch: DecodeBatch, tokens: torch.Tensor) -> None:
@@ -167,18 +204,19 @@ class _LlamaStep:
         self.embed = inner.embed_tokens.weight
         self.inv_freq = inner.rotary_emb.inv_freq.float()
         self.norm = (inner.norm.weight, float(inner.norm.variance_epsilon))
-        self.lm_head = model.lm_head.weight
+        # projections as callables: plain or quantized Linear layers (serving/quantize.py) keep this fast path
+        self.lm_head = linear_fn(model.lm_head)
         self.layers = [
             (
                 (layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon)),
-                layer.self_attn.q_proj.weight,
-                layer.self_attn.k_proj.weight,
-                layer.self_attn.v_proj.weight,
-                layer.self_attn.o_proj.weight,
+                linear_fn(layer.self_attn.q_proj),
+                linear_fn(layer.self_attn.k_proj),
+                linear_fn(layer.self_attn.v_proj),
+                linear_fn(layer.self_attn.o_proj),
                 (layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon)),
-                layer.mlp.gate_proj.weight,
-                layer.mlp.up_proj.weight,
-                layer.mlp.down_proj.weight,
+                linear_fn(layer.mlp.gate_proj),
+                linear_fn(layer.mlp.up_proj),
+                linear_fn(layer.mlp.down_proj),
             )
             for layer in inner.layers
         ]
@@ -201,6 +239,17 @@ class _LlamaStep:
         cache = DynamicCache(config=self.config)
         return cache, self._forward(cache, ids, positions, attend[:, None], append=False)
 
+    def extend(
+        self, cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Like `prefill`, after the keys/values already in `cache`: `mask` [rows, cached + length] covers both."""
+        length, total = ids.shape[1], mask.shape[1]
+        # query i sits at column total - length + i and sees every real key up to it
+        causal = torch.ones((length, total), dtype=torch.bool, device=ids.device).tril(diagonal=total - length)
+        attend = causal & mask.bool()[:, None, :]
+        attend[:, :, total - length :] |= torch.eye(length, dtype=torch.bool, device=ids.device)
+        return self._forward(cache, ids, positions, attend[:, None], append=True)
+
     def _forward(
         self, cache: DynamicCache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, append: bool
     ) -> torch.Tensor:
@@ -212,9 +261,9 @@ class _LlamaStep:
         gqa = self.heads != self.kv_heads
         for i, (norm1, wq, wk, wv, wo, norm2, wg, wu, wd) in enumerate(self.layers):
             h = _rms_norm(x, *norm1)
-            q = _rotate(F.linear(h, wq).view(rows, length, self.heads, hd).transpose(1, 2), cos, sin)
-            k = _rotate(F.linear(h, wk).view(rows, length, self.kv_heads, hd).transpose(1, 2), cos, sin)
-            v = F.linear(h, wv).view(rows, length, self.kv_heads, hd).transpose(1, 2)
+            q = _rotate(wq(h).view(rows, length, self.heads, hd).transpose(1, 2), cos, sin)
+            k = _rotate(wk(h).view(rows, length, self.kv_heads, hd).transpose(1, 2), cos, sin)
+            v = wv(h).view(rows, length, self.kv_heads, hd).transpose(1, 2)
             if append:
                 layer = cache.layers[i]
                 layer.keys = k = torch.cat([layer.keys, k], dim=-2)
@@ -227,10 +276,10 @@ class _LlamaStep:
                 ).reshape(rows, self.heads, 1, hd)
             else:
                 a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
-            x = x + F.linear(a.transpose(1, 2).reshape(rows, length, -1), wo)
+            x = x + wo(a.transpose(1, 2).reshape(rows, length, -1))
             h = _rms_norm(x, *norm2)
-            x = x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
-        return F.linear(_rms_norm(x[:, -1, :], *self.norm), self.lm_head).float()
+            x = x + wd(F.silu(wg(h)) * wu(h))
+        return self.lm_head(_rms_norm(x[:, -1, :], *self.norm)).float()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -45,6 +45,16 @@ class Metrics:
             buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
             registry=r,
         )
+        # as vLLM's vllm:prefix_cache_queries / vllm:prefix_cache_hits (tokens); hit rate = hits / queries
+        self.prefix_queries = Counter(
+            "llm_serving_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_hits = Counter(
+            "llm_serving_prefix_cache_hits", "Prompt tokens served from the prefix cache (not prefilled).", registry=r
+        )
+        self.prefix_bytes = Gauge(
+            "llm_serving_prefix_cache_bytes", "Memory held by cached prefix KV blocks.", registry=r
+        )
         self.ready = Gauge("llm_serving_ready", "1 when the engine is loaded and healthy and not draining.", registry=r)
 
     # BatchObserver
@@ -53,3 +63,9 @@ class Metrics:
 
     def batch_size(self, rows: int) -> None:
         self.batch.observe(rows)
+
+    # PrefixCacheObserver
+    def prefix_cache(self, queried: int, hit: int, bytes_used: int) -> None:
+        self.prefix_queries.inc(queried)
+        self.prefix_hits.inc(hit)
+        self.prefix_bytes.set(bytes_used)

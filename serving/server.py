@@ -201,6 +201,7 @@ def start_vllm(cfg: ServingConfig, model_dir: Path) -> Backend:
     """Start vLLM on loopback as a child process and front it. Readiness waits for it (/readyz asks it), so the
     socket binds at once and probes see "not ready" while vLLM loads, instead of a closed port."""
     from serving.backends.upstream import UpstreamBackend
+    from serving.quantize import vllm_args
 
     command = [
         *shlex.split(cfg.vllm_command),
@@ -208,6 +209,10 @@ def start_vllm(cfg: ServingConfig, model_dir: Path) -> Backend:
         "--host", "127.0.0.1",
         "--port", str(cfg.vllm_port),
         "--served-model-name", cfg.model_id,
+        *vllm_args(cfg.quantization),
+        # KV blocks of shared prompt prefixes are reused across requests (on by default in vLLM's V1 engine;
+        # explicit so an image's default cannot turn it off: https://docs.vllm.ai/en/latest/features/automatic_prefix_caching.html)
+        *(["--enable-prefix-caching"] if cfg.prefix_cache_mb else ["--no-enable-prefix-caching"]),
         *shlex.split(cfg.vllm_args),
     ]  # fmt: skip
     log.info("lifecycle: starting engine process: %s", shlex.join(command))

@@ -33,6 +33,7 @@ from serving.batching import (
 from serving.config import ServingConfig
 from serving.decode import Decoder, SamplingParams
 from serving.errors import APIError, bad_request
+from serving.prefix_cache import PrefixCache
 from serving.protocol import (
     ChatCompletionRequest,
     Usage,
@@ -41,6 +42,8 @@ from serving.protocol import (
     completion_body,
     completion_chunk,
 )
+from serving.quantize import quantize_model
+from serving.threads import cpu_budget
 
 log = logging.getLogger("serving.local")
 
@@ -57,12 +60,17 @@ class LocalBackend:
     def __init__(self, model_dir: Path, cfg: ServingConfig, observer: BatchObserver | None = None) -> None:
         self.model_id = cfg.model_id
         self.cfg = cfg
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        if cfg.device == "cpu":  # what the container may use, not the host's cores (serving/threads.py)
+            budget = cpu_budget()
+            torch.set_num_threads(cfg.torch_threads or budget.threads)
+            log.info(
+                "cpu threads: %s", f"{cfg.torch_threads} (--torch-threads)" if cfg.torch_threads else budget.describe()
+            )
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
         self._decode = _fast_decode(self.tokenizer)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
         self.model = model.to(cfg.device).eval()
+        log.info("quantization: %s", quantize_model(self.model, cfg.quantization, cfg.device))
         max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.max_model_len = cfg.max_model_len or max_positions or 2048
         eos: set[int] = set()
@@ -74,7 +82,7 @@ class LocalBackend:
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else min(eos) if eos else 0
         self.scheduler = BatchScheduler(
-            Decoder(self.model, pad),
+            Decoder(self.model, pad, prefix_cache=_prefix_cache(cfg, observer)),
             eos,
             max_batch_size=cfg.max_batch_size,
             max_queue=cfg.max_queue,
@@ -262,6 +270,11 @@ class LocalBackend:
                     if finish.reason == "error":
                         raise APIError(500, f"Generation failed: {finish.error}.", code="engine_error")
                     ctx.finish_reason = "length" if finish.reason == "length" else "stop"
+                    if finish.reason == "stop":
+                        # the engine's "stop" is the EOS token, which has no text but was generated: counted in
+                        # usage, as vLLM does (completion_tokens = len(output.token_ids), EOS included; vllm/v1/core/
+                        # sched/utils.py check_stop), so limits and bills agree whichever engine served the request
+                        ctx.completion_tokens = len(ids) + 1
                     if read < len(ids):  # flush what was held back as a partial character
                         text += decode(ids[prefix:], skip_special_tokens=True)[
                             len(decode(ids[prefix:read], skip_special_tokens=True)) :
@@ -323,6 +336,13 @@ class LocalBackend:
                 total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
             )
             yield chat_chunk(rid, model, {}, None, usage) if chat else completion_chunk(rid, model, "", None, usage)
+
+
+def _prefix_cache(cfg: ServingConfig, observer: object) -> PrefixCache | None:
+    if not cfg.prefix_cache_mb:
+        return None
+    hook = observer if hasattr(observer, "prefix_cache") else None
+    return PrefixCache(cfg.prefix_cache_mb * 2**20, observer=hook)  # type: ignore[arg-type]
 
 
 class _EventRelay:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,14 @@ def test_front_audits_with_upstream_usage(front: ServingProcess) -> None:
     assert httpx.get(front.url + "/readyz").status_code == 200
 
 
+# `python -m serving` standing in for `vllm serve`, minus the vLLM-only flags the gateway adds (prefix caching)
+VLLM_STAND_IN = (
+    "import runpy, sys; "
+    "sys.argv = ['serving', *(a for a in sys.argv[1:] if not a.endswith('enable-prefix-caching'))]; "
+    "runpy.run_module('serving', run_name='__main__')"
+)
+
+
 def test_engine_vllm_spawns_and_stops_the_engine_process(
     start_server: ServerFactory, debug_model_dir: Path, keys_file: Path
 ) -> None:
@@ -89,8 +98,7 @@ def test_engine_vllm_spawns_and_stops_the_engine_process(
     engine_port = free_port()
     gateway = start_server(
         "--model", str(debug_model_dir), "--engine", "vllm", "--served-model-name", MODEL_ID,
-        "--vllm-command", f"{sys.executable} -m serving --allow-unauthenticated --model",
-        "--vllm-port", str(engine_port),
+        "--vllm-command", f"{sys.executable} -c {shlex.quote(VLLM_STAND_IN)} --model", "--vllm-port", str(engine_port),
         "--api-keys-file", str(keys_file),
     )  # fmt: skip
     r = oai(gateway.url, ALICE_KEY).chat.completions.create(**CHAT)  # type: ignore[call-overload]

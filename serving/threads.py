@@ -1,0 +1,84 @@
+"""How many CPU threads the built-in engine should use: the CPUs this process may actually run on, not the host's.
+
+`torch.get_num_threads()` defaults to the host's physical cores. In a pod with `resources.limits.cpu: 2` on a 48-core
+node that means 24+ threads sharing a 2-CPU CFS quota: the kernel throttles the whole cgroup for the rest of each
+100 ms period once the quota is used up, which is what turns into multi-second TTFT tails (issue 13: TTFT p90 of
+5-10 s at 16 clients with the default threads while a neighbour ran). The budget is therefore the smallest of:
+
+- the CPU affinity mask (`os.sched_getaffinity`: cpusets, `taskset`, Kubernetes static CPU manager);
+- the cgroup v2 CPU quota (`cpu.max` = "<quota> <period>" or "max <period>"; kernel docs,
+  Documentation/admin-guide/cgroup-v2.rst, "cpu.max") of this process's cgroup and its ancestors, or cgroup v1's
+  `cpu.cfs_quota_us` / `cpu.cfs_period_us`;
+
+rounded down, at least 1: a fractional quota (1.5 CPUs) cannot keep two threads busy without being throttled
+(the same rule as Go's automaxprocs, github.com/uber-go/automaxprocs, internal/runtime/cpu_quota_linux.go).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    threads: int
+    affinity: int
+    quota: float | None  # CPUs allowed by the cgroup quota; None = unlimited or not found
+    source: str  # what decided `threads`
+
+    def describe(self) -> str:
+        quota = "none" if self.quota is None else f"{self.quota:g} CPUs"
+        return f"{self.threads} threads (from {self.source}; affinity {self.affinity} CPUs, cgroup quota {quota})"
+
+
+def _parse_cpu_max(text: str) -> float | None:
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    quota, period = int(parts[0]), int(parts[1])
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cgroup_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The tightest CPU quota over this process's cgroup and its ancestors, in CPUs; None when unlimited."""
+    quotas: list[float] = []
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    v2_path = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), "/")
+    # cgroup v2; inside a container with its own cgroup namespace the path is "/" and root is the pod's cgroup
+    rel = Path(v2_path.lstrip("/"))
+    for d in [root / rel, *(root / p for p in rel.parents)]:
+        try:
+            q = _parse_cpu_max((d / "cpu.max").read_text())
+        except (OSError, ValueError):
+            continue
+        if q is not None:
+            quotas.append(q)
+    # cgroup v1 (or a hybrid host): the cpu controller's own hierarchy
+    for base in (root / "cpu", root / "cpu,cpuacct"):
+        try:
+            quota = int((base / "cpu.cfs_quota_us").read_text())
+            period = int((base / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        if quota > 0 and period > 0:
+            quotas.append(quota / period)
+    return min(quotas) if quotas else None
+
+
+def cpu_budget(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> CpuBudget:
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        affinity = os.cpu_count() or 1
+    quota = cgroup_quota(root, proc_cgroup)
+    if quota is not None and math.floor(quota) < affinity:
+        return CpuBudget(max(1, math.floor(quota)), affinity, quota, "cgroup cpu quota")
+    return CpuBudget(max(1, affinity), affinity, quota, "cpu affinity")

@@ -1,0 +1,57 @@
+"""servingQuantization: validated per engine at preview time (same choices as the serving container's
+--quantization), and it reaches the EKS Deployment (built-in engine env / vLLM args) and the SageMaker model."""
+
+from __future__ import annotations
+
+import pytest
+
+from infra.config import SERVING_QUANTIZATIONS, ConfigError
+from infra.config import load_stack as stack_config
+from serving.config import BUILTIN_QUANTIZATIONS, VLLM_QUANTIZATIONS
+from tests.infra.test_sagemaker_endpoint import MODEL, run_endpoint
+from tests.infra.test_serving_eks import container, run_serving
+
+
+def test_choices_match_the_serving_container() -> None:
+    assert SERVING_QUANTIZATIONS == {"builtin": BUILTIN_QUANTIZATIONS, "vllm": VLLM_QUANTIZATIONS}
+
+
+def test_default_is_none_and_bad_values_name_the_key() -> None:
+    assert stack_config("dev").serving.quantization == "none"
+    assert stack_config("dev", servingQuantization="int8").serving.quantization == "int8"
+    assert stack_config("dev", servingEngine="vllm", servingQuantization="fp8").serving.quantization == "fp8"
+    with pytest.raises(
+        ConfigError, match=r"servingQuantization = .awq.: must be one of none, int8 with servingEngine builtin"
+    ):
+        stack_config("dev", servingQuantization="awq")
+    with pytest.raises(ConfigError, match="servingQuantization"):
+        stack_config("dev", servingEngine="vllm", servingQuantization="int8")
+
+
+def _env(c: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+def test_builtin_engine_gets_the_env_var() -> None:
+    run, _ = run_serving(stack_config("dev", servingQuantization="int8"))
+    assert _env(container(run, "server"))["SERVING_QUANTIZATION"] == "int8"
+    run, _ = run_serving(stack_config("dev"))
+    assert "SERVING_QUANTIZATION" not in _env(container(run, "server"))
+
+
+def test_vllm_gets_quantization_and_prefix_caching_args() -> None:
+    run, _ = run_serving(stack_config("dev", servingEngine="vllm", servingQuantization="awq"))
+    args = container(run, "vllm")["args"]
+    assert args[args.index("--quantization") + 1] == "awq"
+    assert "--enable-prefix-caching" in args
+    assert "SERVING_QUANTIZATION" not in _env(container(run, "server"))  # the gateway loads no model
+    run, _ = run_serving(stack_config("dev", servingEngine="vllm"))
+    assert "--quantization" not in container(run, "vllm")["args"]
+
+
+def test_sagemaker_model_gets_the_env_var() -> None:
+    cfg = stack_config("dev", servingQuantization="int8")
+    env = run_endpoint(cfg).one(MODEL).inputs["primaryContainer"]["environment"]
+    assert env == {"SERVING_MODEL": "/opt/ml/model", "SERVING_QUANTIZATION": "int8"}
+    default = run_endpoint(stack_config("dev")).one(MODEL).inputs
+    assert default["primaryContainer"]["environment"] == {"SERVING_MODEL": "/opt/ml/model"}
