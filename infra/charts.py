@@ -174,6 +174,36 @@ def pod_identity_association(
     )
 
 
+def install_controller(
+    parent: pulumi.Resource,
+    name: str,
+    *,
+    role_name: str,
+    policy: pulumi.Input[str],
+    cluster_name: pulumi.Input[str],
+    namespace: str,
+    service_account: str,
+    chart: str,
+    values: pulumi.Input[dict[str, Any]],
+    provider: k8s.Provider,
+    tags: dict[str, str],
+    account_id: str,
+) -> tuple[aws.iam.Role, k8s.helm.v4.Chart]:
+    """A controller that calls AWS: its Pod Identity role and policy, the association to the service account its
+    chart creates, then the pinned chart. The chart waits for the association and the policy, or the pod's first AWS
+    calls fail and it backs off for minutes."""
+    role, role_policy = pod_identity_role(parent, name, role_name, policy, tags, account_id)
+    association = pod_identity_association(parent, name, cluster_name, namespace, service_account, role, tags)
+    installed = install_chart(
+        f"{name}-chart",
+        chart,
+        namespace,
+        values,
+        pulumi.ResourceOptions(parent=parent, provider=provider, depends_on=[association, role_policy]),
+    )
+    return role, installed
+
+
 def gpu_toleration(taint: dict[str, str]) -> dict[str, str]:
     """Tolerates the GPU taint whatever its value (DaemonSets that must run on every GPU node)."""
     return {"key": taint["key"], "operator": "Exists", "effect": taint["effect"]}

@@ -23,9 +23,7 @@ import pulumi_kubernetes as k8s
 from infra.charts import (
     KUBE_SYSTEM,
     SYSTEM_NODE_SELECTOR,
-    install_chart,
-    pod_identity_association,
-    pod_identity_role,
+    install_controller,
 )
 from infra.config import GpuPool, StackConfig
 
@@ -114,24 +112,21 @@ class ClusterAutoscaler(pulumi.ComponentResource):
         cfg = args.config
 
         self._tag_gpu_groups()
-        role, policy = pod_identity_role(
+        role, self.chart = install_controller(
             self,
             name,
-            f"{cfg.name_prefix}-cluster-autoscaler",
-            pulumi.Output.from_input(args.cluster_name).apply(lambda c: json.dumps(cluster_autoscaler_policy(c))),
-            args.tags,
-            args.account_id,
-        )
-        association = pod_identity_association(
-            self, name, args.cluster_name, KUBE_SYSTEM, SERVICE_ACCOUNT, role, args.tags
-        )
-        self.chart = install_chart(
-            f"{name}-chart",
-            CHART,
-            KUBE_SYSTEM,
-            pulumi.Output.from_input(args.cluster_name).apply(lambda c: cluster_autoscaler_values(cfg, c)),
-            # The role (and its policy) must be associated before the pod starts, or its first AWS calls fail.
-            pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[association, policy]),
+            role_name=f"{cfg.name_prefix}-cluster-autoscaler",
+            policy=pulumi.Output.from_input(args.cluster_name).apply(
+                lambda c: json.dumps(cluster_autoscaler_policy(c))
+            ),
+            cluster_name=args.cluster_name,
+            namespace=KUBE_SYSTEM,
+            service_account=SERVICE_ACCOUNT,
+            chart=CHART,
+            values=pulumi.Output.from_input(args.cluster_name).apply(lambda c: cluster_autoscaler_values(cfg, c)),
+            provider=args.provider,
+            tags=args.tags,
+            account_id=args.account_id,
         )
         self.role_arn = role.arn
         self.register_outputs({"role_arn": self.role_arn})

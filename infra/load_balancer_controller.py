@@ -14,9 +14,7 @@ import pulumi_kubernetes as k8s
 from infra.charts import (
     KUBE_SYSTEM,
     SYSTEM_NODE_SELECTOR,
-    install_chart,
-    pod_identity_association,
-    pod_identity_role,
+    install_controller,
 )
 from infra.config import StackConfig
 from infra.tags import stack_tags
@@ -85,25 +83,21 @@ class LoadBalancerController(pulumi.ComponentResource):
     def __init__(self, name: str, args: LoadBalancerControllerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:LoadBalancerController", name, None, opts)
         cfg = args.config
-        role, policy = pod_identity_role(
+        role, self.chart = install_controller(
             self,
             name,
-            f"{cfg.name_prefix}-aws-load-balancer-controller",
-            load_balancer_controller_policy(),
-            args.tags,
-            args.account_id,
-        )
-        association = pod_identity_association(
-            self, name, args.cluster_name, KUBE_SYSTEM, SERVICE_ACCOUNT, role, args.tags
-        )
-        self.chart = install_chart(
-            f"{name}-chart",
-            CHART,
-            KUBE_SYSTEM,
-            pulumi.Output.all(args.cluster_name, args.vpc_id).apply(
+            role_name=f"{cfg.name_prefix}-aws-load-balancer-controller",
+            policy=load_balancer_controller_policy(),
+            cluster_name=args.cluster_name,
+            namespace=KUBE_SYSTEM,
+            service_account=SERVICE_ACCOUNT,
+            chart=CHART,
+            values=pulumi.Output.all(args.cluster_name, args.vpc_id).apply(
                 lambda a: load_balancer_controller_values(cfg, a[0], a[1])
             ),
-            pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[association, policy]),
+            provider=args.provider,
+            tags=args.tags,
+            account_id=args.account_id,
         )
         self.role_arn = role.arn
         self.register_outputs({"role_arn": self.role_arn})

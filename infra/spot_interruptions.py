@@ -15,9 +15,7 @@ import pulumi_kubernetes as k8s
 from infra.charts import (
     KUBE_SYSTEM,
     SYSTEM_NODE_SELECTOR,
-    install_chart,
-    pod_identity_association,
-    pod_identity_role,
+    install_controller,
 )
 from infra.cluster_autoscaler import autoscaler_tag_keys
 from infra.config import StackConfig
@@ -98,25 +96,21 @@ class NodeTerminationHandler(pulumi.ComponentResource):
             ),
             opts=child,
         )
-        role, policy = pod_identity_role(
+        role, self.chart = install_controller(
             self,
             name,
-            f"{cfg.name_prefix}-node-termination-handler",
-            queue.arn.apply(lambda arn: json.dumps(node_termination_handler_policy(arn))),
-            args.tags,
-            args.account_id,
-        )
-        association = pod_identity_association(
-            self, name, args.cluster_name, KUBE_SYSTEM, SERVICE_ACCOUNT, role, args.tags
-        )
-        self.chart = install_chart(
-            f"{name}-chart",
-            CHART,
-            KUBE_SYSTEM,
-            pulumi.Output.all(queue.url, args.cluster_name).apply(
+            role_name=f"{cfg.name_prefix}-node-termination-handler",
+            policy=queue.arn.apply(lambda arn: json.dumps(node_termination_handler_policy(arn))),
+            cluster_name=args.cluster_name,
+            namespace=KUBE_SYSTEM,
+            service_account=SERVICE_ACCOUNT,
+            chart=CHART,
+            values=pulumi.Output.all(queue.url, args.cluster_name).apply(
                 lambda a: node_termination_handler_values(cfg, a[0], a[1])
             ),
-            pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[association, policy]),
+            provider=args.provider,
+            tags=args.tags,
+            account_id=args.account_id,
         )
         self.queue_url = queue.url
         self.role_arn = role.arn
