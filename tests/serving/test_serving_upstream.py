@@ -85,7 +85,9 @@ def test_front_audits_with_upstream_usage(front: ServingProcess) -> None:
 # `python -m serving` standing in for `vllm serve`, minus the vLLM-only flags the gateway adds (prefix caching)
 VLLM_STAND_IN = (
     "import runpy, sys; "
-    "sys.argv = ['serving', *(a for a in sys.argv[1:] if not a.endswith('enable-prefix-caching'))]; "
+    # vLLM has no API keys of its own (the gateway holds them); our stand-in must be told to serve without
+    "sys.argv = ['serving', '--allow-unauthenticated', "
+    "*(a for a in sys.argv[1:] if not a.endswith('enable-prefix-caching'))]; "
     "runpy.run_module('serving', run_name='__main__')"
 )
 
