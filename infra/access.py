@@ -30,6 +30,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.config import StackConfig, non_routable
+from infra.identity import service_trust
 
 RUNNER_IMAGE = "aws/codebuild/amazonlinux-x86_64-standard:5.0"
 """CodeBuild's curated Amazon Linux image (CodeBuild User Guide, "Docker images provided by CodeBuild"); the
@@ -106,19 +107,9 @@ class DeployerRunner(pulumi.ComponentResource):
         role = aws.iam.Role(
             f"{name}-role",
             name=f"{cfg.name_prefix}-deployer-runner",
-            assume_role_policy=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [
-                        {
-                            "Effect": "Allow",
-                            "Principal": {"Service": "codebuild.amazonaws.com"},
-                            "Action": "sts:AssumeRole",
-                            # Confused-deputy guard (IAM User Guide, "Cross-service confused deputy prevention").
-                            "Condition": {"StringEquals": {"aws:SourceAccount": args.account_id}},
-                        }
-                    ],
-                }
+            # Confused-deputy guard (IAM User Guide, "Cross-service confused deputy prevention").
+            assume_role_policy=service_trust(
+                "codebuild.amazonaws.com", condition={"StringEquals": {"aws:SourceAccount": args.account_id}}
             ),
             tags=args.tags,
             opts=child,

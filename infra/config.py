@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from infra.instance_types import ACCELERATOR_LABEL, GPU_INSTANCE_TYPES
+from infra.instance_types import ACCELERATOR_LABEL, GPU_INSTANCE_TYPES, efa_interfaces
 from infra.versions import CLUSTER_AUTOSCALER, cluster_autoscaler_for
 from infra.vllm_sizing import MODEL_SHAPES, check_serving_fit
 
@@ -167,7 +167,7 @@ class GpuPool:
     def efa_interfaces_per_node(self) -> int:
         """EFA interfaces (= `vpc.amazonaws.com/efa` devices) on every node of the pool: the launch template's count,
         the autoscaler's node template and the training pod's default request all read it (0 without EFA)."""
-        return min(GPU_INSTANCE_TYPES[t].efa_interfaces for t in self.instance_types) if self.efa else 0
+        return efa_interfaces(self.instance_types) if self.efa else 0
 
     @property
     def labels(self) -> dict[str, str]:

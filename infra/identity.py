@@ -35,7 +35,8 @@ class IdentityArgs:
     tags: dict[str, str]
 
 
-def _trust(service: str, extra_actions: tuple[str, ...] = (), condition: dict | None = None) -> str:
+def service_trust(service: str, extra_actions: tuple[str, ...] = (), condition: dict | None = None) -> str:
+    """Trust policy letting one AWS service principal assume the role (with `condition`, e.g. aws:SourceAccount)."""
     statement: dict[str, Any] = {
         "Effect": "Allow",
         "Principal": {"Service": service},
@@ -49,7 +50,7 @@ def _trust(service: str, extra_actions: tuple[str, ...] = (), condition: dict | 
 def pod_identity_trust(account_id: str) -> str:
     """Trust policy of every role a Kubernetes service account assumes through EKS Pod Identity (workloads and
     cluster controllers alike): only the Pod Identity service, only from this account."""
-    return _trust(
+    return service_trust(
         "pods.eks.amazonaws.com",
         extra_actions=("sts:TagSession",),  # Pod Identity tags sessions with cluster/namespace/service account
         condition={"StringEquals": {"aws:SourceAccount": account_id}},
@@ -122,7 +123,7 @@ class Identity(pulumi.ComponentResource):
 
         self.cluster_role = self._role(
             "cluster",
-            _trust("eks.amazonaws.com", ("sts:TagSession",)),
+            service_trust("eks.amazonaws.com", ("sts:TagSession",)),
             [f"{managed}/AmazonEKSClusterPolicy"],
             inline=[
                 {
@@ -135,7 +136,7 @@ class Identity(pulumi.ComponentResource):
         )
         self.node_role = self._role(
             "node",
-            _trust("ec2.amazonaws.com"),
+            service_trust("ec2.amazonaws.com"),
             [
                 f"{managed}/AmazonEKSWorkerNodePolicy",
                 # Pull-only (not ReadOnly): nodes need to fetch images, not list or describe registries.
@@ -156,7 +157,9 @@ class Identity(pulumi.ComponentResource):
         )
         self.sagemaker_role = self._role(
             "sagemaker",
-            _trust("sagemaker.amazonaws.com", condition={"StringEquals": {"aws:SourceAccount": args.account_id}}),
+            service_trust(
+                "sagemaker.amazonaws.com", condition={"StringEquals": {"aws:SourceAccount": args.account_id}}
+            ),
             inline=self._sagemaker_statements(),
         )
 

@@ -10,6 +10,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.config import StackConfig
+from infra.identity import service_trust
 
 INTERFACE_ENDPOINT_SERVICES = ("ecr.api", "ecr.dkr", "eks-auth", "sts", "logs")
 """What nodes and pods need without NAT: image pulls (ECR api + dkr; layers come from S3 via the gateway endpoint),
@@ -332,18 +333,7 @@ class Network(pulumi.ComponentResource):
         role = aws.iam.Role(
             f"{name}-flow-logs-role",
             name=f"{cfg.name_prefix}-vpc-flow-logs",
-            assume_role_policy=json.dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [
-                        {
-                            "Effect": "Allow",
-                            "Principal": {"Service": "vpc-flow-logs.amazonaws.com"},
-                            "Action": "sts:AssumeRole",
-                        }
-                    ],
-                }
-            ),
+            assume_role_policy=service_trust("vpc-flow-logs.amazonaws.com"),
             tags=self._spec.tags,
             opts=self._child,
         )

@@ -310,7 +310,7 @@ def _run(cfg: ServingConfig) -> int:
         # the built-in engine knows its id (maybe named by the export); a gateway asks its upstream on first use
         default_model=""
         if cfg.upstream and not cfg.served_model_name
-        else (cfg.served_model_name or getattr(backend, "model_id", "") or cfg.model_id),
+        else (getattr(backend, "model_id", "") or cfg.model_id),
         max_request_bytes=request_limit(cfg, backend),
     )
     app = build_app(state)
