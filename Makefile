@@ -15,16 +15,16 @@ setup: .venv/.installed  ## create .venv and install the pinned dependencies (to
 	touch $@
 
 demo: setup  ## the main job: preview the dev stack, then fine-tune SmolLM2 -> export -> serve -> ask, locally (no cloud account)
-	$(PY) -m tools.local_e2e
+	$(PY) -m ops.local_e2e
 
 preview: setup  ## offline preview of one stack: make preview STACK=prod
-	$(PY) -m infra.preview $(STACK)
+	$(PY) -m ops.preview $(STACK)
 
 push-image: setup  ## build and push an image, tagged from git: make push-image STACK=dev IMAGE=serving [ARGS=--dry-run]
-	$(PY) -m infra.artifacts push-image --stack $(STACK) --image $(IMAGE) $(ARGS)
+	$(PY) -m ops.artifacts push-image --stack $(STACK) --image $(IMAGE) $(ARGS)
 
 upload-model: setup  ## upload a model directory: make upload-model STACK=dev MODEL_DIR=out/model MODEL=debug-llama
-	$(PY) -m infra.artifacts upload-model --stack $(STACK) --model-dir $(MODEL_DIR) --name $(MODEL) $(ARGS)
+	$(PY) -m ops.artifacts upload-model --stack $(STACK) --model-dir $(MODEL_DIR) --name $(MODEL) $(ARGS)
 
 test: setup  ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q

@@ -4,7 +4,7 @@ checkpoints on S3 (a local moto server), SIGTERM to torchrun after the first ste
     python bench/preemption.py [--model DIR]
 
 Prints the trainer's own `save_s` (local DCP write + upload + marker), the seconds from SIGTERM to torchrun's exit,
-and its exit status (143 expected). The grace periods in training/torchrun.py and training/k8s_job.py must cover
+and its exit status (143 expected). The grace periods in training/torchrun.py and ops/training_k8s_job.py must cover
 the second number with room to spare; docs/training.md records a run of this script.
 """
 
@@ -23,20 +23,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools.net import free_port, wait_http  # noqa: E402
+from ops.net import free_port, wait_http  # noqa: E402
 from training.torchrun import shutdown_timeout  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="HF model directory (default: tools.smollm2's cached SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="HF model directory (default: ops.smollm2's cached SmolLM2-135M-Instruct)")
     p.add_argument("--grace", type=int, default=120, help="grace period to derive --shutdown-timeout from")
     args = p.parse_args()
     grace = args.grace
     if args.model:
         model = args.model
     else:
-        from tools.smollm2 import ensure
+        from ops.smollm2 import ensure
 
         model = str(ensure())
     bindir = Path(sys.executable).parent

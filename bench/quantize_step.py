@@ -93,7 +93,7 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tools.smollm2 import ensure as smollm2_dir
+    from ops.smollm2 import ensure as smollm2_dir
 
     torch.set_num_threads(args.threads)
     model_dir = smollm2_dir()

@@ -1,4 +1,4 @@
-"""Serving on a real model (SmolLM2-135M-Instruct, tools/smollm2.py), in one run with alternating rounds:
+"""Serving on a real model (SmolLM2-135M-Instruct, ops/smollm2.py), in one run with alternating rounds:
 
 - sequential `generate` in this process (one request at a time: what a naive server does);
 - our engine fp32 and our engine `--quantization int8` (`python -m serving`);
@@ -34,8 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.serve_throughput import pct  # noqa: E402
-from tools.net import free_port  # noqa: E402
-from tools.smollm2 import ensure as smollm2_dir  # noqa: E402
+from ops.net import free_port  # noqa: E402
+from ops.smollm2 import ensure as smollm2_dir  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",

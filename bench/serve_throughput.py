@@ -25,7 +25,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from tools.net import free_port  # noqa: E402
+from ops.net import free_port  # noqa: E402
 
 PROMPTS = [
     "The platform serves models to applications",

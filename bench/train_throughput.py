@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_throughput.py [--steps 30] [--rounds 2]
     .venv/bin/python bench/train_throughput.py --model smollm2 --batch 4 --steps 6 --warmup 2 --rounds 2
 
-`--model smollm2` trains the real SmolLM2-135M-Instruct (tools/smollm2.py) instead of the debug Llama; any
+`--model smollm2` trains the real SmolLM2-135M-Instruct (ops/smollm2.py) instead of the debug Llama; any
 Hugging Face model directory works too.
 
 Both train the debug Llama (training/debug_model.py) on the same packed sequences of the same corpus, one process,
@@ -139,7 +139,7 @@ def main() -> None:
     a = p.parse_args()
     global MODEL
     if a.model == "smollm2":
-        from tools.smollm2 import ensure
+        from ops.smollm2 import ensure
 
         MODEL = str(ensure())
     else:

@@ -35,6 +35,7 @@ COPY serving/requirements.txt /app/serving/requirements.txt
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
     && pip install --no-cache-dir -r /app/serving/requirements.txt
 
+COPY facts/ /app/facts/
 COPY serving/ /app/serving/
 
 USER 10001:10001

@@ -31,6 +31,7 @@ COPY serving/requirements-gateway.txt /app/serving/requirements-gateway.txt
 RUN python3 -m venv --system-site-packages /opt/gateway \
     && /opt/gateway/bin/pip install --no-cache-dir -r /app/serving/requirements-gateway.txt
 
+COPY facts/ /app/facts/
 COPY serving/ /app/serving/
 
 USER 10001:10001

@@ -25,6 +25,7 @@ COPY serving/requirements.txt /app/serving/requirements.txt
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
     && pip install --no-cache-dir -r /app/serving/requirements.txt
 
+COPY facts/ /app/facts/
 COPY serving/ /app/serving/
 
 USER 10001:10001

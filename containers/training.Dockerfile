@@ -62,6 +62,7 @@ RUN useradd --create-home --uid 1000 --user-group trainer \
     && chmod 0755 /usr/local/bin/train
 
 WORKDIR /app
+COPY --chown=trainer:trainer facts/ /app/facts/
 COPY --chown=trainer:trainer training/ /app/training/
 # Numeric, so that Kubernetes can verify runAsNonRoot without resolving names.
 USER 1000:1000

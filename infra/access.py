@@ -29,6 +29,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from facts import pulumi_types as tok
 from infra.config import StackConfig, non_routable
 from infra.identity import service_trust
 
@@ -221,7 +222,7 @@ def _excludes_kubernetes_layer(step: Mapping[str, Any], stack: str, project: str
 def deployer_path_problems(cfg: StackConfig, resources: list[Any], workflow: Mapping[str, Any]) -> list[str]:
     """Why the deploy workflow could not apply this stack's Kubernetes objects (empty: it can).
 
-    `resources` are the recorded resources of the stack's preview (infra.mocks.Recorded); `workflow` the parsed
+    `resources` are the recorded resources of the stack's preview (ops.mocks.Recorded); `workflow` the parsed
     deploy workflow."""
     stack, project = cfg.stack, cfg.project
     problems: list[str] = []
@@ -235,7 +236,7 @@ def deployer_path_problems(cfg: StackConfig, resources: list[Any], workflow: Map
     for r in resources:
         if r.type.startswith("kubernetes:") and not (r.provider or "").startswith(provider_urn + "::"):
             problems.append(f"{r.type} {r.name} is not applied through {provider_urn} (provider {r.provider!r})")
-    [cluster] = by_type.get("aws:eks/cluster:Cluster", [None])
+    [cluster] = by_type.get(tok.EKS_CLUSTER, [None])
     if cluster is None:
         return [*problems, "the stack declares no EKS cluster"]
     vpc_cfg = cluster.inputs.get("vpcConfig", {})
@@ -272,7 +273,7 @@ def _in_vpc_runner_problems(
         problems.append(
             f"job {job_id!r} uses an in-VPC runner but the stack's kubernetesDeployer is {cfg.cluster.deployer}"
         )
-    projects = {p.inputs.get("name"): p for p in by_type.get("aws:codebuild/project:Project", [])}
+    projects = {p.inputs.get("name"): p for p in by_type.get(tok.CODEBUILD_PROJECT, [])}
     name = next((n for n in projects if label == runner_label(n)), None)
     if name is None:
         return [
@@ -285,7 +286,7 @@ def _in_vpc_runner_problems(
         problems.append(f"runner project {name} is not in the cluster's private subnets")
     if vpc_cfg.get("endpointPrivateAccess") is not True:
         problems.append("the cluster's private endpoint is off: the in-VPC runner could not reach it")
-    webhooks = by_type.get("aws:codebuild/webhook:Webhook", [])
+    webhooks = by_type.get(tok.CODEBUILD_WEBHOOK, [])
     if not any(
         w.inputs.get("projectName") == name
         and any(
@@ -299,7 +300,7 @@ def _in_vpc_runner_problems(
     api_sg_ok = any(
         rule.get("fromPort", 0) <= 443 <= rule.get("toPort", 0)
         and any(vpc_cidr.subnet_of(ipaddress.ip_network(c)) for c in rule.get("cidrBlocks") or [])
-        for sg in by_type.get("aws:ec2/securityGroup:SecurityGroup", [])
+        for sg in by_type.get(tok.EC2_SECURITY_GROUP, [])
         if sg.name.endswith("-api-sg")
         for rule in sg.inputs.get("ingress") or []
     )

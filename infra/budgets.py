@@ -4,7 +4,7 @@ before the money is gone (80% actual) and when the month is heading over (100% f
 Activating the platform's tag keys as cost-allocation tags (without which the budget's tag filter matches nothing) is
 not done here: it is account-wide, only the payer account of an AWS Organization may do it, and Billing must have
 seen the keys first (up to 24 hours after the first tagged resource), so it would fail any first `pulumi up`. It is a
-one-time step per payer account: `python -m infra.account activate-cost-allocation-tags` (infra/account.py).
+one-time step per payer account: `python -m ops.account activate-cost-allocation-tags` (ops/account.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from facts.tags import STACK_TAG
 from infra.config import StackConfig
-from infra.tags import STACK_TAG
 
 NOTIFICATIONS = (
     # (notification type, threshold %): actual spend crossing 80% leaves a fifth of the month's money to react;

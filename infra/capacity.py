@@ -13,8 +13,8 @@ from typing import Any
 
 import pulumi_aws as aws
 
+from facts.instance_types import GPU_INSTANCE_TYPES
 from infra.config import GpuPool, StackConfig
-from infra.instance_types import GPU_INSTANCE_TYPES
 
 # EC2 vCPU-based instance quotas (Service Quotas, service code `ec2`; EC2 User Guide, "Amazon EC2 service quotas").
 EC2_QUOTAS = {

@@ -20,14 +20,13 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
-from infra.config import POOL_LABEL
+from facts import pulumi_types as tok
+from facts.cluster import POOL_LABEL, SYSTEM_POOL
 from infra.identity import pod_identity_trust
 
-KUBE_SYSTEM = "kube-system"
-SYSTEM_POOL = "system"
 SYSTEM_NODE_SELECTOR = {POOL_LABEL: SYSTEM_POOL}
 """Controllers run on the fixed-size, untainted system pool: never on a GPU node the autoscaler might remove."""
-CHART_TYPE = "kubernetes:helm.sh/v4:Chart"
+CHART_TYPE = tok.HELM_CHART
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
+from facts.cluster import SYSTEM_POOL
+from facts.instance_types import NVME_INSTANCE_STORE_GB
 from infra.capacity import node_group_capacity_type, reservation_launch_template_args
 from infra.config import POOL_LABEL, GpuPool, StackConfig
-from infra.instance_types import NVME_INSTANCE_STORE_GB
 
 CONTROL_PLANE_LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
 """All five control-plane log types: audit and authenticator are the access-control trail; the rest debug upgrades."""
@@ -36,7 +37,6 @@ _ADDONS_BEFORE_NODES = ("vpc-cni", "kube-proxy", "eks-pod-identity-agent")
 
 CLUSTER_ADMIN_POLICY_ARN = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy"
 
-SYSTEM_POOL = "system"
 SYSTEM_AMI_TYPE = "AL2023_x86_64_STANDARD"
 GPU_AMI_TYPE = "AL2023_x86_64_NVIDIA"
 """AL2023 with the NVIDIA driver, container toolkit and (for EFA types) the EFA driver; the device plugin is ours."""
@@ -430,7 +430,7 @@ class Cluster(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
         single_subnet = self._training_subnet()
-        # One interface per network card (infra.instance_types): what the EFA device plugin then advertises, and
+        # One interface per network card (facts.instance_types): what the EFA device plugin then advertises, and
         # what the autoscaler's node template and the training pod's default request say.
         cards = pool.efa_interfaces_per_node
         interfaces = [

@@ -20,17 +20,12 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
-from infra.charts import (
-    KUBE_SYSTEM,
-    SYSTEM_NODE_SELECTOR,
-    install_controller,
-)
+from facts.cluster import EFA_RESOURCE, GPU_RESOURCE, KUBE_SYSTEM
+from infra.charts import SYSTEM_NODE_SELECTOR, install_controller
 from infra.config import GpuPool, StackConfig
 
 CHART = "cluster-autoscaler"
 SERVICE_ACCOUNT = "cluster-autoscaler"
-GPU_RESOURCE = "nvidia.com/gpu"
-EFA_RESOURCE = "vpc.amazonaws.com/efa"
 TEMPLATE_PREFIX = "k8s.io/cluster-autoscaler/node-template"
 
 
@@ -52,7 +47,7 @@ def node_template_tags(pool: GpuPool) -> dict[str, str]:
         tags[f"{TEMPLATE_PREFIX}/taint/{taint['key']}"] = f"{taint['value']}:{taint['effect']}"
     tags[f"{TEMPLATE_PREFIX}/resources/{GPU_RESOURCE}"] = str(pool.gpus_per_node)
     if pool.efa:
-        # The launch template's interface count (infra.instance_types), which the EFA plugin advertises: a pod asking
+        # The launch template's interface count (facts.instance_types), which the EFA plugin advertises: a pod asking
         # for all of a p5's 32 devices must see 32 here or CA never scales the group up for it.
         tags[f"{TEMPLATE_PREFIX}/resources/{EFA_RESOURCE}"] = str(pool.efa_interfaces_per_node)
     return tags

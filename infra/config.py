@@ -19,7 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
-from infra.instance_types import ACCELERATOR_LABEL, GPU_INSTANCE_TYPES, efa_interfaces
+from facts.cluster import GPU_TAINT, POOL_LABEL, PURPOSE_LABEL
+from facts.instance_types import ACCELERATOR_LABEL, GPU_INSTANCE_TYPES, efa_interfaces
+from facts.serving import ENGINES
+from facts.serving import QUANTIZATIONS as SERVING_QUANTIZATIONS
 from infra.versions import CLUSTER_AUTOSCALER, cluster_autoscaler_for
 from infra.vllm_sizing import MODEL_SHAPES, check_serving_fit
 
@@ -27,22 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_FILE = REPO_ROOT / "Pulumi.yaml"
 STACKS_DIR = REPO_ROOT / "stacks"
 
-POOL_LABEL = "llm-platform/pool"
-"""Node label naming the pool a node belongs to; workloads select pools by it."""
-PURPOSE_LABEL = "llm-platform/purpose"
-GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
-"""Taint on every GPU node, so only workloads that tolerate it (and ask for GPUs) land there."""
 
 CAPACITY_TYPES = ("ON_DEMAND", "SPOT")
 NAT_MODES = ("single", "perAz")
-ENGINES = ("builtin", "vllm")
-# servingQuantization per engine: the same choices as the serving container's --quantization (serving/config.py
-# BUILTIN_QUANTIZATIONS / VLLM_QUANTIZATIONS; tests/infra check they agree), so a bad value fails at preview, not
-# as a crash-looping pod.
-SERVING_QUANTIZATIONS = {
-    "builtin": ("none", "int8"),
-    "vllm": ("none", "fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes"),
-}
 SUPPORTED_KUBERNETES = ("1.31", "1.32", "1.33", "1.34", "1.35")
 LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922)
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
@@ -64,7 +54,7 @@ EGRESS_HINT = (
 )
 REMOVED_KEYS = {
     "activateCostAllocationTags": "cost-allocation tags are activated once per payer account, outside environment "
-    "stacks: run `python -m infra.account activate-cost-allocation-tags` (docs/first-deploy.md, step 0)",
+    "stacks: run `python -m ops.account activate-cost-allocation-tags` (docs/first-deploy.md, step 0)",
 }
 """Keys that existed once, with where their job went: a stack file still setting one gets told, not just refused."""
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
@@ -280,7 +270,7 @@ class ObservabilityConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Spend controls: the stack's monthly cost budget (tag activation is account-level: infra/account.py)."""
+    """Spend controls: the stack's monthly cost budget (tag activation is account-level: ops/account.py)."""
 
     monthly_usd: int
 

@@ -10,12 +10,13 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from infra.charts import KUBE_SYSTEM, gpu_toleration, install_chart
+from facts.cluster import EFA_RESOURCE, GPU_RESOURCE, KUBE_SYSTEM
+from infra.charts import gpu_toleration, install_chart
 from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
 
 NVIDIA_CHART = "nvidia-device-plugin"
 EFA_CHART = "aws-efa-k8s-device-plugin"
-PLUGIN_RESOURCES = {NVIDIA_CHART: "nvidia.com/gpu", EFA_CHART: "vpc.amazonaws.com/efa"}
+PLUGIN_RESOURCES = {NVIDIA_CHART: GPU_RESOURCE, EFA_CHART: EFA_RESOURCE}
 """The extended resource each plugin chart advertises."""
 
 _CRITICAL_ADDONS = {"key": "CriticalAddonsOnly", "operator": "Exists"}

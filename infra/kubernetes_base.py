@@ -14,14 +14,17 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
+from facts.cluster import (
+    GPU_RESOURCE,
+    SERVING_NAMESPACE,
+    SERVING_PORT,
+    SERVING_SERVICE_ACCOUNT,
+    TRAINING_METRICS_PORT,
+    TRAINING_NAMESPACE,
+    TRAINING_SERVICE_ACCOUNT,
+)
 from infra.config import StackConfig
 from infra.network import plan_collector_subnets
-
-TRAINING_NAMESPACE = "llm-training"
-SERVING_NAMESPACE = "llm-serving"
-TRAINING_SERVICE_ACCOUNT = "trainer"
-SERVING_SERVICE_ACCOUNT = "server"
-GPU_RESOURCE = "nvidia.com/gpu"
 
 SERVING_ACCESS_LABEL = "llm-platform/serving-access"
 """Namespaces labelled `llm-platform/serving-access: allowed` may call the serving pods (clients, monitoring, the
@@ -30,8 +33,6 @@ ingress controller's namespace). The serving namespace carries it itself."""
 TRAINING_METRICS_ACCESS_LABEL = "llm-platform/training-metrics-access"
 """Namespaces labelled `llm-platform/training-metrics-access: allowed` (monitoring) may scrape the trainer's metrics
 port in the training namespace; nothing else from outside the namespace reaches training pods."""
-TRAINING_METRICS_PORT = 9400
-"""The trainer's Prometheus port (`metrics_port`); training/k8s_job.py's METRICS_PORT, which a test keeps equal."""
 
 POD_IDENTITY_AGENT_CIDR = "169.254.170.23/32"
 
@@ -241,7 +242,7 @@ class KubernetesBase(pulumi.ComponentResource):
             {
                 "podSelector": {},
                 "policyTypes": ["Ingress"],
-                "ingress": [{"from": sources, "ports": [{"protocol": "TCP", "port": 8080}]}],
+                "ingress": [{"from": sources, "ports": [{"protocol": "TCP", "port": SERVING_PORT}]}],
             },
         )
 

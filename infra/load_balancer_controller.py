@@ -11,13 +11,10 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from infra.charts import (
-    KUBE_SYSTEM,
-    SYSTEM_NODE_SELECTOR,
-    install_controller,
-)
+from facts.cluster import KUBE_SYSTEM
+from facts.tags import stack_tags
+from infra.charts import SYSTEM_NODE_SELECTOR, install_controller
 from infra.config import StackConfig
-from infra.tags import stack_tags
 
 CHART = "aws-load-balancer-controller"
 SERVICE_ACCOUNT = "aws-load-balancer-controller"

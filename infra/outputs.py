@@ -1,7 +1,7 @@
 """Stack output keys: the one list shared by the program, the tests and every tool that reads outputs.
 
 Tools (the training launcher, teardown, the end-to-end run) read a stack's outputs either from
-`pulumi stack output --json` or, offline, from the `outputs` object of `python -m infra.preview <stack> --json`.
+`pulumi stack output --json` or, offline, from the `outputs` object of `python -m ops.preview <stack> --json`.
 They must use these constants, never string literals, so a rename breaks loudly in the tests.
 """
 

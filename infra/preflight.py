@@ -1,7 +1,7 @@
 """Preview-time checks against what already exists in the account, so `pulumi preview` fails in seconds with the fix
 instead of `pulumi up` failing after 40 minutes.
 
-Each check is a provider invoke (answered by AWS under the real engine, by `infra.mocks.Account` under the mock
+Each check is a provider invoke (answered by AWS under the real engine, by `ops.mocks.Account` under the mock
 engine), or, where pulumi-aws has no data source (a running SageMaker variant), a boto3 read behind one seam:
 
 - first-run lifecycle: the serving image is in ECR (`aws.ecr.get_image`), the model is in the models bucket
@@ -16,6 +16,7 @@ engine), or, where pulumi-aws has no data source (a running SageMaker variant), 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pulumi_aws as aws
@@ -84,7 +85,7 @@ def check_serving_artifacts(cfg: StackConfig, account_id: str) -> str | None:
         except Exception as exc:
             problems.append(
                 f"serving API keys: no Secrets Manager secret {name!r} ({_reason(exc)}). Create it from a keys file "
-                f"(docs/serving.md format) with `python -m infra.artifacts put-api-keys --stack {stack} "
+                f"(docs/serving.md format) with `python -m ops.artifacts put-api-keys --stack {stack} "
                 "--keys-file <file>` (docs/first-deploy.md, step 7)"
             )
     if problems:
@@ -295,14 +296,12 @@ def _reason(exc: Exception) -> str:
 
 
 def _mock_account() -> Any:
-    """The mock engine's `Account` when the program runs under mocks (an empty one for mocks without it), else None:
-    under mocks nothing may reach AWS."""
+    """Under the mock engine, its modelled account (`ops.mocks.Account`; an empty one for mocks without it), else
+    None: under mocks nothing may reach AWS. Duck-typed, so the deployed program never imports the operator tools."""
     from pulumi.runtime import settings
     from pulumi.runtime.mocks import MockMonitor
 
-    from infra.mocks import Account
-
     monitor = settings.get_monitor()
     if isinstance(monitor, MockMonitor):
-        return getattr(monitor.mocks, "account", None) or Account()
+        return getattr(monitor.mocks, "account", None) or SimpleNamespace(reservations={}, endpoints={})
     return None

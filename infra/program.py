@@ -1,5 +1,5 @@
 """The platform program: one stack = one environment. `infra/__main__.py` runs it under the Pulumi engine;
-`infra.preview` and the tests run it under the recording mock engine."""
+`ops.preview` and the tests run it under the recording mock engine."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
+from facts.tags import stack_tags
 from infra import config as config_module
 from infra import outputs as out
 from infra import preflight
@@ -28,7 +29,6 @@ from infra.serving_autoscaling import ServingAutoscaling, ServingAutoscalingArgs
 from infra.serving_eks import API_KEYS_SECRET, ServingOnEks, ServingOnEksArgs
 from infra.spot_interruptions import NodeTerminationHandler, NodeTerminationHandlerArgs, needs_node_termination_handler
 from infra.storage import Storage, StorageArgs
-from infra.tags import stack_tags
 
 
 def image_reference(repository_url: str, tag: str, digest: str) -> str:

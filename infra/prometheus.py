@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from facts.cluster import DCGM_PORT, MONITORING_NAMESPACE
 from infra.charts import SYSTEM_NODE_SELECTOR, gpu_toleration
 from infra.config import GPU_TAINT, PURPOSE_LABEL, StackConfig
 from infra.kubernetes_base import (
@@ -17,10 +18,8 @@ from infra.kubernetes_base import (
     TRAINING_NAMESPACE,
 )
 
-MONITORING_NAMESPACE = "monitoring"
 PROMETHEUS_SERVICE = "prometheus"
 PROMETHEUS_PORT = 9090
-DCGM_PORT = 9400
 
 DASHBOARDS_DIR = Path(__file__).resolve().parent / "dashboards"
 WORKLOAD_NAMESPACES = {"serving": SERVING_NAMESPACE, "training": TRAINING_NAMESPACE}

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from facts.instance_types import instance_gpu
 from infra.config import StackConfig
-from infra.instance_types import instance_gpu
 from infra.preflight import RunningVariant, initial_instance_count
 from infra.vllm_sizing import sizing_for
 

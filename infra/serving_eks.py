@@ -13,13 +13,13 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
+from facts.cluster import SERVING_PORT
+from facts.instance_types import GPU_INSTANCE_TYPES, gpu_memory_gib
+from facts.tags import stack_tags
 from infra.config import StackConfig
-from infra.instance_types import GPU_INSTANCE_TYPES, gpu_memory_gib
-from infra.tags import stack_tags
 from infra.vllm_sizing import VllmSizing, sizing_for
 
 SERVICE_NAME = "llm-serving"
-HTTP_PORT = 8080
 VLLM_PORT = 8000
 API_KEYS_SECRET = "serving-api-keys"
 """Created by the operator, never by this program: keys must not live in code or in Pulumi state.
@@ -195,7 +195,7 @@ class ServingOnEks(pulumi.ComponentResource):
                         labels=self._labels,
                         annotations={
                             "prometheus.io/scrape": "true",
-                            "prometheus.io/port": str(HTTP_PORT),
+                            "prometheus.io/port": str(SERVING_PORT),
                             "prometheus.io/path": "/metrics",
                         },
                     ),
@@ -240,8 +240,8 @@ class ServingOnEks(pulumi.ComponentResource):
         return k8s.core.v1.ContainerArgs(
             name="server",
             image=self._args.image,
-            args=[*model_args, "--port", str(HTTP_PORT), "--api-keys-file", API_KEYS_FILE],
-            ports=[k8s.core.v1.ContainerPortArgs(name="http", container_port=HTTP_PORT, protocol="TCP")],
+            args=[*model_args, "--port", str(SERVING_PORT), "--api-keys-file", API_KEYS_FILE],
+            ports=[k8s.core.v1.ContainerPortArgs(name="http", container_port=SERVING_PORT, protocol="TCP")],
             env=env,
             resources=resources,
             readiness_probe=_http_probe("/readyz", "http", period=5, failures=3),

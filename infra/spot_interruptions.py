@@ -12,11 +12,8 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
-from infra.charts import (
-    KUBE_SYSTEM,
-    SYSTEM_NODE_SELECTOR,
-    install_controller,
-)
+from facts.cluster import KUBE_SYSTEM
+from infra.charts import SYSTEM_NODE_SELECTOR, install_controller
 from infra.cluster_autoscaler import autoscaler_tag_keys
 from infra.config import StackConfig
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from infra.instance_types import gpu_memory_gib, instance_gpu
+from facts.instance_types import gpu_memory_gib, instance_gpu
 
 GIB = 1024**3
 

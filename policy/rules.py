@@ -2,7 +2,7 @@
 
 - online, inside `pulumi preview --policy-pack policy` (`policy/pack.py` wraps each rule in a pulumi-policy
   `ResourceValidationPolicy` / `StackValidationPolicy`; `policy/__main__.py` serves them), and
-- offline, in `python -m infra.preview <stack>` over the inputs the recording mock engine captured.
+- offline, in `python -m ops.preview <stack>` over the inputs the recording mock engine captured.
 
 A rule sees `Res` views: the Pulumi type token, the logical name, the raw engine properties (camelCase wire names,
 exactly what pulumi-policy passes as `args.props`: it deserializes the gRPC struct without renaming keys), and the
@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
 
-from infra.instance_types import GPU_INSTANCE_TYPES
-from infra.tags import STACK_TAG, STACK_TAG_KEYS
+from facts import pulumi_types as tok
+from facts.instance_types import GPU_INSTANCE_TYPES
+from facts.tags import STACK_TAG, STACK_TAG_KEYS
 from policy.iam import iam_document_violations, is_full_access_managed_policy
 
 MANDATORY: Literal["mandatory"] = "mandatory"
@@ -155,10 +156,10 @@ def _of_type(resources: list[Res], token: str) -> list[Res]:
 # ---------------------------------------------------------------------------------------------------------------
 # S3: encryption, public access, TLS-only (each lives in its own resource next to the bucket)
 
-BUCKET = "aws:s3/bucket:Bucket"
-BUCKET_SSE = "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration"
-BUCKET_PAB = "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock"
-BUCKET_POLICY = "aws:s3/bucketPolicy:BucketPolicy"
+BUCKET = tok.S3_BUCKET
+BUCKET_SSE = tok.S3_BUCKET_SERVER_SIDE_ENCRYPTION_CONFIGURATION
+BUCKET_PAB = tok.S3_BUCKET_PUBLIC_ACCESS_BLOCK
+BUCKET_POLICY = tok.S3_BUCKET_POLICY
 PAB_FLAGS = ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets")
 
 
@@ -278,9 +279,9 @@ def check_bucket_tls_only(resources: list[Res], ctx: StackContext) -> Iterable[t
 # ---------------------------------------------------------------------------------------------------------------
 # Security groups
 
-SG = "aws:ec2/securityGroup:SecurityGroup"
-SG_INGRESS_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
-SG_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
+SG = tok.EC2_SECURITY_GROUP
+SG_INGRESS_RULE = tok.VPC_SECURITY_GROUP_INGRESS_RULE
+SG_RULE = tok.EC2_SECURITY_GROUP_RULE
 
 
 def _is_load_balancer(res: Res) -> bool:
@@ -329,17 +330,17 @@ def check_open_ingress(res: Res, ctx: StackContext) -> Iterable[str]:
 # IAM
 
 IAM_DOCUMENT_TYPES = (
-    "aws:iam/rolePolicy:RolePolicy",
-    "aws:iam/policy:Policy",
-    "aws:iam/userPolicy:UserPolicy",
-    "aws:iam/groupPolicy:GroupPolicy",
+    tok.IAM_ROLE_POLICY,
+    tok.IAM_POLICY,
+    tok.IAM_USER_POLICY,
+    tok.IAM_GROUP_POLICY,
 )
-KMS_KEY = "aws:kms/key:Key"
+KMS_KEY = tok.KMS_KEY
 POLICY_ARN_TYPES = (
-    "aws:iam/rolePolicyAttachment:RolePolicyAttachment",
-    "aws:iam/userPolicyAttachment:UserPolicyAttachment",
-    "aws:iam/groupPolicyAttachment:GroupPolicyAttachment",
-    "aws:iam/policyAttachment:PolicyAttachment",
+    tok.IAM_ROLE_POLICY_ATTACHMENT,
+    tok.IAM_USER_POLICY_ATTACHMENT,
+    tok.IAM_GROUP_POLICY_ATTACHMENT,
+    tok.IAM_POLICY_ATTACHMENT,
 )
 
 
@@ -347,7 +348,7 @@ def check_iam_documents(res: Res, ctx: StackContext) -> Iterable[str]:
     docs: list[tuple[str, Any, bool]] = []
     if res.type in IAM_DOCUMENT_TYPES:
         docs.append(("policy", res.props.get("policy"), False))
-    elif res.type == "aws:iam/role:Role":
+    elif res.type == tok.IAM_ROLE:
         for i, inline in enumerate(as_list(res.props.get("inlinePolicies"))):
             if isinstance(inline, Mapping) and inline.get("policy"):
                 docs.append((f"inline policy {inline.get('name', i)}", inline["policy"], False))
@@ -364,7 +365,7 @@ def check_full_access_policies(res: Res, ctx: StackContext) -> Iterable[str]:
     arns: list[Any] = []
     if res.type in POLICY_ARN_TYPES:
         arns = [res.props.get("policyArn")]
-    elif res.type == "aws:iam/role:Role":
+    elif res.type == tok.IAM_ROLE:
         arns = as_list(res.props.get("managedPolicyArns"))
     for arn in arns:
         if is_full_access_managed_policy(arn):
@@ -374,8 +375,8 @@ def check_full_access_policies(res: Res, ctx: StackContext) -> Iterable[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # EKS
 
-EKS_CLUSTER = "aws:eks/cluster:Cluster"
-NODE_GROUP = "aws:eks/nodeGroup:NodeGroup"
+EKS_CLUSTER = tok.EKS_CLUSTER
+NODE_GROUP = tok.EKS_NODE_GROUP
 
 
 def check_eks_endpoint(res: Res, ctx: StackContext) -> Iterable[str]:
@@ -485,7 +486,7 @@ def check_tags(res: Res, ctx: StackContext) -> Iterable[str]:
     missing = [k for k in STACK_TAG_KEYS if not tags.get(k)]
     if missing:
         yield (
-            f"{res.label} is missing tag(s) {', '.join(missing)}: pass tags=infra.tags.stack_tags(stack, environment)"
+            f"{res.label} is missing tag(s) {', '.join(missing)}: pass tags=facts.tags.stack_tags(stack, environment)"
             " (cost allocation and the teardown sweep key on them)"
         )
     elif ctx.stack is not None and tags.get(STACK_TAG) != ctx.stack:
@@ -512,9 +513,9 @@ def check_production_data_protected(res: Res, ctx: StackContext) -> Iterable[str
 # ---------------------------------------------------------------------------------------------------------------
 # Advisory
 
-NAT_GATEWAY = "aws:ec2/natGateway:NatGateway"
-VPC = "aws:ec2/vpc:Vpc"
-FLOW_LOG = "aws:ec2/flowLog:FlowLog"
+NAT_GATEWAY = tok.EC2_NAT_GATEWAY
+VPC = tok.EC2_VPC
+FLOW_LOG = tok.EC2_FLOW_LOG
 
 
 def check_spot_in_production(res: Res, ctx: StackContext) -> Iterable[str]:
@@ -646,7 +647,7 @@ RULES_BY_NAME = {r.name: r for r in RULES}
 
 
 def evaluate(resources: list[Res], ctx: StackContext, rules: Iterable[Rule] = RULES) -> dict[str, Any]:
-    """Run every rule; return the verdict as JSON-ready data (what `infra.preview` prints as `"policy"`)."""
+    """Run every rule; return the verdict as JSON-ready data (what `ops.preview` prints as `"policy"`)."""
     results = []
     for rule in rules:
         findings = rule.check(resources, ctx)
@@ -670,7 +671,7 @@ def evaluate(resources: list[Res], ctx: StackContext, rules: Iterable[Rule] = RU
 
 
 def resources_from_report(report: Mapping[str, Any]) -> list[Res]:
-    """`Res` views of an `infra.preview` JSON report's resources."""
+    """`Res` views of an `ops.preview` JSON report's resources."""
     return [
         Res(type=r["type"], name=r["name"], props=r.get("inputs") or {}, protect=bool(r.get("protect")))
         for r in report.get("resources", [])

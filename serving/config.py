@@ -13,17 +13,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-SAGEMAKER_MODEL_DIR = "/opt/ml/model"
+from facts.cluster import SERVING_PORT
+from facts.serving import QUANTIZATIONS
 
-# --quantization choices (serving/quantize.py explains them). vLLM 0.33 `--quantization` values that fit a served
-# checkpoint (vllm/model_executor/layers/quantization/__init__.py QUANTIZATION_METHODS; the rest are model-specific).
-BUILTIN_QUANTIZATIONS = ("none", "int8")
-VLLM_QUANTIZATIONS = ("none", "fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes")
+SAGEMAKER_MODEL_DIR = "/opt/ml/model"
 
 
 def check_quantization(method: str, engine: str) -> None:
     """Raise ValueError naming the choices when `method` does not fit `engine` (builtin or vllm)."""
-    choices = VLLM_QUANTIZATIONS if engine == "vllm" else BUILTIN_QUANTIZATIONS
+    choices = QUANTIZATIONS[engine]
     if method not in choices:
         raise ValueError(f"{method!r} is not one of {', '.join(choices)} for the {engine} engine")
 
@@ -39,7 +37,7 @@ class ServingConfig:
         default="", metadata={"help": "Model id clients send; default: the model directory's name."}
     )
     host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})
-    port: int = field(default=8080, metadata={"help": "Port to bind (SageMaker requires 8080)."})
+    port: int = field(default=SERVING_PORT, metadata={"help": "Port to bind (SageMaker requires 8080)."})
     upstream: str = field(
         default="",
         metadata={

@@ -6,9 +6,11 @@ import os
 import sys
 import urllib.request
 
+from facts.cluster import SERVING_PORT
+
 
 def main() -> int:
-    port = os.environ.get("SERVING_PORT", "8080")
+    port = os.environ.get("SERVING_PORT", str(SERVING_PORT))
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as response:
             return 0 if response.status == 200 else 1

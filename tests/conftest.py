@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.net import free_port, wait_http
+from ops.net import free_port, wait_http
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from infra.config import StackConfig, load_stack, load_stack_file
-from infra.mocks import Run
+from ops.mocks import Run
 
 SHIPPED_STACKS = ("dev", "staging", "prod")
 
@@ -26,7 +26,7 @@ def run_stack(tmp_path: Path) -> Callable[..., Run]:
     """
 
     def run(stack: str, overrides: dict[str, Any] | None = None) -> Run:
-        from infra.preview import preview
+        from ops.preview import preview
 
         key = f"{stack}:{json.dumps(overrides, sort_keys=True)}"
         if key not in _cache:

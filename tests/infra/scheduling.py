@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from facts.instance_types import GPU_INSTANCE_TYPES
 from infra.config import POOL_LABEL, GpuPool
-from infra.instance_types import GPU_INSTANCE_TYPES
 
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"
@@ -37,7 +37,7 @@ def allocatable(instance_type: str, efa: bool = False) -> dict[str, float]:
         "cpu": cores - reserved_cpu - DAEMONSET_CPU,
         "memory": it.memory_gib * 1024 * 1024 * 1024 - (reserved_mem + DAEMONSET_MEMORY_MIB) * 1024 * 1024,
         GPU_RESOURCE: float(it.gpus),
-        # The launch template attaches every EFA interface the type has (infra.instance_types), on EFA pools only.
+        # The launch template attaches every EFA interface the type has (facts.instance_types), on EFA pools only.
         EFA_RESOURCE: float(it.efa_interfaces if efa else 0),
     }
 

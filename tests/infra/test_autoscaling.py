@@ -15,6 +15,9 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 import pytest
 
+from facts import pulumi_types as tok
+from facts.instance_types import GPU_INSTANCE_TYPES
+from facts.tags import stack_tags
 from infra.charts import CHART_TYPE, CHARTS
 from infra.cluster_autoscaler import SERVICE_ACCOUNT as CLUSTER_AUTOSCALER_SA
 from infra.cluster_autoscaler import (
@@ -25,8 +28,6 @@ from infra.cluster_autoscaler import (
 )
 from infra.config import ConfigError, StackConfig
 from infra.config import load_stack as config
-from infra.instance_types import GPU_INSTANCE_TYPES
-from infra.mocks import Recorded, RecordingMocks, Run, run_program
 from infra.serving_autoscaling import SCALED_OBJECT_CRD, ServingAutoscaling, ServingAutoscalingArgs, scaled_object
 from infra.spot_interruptions import (
     SPOT_EVENT_PATTERNS,
@@ -34,17 +35,17 @@ from infra.spot_interruptions import (
     NodeTerminationHandlerArgs,
     needs_node_termination_handler,
 )
-from infra.tags import stack_tags
+from ops.mocks import Recorded, RecordingMocks, Run, run_program
 
 REPO = Path(__file__).resolve().parents[2]
 STACKS = ("dev", "staging", "prod")
 ACCOUNT = "123456789012"
 PROMETHEUS = "http://prometheus.monitoring.svc:9090"
-ASG_TAG = "aws:autoscaling/tag:Tag"
-ROLE = "aws:iam/role:Role"
-ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
-POD_IDENTITY = "aws:eks/podIdentityAssociation:PodIdentityAssociation"
-SCALED_OBJECT = "kubernetes:keda.sh/v1alpha1:ScaledObject"
+ASG_TAG = tok.AUTOSCALING_TAG
+ROLE = tok.IAM_ROLE
+ROLE_POLICY = tok.IAM_ROLE_POLICY
+POD_IDENTITY = tok.EKS_POD_IDENTITY_ASSOCIATION
+SCALED_OBJECT = tok.KEDA_SCALED_OBJECT
 
 
 def fake_cluster(cfg: StackConfig) -> tuple[k8s.Provider, dict[str, aws.eks.NodeGroup]]:
@@ -216,7 +217,7 @@ def test_autoscaler_role_is_least_privilege_through_pod_identity(stack: tuple[St
 def test_tags_and_unique_names(stack: tuple[StackConfig, Run]) -> None:
     cfg, run = stack
     tags = stack_tags(cfg.stack, cfg.environment)
-    taggable = (ROLE, POD_IDENTITY, "aws:sqs/queue:Queue", "aws:cloudwatch/eventRule:EventRule")
+    taggable = (ROLE, POD_IDENTITY, tok.SQS_QUEUE, tok.CLOUDWATCH_EVENT_RULE)
     for rec in run.resources:
         if rec.type in taggable:
             assert rec.inputs.get("tags") == tags, rec.name
@@ -244,18 +245,18 @@ def test_spot_pools_get_queue_mode_termination_handler(stack: tuple[StackConfig,
     cfg, run = stack
     spot = any(p.capacity_type == "SPOT" for p in cfg.cluster.gpu_pools)
     assert needs_node_termination_handler(cfg) is spot
-    rules = run.of_type("aws:cloudwatch/eventRule:EventRule")
+    rules = run.of_type(tok.CLOUDWATCH_EVENT_RULE)
     if not spot:
-        assert not rules and not run.of_type("aws:sqs/queue:Queue")
+        assert not rules and not run.of_type(tok.SQS_QUEUE)
         return
     assert {json.dumps(json.loads(r.inputs["eventPattern"]), sort_keys=True) for r in rules} == {
         json.dumps(p, sort_keys=True) for p in SPOT_EVENT_PATTERNS.values()
     }
-    queue = run.one("aws:sqs/queue:Queue").inputs
+    queue = run.one(tok.SQS_QUEUE).inputs
     assert queue["messageRetentionSeconds"] == 300 and queue["sqsManagedSseEnabled"] is True
-    targets = run.of_type("aws:cloudwatch/eventTarget:EventTarget")
+    targets = run.of_type(tok.CLOUDWATCH_EVENT_TARGET)
     assert len(targets) == len(rules) and all(t.inputs["arn"].endswith(":llmp-dev-node-termination") for t in targets)
-    queue_policy = json.loads(run.one("aws:sqs/queuePolicy:QueuePolicy").inputs["policy"])
+    queue_policy = json.loads(run.one(tok.SQS_QUEUE_POLICY).inputs["policy"])
     (statement,) = queue_policy["Statement"]
     assert statement["Action"] == "sqs:SendMessage"
     assert len(statement["Condition"]["ArnEquals"]["aws:SourceArn"]) == len(rules)
@@ -291,7 +292,7 @@ def test_keda_is_installed_from_its_chart_before_the_scaled_object(keda_dev: tup
     assert_pinned(rec, "keda", "keda")
     assert rec.inputs["values"]["nodeSelector"] == {"llm-platform/pool": "system"}
     assert rec.inputs["values"]["crds"] == {"install": True}
-    (ns,) = run.of_type("kubernetes:core/v1:Namespace")
+    (ns,) = run.of_type(tok.K8S_NAMESPACE)
     assert ns.inputs["metadata"]["name"] == "keda"
     assert f"kubernetes:core/v1:Namespace::{ns.name}" in rec.depends_on
     # The CRD (and its admission webhook) come with the chart: the ScaledObject must wait for it.

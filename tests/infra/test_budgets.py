@@ -1,5 +1,5 @@
 """The stack's cost budget under the mock engine: amount, scope (the stack tag, in Budgets' filter syntax), alert
-thresholds and subscribers per stack; cost-allocation tag activation is an account-level step (infra/account.py),
+thresholds and subscribers per stack; cost-allocation tag activation is an account-level step (ops/account.py),
 checked at the request level against the Cost Explorer API model."""
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from infra.account import activation_request
-from infra.account import main as account_main
+from facts import pulumi_types as tok
+from facts.tags import STACK_TAG, STACK_TAG_KEYS, stack_tags
 from infra.budgets import Budgets, BudgetsArgs, stack_cost_filter
 from infra.config import ConfigError, StackConfig
 from infra.config import load_stack as config
-from infra.mocks import Run, run_program
-from infra.tags import STACK_TAG, STACK_TAG_KEYS, stack_tags
+from ops.account import activation_request
+from ops.account import main as account_main
+from ops.mocks import Run, run_program
 
-BUDGET = "aws:budgets/budget:Budget"
-COST_TAG = "aws:costexplorer/costAllocationTag:CostAllocationTag"
+BUDGET = tok.BUDGETS_BUDGET
+COST_TAG = tok.COSTEXPLORER_COST_ALLOCATION_TAG
 
 
 def run_budgets(cfg: StackConfig) -> Run:
@@ -66,7 +67,7 @@ def test_no_stack_activates_cost_allocation_tags(stack: tuple[StackConfig, Run])
 
 
 def test_the_old_stack_key_says_where_activation_went() -> None:
-    with pytest.raises(ConfigError, match=r"activateCostAllocationTags: no longer a stack setting; .*infra.account"):
+    with pytest.raises(ConfigError, match=r"activateCostAllocationTags: no longer a stack setting; .*ops.account"):
         config("dev", activateCostAllocationTags=True)
 
 

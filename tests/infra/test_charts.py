@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from facts import pulumi_types as tok
+from facts.tags import stack_tags
 from infra.charts import CHART_TYPE, CHARTS
 from infra.config import load_stack, schema
 from infra.load_balancer_controller import (
@@ -18,12 +20,11 @@ from infra.load_balancer_controller import (
     SERVICE_ACCOUNT,
     load_balancer_controller_policy,
 )
-from infra.mocks import Run
-from infra.tags import stack_tags
 from infra.versions import cluster_autoscaler_for
+from ops.mocks import Run
 
-POD_IDENTITY = "aws:eks/podIdentityAssociation:PodIdentityAssociation"
-ROLE_POLICY = "aws:iam/rolePolicy:RolePolicy"
+POD_IDENTITY = tok.EKS_POD_IDENTITY_ASSOCIATION
+ROLE_POLICY = tok.IAM_ROLE_POLICY
 
 
 def installed(run: Run) -> dict[str, dict]:
@@ -54,9 +55,9 @@ def test_every_shipped_stack_installs_only_pinned_charts(shipped: tuple) -> None
     expected |= {"prometheus"} if cfg.observability.metrics == "in-cluster" else set()
     assert set(charts) == expected
     # No hand-written controller is left: our own workloads are the serving Deployment only.
-    deployments = [r for r in run.of_type("kubernetes:apps/v1:Deployment")]
+    deployments = [r for r in run.of_type(tok.K8S_DEPLOYMENT)]
     assert all(r.parent == "serving-eks" for r in deployments), [r.name for r in deployments]
-    assert not run.of_type("kubernetes:apps/v1:DaemonSet")
+    assert not run.of_type(tok.K8S_DAEMON_SET)
 
 
 def test_keda_and_the_load_balancer_controller_install_when_used(run_stack: Callable[..., Run]) -> None:
@@ -78,7 +79,7 @@ def test_keda_and_the_load_balancer_controller_install_when_used(run_stack: Call
     assert lbc["nodeSelector"] == {"llm-platform/pool": "system"}
     assert lbc["ingressClass"] == "alb" and lbc["createIngressClassResource"] is True
     assert lbc["defaultTags"] == stack_tags(cfg.stack, cfg.environment)
-    ingress = run.one("kubernetes:networking.k8s.io/v1:Ingress").inputs
+    ingress = run.one(tok.K8S_INGRESS).inputs
     assert ingress["spec"]["ingressClassName"] == lbc["ingressClass"]
     assoc = run.one(POD_IDENTITY, "load-balancer-controller-pod-identity").inputs
     assert (assoc["namespace"], assoc["serviceAccount"]) == ("kube-system", SERVICE_ACCOUNT)

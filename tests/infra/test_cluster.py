@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from facts import pulumi_types as tok
+from facts.tags import stack_tags
 from infra.cluster import (
     ADDONS,
     CLUSTER_ADMIN_POLICY_ARN,
@@ -21,15 +23,14 @@ from infra.cluster import (
 )
 from infra.config import GPU_TAINT, POOL_LABEL, ConfigError, StackConfig
 from infra.config import load_stack as stack_config
-from infra.mocks import Run, run_program
-from infra.tags import stack_tags
+from ops.mocks import Run, run_program
 
 KMS_ARN = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-4333-a444-555555555555"
 SUBNETS = ["subnet-aaa", "subnet-bbb"]
 ADMIN = "arn:aws:iam::123456789012:role/platform-admins"
 
-NODE_GROUP = "aws:eks/nodeGroup:NodeGroup"
-LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
+NODE_GROUP = tok.EKS_NODE_GROUP
+LAUNCH_TEMPLATE = tok.EC2_LAUNCH_TEMPLATE
 
 DEPLOYER_CIDR = "1.2.3.4/32"
 """A globally routable address standing in for the deployer's egress IP (documentation ranges are refused)."""
@@ -63,7 +64,7 @@ def run_cluster(cfg: StackConfig, **extra: Any) -> Run:
 @pytest.fixture
 def dev() -> tuple[StackConfig, Run]:
     # Function scope: a Run recorded earlier can pick up option records from later runs (see the report on
-    # infra/mocks.py), so each test gets a fresh one (~0.1 s).
+    # ops/mocks.py), so each test gets a fresh one (~0.1 s).
     # The workstation path (kubernetesDeployer public-allowlist), a routable deployer address supplied at deploy time.
     cfg = stack_config(
         "dev",
@@ -77,7 +78,7 @@ def dev() -> tuple[StackConfig, Run]:
 
 def test_control_plane_is_private_encrypted_and_logged(dev: tuple[StackConfig, Run]) -> None:
     cfg, run = dev
-    eks = run.one("aws:eks/cluster:Cluster").inputs
+    eks = run.one(tok.EKS_CLUSTER).inputs
     assert eks["name"] == cfg.name_prefix == "llmp-dev"
     assert eks["version"] == cfg.cluster.kubernetes_version
     assert eks["accessConfig"]["authenticationMode"] == "API"
@@ -91,14 +92,14 @@ def test_control_plane_is_private_encrypted_and_logged(dev: tuple[StackConfig, R
     assert sorted(eks["enabledClusterLogTypes"]) == sorted(CONTROL_PLANE_LOG_TYPES)
     assert len(set(eks["enabledClusterLogTypes"])) == 5
     assert eks["tags"] == stack_tags("dev", "dev")
-    log_group = run.one("aws:cloudwatch/logGroup:LogGroup").inputs
+    log_group = run.one(tok.CLOUDWATCH_LOG_GROUP).inputs
     assert log_group["name"] == "/aws/eks/llmp-dev/cluster"
     assert log_group["retentionInDays"] > 0
 
 
 def test_public_endpoint_off_means_no_public_access() -> None:
     cfg = stack_config("dev", publicApiEndpoint=False, publicApiCidrs=[])
-    vpc = run_cluster(cfg).one("aws:eks/cluster:Cluster").inputs["vpcConfig"]
+    vpc = run_cluster(cfg).one(tok.EKS_CLUSTER).inputs["vpcConfig"]
     assert vpc["endpointPublicAccess"] is False
     assert vpc["endpointPrivateAccess"] is True
     assert "publicAccessCidrs" not in vpc
@@ -106,7 +107,7 @@ def test_public_endpoint_off_means_no_public_access() -> None:
 
 def test_api_security_group_admits_only_https_from_the_vpc(dev: tuple[StackConfig, Run]) -> None:
     cfg, run = dev
-    sg = run.one("aws:ec2/securityGroup:SecurityGroup").inputs
+    sg = run.one(tok.EC2_SECURITY_GROUP).inputs
     assert sg["vpcId"] == "vpc-123"
     assert [(r["fromPort"], r["toPort"], r["cidrBlocks"]) for r in sg["ingress"]] == [
         (443, 443, [cfg.network.vpc_cidr])
@@ -117,9 +118,9 @@ def test_api_security_group_admits_only_https_from_the_vpc(dev: tuple[StackConfi
 
 def test_admins_get_access_entries_with_cluster_admin_policy(dev: tuple[StackConfig, Run]) -> None:
     _, run = dev
-    entry = run.one("aws:eks/accessEntry:AccessEntry").inputs
+    entry = run.one(tok.EKS_ACCESS_ENTRY).inputs
     assert entry["principalArn"] == ADMIN
-    assoc = run.one("aws:eks/accessPolicyAssociation:AccessPolicyAssociation").inputs
+    assoc = run.one(tok.EKS_ACCESS_POLICY_ASSOCIATION).inputs
     assert assoc["principalArn"] == ADMIN
     assert assoc["policyArn"] == CLUSTER_ADMIN_POLICY_ARN
     assert assoc["accessScope"] == {"type": "cluster"}
@@ -133,7 +134,7 @@ def test_a_stack_without_a_break_glass_admin_role_is_refused() -> None:
 
 def test_all_managed_addons_with_network_policy_enabled(dev: tuple[StackConfig, Run]) -> None:
     _, run = dev
-    addons = {r.inputs["addonName"]: r for r in run.of_type("aws:eks/addon:Addon")}
+    addons = {r.inputs["addonName"]: r for r in run.of_type(tok.EKS_ADDON)}
     assert set(addons) == set(ADDONS)
     assert {"vpc-cni", "coredns", "kube-proxy", "eks-pod-identity-agent", "aws-ebs-csi-driver"} <= set(addons)
     assert json.loads(addons["vpc-cni"].inputs["configurationValues"]) == {"enableNetworkPolicy": "true"}
@@ -146,7 +147,7 @@ def test_all_managed_addons_with_network_policy_enabled(dev: tuple[StackConfig, 
 
 def test_ebs_csi_role_through_pod_identity() -> None:
     run = run_cluster(stack_config("dev"), ebs_csi_role_arn="arn:aws:iam::123456789012:role/ebs")
-    addon = run.one("aws:eks/addon:Addon", "cluster-addon-aws-ebs-csi-driver").inputs
+    addon = run.one(tok.EKS_ADDON, "cluster-addon-aws-ebs-csi-driver").inputs
     assert addon["podIdentityAssociations"] == [
         {"roleArn": "arn:aws:iam::123456789012:role/ebs", "serviceAccount": "ebs-csi-controller-sa"}
     ]
@@ -219,14 +220,14 @@ def test_node_groups_use_their_launch_template(dev: tuple[StackConfig, Run]) -> 
 
 def test_no_efa_no_placement_group(dev: tuple[StackConfig, Run]) -> None:
     _, run = dev
-    assert run.of_type("aws:ec2/placementGroup:PlacementGroup") == []
+    assert run.of_type(tok.EC2_PLACEMENT_GROUP) == []
     assert "networkInterfaces" not in run.one(LAUNCH_TEMPLATE, "cluster-training-lt").inputs
 
 
 def test_efa_training_pool_single_subnet_placement_group_and_efa_interface() -> None:
     cfg = stack_config("dev", trainingInstanceTypes=["p4d.24xlarge"], trainingEfa=True, trainingMaxSize=1, maxGpus=16)
     run = run_cluster(cfg)
-    pg = run.one("aws:ec2/placementGroup:PlacementGroup").inputs
+    pg = run.one(tok.EC2_PLACEMENT_GROUP).inputs
     assert pg["strategy"] == "cluster"
     lt = run.one(LAUNCH_TEMPLATE, "cluster-training-lt").inputs
     assert lt["placement"]["groupName"] == pg["name"]
@@ -259,7 +260,7 @@ def test_kubeconfig_is_secret_and_uses_exec_auth(dev: tuple[StackConfig, Run]) -
 
 def test_provider_waits_for_system_nodes_and_addons(dev: tuple[StackConfig, Run]) -> None:
     _, run = dev
-    provider = run.one("pulumi:providers:kubernetes")
+    provider = run.one(tok.KUBERNETES_PROVIDER)
     assert "aws:eks/nodeGroup:NodeGroup::cluster-system" in provider.depends_on
     assert {f"aws:eks/addon:Addon::cluster-addon-{a}" for a in ADDONS} <= set(provider.depends_on)
 
@@ -272,7 +273,7 @@ def test_everything_is_a_child_tagged_and_uniquely_named(dev: tuple[StackConfig,
             continue
         assert r.parent == "cluster", r.name
         assert r.name.startswith("cluster-"), r.name
-        if r.type.startswith("aws:") and r.type != "aws:eks/accessPolicyAssociation:AccessPolicyAssociation":
+        if r.type.startswith("aws:") and r.type != tok.EKS_ACCESS_POLICY_ASSOCIATION:
             assert r.inputs.get("tags", {}).items() >= stack_tags("dev", "dev").items(), r.name
 
 
@@ -288,23 +289,23 @@ def test_shipped_stacks(stack: str) -> None:
     cfg = stack_config(stack)
     run = run_cluster(cfg)
     assert run.duplicate_names() == []
-    eks = run.one("aws:eks/cluster:Cluster").inputs
+    eks = run.one(tok.EKS_CLUSTER).inputs
     assert eks["name"] == cfg.name_prefix
     assert eks["vpcConfig"]["endpointPublicAccess"] is cfg.cluster.public_api_endpoint
-    assert len(run.of_type("aws:eks/accessEntry:AccessEntry")) == len(cfg.cluster.admin_arns)
+    assert len(run.of_type(tok.EKS_ACCESS_ENTRY)) == len(cfg.cluster.admin_arns)
     assert len(run.of_type(NODE_GROUP)) == 3
     efa = cfg.cluster.pool("training").efa
-    assert len(run.of_type("aws:ec2/placementGroup:PlacementGroup")) == (1 if efa else 0)
+    assert len(run.of_type(tok.EC2_PLACEMENT_GROUP)) == (1 if efa else 0)
 
 
 def test_ebs_csi_volumes_carry_the_stack_tags(run_stack) -> None:
     """PVC-backed volumes are created by the driver, not Pulumi: they must still be attributable to the stack."""
     import json as _json
 
-    from infra.tags import stack_tags
+    from facts.tags import stack_tags
 
     run = run_stack("dev")
-    addon = run.one("aws:eks/addon:Addon", "cluster-addon-aws-ebs-csi-driver")
+    addon = run.one(tok.EKS_ADDON, "cluster-addon-aws-ebs-csi-driver")
     assert _json.loads(addon.inputs["configurationValues"]) == {
         "controller": {"extraVolumeTags": stack_tags("dev", "dev")}
     }
@@ -312,7 +313,7 @@ def test_ebs_csi_volumes_carry_the_stack_tags(run_stack) -> None:
 
 def test_service_cidr_and_log_retention_come_from_config(run_stack) -> None:
     run = run_stack("prod")
-    cluster = run.one("aws:eks/cluster:Cluster")
+    cluster = run.one(tok.EKS_CLUSTER)
     assert cluster.inputs["kubernetesNetworkConfig"]["serviceIpv4Cidr"] == "172.20.0.0/16"
-    logs = run.one("aws:cloudwatch/logGroup:LogGroup", "cluster-control-plane-logs")
+    logs = run.one(tok.CLOUDWATCH_LOG_GROUP, "cluster-control-plane-logs")
     assert logs.inputs["retentionInDays"] == 90

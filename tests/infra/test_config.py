@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from infra.config import REPO_ROOT, ConfigError, load_config, load_stack_file, schema
-from infra.mocks import RecordingMocks, config_strings, run_program
+from ops.mocks import RecordingMocks, config_strings, run_program
 
 P = "llm-platform:"
 
@@ -143,7 +143,7 @@ def test_preview_cli_exits_2_naming_the_key(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"config": values}))
     proc = subprocess.run(
-        [sys.executable, "-m", "infra.preview", "dev", "--config-file", str(bad)],
+        [sys.executable, "-m", "ops.preview", "dev", "--config-file", str(bad)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

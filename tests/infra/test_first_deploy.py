@@ -2,7 +2,7 @@
 workflow, proven together), serving waits for its artifacts and says how to make them, break-glass admins, version
 drift, GPU capacity (zones, reservations, quotas) and SageMaker rollouts that keep their capacity.
 
-"The account" is modelled by infra.mocks.Account: what already exists when the program's preview-time look-ups run.
+"The account" is modelled by ops.mocks.Account: what already exists when the program's preview-time look-ups run.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pytest
 import yaml
 from moto import mock_aws
 
+from facts import pulumi_types as tok
 from infra import outputs as out
 from infra.access import deployer_path_problems, kubernetes_provider_urn, runner_label, runner_project_name
 from infra.capacity import required_quotas
 from infra.config import EGRESS_HINT, REPO_ROOT, ConfigError, load_stack, load_stack_file, project_name
-from infra.mocks import Account, Recorded, RecordingMocks, Run, run_program
 from infra.preflight import (
     PreflightError,
     RunningVariant,
@@ -30,7 +30,8 @@ from infra.preflight import (
     models_bucket_name,
     serving_repository_name,
 )
-from infra.preview import preview
+from ops.mocks import Account, Recorded, RecordingMocks, Run, run_program
+from ops.preview import preview
 
 P = "llm-platform:"
 DEPLOY = REPO_ROOT / ".github" / "workflows" / "deploy.yml"
@@ -67,7 +68,7 @@ def test_every_shipped_stack_applies_its_kubernetes_layer_from_where_the_endpoin
     cfg, run = shipped
     assert deployer_path_problems(cfg, run.resources, workflow()) == []
     # The runner the workflow names is the one this stack declares, in its private subnets.
-    project = run.one("aws:codebuild/project:Project")
+    project = run.one(tok.CODEBUILD_PROJECT)
     assert project.inputs["name"] == runner_project_name(cfg)
     assert workflow()["jobs"][cfg.stack]["runs-on"] == runner_label(project.inputs["name"])
     assert project.inputs["vpcConfig"]["subnets"] == run.outputs[out.PRIVATE_SUBNET_IDS]
@@ -101,7 +102,7 @@ def test_the_reachability_check_fails_on_each_way_to_break_the_path(run_stack) -
     ]
 
     # A Kubernetes object on the default provider would go to whatever kubeconfig the runner has.
-    stray = Recorded(type="kubernetes:core/v1:ConfigMap", name="stray", custom=True, inputs={}, provider=None)
+    stray = Recorded(type=tok.K8S_CONFIG_MAP, name="stray", custom=True, inputs={}, provider=None)
     assert any("stray is not applied through" in p for p in deployer_path_problems(cfg, [*run.resources, stray], wf))
 
     # Without its runner (public-allowlist), the workflow's in-VPC job has nothing to run on.
@@ -157,23 +158,23 @@ def test_a_public_allowlist_stack_declares_no_runner(tmp_path: Path) -> None:
     run = run_with(
         "dev", tmp_path, kubernetesDeployer="public-allowlist", publicApiEndpoint=True, publicApiCidrs=["1.2.3.4/32"]
     )
-    assert run.of_type("aws:codebuild/project:Project") == []
-    vpc = run.one("aws:eks/cluster:Cluster").inputs["vpcConfig"]
+    assert run.of_type(tok.CODEBUILD_PROJECT) == []
+    vpc = run.one(tok.EKS_CLUSTER).inputs["vpcConfig"]
     assert vpc["endpointPublicAccess"] is True and vpc["publicAccessCidrs"] == ["1.2.3.4/32"]
 
 
 def test_runner_role_can_only_run_the_build(run_stack) -> None:
     run = run_stack("prod")
-    role = run.one("aws:iam/role:Role", "deployer-role").inputs
+    role = run.one(tok.IAM_ROLE, "deployer-role").inputs
     assert "codebuild.amazonaws.com" in role["assumeRolePolicy"] and "aws:SourceAccount" in role["assumeRolePolicy"]
-    policy = run.one("aws:iam/rolePolicy:RolePolicy", "deployer-policy").inputs["policy"]
+    policy = run.one(tok.IAM_ROLE_POLICY, "deployer-policy").inputs["policy"]
     actions = {
         a
         for s in yaml.safe_load(policy)["Statement"]
         for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
     }
     assert all(a.startswith(("logs:", "ec2:")) for a in actions), actions
-    webhook = run.one("aws:codebuild/webhook:Webhook").inputs
+    webhook = run.one(tok.CODEBUILD_WEBHOOK).inputs
     assert webhook["filterGroups"] == [{"filters": [{"type": "EVENT", "pattern": "WORKFLOW_JOB_QUEUED"}]}]
 
 
@@ -182,11 +183,11 @@ def test_shipped_first_run_stacks_declare_no_serving_until_configured(run_stack)
     for stack in ("dev", "staging"):
         cfg, run = load_stack(stack), run_stack(stack)
         assert not cfg.serving.image_tag and not cfg.serving.artifacts_configured
-        assert run.of_type("kubernetes:apps/v1:Deployment") == [] or all(
-            r.parent != "serving-eks" for r in run.of_type("kubernetes:apps/v1:Deployment")
+        assert run.of_type(tok.K8S_DEPLOYMENT) == [] or all(
+            r.parent != "serving-eks" for r in run.of_type(tok.K8S_DEPLOYMENT)
         )
-        assert run.of_type("aws:sagemaker/model:Model") == []
-        assert "aws:ecr/getImage:getImage" not in run.mocks.invokes
+        assert run.of_type(tok.SAGEMAKER_MODEL) == []
+        assert tok.ECR_GET_IMAGE not in run.mocks.invokes
 
 
 def test_an_image_not_pushed_yet_fails_the_preview_naming_the_push_command() -> None:
@@ -209,7 +210,7 @@ def test_a_model_not_uploaded_yet_and_missing_api_keys_fail_naming_their_command
     assert f"no model at s3://{models_bucket_name(cfg, ACCOUNT)}/debug-llama/ (no config.json)" in message
     assert "`make upload-model STACK=dev MODEL_DIR=<dir> MODEL=debug-llama`" in message
     assert "no Secrets Manager secret 'llmp-dev/serving-api-keys'" in message
-    assert "`python -m infra.artifacts put-api-keys --stack dev --keys-file <file>`" in message
+    assert "`python -m ops.artifacts put-api-keys --stack dev --keys-file <file>`" in message
     assert "no image" not in message
 
 
@@ -226,7 +227,7 @@ def test_api_keys_secret_comes_from_secrets_manager_before_the_deployment(tmp_pa
     keys = "team-a sk-team-a-0123456789abcdef rpm=60\n"
     account = Account(secrets={"llmp-dev/serving-api-keys": keys})
     run = run_with("dev", tmp_path, account, servingImageTag="0.1.0")
-    secret = run.one("kubernetes:core/v1:Secret", "serving-api-keys")
+    secret = run.one(tok.K8S_SECRET, "serving-api-keys")
     assert secret.inputs["metadata"] == {"name": "serving-api-keys", "namespace": "llm-serving"}
     wrapped = secret.inputs["stringData"]
     assert wrapped["4dabf18193072939515e22adb298388d"] and wrapped["value"] == {"keys": keys}  # a Pulumi secret
@@ -239,7 +240,7 @@ def test_every_shipped_stack_has_a_break_glass_admin_role_with_an_access_entry(s
     cfg, run = shipped
     roles = [a for a in cfg.cluster.admin_arns if ":role/" in a]
     assert roles
-    entries = {r.inputs["principalArn"] for r in run.of_type("aws:eks/accessEntry:AccessEntry")}
+    entries = {r.inputs["principalArn"] for r in run.of_type(tok.EKS_ACCESS_ENTRY)}
     assert set(roles) <= entries
 
 
@@ -254,7 +255,7 @@ def test_a_cluster_eks_upgraded_on_its_own_fails_the_preview_with_what_to_change
 @pytest.mark.parametrize("running", ["1.33", "1.32"])
 def test_same_or_older_running_version_is_an_ordinary_update(tmp_path: Path, running: str) -> None:
     run = run_with("dev", tmp_path, Account(clusters={"llmp-dev": running}))
-    assert run.one("aws:eks/cluster:Cluster").inputs["version"] == "1.33"
+    assert run.one(tok.EKS_CLUSTER).inputs["version"] == "1.33"
 
 
 def test_the_autoscaler_follows_the_kubernetes_version_from_one_table() -> None:
@@ -276,7 +277,7 @@ def test_the_autoscaler_follows_the_kubernetes_version_from_one_table() -> None:
 def test_efa_training_pool_goes_to_a_zone_that_offers_its_type(tmp_path: Path) -> None:
     run = run_with("staging", tmp_path, Account(offerings={"g6e.12xlarge": ["us-west-2c", "us-west-2d"]}))
     subnets = run.outputs[out.PRIVATE_SUBNET_IDS]
-    group = run.one("aws:eks/nodeGroup:NodeGroup", "cluster-training").inputs
+    group = run.one(tok.EKS_NODE_GROUP, "cluster-training").inputs
     assert group["subnetIds"] == [subnets[2]]  # us-west-2c is the third of the stack's zones
     offering = [i for i in run.mocks.invokes if "getInstanceTypeOfferings" in i]
     assert offering
@@ -291,10 +292,10 @@ def test_training_pool_launches_into_its_capacity_block(tmp_path: Path) -> None:
     reservation = "cr-0123456789abcdef0"
     account = Account(reservations={reservation: {"zone": "us-east-1b", "instance_type": "p5.48xlarge"}})
     run = run_with("prod", tmp_path, account, trainingCapacityReservationId=reservation, trainingCapacityBlock=True)
-    group = run.one("aws:eks/nodeGroup:NodeGroup", "cluster-training").inputs
+    group = run.one(tok.EKS_NODE_GROUP, "cluster-training").inputs
     assert group["capacityType"] == "CAPACITY_BLOCK"
     assert group["subnetIds"] == [run.outputs[out.PRIVATE_SUBNET_IDS][1]]
-    template = run.one("aws:ec2/launchTemplate:LaunchTemplate", "cluster-training-lt").inputs
+    template = run.one(tok.EC2_LAUNCH_TEMPLATE, "cluster-training-lt").inputs
     assert template["capacityReservationSpecification"] == {
         "capacityReservationTarget": {"capacityReservationId": reservation}
     }
@@ -337,12 +338,12 @@ def test_initial_count_on_create_rollout_and_steady_state() -> None:
 
 
 def _endpoint_config(run: Run) -> dict[str, Any]:
-    return run.one("aws:sagemaker/endpointConfiguration:EndpointConfiguration").inputs["productionVariants"][0]
+    return run.one(tok.SAGEMAKER_ENDPOINT_CONFIGURATION).inputs["productionVariants"][0]
 
 
 def test_a_new_image_rolls_out_at_the_running_count_on_recorded_inputs(tmp_path: Path) -> None:
     steady = run_with("prod", tmp_path)
-    model = steady.one("aws:sagemaker/model:Model").inputs["name"]
+    model = steady.one(tok.SAGEMAKER_MODEL).inputs["name"]
     assert _endpoint_config(steady)["initialInstanceCount"] == 2
     running = {"instance_type": "ml.g5.2xlarge", "config_initial_count": 2, "desired_count": 5, "autoscaled": True}
     unchanged = run_with("prod", tmp_path, Account(endpoints={"llmp-prod-serving": {**running, "model_name": model}}))
@@ -355,7 +356,7 @@ def test_a_new_image_rolls_out_at_the_running_count_on_recorded_inputs(tmp_path:
         # prod pins its serving image by digest (issue 10): a new image is a new tag *and* its digest.
         servingImageDigest="sha256:" + "1" * 64,
     )
-    assert new_image.one("aws:sagemaker/model:Model").inputs["name"] != model
+    assert new_image.one(tok.SAGEMAKER_MODEL).inputs["name"] != model
     assert _endpoint_config(new_image)["initialInstanceCount"] == 5
 
 
@@ -371,7 +372,7 @@ def test_instance_type_change_with_autoscaling_is_refused_with_the_procedure(tmp
         Account(endpoints={"llmp-prod-serving": {**running, "autoscaled": False}}),
         sagemakerAutoscaling=False,
     )
-    assert run.of_type("aws:appautoscaling/target:Target") == []
+    assert run.of_type(tok.APPAUTOSCALING_TARGET) == []
     variant = _endpoint_config(run)
     assert (variant["instanceType"], variant["initialInstanceCount"]) == ("ml.g5.2xlarge", 3)
 

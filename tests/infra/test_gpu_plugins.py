@@ -12,7 +12,7 @@ from infra.charts import CHART_TYPE, CHARTS
 from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
 from infra.config import load_stack as config
 from infra.gpu_plugins import GpuDevicePlugins, GpuDevicePluginsArgs
-from infra.mocks import Recorded, Run, run_program
+from ops.mocks import Recorded, Run, run_program
 
 _runs: dict[str, tuple[StackConfig, Run, tuple[str, ...]]] = {}
 

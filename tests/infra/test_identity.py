@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+from facts import pulumi_types as tok
 from policy.rules import iam_document_violations, is_full_access_managed_policy
 
 
 def _inline(run, suffix: str) -> dict:
-    return json.loads(run.one("aws:iam/rolePolicy:RolePolicy", f"identity-{suffix}-policy").inputs["policy"])
+    return json.loads(run.one(tok.IAM_ROLE_POLICY, f"identity-{suffix}-policy").inputs["policy"])
 
 
 def _grants(doc: dict) -> dict[str, set[str]]:
@@ -24,12 +25,12 @@ def _grants(doc: dict) -> dict[str, set[str]]:
 
 def test_every_policy_document_is_least_privilege(shipped) -> None:
     _, run = shipped
-    documents = [json.loads(r.inputs["policy"]) for r in run.of_type("aws:iam/rolePolicy:RolePolicy")]
-    documents += [json.loads(r.inputs["assumeRolePolicy"]) for r in run.of_type("aws:iam/role:Role")]
+    documents = [json.loads(r.inputs["policy"]) for r in run.of_type(tok.IAM_ROLE_POLICY)]
+    documents += [json.loads(r.inputs["assumeRolePolicy"]) for r in run.of_type(tok.IAM_ROLE)]
     assert len(documents) >= 10
     for doc in documents:
         assert iam_document_violations(doc) == [], doc
-    for attachment in run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment"):
+    for attachment in run.of_type(tok.IAM_ROLE_POLICY_ATTACHMENT):
         assert not is_full_access_managed_policy(attachment.inputs["policyArn"]), attachment.inputs["policyArn"]
 
 
@@ -65,7 +66,7 @@ def test_serving_role_only_reads_models(shipped) -> None:
 def test_workload_roles_trust_pod_identity_in_this_account(shipped) -> None:
     _, run = shipped
     for suffix in ("training", "serving", "ebs-csi"):
-        trust = json.loads(run.one("aws:iam/role:Role", f"identity-{suffix}").inputs["assumeRolePolicy"])
+        trust = json.loads(run.one(tok.IAM_ROLE, f"identity-{suffix}").inputs["assumeRolePolicy"])
         (st,) = trust["Statement"]
         assert st["Principal"] == {"Service": "pods.eks.amazonaws.com"}
         assert set(st["Action"]) == {"sts:AssumeRole", "sts:TagSession"}
@@ -76,12 +77,12 @@ def test_sagemaker_role_pulls_only_project_images(shipped) -> None:
     _, run = shipped
     doc = _inline(run, "sagemaker")
     pull = next(s for s in doc["Statement"] if s["Sid"] == "EcrPullProjectImages")
-    assert sorted(pull["Resource"]) == sorted(r.state["arn"] for r in run.of_type("aws:ecr/repository:Repository"))
+    assert sorted(pull["Resource"]) == sorted(r.state["arn"] for r in run.of_type(tok.ECR_REPOSITORY))
 
 
 def test_no_aws_full_access_policies_anywhere(shipped) -> None:
     _, run = shipped
-    arns = [a.inputs["policyArn"] for a in run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")]
+    arns = [a.inputs["policyArn"] for a in run.of_type(tok.IAM_ROLE_POLICY_ATTACHMENT)]
     assert arns and not [a for a in arns if a.endswith("FullAccess")]
 
 
@@ -90,9 +91,9 @@ def test_cluster_role_may_use_the_secrets_encryption_key(shipped) -> None:
     # terraform-aws-eks attaches), version upgrades fail (aws/containers-roadmap#1533).
     _, run = shipped
     key = run.outputs["kms_key_arn"]
-    assert run.one("aws:eks/cluster:Cluster").inputs["encryptionConfig"]["provider"]["keyArn"] == key
-    policy = run.one("aws:iam/rolePolicy:RolePolicy", "identity-cluster-policy")
-    assert policy.inputs["role"] == run.one("aws:iam/role:Role", "identity-cluster").inputs["name"]
+    assert run.one(tok.EKS_CLUSTER).inputs["encryptionConfig"]["provider"]["keyArn"] == key
+    policy = run.one(tok.IAM_ROLE_POLICY, "identity-cluster-policy")
+    assert policy.inputs["role"] == run.one(tok.IAM_ROLE, "identity-cluster").inputs["name"]
     assert _grants(json.loads(policy.inputs["policy"])) == {
         key: {"kms:Encrypt", "kms:Decrypt", "kms:ListGrants", "kms:DescribeKey"}
     }
@@ -101,7 +102,7 @@ def test_cluster_role_may_use_the_secrets_encryption_key(shipped) -> None:
 def _role_policies(run, role: str) -> set[str]:
     """`type::name` of every attachment and inline policy of the Identity role `role`."""
     found = set()
-    for typ in ("aws:iam/rolePolicyAttachment:RolePolicyAttachment", "aws:iam/rolePolicy:RolePolicy"):
+    for typ in (tok.IAM_ROLE_POLICY_ATTACHMENT, tok.IAM_ROLE_POLICY):
         for r in run.of_type(typ):
             if r.name == f"identity-{role}-policy" or r.name.startswith(f"identity-{role}-managed-"):
                 found.add(f"{typ}::{r.name}")
@@ -115,14 +116,14 @@ def test_consumers_depend_on_their_role_policies_not_only_the_role(shipped) -> N
     cfg, run = shipped
     cluster_policies = _role_policies(run, "cluster")
     assert len(cluster_policies) == 2  # AmazonEKSClusterPolicy + the secrets-key policy
-    assert cluster_policies <= set(run.one("aws:eks/cluster:Cluster").depends_on)
+    assert cluster_policies <= set(run.one(tok.EKS_CLUSTER).depends_on)
     node_policies = _role_policies(run, "node")
     assert len(node_policies) == 3
-    groups = run.of_type("aws:eks/nodeGroup:NodeGroup")
+    groups = run.of_type(tok.EKS_NODE_GROUP)
     assert len(groups) == 1 + len(cfg.cluster.gpu_pools)
     for group in groups:
         assert node_policies <= set(group.depends_on), group.name
     if cfg.serving.sagemaker_declared:
         sagemaker_policies = _role_policies(run, "sagemaker")
         assert len(sagemaker_policies) == 1
-        assert sagemaker_policies <= set(run.one("aws:sagemaker/model:Model").depends_on)
+        assert sagemaker_policies <= set(run.one(tok.SAGEMAKER_MODEL).depends_on)

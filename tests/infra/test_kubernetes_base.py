@@ -11,6 +11,8 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pytest
 
+from facts import pulumi_types as tok
+from facts.tags import stack_tags
 from infra.config import StackConfig
 from infra.config import load_stack as stack_config
 from infra.kubernetes_base import (
@@ -21,17 +23,15 @@ from infra.kubernetes_base import (
     KubernetesBase,
     KubernetesBaseArgs,
 )
-from infra.mocks import Recorded, Run, run_program
 from infra.network import plan_collector_subnets
 from infra.prometheus import monitoring_namespace
-from infra.tags import stack_tags
-from training.k8s_job import METRICS_PORT
+from ops.mocks import Recorded, Run, run_program
 
 TRAINING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-training"
 SERVING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-serving"
-NETWORK_POLICY = "kubernetes:networking.k8s.io/v1:NetworkPolicy"
+NETWORK_POLICY = tok.K8S_NETWORK_POLICY
 S3_PREFIX_LIST = ["3.5.0.0/19", "52.216.0.0/15", "54.231.0.0/16"]
-"""What infra.mocks answers for the region's S3 prefix list, sorted."""
+"""What ops.mocks answers for the region's S3 prefix list, sorted."""
 
 
 def run_base(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:
@@ -107,10 +107,7 @@ def test_validation_catches_a_misspelled_field(dev: tuple[StackConfig, Run, dict
 
 def test_namespaces_and_pod_security(dev: tuple[StackConfig, Run, dict]) -> None:
     _, run, attrs = dev
-    namespaces = {
-        r.inputs["metadata"]["name"]: r.inputs["metadata"]["labels"]
-        for r in run.of_type("kubernetes:core/v1:Namespace")
-    }
+    namespaces = {r.inputs["metadata"]["name"]: r.inputs["metadata"]["labels"] for r in run.of_type(tok.K8S_NAMESPACE)}
     assert set(namespaces) == {attrs["training_namespace"], attrs["serving_namespace"]}
     assert namespaces[attrs["serving_namespace"]]["pod-security.kubernetes.io/enforce"] == "restricted"
     assert namespaces[attrs["training_namespace"]]["pod-security.kubernetes.io/enforce"] == "baseline"
@@ -122,12 +119,11 @@ def test_namespaces_and_pod_security(dev: tuple[StackConfig, Run, dict]) -> None
 def test_service_accounts_bound_to_pod_identity_roles(dev: tuple[StackConfig, Run, dict]) -> None:
     _, run, attrs = dev
     accounts = {
-        (r.inputs["metadata"]["namespace"], r.inputs["metadata"]["name"])
-        for r in run.of_type("kubernetes:core/v1:ServiceAccount")
+        (r.inputs["metadata"]["namespace"], r.inputs["metadata"]["name"]) for r in run.of_type(tok.K8S_SERVICE_ACCOUNT)
     }
     associations = {
         (r.inputs["namespace"], r.inputs["serviceAccount"]): r.inputs
-        for r in run.of_type("aws:eks/podIdentityAssociation:PodIdentityAssociation")
+        for r in run.of_type(tok.EKS_POD_IDENTITY_ASSOCIATION)
     }
     training = (attrs["training_namespace"], attrs["training_service_account"])
     serving = (attrs["serving_namespace"], attrs["serving_service_account"])
@@ -141,10 +137,7 @@ def test_service_accounts_bound_to_pod_identity_roles(dev: tuple[StackConfig, Ru
 
 def test_gpu_quotas_follow_the_pools(dev: tuple[StackConfig, Run, dict]) -> None:
     cfg, run, attrs = dev
-    quotas = {
-        r.inputs["metadata"]["namespace"]: r.inputs["spec"]["hard"]
-        for r in run.of_type("kubernetes:core/v1:ResourceQuota")
-    }
+    quotas = {r.inputs["metadata"]["namespace"]: r.inputs["spec"]["hard"] for r in run.of_type(tok.K8S_RESOURCE_QUOTA)}
     assert quotas == {
         attrs["training_namespace"]: {"requests.nvidia.com/gpu": str(cfg.cluster.pool("training").max_gpus)},
         attrs["serving_namespace"]: {"requests.nvidia.com/gpu": str(cfg.cluster.pool("inference").max_gpus)},
@@ -156,7 +149,7 @@ def test_quota_grows_with_the_pool() -> None:
     run, attrs = run_base(cfg)
     quota = next(
         r
-        for r in run.of_type("kubernetes:core/v1:ResourceQuota")
+        for r in run.of_type(tok.K8S_RESOURCE_QUOTA)
         if r.inputs["metadata"]["namespace"] == attrs["training_namespace"]
     )
     assert quota.inputs["spec"]["hard"] == {"requests.nvidia.com/gpu": "12"}
@@ -174,7 +167,7 @@ def test_default_deny_plus_dns_and_https(dev: tuple[StackConfig, Run, dict], key
     # S3 (through the gateway endpoint, so S3's own addresses: the region's prefix list), on 443 only.
     assert s3 == {"to": [{"ipBlock": {"cidr": c}} for c in S3_PREFIX_LIST], "ports": [{"protocol": "TCP", "port": 443}]}
     assert agent == {"to": [{"ipBlock": {"cidr": POD_IDENTITY_AGENT_CIDR}}], "ports": [{"protocol": "TCP", "port": 80}]}
-    assert "aws:ec2/getPrefixList:getPrefixList" in run.mocks.invokes
+    assert tok.EC2_GET_PREFIX_LIST in run.mocks.invokes
 
 
 @pytest.mark.parametrize("key", ["training_namespace", "serving_namespace"])
@@ -218,8 +211,7 @@ def test_training_metrics_port_admits_only_the_monitoring_namespace(dev: tuple[S
     [rule] = policies(run, attrs["training_namespace"])["allow-metrics-ingress"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": TRAINING_METRICS_PORT}]
     assert rule["from"] == [{"namespaceSelector": {"matchLabels": {TRAINING_METRICS_ACCESS_LABEL: "allowed"}}}]
-    # The port the rendered training Job serves and annotates; the label the monitoring namespace carries.
-    assert METRICS_PORT == TRAINING_METRICS_PORT
+    # The label the monitoring namespace carries.
     assert monitoring_namespace()["metadata"]["labels"][TRAINING_METRICS_ACCESS_LABEL] == "allowed"
     assert "allow-metrics-ingress" not in policies(run, attrs["serving_namespace"])
 
@@ -246,7 +238,7 @@ def test_children_named_and_parented(dev: tuple[StackConfig, Run, dict]) -> None
     _, run, _ = dev
     assert run.duplicate_names() == []
     for r in run.resources:
-        if r.type in ("llm-platform:infra:KubernetesBase", "pulumi:providers:kubernetes"):
+        if r.type in ("llm-platform:infra:KubernetesBase", tok.KUBERNETES_PROVIDER):
             continue
         assert r.parent == "base" and r.name.startswith("base-"), r.name
 

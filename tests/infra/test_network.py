@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from facts import pulumi_types as tok
 from infra.identity import DELETE, LIST, READ, WRITE
 from infra.network import INTERFACE_ENDPOINT_SERVICES, plan_collector_subnets, plan_subnets, read_only_buckets
 from policy.rules import iam_document_violations
@@ -27,7 +28,7 @@ def test_subnet_plan_is_disjoint_and_inside_the_vpc(cidr: str, az_count: int) ->
 
 def test_subnets_per_zone_with_load_balancer_tags(shipped) -> None:
     cfg, run = shipped
-    subnets = run.of_type("aws:ec2/subnet:Subnet")
+    subnets = run.of_type(tok.EC2_SUBNET)
     public = [s for s in subnets if "public" in s.name]
     private = [s for s in subnets if "private" in s.name]
     assert len(public) == len(private) == cfg.network.az_count
@@ -39,10 +40,10 @@ def test_subnets_per_zone_with_load_balancer_tags(shipped) -> None:
 
 def test_nat_gateways_follow_config(shipped) -> None:
     cfg, run = shipped
-    nats = run.of_type("aws:ec2/natGateway:NatGateway")
+    nats = run.of_type(tok.EC2_NAT_GATEWAY)
     assert len(nats) == cfg.network.nat_gateway_count
-    assert len(run.of_type("aws:ec2/eip:Eip")) == len(nats)
-    routes = run.of_type("aws:ec2/routeTable:RouteTable")
+    assert len(run.of_type(tok.EC2_EIP)) == len(nats)
+    routes = run.of_type(tok.EC2_ROUTE_TABLE)
     private_routes = [r for r in routes if "private" in r.name]
     assert len(private_routes) == cfg.network.az_count
     used = {r.inputs["routes"][0]["natGatewayId"] for r in private_routes}
@@ -50,13 +51,13 @@ def test_nat_gateways_follow_config(shipped) -> None:
 
 
 def test_nat_mode_is_visible_between_dev_and_prod(run_stack) -> None:
-    assert len(run_stack("dev").of_type("aws:ec2/natGateway:NatGateway")) == 1
-    assert len(run_stack("prod").of_type("aws:ec2/natGateway:NatGateway")) == 3
+    assert len(run_stack("dev").of_type(tok.EC2_NAT_GATEWAY)) == 1
+    assert len(run_stack("prod").of_type(tok.EC2_NAT_GATEWAY)) == 3
 
 
 def test_endpoints(shipped) -> None:
     cfg, run = shipped
-    endpoints = run.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")
+    endpoints = run.of_type(tok.EC2_VPC_ENDPOINT)
     gateway = [e for e in endpoints if e.inputs["vpcEndpointType"] == "Gateway"]
     interface = [e for e in endpoints if e.inputs["vpcEndpointType"] == "Interface"]
     assert [e.inputs["serviceName"] for e in gateway] == [f"com.amazonaws.{cfg.region}.s3"]
@@ -68,14 +69,14 @@ def test_endpoints(shipped) -> None:
 
 def test_interface_endpoints_switch(run_stack) -> None:
     run = run_stack("dev", {"llm-platform:interfaceEndpoints": False})
-    types = [e.inputs["vpcEndpointType"] for e in run.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")]
+    types = [e.inputs["vpcEndpointType"] for e in run.of_type(tok.EC2_VPC_ENDPOINT)]
     assert types == ["Gateway"]
 
 
 def test_flow_logs_encrypted_with_retention(shipped) -> None:
     cfg, run = shipped
-    flow = run.one("aws:ec2/flowLog:FlowLog")
-    group = run.one("aws:cloudwatch/logGroup:LogGroup", "network-flow-logs")
+    flow = run.one(tok.EC2_FLOW_LOG)
+    group = run.one(tok.CLOUDWATCH_LOG_GROUP, "network-flow-logs")
     assert flow.inputs["trafficType"] == "ALL"
     assert flow.inputs["logDestination"].startswith("arn:aws:logs:")
     assert group.inputs["retentionInDays"] == cfg.network.flow_log_retention_days
@@ -84,7 +85,7 @@ def test_flow_logs_encrypted_with_retention(shipped) -> None:
 
 def test_endpoint_security_group_admits_only_https_from_the_vpc(shipped) -> None:
     cfg, run = shipped
-    sg = run.one("aws:ec2/securityGroup:SecurityGroup", "network-endpoints-sg")
+    sg = run.one(tok.EC2_SECURITY_GROUP, "network-endpoints-sg")
     (rule,) = sg.inputs["ingress"]
     assert (rule["fromPort"], rule["toPort"], rule["protocol"]) == (443, 443, "tcp")
     assert rule["cidrBlocks"] == [cfg.network.vpc_cidr]
@@ -94,13 +95,13 @@ def test_pod_identity_has_its_eks_auth_endpoint(run_stack) -> None:
     # The Pod Identity agent gets workload credentials from eks-auth (AssumeRoleForPodIdentity), not from STS: with
     # interface endpoints on (no path to AWS but through them), a missing eks-auth endpoint leaves pods credential-less.
     run = run_stack("dev")
-    names = {e.inputs["serviceName"] for e in run.of_type("aws:ec2/vpcEndpoint:VpcEndpoint")}
+    names = {e.inputs["serviceName"] for e in run.of_type(tok.EC2_VPC_ENDPOINT)}
     assert "com.amazonaws.us-east-1.eks-auth" in names
     assert "eks-auth" in INTERFACE_ENDPOINT_SERVICES
 
 
 def _endpoint_policy(run) -> dict:
-    (gateway,) = [e for e in run.of_type("aws:ec2/vpcEndpoint:VpcEndpoint") if e.inputs["vpcEndpointType"] == "Gateway"]
+    (gateway,) = [e for e in run.of_type(tok.EC2_VPC_ENDPOINT) if e.inputs["vpcEndpointType"] == "Gateway"]
     return json.loads(gateway.inputs["policy"])
 
 
@@ -128,7 +129,7 @@ def test_s3_endpoint_allows_every_s3_action_the_stack_roles_are_granted(shipped)
     _, run = shipped
     allowed = set(next(st for st in _endpoint_policy(run)["Statement"] if st["Sid"] == "StackBuckets")["Action"])
     granted = set()
-    for policy in run.of_type("aws:iam/rolePolicy:RolePolicy"):
+    for policy in run.of_type(tok.IAM_ROLE_POLICY):
         for st in json.loads(policy.inputs["policy"])["Statement"]:
             actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
             granted |= {a for a in actions if a.startswith("s3:")}
@@ -151,23 +152,21 @@ def test_collector_subnets_hold_no_node(cidr: str, az_count: int) -> None:
 
 def test_amp_scraper_sits_in_its_own_subnets_and_has_no_second_access_entry(run_stack) -> None:
     run = run_stack("prod")
-    cidr_of = {s.state["arn"].rsplit("/", 1)[1]: s.inputs["cidrBlock"] for s in run.of_type("aws:ec2/subnet:Subnet")}
-    scraper = run.one("aws:amp/scraper:Scraper").inputs["source"]["eks"]
+    cidr_of = {s.state["arn"].rsplit("/", 1)[1]: s.inputs["cidrBlock"] for s in run.of_type(tok.EC2_SUBNET)}
+    scraper = run.one(tok.AMP_SCRAPER).inputs["source"]["eks"]
     assert sorted(cidr_of[i] for i in scraper["subnetIds"]) == sorted(plan_collector_subnets("10.30.0.0/16", 3))
     # No node group (so no pod) uses them.
-    used = {i for g in run.of_type("aws:eks/nodeGroup:NodeGroup") for i in g.inputs["subnetIds"]}
+    used = {i for g in run.of_type(tok.EKS_NODE_GROUP) for i in g.inputs["subnetIds"]}
     assert used and not used & set(scraper["subnetIds"])
     # The cluster authenticates through access entries only, so AMP creates the collector's entry itself; a second
     # one of ours for the same principal fails with ResourceInUseException.
-    assert run.one("aws:eks/cluster:Cluster").inputs["accessConfig"]["authenticationMode"] == "API"
-    assert run.of_type("aws:eks/accessEntry:AccessEntry") == [] or all(
-        "scraper" not in e.inputs["principalArn"] for e in run.of_type("aws:eks/accessEntry:AccessEntry")
+    assert run.one(tok.EKS_CLUSTER).inputs["accessConfig"]["authenticationMode"] == "API"
+    assert run.of_type(tok.EKS_ACCESS_ENTRY) == [] or all(
+        "scraper" not in e.inputs["principalArn"] for e in run.of_type(tok.EKS_ACCESS_ENTRY)
     )
     # The serving port admits the collector's subnets, not the VPC.
     serving = next(
-        p
-        for p in run.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")
-        if p.inputs["metadata"]["name"] == "allow-http-ingress"
+        p for p in run.of_type(tok.K8S_NETWORK_POLICY) if p.inputs["metadata"]["name"] == "allow-http-ingress"
     )
     peers = serving.inputs["spec"]["ingress"][0]["from"]
     assert {"ipBlock": {"cidr": "10.30.0.0/16"}} not in peers
@@ -175,4 +174,4 @@ def test_amp_scraper_sits_in_its_own_subnets_and_has_no_second_access_entry(run_
 
 
 def test_collector_subnets_only_with_amp(run_stack) -> None:
-    assert not [s for s in run_stack("dev").of_type("aws:ec2/subnet:Subnet") if "collector" in s.name]
+    assert not [s for s in run_stack("dev").of_type(tok.EC2_SUBNET) if "collector" in s.name]

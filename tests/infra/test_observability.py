@@ -18,10 +18,11 @@ import pulumi_kubernetes as k8s
 import pytest
 import yaml
 
+from facts import pulumi_types as tok
+from facts.tags import stack_tags
 from infra.charts import CHART_TYPE, CHARTS
 from infra.config import StackConfig
 from infra.config import load_stack as config
-from infra.mocks import Recorded, RecordingMocks, Run, run_program
 from infra.observability import AMP_COLLECTOR_USER, Observability, ObservabilityArgs
 from infra.prometheus import (
     DCGM_COUNTERS,
@@ -31,15 +32,15 @@ from infra.prometheus import (
     monitoring_namespace,
     scrape_config,
 )
-from infra.tags import stack_tags
+from ops.mocks import Recorded, RecordingMocks, Run, run_program
 from tests.infra.scheduling import can_schedule
 
 REPO = Path(__file__).resolve().parents[2]
 STACKS = ("dev", "staging", "prod")
 ACCOUNT = "123456789012"
 ENDPOINT = "llmp-endpoint"
-TOPIC = "aws:sns/topic:Topic"
-ALARM = "aws:cloudwatch/metricAlarm:MetricAlarm"
+TOPIC = tok.SNS_TOPIC
+ALARM = tok.CLOUDWATCH_METRIC_ALARM
 
 
 SERVING = {"llm-platform:servingImageTag": "0.1.0"}
@@ -117,7 +118,7 @@ def test_metrics_backend_follows_config(stack: tuple[StackConfig, Run]) -> None:
     mode = cfg.observability.metrics
     prometheus = charts(run).get("prometheus")
     assert bool(prometheus) is (mode == "in-cluster")
-    assert bool(run.of_type("aws:amp/workspace:Workspace")) is (mode == "amp")
+    assert bool(run.of_type(tok.AMP_WORKSPACE)) is (mode == "amp")
     if prometheus is not None:
         assert_pinned(prometheus, "prometheus")
         assert run.outputs["prometheus"] == "http://prometheus.monitoring.svc:9090"
@@ -137,7 +138,7 @@ def test_metrics_backend_follows_config(stack: tuple[StackConfig, Run]) -> None:
         for sub in ("alertmanager", "kube-state-metrics", "prometheus-node-exporter", "prometheus-pushgateway"):
             assert values[sub] == {"enabled": False}
     if mode == "amp":
-        scraper = run.one("aws:amp/scraper:Scraper").inputs
+        scraper = run.one(tok.AMP_SCRAPER).inputs
         assert scraper["source"]["eks"] == {
             "clusterArn": f"arn:aws:eks:{cfg.region}:{ACCOUNT}:cluster/{cfg.name_prefix}",
             "subnetIds": ["subnet-a", "subnet-b"],
@@ -148,7 +149,7 @@ def test_metrics_backend_follows_config(stack: tuple[StackConfig, Run]) -> None:
         )
         assert yaml.safe_load(scraper["scrapeConfiguration"]) == scrape_config(cfg, managed_collector=True)
         # AMP creates the scraper role's access entry itself on API-auth clusters; a second one fails (ResourceInUse).
-        assert run.of_type("aws:eks/accessEntry:AccessEntry") == []
+        assert run.of_type(tok.EKS_ACCESS_ENTRY) == []
         (binding,) = [o for o in k8s_objects(run) if o["kind"] == "ClusterRoleBinding"]
         assert binding["subjects"] == [
             {"kind": "User", "name": AMP_COLLECTOR_USER, "apiGroup": "rbac.authorization.k8s.io"}
@@ -170,8 +171,8 @@ def test_scrape_jobs_cover_gpus_serving_and_training() -> None:
 
 
 def test_training_pods_are_annotated_for_the_training_job() -> None:
-    from training.k8s_job import TrainingJobSpec, render_training_job
-    from training.stack import load_outputs
+    from ops.stack_outputs import load_outputs
+    from ops.training_k8s_job import TrainingJobSpec, render_training_job
 
     outputs = load_outputs("dev", str(REPO / "tests" / "training" / "fixtures" / "stack_outputs_dev.json"))
     _, job = render_training_job(TrainingJobSpec(name="run1", data="d"), outputs)
@@ -186,7 +187,7 @@ def test_training_pods_are_annotated_for_the_training_job() -> None:
 
 
 def test_serving_pods_are_annotated_for_the_serving_job(run_stack: Callable[..., Run]) -> None:
-    dep = run_stack("dev", SERVING).one("kubernetes:apps/v1:Deployment", "serving-eks-deployment")
+    dep = run_stack("dev", SERVING).one(tok.K8S_DEPLOYMENT, "serving-eks-deployment")
     template = dep.inputs["spec"]["template"]
     assert dep.inputs["metadata"]["namespace"] == "llm-serving"
     annotations = template["metadata"]["annotations"]
@@ -199,15 +200,13 @@ def test_serving_network_policy_admits_the_in_cluster_prometheus(run_stack: Call
     """kubernetes_base's default-deny in llm-serving admits port 8080 only from labelled namespaces."""
     run = run_stack("dev", SERVING)
     (policy,) = [
-        r.inputs
-        for r in run.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")
-        if r.inputs["metadata"]["name"] == "allow-http-ingress"
+        r.inputs for r in run.of_type(tok.K8S_NETWORK_POLICY) if r.inputs["metadata"]["name"] == "allow-http-ingress"
     ]
     (rule,) = policy["spec"]["ingress"]
     selectors = [s["namespaceSelector"]["matchLabels"] for s in rule["from"] if "namespaceSelector" in s]
     labels = monitoring_namespace()["metadata"]["labels"]
     assert any(all(labels.get(k) == v for k, v in sel.items()) for sel in selectors)
-    dep = run.one("kubernetes:apps/v1:Deployment", "serving-eks-deployment")
+    dep = run.one(tok.K8S_DEPLOYMENT, "serving-eks-deployment")
     port = int(dep.inputs["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
     assert {"protocol": "TCP", "port": port} in rule["ports"]
 
@@ -384,7 +383,7 @@ def test_dashboards_ship_as_grafana_configmaps(stack: tuple[StackConfig, Run]) -
 
 def test_alert_topic_is_encrypted_and_reaches_people(stack: tuple[StackConfig, Run]) -> None:
     cfg, run = stack
-    key = run.one("aws:kms/key:Key")
+    key = run.one(tok.KMS_KEY)
     topic = run.one(TOPIC).inputs
     assert topic["kmsMasterKeyId"] == key.state["keyId"]
     assert key.inputs["enableKeyRotation"] is True
@@ -392,29 +391,29 @@ def test_alert_topic_is_encrypted_and_reaches_people(stack: tuple[StackConfig, R
     key_policy = json.loads(key.inputs["policy"])
     publishers = next(s for s in key_policy["Statement"] if s["Sid"] == "AlarmAndEventPublishers")
     assert publishers["Condition"] == {"StringEquals": {"aws:SourceAccount": ACCOUNT}}
-    topic_policy = json.loads(run.one("aws:sns/topicPolicy:TopicPolicy").inputs["policy"])
+    topic_policy = json.loads(run.one(tok.SNS_TOPIC_POLICY).inputs["policy"])
     services = next(s for s in topic_policy["Statement"] if s["Sid"] == "AlarmsAndRulesOfThisAccount")
     assert services["Action"] == "sns:Publish" and services["Condition"]["StringEquals"]["aws:SourceAccount"] == ACCOUNT
-    subs = run.of_type("aws:sns/topicSubscription:TopicSubscription")
+    subs = run.of_type(tok.SNS_TOPIC_SUBSCRIPTION)
     assert sorted(s.inputs["endpoint"] for s in subs) == sorted(cfg.observability.alert_emails)
     assert all(s.inputs["protocol"] == "email" for s in subs)
     tags = stack_tags(cfg.stack, cfg.environment)
-    taggable = ("aws:kms/key:Key", TOPIC, ALARM, "aws:cloudwatch/eventRule:EventRule", "aws:amp/workspace:Workspace")
+    taggable = (tok.KMS_KEY, TOPIC, ALARM, tok.CLOUDWATCH_EVENT_RULE, tok.AMP_WORKSPACE)
     for rec in run.resources:
-        if rec.type in taggable or rec.type in ("aws:amp/scraper:Scraper", "aws:eks/accessEntry:AccessEntry"):
+        if rec.type in taggable or rec.type in (tok.AMP_SCRAPER, tok.EKS_ACCESS_ENTRY):
             assert rec.inputs.get("tags") == tags, rec.name
     assert run.duplicate_names() == []
 
 
 def test_node_launch_failures_alert(stack: tuple[StackConfig, Run]) -> None:
     cfg, run = stack
-    rule = run.one("aws:cloudwatch/eventRule:EventRule", "observability-capacity-failures").inputs
+    rule = run.one(tok.CLOUDWATCH_EVENT_RULE, "observability-capacity-failures").inputs
     pattern = json.loads(rule["eventPattern"])
     assert pattern["source"] == ["aws.autoscaling"]
     assert pattern["detail-type"] == ["EC2 Instance Launch Unsuccessful"]
     pools = ("system", *(p.name for p in cfg.cluster.gpu_pools))
     assert pattern["detail"]["AutoScalingGroupName"] == sorted(f"eks-{cfg.name_prefix}-{p}-asg" for p in pools)
-    target = run.one("aws:cloudwatch/eventTarget:EventTarget").inputs
+    target = run.one(tok.CLOUDWATCH_EVENT_TARGET).inputs
     assert target["arn"] == run.outputs["topic"]
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+from facts import pulumi_types as tok
+
 
 def test_repositories_are_immutable_scanned_encrypted(shipped) -> None:
     cfg, run = shipped
-    repos = run.of_type("aws:ecr/repository:Repository")
+    repos = run.of_type(tok.ECR_REPOSITORY)
     assert sorted(r.inputs["name"] for r in repos) == [f"llmp-{cfg.stack}/serving", f"llmp-{cfg.stack}/training"]
     for repo in repos:
         assert repo.inputs["imageTagMutability"] == "IMMUTABLE"
@@ -22,7 +24,7 @@ def test_lifecycle_never_expires_a_tagged_image(shipped) -> None:
     # A stack deploys a pinned tag (or the digest of a tagged image) for as long as its config names it: any rule
     # that selects tagged images ("any", "tagged", a prefix or pattern) can expire it under a running stack.
     _, run = shipped
-    policies = run.of_type("aws:ecr/lifecyclePolicy:LifecyclePolicy")
+    policies = run.of_type(tok.ECR_LIFECYCLE_POLICY)
     assert len(policies) == 2
     for policy in policies:
         rules = json.loads(policy.inputs["policy"])["rules"]

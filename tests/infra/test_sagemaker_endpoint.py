@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from facts import pulumi_types as tok
+from facts.tags import stack_tags
 from infra.config import StackConfig
 from infra.config import load_stack as stack_config
-from infra.mocks import Run, run_program
 from infra.sagemaker_endpoint import (
     STARTUP_HEALTH_CHECK_TIMEOUT_S,
     VARIANT_NAME,
@@ -17,7 +18,7 @@ from infra.sagemaker_endpoint import (
     SageMakerEndpointArgs,
     has_instance_storage,
 )
-from infra.tags import stack_tags
+from ops.mocks import Run, run_program
 
 ROLE = "arn:aws:iam::123456789012:role/llmp-dev-sagemaker"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llmp-dev-serving:0.1.0"
@@ -25,11 +26,11 @@ BUCKET = "llmp-dev-models-123456789012"
 KMS_ARN = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-4333-a444-555555555555"
 SUBNETS = ["subnet-aaa", "subnet-bbb"]
 
-MODEL = "aws:sagemaker/model:Model"
-CONFIG = "aws:sagemaker/endpointConfiguration:EndpointConfiguration"
-ENDPOINT = "aws:sagemaker/endpoint:Endpoint"
-TARGET = "aws:appautoscaling/target:Target"
-POLICY = "aws:appautoscaling/policy:Policy"
+MODEL = tok.SAGEMAKER_MODEL
+CONFIG = tok.SAGEMAKER_ENDPOINT_CONFIGURATION
+ENDPOINT = tok.SAGEMAKER_ENDPOINT
+TARGET = tok.APPAUTOSCALING_TARGET
+POLICY = tok.APPAUTOSCALING_POLICY
 
 
 def run_endpoint(cfg: StackConfig, image: str = IMAGE) -> Run:
@@ -62,7 +63,7 @@ def test_resources_and_tags(dev: tuple[StackConfig, Run]) -> None:
     _, run = dev
     counts = {t: len(run.of_type(t)) for t in (MODEL, CONFIG, ENDPOINT, TARGET, POLICY)}
     assert counts == dict.fromkeys(counts, 1)
-    assert len(run.of_type("aws:ec2/securityGroup:SecurityGroup")) == 1
+    assert len(run.of_type(tok.EC2_SECURITY_GROUP)) == 1
     assert run.duplicate_names() == []
     for r in run.resources:
         if r.type.startswith("aws:"):
@@ -73,7 +74,7 @@ def test_resources_and_tags(dev: tuple[StackConfig, Run]) -> None:
 
 def test_security_group_allows_https_egress_only(dev: tuple[StackConfig, Run]) -> None:
     _, run = dev
-    sg = run.one("aws:ec2/securityGroup:SecurityGroup").inputs
+    sg = run.one(tok.EC2_SECURITY_GROUP).inputs
     assert sg["vpcId"] == "vpc-123"
     assert sg["ingress"] == []
     assert [(e["protocol"], e["fromPort"], e["toPort"]) for e in sg["egress"]] == [("tcp", 443, 443)]

@@ -1,6 +1,6 @@
 """The scheduling contract: every workload the project defines can be placed on a pool the Cluster Autoscaler can
 grow, in every shipped stack. `can_schedule` is checked on its own first (each rule can say no), then applied to the
-serving Deployment recorded from the whole program and to the training Job that `training/k8s_job.py` renders from
+serving Deployment recorded from the whole program and to the training Job that `ops/training_k8s_job.py` renders from
 the stack's outputs."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from facts import pulumi_types as tok
 from infra.charts import CHART_TYPE, CHARTS
 from infra.config import GPU_TAINT, StackConfig, load_config, load_stack_file
 from infra.gpu_plugins import PLUGIN_RESOURCES
-from infra.mocks import Run
+from ops.mocks import Run
+from ops.training_k8s_job import TrainingJobSpec, render_training_job
 from tests.infra.scheduling import (
     EFA_RESOURCE,
     GPU_RESOURCE,
@@ -24,9 +26,8 @@ from tests.infra.scheduling import (
     pool_capacity,
     quantity,
 )
-from training.k8s_job import TrainingJobSpec, render_training_job
 
-DEPLOYMENT = "kubernetes:apps/v1:Deployment"
+DEPLOYMENT = tok.K8S_DEPLOYMENT
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Equal", "value": "true", "effect": "NoSchedule"}
 
 
@@ -302,7 +303,7 @@ def test_namespace_gpu_quotas_admit_every_pod_the_autoscaler_may_place(shipped: 
     cfg, run = shipped
     quotas = {
         r.inputs["metadata"]["namespace"]: quantity(r.inputs["spec"]["hard"][f"requests.{GPU_RESOURCE}"])
-        for r in run.of_type("kubernetes:core/v1:ResourceQuota")
+        for r in run.of_type(tok.K8S_RESOURCE_QUOTA)
     }
     serving = serving_pod(run)
     if serving is not None:

@@ -9,9 +9,10 @@ import kubernetes_validate
 import pulumi_kubernetes as k8s
 import pytest
 
+from facts import pulumi_types as tok
+from facts.tags import STACK_TAG
 from infra.config import StackConfig
 from infra.config import load_stack as stack_config
-from infra.mocks import Recorded, Run, run_program
 from infra.serving_eks import (
     API_KEYS_FILE,
     API_KEYS_SECRET,
@@ -21,13 +22,13 @@ from infra.serving_eks import (
     ServingOnEks,
     ServingOnEksArgs,
 )
-from infra.tags import STACK_TAG
+from ops.mocks import Recorded, Run, run_program
 
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llmp-dev-serving:0.1.0"
 BUCKET = "llmp-dev-models-123456789012"
 NAMESPACE = "llm-serving"
 SERVICE_ACCOUNT = "server"
-DEPLOYMENT = "kubernetes:apps/v1:Deployment"
+DEPLOYMENT = tok.K8S_DEPLOYMENT
 
 
 def run_serving(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:
@@ -121,7 +122,7 @@ def test_pod_lands_on_the_inference_pool(dev: tuple[StackConfig, Run, dict]) -> 
 
 
 def test_engine_resources_fit_the_smallest_instance_of_the_pool(dev: tuple[StackConfig, Run, dict]) -> None:
-    from infra.instance_types import GPU_INSTANCE_TYPES
+    from facts.instance_types import GPU_INSTANCE_TYPES
 
     cfg, run, _ = dev
     smallest = min(GPU_INSTANCE_TYPES[t].memory_gib for t in cfg.cluster.pool("inference").instance_types)
@@ -135,7 +136,7 @@ def test_selector_matches_template_and_service(dev: tuple[StackConfig, Run, dict
     dep = run.one(DEPLOYMENT).inputs
     selector = dep["spec"]["selector"]["matchLabels"]
     assert selector.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
-    svc = run.one("kubernetes:core/v1:Service").inputs
+    svc = run.one(tok.K8S_SERVICE).inputs
     assert svc["metadata"]["name"] == attrs["service_name"]
     assert svc["spec"]["type"] == "ClusterIP"
     assert svc["spec"]["selector"] == selector
@@ -201,7 +202,7 @@ def test_api_keys_come_from_the_operator_secret(dev: tuple[StackConfig, Run, dic
     assert volumes["api-keys"]["secret"] == {"secretName": API_KEYS_SECRET, "optional": False}
     mount = next(m for m in container(run, "server")["volumeMounts"] if m["name"] == "api-keys")
     assert API_KEYS_FILE.startswith(mount["mountPath"] + "/") and mount["readOnly"] is True
-    assert run.of_type("kubernetes:core/v1:Secret") == []  # never created (or stored in state) by the program
+    assert run.of_type(tok.K8S_SECRET) == []  # never created (or stored in state) by the program
 
 
 def test_graceful_shutdown_outlasts_the_drain(dev: tuple[StackConfig, Run, dict]) -> None:
@@ -230,7 +231,7 @@ def test_spread_across_zones_and_scraped(dev: tuple[StackConfig, Run, dict]) -> 
 
 def test_disruption_budget_never_blocks_drains(dev: tuple[StackConfig, Run, dict]) -> None:
     _, run, _ = dev
-    pdb = run.one("kubernetes:policy/v1:PodDisruptionBudget").inputs["spec"]
+    pdb = run.one(tok.K8S_POD_DISRUPTION_BUDGET).inputs["spec"]
     assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
     assert pdb["selector"]["matchLabels"] == run.one(DEPLOYMENT).inputs["spec"]["selector"]["matchLabels"]
 
@@ -238,7 +239,7 @@ def test_disruption_budget_never_blocks_drains(dev: tuple[StackConfig, Run, dict
 def test_autoscaler_bounds_follow_config() -> None:
     cfg = stack_config("dev", servingReplicas=2, servingMaxReplicas=5, inferenceMaxSize=5, maxGpus=10)
     run, _ = run_serving(cfg)
-    hpa = run.one("kubernetes:autoscaling/v2:HorizontalPodAutoscaler").inputs["spec"]
+    hpa = run.one(tok.K8S_HORIZONTAL_POD_AUTOSCALER).inputs["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 5)
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llm-serving"}
     assert hpa["metrics"][0]["resource"]["name"] == "cpu"
@@ -246,12 +247,12 @@ def test_autoscaler_bounds_follow_config() -> None:
 
 def test_no_ingress_unless_enabled(dev: tuple[StackConfig, Run, dict]) -> None:
     _, run, _ = dev
-    assert run.of_type("kubernetes:networking.k8s.io/v1:Ingress") == []
+    assert run.of_type(tok.K8S_INGRESS) == []
 
 
 def test_internal_alb_ingress_when_enabled() -> None:
     run, attrs = run_serving(stack_config("dev", servingIngress=True))
-    ing = run.one("kubernetes:networking.k8s.io/v1:Ingress").inputs
+    ing = run.one(tok.K8S_INGRESS).inputs
     annotations = ing["metadata"]["annotations"]
     assert annotations["alb.ingress.kubernetes.io/scheme"] == "internal"
     assert annotations["alb.ingress.kubernetes.io/target-type"] == "ip"

@@ -7,13 +7,19 @@ import pytest
 
 from infra.config import SERVING_QUANTIZATIONS, ConfigError
 from infra.config import load_stack as stack_config
-from serving.config import BUILTIN_QUANTIZATIONS, VLLM_QUANTIZATIONS
+from serving.config import check_quantization
 from tests.infra.test_sagemaker_endpoint import MODEL, run_endpoint
 from tests.infra.test_serving_eks import container, run_serving
 
 
-def test_choices_match_the_serving_container() -> None:
-    assert SERVING_QUANTIZATIONS == {"builtin": BUILTIN_QUANTIZATIONS, "vllm": VLLM_QUANTIZATIONS}
+def test_the_serving_container_accepts_what_the_preview_accepts() -> None:
+    # One table (facts.serving) feeds both; this checks each side reads it for the right engine.
+    for engine, choices in SERVING_QUANTIZATIONS.items():
+        for method in choices:
+            check_quantization(method, engine)
+        other = next(m for e, c in SERVING_QUANTIZATIONS.items() if e != engine for m in c if m not in choices)
+        with pytest.raises(ValueError, match=engine):
+            check_quantization(other, engine)
 
 
 def test_default_is_none_and_bad_values_name_the_key() -> None:

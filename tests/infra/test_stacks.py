@@ -11,10 +11,11 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from facts import pulumi_types as tok
+from facts.tags import STACK_TAG_KEYS, stack_tags
 from infra import outputs as out
 from infra.charts import CHART_TYPE, CHARTS
 from infra.config import load_stack
-from infra.tags import STACK_TAG_KEYS, stack_tags
 from tests.infra.scheduling import chart_pod_spec
 
 OPTIONAL_OUTPUTS = (out.SERVING_SERVICE_NAME, out.SAGEMAKER_ENDPOINT_NAME, out.TRAINING_IMAGE)
@@ -62,8 +63,8 @@ def test_outputs_are_complete_and_kubeconfig_is_secret(shipped) -> None:
 
 def test_each_serving_path_is_enabled_by_some_shipped_stack(run_stack) -> None:
     runs = [run_stack(s) for s in ("dev", "staging", "prod")]
-    assert any(r.of_type("kubernetes:apps/v1:Deployment") and out.SERVING_SERVICE_NAME in r.outputs for r in runs)
-    assert any(r.of_type("aws:sagemaker/endpoint:Endpoint") for r in runs)
+    assert any(r.of_type(tok.K8S_DEPLOYMENT) and out.SERVING_SERVICE_NAME in r.outputs for r in runs)
+    assert any(r.of_type(tok.SAGEMAKER_ENDPOINT) for r in runs)
 
 
 def _builtin(api_version: str) -> bool:
@@ -116,7 +117,7 @@ def _pod_specs(run):
 
 
 def _node_groups(run):
-    return [r.inputs for r in run.of_type("aws:eks/nodeGroup:NodeGroup")]
+    return [r.inputs for r in run.of_type(tok.EKS_NODE_GROUP)]
 
 
 def _tolerates(tolerations: list[dict], taint: dict) -> bool:
@@ -157,13 +158,9 @@ def test_every_workload_lands_on_a_node_group_of_its_stack(shipped) -> None:
 def test_workload_service_accounts_are_bound_to_roles(shipped) -> None:
     """Pods in the platform namespaces that use a service account get AWS access only through Pod Identity."""
     _, run = shipped
-    bound = {
-        (a.inputs["namespace"], a.inputs["serviceAccount"])
-        for a in run.of_type("aws:eks/podIdentityAssociation:PodIdentityAssociation")
-    }
+    bound = {(a.inputs["namespace"], a.inputs["serviceAccount"]) for a in run.of_type(tok.EKS_POD_IDENTITY_ASSOCIATION)}
     service_accounts = {
-        (r.inputs["metadata"]["namespace"], r.inputs["metadata"]["name"])
-        for r in run.of_type("kubernetes:core/v1:ServiceAccount")
+        (r.inputs["metadata"]["namespace"], r.inputs["metadata"]["name"]) for r in run.of_type(tok.K8S_SERVICE_ACCOUNT)
     }
     platform_namespaces = {run.outputs[out.TRAINING_NAMESPACE], run.outputs[out.SERVING_NAMESPACE]}
     for kind, name, namespace, spec in _pod_specs(run):
@@ -183,7 +180,7 @@ def test_destroy_order_workloads_before_nodes_before_network(shipped) -> None:
     if cfg.serving.eks_declared:
         serving = run.one("llm-platform:infra:ServingOnEks", "serving-eks")
         assert {d for d in serving.depends_on if d.startswith("aws:eks/nodeGroup")} == {
-            f"aws:eks/nodeGroup:NodeGroup::{g.name}" for g in run.of_type("aws:eks/nodeGroup:NodeGroup")
+            f"aws:eks/nodeGroup:NodeGroup::{g.name}" for g in run.of_type(tok.EKS_NODE_GROUP)
         }
 
 
@@ -198,12 +195,12 @@ def test_prod_references_its_images_by_digest(run_stack) -> None:
     expected = f"{serving_repo}@{cfg.images.serving_digest}"
     images = [
         c["image"]
-        for d in run.of_type("kubernetes:apps/v1:Deployment")
+        for d in run.of_type(tok.K8S_DEPLOYMENT)
         for c in d.inputs["spec"]["template"]["spec"]["containers"]
         if c["image"].startswith(serving_repo)
     ]
     assert images and set(images) == {expected}
-    assert run.one("aws:sagemaker/model:Model").inputs["primaryContainer"]["image"] == expected
+    assert run.one(tok.SAGEMAKER_MODEL).inputs["primaryContainer"]["image"] == expected
     assert run.outputs[out.TRAINING_IMAGE] == f"{training_repo}@{cfg.images.training_digest}"
     # A stack without digests keeps tags (and exports no training image).
     assert out.TRAINING_IMAGE not in run_stack("dev").outputs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from facts import pulumi_types as tok
 from infra.storage import BUCKET_KINDS
 
 
@@ -15,7 +16,7 @@ def _for_bucket(run, typ: str, bucket: str):
 
 def test_key_rotates_and_is_scoped(shipped) -> None:
     cfg, run = shipped
-    key = run.one("aws:kms/key:Key", "storage-key")
+    key = run.one(tok.KMS_KEY, "storage-key")
     assert key.inputs["enableKeyRotation"] is True
     policy = json.loads(key.inputs["policy"])
     logs = next(s for s in policy["Statement"] if s["Sid"] == "CloudWatchLogsEncrypt")
@@ -26,36 +27,34 @@ def test_key_rotates_and_is_scoped(shipped) -> None:
 
 def test_every_bucket_is_encrypted_private_versioned_and_tls_only(shipped) -> None:
     cfg, run = shipped
-    buckets = run.of_type("aws:s3/bucket:Bucket")
+    buckets = run.of_type(tok.S3_BUCKET)
     assert sorted(b.name for b in buckets) == sorted(f"storage-{k}" for k in BUCKET_KINDS)
     for bucket in buckets:
         name = bucket.inputs["bucket"]
         assert name.startswith(f"llmp-{cfg.stack}-") and len(name) <= 63
-        sse = _for_bucket(
-            run, "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration", name
-        )
+        sse = _for_bucket(run, tok.S3_BUCKET_SERVER_SIDE_ENCRYPTION_CONFIGURATION, name)
         rule = sse.inputs["rules"][0]
         assert rule["applyServerSideEncryptionByDefault"]["sseAlgorithm"] == "aws:kms"
         assert rule["applyServerSideEncryptionByDefault"]["kmsMasterKeyId"] == run.outputs["kms_key_arn"]
-        pab = _for_bucket(run, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock", name)
+        pab = _for_bucket(run, tok.S3_BUCKET_PUBLIC_ACCESS_BLOCK, name)
         assert all(
             pab.inputs[k] is True
             for k in ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls", "restrictPublicBuckets")
         )
-        versioning = _for_bucket(run, "aws:s3/bucketVersioning:BucketVersioning", name)
+        versioning = _for_bucket(run, tok.S3_BUCKET_VERSIONING, name)
         assert versioning.inputs["versioningConfiguration"]["status"] == "Enabled"
-        policy = json.loads(_for_bucket(run, "aws:s3/bucketPolicy:BucketPolicy", name).inputs["policy"])
+        policy = json.loads(_for_bucket(run, tok.S3_BUCKET_POLICY, name).inputs["policy"])
         deny = policy["Statement"][0]
         assert deny["Effect"] == "Deny" and deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
         assert f"arn:aws:s3:::{name}/*" in deny["Resource"]
-        ownership = _for_bucket(run, "aws:s3/bucketOwnershipControls:BucketOwnershipControls", name)
+        ownership = _for_bucket(run, tok.S3_BUCKET_OWNERSHIP_CONTROLS, name)
         assert ownership.inputs["rule"]["objectOwnership"] == "BucketOwnerEnforced"
 
 
 def test_lifecycle_aborts_uploads_and_expires_old_checkpoints(shipped) -> None:
     cfg, run = shipped
     checkpoints = run.outputs["checkpoints_bucket"]
-    rules = _for_bucket(run, "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration", checkpoints)
+    rules = _for_bucket(run, tok.S3_BUCKET_LIFECYCLE_CONFIGURATION, checkpoints)
     by_id = {r["id"]: r for r in rules.inputs["rules"]}
     assert by_id["abort-incomplete-multipart-uploads"]["abortIncompleteMultipartUpload"]["daysAfterInitiation"] == 3
     expiry = by_id["expire-noncurrent-versions"]["noncurrentVersionExpiration"]["noncurrentDays"]
@@ -63,7 +62,7 @@ def test_lifecycle_aborts_uploads_and_expires_old_checkpoints(shipped) -> None:
 
 
 def test_force_destroy_and_protection_follow_config(run_stack) -> None:
-    dev = run_stack("dev").of_type("aws:s3/bucket:Bucket")
-    prod = run_stack("prod").of_type("aws:s3/bucket:Bucket")
+    dev = run_stack("dev").of_type(tok.S3_BUCKET)
+    prod = run_stack("prod").of_type(tok.S3_BUCKET)
     assert all(b.inputs["forceDestroy"] is True and not b.protect for b in dev)
     assert all(b.inputs["forceDestroy"] is False and b.protect and b.retain_on_delete for b in prod)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from facts.instance_types import gpu_memory_gib
 from infra.config import ConfigError
 from infra.config import load_stack as stack_config
-from infra.instance_types import gpu_memory_gib
 from infra.vllm_sizing import (
     GIB,
     MODEL_SHAPES,

@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 import pytest
 
-from infra.tags import stack_tags
+from facts.tags import stack_tags
 
 REGION = "us-east-1"
 STACK = "dev"

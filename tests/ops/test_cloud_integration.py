@@ -1,5 +1,5 @@
 """Real-cloud integration: an ephemeral stack from the dev config goes up, is checked with boto3, is torn down with
-infra.teardown, and the sweep must find nothing.
+ops.teardown, and the sweep must find nothing.
 
 The test marked `cloud` needs the Pulumi CLI and AWS credentials and skips with the reason when either is missing
 (nightly.yml runs it). Its pure parts (skip detection, stack naming, config copying, the boto3 checks) are tested
@@ -27,9 +27,9 @@ import boto3
 import botocore.session
 import pytest
 
-from infra import automation, teardown
 from infra import outputs as keys
-from tools.net import free_port
+from ops import automation, teardown
+from ops.net import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_ID_ENV = "LLM_PLATFORM_ITEST_RUN_ID"

@@ -13,7 +13,7 @@ import pytest
 from kubernetes import client as k
 from kubernetes.client.exceptions import ApiException
 
-from infra.teardown import KubeRef, plan_kubernetes_cleanup, run_kubernetes_cleanup
+from ops.teardown import KubeRef, plan_kubernetes_cleanup, run_kubernetes_cleanup
 
 
 def _meta(ns: str | None, name: str) -> k.V1ObjectMeta:
@@ -74,7 +74,7 @@ class FakeCluster:
             raise ApiException(status=404, reason="Not Found")
         self.terminating.setdefault(key, self.linger)
 
-    # -- the CoreV1Api / NetworkingV1Api surface used by infra.teardown
+    # -- the CoreV1Api / NetworkingV1Api surface used by ops.teardown
     def list_service_for_all_namespaces(self, *, _request_timeout: object) -> k.V1ServiceList:
         return self._list("Service", k.V1ServiceList)
 
@@ -219,7 +219,7 @@ def test_other_api_errors_are_not_swallowed() -> None:
 
 
 def test_kube_clients_are_built_from_the_kubeconfig_output() -> None:
-    from infra.teardown import kube_clients
+    from ops.teardown import kube_clients
 
     kubeconfig = {
         "apiVersion": "v1",
@@ -254,8 +254,8 @@ def test_the_fake_only_implements_real_client_methods() -> None:
 
 
 def test_waits_for_controller_load_balancers_until_aws_agrees() -> None:
-    from infra.sweep import Finding, Ownership
-    from infra.teardown import wait_for_controller_resources
+    from ops.sweep import Finding, Ownership
+    from ops.teardown import wait_for_controller_resources
 
     class Sweeper:
         ownership = Ownership("dev", "llm-platform-dev")

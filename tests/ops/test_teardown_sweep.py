@@ -16,10 +16,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from infra import automation, teardown
+from facts.tags import STACK_TAG, stack_tags
 from infra import outputs as keys
-from infra.sweep import Ownership
-from infra.tags import STACK_TAG, stack_tags
+from ops import automation, teardown
+from ops.sweep import Ownership
 from tests.ops.conftest import CLUSTER, OTHER_STACK, REGION, STACK, Seeded
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -232,7 +232,7 @@ def test_bad_usage_exits_2() -> None:
 
 def test_module_entry_point_runs(aws_env: str, moto_reset: None) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "infra.teardown", STACK, "--sweep-only", "--region", REGION, "--json"],
+        [sys.executable, "-m", "ops.teardown", STACK, "--sweep-only", "--region", REGION, "--json"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -257,7 +257,7 @@ def test_module_entry_point_runs(aws_env: str, moto_reset: None) -> None:
     ],
 )
 def test_arn_parts(arn: str, parts: tuple[str, str, str]) -> None:
-    from infra.sweep import _arn_parts
+    from ops.sweep import _arn_parts
 
     assert _arn_parts(arn) == parts
 
@@ -379,7 +379,7 @@ def test_security_group_deletion_waits_for_enis_but_not_for_references(monkeypat
     """moto lets a referenced group go, so the two DependencyViolation cases are stubbed on a real botocore client."""
     from botocore.stub import Stubber
 
-    from infra import sweep
+    from ops import sweep
 
     sweeper = sweep.Sweeper(
         Ownership(STACK, CLUSTER), REGION, session=boto3.Session(aws_access_key_id="x", aws_secret_access_key="x")

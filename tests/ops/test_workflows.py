@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from infra import teardown
+from ops import teardown
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO_ROOT / ".github" / "workflows"
@@ -108,7 +108,7 @@ def test_pr_offline_preview_needs_no_secrets_and_cannot_write() -> None:
     text = yaml.safe_dump(job)
     assert "secrets." not in text and "id-token" not in text
     script = next(s["run"] for s in _steps(job) if s.get("id") == "preview")
-    assert '-m infra.preview "$stack" --json' in script and "--compare" in script
+    assert '-m ops.preview "$stack" --json' in script and "--compare" in script
     assert sorted(re.search(r"for stack in ([\w ]+); do", script).group(1).split()) == STACKS
     checkouts = [s for s in _steps(job) if _is_checkout(s)]
     assert {c["with"]["path"] for c in checkouts} == {"base", "head"}
@@ -194,7 +194,7 @@ def test_teardown_workflow_gates_production_and_calls_the_tool() -> None:
     job = wf["jobs"]["teardown"]
     assert job["needs"] == "confirm" and "inputs.confirm == inputs.stack" in job["if"]
     assert "'production'" in job["environment"] and "needs.confirm.outputs.production" in job["environment"]
-    run = next(s["run"] for s in _steps(job) if "infra.teardown" in s.get("run", ""))
+    run = next(s["run"] for s in _steps(job) if "ops.teardown" in s.get("run", ""))
     assert "--confirm-production" in run and '[ "$PRODUCTION" = "true" ]' in run
 
 
@@ -221,7 +221,7 @@ def test_ttl_and_nightly_use_flags_the_tool_has() -> None:
     ttl = _load("ttl-sweep.yml")
     assert ttl["on"]["schedule"]
     (job,) = ttl["jobs"].values()
-    step = next(s for s in _steps(job) if "infra.teardown" in s.get("run", ""))
+    step = next(s for s in _steps(job) if "ops.teardown" in s.get("run", ""))
     assert "vars.DEV_STACK_TTL_HOURS" in step["env"]["TTL_HOURS"]
     nightly = _load("nightly.yml")
     assert nightly["on"]["schedule"]
@@ -229,9 +229,9 @@ def test_ttl_and_nightly_use_flags_the_tool_has() -> None:
     runs = [s.get("run", "") for s in _steps(njob)]
     assert any("pytest -m cloud tests/ops/test_cloud_integration.py" in r for r in runs)
     assert (REPO_ROOT / "tests/ops/test_cloud_integration.py").exists()
-    for command in [step["run"]] + [r for r in runs if "infra.teardown" in r]:
+    for command in [step["run"]] + [r for r in runs if "ops.teardown" in r]:
         argv = shlex.split(command.replace('"$TTL_HOURS"', "12"))
-        args = teardown.parser().parse_args(argv[argv.index("infra.teardown") + 1 :])
+        args = teardown.parser().parse_args(argv[argv.index("ops.teardown") + 1 :])
         assert args.expired and args.force
 
 
@@ -255,7 +255,7 @@ def test_offline_preview_script_handles_policy_failures_and_a_base_without_the_t
     (tmp_path / "head" / "infra").mkdir(parents=True)
     (tmp_path / "head" / "infra" / "__init__.py").write_text("")
     (tmp_path / "head" / "infra" / "preview.py").write_text(STUB_PREVIEW)
-    (tmp_path / "base").mkdir()  # the base branch predates infra.preview
+    (tmp_path / "base").mkdir()  # the base branch predates ops.preview
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / "bin" / "python").symlink_to(sys.executable)
     step = next(s for s in _load("pr-preview.yml")["jobs"]["offline-preview"]["steps"] if s.get("id") == "preview")

@@ -6,13 +6,14 @@ import json
 
 import pytest
 
-from infra.tags import stack_tags
+from facts import pulumi_types as tok
+from facts.tags import stack_tags
 from policy.rules import RULES, RULES_BY_NAME, Res, StackContext, evaluate, is_taggable
 
 TAGS = stack_tags("dev", "dev")
 CTX = StackContext(stack="dev", production=False, max_gpus=4)
 PROD = StackContext(stack="dev", production=True, max_gpus=4)  # a production-marked stack; tags say dev
-BUCKET = "aws:s3/bucket:Bucket"
+BUCKET = tok.S3_BUCKET
 
 
 def messages(rule: str, resources: list[Res], ctx: StackContext = CTX) -> list[str]:
@@ -37,12 +38,12 @@ def bucket_stack(
     return [
         Res(BUCKET, "storage-datasets", {"bucket": name, "forceDestroy": force, "tags": TAGS}, protect=protect),
         Res(
-            "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration",
+            tok.S3_BUCKET_SERVER_SIDE_ENCRYPTION_CONFIGURATION,
             "storage-datasets-sse",
             {"bucket": name, "rules": [{"applyServerSideEncryptionByDefault": {"sseAlgorithm": sse}}]},
         ),
         Res(
-            "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock",
+            tok.S3_BUCKET_PUBLIC_ACCESS_BLOCK,
             "storage-datasets-pab",
             {
                 "bucket": name,
@@ -53,7 +54,7 @@ def bucket_stack(
             },
         ),
         Res(
-            "aws:s3/bucketPolicy:BucketPolicy",
+            tok.S3_BUCKET_POLICY,
             "storage-datasets-policy",
             {"bucket": name, "policy": json.dumps(policy)},
         ),
@@ -93,9 +94,9 @@ def test_companions_pair_by_property_dependency_when_the_name_is_unknown() -> No
     assert messages("s3-tls-only", resources) == []
 
 
-SG = "aws:ec2/securityGroup:SecurityGroup"
-IN_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
-SG_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
+SG = tok.EC2_SECURITY_GROUP
+IN_RULE = tok.VPC_SECURITY_GROUP_INGRESS_RULE
+SG_RULE = tok.EC2_SECURITY_GROUP_RULE
 WORLD = ["0.0.0.0/0"]
 
 
@@ -127,10 +128,10 @@ def test_open_ingress(res: Res, fires: bool) -> None:
 def test_iam_wildcards() -> None:
     bad = {"Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
     good = {"Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::b/*"}]}
-    role_policy = "aws:iam/rolePolicy:RolePolicy"
+    role_policy = tok.IAM_ROLE_POLICY
     assert len(messages("iam-no-wildcards", [Res(role_policy, "reader", {"policy": json.dumps(bad)})])) == 2
     assert messages("iam-no-wildcards", [Res(role_policy, "reader", {"policy": json.dumps(good)})]) == []
-    inline = Res("aws:iam/role:Role", "r", {"inlinePolicies": [{"name": "x", "policy": json.dumps(bad)}]})
+    inline = Res(tok.IAM_ROLE, "r", {"inlinePolicies": [{"name": "x", "policy": json.dumps(bad)}]})
     assert messages("iam-no-wildcards", [inline])
     # a key policy's "*" resource is the key, and the account root administers it
     root_admin = {
@@ -143,20 +144,20 @@ def test_iam_wildcards() -> None:
             }
         ]
     }
-    assert messages("iam-no-wildcards", [Res("aws:kms/key:Key", "k", {"policy": json.dumps(root_admin)})]) == []
+    assert messages("iam-no-wildcards", [Res(tok.KMS_KEY, "k", {"policy": json.dumps(root_admin)})]) == []
     anyone = {"Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "kms:*", "Resource": "*"}]}
-    assert messages("iam-no-wildcards", [Res("aws:kms/key:Key", "k", {"policy": json.dumps(anyone)})])
+    assert messages("iam-no-wildcards", [Res(tok.KMS_KEY, "k", {"policy": json.dumps(anyone)})])
 
 
 def test_full_access_managed_policies() -> None:
-    attach = "aws:iam/rolePolicyAttachment:RolePolicyAttachment"
+    attach = tok.IAM_ROLE_POLICY_ATTACHMENT
     bad = Res(attach, "sm", {"policyArn": "arn:aws:iam::aws:policy/AmazonSageMakerFullAccess"})
     good = Res(attach, "node", {"policyArn": "arn:aws:iam::aws:policy/AmazonEKSWorkerNodePolicy"})
     [msg] = messages("iam-no-full-access-managed-policies", [bad, good])
     assert "AmazonSageMakerFullAccess" in msg and "'sm'" in msg
 
 
-CLUSTER = "aws:eks/cluster:Cluster"
+CLUSTER = tok.EKS_CLUSTER
 ENC = {"provider": {"keyArn": "arn:aws:kms:us-east-1:123456789012:key/x"}, "resources": ["secrets"]}
 
 
@@ -180,7 +181,7 @@ def test_eks_secrets_encryption() -> None:
     assert "cluster-eks" in msg and "secrets" in msg
 
 
-NODE_GROUP = "aws:eks/nodeGroup:NodeGroup"
+NODE_GROUP = tok.EKS_NODE_GROUP
 TAINT = [{"key": "nvidia.com/gpu", "value": "true", "effect": "NO_SCHEDULE"}]
 
 
@@ -213,15 +214,15 @@ def test_gpu_budget() -> None:
 
 
 def test_required_tags_introspects_pulumi_aws() -> None:
-    assert is_taggable("aws:s3/bucket:Bucket") and is_taggable("aws:eks/nodeGroup:NodeGroup")
-    assert not is_taggable("aws:s3/bucketPolicy:BucketPolicy")
-    assert not is_taggable("kubernetes:core/v1:Namespace")
-    untagged = Res("aws:ec2/vpc:Vpc", "network-vpc", {"tags": {"Name": "x"}})
+    assert is_taggable(tok.S3_BUCKET) and is_taggable(tok.EKS_NODE_GROUP)
+    assert not is_taggable(tok.S3_BUCKET_POLICY)
+    assert not is_taggable(tok.K8S_NAMESPACE)
+    untagged = Res(tok.EC2_VPC, "network-vpc", {"tags": {"Name": "x"}})
     [msg] = messages("required-tags", [untagged])
     assert "network-vpc" in msg and "llm-platform:stack" in msg
-    other_stack = Res("aws:ec2/vpc:Vpc", "network-vpc", {"tags": stack_tags("prod", "prod")})
+    other_stack = Res(tok.EC2_VPC, "network-vpc", {"tags": stack_tags("prod", "prod")})
     assert "tag it with its own stack" in messages("required-tags", [other_stack])[0]
-    assert messages("required-tags", [Res("aws:ec2/vpc:Vpc", "v", {"tags": TAGS})]) == []
+    assert messages("required-tags", [Res(tok.EC2_VPC, "v", {"tags": TAGS})]) == []
 
 
 def test_production_data_protected() -> None:
@@ -235,12 +236,12 @@ def test_production_data_protected() -> None:
 def test_advisories() -> None:
     spot = node_group("serving", ["g6.xlarge"], 2, capacity="SPOT")
     assert messages("spot-in-production", [spot], PROD) and not messages("spot-in-production", [spot], CTX)
-    nat = [Res("aws:ec2/natGateway:NatGateway", "network-nat-0", {})]
+    nat = [Res(tok.EC2_NAT_GATEWAY, "network-nat-0", {})]
     assert messages("single-nat-in-production", nat, PROD)
     assert not messages("single-nat-in-production", nat * 3, PROD)
-    vpc = Res("aws:ec2/vpc:Vpc", "network-vpc", {})
+    vpc = Res(tok.EC2_VPC, "network-vpc", {})
     assert messages("vpc-flow-logs", [vpc])
-    assert not messages("vpc-flow-logs", [vpc, Res("aws:ec2/flowLog:FlowLog", "fl", {"vpcId": "vpc-1"})])
+    assert not messages("vpc-flow-logs", [vpc, Res(tok.EC2_FLOW_LOG, "fl", {"vpcId": "vpc-1"})])
 
 
 def test_advisory_violations_do_not_fail_the_verdict() -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ops.net import free_port, wait_http
 from tests.conftest import REPO_ROOT
-from tools.net import free_port, wait_http
 
 ALICE_KEY = "sk-test-alice-0123456789"
 LIMITED_KEY = "sk-test-limited-0123456789"

@@ -181,8 +181,8 @@ def test_sigterm_while_the_model_loads_exits_0(debug_model_dir: Path, tmp_path: 
     import subprocess
     import sys
 
+    from ops.net import free_port
     from tests.conftest import REPO_ROOT
-    from tools.net import free_port
 
     err = (tmp_path / "stderr").open("w+b")
     proc = subprocess.Popen(

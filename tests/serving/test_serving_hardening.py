@@ -16,6 +16,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from ops.net import free_port
 from serving.auth import KeyFileError, KeyStore, hash_key
 from serving.errors import APIError
 from serving.limits import RateLimiter
@@ -28,7 +29,6 @@ from tests.serving.conftest import (
     ServerFactory,
     ServingProcess,
 )
-from tools.net import free_port
 
 HEADERS = {"Authorization": f"Bearer {ALICE_KEY}"}
 CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

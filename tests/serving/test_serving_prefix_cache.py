@@ -151,7 +151,7 @@ def test_metrics_report_queries_hits_and_bytes(debug_model_dir: Path) -> None:
 def test_smollm2_shared_system_prompt_identical_greedy() -> None:
     """The real model and its chat template: requests sharing a long system prompt give the same greedy answers with
     the cache as without, and most of each later prompt comes from the cache."""
-    from tools.smollm2 import ensure as smollm2_dir
+    from ops.smollm2 import ensure as smollm2_dir
 
     path = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(path)

@@ -145,7 +145,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def smollm2() -> tuple[nn.Module, AutoTokenizer]:
-    from tools.smollm2 import ensure as smollm2_dir
+    from ops.smollm2 import ensure as smollm2_dir
 
     path = smollm2_dir()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)

@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
+from ops.net import free_port
 from tests.serving.conftest import ALICE_KEY, FRONT_KEY, MODEL_ID, ServerFactory, ServingProcess
-from tools.net import free_port
 
 
 @pytest.fixture(scope="module")

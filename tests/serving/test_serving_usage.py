@@ -20,8 +20,8 @@ from serving.protocol import ChatCompletionRequest
 
 @pytest.fixture(scope="module")
 def backend():
+    from ops.smollm2 import ensure as smollm2_dir
     from serving.backends.local import LocalBackend
-    from tools.smollm2 import ensure as smollm2_dir
 
     path = smollm2_dir()
     metrics = Metrics()
@@ -73,9 +73,9 @@ def test_eos_counts_as_a_completion_token(backend) -> None:
 
 
 def test_thread_default_is_logged_and_prefix_hits_reach_metrics(caplog: pytest.LogCaptureFixture) -> None:
+    from ops.smollm2 import ensure as smollm2_dir
     from serving.backends.local import LocalBackend
     from serving.threads import cpu_budget
-    from tools.smollm2 import ensure as smollm2_dir
 
     path = smollm2_dir()
     metrics = Metrics()

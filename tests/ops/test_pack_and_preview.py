@@ -1,4 +1,4 @@
-"""The pulumi-policy wrappers run the same rules; `infra.preview` shows verdicts and exits 3 on mandatory ones."""
+"""The pulumi-policy wrappers run the same rules; `ops.preview` shows verdicts and exits 3 on mandatory ones."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pulumi_policy import (
     StackValidationPolicy,
 )
 
-from infra import preview
+from facts import pulumi_types as tok
+from ops import preview
 from policy import pack
 from policy.rules import RULES, Res, StackContext, evaluate
 
@@ -38,7 +39,7 @@ def test_every_rule_becomes_a_policy_at_its_level() -> None:
 def test_resource_policy_reports_through_pulumi_policy() -> None:
     reported: list[tuple[str, str | None]] = []
     args = ResourceValidationArgs(
-        "aws:eks/cluster:Cluster", {"vpcConfig": {"endpointPublicAccess": True}}, "urn:x", "cluster-eks", OPTS, None
+        tok.EKS_CLUSTER, {"vpcConfig": {"endpointPublicAccess": True}}, "urn:x", "cluster-eks", OPTS, None
     )
     by_name("eks-endpoint-not-public", ResourceValidationPolicy).validate(
         args, lambda m, u=None: reported.append((m, u))
@@ -52,7 +53,7 @@ def test_stack_policy_uses_policy_config_for_the_budget() -> None:
         "scalingConfig": {"minSize": 0, "maxSize": 2, "desiredSize": 0},
         "taints": [{"key": "nvidia.com/gpu", "value": "true", "effect": "NO_SCHEDULE"}],
     }
-    group = PolicyResource("aws:eks/nodeGroup:NodeGroup", props, "urn:ng", "training", OPTS, None, None, [], {})
+    group = PolicyResource(tok.EKS_NODE_GROUP, props, "urn:ng", "training", OPTS, None, None, [], {})
     reported: list[tuple[str, str | None]] = []
     policy = by_name("gpu-budget", StackValidationPolicy)
     policy.validate(StackValidationArgs([group], {"maxGpus": 8}), lambda m, u=None: reported.append((m, u)))
@@ -88,7 +89,7 @@ def test_preview_exits_3_on_a_mandatory_violation(
     the bad resource is injected next to the real program's: an untainted GPU node group."""
     bad_stack = tmp_path / "Pulumi.dev.yaml"
     bad_stack.write_text((REPO / "stacks" / "Pulumi.dev.yaml").read_text())
-    rogue = Res("aws:eks/nodeGroup:NodeGroup", "rogue-gpus", {"instanceTypes": ["g6.xlarge"], "taints": []})
+    rogue = Res(tok.EKS_NODE_GROUP, "rogue-gpus", {"instanceTypes": ["g6.xlarge"], "taints": []})
     monkeypatch.setattr(preview, "evaluate", lambda resources, ctx: evaluate([*resources, rogue], ctx))
     assert preview.main(["dev", "--config-file", str(bad_stack), "--json"]) == 3
     report = json.loads(capsys.readouterr().out)

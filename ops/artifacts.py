@@ -1,9 +1,9 @@
 """The artifacts a stack serves, made by the steps we own (docs/first-deploy.md, steps 5-7):
 
-    python -m infra.artifacts image-tag                                   # the tag for the current commit
-    python -m infra.artifacts push-image --stack dev --image serving [--dry-run]
-    python -m infra.artifacts upload-model --stack dev --model-dir DIR --name debug-llama [--dry-run]
-    python -m infra.artifacts put-api-keys --stack dev --keys-file keys [--hash]
+    python -m ops.artifacts image-tag                                   # the tag for the current commit
+    python -m ops.artifacts push-image --stack dev --image serving [--dry-run]
+    python -m ops.artifacts upload-model --stack dev --model-dir DIR --name debug-llama [--dry-run]
+    python -m ops.artifacts put-api-keys --stack dev --keys-file keys [--hash]
 
 Names come from the stack config the same way the program derives them (infra/preflight.py), so what these commands
 write is exactly what the preview-time checks look for. `make push-image` / `make upload-model` wrap the first two.
@@ -126,7 +126,7 @@ def _account_id(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.artifacts", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ops.artifacts", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("image-tag", help="print the image tag for the checked-out commit")
     push = sub.add_parser("push-image", help="build and push an image to the stack's ECR repository")

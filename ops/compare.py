@@ -1,4 +1,4 @@
-"""Compare two `infra.preview --json` reports (base branch vs head) as markdown for a PR comment.
+"""Compare two `ops.preview --json` reports (base branch vs head) as markdown for a PR comment.
 
 Resources are identified by type + name; a resource whose inputs differ is "changed" and the changed top-level input
 keys are listed. Policy verdicts are compared by (rule, resource, message); cost by the idle and peak totals.

@@ -4,7 +4,7 @@ Every resource registration is recorded (type, name, parent, inputs as the engin
 retain_on_delete, depends_on). Mocked outputs look like AWS's (ARNs, IDs, endpoints) for the stack's region, and
 every invoke the program makes is answered; an unanswered invoke is an error, not a silent `{}`.
 
-Used by `python -m infra.preview` and by the tests.
+Used by `python -m ops.preview` and by the tests.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pulumi
+
+from facts import pulumi_types as tok
 
 ACCOUNT_ID = "123456789012"
 
@@ -152,7 +154,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
         h = _digest(typ, name)
         s: dict[str, Any] = {}
         short = typ.rsplit(":", 1)[-1]
-        if typ == "aws:s3/bucket:Bucket":
+        if typ == tok.S3_BUCKET:
             bucket = inputs.get("bucket") or f"{name}-{_digest(typ, name, n=8)}"
             s = {
                 "bucket": bucket,
@@ -171,19 +173,19 @@ class RecordingMocks(pulumi.runtime.Mocks):
                     s["uniqueId"] = "AROA" + h.upper()[:17]
                 return physical, s
             return f"{physical}-{h[:8]}", s
-        if typ == "aws:kms/key:Key":
+        if typ == tok.KMS_KEY:
             kid = f"{h[:8]}-{h[8:12]}-4{h[12:15]}-a{h[15:17]}-{_digest(name, n=12)}"
             return kid, {"keyId": kid, "arn": self._arn("kms", f"key/{kid}")}
-        if typ == "aws:kms/alias:Alias":
+        if typ == tok.KMS_ALIAS:
             return physical, {"arn": self._arn("kms", physical), "targetKeyArn": inputs.get("targetKeyId")}
-        if typ == "aws:ecr/repository:Repository":
+        if typ == tok.ECR_REPOSITORY:
             repo = inputs.get("name", physical)
             return repo, {
                 "arn": self._arn("ecr", f"repository/{repo}"),
                 "repositoryUrl": f"{self.account_id}.dkr.ecr.{self.region}.amazonaws.com/{repo}",
                 "registryId": self.account_id,
             }
-        if typ == "aws:eks/cluster:Cluster":
+        if typ == tok.EKS_CLUSTER:
             return physical, {
                 "arn": self._arn("eks", f"cluster/{physical}"),
                 "endpoint": f"https://{h.upper()}{h[:15].upper()}.gr7.{self.region}.eks.amazonaws.com",
@@ -195,7 +197,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
                 "status": "ACTIVE",
                 "platformVersion": "eks.1",
             }
-        if typ == "aws:eks/nodeGroup:NodeGroup":
+        if typ == tok.EKS_NODE_GROUP:
             ng = inputs.get("nodeGroupName", physical)
             return f"{inputs.get('clusterName')}:{ng}", {
                 "arn": self._arn("eks", f"nodegroup/{inputs.get('clusterName')}/{ng}/{h[:8]}"),
@@ -204,31 +206,31 @@ class RecordingMocks(pulumi.runtime.Mocks):
                 # EKS names the managed Auto Scaling group after the node group (the autoscaler tags it).
                 "resources": [{"autoscalingGroups": [{"name": f"eks-{ng}-asg"}]}],
             }
-        if typ == "aws:sqs/queue:Queue":
+        if typ == tok.SQS_QUEUE:
             queue = inputs.get("name", physical)
             return f"https://sqs.{self.region}.amazonaws.com/{self.account_id}/{queue}", {
                 "url": f"https://sqs.{self.region}.amazonaws.com/{self.account_id}/{queue}",
                 "arn": self._arn("sqs", queue),
             }
-        if typ == "aws:amp/workspace:Workspace":
+        if typ == tok.AMP_WORKSPACE:
             ws = f"ws-{h[:8]}-{h[8:12]}-{h[12:16]}-{_digest(name, n=4)}-{_digest(typ, n=12)}"
             return ws, {
                 "arn": self._arn("aps", f"workspace/{ws}"),
                 "prometheusEndpoint": f"https://aps-workspaces.{self.region}.amazonaws.com/workspaces/{ws}/",
             }
-        if typ == "aws:amp/scraper:Scraper":
+        if typ == tok.AMP_SCRAPER:
             sid = f"s-{h[:8]}-{h[8:12]}"
             return sid, {
                 "arn": self._arn("aps", f"scraper/{sid}"),
                 "roleArn": f"arn:{self.partition}:iam::{self.account_id}:role/aws-service-role/"
                 "scraper.aps.amazonaws.com/AWSServiceRoleForAmazonPrometheusScraper",
             }
-        if typ == "aws:sagemaker/endpoint:Endpoint" or typ.startswith("aws:sagemaker/"):
+        if typ == tok.SAGEMAKER_ENDPOINT or typ.startswith("aws:sagemaker/"):
             kind = {"Model": "model", "EndpointConfiguration": "endpoint-config", "Endpoint": "endpoint"}.get(
                 short, "x"
             )
             return physical, {"arn": self._arn("sagemaker", f"{kind}/{physical.lower()}"), "name": physical}
-        if typ == "aws:cloudwatch/logGroup:LogGroup":
+        if typ == tok.CLOUDWATCH_LOG_GROUP:
             lg = inputs.get("name", physical)
             return lg, {"arn": self._arn("logs", f"log-group:{lg}")}
         prefixes = {
@@ -265,7 +267,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
         handler = self._invokes().get(args.token)
         if handler is None:
             raise NotImplementedError(
-                f"the mock engine has no answer for invoke {args.token}; add one to infra/mocks.py "
+                f"the mock engine has no answer for invoke {args.token}; add one to ops/mocks.py "
                 "so previews stay realistic"
             )
         return handler(dict(args.args))
@@ -274,35 +276,35 @@ class RecordingMocks(pulumi.runtime.Mocks):
         suffixes = "abcd"
         zone_prefix = {"us-east-1": "use1", "us-west-2": "usw2", "eu-west-1": "euw1"}.get(self.region, "xx1")
         return {
-            "aws:index/getAvailabilityZones:getAvailabilityZones": lambda a: {
+            tok.GET_AVAILABILITY_ZONES: lambda a: {
                 "names": [f"{self.region}{s}" for s in suffixes],
                 "zoneIds": [f"{zone_prefix}-az{i + 1}" for i in range(len(suffixes))],
                 "state": "available",
                 "id": self.region,
             },
-            "aws:index/getCallerIdentity:getCallerIdentity": lambda a: {
+            tok.GET_CALLER_IDENTITY: lambda a: {
                 "accountId": self.account_id,
                 "arn": f"arn:{self.partition}:iam::{self.account_id}:user/preview",
                 "userId": "AIDAPREVIEW",
                 "id": self.account_id,
             },
-            "aws:index/getPartition:getPartition": lambda a: {
+            tok.GET_PARTITION: lambda a: {
                 "partition": self.partition,
                 "dnsSuffix": "amazonaws.com",
                 "id": self.partition,
             },
             # Shaped like AWS's answer for the S3 prefix list; the ranges are illustrative, not the live list.
-            "aws:ec2/getPrefixList:getPrefixList": lambda a: {
+            tok.EC2_GET_PREFIX_LIST: lambda a: {
                 "id": f"pl-{_digest(a.get('name') or '', n=8)}",
                 "name": a.get("name") or "",
                 "cidrBlocks": ["52.216.0.0/15", "54.231.0.0/16", "3.5.0.0/19"],
             },
-            "aws:ecr/getImage:getImage": self._get_image,
-            "aws:s3/getObjects:getObjects": self._get_objects,
-            "aws:secretsmanager/getSecretVersion:getSecretVersion": self._get_secret_version,
-            "aws:eks/getCluster:getCluster": self._get_cluster,
-            "aws:ec2/getInstanceTypeOfferings:getInstanceTypeOfferings": self._get_offerings,
-            "aws:index/getRegion:getRegion": lambda a: {
+            tok.ECR_GET_IMAGE: self._get_image,
+            tok.S3_GET_OBJECTS: self._get_objects,
+            tok.SECRETSMANAGER_GET_SECRET_VERSION: self._get_secret_version,
+            tok.EKS_GET_CLUSTER: self._get_cluster,
+            tok.EC2_GET_INSTANCE_TYPE_OFFERINGS: self._get_offerings,
+            tok.GET_REGION: lambda a: {
                 "name": self.region,
                 "region": self.region,
                 "id": self.region,
@@ -458,7 +460,7 @@ def run_program(
         rec.protect = bool(opts.protect)
         rec.retain_on_delete = bool(opts.retain_on_delete)
         rec.ignore_changes = list(opts.ignore_changes or [])
-        if opts.parent is not None and opts.parent._type != "pulumi:pulumi:Stack":
+        if opts.parent is not None and opts.parent._type != tok.STACK:
             rec.parent = opts.parent._name
             rec.parent_type = opts.parent._type
         deps = opts.depends_on or []

@@ -1,12 +1,12 @@
 """Offline preview: run the real program for a stack under the recording mock engine and show what it declares.
 
-    python -m infra.preview dev                 # grouped, human-readable
-    python -m infra.preview prod --json         # machine-readable (PR tooling, diffs)
-    python -m infra.preview dev --config-file my-dev.yaml
-    python -m infra.preview dev --compare base-dev.json   # markdown for a PR comment: changes, verdicts, cost delta
+    python -m ops.preview dev                 # grouped, human-readable
+    python -m ops.preview prod --json         # machine-readable (PR tooling, diffs)
+    python -m ops.preview dev --config-file my-dev.yaml
+    python -m ops.preview dev --compare base-dev.json   # markdown for a PR comment: changes, verdicts, cost delta
 
 Evaluates the policy pack's rules (`policy.rules`) over the recorded resources and estimates the monthly cost
-(`infra.cost`). Needs no cloud account and no Pulumi CLI.
+(`ops.cost`). Needs no cloud account and no Pulumi CLI.
 Exit codes: 0 ok, 2 invalid stack configuration, 3 a mandatory policy rule is violated.
 """
 
@@ -20,33 +20,34 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from infra import cost as cost_estimate
+from facts import pulumi_types as tok
 from infra.capacity import required_quotas
 from infra.config import ConfigError, load_config, load_stack_file, project_name
-from infra.mocks import Account, Recorded, Run, run_program
+from ops import cost as cost_estimate
+from ops.mocks import Account, Recorded, Run, run_program
 from policy.rules import StackContext, evaluate, resources_from_report
 
 SECRET = "[secret]"
 
-CHART = "kubernetes:helm.sh/v4:Chart"
+CHART = tok.HELM_CHART
 """A Helm chart release: a (remote) component whose objects the provider renders at deploy time; under the mock
 engine it records as one resource with its inputs (chart, version, repositoryOpts, values), shown as one line here."""
 
 
 KEY_SETTINGS: dict[str, tuple[str, ...]] = {
-    "aws:ec2/vpc:Vpc": ("cidrBlock",),
-    "aws:ec2/subnet:Subnet": ("availabilityZone", "cidrBlock"),
-    "aws:ec2/natGateway:NatGateway": ("subnetId",),
-    "aws:ec2/vpcEndpoint:VpcEndpoint": ("serviceName", "vpcEndpointType"),
-    "aws:ec2/flowLog:FlowLog": ("trafficType", "logDestinationType"),
-    "aws:cloudwatch/logGroup:LogGroup": ("name", "retentionInDays"),
-    "aws:kms/key:Key": ("enableKeyRotation", "deletionWindowInDays"),
-    "aws:s3/bucket:Bucket": ("bucket", "forceDestroy"),
-    "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration": ("rules",),
-    "aws:ecr/repository:Repository": ("name", "imageTagMutability", "forceDelete"),
-    "aws:iam/role:Role": ("name",),
-    "aws:eks/cluster:Cluster": ("name", "version", "vpcConfig", "encryptionConfig", "enabledClusterLogTypes"),
-    "aws:eks/nodeGroup:NodeGroup": (
+    tok.EC2_VPC: ("cidrBlock",),
+    tok.EC2_SUBNET: ("availabilityZone", "cidrBlock"),
+    tok.EC2_NAT_GATEWAY: ("subnetId",),
+    tok.EC2_VPC_ENDPOINT: ("serviceName", "vpcEndpointType"),
+    tok.EC2_FLOW_LOG: ("trafficType", "logDestinationType"),
+    tok.CLOUDWATCH_LOG_GROUP: ("name", "retentionInDays"),
+    tok.KMS_KEY: ("enableKeyRotation", "deletionWindowInDays"),
+    tok.S3_BUCKET: ("bucket", "forceDestroy"),
+    tok.S3_BUCKET_SERVER_SIDE_ENCRYPTION_CONFIGURATION: ("rules",),
+    tok.ECR_REPOSITORY: ("name", "imageTagMutability", "forceDelete"),
+    tok.IAM_ROLE: ("name",),
+    tok.EKS_CLUSTER: ("name", "version", "vpcConfig", "encryptionConfig", "enabledClusterLogTypes"),
+    tok.EKS_NODE_GROUP: (
         "nodeGroupName",
         "amiType",
         "instanceTypes",
@@ -55,10 +56,10 @@ KEY_SETTINGS: dict[str, tuple[str, ...]] = {
         "labels",
         "taints",
     ),
-    "aws:eks/addon:Addon": ("addonName",),
-    "aws:eks/podIdentityAssociation:PodIdentityAssociation": ("namespace", "serviceAccount"),
-    "aws:sagemaker/endpointConfiguration:EndpointConfiguration": ("productionVariants",),
-    "aws:appautoscaling/target:Target": ("resourceId", "minCapacity", "maxCapacity"),
+    tok.EKS_ADDON: ("addonName",),
+    tok.EKS_POD_IDENTITY_ASSOCIATION: ("namespace", "serviceAccount"),
+    tok.SAGEMAKER_ENDPOINT_CONFIGURATION: ("productionVariants",),
+    tok.APPAUTOSCALING_TARGET: ("resourceId", "minCapacity", "maxCapacity"),
     CHART: ("chart", "version", "repositoryOpts", "namespace"),
 }
 
@@ -67,7 +68,7 @@ def preview(stack: str, config_file: Path | None = None, account: Account | None
     """Validate the stack's config, run the program under mocks, return the JSON report and the raw run.
 
     `account` models what already exists in AWS for the preview-time checks (default: every configured artifact
-    exists, no cluster yet; infra.mocks.Account)."""
+    exists, no cluster yet; ops.mocks.Account)."""
     values, source = load_stack_file(stack, config_file)
     cfg = load_config(values, stack, source)  # fails before any resource is registered
 
@@ -154,7 +155,7 @@ def _quotas_text(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.preview", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ops.preview", description=__doc__.split("\n\n")[0])
     parser.add_argument("stack", help="stack name: dev, staging, prod (reads stacks/Pulumi.<stack>.yaml)")
     parser.add_argument("--json", action="store_true", help="print the machine-readable report")
     parser.add_argument("--config-file", type=Path, help="preview this stack config file instead")
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if args.compare:
-        from infra.compare import compare_markdown
+        from ops.compare import compare_markdown
 
         base = json.loads(args.compare.read_text())
         print(compare_markdown(base, json.loads(json.dumps(report, default=str))))

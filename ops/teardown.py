@@ -1,4 +1,4 @@
-"""Tear a stack down so that nothing tagged for it is left: `python -m infra.teardown <stack>`.
+"""Tear a stack down so that nothing tagged for it is left: `python -m ops.teardown <stack>`.
 
 Phases, in this order because each one removes what would block or outlive the next:
 
@@ -10,7 +10,7 @@ Phases, in this order because each one removes what would block or outlive the n
    volumes) were created by controllers running *in* the cluster; once `pulumi destroy` removes the cluster and
    the controllers, nothing would ever delete them, and the load balancers' ENIs would block the VPC's deletion.
 3. Destroy: `pulumi destroy` through the Automation API.
-4. Sweep: the account/region is searched for anything still owned by the stack (see infra/sweep.py for how
+4. Sweep: the account/region is searched for anything still owned by the stack (see ops/sweep.py for how
    ownership is decided) and reported. `--force` deletes what was found, then sweeps again.
 
 Exit codes: 0 nothing left (the final sweep is clean and destroy succeeded); 1 leftovers, or a failed destroy or
@@ -30,10 +30,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from infra import automation
+from facts.tags import STACK_TAG
 from infra import outputs as keys
-from infra.sweep import Finding, Ownership, Sweeper, report_text
-from infra.tags import STACK_TAG
+from ops import automation
+from ops.sweep import Finding, Ownership, Sweeper, report_text
 
 EXIT_CLEAN = 0
 EXIT_LEFTOVERS = 1
@@ -254,7 +254,7 @@ class Resolved:
 def _load_outputs(args: argparse.Namespace, log: Log) -> dict[str, Any] | None:
     if args.outputs:
         data = json.loads(Path(args.outputs).read_text())
-        # `python -m infra.preview <stack> --json` wraps them in {"outputs": ...}; `pulumi stack output --json`
+        # `python -m ops.preview <stack> --json` wraps them in {"outputs": ...}; `pulumi stack output --json`
         # gives them bare.
         return dict(data.get("outputs", data)) if isinstance(data, dict) else {}
     if automation.pulumi_cli() is None:
@@ -431,7 +431,7 @@ def teardown_expired(args: argparse.Namespace, out: TextIO = sys.stdout, err: Te
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m infra.teardown",
+        prog="python -m ops.teardown",
         description="Destroy a stack and prove nothing tagged for it is left (exit 0 clean, 1 leftovers, "
         "2 refused / bad usage).",
     )

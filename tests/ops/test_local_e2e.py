@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _run(tmp_path: Path, *args: str, timeout: float) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.local_e2e", "--workdir", str(tmp_path), *args],
+        [sys.executable, "-m", "ops.local_e2e", "--workdir", str(tmp_path), *args],
         cwd=REPO,
         capture_output=True,
         text=True,

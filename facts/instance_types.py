@@ -3,7 +3,7 @@
 One table for everything that must agree about a node: config validation (a GPU pool must use GPU types; EFA only
 where supported), the GPU budget, the launch template's EFA interfaces (infra/cluster.py), the Cluster Autoscaler's
 node-template tags for scale-from-zero (infra/cluster_autoscaler.py), the `k8s.amazonaws.com/accelerator` node label,
-and the EFA devices a training pod requests by default (exported per pool, read by training/k8s_job.py).
+and the EFA devices a training pod requests by default (exported per pool, read by ops/training_k8s_job.py).
 
 Sources, checked 2026-11: the EC2 accelerated-computing instance type pages (GPU counts, GPU memory, vCPUs, memory)
 and the EC2 user guide's EFA section ("Supported instance types" and "Maximum EFA interfaces per instance" in

@@ -17,15 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from facts.cluster import TRAINING_METRICS_PORT as METRICS_PORT
+from facts.instance_types import GPU_INSTANCE_TYPES, NVME_INSTANCE_STORE_GB, efa_interfaces, has_gpudirect_rdma
 from infra import outputs as out
-from infra.instance_types import GPU_INSTANCE_TYPES, NVME_INSTANCE_STORE_GB, efa_interfaces, has_gpudirect_rdma
-from training.stack import require, training_pool
+from ops.stack_outputs import require, training_pool
 from training.torchrun import shutdown_timeout
 
 RDZV_PORT = 29500
-METRICS_PORT = 9400
-"""The trainer's Prometheus endpoint (`metrics_port`, training/metrics.py); the pods are annotated for the stack's
-`training` scrape job and `llm-training`'s network policy admits the monitoring namespace on it."""
 CONTAINER = "trainer"
 RDZV_READ_TIMEOUT_S = 900
 """c10d's store timeout (default 60 s). Pods start as their nodes arrive: from zero, pod 0's node (which hosts the
@@ -49,7 +47,7 @@ class TrainingJobSpec:
     nodes: int = 1
     efa_devices: int | None = None
     """EFA devices requested per pod when the pool has EFA. Default: all the node has, the pool's
-    `efa_interfaces_per_node` from the stack outputs (infra.instance_types: g6e.12xlarge 1, p4d 4, p5 32)."""
+    `efa_interfaces_per_node` from the stack outputs (facts.instance_types: g6e.12xlarge 1, p4d 4, p5 32)."""
     preset: str = "debug"
     data: str = ""
     """s3:// URI, or a key inside the stack's datasets bucket."""

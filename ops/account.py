@@ -1,6 +1,6 @@
 """One-time, account-level steps that must not be part of any environment stack's `pulumi up`.
 
-    python -m infra.account activate-cost-allocation-tags [--dry-run]
+    python -m ops.account activate-cost-allocation-tags [--dry-run]
 
 Cost-allocation tag activation is account-wide, may only be done by the payer (management) account of an AWS
 Organization, and works only for keys Billing has already seen on a resource (up to 24 hours after the first tagged
@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from infra.tags import STACK_TAG_KEYS
+from facts.tags import STACK_TAG_KEYS
 
 NOT_SEEN_HINT = (
     "Billing has not seen this key on a resource yet: it can be activated up to 24 hours after the first "
@@ -49,7 +49,7 @@ def activate(ce: Any, keys: tuple[str, ...] = STACK_TAG_KEYS) -> list[str]:
 
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr, ce: Any = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.account", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ops.account", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     act = sub.add_parser("activate-cost-allocation-tags", help="activate the llm-platform:* tag keys (payer account)")
     act.add_argument("--dry-run", action="store_true", help="print the request, change nothing")

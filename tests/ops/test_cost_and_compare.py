@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from infra import cost, preview
-from infra.compare import compare_markdown
-from infra.instance_types import GPU_INSTANCE_TYPES
+from facts import pulumi_types as tok
+from facts.instance_types import GPU_INSTANCE_TYPES
+from ops import cost, preview
+from ops.compare import compare_markdown
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_price_table_names_its_source_and_covers_every_gpu_type() -> None:
 
 def test_node_groups_cost_at_min_and_max() -> None:
     group = {
-        "type": "aws:eks/nodeGroup:NodeGroup",
+        "type": tok.EKS_NODE_GROUP,
         "name": "gpu",
         "inputs": {"instanceTypes": ["g6.xlarge"], "scalingConfig": {"minSize": 1.0, "maxSize": 3.0}},
     }
@@ -46,13 +47,13 @@ def test_node_groups_cost_at_min_and_max() -> None:
 def test_sagemaker_uses_autoscaling_bounds() -> None:
     resources = [
         {
-            "type": "aws:sagemaker/endpointConfiguration:EndpointConfiguration",
+            "type": tok.SAGEMAKER_ENDPOINT_CONFIGURATION,
             "name": "sm",
             "inputs": {"productionVariants": [{"variantName": "main", "instanceType": "ml.g5.xlarge",
                                                "initialInstanceCount": 1.0}]},
         },
         {
-            "type": "aws:appautoscaling/target:Target",
+            "type": tok.APPAUTOSCALING_TARGET,
             "name": "sm-target",
             "inputs": {"resourceId": "endpoint/llmp-dev/variant/main", "minCapacity": 1.0, "maxCapacity": 4.0},
         },
@@ -72,11 +73,11 @@ def test_dev_estimate_lists_items_and_assumptions(dev_report: dict) -> None:
 def test_compare_reports_changes_policy_and_cost(dev_report: dict) -> None:
     head = copy.deepcopy(dev_report)
     resources = head["resources"]
-    group = next(r for r in resources if r["type"] == "aws:eks/nodeGroup:NodeGroup" and r["name"].endswith("inference"))
+    group = next(r for r in resources if r["type"] == tok.EKS_NODE_GROUP and r["name"].endswith("inference"))
     group["inputs"]["scalingConfig"]["maxSize"] = 4.0
-    removed = next(r for r in resources if r["type"] == "aws:ec2/vpcEndpoint:VpcEndpoint")
+    removed = next(r for r in resources if r["type"] == tok.EC2_VPC_ENDPOINT)
     resources.remove(removed)
-    resources.append({"type": "aws:ec2/natGateway:NatGateway", "name": "network-nat-1", "parent": None,
+    resources.append({"type": tok.EC2_NAT_GATEWAY, "name": "network-nat-1", "parent": None,
                       "inputs": {}, "protect": False, "retain_on_delete": False, "depends_on": []})  # fmt: skip
     head["cost"] = cost.estimate(resources, "us-east-1")
     head["policy"] = copy.deepcopy(head["policy"])

@@ -1,0 +1,13 @@
+"""What the deployed program and the serving image agree on about the serving engines."""
+
+from __future__ import annotations
+
+ENGINES = ("builtin", "vllm")
+
+# --quantization choices (serving/quantize.py explains them). vLLM 0.33 `--quantization` values that fit a served
+# checkpoint (vllm/model_executor/layers/quantization/__init__.py QUANTIZATION_METHODS; the rest are model-specific).
+QUANTIZATIONS = {
+    "builtin": ("none", "int8"),
+    "vllm": ("none", "fp8", "awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors", "bitsandbytes"),
+}
+"""servingQuantization / `--quantization` choices per engine: a bad value fails at preview, not as a crash loop."""
