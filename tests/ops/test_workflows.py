@@ -252,9 +252,9 @@ sys.exit(3 if stack == "staging" else 0)  # staging: policy violated
 
 def test_offline_preview_script_handles_policy_failures_and_a_base_without_the_tool(tmp_path: Path) -> None:
     """Run the workflow's own script, under the runner's `bash -eo pipefail`, against a stub preview module."""
-    (tmp_path / "head" / "infra").mkdir(parents=True)
-    (tmp_path / "head" / "infra" / "__init__.py").write_text("")
-    (tmp_path / "head" / "infra" / "preview.py").write_text(STUB_PREVIEW)
+    (tmp_path / "head" / "ops").mkdir(parents=True)
+    (tmp_path / "head" / "ops" / "__init__.py").write_text("")
+    (tmp_path / "head" / "ops" / "preview.py").write_text(STUB_PREVIEW)
     (tmp_path / "base").mkdir()  # the base branch predates ops.preview
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / "bin" / "python").symlink_to(sys.executable)
@@ -323,16 +323,48 @@ def _closure(requirement_lines: list[str]) -> set[str]:
     return seen
 
 
+def _our_files(entries: list[str]) -> list[Path]:
+    """The files of our own modules that these entry points (modules or globs) import, transitively: what a job that
+    runs them executes from the checkout."""
+    import ast
+
+    todo = [p for e in entries for p in (sorted(REPO_ROOT.glob(e)) if "/" in e else [_module_file(e)])]
+    seen: list[Path] = []
+    while todo:
+        path = todo.pop()
+        if path is None or path in seen:
+            continue
+        seen.append(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            todo += [_module_file(n) for n in names]
+    return seen
+
+
+def _module_file(module: str) -> Path | None:
+    base = REPO_ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# What each workflow's jobs run from the checkout: the Pulumi program (`pulumi up` / `preview` runs infra/__main__.py)
+# and the policy pack (`policyPacks: policy`), `python -m ops.preview`, `python -m ops.teardown`, the nightly test.
 @pytest.mark.parametrize(
     ("workflow", "sources"),
     [
-        ("deploy.yml", ["infra/*.py", "policy/*.py"]),
-        ("pr-preview.yml", ["infra/*.py", "policy/*.py"]),
-        ("teardown.yml", ["infra/*.py"]),
-        ("ttl-sweep.yml", ["infra/*.py"]),
+        ("deploy.yml", ["infra.__main__", "policy.__main__"]),
+        ("pr-preview.yml", ["infra.__main__", "policy.__main__", "ops.preview"]),
+        ("teardown.yml", ["ops.teardown", "ops.automation"]),
+        ("ttl-sweep.yml", ["ops.teardown"]),
         (
             "nightly.yml",
-            ["infra/*.py", "tests/conftest.py", "tests/ops/conftest.py", "tests/ops/test_cloud_integration.py"],
+            ["ops.teardown", "tests/conftest.py", "tests/ops/conftest.py", "tests/ops/test_cloud_integration.py"],
         ),
     ],
 )
@@ -344,7 +376,8 @@ def test_the_slim_install_covers_every_import(workflow: str, sources: list[str])
     lines = [line for line in (REPO_ROOT / "requirements.txt").read_text().splitlines() if pattern.match(line)]
     installed = _closure(lines)
     providers = metadata.packages_distributions()
-    paths = [p for glob in sources for p in sorted(REPO_ROOT.glob(glob))]
+    paths = _our_files(sources)
+    assert len(paths) > len(sources)  # the entry points' own imports were followed
     missing = {}
     for module in _third_party_imports(paths):
         dists = {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(module, [module])}
