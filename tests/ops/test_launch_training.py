@@ -17,10 +17,10 @@ import yaml
 from infra import outputs as out
 from ops.stack_outputs import StackError, load_outputs, parse_outputs, training_pool
 from ops.training_k8s_job import TrainingJobSpec, render_training_job
-from tests.training.train_helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, STACK_OUTPUTS_DEV
 from training.sagemaker_entry import sagemaker_env, torchrun_argv
 
-FIXTURE = Path(__file__).parent / "fixtures" / "stack_outputs_dev.json"
+FIXTURE = STACK_OUTPUTS_DEV
 K8S_VERSION = "1.33"
 
 
@@ -193,8 +193,11 @@ def test_sagemaker_entry_reads_bare_container_files(tmp_path: Path) -> None:
         torchrun_argv({"bogus": "1"}, env)
 
 
-def test_sagemaker_train_entry_point_runs_a_job_end_to_end(corpus: Path, tmp_path: Path) -> None:
+def test_sagemaker_train_entry_point_runs_a_job_end_to_end(tmp_path: Path) -> None:
     """What `docker run <image> train` does on one CPU instance: hyperparameters in, model in SM_MODEL_DIR out."""
+    corpus = tmp_path / "train" / "corpus.txt"
+    corpus.parent.mkdir()
+    corpus.write_text("\n\n".join(["the quick brown fox jumps over the lazy dog."] * 200), encoding="utf-8")
     config = tmp_path / "config"
     config.mkdir()
     hp = {"preset": "debug", "max-steps": "4", "save-every": "2", "data.seq_len": "32",

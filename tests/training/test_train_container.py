@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train_helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 DOCKERFILE = REPO_ROOT / "containers" / "training.Dockerfile"
 HADOLINT = Path(sys.executable).with_name("hadolint")
