@@ -34,8 +34,8 @@ from infra.spot_interruptions import (
     NodeTerminationHandlerArgs,
     needs_node_termination_handler,
 )
-from ops.mocks import Recorded, RecordingMocks, Run, run_program
-from tests.helpers import REPO_ROOT
+from ops.mocks import Recorded, RecordingMocks, Run
+from tests.helpers import REPO_ROOT, run_component
 
 STACKS = ("dev", "staging", "prod")
 ACCOUNT = "123456789012"
@@ -84,7 +84,7 @@ def run_capacity(cfg: StackConfig) -> Run:
             outputs["scaled_object"] = so.scaled_object_name
         return outputs
 
-    return run_program(program, {}, cfg.stack, cfg.project, cfg.region, mocks=RecordingMocks(cfg.region))
+    return run_component(cfg, program, RecordingMocks(cfg.region))
 
 
 _runs: dict[str, tuple[StackConfig, Run]] = {}
