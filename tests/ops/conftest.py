@@ -1,4 +1,5 @@
-"""Fixtures for the operations tests: a moto account seeded with one stack's leftovers and things that must survive."""
+"""Fixtures for the operations tests: a moto account seeded with one stack's leftovers and things that must survive, and
+a fake Kubernetes API for the pre-destroy cleanup."""
 
 from __future__ import annotations
 
