@@ -141,7 +141,7 @@ _COVERED = {
 }
 
 
-def _arn_parts(arn: str) -> tuple[str, str, str]:
+def arn_parts(arn: str) -> tuple[str, str, str]:
     """(service, resource type, resource id) of an ARN; S3 bucket ARNs carry no type, so they get "bucket"."""
     parts = arn.split(":", 5)
     service, resource = parts[2], parts[5] if len(parts) > 5 else ""
@@ -467,7 +467,7 @@ class Sweeper:
                 if not match:
                     continue
                 arn = match.group(0)
-                service, kind, last = _arn_parts(arn)
+                service, kind, last = arn_parts(arn)
                 # Kinds a describe call above already judged (with their state: a terminated instance stays
                 # visible to the tagging API for a while, a deleted LB too) are not second-guessed here.
                 if (service, kind) in _COVERED or arn in known_arns or last in known_ids:

@@ -13,8 +13,6 @@ import pytest
 
 from ops.net import free_port, wait_http
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:

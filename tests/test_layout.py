@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import CONTAINERS_DIR, REPO_ROOT
 
 OURS = {"facts", "infra", "policy", "ops", "training", "serving", "tests", "bench"}
 ALLOWED = {
@@ -72,7 +72,7 @@ def test_facts_needs_nothing_but_the_standard_library() -> None:
 
 @pytest.mark.parametrize("dockerfile", sorted(IMAGES))
 def test_each_image_copies_exactly_the_packages_its_code_imports(dockerfile: str) -> None:
-    text = (REPO_ROOT / "containers" / dockerfile).read_text()
+    text = (CONTAINERS_DIR / dockerfile).read_text()
     copied = {m.group(1) for m in re.finditer(r"^COPY (?:--\S+ )*(\w+)/ /app/\1/$", text, re.M)}
     assert copied == IMAGES[dockerfile]
     # ... and what they copy needs nothing outside the image.

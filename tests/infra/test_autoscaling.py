@@ -6,7 +6,6 @@ stack. Our own Kubernetes objects are validated strictly; the ScaledObject again
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -35,9 +34,9 @@ from infra.spot_interruptions import (
     NodeTerminationHandlerArgs,
     needs_node_termination_handler,
 )
-from ops.mocks import Recorded, RecordingMocks, Run, run_program
+from ops.mocks import Recorded, RecordingMocks, Run
+from tests.helpers import REPO_ROOT, run_component
 
-REPO = Path(__file__).resolve().parents[2]
 STACKS = ("dev", "staging", "prod")
 ACCOUNT = "123456789012"
 PROMETHEUS = "http://prometheus.monitoring.svc:9090"
@@ -85,7 +84,7 @@ def run_capacity(cfg: StackConfig) -> Run:
             outputs["scaled_object"] = so.scaled_object_name
         return outputs
 
-    return run_program(program, {}, cfg.stack, cfg.project, cfg.region, mocks=RecordingMocks(cfg.region))
+    return run_component(cfg, program, RecordingMocks(cfg.region))
 
 
 _runs: dict[str, tuple[StackConfig, Run]] = {}
@@ -106,7 +105,7 @@ def keda_dev() -> tuple[StackConfig, Run]:
 
 
 def crd_schema() -> dict[str, Any]:
-    return json.loads((REPO / SCALED_OBJECT_CRD).read_text())
+    return json.loads((REPO_ROOT / SCALED_OBJECT_CRD).read_text())
 
 
 def k8s_objects(run: Run) -> list[Recorded]:
@@ -343,7 +342,7 @@ def test_scaled_object_schema_rejects_mistakes() -> None:
 
 
 def test_the_scaling_signal_is_a_metric_the_serving_container_emits() -> None:
-    source = (REPO / "serving" / "metrics.py").read_text()
+    source = (REPO_ROOT / "serving" / "metrics.py").read_text()
     assert '"llm_serving_inflight_requests"' in source
 
 

@@ -18,7 +18,8 @@ from infra.config import ConfigError, StackConfig
 from infra.config import load_stack as config
 from ops.account import activation_request
 from ops.account import main as account_main
-from ops.mocks import Run, run_program
+from ops.mocks import Run
+from tests.helpers import run_component
 
 BUDGET = tok.BUDGETS_BUDGET
 COST_TAG = tok.COSTEXPLORER_COST_ALLOCATION_TAG
@@ -29,7 +30,7 @@ def run_budgets(cfg: StackConfig) -> Run:
         budgets = Budgets("budgets", BudgetsArgs(cfg, stack_tags(cfg.stack, cfg.environment)))
         return {"budget": budgets.budget_name}
 
-    return run_program(program, {}, cfg.stack, cfg.project, cfg.region)
+    return run_component(cfg, program)
 
 
 @pytest.fixture(params=("dev", "staging", "prod"))

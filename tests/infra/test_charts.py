@@ -43,21 +43,37 @@ def installed(run: Run) -> dict[str, dict]:
     return out
 
 
+ALWAYS = {"cluster-autoscaler", "nvidia-device-plugin"}
+SHIPPED_CHARTS = {
+    # SPOT training and inference pools (spot interruptions), no EFA, metrics: in-cluster
+    "dev": ALWAYS | {"aws-node-termination-handler", "dcgm-exporter", "prometheus"},
+    # ON_DEMAND pools, trainingEfa: true, metrics: in-cluster
+    "staging": ALWAYS | {"aws-efa-k8s-device-plugin", "dcgm-exporter", "prometheus"},
+    # ON_DEMAND pools, trainingEfa: true, metrics: amp (the managed scraper, no Prometheus server in the cluster)
+    "prod": ALWAYS | {"aws-efa-k8s-device-plugin", "dcgm-exporter"},
+}
+"""What each shipped stack installs, read off stacks/Pulumi.<stack>.yaml (stated, not recomputed from the config)."""
+
+
 def test_every_shipped_stack_installs_only_pinned_charts(shipped: tuple) -> None:
     cfg, run = shipped
     charts = installed(run)
-    expected = {"cluster-autoscaler", "nvidia-device-plugin"}
-    expected |= {"aws-efa-k8s-device-plugin"} if any(p.efa for p in cfg.cluster.gpu_pools) else set()
-    expected |= (
-        {"aws-node-termination-handler"} if any(p.capacity_type == "SPOT" for p in cfg.cluster.gpu_pools) else set()
-    )
-    expected |= {"dcgm-exporter"} if cfg.observability.metrics != "none" else set()
-    expected |= {"prometheus"} if cfg.observability.metrics == "in-cluster" else set()
-    assert set(charts) == expected
+    assert set(charts) == SHIPPED_CHARTS[cfg.stack]
     # No hand-written controller is left: our own workloads are the serving Deployment only.
     deployments = [r for r in run.of_type(tok.K8S_DEPLOYMENT)]
     assert all(r.parent == "serving-eks" for r in deployments), [r.name for r in deployments]
     assert not run.of_type(tok.K8S_DAEMON_SET)
+
+
+def test_charts_follow_the_capacity_and_metrics_keys(run_stack: Callable[..., Run]) -> None:
+    """Each optional chart goes with its key: dev on demand and without metrics keeps only the two it always needs."""
+    on_demand = {"llm-platform:trainingCapacityType": "ON_DEMAND", "llm-platform:inferenceCapacityType": "ON_DEMAND"}
+    assert set(installed(run_stack("dev", on_demand))) == ALWAYS | {"dcgm-exporter", "prometheus"}
+    assert set(installed(run_stack("dev", {**on_demand, "llm-platform:metrics": "none"}))) == ALWAYS
+    assert set(installed(run_stack("dev", {"llm-platform:metrics": "amp"}))) == ALWAYS | {
+        "aws-node-termination-handler",
+        "dcgm-exporter",
+    }
 
 
 def test_keda_and_the_load_balancer_controller_install_when_used(run_stack: Callable[..., Run]) -> None:

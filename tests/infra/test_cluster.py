@@ -23,7 +23,8 @@ from infra.cluster import (
 )
 from infra.config import GPU_TAINT, POOL_LABEL, ConfigError, StackConfig
 from infra.config import load_stack as stack_config
-from ops.mocks import Run, run_program
+from ops.mocks import Run
+from tests.helpers import run_component
 
 KMS_ARN = "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-4333-a444-555555555555"
 SUBNETS = ["subnet-aaa", "subnet-bbb"]
@@ -58,7 +59,7 @@ def run_cluster(cfg: StackConfig, **extra: Any) -> Run:
             "node_groups": sorted(cluster.node_groups),
         }
 
-    return run_program(program, {}, cfg.stack, cfg.project, cfg.region)
+    return run_component(cfg, program)
 
 
 @pytest.fixture

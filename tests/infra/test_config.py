@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from infra.config import REPO_ROOT, ConfigError, load_config, load_stack_file, schema
+from infra.config import ConfigError, load_config, load_stack_file, schema
 from ops.mocks import RecordingMocks, config_strings, run_program
+from tests.helpers import REPO_ROOT
 
 P = "llm-platform:"
 

@@ -21,7 +21,7 @@ from facts import pulumi_types as tok
 from infra import outputs as out
 from infra.access import deployer_path_problems, kubernetes_provider_urn, runner_label, runner_project_name
 from infra.capacity import required_quotas
-from infra.config import EGRESS_HINT, REPO_ROOT, ConfigError, load_stack, load_stack_file, project_name
+from infra.config import EGRESS_HINT, ConfigError, load_stack, load_stack_file, project_name
 from infra.preflight import (
     PreflightError,
     RunningVariant,
@@ -32,9 +32,10 @@ from infra.preflight import (
 )
 from ops.mocks import Account, Recorded, RecordingMocks, Run, run_program
 from ops.preview import preview
+from tests.helpers import WORKFLOWS_DIR
 
 P = "llm-platform:"
-DEPLOY = REPO_ROOT / ".github" / "workflows" / "deploy.yml"
+DEPLOY = WORKFLOWS_DIR / "deploy.yml"
 ACCOUNT = "123456789012"
 
 

@@ -8,11 +8,12 @@ from typing import Any
 import pulumi_kubernetes as k8s
 import pytest
 
-from infra.charts import CHART_TYPE, CHARTS
+from infra.charts import CHARTS
 from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
 from infra.config import load_stack as config
 from infra.gpu_plugins import GpuDevicePlugins, GpuDevicePluginsArgs
-from ops.mocks import Recorded, Run, run_program
+from ops.mocks import Recorded, Run
+from tests.helpers import chart_records, run_component
 
 _runs: dict[str, tuple[StackConfig, Run, tuple[str, ...]]] = {}
 
@@ -25,7 +26,7 @@ def run_plugins(cfg: StackConfig) -> tuple[Run, tuple[str, ...]]:
         advertised.append(plugins.advertised)
         return {}
 
-    return run_program(program, {}, cfg.stack, cfg.project, cfg.region), advertised[0]
+    return run_component(cfg, program), advertised[0]
 
 
 @pytest.fixture(params=["dev", "staging", "prod"])
@@ -37,7 +38,7 @@ def stack(request: pytest.FixtureRequest) -> tuple[StackConfig, Run, tuple[str, 
 
 
 def chart(run: Run, key: str) -> Recorded | None:
-    found = [r for r in run.of_type(CHART_TYPE) if r.inputs["chart"] == CHARTS[key].chart]
+    found = chart_records(run, key)
     assert len(found) <= 1
     if found:
         rec = found[0]

@@ -33,9 +33,10 @@ from infra.prometheus import (
     scrape_config,
 )
 from ops.mocks import Recorded, RecordingMocks, Run, run_program
+from tests.helpers import REPO_ROOT as REPO
+from tests.helpers import STACK_OUTPUTS_DEV
 from tests.infra.scheduling import can_schedule
 
-REPO = Path(__file__).resolve().parents[2]
 STACKS = ("dev", "staging", "prod")
 ACCOUNT = "123456789012"
 ENDPOINT = "llmp-endpoint"
@@ -174,7 +175,7 @@ def test_training_pods_are_annotated_for_the_training_job() -> None:
     from ops.stack_outputs import load_outputs
     from ops.training_k8s_job import TrainingJobSpec, render_training_job
 
-    outputs = load_outputs("dev", str(REPO / "tests" / "training" / "fixtures" / "stack_outputs_dev.json"))
+    outputs = load_outputs("dev", str(STACK_OUTPUTS_DEV))
     _, job = render_training_job(TrainingJobSpec(name="run1", data="d"), outputs)
     template = job["spec"]["template"]
     assert job["metadata"]["namespace"] == "llm-training"

@@ -18,7 +18,8 @@ from infra.sagemaker_endpoint import (
     SageMakerEndpointArgs,
     has_instance_storage,
 )
-from ops.mocks import Run, run_program
+from ops.mocks import Run
+from tests.helpers import run_component
 
 ROLE = "arn:aws:iam::123456789012:role/llmp-dev-sagemaker"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/llmp-dev-serving:0.1.0"
@@ -50,7 +51,7 @@ def run_endpoint(cfg: StackConfig, image: str = IMAGE) -> Run:
         )
         return {"endpoint_name": endpoint.endpoint_name}
 
-    return run_program(program, {}, cfg.stack, cfg.project, cfg.region)
+    return run_component(cfg, program)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from infra.config import GPU_TAINT, StackConfig, load_config, load_stack_file
 from infra.gpu_plugins import PLUGIN_RESOURCES
 from ops.mocks import Run
 from ops.training_k8s_job import TrainingJobSpec, render_training_job
+from tests.helpers import chart_records
 from tests.infra.scheduling import (
     EFA_RESOURCE,
     GPU_RESOURCE,
@@ -217,7 +218,7 @@ def advertised(run: Run) -> tuple[str, ...]:
 
 
 def plugin_pod(run: Run, key: str) -> dict[str, Any]:
-    (rec,) = [r for r in run.of_type(CHART_TYPE) if r.inputs["chart"] == CHARTS[key].chart]
+    (rec,) = chart_records(run, key)
     return chart_pod_spec(key, rec.inputs["values"])
 
 

@@ -1,4 +1,5 @@
-"""Fixtures for the operations tests: a moto account seeded with one stack's leftovers and things that must survive."""
+"""Fixtures for the operations tests: a moto account seeded with one stack's leftovers and things that must survive, and
+a fake Kubernetes API for the pre-destroy cleanup."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 import boto3
 import pytest
+from kubernetes import client as k
+from kubernetes.client.exceptions import ApiException
 
 from facts.tags import stack_tags
 
@@ -261,3 +264,153 @@ def seeded(aws_env: str, moto_reset: None) -> Iterator[Seeded]:
         seed.classic_elb("shared-elb", {f"kubernetes.io/cluster/{CLUSTER}": "shared"}),
     )
     yield s
+
+
+# -- a Kubernetes cluster for the pre-destroy cleanup ---------------------------------------------------------------
+
+
+def _meta(ns: str | None, name: str) -> k.V1ObjectMeta:
+    return k.V1ObjectMeta(namespace=ns, name=name)
+
+
+class FakeCluster:
+    """Stands in for CoreV1Api/NetworkingV1Api in the pre-destroy Kubernetes cleanup (no cluster here): it answers the
+    list, read and delete calls ops.teardown makes with the kubernetes client's own model objects.
+
+    Objects by kind; a deleted object disappears after `linger` more list calls (its finalizers running)."""
+
+    def __init__(self, linger: int = 1) -> None:
+        self.linger = linger
+        self.objects: dict[tuple[str, str, str], Any] = {}
+        self.terminating: dict[tuple[str, str, str], int] = {}
+        self.calls: list[str] = []
+        self.stuck: set[tuple[str, str, str]] = set()
+
+    def add(self, kind: str, obj: Any) -> None:
+        self.objects[(kind, obj.metadata.namespace or "", obj.metadata.name)] = obj
+
+    def _tick(self) -> None:
+        for key in list(self.terminating):
+            self.terminating[key] -= 1
+            if self.terminating[key] <= 0 and key not in self.stuck and self._released(key):
+                self.objects.pop(key, None)
+                self.terminating.pop(key)
+
+    def _released(self, key: tuple[str, str, str]) -> bool:
+        if key[0] == "PersistentVolumeClaim":  # pvc-protection: no pod may still mount it
+            return not any(
+                kind == "Pod"
+                and any(
+                    v.persistent_volume_claim and v.persistent_volume_claim.claim_name == key[2]
+                    for v in pod.spec.volumes or []
+                )
+                for (kind, _, _), pod in self.objects.items()
+            )
+        return True
+
+    def _list(self, kind: str, wrapper: Any) -> Any:
+        self._tick()
+        # PVs whose claim is gone and whose policy is Delete are removed by the (imitated) CSI provisioner.
+        claims = {o.spec.volume_name for (kd, _, _), o in self.objects.items() if kd == "PersistentVolumeClaim"}
+        for key, pv in list(self.objects.items()):
+            if (
+                key[0] == "PersistentVolume"
+                and pv.spec.persistent_volume_reclaim_policy == "Delete"
+                and key[2] not in claims
+                and key not in self.stuck
+            ):
+                self.objects.pop(key)
+        return wrapper(items=[o for (kd, _, _), o in self.objects.items() if kd == kind])
+
+    def _delete(self, kind: str, name: str, namespace: str, body: k.V1DeleteOptions) -> None:
+        assert body.propagation_policy == "Foreground"
+        self.calls.append(f"{kind} {namespace}/{name}")
+        key = (kind, namespace, name)
+        if key not in self.objects:
+            raise ApiException(status=404, reason="Not Found")
+        self.terminating.setdefault(key, self.linger)
+
+    # -- the CoreV1Api / NetworkingV1Api surface used by ops.teardown
+    def list_service_for_all_namespaces(self, *, _request_timeout: object) -> k.V1ServiceList:
+        return self._list("Service", k.V1ServiceList)
+
+    def list_ingress_for_all_namespaces(self, *, _request_timeout: object) -> k.V1IngressList:
+        return self._list("Ingress", k.V1IngressList)
+
+    def list_persistent_volume_claim_for_all_namespaces(
+        self, *, _request_timeout: object
+    ) -> k.V1PersistentVolumeClaimList:
+        return self._list("PersistentVolumeClaim", k.V1PersistentVolumeClaimList)
+
+    def list_persistent_volume(self, *, _request_timeout: object) -> k.V1PersistentVolumeList:
+        return self._list("PersistentVolume", k.V1PersistentVolumeList)
+
+    def list_pod_for_all_namespaces(self, *, _request_timeout: object) -> k.V1PodList:
+        return self._list("Pod", k.V1PodList)
+
+    def read_persistent_volume(self, name: str, *, _request_timeout: object) -> k.V1PersistentVolume:
+        return self.objects[("PersistentVolume", "", name)]
+
+    def delete_namespaced_service(
+        self, name: str, namespace: str, body: k.V1DeleteOptions, *, _request_timeout: object
+    ) -> None:
+        self._delete("Service", name, namespace, body)
+
+    def delete_namespaced_ingress(
+        self, name: str, namespace: str, body: k.V1DeleteOptions, *, _request_timeout: object
+    ) -> None:
+        self._delete("Ingress", name, namespace, body)
+
+    def delete_namespaced_persistent_volume_claim(
+        self, name: str, namespace: str, body: k.V1DeleteOptions, *, _request_timeout: object
+    ) -> None:
+        self._delete("PersistentVolumeClaim", name, namespace, body)
+
+    def delete_namespaced_pod(
+        self, name: str, namespace: str, body: k.V1DeleteOptions, *, _request_timeout: object
+    ) -> None:
+        self._delete("Pod", name, namespace, body)
+
+
+def _sample_cluster() -> FakeCluster:
+    c = FakeCluster()
+    lb = k.V1ServiceSpec(type="LoadBalancer")
+    c.add("Service", k.V1Service(metadata=_meta("serving", "gateway"), spec=lb))
+    c.add("Service", k.V1Service(metadata=_meta("serving", "engine"), spec=k.V1ServiceSpec(type="ClusterIP")))
+    c.add("Service", k.V1Service(metadata=_meta("default", "kubernetes"), spec=k.V1ServiceSpec(type="ClusterIP")))
+    c.add("Ingress", k.V1Ingress(metadata=_meta("serving", "api")))
+    for ns, claim, pv, policy in (("training", "scratch", "pv-1", "Delete"), ("serving", "cache", "pv-2", "Retain")):
+        c.add(
+            "PersistentVolumeClaim",
+            k.V1PersistentVolumeClaim(metadata=_meta(ns, claim), spec=k.V1PersistentVolumeClaimSpec(volume_name=pv)),
+        )
+        c.add(
+            "PersistentVolume",
+            k.V1PersistentVolume(
+                metadata=_meta(None, pv), spec=k.V1PersistentVolumeSpec(persistent_volume_reclaim_policy=policy)
+            ),
+        )
+    c.add(
+        "PersistentVolumeClaim",
+        k.V1PersistentVolumeClaim(  # pending: never bound, no PV
+            metadata=_meta("training", "unbound"), spec=k.V1PersistentVolumeClaimSpec()
+        ),
+    )
+    mount = k.V1Volume(name="data", persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(claim_name="scratch"))
+    c.add("Pod", k.V1Pod(metadata=_meta("training", "trainer-0"), spec=k.V1PodSpec(containers=[], volumes=[mount])))
+    c.add(
+        "Pod",
+        k.V1Pod(
+            metadata=_meta("serving", "engine-0"),
+            spec=k.V1PodSpec(containers=[], volumes=[k.V1Volume(name="tmp", empty_dir=k.V1EmptyDirVolumeSource())]),
+        ),
+    )
+    return c
+
+
+@pytest.fixture
+def kube_cluster() -> FakeCluster:
+    """A cluster holding what the cleanup must handle: a LoadBalancer Service and an Ingress (AWS load balancers),
+    bound claims on Delete and Retain volumes, a pending claim, a pod mounting a claim and one that mounts none, and
+    objects that own nothing in AWS. Deleted objects linger for one list call; set `linger` for longer."""
+    return _sample_cluster()

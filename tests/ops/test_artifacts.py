@@ -15,11 +15,12 @@ import yaml
 from moto import mock_aws
 
 from facts import pulumi_types as tok
-from infra.config import REPO_ROOT, load_stack, load_stack_file
+from infra.config import load_stack, load_stack_file
 from infra.preflight import api_keys_secret_name, models_bucket_name, serving_repository_name
 from ops import artifacts
 from ops.mocks import Account
 from ops.preview import preview
+from tests.helpers import DOCS_DIR, REPO_ROOT
 
 ACCOUNT = "123456789012"
 
@@ -140,7 +141,7 @@ def test_put_api_keys_refuses_a_malformed_keys_file(tmp_path: Path) -> None:
         artifacts.keys_file_text(bad, hash_keys=False)
 
 
-RUNBOOK = REPO_ROOT / "docs" / "first-deploy.md"
+RUNBOOK = DOCS_DIR / "first-deploy.md"
 
 
 def _runbook_commands() -> list[str]:

@@ -30,8 +30,8 @@ import pytest
 from infra import outputs as keys
 from ops import automation, teardown
 from ops.net import free_port
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_ID_ENV = "LLM_PLATFORM_ITEST_RUN_ID"
 CLIENT_CIDR_ENV = "LLM_PLATFORM_ITEST_CLIENT_CIDR"
 # Kubernetes taint effects as the EKS API spells them.

@@ -36,12 +36,14 @@ def test_node_groups_cost_at_min_and_max() -> None:
         "inputs": {"instanceTypes": ["g6.xlarge"], "scalingConfig": {"minSize": 1.0, "maxSize": 3.0}},
     }
     est = cost.estimate([group], "us-east-1")
-    hourly = cost.price_table()["regions"]["us-east-1"]["ec2_hour"]["g6.xlarge"]
-    assert est["idle_monthly"] == pytest.approx(hourly * 730, abs=0.01)
-    assert est["peak_monthly"] == pytest.approx(hourly * 730 * 3, abs=0.01)
+    # g6.xlarge on demand in us-east-1: $0.8048/h, 730 h a month; one node idle, three at peak.
+    assert est["idle_monthly"] == pytest.approx(587.50, abs=0.01)
+    assert est["peak_monthly"] == pytest.approx(1762.51, abs=0.01)
     spot = copy.deepcopy(group)
     spot["inputs"]["capacityType"] = "SPOT"
-    assert cost.estimate([spot], "us-east-1")["idle_monthly"] < est["idle_monthly"]
+    spot_idle = cost.estimate([spot], "us-east-1")["idle_monthly"]
+    assert spot_idle < est["idle_monthly"]
+    assert spot_idle == pytest.approx(234.99, abs=0.01)  # the recorded 60% spot discount: $0.3219/h
 
 
 def test_sagemaker_uses_autoscaling_bounds() -> None:
@@ -60,6 +62,9 @@ def test_sagemaker_uses_autoscaling_bounds() -> None:
     ]  # fmt: skip
     est = cost.estimate(resources, "us-east-1")
     assert est["peak_monthly"] == pytest.approx(est["idle_monthly"] * 4, abs=0.05)
+    # ml.g5.xlarge hosting in us-east-1: $1.408/h x 730 h, one instance idle, four at peak.
+    assert est["idle_monthly"] == pytest.approx(1027.84, abs=0.01)
+    assert est["peak_monthly"] == pytest.approx(4111.36, abs=0.01)
 
 
 def test_dev_estimate_lists_items_and_assumptions(dev_report: dict) -> None:
@@ -75,7 +80,7 @@ def test_compare_reports_changes_policy_and_cost(dev_report: dict) -> None:
     resources = head["resources"]
     group = next(r for r in resources if r["type"] == tok.EKS_NODE_GROUP and r["name"].endswith("inference"))
     group["inputs"]["scalingConfig"]["maxSize"] = 4.0
-    removed = next(r for r in resources if r["type"] == tok.EC2_VPC_ENDPOINT)
+    removed = next(r for r in resources if r["type"] == tok.EC2_VPC_ENDPOINT and r["name"] == "network-s3")
     resources.remove(removed)
     resources.append({"type": tok.EC2_NAT_GATEWAY, "name": "network-nat-1", "parent": None,
                       "inputs": {}, "protect": False, "retain_on_delete": False, "depends_on": []})  # fmt: skip
@@ -93,9 +98,16 @@ def test_compare_reports_changes_policy_and_cost(dev_report: dict) -> None:
     assert f"| - | `aws:ec2/vpcEndpoint:VpcEndpoint` | `{removed['name']}` |" in md
     assert "| + | `aws:ec2/natGateway:NatGateway` | `network-nat-1` |" in md
     assert "1 new mandatory violation(s)" in md and "| new | mandatory | `gpu-node-groups-tainted`" in md
-    idle_delta = head["cost"]["idle_monthly"] - dev_report["cost"]["idle_monthly"]
-    assert f"({'+' if idle_delta >= 0 else '-'}${abs(idle_delta):,.2f}/mo)" in md
+    # Stated, not recomputed: the S3 gateway endpoint is free, a NAT gateway is $0.045/h x 730 h = $32.85 idle and
+    # peak; two more spot g6.xlarge at peak add 2 x 730 h x $0.3219/h (the item rounds to cents: $469.98).
+    assert "(+$32.85/mo), peak" in md and "(+$502.83/mo)**" in md
     assert "**Monthly cost delta**" in md
+    assert "| `network-nat-1` | NAT gateway | +$32.85 | +$32.85 |" in md
+    assert "| `cluster-inference` | node group g6.xlarge spot | +$0.00 | +$469.98 |" in md
+    assert "| **total** | | **+$32.85** | **+$502.83** |" in md
+    # ...and the other way round, the same amounts go negative.
+    back = compare_markdown(head, dev_report)
+    assert "(-$32.85/mo), peak" in back and "(-$502.83/mo)**" in back
 
 
 def test_compare_cli_against_itself(dev_report: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

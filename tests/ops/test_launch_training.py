@@ -16,10 +16,10 @@ import yaml
 from infra import outputs as out
 from ops.stack_outputs import StackError, load_outputs, parse_outputs, training_pool
 from ops.training_k8s_job import TrainingJobSpec, render_training_job
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, STACK_OUTPUTS_DEV
 from training.sagemaker_entry import torchrun_argv
 
-FIXTURE = Path(__file__).parent / "fixtures" / "stack_outputs_dev.json"
+FIXTURE = STACK_OUTPUTS_DEV
 K8S_VERSION = "1.33"
 
 

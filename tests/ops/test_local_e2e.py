@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO_ROOT
 
 
 def _run(tmp_path: Path, *args: str, timeout: float) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", "ops.local_e2e", "--workdir", str(tmp_path), *args],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,

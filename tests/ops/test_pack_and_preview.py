@@ -21,8 +21,8 @@ from facts import pulumi_types as tok
 from ops import preview
 from policy import pack
 from policy.rules import RULES, Res, StackContext, evaluate
+from tests.helpers import REPO_ROOT, STACKS_DIR
 
-REPO = Path(__file__).resolve().parents[2]
 OPTS = PolicyResourceOptions(False, [], None, [], PolicyCustomTimeouts(0, 0, 0), [])
 
 
@@ -33,7 +33,7 @@ def by_name(name: str, kind: type) -> object:
 def test_every_rule_becomes_a_policy_at_its_level() -> None:
     policies = pack.policies()
     assert {p.name for p in policies} == {r.name for r in RULES}
-    assert not (REPO / "policy" / "__main__.py").read_text().count("def ")  # only builds the pack
+    assert not (REPO_ROOT / "policy" / "__main__.py").read_text().count("def ")  # only builds the pack
 
 
 def test_resource_policy_reports_through_pulumi_policy() -> None:
@@ -61,7 +61,7 @@ def test_stack_policy_uses_policy_config_for_the_budget() -> None:
 
 
 def test_pack_reads_the_stack_config_from_pulumi_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    values = yaml.safe_load((REPO / "stacks" / "Pulumi.prod.yaml").read_text())["config"]
+    values = yaml.safe_load((STACKS_DIR / "Pulumi.prod.yaml").read_text())["config"]
     env = {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
     monkeypatch.setenv("PULUMI_CONFIG", json.dumps(env))
     monkeypatch.setenv("PULUMI_STACK", "prod")
@@ -88,7 +88,7 @@ def test_preview_exits_3_on_a_mandatory_violation(
     """Config validation already rejects what it can (open API CIDRs, unprotected prod data, over-budget GPUs), so
     the bad resource is injected next to the real program's: an untainted GPU node group."""
     bad_stack = tmp_path / "Pulumi.dev.yaml"
-    bad_stack.write_text((REPO / "stacks" / "Pulumi.dev.yaml").read_text())
+    bad_stack.write_text((STACKS_DIR / "Pulumi.dev.yaml").read_text())
     rogue = Res(tok.EKS_NODE_GROUP, "rogue-gpus", {"instanceTypes": ["g6.xlarge"], "taints": []})
     monkeypatch.setattr(preview, "evaluate", lambda resources, ctx: evaluate([*resources, rogue], ctx))
     assert preview.main(["dev", "--config-file", str(bad_stack), "--json"]) == 3
@@ -99,7 +99,7 @@ def test_preview_exits_3_on_a_mandatory_violation(
 
 
 def test_advisory_only_verdicts_exit_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    values = yaml.safe_load((REPO / "stacks" / "Pulumi.prod.yaml").read_text())
+    values = yaml.safe_load((STACKS_DIR / "Pulumi.prod.yaml").read_text())
     values["config"]["llm-platform:natGateways"] = "single"  # allowed by config, advised against by policy
     stack_file = tmp_path / "Pulumi.prod.yaml"
     stack_file.write_text(yaml.safe_dump(values))

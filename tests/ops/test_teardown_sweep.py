@@ -19,10 +19,9 @@ import pytest
 from facts.tags import STACK_TAG, stack_tags
 from infra import outputs as keys
 from ops import automation, teardown
-from ops.sweep import Ownership
-from tests.ops.conftest import CLUSTER, OTHER_STACK, REGION, STACK, Seeded
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ops.sweep import Ownership, arn_parts
+from tests.helpers import REPO_ROOT
+from tests.ops.conftest import CLUSTER, OTHER_STACK, REGION, STACK, FakeCluster, Seeded
 
 
 def _by_kind(findings: list[dict]) -> dict[str, set[str]]:
@@ -257,17 +256,15 @@ def test_module_entry_point_runs(aws_env: str, moto_reset: None) -> None:
     ],
 )
 def test_arn_parts(arn: str, parts: tuple[str, str, str]) -> None:
-    from ops.sweep import _arn_parts
-
-    assert _arn_parts(arn) == parts
+    assert arn_parts(arn) == parts
 
 
-def test_full_teardown_runs_phases_in_order(monkeypatch: pytest.MonkeyPatch, aws_env: str, moto_reset: None) -> None:
+def test_full_teardown_runs_phases_in_order(
+    monkeypatch: pytest.MonkeyPatch, aws_env: str, moto_reset: None, kube_cluster: FakeCluster
+) -> None:
     """Kubernetes cleanup, then destroy, then sweep; the CLI-backed steps are replaced, the sweep is real."""
-    from tests.ops.test_kubernetes_cleanup import _cluster
-
     events: list[str] = []
-    cluster = _cluster()
+    cluster = kube_cluster
     monkeypatch.setattr(automation, "pulumi_cli", lambda: "/usr/local/bin/pulumi")
     monkeypatch.setattr(
         automation,

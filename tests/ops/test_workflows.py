@@ -15,12 +15,9 @@ import pytest
 import yaml
 
 from ops import teardown
+from tests.helpers import REPO_ROOT, STACKS_DIR, WORKFLOWS_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-WORKFLOWS = REPO_ROOT / ".github" / "workflows"
-STACKS = sorted(
-    p.name.removeprefix("Pulumi.").removesuffix(".yaml") for p in (REPO_ROOT / "stacks").glob("Pulumi.*.yaml")
-)
+STACKS = sorted(p.name.removeprefix("Pulumi.").removesuffix(".yaml") for p in STACKS_DIR.glob("Pulumi.*.yaml"))
 PINNED = re.compile(r"^[\w.-]+/[\w.-]+(/[\w./-]+)?@[0-9a-f]{40}$")
 """A full commit SHA: a tag (`@v4`) is mutable, and whoever controls the action's repository can move it."""
 USES_LINE = re.compile(r"^\s*(?:- )?uses:\s*(?P<ref>\S+)(?P<comment>.*)$")
@@ -30,7 +27,7 @@ ZIZMOR_IGNORES = {("pr-preview-comment.yml", "dangerous-triggers")}
 
 
 def _load(name: str) -> dict[str, Any]:
-    doc = yaml.safe_load((WORKFLOWS / name).read_text())
+    doc = yaml.safe_load((WORKFLOWS_DIR / name).read_text())
     # YAML 1.1 reads the bare key `on` as the boolean True.
     if True in doc:
         doc["on"] = doc.pop(True)
@@ -38,7 +35,7 @@ def _load(name: str) -> dict[str, Any]:
 
 
 def _all() -> dict[str, dict[str, Any]]:
-    return {p.name: _load(p.name) for p in sorted(WORKFLOWS.glob("*.yml"))}
+    return {p.name: _load(p.name) for p in sorted(WORKFLOWS_DIR.glob("*.yml"))}
 
 
 def _steps(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -62,7 +59,7 @@ def test_expected_workflows_exist() -> None:
 
 def test_workflows_validate_against_the_github_schema() -> None:
     exe = Path(sys.executable).with_name("check-jsonschema")
-    files = [str(p) for p in sorted(WORKFLOWS.glob("*.yml"))]
+    files = [str(p) for p in sorted(WORKFLOWS_DIR.glob("*.yml"))]
     proc = subprocess.run(
         [str(exe), "--builtin-schema", "vendor.github-workflows", *files], capture_output=True, text=True, timeout=120
     )
@@ -79,7 +76,7 @@ def test_schema_check_can_fail(tmp_path: Path) -> None:
     assert proc.returncode != 0
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in WORKFLOWS.glob("*.yml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in WORKFLOWS_DIR.glob("*.yml")))
 def test_least_privilege_pinned_and_no_injection(name: str) -> None:
     wf = _load(name)
     assert wf["permissions"] == {}, "grant nothing at the top; each job asks for what it needs"
@@ -391,7 +388,7 @@ def test_every_action_is_pinned_to_a_commit_with_its_version_beside_it() -> None
     # Dependabot) reads; one action is pinned to one commit across all workflows, so an upgrade is one decision.
     pins: dict[str, set[tuple[str, str]]] = {}
     lines = 0
-    for path in sorted(WORKFLOWS.glob("*.yml")):
+    for path in sorted(WORKFLOWS_DIR.glob("*.yml")):
         for line in path.read_text().splitlines():
             m = USES_LINE.match(line)
             if not m:
@@ -417,7 +414,7 @@ def _zizmor(*inputs: Path) -> list[dict[str, Any]]:
 def test_zizmor_reports_no_high_finding() -> None:
     # zizmor (pinned in requirements.txt, also run by `make lint`) audits the workflows offline: unpinned actions,
     # dangerous triggers, template injection, credential persistence, excessive permissions.
-    high = [f for f in _zizmor(WORKFLOWS) if f["determinations"]["severity"] == "High" and not f["ignored"]]
+    high = [f for f in _zizmor(WORKFLOWS_DIR) if f["determinations"]["severity"] == "High" and not f["ignored"]]
     assert high == [], [(f["ident"], f["locations"][0]["symbolic"]["key"]) for f in high]
 
 
@@ -430,7 +427,7 @@ def test_zizmor_can_fail_and_suppressions_are_the_known_ones(tmp_path: Path) -> 
     assert {f["ident"] for f in _zizmor(bad) if f["determinations"]["severity"] == "High"} == {"unpinned-uses"}
     ignores = {
         (path.name, rule)
-        for path in WORKFLOWS.glob("*.yml")
+        for path in WORKFLOWS_DIR.glob("*.yml")
         for rule in re.findall(r"zizmor: ignore\[([\w-]+)\]", path.read_text())
     }
     assert ignores == ZIZMOR_IGNORES

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ops.net import free_port, wait_http
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 ALICE_KEY = "sk-test-alice-0123456789"
 LIMITED_KEY = "sk-test-limited-0123456789"

@@ -182,7 +182,7 @@ def test_sigterm_while_the_model_loads_exits_0(debug_model_dir: Path, tmp_path: 
     import sys
 
     from ops.net import free_port
-    from tests.conftest import REPO_ROOT
+    from tests.helpers import REPO_ROOT
 
     err = (tmp_path / "stderr").open("w+b")
     proc = subprocess.Popen(

@@ -20,7 +20,7 @@ from ops.net import free_port
 from serving.auth import KeyFileError, KeyStore, hash_key
 from serving.errors import APIError
 from serving.limits import RateLimiter
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from tests.serving.conftest import (
     ALICE_KEY,
     MODEL_ID,

@@ -11,6 +11,7 @@ import pytest
 
 from serving.config import ConfigError, load_config
 from serving.model_source import MANIFEST
+from tests.helpers import REPO_ROOT
 from tests.serving.conftest import ServerFactory
 
 
@@ -53,7 +54,7 @@ def test_gateway_path_does_not_import_torch() -> None:
         "import sys, serving.server, serving.app, serving.backends.upstream, serving.__main__; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
 
 
 def test_sagemaker_serve_argument_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train_helpers import REPO_ROOT
+from tests.helpers import CONTAINERS_DIR, REPO_ROOT
 
-DOCKERFILE = REPO_ROOT / "containers" / "training.Dockerfile"
+DOCKERFILE = CONTAINERS_DIR / "training.Dockerfile"
 HADOLINT = Path(sys.executable).with_name("hadolint")
 
 

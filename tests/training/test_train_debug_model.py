@@ -8,9 +8,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.helpers import REPO_ROOT
 from training.debug_model import IM_END, write_debug_model
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_debug_model_loads_chats_and_generates(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO_ROOT, Run, parse_records, run_training, train_cmd
+from train_helpers import Run, parse_records, run_training, train_cmd
+
+from tests.helpers import REPO_ROOT
 
 STEPS = 16
 COMMON = ("--max-steps", str(STEPS), "--save-every", "4", "--set", "data.seq_len=32")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import boto3
 import pytest
-from train_helpers import REPO_ROOT, TORCHRUN, parse_records
+from train_helpers import TORCHRUN, parse_records
 
+from tests.helpers import REPO_ROOT
 from training.debug_model import write_debug_model
 from training.storage import COMPLETE_MARKER, S3Storage, fetch_dir_atomic
 

@@ -7,10 +7,10 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO_ROOT
+
 TORCHRUN = [sys.executable, "-m", "training.torchrun", "--nproc_per_node=2"]
 
 
