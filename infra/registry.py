@@ -8,8 +8,6 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from infra.config import StackConfig
-
 IMAGES = ("training", "serving")
 
 LIFECYCLE_POLICY = {
@@ -37,7 +35,10 @@ images grows only with pushes; prune them deliberately (`aws ecr batch-delete-im
 
 @dataclass
 class RegistryArgs:
-    config: StackConfig
+    name_prefix: str
+    """Prefix of the repository names (StackConfig.name_prefix)."""
+    force_delete: bool
+    """Let a destroy delete repositories that still hold images (forceDestroyBuckets)."""
     kms_key_arn: pulumi.Input[str]
     tags: dict[str, str]
 
@@ -48,17 +49,16 @@ class Registry(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: RegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Registry", name, None, opts)
-        cfg = args.config
         self.repositories = {}
         for image in IMAGES:
             repo = aws.ecr.Repository(
                 f"{name}-{image}",
-                name=f"{cfg.name_prefix}/{image}",
+                name=f"{args.name_prefix}/{image}",
                 # Immutable tags: a deployed tag always means the same image, so rollbacks and audits are exact.
                 image_tag_mutability="IMMUTABLE",
                 image_scanning_configuration={"scan_on_push": True},
                 encryption_configurations=[{"encryption_type": "KMS", "kms_key": args.kms_key_arn}],
-                force_delete=cfg.storage.force_destroy,
+                force_delete=args.force_delete,
                 tags=args.tags,
                 opts=pulumi.ResourceOptions(parent=self),
             )
