@@ -87,6 +87,7 @@ class DeployerRunner(pulumi.ComponentResource):
     GitHub-hosted runners, so the runner holds no deploy rights of its own."""
 
     project_name: pulumi.Output[str]
+    """The CodeBuild project: the deploy workflow's `runs-on` label names it (runner_label)."""
 
     def __init__(self, name: str, args: DeployerRunnerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:DeployerRunner", name, None, opts)

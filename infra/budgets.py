@@ -47,7 +47,11 @@ class BudgetsArgs:
 
 
 class Budgets(pulumi.ComponentResource):
+    """The stack's monthly cost budget, filtered on its stack tag, with e-mail notifications at forecast and actual
+    thresholds."""
+
     budget_name: pulumi.Output[str]
+    """The budget's name (AWS Budgets console, Cost Explorer)."""
 
     def __init__(self, name: str, args: BudgetsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Budgets", name, None, opts)

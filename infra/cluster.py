@@ -103,17 +103,28 @@ class ClusterArgs:
 
 
 class Cluster(pulumi.ComponentResource):
+    """The EKS cluster: control plane, access entries, managed add-ons, the system node group and one node group per
+    GPU pool, and the Kubernetes provider every Kubernetes object of the stack uses."""
+
     cluster: aws.eks.Cluster
+    """The control plane resource (its ARN: the managed Prometheus scraper, infra/observability.py)."""
     name: pulumi.Output[str]
+    """The cluster name: Pod Identity associations, the autoscaler's tags, kubeconfig; exported."""
     endpoint: pulumi.Output[str]
+    """The API server URL; exported."""
     kubeconfig: pulumi.Output[str]
     """Secret. Authenticates with `aws eks get-token` (the caller's AWS credentials); holds no static token."""
     security_group_id: pulumi.Output[str]
     """The EKS-managed cluster security group, which every node carries (control plane <-> nodes, node <-> node)."""
     api_security_group_id: pulumi.Output[str]
+    """Security group admitting HTTPS to the private API endpoint from inside the VPC."""
     node_groups: dict[str, aws.eks.NodeGroup]
+    """Node groups by pool name (system, training, inference): the autoscaler tags them, alarms watch them,
+    workloads depend on them so they go first on destroy."""
     addons: dict[str, aws.eks.Addon]
+    """Managed add-ons by name (vpc-cni, coredns, ...)."""
     provider: k8s.Provider
+    """Kubernetes provider for this cluster: every Kubernetes object and chart of the stack is created with it."""
 
     def __init__(self, name: str, args: ClusterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Cluster", name, None, opts)

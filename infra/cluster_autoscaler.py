@@ -103,7 +103,9 @@ class ClusterAutoscaler(pulumi.ComponentResource):
     """Cluster Autoscaler for the managed node groups, on the system pool, with a least-privilege Pod Identity role."""
 
     role_arn: pulumi.Output[str]
+    """The controller's Pod Identity role (may resize only this cluster's node groups)."""
     chart: k8s.helm.v4.Chart
+    """The Helm chart release (its resources are what the tests and the scheduling contract inspect)."""
 
     def __init__(self, name: str, args: ClusterAutoscalerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:ClusterAutoscaler", name, None, opts)

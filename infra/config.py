@@ -486,7 +486,8 @@ def _check_gpu_capacity(v: Values, cluster: ClusterConfig) -> None:
 @dataclass(frozen=True)
 class ServingConfig:
     """Serving on EKS (infra/serving_eks.py) and SageMaker (infra/sagemaker_endpoint.py): the serving* keys but the
-    autoscaling ones (AutoscalingConfig), the sagemaker* keys but sagemakerLatencyP90Ms (ObservabilityConfig)."""
+    autoscaling ones (AutoscalingConfig) and servingImageDigest (ImagesConfig), the sagemaker* keys but
+    sagemakerLatencyP90Ms (ObservabilityConfig)."""
 
     on_eks: bool
     on_sagemaker: bool

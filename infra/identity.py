@@ -102,12 +102,21 @@ as itself, and checks its grants on the key at version upgrades, which otherwise
 
 
 class Identity(pulumi.ComponentResource):
+    """The stack's IAM roles: EKS control plane, nodes, the EBS CSI driver, the training and serving workloads (Pod
+    Identity) and SageMaker execution, each with least-privilege policies."""
+
     cluster_role_arn: pulumi.Output[str]
+    """Role the EKS control plane assumes (infra/cluster.py)."""
     node_role_arn: pulumi.Output[str]
+    """Role every node group's instances carry (infra/cluster.py)."""
     training_role_arn: pulumi.Output[str]
+    """Pod Identity role of the training service account (infra/kubernetes_base.py); exported."""
     serving_role_arn: pulumi.Output[str]
+    """Pod Identity role of the serving service account (infra/kubernetes_base.py); exported."""
     sagemaker_role_arn: pulumi.Output[str]
+    """Execution role of the SageMaker model (infra/sagemaker_endpoint.py); exported for training jobs."""
     ebs_csi_role_arn: pulumi.Output[str]
+    """Pod Identity role of the EBS CSI controller add-on (infra/cluster.py)."""
     role_policies: dict[str, list[pulumi.Resource]]
     """Policy attachments and inline policies per role (cluster, node, sagemaker, ...). A consumer depends on them
     explicitly: depending on the role ARN alone lets AWS create the consumer before the role may do anything, and

@@ -74,8 +74,13 @@ class LoadBalancerControllerArgs:
 
 
 class LoadBalancerController(pulumi.ComponentResource):
+    """The AWS Load Balancer Controller on the system pool, with its Pod Identity role: turns the serving Ingress
+    into an internal ALB."""
+
     role_arn: pulumi.Output[str]
+    """The controller's Pod Identity role (upstream IAM policy, pinned by digest)."""
     chart: k8s.helm.v4.Chart
+    """The Helm chart release; the serving Deployment depends on it so its Ingress has a controller."""
 
     def __init__(self, name: str, args: LoadBalancerControllerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:LoadBalancerController", name, None, opts)

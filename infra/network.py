@@ -132,10 +132,17 @@ def plan_collector_subnets(vpc_cidr: str, az_count: int) -> list[str]:
 
 
 class Network(pulumi.ComponentResource):
+    """The stack's VPC over `azCount` zones: private subnets for every node and endpoint, small public subnets for NAT
+    and load balancers, S3 gateway and interface endpoints, flow logs."""
+
     vpc_id: pulumi.Output[str]
+    """The VPC: the cluster, the SageMaker endpoint and the deployer runner put their security groups here."""
     private_subnet_ids: pulumi.Output[list[str]]
+    """Private subnets, one per zone (same order as the zones): nodes, endpoints, the runner; exported."""
     public_subnet_ids: pulumi.Output[list[str]]
+    """Public subnets, one per zone: NAT gateways and internet-facing load balancers; exported."""
     private_route_table_ids: pulumi.Output[list[str]]
+    """Route tables of the private subnets (NAT default route, S3 gateway endpoint)."""
     collector_subnet_ids: pulumi.Output[list[str]]
     """Subnets for the managed Prometheus collector's ENIs (metrics: amp); empty otherwise."""
 

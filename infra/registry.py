@@ -44,8 +44,13 @@ class RegistryArgs:
 
 
 class Registry(pulumi.ComponentResource):
+    """ECR repositories for the training and serving images: immutable tags, scan on push, KMS, untagged images
+    expire."""
+
     repository_urls: dict[str, pulumi.Output[str]]
+    """Repository URLs by image (training, serving): the image references workloads run; exported."""
     repository_arns: dict[str, pulumi.Output[str]]
+    """Repository ARNs by image: the SageMaker execution role may pull from exactly these."""
 
     def __init__(self, name: str, args: RegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Registry", name, None, opts)

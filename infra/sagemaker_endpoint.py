@@ -79,11 +79,20 @@ class SageMakerEndpointArgs:
 
 
 class SageMakerEndpoint(pulumi.ComponentResource):
+    """Serving on a SageMaker real-time endpoint: a model from the serving image and the exported model, an endpoint
+    configuration in the private subnets, the endpoint, and invocation-based autoscaling when sagemakerAutoscaling
+    is on."""
+
     endpoint_name: pulumi.Output[str]
+    """The endpoint name: clients invoke it, the alarms watch it; exported."""
     security_group_id: pulumi.Output[str]
+    """The endpoint's security group (no ingress, HTTPS egress only)."""
     model: aws.sagemaker.Model
+    """The SageMaker model; its name changes with image, model and environment, so a change rolls out blue/green."""
     endpoint_config: aws.sagemaker.EndpointConfiguration
+    """The endpoint configuration (instance type and count of the one variant)."""
     endpoint: aws.sagemaker.Endpoint
+    """The endpoint resource."""
 
     def __init__(self, name: str, args: SageMakerEndpointArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:SageMakerEndpoint", name, None, opts)

@@ -50,7 +50,9 @@ class ServingAutoscaling(pulumi.ComponentResource):
     zero out of hours)."""
 
     scaled_object_name: pulumi.Output[str]
+    """The KEDA ScaledObject scaling the serving Deployment (named after it)."""
     chart: k8s.helm.v4.Chart
+    """The KEDA Helm chart release (installs the ScaledObject CRD and its admission webhook)."""
 
     def __init__(self, name: str, args: ServingAutoscalingArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:ServingAutoscaling", name, None, opts)

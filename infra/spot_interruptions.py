@@ -60,8 +60,11 @@ class NodeTerminationHandler(pulumi.ComponentResource):
     """SQS queue + EventBridge rules + aws-node-termination-handler in queue mode."""
 
     queue_url: pulumi.Output[str]
+    """The SQS queue the EventBridge rules deliver interruption notices to and the handler polls."""
     role_arn: pulumi.Output[str]
+    """The handler's Pod Identity role (may read and delete messages of its queue)."""
     chart: k8s.helm.v4.Chart
+    """The Helm chart release of aws-node-termination-handler."""
 
     def __init__(self, name: str, args: NodeTerminationHandlerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:NodeTerminationHandler", name, None, opts)

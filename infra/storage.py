@@ -28,9 +28,15 @@ class StorageArgs:
 
 
 class Storage(pulumi.ComponentResource):
+    """The stack's KMS key and its datasets, checkpoints and models buckets (versioned, KMS-encrypted, private,
+    TLS-only); protected and retained on delete when protectData is set."""
+
     kms_key_arn: pulumi.Output[str]
+    """The stack's KMS key: buckets, registries, log groups, EKS Secrets and SageMaker volumes use it; exported."""
     bucket_names: dict[str, pulumi.Output[str]]
+    """Bucket names by kind (datasets, checkpoints, models): exported for the launchers and serving."""
     bucket_arns: dict[str, pulumi.Output[str]]
+    """Bucket ARNs by kind: the workload roles' policies and the S3 gateway endpoint policy admit them."""
 
     def __init__(self, name: str, args: StorageArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Storage", name, None, opts)
