@@ -46,8 +46,9 @@ KUBERNETES_PROVIDER_NAME = f"{CLUSTER_COMPONENT_NAME}-k8s"
 """infra/cluster.py names the cluster's Kubernetes provider `<component>-k8s`; every Kubernetes object uses it."""
 
 
-def runner_project_name(cfg: StackConfig) -> str:
-    return f"{cfg.name_prefix}-deployer"
+def runner_project_name(name_prefix: str) -> str:
+    """The CodeBuild project of a stack's in-VPC runner (`StackConfig.name_prefix` + `-deployer`)."""
+    return f"{name_prefix}-deployer"
 
 
 def runner_label(project_name: str) -> str:
@@ -64,9 +65,17 @@ def kubernetes_provider_urn(stack: str, project: str) -> str:
 
 @dataclass
 class DeployerRunnerArgs:
-    config: StackConfig
+    name_prefix: str
+    """Prefix of the project, role and security group names."""
+    stack: str
+    region: str
+    repository: str
+    """GitHub repository whose workflow jobs the runner takes (deployerRepository)."""
+    log_retention_days: int
+    """Retention of the runner's build logs (the VPC's flow-log retention)."""
     vpc_id: pulumi.Input[str]
     private_subnet_ids: pulumi.Input[list[str]]
+    """Subnets the runner's builds run in: the EKS API's private endpoint is reachable from them."""
     account_id: str
     partition: str
     tags: dict[str, str]
@@ -78,22 +87,22 @@ class DeployerRunner(pulumi.ComponentResource):
     GitHub-hosted runners, so the runner holds no deploy rights of its own."""
 
     project_name: pulumi.Output[str]
+    """The CodeBuild project: the deploy workflow's `runs-on` label names it (runner_label)."""
 
     def __init__(self, name: str, args: DeployerRunnerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:DeployerRunner", name, None, opts)
-        cfg = args.config
         child = pulumi.ResourceOptions(parent=self)
-        project_name = runner_project_name(cfg)
+        project_name = runner_project_name(args.name_prefix)
         log_group = aws.cloudwatch.LogGroup(
             f"{name}-logs",
             name=f"/aws/codebuild/{project_name}",
-            retention_in_days=cfg.network.flow_log_retention_days,
+            retention_in_days=args.log_retention_days,
             tags=args.tags,
             opts=child,
         )
         security_group = aws.ec2.SecurityGroup(
             f"{name}-sg",
-            name=f"{cfg.name_prefix}-deployer",
+            name=f"{args.name_prefix}-deployer",
             description="Deploy runner: HTTPS egress only (GitHub, state backend, AWS APIs, the EKS API)",
             vpc_id=args.vpc_id,
             ingress=[],
@@ -102,12 +111,12 @@ class DeployerRunner(pulumi.ComponentResource):
                     protocol="tcp", from_port=443, to_port=443, cidr_blocks=["0.0.0.0/0"], description="HTTPS"
                 )
             ],
-            tags={**args.tags, "Name": f"{cfg.name_prefix}-deployer"},
+            tags={**args.tags, "Name": f"{args.name_prefix}-deployer"},
             opts=child,
         )
         role = aws.iam.Role(
             f"{name}-role",
-            name=f"{cfg.name_prefix}-deployer-runner",
+            name=f"{args.name_prefix}-deployer-runner",
             # Confused-deputy guard (IAM User Guide, "Cross-service confused deputy prevention").
             assume_role_policy=service_trust(
                 "codebuild.amazonaws.com", condition={"StringEquals": {"aws:SourceAccount": args.account_id}}
@@ -115,7 +124,7 @@ class DeployerRunner(pulumi.ComponentResource):
             tags=args.tags,
             opts=child,
         )
-        region = cfg.region
+        region = args.region
         policy = pulumi.Output.all(log_group.arn, args.private_subnet_ids).apply(
             lambda a: json.dumps(_runner_policy(a[0], a[1], args.partition, region, args.account_id))
         )
@@ -123,13 +132,13 @@ class DeployerRunner(pulumi.ComponentResource):
         project = aws.codebuild.Project(
             f"{name}-project",
             name=project_name,
-            description=f"GitHub Actions runner for the Kubernetes layer of stack {cfg.stack} (inside its VPC)",
+            description=f"GitHub Actions runner for the Kubernetes layer of stack {args.stack} (inside its VPC)",
             service_role=role.arn,
             artifacts=aws.codebuild.ProjectArtifactsArgs(type="NO_ARTIFACTS"),
             environment=aws.codebuild.ProjectEnvironmentArgs(
                 compute_type=RUNNER_COMPUTE, image=RUNNER_IMAGE, type="LINUX_CONTAINER"
             ),
-            source=aws.codebuild.ProjectSourceArgs(type="GITHUB", location=cfg.cluster.deployer_repository),
+            source=aws.codebuild.ProjectSourceArgs(type="GITHUB", location=args.repository),
             vpc_config=aws.codebuild.ProjectVpcConfigArgs(
                 vpc_id=args.vpc_id, subnets=args.private_subnet_ids, security_group_ids=[security_group.id]
             ),

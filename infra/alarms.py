@@ -36,7 +36,11 @@ class AlertsArgs:
 
 
 class Alerts(pulumi.ComponentResource):
+    """Alerting: an encrypted SNS topic with the alert e-mails subscribed, an EventBridge rule for node launch
+    failures, and SageMaker endpoint alarms when the stack serves there."""
+
     topic_arn: pulumi.Output[str]
+    """The alert topic: every alarm and rule of the stack notifies it."""
 
     def __init__(self, name: str, args: AlertsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Alerts", name, None, opts)

@@ -9,6 +9,7 @@ one-time step per payer account: `python -m ops.account activate-cost-allocation
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import pulumi
 import pulumi_aws as aws
 
 from facts.tags import STACK_TAG
-from infra.config import StackConfig
+from infra.config import BudgetConfig
 
 NOTIFICATIONS = (
     # (notification type, threshold %): actual spend crossing 80% leaves a fifth of the month's money to react;
@@ -33,27 +34,36 @@ def stack_cost_filter(stack: str) -> dict[str, Any]:
 
 @dataclass
 class BudgetsArgs:
-    config: StackConfig
-    """Validated stack config: budget amount and alert e-mails."""
+    budget: BudgetConfig
+    """The monthly amount."""
+    alert_emails: Sequence[str]
+    """Who is told at the thresholds (alertEmails); none: the budget still shows in the console."""
+    name_prefix: str
+    """Prefix of the budget's name."""
+    stack: str
+    """The stack whose tagged costs count."""
     tags: dict[str, str]
     """Stack tags (the budget is tagged like everything else; its filter keys on the stack tag)."""
 
 
 class Budgets(pulumi.ComponentResource):
+    """The stack's monthly cost budget, filtered on its stack tag, with e-mail notifications at forecast and actual
+    thresholds."""
+
     budget_name: pulumi.Output[str]
+    """The budget's name (AWS Budgets console, Cost Explorer)."""
 
     def __init__(self, name: str, args: BudgetsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Budgets", name, None, opts)
-        cfg = args.config
-        emails = list(cfg.observability.alert_emails)
+        emails = list(args.alert_emails)
         budget = aws.budgets.Budget(
             f"{name}-monthly",
-            name=f"{cfg.name_prefix}-monthly",
+            name=f"{args.name_prefix}-monthly",
             budget_type="COST",
-            limit_amount=f"{cfg.budget.monthly_usd}.0",
+            limit_amount=f"{args.budget.monthly_usd}.0",
             limit_unit="USD",
             time_unit="MONTHLY",
-            cost_filters=[aws.budgets.BudgetCostFilterArgs(**stack_cost_filter(cfg.stack))],
+            cost_filters=[aws.budgets.BudgetCostFilterArgs(**stack_cost_filter(args.stack))],
             # Amortized, credits and refunds left out: what the stack consumes, not what credits cover or RI upfronts.
             cost_types=aws.budgets.BudgetCostTypesArgs(include_credit=False, include_refund=False, use_amortized=True),
             # A notification must have a subscriber; with no alert e-mails configured the budget still shows in

@@ -20,13 +20,10 @@ import pulumi_kubernetes as k8s
 from facts.cluster import SYSTEM_POOL
 from facts.instance_types import NVME_INSTANCE_STORE_GB
 from infra.capacity import node_group_capacity_type, reservation_launch_template_args
-from infra.config import POOL_LABEL, GpuPool, StackConfig
+from infra.config import POOL_LABEL, ClusterConfig, GpuPool
 
 CONTROL_PLANE_LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
 """All five control-plane log types: audit and authenticator are the access-control trail; the rest debug upgrades."""
-
-"""Retention of the control-plane log group. EKS would otherwise create it itself with no expiry (cost grows
-forever) and outside the stack (teardown leaves it behind). A constant until Pulumi.yaml declares a key for it."""
 
 ADDONS = ("vpc-cni", "kube-proxy", "eks-pod-identity-agent", "coredns", "aws-ebs-csi-driver", "metrics-server")
 """Managed add-ons. The first three are DaemonSets the nodes need to become Ready, so they are created before any
@@ -70,8 +67,14 @@ _TAINT_EFFECTS = {"NoSchedule": "NO_SCHEDULE", "NoExecute": "NO_EXECUTE", "Prefe
 
 @dataclass
 class ClusterArgs:
-    config: StackConfig
-    """The validated stack configuration (cluster section: version, admins, endpoint access, pools)."""
+    cluster: ClusterConfig
+    """Version, service CIDR, log retention, admins, endpoint access, the system and GPU pools."""
+    name_prefix: str
+    """Name of the cluster and prefix of its node groups, launch templates and security groups."""
+    region: str
+    """Region the kubeconfig's token is requested in."""
+    vpc_cidr: str
+    """The VPC's CIDR: the private API endpoint admits HTTPS from it (nodes, the in-VPC deployer)."""
     vpc_id: pulumi.Input[str]
     """VPC the cluster and its security groups live in."""
     private_subnet_ids: pulumi.Input[list[str]]
@@ -100,28 +103,40 @@ class ClusterArgs:
 
 
 class Cluster(pulumi.ComponentResource):
+    """The EKS cluster: control plane, access entries, managed add-ons, the system node group and one node group per
+    GPU pool, and the Kubernetes provider every Kubernetes object of the stack uses."""
+
     cluster: aws.eks.Cluster
+    """The control plane resource (its ARN: the managed Prometheus scraper, infra/observability.py)."""
     name: pulumi.Output[str]
+    """The cluster name: Pod Identity associations, the autoscaler's tags, kubeconfig; exported."""
     endpoint: pulumi.Output[str]
+    """The API server URL; exported."""
     kubeconfig: pulumi.Output[str]
     """Secret. Authenticates with `aws eks get-token` (the caller's AWS credentials); holds no static token."""
     security_group_id: pulumi.Output[str]
     """The EKS-managed cluster security group, which every node carries (control plane <-> nodes, node <-> node)."""
     api_security_group_id: pulumi.Output[str]
+    """Security group admitting HTTPS to the private API endpoint from inside the VPC."""
     node_groups: dict[str, aws.eks.NodeGroup]
+    """Node groups by pool name (system, training, inference): the autoscaler tags them, alarms watch them,
+    workloads depend on them so they go first on destroy."""
     addons: dict[str, aws.eks.Addon]
+    """Managed add-ons by name (vpc-cni, coredns, ...)."""
     provider: k8s.Provider
+    """Kubernetes provider for this cluster: every Kubernetes object and chart of the stack is created with it."""
 
     def __init__(self, name: str, args: ClusterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Cluster", name, None, opts)
         self._name = name
         self._args = args
-        cfg = args.config
 
+        # Ours, not EKS's: EKS would create it on first log with no expiry (cost grows forever) and outside the stack
+        # (teardown would leave it behind).
         log_group = aws.cloudwatch.LogGroup(
             f"{name}-control-plane-logs",
-            name=f"/aws/eks/{cfg.name_prefix}/cluster",
-            retention_in_days=cfg.cluster.control_plane_log_retention_days,
+            name=f"/aws/eks/{args.name_prefix}/cluster",
+            retention_in_days=args.cluster.control_plane_log_retention_days,
             tags=args.tags,
             opts=pulumi.ResourceOptions(parent=self),
         )
@@ -139,7 +154,7 @@ class Cluster(pulumi.ComponentResource):
 
         early_addons = list(self.addons.values())
         self.node_groups = {SYSTEM_POOL: self._create_system_node_group(early_addons)}
-        for pool in cfg.cluster.gpu_pools:
+        for pool in args.cluster.gpu_pools:
             self.node_groups[pool.purpose] = self._create_gpu_node_group(pool, early_addons)
 
         for addon in ADDONS:
@@ -148,7 +163,7 @@ class Cluster(pulumi.ComponentResource):
 
         self.kubeconfig = pulumi.Output.secret(
             pulumi.Output.all(self.cluster.name, self.cluster.endpoint, self.cluster.certificate_authority.data).apply(
-                lambda a: _kubeconfig(a[0], a[1], a[2], cfg.region)
+                lambda a: _kubeconfig(a[0], a[1], a[2], args.region)
             )
         )
         # Workloads deployed through this provider need nodes and DNS; waiting for the system node group and every
@@ -175,10 +190,10 @@ class Cluster(pulumi.ComponentResource):
         """Extra security group on the control-plane ENIs: HTTPS from inside the VPC only (bastions, VPN, CI runners
         in the VPC reach the private endpoint); no egress of its own. Control plane <-> node traffic goes through the
         EKS-managed cluster security group, which EKS creates and owns."""
-        cfg = self._args.config
+        spec = self._args
         return aws.ec2.SecurityGroup(
             f"{self._name}-api-sg",
-            name=f"{cfg.name_prefix}-eks-api",
+            name=f"{spec.name_prefix}-eks-api",
             description="EKS API: HTTPS from inside the VPC only",
             vpc_id=self._args.vpc_id,
             ingress=[
@@ -186,27 +201,27 @@ class Cluster(pulumi.ComponentResource):
                     protocol="tcp",
                     from_port=443,
                     to_port=443,
-                    cidr_blocks=[cfg.network.vpc_cidr],
+                    cidr_blocks=[spec.vpc_cidr],
                     description="Kubernetes API from the VPC",
                 )
             ],
             # An explicit empty list removes the default allow-all egress; responses are allowed statefully.
             egress=[],
-            tags={**self._args.tags, "Name": f"{cfg.name_prefix}-eks-api"},
+            tags={**self._args.tags, "Name": f"{spec.name_prefix}-eks-api"},
             opts=pulumi.ResourceOptions(parent=self),
         )
 
     def _create_control_plane(
         self, api_sg: aws.ec2.SecurityGroup, log_group: aws.cloudwatch.LogGroup
     ) -> aws.eks.Cluster:
-        cfg = self._args.config
-        public = cfg.cluster.public_api_endpoint
+        spec = self._args
+        public = spec.cluster.public_api_endpoint
         return aws.eks.Cluster(
             f"{self._name}-eks",
-            name=cfg.name_prefix,
-            version=cfg.cluster.kubernetes_version,
+            name=spec.name_prefix,
+            version=spec.cluster.kubernetes_version,
             kubernetes_network_config=aws.eks.ClusterKubernetesNetworkConfigArgs(
-                service_ipv4_cidr=cfg.cluster.service_cidr, ip_family="ipv4"
+                service_ipv4_cidr=spec.cluster.service_cidr, ip_family="ipv4"
             ),
             role_arn=self._args.cluster_role_arn,
             access_config=aws.eks.ClusterAccessConfigArgs(
@@ -222,7 +237,7 @@ class Cluster(pulumi.ComponentResource):
                 endpoint_private_access=True,
                 endpoint_public_access=public,
                 # Config validation guarantees an allowlist (never 0.0.0.0/0) whenever the public endpoint is on.
-                public_access_cidrs=list(cfg.cluster.public_api_cidrs) if public else None,
+                public_access_cidrs=list(spec.cluster.public_api_cidrs) if public else None,
             ),
             encryption_config=aws.eks.ClusterEncryptionConfigArgs(
                 provider=aws.eks.ClusterEncryptionConfigProviderArgs(key_arn=self._args.kms_key_arn),
@@ -238,7 +253,7 @@ class Cluster(pulumi.ComponentResource):
         )
 
     def _create_access_entries(self) -> None:
-        for i, arn in enumerate(self._args.config.cluster.admin_arns):
+        for i, arn in enumerate(self._args.cluster.admin_arns):
             entry = aws.eks.AccessEntry(
                 f"{self._name}-admin-{i}",
                 cluster_name=self.cluster.name,
@@ -301,12 +316,12 @@ class Cluster(pulumi.ComponentResource):
         """Launch template for a managed node group: encrypted gp3 root volume, IMDSv2 only, tags on instances and
         volumes. No AMI: EKS fills it in for the node group's AMI type, and its bootstrap user data too (merged with
         `user_data`, a nodeadm NodeConfig, when given)."""
-        cfg = self._args.config
+        spec = self._args
         propagated = {**self._args.tags, POOL_LABEL: pool_name}
         return aws.ec2.LaunchTemplate(
             f"{self._name}-{pool_name}-lt",
-            name=f"{cfg.name_prefix}-{pool_name}",
-            description=f"{cfg.name_prefix} {pool_name} nodes",
+            name=f"{spec.name_prefix}-{pool_name}",
+            description=f"{spec.name_prefix} {pool_name} nodes",
             block_device_mappings=[
                 aws.ec2.LaunchTemplateBlockDeviceMappingArgs(
                     device_name="/dev/xvda",
@@ -342,18 +357,18 @@ class Cluster(pulumi.ComponentResource):
     def _create_system_node_group(self, early_addons: list[aws.eks.Addon]) -> aws.eks.NodeGroup:
         """Small on-demand group for CoreDNS, add-on controllers and gateways. It is never tainted: untainted
         capacity is where everything that does not need a GPU runs."""
-        cfg = self._args.config
+        spec = self._args
         lt = self._launch_template(SYSTEM_POOL, SYSTEM_DISK_GB)
-        count = cfg.cluster.system_node_count
+        count = spec.cluster.system_node_count
         return aws.eks.NodeGroup(
             f"{self._name}-{SYSTEM_POOL}",
             cluster_name=self.cluster.name,
-            node_group_name=f"{cfg.name_prefix}-{SYSTEM_POOL}",
+            node_group_name=f"{spec.name_prefix}-{SYSTEM_POOL}",
             node_role_arn=self._args.node_role_arn,
             subnet_ids=self._args.private_subnet_ids,
             ami_type=SYSTEM_AMI_TYPE,
             capacity_type="ON_DEMAND",
-            instance_types=[cfg.cluster.system_instance_type],
+            instance_types=[spec.cluster.system_instance_type],
             scaling_config=aws.eks.NodeGroupScalingConfigArgs(min_size=count, max_size=count, desired_size=count),
             update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
             labels={POOL_LABEL: SYSTEM_POOL},
@@ -364,7 +379,7 @@ class Cluster(pulumi.ComponentResource):
         )
 
     def _create_gpu_node_group(self, pool: GpuPool, early_addons: list[aws.eks.Addon]) -> aws.eks.NodeGroup:
-        cfg = self._args.config
+        spec = self._args
         subnet_ids: pulumi.Input[list[str]] = self._args.private_subnet_ids
         network_interfaces = None
         placement = None
@@ -387,7 +402,7 @@ class Cluster(pulumi.ComponentResource):
         return aws.eks.NodeGroup(
             f"{self._name}-{pool.name}",
             cluster_name=self.cluster.name,
-            node_group_name=f"{cfg.name_prefix}-{pool.name}",
+            node_group_name=f"{spec.name_prefix}-{pool.name}",
             node_role_arn=self._args.node_role_arn,
             subnet_ids=subnet_ids,
             ami_type=GPU_AMI_TYPE,
@@ -421,10 +436,10 @@ class Cluster(pulumi.ComponentResource):
         """EFA: a cluster placement group and one subnet, so all training nodes share one AZ and one spine (EFA
         traffic does not cross AZs). One EFA interface per network card, sized for the pool's smallest type: the
         first also carries the node's IP traffic, the others are EFA-only (no IP address consumed from the subnet)."""
-        cfg = self._args.config
+        spec = self._args
         group = aws.ec2.PlacementGroup(
             f"{self._name}-{pool.name}-pg",
-            name=f"{cfg.name_prefix}-{pool.name}",
+            name=f"{spec.name_prefix}-{pool.name}",
             strategy="cluster",
             tags=self._args.tags,
             opts=pulumi.ResourceOptions(parent=self),

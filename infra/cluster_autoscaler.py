@@ -22,7 +22,7 @@ import pulumi_kubernetes as k8s
 
 from facts.cluster import EFA_RESOURCE, GPU_RESOURCE, KUBE_SYSTEM
 from infra.charts import SYSTEM_NODE_SELECTOR, install_controller
-from infra.config import GpuPool, StackConfig
+from infra.config import AutoscalingConfig, ClusterConfig, GpuPool
 
 CHART = "cluster-autoscaler"
 SERVICE_ACCOUNT = "cluster-autoscaler"
@@ -72,16 +72,21 @@ def asg_name(node_group: aws.eks.NodeGroup) -> pulumi.Output[str]:
     return pulumi.Output.all(node_group.resources, node_group.node_group_name).apply(lambda a: first(a[0], a[1]))
 
 
-def max_nodes_total(cfg: StackConfig) -> int:
+def max_nodes_total(cluster: ClusterConfig) -> int:
     """Hard ceiling on nodes CA will ever have: the system group plus every GPU group at its maximum. With config
     validation guaranteeing sum(max_size * gpus_per_node) <= maxGpus, this and the per-group maxima cap GPUs."""
-    return cfg.cluster.system_node_count + sum(p.max_size for p in cfg.cluster.gpu_pools)
+    return cluster.system_node_count + sum(p.max_size for p in cluster.gpu_pools)
 
 
 @dataclass
 class ClusterAutoscalerArgs:
-    config: StackConfig
-    """Validated stack config: GPU pools (sizes, labels, taints), autoscaler version and scale-down timing."""
+    cluster: ClusterConfig
+    """The system pool's size and the GPU pools (sizes, labels, taints)."""
+    autoscaling: AutoscalingConfig
+    """Autoscaler version and scale-down timing."""
+    name_prefix: str
+    """Prefix of the controller's IAM role name."""
+    region: str
     cluster_name: pulumi.Input[str]
     """EKS cluster name: auto-discovery tag and the IAM condition that limits which ASGs CA may resize."""
     provider: k8s.Provider
@@ -98,19 +103,20 @@ class ClusterAutoscaler(pulumi.ComponentResource):
     """Cluster Autoscaler for the managed node groups, on the system pool, with a least-privilege Pod Identity role."""
 
     role_arn: pulumi.Output[str]
+    """The controller's Pod Identity role (may resize only this cluster's node groups)."""
     chart: k8s.helm.v4.Chart
+    """The Helm chart release (its resources are what the tests and the scheduling contract inspect)."""
 
     def __init__(self, name: str, args: ClusterAutoscalerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:ClusterAutoscaler", name, None, opts)
         self._name = name
         self._args = args
-        cfg = args.config
 
         self._tag_gpu_groups()
         role, self.chart = install_controller(
             self,
             name,
-            role_name=f"{cfg.name_prefix}-cluster-autoscaler",
+            role_name=f"{args.name_prefix}-cluster-autoscaler",
             policy=pulumi.Output.from_input(args.cluster_name).apply(
                 lambda c: json.dumps(cluster_autoscaler_policy(c))
             ),
@@ -118,7 +124,7 @@ class ClusterAutoscaler(pulumi.ComponentResource):
             namespace=KUBE_SYSTEM,
             service_account=SERVICE_ACCOUNT,
             chart=CHART,
-            values=pulumi.Output.from_input(args.cluster_name).apply(lambda c: cluster_autoscaler_values(cfg, c)),
+            values=pulumi.Output.from_input(args.cluster_name).apply(lambda c: cluster_autoscaler_values(args, c)),
             provider=args.provider,
             tags=args.tags,
             account_id=args.account_id,
@@ -127,7 +133,7 @@ class ClusterAutoscaler(pulumi.ComponentResource):
         self.register_outputs({"role_arn": self.role_arn})
 
     def _tag_gpu_groups(self) -> None:
-        for pool in self._args.config.cluster.gpu_pools:
+        for pool in self._args.cluster.gpu_pools:
             group = asg_name(self._args.node_groups[pool.name])
             for i, (key, value) in enumerate(sorted(node_template_tags(pool).items())):
                 aws.autoscaling.Tag(
@@ -175,7 +181,7 @@ def cluster_autoscaler_policy(cluster_name: str) -> dict[str, Any]:
     }
 
 
-def cluster_autoscaler_values(cfg: StackConfig, cluster_name: str) -> dict[str, Any]:
+def cluster_autoscaler_values(args: ClusterAutoscalerArgs, cluster_name: str) -> dict[str, Any]:
     """Values over the chart's defaults (kubernetes/autoscaler cluster-autoscaler-chart-9.59.0:
     cluster-autoscaler/charts/cluster-autoscaler/values.yaml; every key below exists there). The chart's RBAC
     (templates/clusterrole.yaml) includes what our hand copy lacked: volumeattachments (kubernetes/autoscaler#7663,
@@ -183,12 +189,12 @@ def cluster_autoscaler_values(cfg: StackConfig, cluster_name: str) -> dict[str, 
     enabled, owned = autoscaler_tag_keys(cluster_name)
     return {
         "cloudProvider": "aws",
-        "awsRegion": cfg.region,
+        "awsRegion": args.region,
         # The chart renders --node-group-auto-discovery=asg:tag=<tags joined by ','> from these two.
         "autoDiscovery": {"clusterName": cluster_name, "tags": [enabled, owned]},
         # The image must match the cluster's Kubernetes minor (config validation checks it); the chart's default
         # follows its own appVersion (1.35.0), so pin the tag explicitly as its README instructs.
-        "image": {"tag": f"v{cfg.autoscaling.cluster_autoscaler_version}"},
+        "image": {"tag": f"v{args.autoscaling.cluster_autoscaler_version}"},
         # Fixed names: Pod Identity binds this exact service account; the chart's lease and endpoints rules name
         # "cluster-autoscaler" (resourceNames), which fullnameOverride keeps true.
         "fullnameOverride": "cluster-autoscaler",
@@ -219,9 +225,9 @@ def cluster_autoscaler_values(cfg: StackConfig, cluster_name: str) -> dict[str, 
             # node forever.
             "skip-nodes-with-system-pods": False,
             "skip-nodes-with-local-storage": False,
-            "scale-down-unneeded-time": f"{cfg.autoscaling.scale_down_unneeded_minutes}m",
+            "scale-down-unneeded-time": f"{args.autoscaling.scale_down_unneeded_minutes}m",
             "scale-down-delay-after-add": "5m",
-            "max-nodes-total": max_nodes_total(cfg),
+            "max-nodes-total": max_nodes_total(args.cluster),
             # Give a pod its full terminationGracePeriodSeconds (training checkpoints on SIGTERM) up to this bound
             # when CA drains a node it removes.
             "max-graceful-termination-sec": 900,

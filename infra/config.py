@@ -4,6 +4,9 @@
 stack's values over those defaults, checks every value, and returns a frozen, typed `StackConfig`. It collects
 all problems and raises one `ConfigError` naming each key, the bad value and what is allowed, so a bad stack file
 fails before a single resource is registered. Environments differ only by their stack files.
+
+Each section (NetworkConfig, StorageConfig, ClusterConfig, ...) builds itself from the merged values and holds the
+rules for the keys it owns, next to its fields: adding a key touches Pulumi.yaml and that section only.
 """
 
 from __future__ import annotations
@@ -105,11 +108,61 @@ def project_name() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The typed configuration
+# The values being loaded
+
+
+class Values:
+    """A stack's merged, type-checked values by key (Pulumi.yaml's defaults under the stack's own), and the problems
+    the sections find in them. Every section reads the keys it owns from here and reports each bad one with `bad`, so
+    all problems of a stack file are collected and raised together."""
+
+    def __init__(self, values: dict[str, Any], project: str) -> None:
+        self.values = values
+        self.project = project
+        self.problems: list[str] = []
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def key(self, key: str) -> str:
+        """The key as a stack file spells it (`<project>:<key>`), for messages that point at another key."""
+        return f"{self.project}:{key}"
+
+    def bad(self, key: str, why: str) -> None:
+        """Report `key`'s value as invalid: key, bad value, what is allowed."""
+        self.problems.append(f"{self.project}:{key} = {self.values[key]!r}: {why}")
+
+    def bad_item(self, key: str, item: Any, why: str) -> None:
+        """Report one invalid item of a list key."""
+        self.problems.append(f"{self.project}:{key} contains {item!r}: {why}")
+
+    def retention(self, key: str) -> None:
+        if self.values[key] not in LOG_RETENTION_DAYS:
+            self.bad(key, f"must be one of CloudWatch's retention values {LOG_RETENTION_DAYS}")
+
+    def version(self, key: str) -> None:
+        if not _VERSION_RE.match(self.values[key]):
+            self.bad(key, "must be a release version MAJOR.MINOR.PATCH such as 1.33.0 (no 'v', no 'latest')")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The typed configuration: one section per concern, each building itself from the values and checking the keys it
+# owns. Adding a key: declare it in Pulumi.yaml, then add the field and its rules to its section's `from_values`.
+
+
+def _check_environment(v: Values) -> str:
+    """environment: a label for names and tags."""
+    if v["environment"] not in ("dev", "staging", "prod") and not re.fullmatch(
+        r"[a-z][a-z0-9-]{1,15}", v["environment"]
+    ):
+        v.bad("environment", "must be a short lowercase name such as dev, staging or prod")
+    return v["environment"]
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
+    """The VPC (infra/network.py): vpcCidr, azCount, natGateways, interfaceEndpoints, flowLogRetentionDays."""
+
     vpc_cidr: str
     az_count: int
     nat_gateways: Literal["single", "perAz"]
@@ -120,17 +173,62 @@ class NetworkConfig:
     def nat_gateway_count(self) -> int:
         return 1 if self.nat_gateways == "single" else self.az_count
 
+    @classmethod
+    def from_values(cls, v: Values) -> NetworkConfig:
+        try:
+            vpc = ipaddress.ip_network(v["vpcCidr"], strict=True)
+            if vpc.version != 4 or not 16 <= vpc.prefixlen <= 20:
+                v.bad("vpcCidr", "must be an IPv4 CIDR between /16 and /20")
+            elif not vpc.is_private:
+                v.bad("vpcCidr", "must be a private (RFC 1918) range")
+        except ValueError as exc:
+            v.bad("vpcCidr", f"not a valid CIDR ({exc})")
+        if not 2 <= v["azCount"] <= 4:
+            v.bad("azCount", "must be between 2 and 4 (high availability needs at least 2 zones)")
+        if v["natGateways"] not in NAT_MODES:
+            v.bad("natGateways", f"must be one of {', '.join(NAT_MODES)}")
+        v.retention("flowLogRetentionDays")
+        return cls(
+            vpc_cidr=v["vpcCidr"],
+            az_count=v["azCount"],
+            nat_gateways=v["natGateways"],
+            interface_endpoints=v["interfaceEndpoints"],
+            flow_log_retention_days=v["flowLogRetentionDays"],
+        )
+
 
 @dataclass(frozen=True)
 class StorageConfig:
+    """Buckets and the KMS key (infra/storage.py): forceDestroyBuckets, protectData, checkpointNoncurrentDays."""
+
     force_destroy: bool
     protect_data: bool
     checkpoint_noncurrent_days: int
 
+    @classmethod
+    def from_values(cls, v: Values) -> StorageConfig:
+        if v["checkpointNoncurrentDays"] < 1:
+            v.bad("checkpointNoncurrentDays", "must be at least 1")
+        if v["production"] and not v["protectData"]:
+            v.bad(
+                "protectData", "must be true when production is true (production data is never deletable by a destroy)"
+            )
+        if v["production"] and v["forceDestroyBuckets"]:
+            v.bad("forceDestroyBuckets", "must be false when production is true")
+        return cls(
+            force_destroy=v["forceDestroyBuckets"],
+            protect_data=v["protectData"],
+            checkpoint_noncurrent_days=v["checkpointNoncurrentDays"],
+        )
+
 
 @dataclass(frozen=True)
 class GpuPool:
-    """A GPU managed node group and the scheduling contract workloads must meet to land on it."""
+    """A GPU managed node group and the scheduling contract workloads must meet to land on it.
+
+    Keys `<purpose>InstanceTypes`, `<purpose>CapacityType`, `<purpose>MinSize`, `<purpose>MaxSize` per pool,
+    gpuNodeDiskGb for both, and the training pool's trainingEfa, trainingCapacityReservationId, trainingCapacityBlock.
+    """
 
     name: str
     purpose: Literal["training", "inference"]
@@ -184,9 +282,82 @@ class GpuPool:
             "taints": self.taints,
         }
 
+    @classmethod
+    def from_values(cls, v: Values, purpose: Literal["training", "inference"]) -> GpuPool:
+        types_key = f"{purpose}InstanceTypes"
+        types = v[types_key]
+        if not types:
+            v.bad(types_key, "must list at least one GPU instance type")
+        unknown = [t for t in types if t not in GPU_INSTANCE_TYPES]
+        if unknown:
+            v.bad(types_key, f"{', '.join(unknown)} not GPU instance types; allowed: {', '.join(GPU_INSTANCE_TYPES)}")
+        elif len({GPU_INSTANCE_TYPES[t].gpus for t in types}) > 1:
+            v.bad(types_key, "all instance types of a pool must have the same GPU count")
+        elif len({GPU_INSTANCE_TYPES[t].gpu for t in types}) > 1:
+            v.bad(
+                types_key, f"all instance types of a pool must have the same GPU model (one {ACCELERATOR_LABEL} label)"
+            )
+        cap_key = f"{purpose}CapacityType"
+        if v[cap_key] not in CAPACITY_TYPES:
+            v.bad(cap_key, f"must be one of {', '.join(CAPACITY_TYPES)}")
+        min_key, max_key = f"{purpose}MinSize", f"{purpose}MaxSize"
+        if v[min_key] < 0:
+            v.bad(min_key, "must be 0 or more")
+        if v[max_key] < 1:
+            v.bad(max_key, "must be at least 1")
+        if v[min_key] > v[max_key]:
+            v.bad(min_key, f"must not exceed {v.key(max_key)} ({v[max_key]})")
+        training = purpose == "training"
+        if training:
+            cls._check_training_placement(v)
+        return cls(
+            name=purpose,
+            purpose=purpose,
+            instance_types=types,
+            capacity_type=v[cap_key],
+            min_size=v[min_key],
+            max_size=v[max_key],
+            disk_gb=v["gpuNodeDiskGb"],
+            efa=v["trainingEfa"] if training else False,
+            capacity_reservation_id=v["trainingCapacityReservationId"] if training else "",
+            capacity_block=v["trainingCapacityBlock"] if training else False,
+        )
+
+    @staticmethod
+    def _check_training_placement(v: Values) -> None:
+        """The training pool's reservation, Capacity Block and EFA keys."""
+        reservation = v["trainingCapacityReservationId"]
+        if reservation and not _CAPACITY_RESERVATION_RE.match(reservation):
+            v.bad("trainingCapacityReservationId", "not a capacity reservation ID (cr- followed by 8 to 17 hex digits)")
+        if reservation and v["trainingCapacityType"] != "ON_DEMAND":
+            v.bad(
+                "trainingCapacityReservationId",
+                f"a reservation is On-Demand capacity: set {v.key('trainingCapacityType')} ON_DEMAND",
+            )
+        if v["trainingCapacityBlock"] and not reservation:
+            v.bad(
+                "trainingCapacityBlock",
+                f"a Capacity Block is used through its reservation: set {v.key('trainingCapacityReservationId')}",
+            )
+        if v["trainingCapacityBlock"] and len(v["trainingInstanceTypes"]) != 1:
+            v.bad(
+                "trainingCapacityBlock",
+                f"a Capacity Block is for one instance type; list exactly one in {v.key('trainingInstanceTypes')}",
+            )
+        if v["trainingEfa"]:
+            types = v["trainingInstanceTypes"]
+            no_efa = [t for t in types if t in GPU_INSTANCE_TYPES and not GPU_INSTANCE_TYPES[t].efa]
+            if no_efa:
+                v.bad("trainingEfa", f"EFA is not supported by {', '.join(no_efa)}")
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    """The EKS cluster and its node pools (infra/cluster.py), and where its Kubernetes layer is applied from
+    (infra/access.py): kubernetesVersion, serviceCidr, controlPlaneLogRetentionDays, clusterAdminArns,
+    publicApiEndpoint, publicApiCidrs, kubernetesDeployer, deployerRepository, systemInstanceType, systemNodeCount,
+    gpuNodeDiskGb, maxGpus and the GPU pools' keys (GpuPool)."""
+
     kubernetes_version: str
     service_cidr: str
     control_plane_log_retention_days: int
@@ -205,9 +376,119 @@ class ClusterConfig:
     def pool(self, purpose: str) -> GpuPool:
         return next(p for p in self.gpu_pools if p.purpose == purpose)
 
+    @classmethod
+    def from_values(cls, v: Values) -> ClusterConfig:
+        try:
+            services = ipaddress.ip_network(v["serviceCidr"], strict=True)
+            if services.version != 4 or not 12 <= services.prefixlen <= 24 or not services.is_private:
+                v.bad("serviceCidr", "must be a private IPv4 CIDR between /12 and /24")
+            elif (vpc := _network_or_none(v["vpcCidr"])) is not None and services.overlaps(vpc):
+                v.bad(
+                    "serviceCidr",
+                    f"overlaps {v.key('vpcCidr')} ({v['vpcCidr']}); pick a disjoint range such as 172.20.0.0/16",
+                )
+        except ValueError as exc:
+            v.bad("serviceCidr", f"not a valid CIDR ({exc})")
+        v.retention("controlPlaneLogRetentionDays")
+        if v["kubernetesVersion"] not in SUPPORTED_KUBERNETES:
+            v.bad("kubernetesVersion", f"must be one of {', '.join(SUPPORTED_KUBERNETES)}")
+        cls._check_api_access(v)
+        if not _INSTANCE_RE.match(v["systemInstanceType"]):
+            v.bad("systemInstanceType", "not an EC2 instance type name (e.g. m7i.large)")
+        if v["systemNodeCount"] < 2:
+            v.bad("systemNodeCount", "must be at least 2 so cluster controllers survive a node loss")
+        if not 20 <= v["gpuNodeDiskGb"] <= 16384:
+            v.bad("gpuNodeDiskGb", "must be between 20 and 16384 GiB")
+        pools = (GpuPool.from_values(v, "training"), GpuPool.from_values(v, "inference"))
+        return cls(
+            kubernetes_version=v["kubernetesVersion"],
+            service_cidr=v["serviceCidr"],
+            control_plane_log_retention_days=v["controlPlaneLogRetentionDays"],
+            admin_arns=v["clusterAdminArns"],
+            public_api_endpoint=v["publicApiEndpoint"],
+            public_api_cidrs=v["publicApiCidrs"],
+            system_instance_type=v["systemInstanceType"],
+            system_node_count=v["systemNodeCount"],
+            gpu_pools=pools,
+            max_gpus=v["maxGpus"],
+            deployer=v["kubernetesDeployer"],
+            deployer_repository=v["deployerRepository"],
+        )
+
+    @staticmethod
+    def _check_api_access(v: Values) -> None:
+        """Who reaches the Kubernetes API, and from where: admins, the public endpoint's allowlist, the deployer."""
+        for arn in v["clusterAdminArns"]:
+            if not _ARN_RE.match(arn):
+                v.bad_item("clusterAdminArns", arn, "not an IAM role or user ARN")
+        if not any(":role/" in arn for arn in v["clusterAdminArns"]):
+            v.bad(
+                "clusterAdminArns",
+                "must name at least one IAM role besides the identity that creates the cluster (break-glass: when the "
+                "deploy role is deleted, recreated or rotated, nobody else could reach the cluster; "
+                "docs/first-deploy.md#recovering-cluster-access)",
+            )
+        if v["kubernetesDeployer"] not in DEPLOYERS:
+            v.bad("kubernetesDeployer", f"must be one of {', '.join(DEPLOYERS)}")
+        elif v["kubernetesDeployer"] == "public-allowlist" and not v["publicApiEndpoint"]:
+            v.bad(
+                "kubernetesDeployer",
+                f"public-allowlist needs {v.key('publicApiEndpoint')} = true (and publicApiCidrs); with a private-only "
+                "endpoint use in-vpc-runner",
+            )
+        elif v["kubernetesDeployer"] == "in-vpc-runner" and not _GITHUB_REPO_RE.match(v["deployerRepository"]):
+            v.bad(
+                "deployerRepository",
+                "the in-VPC runner needs the GitHub repository it serves, as https://github.com/OWNER/REPO "
+                "(the deploy workflow passes its own)",
+            )
+        if v["publicApiEndpoint"] and not v["publicApiCidrs"]:
+            v.bad(
+                "publicApiEndpoint", "a public API endpoint needs publicApiCidrs (an allowlist); 0.0.0.0/0 is refused"
+            )
+        allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for cidr in v["publicApiCidrs"]:
+            try:
+                net = ipaddress.ip_network(cidr, strict=True)
+            except ValueError as exc:
+                v.bad_item("publicApiCidrs", cidr, f"not a valid CIDR ({exc})")
+                continue
+            if net.prefixlen == 0:
+                v.bad_item("publicApiCidrs", cidr, "the whole internet is not an allowlist")
+            elif (why := non_routable(net)) is not None:
+                v.bad_item("publicApiCidrs", cidr, f"{why}, so no deployer can connect from it; {EGRESS_HINT}")
+            for other in allowed:
+                if net.version == other.version and net.overlaps(other):
+                    v.problems.append(
+                        f"{v.key('publicApiCidrs')} contains {cidr!r}, which overlaps '{other}': list each range once"
+                    )
+            allowed.append(net)
+
+
+def _network_or_none(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(cidr, strict=True)
+    except ValueError:
+        return None
+
+
+def _check_gpu_capacity(v: Values, cluster: ClusterConfig) -> None:
+    """maxGpus against the pools, and servingGpusPerReplica against an inference node. Both read the pools'
+    instance types and sizes, so they run only once those (and every key before them) are valid."""
+    gpus = sum(pool.max_gpus for pool in cluster.gpu_pools)
+    if gpus > v["maxGpus"]:
+        v.bad("maxGpus", f"the GPU pools can reach {gpus} GPUs at their maximum sizes; raise maxGpus or lower them")
+    inference_gpus = cluster.pool("inference").gpus_per_node
+    if v["servingGpusPerReplica"] > inference_gpus:
+        v.bad("servingGpusPerReplica", f"an inference node has only {inference_gpus} GPU(s)")
+
 
 @dataclass(frozen=True)
 class ServingConfig:
+    """Serving on EKS (infra/serving_eks.py) and SageMaker (infra/sagemaker_endpoint.py): the serving* keys but the
+    autoscaling ones (AutoscalingConfig) and servingImageDigest (ImagesConfig), the sagemaker* keys but
+    sagemakerLatencyP90Ms (ObservabilityConfig)."""
+
     on_eks: bool
     on_sagemaker: bool
     image_tag: str
@@ -239,10 +520,70 @@ class ServingConfig:
     def sagemaker_declared(self) -> bool:
         return self.on_sagemaker and self.artifacts_configured
 
+    @classmethod
+    def from_values(cls, v: Values) -> ServingConfig:
+        if v["servingGpusPerReplica"] < 1:
+            v.bad("servingGpusPerReplica", "must be at least 1")
+        if v["servingEngine"] not in ENGINES:
+            v.bad("servingEngine", f"must be one of {', '.join(ENGINES)}")
+        elif v["servingQuantization"] not in SERVING_QUANTIZATIONS[v["servingEngine"]]:
+            choices = ", ".join(SERVING_QUANTIZATIONS[v["servingEngine"]])
+            v.bad("servingQuantization", f"must be one of {choices} with servingEngine {v['servingEngine']}")
+        if v["servingModelShape"] and v["servingModelShape"] not in MODEL_SHAPES:
+            v.bad("servingModelShape", f"must be empty or one of {', '.join(MODEL_SHAPES)}")
+        # Empty tag or model: serving is not declared yet (first-run lifecycle, docs/first-deploy.md).
+        tag, prefix = v["servingImageTag"], v["servingModelPrefix"]
+        if tag and (not _TAG_RE.match(tag) or tag == "latest"):
+            v.bad("servingImageTag", "must be a valid, immutable image tag (not 'latest')")
+        if prefix and (not _PREFIX_RE.match(prefix) or ".." in prefix):
+            v.bad("servingModelPrefix", "must be a relative S3 key prefix such as models/llama-3-8b")
+        if v["servingReplicas"] < 1:
+            v.bad("servingReplicas", "must be at least 1")
+        if v["servingReplicas"] > v["servingMaxReplicas"]:
+            v.bad("servingReplicas", f"must not exceed {v.key('servingMaxReplicas')} ({v['servingMaxReplicas']})")
+        if v["servingIngress"] and not v["servingOnEks"]:
+            v.bad("servingIngress", "an Ingress needs servingOnEks: true")
+        if not _SAGEMAKER_INSTANCE_RE.match(v["sagemakerInstanceType"]):
+            v.bad("sagemakerInstanceType", "not a SageMaker instance type (e.g. ml.g5.xlarge)")
+        if v["sagemakerMinInstances"] < 1:
+            v.bad("sagemakerMinInstances", "must be at least 1 (real-time endpoints cannot scale to zero)")
+        if v["sagemakerMinInstances"] > v["sagemakerMaxInstances"]:
+            v.bad(
+                "sagemakerMinInstances",
+                f"must not exceed {v.key('sagemakerMaxInstances')} ({v['sagemakerMaxInstances']})",
+            )
+        if v["sagemakerInvocationsPerInstance"] < 1:
+            v.bad("sagemakerInvocationsPerInstance", "must be at least 1")
+        return cls(
+            on_eks=v["servingOnEks"],
+            on_sagemaker=v["servingOnSagemaker"],
+            image_tag=tag,
+            model_prefix=prefix.strip("/"),
+            engine=v["servingEngine"],
+            model_shape=v["servingModelShape"],
+            replicas=v["servingReplicas"],
+            max_replicas=v["servingMaxReplicas"],
+            gpus_per_replica=v["servingGpusPerReplica"],
+            ingress=v["servingIngress"],
+            sagemaker_instance_type=v["sagemakerInstanceType"],
+            sagemaker_min_instances=v["sagemakerMinInstances"],
+            sagemaker_max_instances=v["sagemakerMaxInstances"],
+            sagemaker_invocations_per_instance=v["sagemakerInvocationsPerInstance"],
+            sagemaker_autoscaling=v["sagemakerAutoscaling"],
+            quantization=v["servingQuantization"],
+        )
+
+    @staticmethod
+    def check_fit(v: Values) -> None:
+        """vLLM must fit the model on the instances the stack serves from (infra/vllm_sizing.py). It reads the pool,
+        instance-type and serving keys, so it runs last, once every other key is valid."""
+        v.problems.extend(check_serving_fit(v.values, v.project))
+
 
 @dataclass(frozen=True)
 class AutoscalingConfig:
-    """GPU node autoscaling (Cluster Autoscaler), spot interruption handling and serving autoscaling."""
+    """GPU node autoscaling (Cluster Autoscaler), spot interruption handling and serving autoscaling
+    (infra/cluster_autoscaler.py, spot_interruptions.py, serving_autoscaling.py)."""
 
     cluster_autoscaler_version: str
     scale_down_unneeded_minutes: int
@@ -255,10 +596,62 @@ class AutoscalingConfig:
     serving_active_hours_end: str
     serving_active_hours_timezone: str
 
+    @classmethod
+    def from_values(cls, v: Values) -> AutoscalingConfig:
+        kubernetes = v["kubernetesVersion"]
+        if v["clusterAutoscalerVersion"] == "":
+            # Follows kubernetesVersion (infra/versions.py).
+            if kubernetes not in CLUSTER_AUTOSCALER:
+                v.bad("clusterAutoscalerVersion", f"infra/versions.py pins none for Kubernetes {kubernetes}; set one")
+        elif not _VERSION_RE.match(v["clusterAutoscalerVersion"]):
+            v.version("clusterAutoscalerVersion")
+        elif ".".join(v["clusterAutoscalerVersion"].split(".")[:2]) != kubernetes:
+            v.bad(
+                "clusterAutoscalerVersion",
+                f"its minor version must equal {v.key('kubernetesVersion')} ({kubernetes}); "
+                f"use {kubernetes}.x (the autoscaler only supports its own Kubernetes minor)",
+            )
+        v.version("nodeTerminationHandlerVersion")
+        if not 1 <= v["scaleDownUnneededMinutes"] <= 120:
+            v.bad("scaleDownUnneededMinutes", "must be between 1 and 120")
+        if v["servingAutoscaler"] not in SERVING_AUTOSCALERS:
+            v.bad("servingAutoscaler", f"must be one of {', '.join(SERVING_AUTOSCALERS)}")
+        elif v["servingAutoscaler"] == "keda" and v["metrics"] != "in-cluster":
+            v.bad(
+                "servingAutoscaler", f"keda reads the in-cluster Prometheus; it needs {v.key('metrics')} = in-cluster"
+            )
+        if v["servingTargetInflightPerReplica"] < 1:
+            v.bad("servingTargetInflightPerReplica", "must be at least 1")
+        if v["servingScaleToZero"] and v["servingAutoscaler"] != "keda":
+            v.bad(
+                "servingScaleToZero",
+                f"scale to zero needs {v.key('servingAutoscaler')} = keda (an HPA cannot reach 0)",
+            )
+        for key in ("servingActiveHoursStart", "servingActiveHoursEnd"):
+            if not _CRON_RE.match(v[key]):
+                v.bad(key, "must be a 5-field cron expression such as '0 8 * * 1-5'")
+        if not re.fullmatch(r"UTC|[A-Za-z_]+(/[A-Za-z0-9_+-]+)+", v["servingActiveHoursTimezone"]):
+            v.bad("servingActiveHoursTimezone", "must be UTC or an IANA time zone such as Europe/Berlin")
+        return cls(
+            # An unpinned Kubernetes version was reported above; the section is not used then.
+            cluster_autoscaler_version=v["clusterAutoscalerVersion"]
+            or (cluster_autoscaler_for(kubernetes) if kubernetes in CLUSTER_AUTOSCALER else ""),
+            scale_down_unneeded_minutes=v["scaleDownUnneededMinutes"],
+            spot_interruption_handler=v["spotInterruptionHandler"],
+            node_termination_handler_version=v["nodeTerminationHandlerVersion"],
+            serving_autoscaler=v["servingAutoscaler"],
+            serving_target_inflight_per_replica=v["servingTargetInflightPerReplica"],
+            serving_scale_to_zero=v["servingScaleToZero"],
+            serving_active_hours_start=v["servingActiveHoursStart"],
+            serving_active_hours_end=v["servingActiveHoursEnd"],
+            serving_active_hours_timezone=v["servingActiveHoursTimezone"],
+        )
+
 
 @dataclass(frozen=True)
 class ObservabilityConfig:
-    """Metrics pipeline (Prometheus, DCGM exporter) and alerting."""
+    """Metrics pipeline (Prometheus, DCGM exporter) and alerting (infra/observability.py, alarms.py): metrics,
+    prometheusVersion, prometheusRetentionDays, dcgmExporterVersion, alertEmails, sagemakerLatencyP90Ms."""
 
     metrics: Literal["amp", "in-cluster", "none"]
     prometheus_version: str
@@ -267,24 +660,75 @@ class ObservabilityConfig:
     alert_emails: tuple[str, ...]
     sagemaker_latency_p90_ms: int
 
+    @classmethod
+    def from_values(cls, v: Values) -> ObservabilityConfig:
+        v.version("prometheusVersion")
+        if v["metrics"] not in METRICS_MODES:
+            v.bad("metrics", f"must be one of {', '.join(METRICS_MODES)}")
+        if not 1 <= v["prometheusRetentionDays"] <= 90:
+            v.bad("prometheusRetentionDays", "must be between 1 and 90")
+        # NVIDIA's tags are <DCGM>-<exporter>-<flavour>; the chart's default flavour is distroless from 4.5 on.
+        if not re.fullmatch(
+            r"\d+\.\d+\.\d+-\d+\.\d+\.\d+-(ubuntu\d+\.\d+|ubi\d+|distroless)", v["dcgmExporterVersion"]
+        ):
+            v.bad("dcgmExporterVersion", "must be a dcgm-exporter tag such as 4.5.3-4.8.2-distroless")
+        for email in v["alertEmails"]:
+            if not _EMAIL_RE.match(email):
+                v.bad_item("alertEmails", email, "not an e-mail address")
+        if v["sagemakerLatencyP90Ms"] < 1:
+            v.bad("sagemakerLatencyP90Ms", "must be at least 1")
+        return cls(
+            metrics=v["metrics"],
+            prometheus_version=v["prometheusVersion"],
+            prometheus_retention_days=v["prometheusRetentionDays"],
+            dcgm_exporter_version=v["dcgmExporterVersion"],
+            alert_emails=v["alertEmails"],
+            sagemaker_latency_p90_ms=v["sagemakerLatencyP90Ms"],
+        )
+
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """Spend controls: the stack's monthly cost budget (tag activation is account-level: ops/account.py)."""
+    """Spend controls (infra/budgets.py): monthlyBudgetUsd, the stack's monthly cost budget (tag activation is
+    account-level: ops/account.py)."""
 
     monthly_usd: int
+
+    @classmethod
+    def from_values(cls, v: Values) -> BudgetConfig:
+        if v["monthlyBudgetUsd"] < 1:
+            v.bad("monthlyBudgetUsd", "must be at least 1 (every stack has a budget)")
+        return cls(monthly_usd=v["monthlyBudgetUsd"])
 
 
 @dataclass(frozen=True)
 class ImagesConfig:
-    """Image digests (`sha256:<64 hex>`); empty when the stack references images by tag."""
+    """Image digests (`sha256:<64 hex>`); empty when the stack references images by tag: servingImageDigest,
+    trainingImageDigest."""
 
     serving_digest: str = ""
     training_digest: str = ""
 
+    @classmethod
+    def from_values(cls, v: Values) -> ImagesConfig:
+        """Digests well-formed, and present where production serves."""
+        for key in ("servingImageDigest", "trainingImageDigest"):
+            if v[key] and not _DIGEST_RE.match(v[key]):
+                v.bad(key, "must be an image digest sha256:<64 lowercase hex digits>")
+        serves = v["servingImageTag"] and (v["servingOnEks"] or v["servingOnSagemaker"])
+        if v["production"] and serves and not v["servingImageDigest"]:
+            v.problems.append(
+                f"{v.key('servingImageDigest')} is not set: a production stack references its serving image by digest "
+                f"(the one ECR reports for {v.key('servingImageTag')} = {v['servingImageTag']!r})"
+            )
+        return cls(serving_digest=v["servingImageDigest"], training_digest=v["trainingImageDigest"])
+
 
 @dataclass(frozen=True)
 class StackConfig:
+    """One stack's whole configuration: its identity (project, stack, region, environment, production) and one
+    section per concern. The program hands each component only the sections it reads."""
+
     project: str
     stack: str
     region: str
@@ -339,6 +783,52 @@ def load_config(values: Mapping[str, Any], stack: str, source: str = "stack conf
     a string and structured values as JSON): both are accepted.
     """
     project = project_name()
+    typed, problems = _typed_values(values, project)
+    region = values.get("aws:region")
+    if region is None:
+        problems.append("aws:region: required key is missing (the AWS region to deploy to, e.g. us-east-1)")
+    elif not isinstance(region, str) or not _REGION_RE.match(region):
+        problems.append(f"aws:region = {region!r}: not an AWS region name (expected e.g. us-east-1)")
+    if problems:
+        # Type errors make the sections' rules meaningless; report them first.
+        raise ConfigError(source, problems)
+
+    v = Values(typed, project)
+    environment = _check_environment(v)
+    network = NetworkConfig.from_values(v)
+    storage = StorageConfig.from_values(v)
+    cluster = ClusterConfig.from_values(v)
+    if not v.problems:
+        _check_gpu_capacity(v, cluster)
+    serving = ServingConfig.from_values(v)
+    autoscaling = AutoscalingConfig.from_values(v)
+    observability = ObservabilityConfig.from_values(v)
+    budget = BudgetConfig.from_values(v)
+    images = ImagesConfig.from_values(v)
+    if not v.problems:
+        ServingConfig.check_fit(v)
+    if v.problems:
+        raise ConfigError(source, v.problems)
+    return StackConfig(
+        project=project,
+        stack=stack,
+        region=str(region),
+        environment=environment,
+        production=v["production"],
+        network=network,
+        storage=storage,
+        cluster=cluster,
+        serving=serving,
+        autoscaling=autoscaling,
+        observability=observability,
+        budget=budget,
+        images=images,
+    )
+
+
+def _typed_values(values: Mapping[str, Any], project: str) -> tuple[dict[str, Any], list[str]]:
+    """Every declared key's value (the stack's, coerced to its declared type, else the default), and the problems:
+    unknown, removed, missing or mistyped keys."""
     keys = schema()
     problems: list[str] = []
     raw: dict[str, Any] = {}
@@ -356,34 +846,20 @@ def load_config(values: Mapping[str, Any], stack: str, source: str = "stack conf
             continue
         raw[key] = value
 
-    v: dict[str, Any] = {}
+    typed: dict[str, Any] = {}
     for key, spec in keys.items():
         full = f"{project}:{key}"
         if key not in raw:
             if spec.required:
                 problems.append(f"{full}: required key is missing ({spec.description})")
-            v[key] = spec.default
+            typed[key] = spec.default
             continue
         try:
-            v[key] = _coerce(raw[key], spec)
+            typed[key] = _coerce(raw[key], spec)
         except ValueError as exc:
             problems.append(f"{full} = {raw[key]!r}: {exc}")
-            v[key] = spec.default
-
-    region = values.get("aws:region")
-    if region is None:
-        problems.append("aws:region: required key is missing (the AWS region to deploy to, e.g. us-east-1)")
-    elif not isinstance(region, str) or not _REGION_RE.match(region):
-        problems.append(f"aws:region = {region!r}: not an AWS region name (expected e.g. us-east-1)")
-
-    if problems:
-        # Type errors make the semantic checks below meaningless; report them first.
-        raise ConfigError(source, problems)
-
-    problems.extend(_check(v, project))
-    if problems:
-        raise ConfigError(source, problems)
-    return _build(v, project, stack, str(region))
+            typed[key] = spec.default
+    return typed, problems
 
 
 def _coerce(value: Any, spec: ConfigKey) -> Any:
@@ -415,365 +891,6 @@ def _coerce(value: Any, spec: ConfigKey) -> Any:
             raise ValueError(f"must be a list of {spec.items}s")
         return tuple(value)
     raise ValueError(f"Pulumi.yaml declares an unsupported type {spec.type!r}")
-
-
-def _check(v: dict[str, Any], project: str) -> list[str]:
-    """Semantic rules across keys. Each message: key, bad value, what is allowed."""
-    p: list[str] = []
-
-    def bad(key: str, why: str) -> None:
-        p.append(f"{project}:{key} = {v[key]!r}: {why}")
-
-    if v["environment"] not in ("dev", "staging", "prod") and not re.fullmatch(
-        r"[a-z][a-z0-9-]{1,15}", v["environment"]
-    ):
-        bad("environment", "must be a short lowercase name such as dev, staging or prod")
-
-    vpc_net = None
-    try:
-        vpc = ipaddress.ip_network(v["vpcCidr"], strict=True)
-        vpc_net = vpc
-        if vpc.version != 4 or not 16 <= vpc.prefixlen <= 20:
-            bad("vpcCidr", "must be an IPv4 CIDR between /16 and /20")
-        elif not vpc.is_private:
-            bad("vpcCidr", "must be a private (RFC 1918) range")
-    except ValueError as exc:
-        bad("vpcCidr", f"not a valid CIDR ({exc})")
-    if not 2 <= v["azCount"] <= 4:
-        bad("azCount", "must be between 2 and 4 (high availability needs at least 2 zones)")
-    if v["natGateways"] not in NAT_MODES:
-        bad("natGateways", f"must be one of {', '.join(NAT_MODES)}")
-    if v["flowLogRetentionDays"] not in LOG_RETENTION_DAYS:
-        bad("flowLogRetentionDays", f"must be one of CloudWatch's retention values {LOG_RETENTION_DAYS}")
-    if v["checkpointNoncurrentDays"] < 1:
-        bad("checkpointNoncurrentDays", "must be at least 1")
-    if v["production"] and not v["protectData"]:
-        bad("protectData", "must be true when production is true (production data is never deletable by a destroy)")
-    if v["production"] and v["forceDestroyBuckets"]:
-        bad("forceDestroyBuckets", "must be false when production is true")
-
-    try:
-        services = ipaddress.ip_network(v["serviceCidr"], strict=True)
-        if services.version != 4 or not 12 <= services.prefixlen <= 24 or not services.is_private:
-            bad("serviceCidr", "must be a private IPv4 CIDR between /12 and /24")
-        elif vpc_net is not None and services.overlaps(vpc_net):
-            bad(
-                "serviceCidr",
-                f"overlaps {project}:vpcCidr ({v['vpcCidr']}); pick a disjoint range such as 172.20.0.0/16",
-            )
-    except ValueError as exc:
-        bad("serviceCidr", f"not a valid CIDR ({exc})")
-    if v["controlPlaneLogRetentionDays"] not in LOG_RETENTION_DAYS:
-        bad("controlPlaneLogRetentionDays", f"must be one of CloudWatch's retention values {LOG_RETENTION_DAYS}")
-    if v["kubernetesVersion"] not in SUPPORTED_KUBERNETES:
-        bad("kubernetesVersion", f"must be one of {', '.join(SUPPORTED_KUBERNETES)}")
-    for arn in v["clusterAdminArns"]:
-        if not _ARN_RE.match(arn):
-            p.append(f"{project}:clusterAdminArns contains {arn!r}: not an IAM role or user ARN")
-    if not any(":role/" in arn for arn in v["clusterAdminArns"]):
-        bad(
-            "clusterAdminArns",
-            "must name at least one IAM role besides the identity that creates the cluster (break-glass: when the "
-            "deploy role is deleted, recreated or rotated, nobody else could reach the cluster; "
-            "docs/first-deploy.md#recovering-cluster-access)",
-        )
-    if v["kubernetesDeployer"] not in DEPLOYERS:
-        bad("kubernetesDeployer", f"must be one of {', '.join(DEPLOYERS)}")
-    elif v["kubernetesDeployer"] == "public-allowlist" and not v["publicApiEndpoint"]:
-        bad(
-            "kubernetesDeployer",
-            f"public-allowlist needs {project}:publicApiEndpoint = true (and publicApiCidrs); with a private-only "
-            "endpoint use in-vpc-runner",
-        )
-    elif v["kubernetesDeployer"] == "in-vpc-runner" and not _GITHUB_REPO_RE.match(v["deployerRepository"]):
-        bad(
-            "deployerRepository",
-            "the in-VPC runner needs the GitHub repository it serves, as https://github.com/OWNER/REPO "
-            "(the deploy workflow passes its own)",
-        )
-    if v["publicApiEndpoint"] and not v["publicApiCidrs"]:
-        bad("publicApiEndpoint", "a public API endpoint needs publicApiCidrs (an allowlist); 0.0.0.0/0 is refused")
-    allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    for cidr in v["publicApiCidrs"]:
-        try:
-            net = ipaddress.ip_network(cidr, strict=True)
-        except ValueError as exc:
-            p.append(f"{project}:publicApiCidrs contains {cidr!r}: not a valid CIDR ({exc})")
-            continue
-        if net.prefixlen == 0:
-            p.append(f"{project}:publicApiCidrs contains {cidr!r}: the whole internet is not an allowlist")
-        elif (why := non_routable(net)) is not None:
-            p.append(
-                f"{project}:publicApiCidrs contains {cidr!r}: {why}, so no deployer can connect from it; {EGRESS_HINT}"
-            )
-        for other in allowed:
-            if net.version == other.version and net.overlaps(other):
-                p.append(f"{project}:publicApiCidrs contains {cidr!r}, which overlaps '{other}': list each range once")
-        allowed.append(net)
-    if not _INSTANCE_RE.match(v["systemInstanceType"]):
-        bad("systemInstanceType", "not an EC2 instance type name (e.g. m7i.large)")
-    if v["systemNodeCount"] < 2:
-        bad("systemNodeCount", "must be at least 2 so cluster controllers survive a node loss")
-    if not 20 <= v["gpuNodeDiskGb"] <= 16384:
-        bad("gpuNodeDiskGb", "must be between 20 and 16384 GiB")
-
-    for pool in ("training", "inference"):
-        types_key = f"{pool}InstanceTypes"
-        types = v[types_key]
-        if not types:
-            bad(types_key, "must list at least one GPU instance type")
-        unknown = [t for t in types if t not in GPU_INSTANCE_TYPES]
-        if unknown:
-            bad(types_key, f"{', '.join(unknown)} not GPU instance types; allowed: {', '.join(GPU_INSTANCE_TYPES)}")
-        elif len({GPU_INSTANCE_TYPES[t].gpus for t in types}) > 1:
-            bad(types_key, "all instance types of a pool must have the same GPU count")
-        elif len({GPU_INSTANCE_TYPES[t].gpu for t in types}) > 1:
-            bad(types_key, f"all instance types of a pool must have the same GPU model (one {ACCELERATOR_LABEL} label)")
-        cap_key = f"{pool}CapacityType"
-        if v[cap_key] not in CAPACITY_TYPES:
-            bad(cap_key, f"must be one of {', '.join(CAPACITY_TYPES)}")
-        min_key, max_key = f"{pool}MinSize", f"{pool}MaxSize"
-        if v[min_key] < 0:
-            bad(min_key, "must be 0 or more")
-        if v[max_key] < 1:
-            bad(max_key, "must be at least 1")
-        if v[min_key] > v[max_key]:
-            bad(min_key, f"must not exceed {project}:{max_key} ({v[max_key]})")
-    reservation = v["trainingCapacityReservationId"]
-    if reservation and not _CAPACITY_RESERVATION_RE.match(reservation):
-        bad("trainingCapacityReservationId", "not a capacity reservation ID (cr- followed by 8 to 17 hex digits)")
-    if reservation and v["trainingCapacityType"] != "ON_DEMAND":
-        bad(
-            "trainingCapacityReservationId",
-            f"a reservation is On-Demand capacity: set {project}:trainingCapacityType ON_DEMAND",
-        )
-    if v["trainingCapacityBlock"] and not reservation:
-        bad(
-            "trainingCapacityBlock",
-            f"a Capacity Block is used through its reservation: set {project}:trainingCapacityReservationId",
-        )
-    if v["trainingCapacityBlock"] and len(v["trainingInstanceTypes"]) != 1:
-        bad(
-            "trainingCapacityBlock",
-            f"a Capacity Block is for one instance type; list exactly one in {project}:trainingInstanceTypes",
-        )
-    if v["trainingEfa"]:
-        no_efa = [t for t in v["trainingInstanceTypes"] if t in GPU_INSTANCE_TYPES and not GPU_INSTANCE_TYPES[t].efa]
-        if no_efa:
-            bad("trainingEfa", f"EFA is not supported by {', '.join(no_efa)}")
-
-    if not p:
-        gpus = sum(
-            v[f"{pool}MaxSize"] * GPU_INSTANCE_TYPES[v[f"{pool}InstanceTypes"][0]].gpus
-            for pool in ("training", "inference")
-        )
-        if gpus > v["maxGpus"]:
-            bad("maxGpus", f"the GPU pools can reach {gpus} GPUs at their maximum sizes; raise maxGpus or lower them")
-        inference_gpus = GPU_INSTANCE_TYPES[v["inferenceInstanceTypes"][0]].gpus
-        if v["servingGpusPerReplica"] > inference_gpus:
-            bad("servingGpusPerReplica", f"an inference node has only {inference_gpus} GPU(s)")
-
-    if v["servingGpusPerReplica"] < 1:
-        bad("servingGpusPerReplica", "must be at least 1")
-    if v["servingEngine"] not in ENGINES:
-        bad("servingEngine", f"must be one of {', '.join(ENGINES)}")
-    elif v["servingQuantization"] not in SERVING_QUANTIZATIONS[v["servingEngine"]]:
-        choices = ", ".join(SERVING_QUANTIZATIONS[v["servingEngine"]])
-        bad("servingQuantization", f"must be one of {choices} with servingEngine {v['servingEngine']}")
-    if v["servingModelShape"] and v["servingModelShape"] not in MODEL_SHAPES:
-        bad("servingModelShape", f"must be empty or one of {', '.join(MODEL_SHAPES)}")
-    # Empty tag or model: serving is not declared yet (first-run lifecycle, docs/first-deploy.md).
-    if v["servingImageTag"] and (not _TAG_RE.match(v["servingImageTag"]) or v["servingImageTag"] == "latest"):
-        bad("servingImageTag", "must be a valid, immutable image tag (not 'latest')")
-    if v["servingModelPrefix"] and (not _PREFIX_RE.match(v["servingModelPrefix"]) or ".." in v["servingModelPrefix"]):
-        bad("servingModelPrefix", "must be a relative S3 key prefix such as models/llama-3-8b")
-    if v["servingReplicas"] < 1:
-        bad("servingReplicas", "must be at least 1")
-    if v["servingReplicas"] > v["servingMaxReplicas"]:
-        bad("servingReplicas", f"must not exceed {project}:servingMaxReplicas ({v['servingMaxReplicas']})")
-    if v["servingIngress"] and not v["servingOnEks"]:
-        bad("servingIngress", "an Ingress needs servingOnEks: true")
-    if not _SAGEMAKER_INSTANCE_RE.match(v["sagemakerInstanceType"]):
-        bad("sagemakerInstanceType", "not a SageMaker instance type (e.g. ml.g5.xlarge)")
-    if v["sagemakerMinInstances"] < 1:
-        bad("sagemakerMinInstances", "must be at least 1 (real-time endpoints cannot scale to zero)")
-    if v["sagemakerMinInstances"] > v["sagemakerMaxInstances"]:
-        bad("sagemakerMinInstances", f"must not exceed {project}:sagemakerMaxInstances ({v['sagemakerMaxInstances']})")
-    if v["sagemakerInvocationsPerInstance"] < 1:
-        bad("sagemakerInvocationsPerInstance", "must be at least 1")
-    p.extend(_check_operations(v, project))
-    p.extend(_check_images(v, project))
-    if not p:
-        # Last: it reads the pool, instance-type and serving keys checked above.
-        p.extend(check_serving_fit(v, project))
-    return p
-
-
-def _check_images(v: dict[str, Any], project: str) -> list[str]:
-    """Image digests: well-formed, and present where production serves."""
-    p: list[str] = []
-    for key in ("servingImageDigest", "trainingImageDigest"):
-        if v[key] and not _DIGEST_RE.match(v[key]):
-            p.append(f"{project}:{key} = {v[key]!r}: must be an image digest sha256:<64 lowercase hex digits>")
-    serves = v["servingImageTag"] and (v["servingOnEks"] or v["servingOnSagemaker"])
-    if v["production"] and serves and not v["servingImageDigest"]:
-        p.append(
-            f"{project}:servingImageDigest is not set: a production stack references its serving image by digest "
-            f"(the one ECR reports for {project}:servingImageTag = {v['servingImageTag']!r})"
-        )
-    return p
-
-
-def _check_operations(v: dict[str, Any], project: str) -> list[str]:
-    """Autoscaling, observability and budget keys (infra/cluster_autoscaler.py, spot_interruptions.py,
-    serving_autoscaling.py, observability.py, budgets.py)."""
-    p: list[str] = []
-
-    def bad(key: str, why: str) -> None:
-        p.append(f"{project}:{key} = {v[key]!r}: {why}")
-
-    for key in ("clusterAutoscalerVersion", "nodeTerminationHandlerVersion", "prometheusVersion"):
-        if key == "clusterAutoscalerVersion" and v[key] == "":
-            continue  # follows kubernetesVersion (infra/versions.py)
-        if not _VERSION_RE.match(v[key]):
-            bad(key, "must be a release version MAJOR.MINOR.PATCH such as 1.33.0 (no 'v', no 'latest')")
-    if v["clusterAutoscalerVersion"] == "":
-        if v["kubernetesVersion"] not in CLUSTER_AUTOSCALER:
-            bad(
-                "clusterAutoscalerVersion",
-                f"infra/versions.py pins none for Kubernetes {v['kubernetesVersion']}; set one",
-            )
-    elif _VERSION_RE.match(v["clusterAutoscalerVersion"]):
-        ca_minor = ".".join(v["clusterAutoscalerVersion"].split(".")[:2])
-        if ca_minor != v["kubernetesVersion"]:
-            bad(
-                "clusterAutoscalerVersion",
-                f"its minor version must equal {project}:kubernetesVersion ({v['kubernetesVersion']}); "
-                f"use {v['kubernetesVersion']}.x (the autoscaler only supports its own Kubernetes minor)",
-            )
-    if not 1 <= v["scaleDownUnneededMinutes"] <= 120:
-        bad("scaleDownUnneededMinutes", "must be between 1 and 120")
-    if v["servingAutoscaler"] not in SERVING_AUTOSCALERS:
-        bad("servingAutoscaler", f"must be one of {', '.join(SERVING_AUTOSCALERS)}")
-    elif v["servingAutoscaler"] == "keda" and v["metrics"] != "in-cluster":
-        bad("servingAutoscaler", f"keda reads the in-cluster Prometheus; it needs {project}:metrics = in-cluster")
-    if v["servingTargetInflightPerReplica"] < 1:
-        bad("servingTargetInflightPerReplica", "must be at least 1")
-    if v["servingScaleToZero"] and v["servingAutoscaler"] != "keda":
-        bad("servingScaleToZero", f"scale to zero needs {project}:servingAutoscaler = keda (an HPA cannot reach 0)")
-    for key in ("servingActiveHoursStart", "servingActiveHoursEnd"):
-        if not _CRON_RE.match(v[key]):
-            bad(key, "must be a 5-field cron expression such as '0 8 * * 1-5'")
-    if not re.fullmatch(r"UTC|[A-Za-z_]+(/[A-Za-z0-9_+-]+)+", v["servingActiveHoursTimezone"]):
-        bad("servingActiveHoursTimezone", "must be UTC or an IANA time zone such as Europe/Berlin")
-    if v["metrics"] not in METRICS_MODES:
-        bad("metrics", f"must be one of {', '.join(METRICS_MODES)}")
-    if not 1 <= v["prometheusRetentionDays"] <= 90:
-        bad("prometheusRetentionDays", "must be between 1 and 90")
-    # NVIDIA's tags are <DCGM>-<exporter>-<flavour>; the chart's default flavour is distroless from 4.5 on.
-    if not re.fullmatch(r"\d+\.\d+\.\d+-\d+\.\d+\.\d+-(ubuntu\d+\.\d+|ubi\d+|distroless)", v["dcgmExporterVersion"]):
-        bad("dcgmExporterVersion", "must be a dcgm-exporter tag such as 4.5.3-4.8.2-distroless")
-    for email in v["alertEmails"]:
-        if not _EMAIL_RE.match(email):
-            p.append(f"{project}:alertEmails contains {email!r}: not an e-mail address")
-    if v["sagemakerLatencyP90Ms"] < 1:
-        bad("sagemakerLatencyP90Ms", "must be at least 1")
-    if v["monthlyBudgetUsd"] < 1:
-        bad("monthlyBudgetUsd", "must be at least 1 (every stack has a budget)")
-    return p
-
-
-def _build(v: dict[str, Any], project: str, stack: str, region: str) -> StackConfig:
-    pools = tuple(
-        GpuPool(
-            name=purpose,
-            purpose=purpose,
-            instance_types=v[f"{purpose}InstanceTypes"],
-            capacity_type=v[f"{purpose}CapacityType"],
-            min_size=v[f"{purpose}MinSize"],
-            max_size=v[f"{purpose}MaxSize"],
-            disk_gb=v["gpuNodeDiskGb"],
-            efa=v["trainingEfa"] if purpose == "training" else False,
-            capacity_reservation_id=v["trainingCapacityReservationId"] if purpose == "training" else "",
-            capacity_block=v["trainingCapacityBlock"] if purpose == "training" else False,
-        )
-        for purpose in ("training", "inference")
-    )
-    return StackConfig(
-        project=project,
-        stack=stack,
-        region=region,
-        environment=v["environment"],
-        production=v["production"],
-        network=NetworkConfig(
-            vpc_cidr=v["vpcCidr"],
-            az_count=v["azCount"],
-            nat_gateways=v["natGateways"],
-            interface_endpoints=v["interfaceEndpoints"],
-            flow_log_retention_days=v["flowLogRetentionDays"],
-        ),
-        storage=StorageConfig(
-            force_destroy=v["forceDestroyBuckets"],
-            protect_data=v["protectData"],
-            checkpoint_noncurrent_days=v["checkpointNoncurrentDays"],
-        ),
-        cluster=ClusterConfig(
-            kubernetes_version=v["kubernetesVersion"],
-            service_cidr=v["serviceCidr"],
-            control_plane_log_retention_days=v["controlPlaneLogRetentionDays"],
-            admin_arns=v["clusterAdminArns"],
-            public_api_endpoint=v["publicApiEndpoint"],
-            public_api_cidrs=v["publicApiCidrs"],
-            system_instance_type=v["systemInstanceType"],
-            system_node_count=v["systemNodeCount"],
-            gpu_pools=pools,
-            max_gpus=v["maxGpus"],
-            deployer=v["kubernetesDeployer"],
-            deployer_repository=v["deployerRepository"],
-        ),
-        serving=ServingConfig(
-            on_eks=v["servingOnEks"],
-            on_sagemaker=v["servingOnSagemaker"],
-            image_tag=v["servingImageTag"],
-            model_prefix=v["servingModelPrefix"].strip("/"),
-            engine=v["servingEngine"],
-            model_shape=v["servingModelShape"],
-            replicas=v["servingReplicas"],
-            max_replicas=v["servingMaxReplicas"],
-            gpus_per_replica=v["servingGpusPerReplica"],
-            ingress=v["servingIngress"],
-            sagemaker_instance_type=v["sagemakerInstanceType"],
-            sagemaker_min_instances=v["sagemakerMinInstances"],
-            sagemaker_max_instances=v["sagemakerMaxInstances"],
-            sagemaker_invocations_per_instance=v["sagemakerInvocationsPerInstance"],
-            sagemaker_autoscaling=v["sagemakerAutoscaling"],
-            quantization=v["servingQuantization"],
-        ),
-        autoscaling=AutoscalingConfig(
-            cluster_autoscaler_version=v["clusterAutoscalerVersion"] or cluster_autoscaler_for(v["kubernetesVersion"]),
-            scale_down_unneeded_minutes=v["scaleDownUnneededMinutes"],
-            spot_interruption_handler=v["spotInterruptionHandler"],
-            node_termination_handler_version=v["nodeTerminationHandlerVersion"],
-            serving_autoscaler=v["servingAutoscaler"],
-            serving_target_inflight_per_replica=v["servingTargetInflightPerReplica"],
-            serving_scale_to_zero=v["servingScaleToZero"],
-            serving_active_hours_start=v["servingActiveHoursStart"],
-            serving_active_hours_end=v["servingActiveHoursEnd"],
-            serving_active_hours_timezone=v["servingActiveHoursTimezone"],
-        ),
-        observability=ObservabilityConfig(
-            metrics=v["metrics"],
-            prometheus_version=v["prometheusVersion"],
-            prometheus_retention_days=v["prometheusRetentionDays"],
-            dcgm_exporter_version=v["dcgmExporterVersion"],
-            alert_emails=v["alertEmails"],
-            sagemaker_latency_p90_ms=v["sagemakerLatencyP90Ms"],
-        ),
-        budget=BudgetConfig(
-            monthly_usd=v["monthlyBudgetUsd"],
-        ),
-        images=ImagesConfig(serving_digest=v["servingImageDigest"], training_digest=v["trainingImageDigest"]),
-    )
 
 
 _NON_ROUTABLE = (

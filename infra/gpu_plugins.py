@@ -4,6 +4,7 @@ EFA driver but no plugin: without them no pod can request a GPU, and EFA trainin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,7 @@ import pulumi_kubernetes as k8s
 
 from facts.cluster import EFA_RESOURCE, GPU_RESOURCE, KUBE_SYSTEM
 from infra.charts import gpu_toleration, install_chart
-from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
+from infra.config import GPU_TAINT, POOL_LABEL, GpuPool
 
 NVIDIA_CHART = "nvidia-device-plugin"
 EFA_CHART = "aws-efa-k8s-device-plugin"
@@ -33,13 +34,13 @@ def _pools_affinity(pools: list[str]) -> dict[str, Any]:
     }
 
 
-def nvidia_device_plugin_values(cfg: StackConfig) -> dict[str, Any]:
+def nvidia_device_plugin_values(gpu_pools: Sequence[GpuPool]) -> dict[str, Any]:
     """Values over NVIDIA/k8s-device-plugin v0.20.0 deployments/helm/nvidia-device-plugin/values.yaml. Its default
     affinity selects nodes by Node Feature Discovery labels (`feature.node.kubernetes.io/pci-10de.present`, ...),
     which nothing sets here (NFD and GFD stay off): the affinity is replaced by our pool label."""
     return {
         "fullnameOverride": NVIDIA_CHART,
-        "affinity": _pools_affinity([p.name for p in cfg.cluster.gpu_pools]),
+        "affinity": _pools_affinity([p.name for p in gpu_pools]),
         # Helm replaces lists: these are the chart's two defaults, restated so the taint contract is tested here.
         "tolerations": [dict(_CRITICAL_ADDONS), gpu_toleration(GPU_TAINT)],
         "priorityClassName": "system-node-critical",
@@ -51,7 +52,7 @@ def nvidia_device_plugin_values(cfg: StackConfig) -> dict[str, Any]:
     }
 
 
-def efa_device_plugin_values(cfg: StackConfig) -> dict[str, Any]:
+def efa_device_plugin_values(gpu_pools: Sequence[GpuPool]) -> dict[str, Any]:
     """Values over aws/eks-charts stable/aws-efa-k8s-device-plugin (chart v0.5.30, image v0.5.20). The chart runs the
     plugin the way it works: hostNetwork, privileged, /dev/infiniband and the device-plugin socket mounted
     (templates/daemonset.yaml); our former hand copy had neither hostNetwork nor /dev/infiniband. Its affinity is
@@ -59,15 +60,15 @@ def efa_device_plugin_values(cfg: StackConfig) -> dict[str, Any]:
     type list, it runs exactly on the EFA pools. Tolerations are appended to the chart's CriticalAddonsOnly."""
     return {
         "fullnameOverride": EFA_CHART,
-        "supportedInstanceLabels": {"keys": [POOL_LABEL], "values": [p.name for p in cfg.cluster.gpu_pools if p.efa]},
+        "supportedInstanceLabels": {"keys": [POOL_LABEL], "values": [p.name for p in gpu_pools if p.efa]},
         "tolerations": [gpu_toleration(GPU_TAINT)],
     }
 
 
 @dataclass
 class GpuDevicePluginsArgs:
-    config: StackConfig
-    """Validated stack config: the GPU pools (names, EFA)."""
+    gpu_pools: Sequence[GpuPool]
+    """The GPU pools (names, EFA): where the plugins run."""
     provider: k8s.Provider
     """Kubernetes provider of the cluster."""
 
@@ -80,12 +81,13 @@ class GpuDevicePlugins(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: GpuDevicePluginsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:GpuDevicePlugins", name, None, opts)
-        cfg = args.config
         k8s_opts = pulumi.ResourceOptions(parent=self, provider=args.provider)
-        install_chart(f"{name}-nvidia", NVIDIA_CHART, KUBE_SYSTEM, nvidia_device_plugin_values(cfg), k8s_opts)
+        install_chart(
+            f"{name}-nvidia", NVIDIA_CHART, KUBE_SYSTEM, nvidia_device_plugin_values(args.gpu_pools), k8s_opts
+        )
         charts = [NVIDIA_CHART]
-        if any(p.efa for p in cfg.cluster.gpu_pools):
-            install_chart(f"{name}-efa", EFA_CHART, KUBE_SYSTEM, efa_device_plugin_values(cfg), k8s_opts)
+        if any(p.efa for p in args.gpu_pools):
+            install_chart(f"{name}-efa", EFA_CHART, KUBE_SYSTEM, efa_device_plugin_values(args.gpu_pools), k8s_opts)
             charts.append(EFA_CHART)
         self.advertised = tuple(PLUGIN_RESOURCES[c] for c in charts)
         self.register_outputs({})

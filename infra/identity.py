@@ -14,8 +14,6 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from infra.config import StackConfig
-
 READ = ["s3:GetObject", "s3:GetObjectVersion"]
 WRITE = ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
 DELETE = ["s3:DeleteObject"]
@@ -24,7 +22,9 @@ LIST = ["s3:ListBucket", "s3:GetBucketLocation"]
 
 @dataclass
 class IdentityArgs:
-    config: StackConfig
+    name_prefix: str
+    """Prefix of the role names (StackConfig.name_prefix)."""
+    region: str
     account_id: str
     partition: str
     bucket_arns: dict[str, pulumi.Input[str]]
@@ -102,12 +102,21 @@ as itself, and checks its grants on the key at version upgrades, which otherwise
 
 
 class Identity(pulumi.ComponentResource):
+    """The stack's IAM roles: EKS control plane, nodes, the EBS CSI driver, the training and serving workloads (Pod
+    Identity) and SageMaker execution, each with least-privilege policies."""
+
     cluster_role_arn: pulumi.Output[str]
+    """Role the EKS control plane assumes (infra/cluster.py)."""
     node_role_arn: pulumi.Output[str]
+    """Role every node group's instances carry (infra/cluster.py)."""
     training_role_arn: pulumi.Output[str]
+    """Pod Identity role of the training service account (infra/kubernetes_base.py); exported."""
     serving_role_arn: pulumi.Output[str]
+    """Pod Identity role of the serving service account (infra/kubernetes_base.py); exported."""
     sagemaker_role_arn: pulumi.Output[str]
+    """Execution role of the SageMaker model (infra/sagemaker_endpoint.py); exported for training jobs."""
     ebs_csi_role_arn: pulumi.Output[str]
+    """Pod Identity role of the EBS CSI controller add-on (infra/cluster.py)."""
     role_policies: dict[str, list[pulumi.Resource]]
     """Policy attachments and inline policies per role (cluster, node, sagemaker, ...). A consumer depends on them
     explicitly: depending on the role ARN alone lets AWS create the consumer before the role may do anything, and
@@ -116,7 +125,6 @@ class Identity(pulumi.ComponentResource):
     def __init__(self, name: str, args: IdentityArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Identity", name, None, opts)
         self._base, self._spec = name, args
-        cfg = args.config
         managed = f"arn:{args.partition}:iam::aws:policy"
         workload_trust = pod_identity_trust(args.account_id)
         self.role_policies = {}
@@ -148,12 +156,12 @@ class Identity(pulumi.ComponentResource):
         self.training_role = self._role(
             "training",
             workload_trust,
-            inline=s3_statements(args.bucket_arns, TRAINING_ACCESS, args.kms_key_arn, cfg.region),
+            inline=s3_statements(args.bucket_arns, TRAINING_ACCESS, args.kms_key_arn, args.region),
         )
         self.serving_role = self._role(
             "serving",
             workload_trust,
-            inline=s3_statements(args.bucket_arns, SERVING_ACCESS, args.kms_key_arn, cfg.region),
+            inline=s3_statements(args.bucket_arns, SERVING_ACCESS, args.kms_key_arn, args.region),
         )
         self.sagemaker_role = self._role(
             "sagemaker",
@@ -187,11 +195,10 @@ class Identity(pulumi.ComponentResource):
         managed_policy_arns: list[str] | None = None,
         inline: list[dict[str, Any]] | None = None,
     ) -> aws.iam.Role:
-        cfg = self._spec.config
         policies: list[pulumi.Resource] = []
         role = aws.iam.Role(
             f"{self._base}-{suffix}",
-            name=f"{cfg.name_prefix}-{suffix}",
+            name=f"{self._spec.name_prefix}-{suffix}",
             assume_role_policy=trust,
             max_session_duration=3600,
             tags=self._spec.tags,
@@ -220,9 +227,9 @@ class Identity(pulumi.ComponentResource):
 
     def _sagemaker_statements(self) -> list[dict[str, Any]]:
         """Training jobs (same data access as the EKS trainer) and endpoints (read models) share one role."""
-        a, cfg = self._spec, self._spec.config
-        logs = f"arn:{a.partition}:logs:{cfg.region}:{a.account_id}:log-group:/aws/sagemaker/*"
-        statements = s3_statements(a.bucket_arns, TRAINING_ACCESS, a.kms_key_arn, cfg.region)
+        a = self._spec
+        logs = f"arn:{a.partition}:logs:{a.region}:{a.account_id}:log-group:/aws/sagemaker/*"
+        statements = s3_statements(a.bucket_arns, TRAINING_ACCESS, a.kms_key_arn, a.region)
         statements += [
             {
                 # GetAuthorizationToken has no resource-level permissions: "*" is the only valid resource.
@@ -243,7 +250,7 @@ class Identity(pulumi.ComponentResource):
                 "Effect": "Allow",
                 "Action": ["kms:Decrypt"],
                 "Resource": a.kms_key_arn,
-                "Condition": {"StringEquals": {"kms:ViaService": f"ecr.{cfg.region}.amazonaws.com"}},
+                "Condition": {"StringEquals": {"kms:ViaService": f"ecr.{a.region}.amazonaws.com"}},
             },
             {
                 "Sid": "SageMakerLogs",

@@ -12,9 +12,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from facts.cluster import KUBE_SYSTEM
-from facts.tags import stack_tags
 from infra.charts import SYSTEM_NODE_SELECTOR, install_controller
-from infra.config import StackConfig
 
 CHART = "aws-load-balancer-controller"
 SERVICE_ACCOUNT = "aws-load-balancer-controller"
@@ -38,12 +36,12 @@ def load_balancer_controller_policy() -> str:
     return text
 
 
-def load_balancer_controller_values(cfg: StackConfig, cluster_name: str, vpc_id: str) -> dict[str, Any]:
+def load_balancer_controller_values(args: LoadBalancerControllerArgs, cluster_name: str, vpc_id: str) -> dict[str, Any]:
     """Values over aws/eks-charts stable/aws-load-balancer-controller/values.yaml (chart 3.5.0, commit 5239609).
     Region and VPC are given so the controller does not need IMDS, which the nodes' hop limit of 1 keeps from pods."""
     return {
         "clusterName": cluster_name,
-        "region": cfg.region,
+        "region": args.region,
         "vpcId": vpc_id,
         "serviceAccount": {"create": True, "name": SERVICE_ACCOUNT},
         "ingressClass": INGRESS_CLASS,
@@ -53,14 +51,16 @@ def load_balancer_controller_values(cfg: StackConfig, cluster_name: str, vpc_id:
         "replicaCount": 2,
         # Load balancers, target groups and security groups it creates carry the stack tags (cost allocation, the
         # teardown sweep), besides the elbv2.k8s.aws/cluster tag it always sets.
-        "defaultTags": stack_tags(cfg.stack, cfg.environment),
+        "defaultTags": dict(args.tags),
     }
 
 
 @dataclass
 class LoadBalancerControllerArgs:
-    config: StackConfig
-    """Validated stack config (region, name prefix)."""
+    name_prefix: str
+    """Prefix of the controller's IAM role name."""
+    region: str
+    """Region the controller manages load balancers in (given, so it needs no IMDS)."""
     cluster_name: pulumi.Input[str]
     """EKS cluster name: the controller tags what it creates with it, and the IAM policy keys on that tag."""
     vpc_id: pulumi.Input[str]
@@ -74,23 +74,27 @@ class LoadBalancerControllerArgs:
 
 
 class LoadBalancerController(pulumi.ComponentResource):
+    """The AWS Load Balancer Controller on the system pool, with its Pod Identity role: turns the serving Ingress
+    into an internal ALB."""
+
     role_arn: pulumi.Output[str]
+    """The controller's Pod Identity role (upstream IAM policy, pinned by digest)."""
     chart: k8s.helm.v4.Chart
+    """The Helm chart release; the serving Deployment depends on it so its Ingress has a controller."""
 
     def __init__(self, name: str, args: LoadBalancerControllerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:LoadBalancerController", name, None, opts)
-        cfg = args.config
         role, self.chart = install_controller(
             self,
             name,
-            role_name=f"{cfg.name_prefix}-aws-load-balancer-controller",
+            role_name=f"{args.name_prefix}-aws-load-balancer-controller",
             policy=load_balancer_controller_policy(),
             cluster_name=args.cluster_name,
             namespace=KUBE_SYSTEM,
             service_account=SERVICE_ACCOUNT,
             chart=CHART,
             values=pulumi.Output.all(args.cluster_name, args.vpc_id).apply(
-                lambda a: load_balancer_controller_values(cfg, a[0], a[1])
+                lambda a: load_balancer_controller_values(args, a[0], a[1])
             ),
             provider=args.provider,
             tags=args.tags,

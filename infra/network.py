@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from infra.config import StackConfig
+from infra.config import NetworkConfig
 from infra.identity import service_trust
 
 INTERFACE_ENDPOINT_SERVICES = ("ecr.api", "ecr.dkr", "eks-auth", "sts", "logs")
@@ -88,9 +88,16 @@ def s3_endpoint_policy(bucket_arns: list[str], region: str) -> dict:
 
 @dataclass
 class NetworkArgs:
-    config: StackConfig
+    network: NetworkConfig
+    """CIDR, zone count, NAT mode, interface endpoints, flow-log retention."""
+    name_prefix: str
+    """Prefix of the Name tags (StackConfig.name_prefix)."""
+    stack: str
+    region: str
+    collector_subnets: bool
+    """Carve subnets for the managed Prometheus collector (metrics: amp; infra/observability.py)."""
     availability_zones: list[str]
-    """Zones to spread over, already cut to `config.network.az_count`."""
+    """Zones to spread over, already cut to `network.az_count`."""
     kms_key_arn: pulumi.Input[str]
     """Key that encrypts the flow-log group."""
     tags: dict[str, str]
@@ -125,10 +132,17 @@ def plan_collector_subnets(vpc_cidr: str, az_count: int) -> list[str]:
 
 
 class Network(pulumi.ComponentResource):
+    """The stack's VPC over `azCount` zones: private subnets for every node and endpoint, small public subnets for NAT
+    and load balancers, S3 gateway and interface endpoints, flow logs."""
+
     vpc_id: pulumi.Output[str]
+    """The VPC: the cluster, the SageMaker endpoint and the deployer runner put their security groups here."""
     private_subnet_ids: pulumi.Output[list[str]]
+    """Private subnets, one per zone (same order as the zones): nodes, endpoints, the runner; exported."""
     public_subnet_ids: pulumi.Output[list[str]]
+    """Public subnets, one per zone: NAT gateways and internet-facing load balancers; exported."""
     private_route_table_ids: pulumi.Output[list[str]]
+    """Route tables of the private subnets (NAT default route, S3 gateway endpoint)."""
     collector_subnet_ids: pulumi.Output[list[str]]
     """Subnets for the managed Prometheus collector's ENIs (metrics: amp); empty otherwise."""
 
@@ -136,18 +150,18 @@ class Network(pulumi.ComponentResource):
         super().__init__("llm-platform:infra:Network", name, None, opts)
         self._base = name
         self._spec = args
-        cfg = args.config
+        a = args
         self._child = pulumi.ResourceOptions(parent=self)
 
         self.vpc = aws.ec2.Vpc(
             f"{name}-vpc",
-            cidr_block=cfg.network.vpc_cidr,
+            cidr_block=a.network.vpc_cidr,
             enable_dns_support=True,
             enable_dns_hostnames=True,  # required for private DNS of interface endpoints and for EKS
-            tags=self._tags(f"{cfg.name_prefix}-vpc"),
+            tags=self._tags(f"{a.name_prefix}-vpc"),
             opts=self._child,
         )
-        private_cidrs, public_cidrs = plan_subnets(cfg.network.vpc_cidr, cfg.network.az_count)
+        private_cidrs, public_cidrs = plan_subnets(a.network.vpc_cidr, a.network.az_count)
         self.public_subnets = [
             aws.ec2.Subnet(
                 f"{name}-public-{i}",
@@ -155,7 +169,7 @@ class Network(pulumi.ComponentResource):
                 cidr_block=cidr,
                 availability_zone=az,
                 map_public_ip_on_launch=False,  # nothing in a public subnet gets an address unless it asks
-                tags={**self._tags(f"{cfg.name_prefix}-public-{az}"), "kubernetes.io/role/elb": "1"},
+                tags={**self._tags(f"{a.name_prefix}-public-{az}"), "kubernetes.io/role/elb": "1"},
                 opts=self._child,
             )
             for i, (az, cidr) in enumerate(zip(args.availability_zones, public_cidrs, strict=True))
@@ -166,7 +180,7 @@ class Network(pulumi.ComponentResource):
                 vpc_id=self.vpc.id,
                 cidr_block=cidr,
                 availability_zone=az,
-                tags={**self._tags(f"{cfg.name_prefix}-private-{az}"), "kubernetes.io/role/internal-elb": "1"},
+                tags={**self._tags(f"{a.name_prefix}-private-{az}"), "kubernetes.io/role/internal-elb": "1"},
                 opts=self._child,
             )
             for i, (az, cidr) in enumerate(zip(args.availability_zones, private_cidrs, strict=True))
@@ -194,15 +208,15 @@ class Network(pulumi.ComponentResource):
         return {**self._spec.tags, "Name": name}
 
     def _create_public_routes(self) -> None:
-        name, cfg = self._base, self._spec.config
+        name, a = self._base, self._spec
         self.internet_gateway = aws.ec2.InternetGateway(
-            f"{name}-igw", vpc_id=self.vpc.id, tags=self._tags(f"{cfg.name_prefix}-igw"), opts=self._child
+            f"{name}-igw", vpc_id=self.vpc.id, tags=self._tags(f"{a.name_prefix}-igw"), opts=self._child
         )
         self.public_route_table = aws.ec2.RouteTable(
             f"{name}-public-rt",
             vpc_id=self.vpc.id,
             routes=[{"cidr_block": "0.0.0.0/0", "gateway_id": self.internet_gateway.id}],
-            tags=self._tags(f"{cfg.name_prefix}-public"),
+            tags=self._tags(f"{a.name_prefix}-public"),
             opts=self._child,
         )
         for i, subnet in enumerate(self.public_subnets):
@@ -215,18 +229,18 @@ class Network(pulumi.ComponentResource):
 
     def _create_nat_and_private_routes(self) -> None:
         """One NAT gateway (cheap; egress of every zone fails with its zone) or one per zone (zone-independent)."""
-        name, cfg = self._base, self._spec.config
+        name, a = self._base, self._spec
         self.nat_gateways = []
-        for i in range(cfg.network.nat_gateway_count):
+        for i in range(a.network.nat_gateway_count):
             eip = aws.ec2.Eip(
-                f"{name}-nat-eip-{i}", domain="vpc", tags=self._tags(f"{cfg.name_prefix}-nat-{i}"), opts=self._child
+                f"{name}-nat-eip-{i}", domain="vpc", tags=self._tags(f"{a.name_prefix}-nat-{i}"), opts=self._child
             )
             self.nat_gateways.append(
                 aws.ec2.NatGateway(
                     f"{name}-nat-{i}",
                     allocation_id=eip.id,
                     subnet_id=self.public_subnets[i].id,
-                    tags=self._tags(f"{cfg.name_prefix}-nat-{i}"),
+                    tags=self._tags(f"{a.name_prefix}-nat-{i}"),
                     opts=pulumi.ResourceOptions(parent=self, depends_on=[self.internet_gateway]),
                 )
             )
@@ -237,7 +251,7 @@ class Network(pulumi.ComponentResource):
                 f"{name}-private-rt-{i}",
                 vpc_id=self.vpc.id,
                 routes=[{"cidr_block": "0.0.0.0/0", "nat_gateway_id": nat.id}],
-                tags=self._tags(f"{cfg.name_prefix}-private-{i}"),
+                tags=self._tags(f"{a.name_prefix}-private-{i}"),
                 opts=self._child,
             )
             aws.ec2.RouteTableAssociation(
@@ -247,11 +261,11 @@ class Network(pulumi.ComponentResource):
 
     def _create_collector_subnets(self, zones: list[str]) -> None:
         """Dedicated subnets for the AMP managed collector, routed like the private subnets of their zone."""
-        name, cfg = self._base, self._spec.config
+        name, a = self._base, self._spec
         self.collector_subnets: list[aws.ec2.Subnet] = []
-        if cfg.observability.metrics != "amp":
+        if not a.collector_subnets:
             return
-        cidrs = plan_collector_subnets(cfg.network.vpc_cidr, cfg.network.az_count)
+        cidrs = plan_collector_subnets(a.network.vpc_cidr, a.network.az_count)
         for i, (az, cidr) in enumerate(zip(zones, cidrs, strict=True)):
             subnet = aws.ec2.Subnet(
                 f"{name}-collector-{i}",
@@ -259,7 +273,7 @@ class Network(pulumi.ComponentResource):
                 cidr_block=cidr,
                 availability_zone=az,
                 # No kubernetes.io/role/* tag: load balancers and nodes never land here.
-                tags=self._tags(f"{cfg.name_prefix}-collector-{az}"),
+                tags=self._tags(f"{a.name_prefix}-collector-{az}"),
                 opts=self._child,
             )
             aws.ec2.RouteTableAssociation(
@@ -271,8 +285,8 @@ class Network(pulumi.ComponentResource):
             self.collector_subnets.append(subnet)
 
     def _create_endpoints(self) -> None:
-        name, cfg = self._base, self._spec.config
-        region = cfg.region
+        name, a = self._base, self._spec
+        region = a.region
         # S3 traffic (datasets, checkpoints, image layers) is the bulk of egress: keep it off NAT, which bills per GB.
         self.s3_endpoint = aws.ec2.VpcEndpoint(
             f"{name}-s3",
@@ -283,11 +297,11 @@ class Network(pulumi.ComponentResource):
             policy=pulumi.Output.all(*self._spec.bucket_arns.values()).apply(
                 lambda arns: json.dumps(s3_endpoint_policy(sorted(arns), region))
             ),
-            tags=self._tags(f"{cfg.name_prefix}-s3"),
+            tags=self._tags(f"{a.name_prefix}-s3"),
             opts=self._child,
         )
         self.interface_endpoints: list[aws.ec2.VpcEndpoint] = []
-        if not cfg.network.interface_endpoints:
+        if not a.network.interface_endpoints:
             return
         self.endpoint_security_group = aws.ec2.SecurityGroup(
             f"{name}-endpoints-sg",
@@ -298,11 +312,11 @@ class Network(pulumi.ComponentResource):
                     "protocol": "tcp",
                     "from_port": 443,
                     "to_port": 443,
-                    "cidr_blocks": [cfg.network.vpc_cidr],
+                    "cidr_blocks": [a.network.vpc_cidr],
                     "description": "HTTPS from the VPC",
                 }
             ],
-            tags=self._tags(f"{cfg.name_prefix}-endpoints"),
+            tags=self._tags(f"{a.name_prefix}-endpoints"),
             opts=self._child,
         )
         for service in INTERFACE_ENDPOINT_SERVICES:
@@ -315,24 +329,24 @@ class Network(pulumi.ComponentResource):
                     private_dns_enabled=True,
                     subnet_ids=[s.id for s in self.private_subnets],
                     security_group_ids=[self.endpoint_security_group.id],
-                    tags=self._tags(f"{cfg.name_prefix}-{service}"),
+                    tags=self._tags(f"{a.name_prefix}-{service}"),
                     opts=self._child,
                 )
             )
 
     def _create_flow_logs(self) -> None:
-        name, cfg = self._base, self._spec.config
+        name, a = self._base, self._spec
         self.flow_log_group = aws.cloudwatch.LogGroup(
             f"{name}-flow-logs",
-            name=f"/llm-platform/{cfg.stack}/vpc-flow-logs",
-            retention_in_days=cfg.network.flow_log_retention_days,
+            name=f"/llm-platform/{a.stack}/vpc-flow-logs",
+            retention_in_days=a.network.flow_log_retention_days,
             kms_key_id=self._spec.kms_key_arn,
             tags=self._spec.tags,
             opts=self._child,
         )
         role = aws.iam.Role(
             f"{name}-flow-logs-role",
-            name=f"{cfg.name_prefix}-vpc-flow-logs",
+            name=f"{a.name_prefix}-vpc-flow-logs",
             assume_role_policy=service_trust("vpc-flow-logs.amazonaws.com"),
             tags=self._spec.tags,
             opts=self._child,

@@ -21,7 +21,7 @@ from typing import Any
 
 import pulumi_aws as aws
 
-from infra.config import ConfigError, StackConfig
+from infra.config import ConfigError, ServingConfig, StackConfig
 
 MODEL_MARKER = "config.json"
 """A model directory (Hugging Face layout, what training/export.py writes) always has one."""
@@ -248,7 +248,7 @@ def running_variant(cfg: StackConfig, endpoint_name: str, variant: str) -> Runni
     )
 
 
-def initial_instance_count(cfg: StackConfig, model_name: str, running: RunningVariant | None) -> int:
+def initial_instance_count(serving: ServingConfig, model_name: str, running: RunningVariant | None) -> int:
     """InitialInstanceCount of the endpoint configuration to declare.
 
     UpdateEndpoint deploys a new configuration's InitialInstanceCount unless RetainAllVariantProperties is set
@@ -257,10 +257,10 @@ def initial_instance_count(cfg: StackConfig, model_name: str, running: RunningVa
     running now, within [min, max]; while nothing else changes the configuration keeps the count it was created with,
     so a count the autoscaler moved never shows as a diff.
     """
-    low, high = cfg.serving.sagemaker_min_instances, cfg.serving.sagemaker_max_instances
+    low, high = serving.sagemaker_min_instances, serving.sagemaker_max_instances
     if running is None:
         return low
-    if running.model_name == model_name and running.instance_type == cfg.serving.sagemaker_instance_type:
+    if running.model_name == model_name and running.instance_type == serving.sagemaker_instance_type:
         return running.config_initial_count
     return max(low, min(high, running.desired_count))
 

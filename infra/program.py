@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pulumi
@@ -17,6 +18,7 @@ from infra.access import DeployerRunner, DeployerRunnerArgs
 from infra.budgets import Budgets, BudgetsArgs
 from infra.cluster import Cluster, ClusterArgs
 from infra.cluster_autoscaler import ClusterAutoscaler, ClusterAutoscalerArgs
+from infra.config import StackConfig
 from infra.gpu_plugins import GpuDevicePlugins, GpuDevicePluginsArgs
 from infra.identity import Identity, IdentityArgs
 from infra.kubernetes_base import KubernetesBase, KubernetesBaseArgs
@@ -44,63 +46,9 @@ def build() -> dict[str, Any]:
     tags = stack_tags(cfg.stack, cfg.environment)
     identity_info = aws.get_caller_identity()
     partition = aws.get_partition().partition
-    zones = aws.get_availability_zones(state="available").names[: cfg.network.az_count]
-    if len(zones) < cfg.network.az_count:
-        raise config_module.ConfigError(
-            f"stack '{cfg.stack}'",
-            [f"{cfg.project}:azCount = {cfg.network.az_count}: region {cfg.region} has only {len(zones)} zones"],
-        )
-    # Preview-time checks against the account (infra/preflight.py): fail now, with the fix, not 40 minutes into `up`.
-    preflight.check_version_drift(cfg)
-    training = cfg.cluster.pool("training")
-    training_subnet_index = 0
-    if training.capacity_reservation_id:
-        training_subnet_index = preflight.reservation_zone(cfg, list(zones))
-    elif training.efa:
-        training_subnet_index = preflight.training_zone_index(cfg, list(zones))
-    api_keys = preflight.check_serving_artifacts(cfg, identity_info.account_id)
-    for on, path in ((cfg.serving.on_eks, "servingOnEks"), (cfg.serving.on_sagemaker, "servingOnSagemaker")):
-        if on and not cfg.serving.artifacts_configured:
-            pulumi.log.warn(
-                f"{path} is on but servingImageTag/servingModelPrefix are not both set: serving is not declared yet "
-                "(first-run lifecycle: push the image, upload or export the model, set both; docs/first-deploy.md)"
-            )
-
-    storage = Storage("storage", StorageArgs(cfg, identity_info.account_id, partition, tags))
-    network = Network(
-        "network", NetworkArgs(cfg, list(zones), storage.kms_key_arn, tags, bucket_arns=storage.bucket_arns)
-    )
-    registry = Registry("registry", RegistryArgs(cfg, storage.kms_key_arn, tags))
-    identity = Identity(
-        "identity",
-        IdentityArgs(
-            config=cfg,
-            account_id=identity_info.account_id,
-            partition=partition,
-            bucket_arns=storage.bucket_arns,
-            repository_arns=registry.repository_arns,
-            kms_key_arn=storage.kms_key_arn,
-            tags=tags,
-        ),
-    )
-    cluster = Cluster(
-        "cluster",
-        ClusterArgs(
-            config=cfg,
-            vpc_id=network.vpc_id,
-            private_subnet_ids=network.private_subnet_ids,
-            cluster_role_arn=identity.cluster_role_arn,
-            node_role_arn=identity.node_role_arn,
-            kms_key_arn=storage.kms_key_arn,
-            tags=tags,
-            ebs_csi_role_arn=identity.ebs_csi_role_arn,
-            cluster_role_policies=identity.role_policies["cluster"],
-            node_role_policies=identity.role_policies["node"],
-            training_subnet_index=training_subnet_index,
-        ),
-        # The cluster's ENIs, nodes and load balancers live in the VPC's subnets: they must go before the network
-        # on destroy, which depends_on orders (destroy runs in reverse dependency order).
-        opts=pulumi.ResourceOptions(depends_on=[network]),
+    placement = check_before_declaring(cfg, identity_info.account_id)
+    storage, network, registry, identity, cluster = declare_aws_layer(
+        cfg, placement, identity_info.account_id, partition, tags
     )
     base = KubernetesBase(
         "kubernetes-base",
@@ -114,19 +62,309 @@ def build() -> dict[str, Any]:
         ),
         opts=pulumi.ResourceOptions(depends_on=[cluster]),
     )
+    declare_node_controllers(cfg, cluster, base, tags, identity_info.account_id)
 
+    image = registry.repository_urls["serving"].apply(
+        lambda url: image_reference(url, cfg.serving.image_tag, cfg.images.serving_digest)
+    )
+    serving: ServingOnEks | None = None
+    endpoint: SageMakerEndpoint | None = None
+    if cfg.serving.eks_declared:
+        ingress_controller = declare_ingress_controller(cfg, cluster, network, base, tags, identity_info.account_id)
+        keys_secret = declare_api_keys_secret(placement.api_keys, cluster, base)
+        serving = ServingOnEks(
+            "serving-eks",
+            ServingOnEksArgs(
+                config=cfg,
+                provider=cluster.provider,
+                namespace=base.serving_namespace,
+                service_account=base.serving_service_account,
+                image=image,
+                models_bucket=storage.bucket_names["models"],
+            ),
+            # Workloads go first on destroy: their pods must leave the GPU nodes before the node groups are deleted.
+            opts=pulumi.ResourceOptions(
+                depends_on=[base, keys_secret, *cluster.node_groups.values(), *ingress_controller]
+            ),
+        )
+    if cfg.serving.sagemaker_declared:
+        endpoint = declare_sagemaker_endpoint(cfg, image, storage, network, identity, tags)
+
+    observability = Observability(
+        "observability",
+        ObservabilityArgs(
+            config=cfg,
+            cluster_name=cluster.name,
+            cluster_arn=cluster.cluster.arn,
+            cluster_security_group_id=cluster.security_group_id,
+            # The managed collector's ENIs go into their own subnets, so the serving and training network policies
+            # can admit exactly those CIDRs (network.plan_collector_subnets) instead of the whole VPC.
+            private_subnet_ids=network.collector_subnet_ids,
+            provider=cluster.provider,
+            node_groups=cluster.node_groups,
+            account_id=identity_info.account_id,
+            partition=partition,
+            tags=tags,
+            sagemaker_endpoint_name=endpoint.endpoint_name if endpoint else None,
+            sagemaker_variant_name=VARIANT_NAME,
+        ),
+        opts=pulumi.ResourceOptions(depends_on=[base]),
+    )
+    if serving is not None and cfg.autoscaling.serving_autoscaler == "keda":
+        ServingAutoscaling(
+            "serving-autoscaling",
+            ServingAutoscalingArgs(
+                cfg.autoscaling,
+                cfg.serving,
+                cluster.provider,
+                base.serving_namespace,
+                serving.deployment.metadata.name,
+                observability.prometheus_url,
+            ),
+            opts=pulumi.ResourceOptions(depends_on=[serving]),
+        )
+    Budgets("budgets", BudgetsArgs(cfg.budget, cfg.observability.alert_emails, cfg.name_prefix, cfg.stack, tags))
+    return stack_outputs(cfg, tags, storage, network, registry, identity, cluster, base, serving, endpoint)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What the preview-time checks against the account found (infra/preflight.py)."""
+
+    zones: list[str]
+    """The availability zones the stack spreads over (azCount of the region's available ones)."""
+    training_subnet_index: int
+    """The zone a single-zone training pool (EFA, a capacity reservation) lives in."""
+    api_keys: str | None
+    """The serving API keys file from Secrets Manager, when EKS serving is declared."""
+
+
+def check_before_declaring(cfg: StackConfig, account_id: str) -> Placement:
+    """Preview-time checks against the account: fail now, with the fix, not 40 minutes into `up`."""
+    zones = aws.get_availability_zones(state="available").names[: cfg.network.az_count]
+    if len(zones) < cfg.network.az_count:
+        raise config_module.ConfigError(
+            f"stack '{cfg.stack}'",
+            [f"{cfg.project}:azCount = {cfg.network.az_count}: region {cfg.region} has only {len(zones)} zones"],
+        )
+    preflight.check_version_drift(cfg)
+    training = cfg.cluster.pool("training")
+    training_subnet_index = 0
+    if training.capacity_reservation_id:
+        training_subnet_index = preflight.reservation_zone(cfg, list(zones))
+    elif training.efa:
+        training_subnet_index = preflight.training_zone_index(cfg, list(zones))
+    api_keys = preflight.check_serving_artifacts(cfg, account_id)
+    for on, path in ((cfg.serving.on_eks, "servingOnEks"), (cfg.serving.on_sagemaker, "servingOnSagemaker")):
+        if on and not cfg.serving.artifacts_configured:
+            pulumi.log.warn(
+                f"{path} is on but servingImageTag/servingModelPrefix are not both set: serving is not declared yet "
+                "(first-run lifecycle: push the image, upload or export the model, set both; docs/first-deploy.md)"
+            )
+    return Placement(list(zones), training_subnet_index, api_keys)
+
+
+def declare_aws_layer(
+    cfg: StackConfig, placement: Placement, account_id: str, partition: str, tags: dict[str, str]
+) -> tuple[Storage, Network, Registry, Identity, Cluster]:
+    """The AWS resources the Kubernetes layer stands on: storage, network, registry, identity, the cluster, and the
+    in-VPC deployer runner that applies the Kubernetes layer."""
+    storage = Storage(
+        "storage", StorageArgs(cfg.storage, cfg.name_prefix, cfg.stack, cfg.region, account_id, partition, tags)
+    )
+    network = Network(
+        "network",
+        NetworkArgs(
+            network=cfg.network,
+            name_prefix=cfg.name_prefix,
+            stack=cfg.stack,
+            region=cfg.region,
+            collector_subnets=cfg.observability.metrics == "amp",
+            availability_zones=placement.zones,
+            kms_key_arn=storage.kms_key_arn,
+            tags=tags,
+            bucket_arns=storage.bucket_arns,
+        ),
+    )
+    registry = Registry("registry", RegistryArgs(cfg.name_prefix, cfg.storage.force_destroy, storage.kms_key_arn, tags))
+    identity = Identity(
+        "identity",
+        IdentityArgs(
+            name_prefix=cfg.name_prefix,
+            region=cfg.region,
+            account_id=account_id,
+            partition=partition,
+            bucket_arns=storage.bucket_arns,
+            repository_arns=registry.repository_arns,
+            kms_key_arn=storage.kms_key_arn,
+            tags=tags,
+        ),
+    )
+    cluster = Cluster(
+        "cluster",
+        ClusterArgs(
+            cluster=cfg.cluster,
+            name_prefix=cfg.name_prefix,
+            region=cfg.region,
+            vpc_cidr=cfg.network.vpc_cidr,
+            vpc_id=network.vpc_id,
+            private_subnet_ids=network.private_subnet_ids,
+            cluster_role_arn=identity.cluster_role_arn,
+            node_role_arn=identity.node_role_arn,
+            kms_key_arn=storage.kms_key_arn,
+            tags=tags,
+            ebs_csi_role_arn=identity.ebs_csi_role_arn,
+            cluster_role_policies=identity.role_policies["cluster"],
+            node_role_policies=identity.role_policies["node"],
+            training_subnet_index=placement.training_subnet_index,
+        ),
+        # The cluster's ENIs, nodes and load balancers live in the VPC's subnets: they must go before the network
+        # on destroy, which depends_on orders (destroy runs in reverse dependency order).
+        opts=pulumi.ResourceOptions(depends_on=[network]),
+    )
     if cfg.cluster.deployer == "in-vpc-runner":
         # The runner the deploy workflow applies the Kubernetes layer from (infra/access.py).
         DeployerRunner(
             "deployer",
             DeployerRunnerArgs(
-                cfg, network.vpc_id, network.private_subnet_ids, identity_info.account_id, partition, tags
+                name_prefix=cfg.name_prefix,
+                stack=cfg.stack,
+                region=cfg.region,
+                repository=cfg.cluster.deployer_repository,
+                log_retention_days=cfg.network.flow_log_retention_days,
+                vpc_id=network.vpc_id,
+                private_subnet_ids=network.private_subnet_ids,
+                account_id=account_id,
+                partition=partition,
+                tags=tags,
             ),
         )
+    return storage, network, registry, identity, cluster
 
-    image = registry.repository_urls["serving"].apply(
-        lambda url: image_reference(url, cfg.serving.image_tag, cfg.images.serving_digest)
+
+def declare_node_controllers(
+    cfg: StackConfig, cluster: Cluster, base: KubernetesBase, tags: dict[str, str], account_id: str
+) -> None:
+    """What GPU nodes need besides the cluster: device plugins, the Cluster Autoscaler, the spot interruption
+    handler."""
+    # Without the device plugins no pod can request a GPU (or EFA device); they run on the GPU pools only.
+    GpuDevicePlugins(
+        "gpu-plugins",
+        GpuDevicePluginsArgs(cfg.cluster.gpu_pools, cluster.provider),
+        opts=pulumi.ResourceOptions(depends_on=[base]),
     )
+    # Capacity controllers run on the system pool; they go before the node groups they scale on destroy.
+    ClusterAutoscaler(
+        "cluster-autoscaler",
+        ClusterAutoscalerArgs(
+            cluster=cfg.cluster,
+            autoscaling=cfg.autoscaling,
+            name_prefix=cfg.name_prefix,
+            region=cfg.region,
+            cluster_name=cluster.name,
+            provider=cluster.provider,
+            node_groups=cluster.node_groups,
+            tags=tags,
+            account_id=account_id,
+        ),
+        opts=pulumi.ResourceOptions(depends_on=[base]),
+    )
+    if needs_node_termination_handler(cfg.autoscaling, cfg.cluster):
+        NodeTerminationHandler(
+            "node-termination",
+            NodeTerminationHandlerArgs(
+                autoscaling=cfg.autoscaling,
+                name_prefix=cfg.name_prefix,
+                region=cfg.region,
+                cluster_name=cluster.name,
+                provider=cluster.provider,
+                tags=tags,
+                account_id=account_id,
+            ),
+            opts=pulumi.ResourceOptions(depends_on=[base]),
+        )
+
+
+def declare_ingress_controller(
+    cfg: StackConfig, cluster: Cluster, network: Network, base: KubernetesBase, tags: dict[str, str], account_id: str
+) -> list[pulumi.Resource]:
+    """The AWS Load Balancer Controller when EKS serving has an Ingress (the internal ALB Ingress does nothing
+    without the controller that turns it into a load balancer); empty otherwise."""
+    if not cfg.serving.ingress:
+        return []
+    controller = LoadBalancerController(
+        "load-balancer-controller",
+        LoadBalancerControllerArgs(
+            name_prefix=cfg.name_prefix,
+            region=cfg.region,
+            cluster_name=cluster.name,
+            vpc_id=network.vpc_id,
+            provider=cluster.provider,
+            tags=tags,
+            account_id=account_id,
+        ),
+        opts=pulumi.ResourceOptions(depends_on=[base]),
+    )
+    return [controller]
+
+
+def declare_api_keys_secret(api_keys: str | None, cluster: Cluster, base: KubernetesBase) -> k8s.core.v1.Secret:
+    """The keys file from Secrets Manager (checked before declaring), as the Secret the serving Deployment mounts: a
+    first rollout never waits on a Secret nobody created. A Pulumi secret: encrypted in state by the stack's secrets
+    provider; the keys file may hold SHA-256 digests instead of keys (docs/serving.md) so no usable key is in state."""
+    return k8s.core.v1.Secret(
+        "serving-api-keys",
+        metadata=k8s.meta.v1.ObjectMetaArgs(name=API_KEYS_SECRET, namespace=base.serving_namespace),
+        type="Opaque",
+        string_data={"keys": pulumi.Output.secret(api_keys or "")},
+        opts=pulumi.ResourceOptions(provider=cluster.provider, depends_on=[base]),
+    )
+
+
+def declare_sagemaker_endpoint(
+    cfg: StackConfig,
+    image: pulumi.Input[str],
+    storage: Storage,
+    network: Network,
+    identity: Identity,
+    tags: dict[str, str],
+) -> SageMakerEndpoint:
+    """The SageMaker endpoint, rolled out from the variant that runs now (its instance count, a refused instance-type
+    change while autoscaled)."""
+    running = preflight.running_variant(cfg, f"{cfg.name_prefix}-serving", VARIANT_NAME)
+    preflight.check_instance_type_change(cfg, running)
+    return SageMakerEndpoint(
+        "serving-sagemaker",
+        SageMakerEndpointArgs(
+            serving=cfg.serving,
+            name_prefix=cfg.name_prefix,
+            execution_role_arn=identity.sagemaker_role_arn,
+            image=image,
+            models_bucket=storage.bucket_names["models"],
+            vpc_id=network.vpc_id,
+            private_subnet_ids=network.private_subnet_ids,
+            kms_key_arn=storage.kms_key_arn,
+            tags=tags,
+            execution_role_policies=identity.role_policies["sagemaker"],
+            running=running,
+        ),
+        opts=pulumi.ResourceOptions(depends_on=[network]),
+    )
+
+
+def stack_outputs(
+    cfg: StackConfig,
+    tags: dict[str, str],
+    storage: Storage,
+    network: Network,
+    registry: Registry,
+    identity: Identity,
+    cluster: Cluster,
+    base: KubernetesBase,
+    serving: ServingOnEks | None,
+    endpoint: SageMakerEndpoint | None,
+) -> dict[str, Any]:
+    """The stack's outputs, keyed by `infra.outputs`: what tools, workloads and the tests read of a deployed stack."""
     outputs: dict[str, Any] = {
         out.STACK: cfg.stack,
         out.ENVIRONMENT: cfg.environment,
@@ -159,117 +397,8 @@ def build() -> dict[str, Any]:
         outputs[out.TRAINING_IMAGE] = registry.repository_urls["training"].apply(
             lambda url: image_reference(url, "", cfg.images.training_digest)
         )
-
-    # Without the device plugins no pod can request a GPU (or EFA device); they run on the GPU pools only.
-    GpuDevicePlugins(
-        "gpu-plugins", GpuDevicePluginsArgs(cfg, cluster.provider), opts=pulumi.ResourceOptions(depends_on=[base])
-    )
-    # Capacity controllers run on the system pool; they go before the node groups they scale on destroy.
-    ClusterAutoscaler(
-        "cluster-autoscaler",
-        ClusterAutoscalerArgs(cfg, cluster.name, cluster.provider, cluster.node_groups, tags, identity_info.account_id),
-        opts=pulumi.ResourceOptions(depends_on=[base]),
-    )
-    if needs_node_termination_handler(cfg):
-        NodeTerminationHandler(
-            "node-termination",
-            NodeTerminationHandlerArgs(cfg, cluster.name, cluster.provider, tags, identity_info.account_id),
-            opts=pulumi.ResourceOptions(depends_on=[base]),
-        )
-
-    serving: ServingOnEks | None = None
-    endpoint: SageMakerEndpoint | None = None
-    ingress_controller: list[pulumi.Resource] = []
-    if cfg.serving.eks_declared and cfg.serving.ingress:
-        # The internal ALB Ingress does nothing without the controller that turns it into a load balancer.
-        ingress_controller.append(
-            LoadBalancerController(
-                "load-balancer-controller",
-                LoadBalancerControllerArgs(
-                    cfg, cluster.name, network.vpc_id, cluster.provider, tags, identity_info.account_id
-                ),
-                opts=pulumi.ResourceOptions(depends_on=[base]),
-            )
-        )
-    if cfg.serving.eks_declared:
-        # The keys file from Secrets Manager (checked above), as the Secret the Deployment mounts: a first rollout
-        # never waits on a Secret nobody created. A Pulumi secret: encrypted in state by the stack's secrets provider;
-        # the keys file may hold SHA-256 digests instead of keys (docs/serving.md) so no usable key is in state.
-        keys_secret = k8s.core.v1.Secret(
-            "serving-api-keys",
-            metadata=k8s.meta.v1.ObjectMetaArgs(name=API_KEYS_SECRET, namespace=base.serving_namespace),
-            type="Opaque",
-            string_data={"keys": pulumi.Output.secret(api_keys or "")},
-            opts=pulumi.ResourceOptions(provider=cluster.provider, depends_on=[base]),
-        )
-        serving = ServingOnEks(
-            "serving-eks",
-            ServingOnEksArgs(
-                config=cfg,
-                provider=cluster.provider,
-                namespace=base.serving_namespace,
-                service_account=base.serving_service_account,
-                image=image,
-                models_bucket=storage.bucket_names["models"],
-            ),
-            # Workloads go first on destroy: their pods must leave the GPU nodes before the node groups are deleted.
-            opts=pulumi.ResourceOptions(
-                depends_on=[base, keys_secret, *cluster.node_groups.values(), *ingress_controller]
-            ),
-        )
+    if serving is not None:
         outputs[out.SERVING_SERVICE_NAME] = serving.service_name
-    if cfg.serving.sagemaker_declared:
-        running = preflight.running_variant(cfg, f"{cfg.name_prefix}-serving", VARIANT_NAME)
-        preflight.check_instance_type_change(cfg, running)
-        endpoint = SageMakerEndpoint(
-            "serving-sagemaker",
-            SageMakerEndpointArgs(
-                config=cfg,
-                execution_role_arn=identity.sagemaker_role_arn,
-                image=image,
-                models_bucket=storage.bucket_names["models"],
-                vpc_id=network.vpc_id,
-                private_subnet_ids=network.private_subnet_ids,
-                kms_key_arn=storage.kms_key_arn,
-                tags=tags,
-                execution_role_policies=identity.role_policies["sagemaker"],
-                running=running,
-            ),
-            opts=pulumi.ResourceOptions(depends_on=[network]),
-        )
+    if endpoint is not None:
         outputs[out.SAGEMAKER_ENDPOINT_NAME] = endpoint.endpoint_name
-
-    observability = Observability(
-        "observability",
-        ObservabilityArgs(
-            config=cfg,
-            cluster_name=cluster.name,
-            cluster_arn=cluster.cluster.arn,
-            cluster_security_group_id=cluster.security_group_id,
-            # The managed collector's ENIs go into their own subnets, so the serving and training network policies
-            # can admit exactly those CIDRs (network.plan_collector_subnets) instead of the whole VPC.
-            private_subnet_ids=network.collector_subnet_ids,
-            provider=cluster.provider,
-            node_groups=cluster.node_groups,
-            account_id=identity_info.account_id,
-            partition=partition,
-            tags=tags,
-            sagemaker_endpoint_name=endpoint.endpoint_name if endpoint else None,
-            sagemaker_variant_name=VARIANT_NAME,
-        ),
-        opts=pulumi.ResourceOptions(depends_on=[base]),
-    )
-    if serving is not None and cfg.autoscaling.serving_autoscaler == "keda":
-        ServingAutoscaling(
-            "serving-autoscaling",
-            ServingAutoscalingArgs(
-                cfg,
-                cluster.provider,
-                base.serving_namespace,
-                serving.deployment.metadata.name,
-                observability.prometheus_url,
-            ),
-            opts=pulumi.ResourceOptions(depends_on=[serving]),
-        )
-    Budgets("budgets", BudgetsArgs(cfg, tags))
     return outputs

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from infra.config import StackConfig
-
 IMAGES = ("training", "serving")
 
 LIFECYCLE_POLICY = {
@@ -37,28 +35,35 @@ images grows only with pushes; prune them deliberately (`aws ecr batch-delete-im
 
 @dataclass
 class RegistryArgs:
-    config: StackConfig
+    name_prefix: str
+    """Prefix of the repository names (StackConfig.name_prefix)."""
+    force_delete: bool
+    """Let a destroy delete repositories that still hold images (forceDestroyBuckets)."""
     kms_key_arn: pulumi.Input[str]
     tags: dict[str, str]
 
 
 class Registry(pulumi.ComponentResource):
+    """ECR repositories for the training and serving images: immutable tags, scan on push, KMS, untagged images
+    expire."""
+
     repository_urls: dict[str, pulumi.Output[str]]
+    """Repository URLs by image (training, serving): the image references workloads run; exported."""
     repository_arns: dict[str, pulumi.Output[str]]
+    """Repository ARNs by image: the SageMaker execution role may pull from exactly these."""
 
     def __init__(self, name: str, args: RegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Registry", name, None, opts)
-        cfg = args.config
         self.repositories = {}
         for image in IMAGES:
             repo = aws.ecr.Repository(
                 f"{name}-{image}",
-                name=f"{cfg.name_prefix}/{image}",
+                name=f"{args.name_prefix}/{image}",
                 # Immutable tags: a deployed tag always means the same image, so rollbacks and audits are exact.
                 image_tag_mutability="IMMUTABLE",
                 image_scanning_configuration={"scan_on_push": True},
                 encryption_configurations=[{"encryption_type": "KMS", "kms_key": args.kms_key_arn}],
-                force_delete=cfg.storage.force_destroy,
+                force_delete=args.force_delete,
                 tags=args.tags,
                 opts=pulumi.ResourceOptions(parent=self),
             )

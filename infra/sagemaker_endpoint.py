@@ -17,7 +17,7 @@ import pulumi
 import pulumi_aws as aws
 
 from facts.instance_types import instance_gpu
-from infra.config import StackConfig
+from infra.config import ServingConfig
 from infra.preflight import RunningVariant, initial_instance_count
 from infra.vllm_sizing import sizing_for
 
@@ -52,8 +52,10 @@ module, and SageMaker rejects an endpoint configuration that names a KMS key for
 
 @dataclass
 class SageMakerEndpointArgs:
-    config: StackConfig
-    """The validated stack configuration (serving section: instance type, scaling bounds, model prefix)."""
+    serving: ServingConfig
+    """Instance type, scaling bounds, engine, model prefix and shape, quantization."""
+    name_prefix: str
+    """Prefix of the endpoint, model, configuration and security group names."""
     execution_role_arn: pulumi.Input[str]
     """Role SageMaker assumes to pull the image, read the model and write logs."""
     image: pulumi.Input[str]
@@ -77,17 +79,25 @@ class SageMakerEndpointArgs:
 
 
 class SageMakerEndpoint(pulumi.ComponentResource):
+    """Serving on a SageMaker real-time endpoint: a model from the serving image and the exported model, an endpoint
+    configuration in the private subnets, the endpoint, and invocation-based autoscaling when sagemakerAutoscaling
+    is on."""
+
     endpoint_name: pulumi.Output[str]
+    """The endpoint name: clients invoke it, the alarms watch it; exported."""
     security_group_id: pulumi.Output[str]
+    """The endpoint's security group (no ingress, HTTPS egress only)."""
     model: aws.sagemaker.Model
+    """The SageMaker model; its name changes with image, model and environment, so a change rolls out blue/green."""
     endpoint_config: aws.sagemaker.EndpointConfiguration
+    """The endpoint configuration (instance type and count of the one variant)."""
     endpoint: aws.sagemaker.Endpoint
+    """The endpoint resource."""
 
     def __init__(self, name: str, args: SageMakerEndpointArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:SageMakerEndpoint", name, None, opts)
         self._name = name
         self._args = args
-        cfg = args.config
 
         security_group = self._create_security_group()
         self.security_group_id = security_group.id
@@ -95,13 +105,13 @@ class SageMakerEndpoint(pulumi.ComponentResource):
         self.endpoint_config = self._create_endpoint_config()
         self.endpoint = aws.sagemaker.Endpoint(
             f"{name}-endpoint",
-            name=f"{cfg.name_prefix}-serving",
+            name=f"{args.name_prefix}-serving",
             endpoint_config_name=self.endpoint_config.name,
             tags=args.tags,
             opts=pulumi.ResourceOptions(parent=self),
         )
         self.endpoint_name = self.endpoint.name
-        if cfg.serving.sagemaker_autoscaling:
+        if args.serving.sagemaker_autoscaling:
             self._create_autoscaling()
 
         self.register_outputs(
@@ -116,10 +126,10 @@ class SageMakerEndpoint(pulumi.ComponentResource):
     def _create_security_group(self) -> aws.ec2.SecurityGroup:
         """No ingress (invocations arrive through the SageMaker runtime API, not the VPC); egress HTTPS only, for
         the model download, ECR and CloudWatch through the VPC endpoints or the NAT gateway."""
-        cfg = self._args.config
+        a = self._args
         return aws.ec2.SecurityGroup(
             f"{self._name}-sg",
-            name=f"{cfg.name_prefix}-sagemaker-endpoint",
+            name=f"{a.name_prefix}-sagemaker-endpoint",
             description="SageMaker endpoint: HTTPS egress only",
             vpc_id=self._args.vpc_id,
             ingress=[],
@@ -128,28 +138,28 @@ class SageMakerEndpoint(pulumi.ComponentResource):
                     protocol="tcp", from_port=443, to_port=443, cidr_blocks=["0.0.0.0/0"], description="HTTPS"
                 )
             ],
-            tags={**self._args.tags, "Name": f"{cfg.name_prefix}-sagemaker-endpoint"},
+            tags={**self._args.tags, "Name": f"{a.name_prefix}-sagemaker-endpoint"},
             opts=pulumi.ResourceOptions(parent=self),
         )
 
     def _create_model(self, security_group: aws.ec2.SecurityGroup) -> aws.sagemaker.Model:
-        cfg = self._args.config
-        prefix = cfg.serving.model_prefix
+        a = self._args
+        prefix = a.serving.model_prefix
         model_uri = pulumi.Output.from_input(self._args.models_bucket).apply(lambda b: f"s3://{b}/{prefix}/")
         # InvokeEndpoint is authenticated by IAM (SigV4) before a request reaches the container, and the serving
         # process refuses to start without API keys unless told explicitly (docs/serving.md "Authentication")
         environment = {
             "SERVING_MODEL": MODEL_DIR,
             "SERVING_ALLOW_UNAUTHENTICATED": "true",
-            **engine_environment(cfg),
+            **engine_environment(a.serving),
         }
-        if cfg.serving.quantization != "none":  # only when set: an unchanged default keeps the model's name
-            environment["SERVING_QUANTIZATION"] = cfg.serving.quantization
+        if a.serving.quantization != "none":  # only when set: an unchanged default keeps the model's name
+            environment["SERVING_QUANTIZATION"] = a.serving.quantization
         # The name changes whenever anything that defines the model changes, so Pulumi's create-before-delete
         # replacement never collides with the model it replaces.
         name = pulumi.Output.all(
             self._args.image, model_uri, self._args.execution_role_arn, self._args.private_subnet_ids, security_group.id
-        ).apply(lambda parts: f"{cfg.name_prefix}-serving-{_digest(parts, environment)}")
+        ).apply(lambda parts: f"{a.name_prefix}-serving-{_digest(parts, environment)}")
         return aws.sagemaker.Model(
             f"{self._name}-model",
             name=name,
@@ -179,11 +189,11 @@ class SageMakerEndpoint(pulumi.ComponentResource):
         )
 
     def _create_endpoint_config(self) -> aws.sagemaker.EndpointConfiguration:
-        cfg = self._args.config
-        instance_type = cfg.serving.sagemaker_instance_type
+        a = self._args
+        instance_type = a.serving.sagemaker_instance_type
         return aws.sagemaker.EndpointConfiguration(
             f"{self._name}-config",
-            name_prefix=f"{cfg.name_prefix}-serving-",
+            name_prefix=f"{a.name_prefix}-serving-",
             production_variants=[
                 aws.sagemaker.EndpointConfigurationProductionVariantArgs(
                     variant_name=VARIANT_NAME,
@@ -191,7 +201,7 @@ class SageMakerEndpoint(pulumi.ComponentResource):
                     instance_type=instance_type,
                     # The running count on a rollout, the minimum on create (infra.preflight.initial_instance_count).
                     initial_instance_count=self.model.name.apply(
-                        lambda model: initial_instance_count(cfg, model, self._args.running)
+                        lambda model: initial_instance_count(a.serving, model, self._args.running)
                     ),
                     initial_variant_weight=1.0,
                     container_startup_health_check_timeout_in_seconds=STARTUP_HEALTH_CHECK_TIMEOUT_S,
@@ -204,26 +214,26 @@ class SageMakerEndpoint(pulumi.ComponentResource):
         )
 
     def _create_autoscaling(self) -> None:
-        cfg = self._args.config
+        a = self._args
         target = aws.appautoscaling.Target(
             f"{self._name}-scaling-target",
             service_namespace="sagemaker",
             resource_id=self.endpoint.name.apply(lambda n: f"endpoint/{n}/variant/{VARIANT_NAME}"),
             scalable_dimension="sagemaker:variant:DesiredInstanceCount",
-            min_capacity=cfg.serving.sagemaker_min_instances,
-            max_capacity=cfg.serving.sagemaker_max_instances,
+            min_capacity=a.serving.sagemaker_min_instances,
+            max_capacity=a.serving.sagemaker_max_instances,
             tags=self._args.tags,
             opts=pulumi.ResourceOptions(parent=self),
         )
         aws.appautoscaling.Policy(
             f"{self._name}-scaling-policy",
-            name=f"{cfg.name_prefix}-serving-invocations",
+            name=f"{a.name_prefix}-serving-invocations",
             policy_type="TargetTrackingScaling",
             service_namespace=target.service_namespace,
             resource_id=target.resource_id,
             scalable_dimension=target.scalable_dimension,
             target_tracking_scaling_policy_configuration=aws.appautoscaling.PolicyTargetTrackingScalingPolicyConfigurationArgs(
-                target_value=float(cfg.serving.sagemaker_invocations_per_instance),
+                target_value=float(a.serving.sagemaker_invocations_per_instance),
                 predefined_metric_specification=aws.appautoscaling.PolicyTargetTrackingScalingPolicyConfigurationPredefinedMetricSpecificationArgs(
                     predefined_metric_type="SageMakerVariantInvocationsPerInstance"
                 ),
@@ -234,10 +244,9 @@ class SageMakerEndpoint(pulumi.ComponentResource):
         )
 
 
-def engine_environment(cfg: StackConfig) -> dict[str, str]:
+def engine_environment(serving: ServingConfig) -> dict[str, str]:
     """The engine, chosen explicitly: SageMaker passes no flags (only `serve`), so SERVING_* variables pick it, and a
     default baked into the image must not (the vLLM image bakes SERVING_ENGINE=vllm, the CPU default is cpu)."""
-    serving = cfg.serving
     instance_type = serving.sagemaker_instance_type
     gpu = instance_gpu(instance_type)
     if serving.engine == "vllm":

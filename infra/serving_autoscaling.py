@@ -10,7 +10,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from infra.charts import SYSTEM_NODE_SELECTOR, install_chart
-from infra.config import StackConfig
+from infra.config import AutoscalingConfig, ServingConfig
 
 CHART = "keda"
 KEDA_NAMESPACE = "keda"
@@ -31,8 +31,10 @@ def keda_values() -> dict[str, Any]:
 
 @dataclass
 class ServingAutoscalingArgs:
-    config: StackConfig
-    """Validated stack config: replicas, target load per replica, scale-to-zero window."""
+    autoscaling: AutoscalingConfig
+    """Target load per replica, scale-to-zero and its active-hours window."""
+    serving: ServingConfig
+    """Replica floor and ceiling."""
     provider: k8s.Provider
     """Kubernetes provider of the cluster."""
     namespace: pulumi.Input[str]
@@ -48,11 +50,12 @@ class ServingAutoscaling(pulumi.ComponentResource):
     zero out of hours)."""
 
     scaled_object_name: pulumi.Output[str]
+    """The KEDA ScaledObject scaling the serving Deployment (named after it)."""
     chart: k8s.helm.v4.Chart
+    """The KEDA Helm chart release (installs the ScaledObject CRD and its admission webhook)."""
 
     def __init__(self, name: str, args: ServingAutoscalingArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:ServingAutoscaling", name, None, opts)
-        cfg = args.config
         namespace = k8s.core.v1.Namespace(
             f"{name}-keda-namespace",
             metadata=k8s.meta.v1.ObjectMetaArgs(
@@ -74,7 +77,7 @@ class ServingAutoscaling(pulumi.ComponentResource):
             pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[namespace]),
         )
         body = pulumi.Output.all(args.namespace, args.deployment_name, args.prometheus_url).apply(
-            lambda a: scaled_object(cfg, a[0], a[1], a[2])
+            lambda a: scaled_object(args.autoscaling, args.serving, a[0], a[1], a[2])
         )
         so = k8s.apiextensions.CustomResource(
             f"{name}-scaledobject",
@@ -94,8 +97,9 @@ def serving_load_query(namespace: str, deployment: str) -> str:
     return f'sum(llm_serving_inflight_requests{{namespace="{namespace}",pod=~"{deployment}-.*"}})'
 
 
-def scaled_object(cfg: StackConfig, namespace: str, deployment: str, prometheus_url: str) -> dict[str, Any]:
-    a, s = cfg.autoscaling, cfg.serving
+def scaled_object(
+    a: AutoscalingConfig, s: ServingConfig, namespace: str, deployment: str, prometheus_url: str
+) -> dict[str, Any]:
     triggers: list[dict[str, Any]] = [
         {
             "type": "prometheus",

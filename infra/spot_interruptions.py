@@ -15,7 +15,7 @@ import pulumi_kubernetes as k8s
 from facts.cluster import KUBE_SYSTEM
 from infra.charts import SYSTEM_NODE_SELECTOR, install_controller
 from infra.cluster_autoscaler import autoscaler_tag_keys
-from infra.config import StackConfig
+from infra.config import AutoscalingConfig, ClusterConfig
 
 CHART = "aws-node-termination-handler"
 SERVICE_ACCOUNT = "aws-node-termination-handler"
@@ -34,15 +34,18 @@ SPOT_EVENT_PATTERNS: dict[str, dict[str, Any]] = {
 EKS managed node groups own their ASG's termination lifecycle hook, and two drainers completing one hook race."""
 
 
-def needs_node_termination_handler(cfg: StackConfig) -> bool:
+def needs_node_termination_handler(autoscaling: AutoscalingConfig, cluster: ClusterConfig) -> bool:
     """On-demand pools get no interruption warnings worth a queue; managed node groups drain on scale-in anyway."""
-    return cfg.autoscaling.spot_interruption_handler and any(p.capacity_type == "SPOT" for p in cfg.cluster.gpu_pools)
+    return autoscaling.spot_interruption_handler and any(p.capacity_type == "SPOT" for p in cluster.gpu_pools)
 
 
 @dataclass
 class NodeTerminationHandlerArgs:
-    config: StackConfig
-    """Validated stack config (region, name prefix, handler version)."""
+    autoscaling: AutoscalingConfig
+    """The handler's version."""
+    name_prefix: str
+    """Prefix of the queue, rule and role names."""
+    region: str
     cluster_name: pulumi.Input[str]
     """EKS cluster name: the handler only drains instances whose ASG carries this cluster's autoscaler tag."""
     provider: k8s.Provider
@@ -57,16 +60,18 @@ class NodeTerminationHandler(pulumi.ComponentResource):
     """SQS queue + EventBridge rules + aws-node-termination-handler in queue mode."""
 
     queue_url: pulumi.Output[str]
+    """The SQS queue the EventBridge rules deliver interruption notices to and the handler polls."""
     role_arn: pulumi.Output[str]
+    """The handler's Pod Identity role (may read and delete messages of its queue)."""
     chart: k8s.helm.v4.Chart
+    """The Helm chart release of aws-node-termination-handler."""
 
     def __init__(self, name: str, args: NodeTerminationHandlerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:NodeTerminationHandler", name, None, opts)
-        cfg = args.config
         child = pulumi.ResourceOptions(parent=self)
         queue = aws.sqs.Queue(
             f"{name}-queue",
-            name=f"{cfg.name_prefix}-node-termination",
+            name=f"{args.name_prefix}-node-termination",
             # A notice older than the 2-minute spot warning is useless; don't let a backlog replay stale drains.
             message_retention_seconds=300,
             sqs_managed_sse_enabled=True,
@@ -77,8 +82,8 @@ class NodeTerminationHandler(pulumi.ComponentResource):
         for kind, pattern in SPOT_EVENT_PATTERNS.items():
             rule = aws.cloudwatch.EventRule(
                 f"{name}-{kind}",
-                name=f"{cfg.name_prefix}-nth-{kind}",
-                description=f"{kind} notices to aws-node-termination-handler ({cfg.name_prefix})",
+                name=f"{args.name_prefix}-nth-{kind}",
+                description=f"{kind} notices to aws-node-termination-handler ({args.name_prefix})",
                 event_pattern=json.dumps(pattern),
                 tags=args.tags,
                 opts=child,
@@ -96,14 +101,14 @@ class NodeTerminationHandler(pulumi.ComponentResource):
         role, self.chart = install_controller(
             self,
             name,
-            role_name=f"{cfg.name_prefix}-node-termination-handler",
+            role_name=f"{args.name_prefix}-node-termination-handler",
             policy=queue.arn.apply(lambda arn: json.dumps(node_termination_handler_policy(arn))),
             cluster_name=args.cluster_name,
             namespace=KUBE_SYSTEM,
             service_account=SERVICE_ACCOUNT,
             chart=CHART,
             values=pulumi.Output.all(queue.url, args.cluster_name).apply(
-                lambda a: node_termination_handler_values(cfg, a[0], a[1])
+                lambda a: node_termination_handler_values(args, a[0], a[1])
             ),
             provider=args.provider,
             tags=args.tags,
@@ -156,7 +161,9 @@ def node_termination_handler_policy(queue_arn: str) -> dict[str, Any]:
     }
 
 
-def node_termination_handler_values(cfg: StackConfig, queue_url: str, cluster_name: str) -> dict[str, Any]:
+def node_termination_handler_values(
+    args: NodeTerminationHandlerArgs, queue_url: str, cluster_name: str
+) -> dict[str, Any]:
     """Values over the chart's defaults (aws/aws-node-termination-handler v1.25.6:
     config/helm/aws-node-termination-handler/values.yaml, chart 0.27.6). `enableSqsTerminationDraining` selects the
     chart's queue-mode Deployment (templates/deployment.yaml), which sets NODE_NAME, POD_NAME and NAMESPACE from the
@@ -165,8 +172,8 @@ def node_termination_handler_values(cfg: StackConfig, queue_url: str, cluster_na
     return {
         "enableSqsTerminationDraining": True,
         "queueURL": queue_url,
-        "awsRegion": cfg.region,
-        "image": {"tag": f"v{cfg.autoscaling.node_termination_handler_version}"},
+        "awsRegion": args.region,
+        "image": {"tag": f"v{args.autoscaling.node_termination_handler_version}"},
         "fullnameOverride": SERVICE_ACCOUNT,
         # Pod Identity binds this exact name.
         "serviceAccount": {"create": True, "name": SERVICE_ACCOUNT},

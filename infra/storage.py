@@ -8,14 +8,19 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from infra.config import StackConfig
+from infra.config import StorageConfig
 
 BUCKET_KINDS = ("datasets", "checkpoints", "models")
 
 
 @dataclass
 class StorageArgs:
-    config: StackConfig
+    storage: StorageConfig
+    """Bucket deletion and data protection, checkpoint version expiry."""
+    name_prefix: str
+    """Prefix of the key alias and bucket names (StackConfig.name_prefix)."""
+    stack: str
+    region: str
     account_id: str
     """Account the stack deploys into: part of bucket names (globally unique) and of the key policy."""
     partition: str
@@ -23,18 +28,23 @@ class StorageArgs:
 
 
 class Storage(pulumi.ComponentResource):
+    """The stack's KMS key and its datasets, checkpoints and models buckets (versioned, KMS-encrypted, private,
+    TLS-only); protected and retained on delete when protectData is set."""
+
     kms_key_arn: pulumi.Output[str]
+    """The stack's KMS key: buckets, registries, log groups, EKS Secrets and SageMaker volumes use it; exported."""
     bucket_names: dict[str, pulumi.Output[str]]
+    """Bucket names by kind (datasets, checkpoints, models): exported for the launchers and serving."""
     bucket_arns: dict[str, pulumi.Output[str]]
+    """Bucket ARNs by kind: the workload roles' policies and the S3 gateway endpoint policy admit them."""
 
     def __init__(self, name: str, args: StorageArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Storage", name, None, opts)
         self._base, self._spec = name, args
-        cfg = args.config
         # Data outlives environments in production: `protect` makes `pulumi destroy` refuse, `retain_on_delete`
         # keeps the data even if someone removes the resource from the program.
         self._data_opts = pulumi.ResourceOptions(
-            parent=self, protect=cfg.storage.protect_data, retain_on_delete=cfg.storage.protect_data
+            parent=self, protect=args.storage.protect_data, retain_on_delete=args.storage.protect_data
         )
         self.kms_key = self._create_key()
         self.buckets = {kind: self._create_bucket(kind) for kind in BUCKET_KINDS}
@@ -47,9 +57,9 @@ class Storage(pulumi.ComponentResource):
         )
 
     def _create_key(self) -> aws.kms.Key:
-        cfg, a = self._spec.config, self._spec
+        a = self._spec
         root = f"arn:{a.partition}:iam::{a.account_id}:root"
-        log_groups = f"arn:{a.partition}:logs:{cfg.region}:{a.account_id}:log-group:*"
+        log_groups = f"arn:{a.partition}:logs:{a.region}:{a.account_id}:log-group:*"
         # The account root keeps administration (so IAM policies can grant use); CloudWatch Logs may use the key
         # only for this account's log groups in this region (flow logs, EKS control-plane logs).
         policy = {
@@ -65,7 +75,7 @@ class Storage(pulumi.ComponentResource):
                 {
                     "Sid": "CloudWatchLogsEncrypt",
                     "Effect": "Allow",
-                    "Principal": {"Service": f"logs.{cfg.region}.amazonaws.com"},
+                    "Principal": {"Service": f"logs.{a.region}.amazonaws.com"},
                     "Action": [
                         "kms:Encrypt*",
                         "kms:Decrypt*",
@@ -80,30 +90,30 @@ class Storage(pulumi.ComponentResource):
         }
         key = aws.kms.Key(
             f"{self._base}-key",
-            description=f"llm-platform {cfg.stack}: buckets, registries, logs, EKS secrets, SageMaker volumes",
+            description=f"llm-platform {a.stack}: buckets, registries, logs, EKS secrets, SageMaker volumes",
             enable_key_rotation=True,
-            deletion_window_in_days=30 if cfg.storage.protect_data else 7,
+            deletion_window_in_days=30 if a.storage.protect_data else 7,
             policy=json.dumps(policy),
             tags=a.tags,
             opts=self._data_opts,
         )
         aws.kms.Alias(
             f"{self._base}-key-alias",
-            name=f"alias/{cfg.name_prefix}",
+            name=f"alias/{a.name_prefix}",
             target_key_id=key.key_id,
             opts=pulumi.ResourceOptions(parent=self),
         )
         return key
 
     def _create_bucket(self, kind: str) -> aws.s3.Bucket:
-        cfg, a = self._spec.config, self._spec
+        a = self._spec
         child = pulumi.ResourceOptions(parent=self)
         bucket = aws.s3.Bucket(
             f"{self._base}-{kind}",
             # Bucket names are global: account and region make them unique without a random suffix, so tools
             # can derive them and teardown can recognise them.
-            bucket=f"{cfg.name_prefix}-{kind}-{a.account_id}-{cfg.region}",
-            force_destroy=cfg.storage.force_destroy,
+            bucket=f"{a.name_prefix}-{kind}-{a.account_id}-{a.region}",
+            force_destroy=a.storage.force_destroy,
             tags={**a.tags, "llm-platform:data": kind},
             opts=self._data_opts,
         )
@@ -164,7 +174,7 @@ class Storage(pulumi.ComponentResource):
             # S3 rejects a policy write while public access settings are changing.
             opts=pulumi.ResourceOptions(parent=self, depends_on=[public_access]),
         )
-        noncurrent_days = cfg.storage.checkpoint_noncurrent_days if kind == "checkpoints" else 90
+        noncurrent_days = a.storage.checkpoint_noncurrent_days if kind == "checkpoints" else 90
         aws.s3.BucketLifecycleConfiguration(
             f"{self._base}-{kind}-lifecycle",
             bucket=bucket.id,

@@ -68,18 +68,40 @@ def run_capacity(cfg: StackConfig) -> Run:
         provider, groups = fake_cluster(cfg)
         tags = stack_tags(cfg.stack, cfg.environment)
         ca = ClusterAutoscaler(
-            "autoscaler", ClusterAutoscalerArgs(cfg, cfg.name_prefix, provider, groups, tags, ACCOUNT)
+            "autoscaler",
+            ClusterAutoscalerArgs(
+                cluster=cfg.cluster,
+                autoscaling=cfg.autoscaling,
+                name_prefix=cfg.name_prefix,
+                region=cfg.region,
+                cluster_name=cfg.name_prefix,
+                provider=provider,
+                node_groups=groups,
+                tags=tags,
+                account_id=ACCOUNT,
+            ),
         )
         outputs: dict[str, Any] = {"ca_role": ca.role_arn}
-        if needs_node_termination_handler(cfg):
+        if needs_node_termination_handler(cfg.autoscaling, cfg.cluster):
             nth = NodeTerminationHandler(
-                "spot", NodeTerminationHandlerArgs(cfg, cfg.name_prefix, provider, tags, ACCOUNT)
+                "spot",
+                NodeTerminationHandlerArgs(
+                    autoscaling=cfg.autoscaling,
+                    name_prefix=cfg.name_prefix,
+                    region=cfg.region,
+                    cluster_name=cfg.name_prefix,
+                    provider=provider,
+                    tags=tags,
+                    account_id=ACCOUNT,
+                ),
             )
             outputs["queue"] = nth.queue_url
         if cfg.autoscaling.serving_autoscaler == "keda":
             so = ServingAutoscaling(
                 "serving-autoscaling",
-                ServingAutoscalingArgs(cfg, provider, "llm-serving", "llm-serving", PROMETHEUS),
+                ServingAutoscalingArgs(
+                    cfg.autoscaling, cfg.serving, provider, "llm-serving", "llm-serving", PROMETHEUS
+                ),
             )
             outputs["scaled_object"] = so.scaled_object_name
         return outputs
@@ -177,7 +199,7 @@ def test_controller_chart_runs_pinned_on_the_system_pool_and_caps_the_cluster(st
     assert args["skip-nodes-with-system-pods"] is False
     assert args["scale-down-unneeded-time"] == f"{cfg.autoscaling.scale_down_unneeded_minutes}m"
     total = cfg.cluster.system_node_count + sum(p.max_size for p in cfg.cluster.gpu_pools)
-    assert args["max-nodes-total"] == total and max_nodes_total(cfg) == total
+    assert args["max-nodes-total"] == total and max_nodes_total(cfg.cluster) == total
     # The GPU budget: each group's maximum bounds it, and together they stay within maxGpus.
     assert sum(p.max_size * p.gpus_per_node for p in cfg.cluster.gpu_pools) <= cfg.cluster.max_gpus
     # No hand-written copy of the controller or its RBAC is left beside the chart.
@@ -243,7 +265,7 @@ def test_efa_template_count_is_the_launch_template_count() -> None:
 def test_spot_pools_get_queue_mode_termination_handler(stack: tuple[StackConfig, Run]) -> None:
     cfg, run = stack
     spot = any(p.capacity_type == "SPOT" for p in cfg.cluster.gpu_pools)
-    assert needs_node_termination_handler(cfg) is spot
+    assert needs_node_termination_handler(cfg.autoscaling, cfg.cluster) is spot
     rules = run.of_type(tok.CLOUDWATCH_EVENT_RULE)
     if not spot:
         assert not rules and not run.of_type(tok.SQS_QUEUE)
@@ -279,7 +301,8 @@ def test_spot_pools_get_queue_mode_termination_handler(stack: tuple[StackConfig,
 
 
 def test_spot_handler_can_be_switched_off() -> None:
-    assert not needs_node_termination_handler(config("dev", spotInterruptionHandler=False))
+    no_handler = config("dev", spotInterruptionHandler=False)
+    assert not needs_node_termination_handler(no_handler.autoscaling, no_handler.cluster)
 
 
 # -- serving autoscaling (KEDA) ----------------------------------------------------------------------------------------
@@ -324,7 +347,8 @@ def test_scaled_object_matches_the_keda_crd_schema(keda_dev: tuple[StackConfig, 
 
 def test_scaled_object_schema_rejects_mistakes() -> None:
     schema = crd_schema()["openAPIV3Schema"]
-    good = scaled_object(config("dev", servingAutoscaler="keda"), "llm-serving", "llm-serving", PROMETHEUS)
+    keda = config("dev", servingAutoscaler="keda")
+    good = scaled_object(keda.autoscaling, keda.serving, "llm-serving", "llm-serving", PROMETHEUS)
     jsonschema.validate(good, schema)
     assert good["spec"]["minReplicaCount"] == 1 and len(good["spec"]["triggers"]) == 1
     typo = json.loads(json.dumps(good))

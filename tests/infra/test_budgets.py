@@ -27,7 +27,14 @@ COST_TAG = tok.COSTEXPLORER_COST_ALLOCATION_TAG
 
 def run_budgets(cfg: StackConfig) -> Run:
     def program() -> dict[str, Any]:
-        budgets = Budgets("budgets", BudgetsArgs(cfg, stack_tags(cfg.stack, cfg.environment)))
+        args = BudgetsArgs(
+            cfg.budget,
+            cfg.observability.alert_emails,
+            cfg.name_prefix,
+            cfg.stack,
+            stack_tags(cfg.stack, cfg.environment),
+        )
+        budgets = Budgets("budgets", args)
         return {"budget": budgets.budget_name}
 
     return run_component(cfg, program)

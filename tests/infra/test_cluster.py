@@ -42,7 +42,10 @@ def run_cluster(cfg: StackConfig, **extra: Any) -> Run:
         cluster = Cluster(
             "cluster",
             ClusterArgs(
-                config=cfg,
+                cluster=cfg.cluster,
+                name_prefix=cfg.name_prefix,
+                region=cfg.region,
+                vpc_cidr=cfg.network.vpc_cidr,
                 vpc_id="vpc-123",
                 private_subnet_ids=SUBNETS,
                 cluster_role_arn="arn:aws:iam::123456789012:role/cluster",

@@ -70,7 +70,7 @@ def test_every_shipped_stack_applies_its_kubernetes_layer_from_where_the_endpoin
     assert deployer_path_problems(cfg, run.resources, workflow()) == []
     # The runner the workflow names is the one this stack declares, in its private subnets.
     project = run.one(tok.CODEBUILD_PROJECT)
-    assert project.inputs["name"] == runner_project_name(cfg)
+    assert project.inputs["name"] == runner_project_name(cfg.name_prefix)
     assert workflow()["jobs"][cfg.stack]["runs-on"] == runner_label(project.inputs["name"])
     assert project.inputs["vpcConfig"]["subnets"] == run.outputs[out.PRIVATE_SUBNET_IDS]
 
@@ -331,11 +331,13 @@ def test_preview_lists_the_quotas_the_stack_needs(run_stack) -> None:
 def test_initial_count_on_create_rollout_and_steady_state() -> None:
     cfg = load_stack("prod")  # min 2, max 6, ml.g5.2xlarge
     same = RunningVariant("m1", "ml.g5.2xlarge", config_initial_count=2, desired_count=5, autoscaled=True)
-    assert initial_instance_count(cfg, "m1", None) == 2  # create: the minimum
-    assert initial_instance_count(cfg, "m1", same) == 2  # nothing changed: no diff although autoscaling moved it
-    assert initial_instance_count(cfg, "m2", same) == 5  # new model: roll out at the running count
+    assert initial_instance_count(cfg.serving, "m1", None) == 2  # create: the minimum
+    assert (
+        initial_instance_count(cfg.serving, "m1", same) == 2
+    )  # nothing changed: no diff although autoscaling moved it
+    assert initial_instance_count(cfg.serving, "m2", same) == 5  # new model: roll out at the running count
     big = RunningVariant("m1", "ml.g5.2xlarge", 2, desired_count=9, autoscaled=True)
-    assert initial_instance_count(cfg, "m2", big) == 6  # within [min, max]
+    assert initial_instance_count(cfg.serving, "m2", big) == 6  # within [min, max]
 
 
 def _endpoint_config(run: Run) -> dict[str, Any]:

@@ -22,7 +22,9 @@ def run_plugins(cfg: StackConfig) -> tuple[Run, tuple[str, ...]]:
     advertised: list[tuple[str, ...]] = []
 
     def program() -> dict[str, Any]:
-        plugins = GpuDevicePlugins("gpu", GpuDevicePluginsArgs(cfg, k8s.Provider("k8s", kubeconfig="{}")))
+        plugins = GpuDevicePlugins(
+            "gpu", GpuDevicePluginsArgs(cfg.cluster.gpu_pools, k8s.Provider("k8s", kubeconfig="{}"))
+        )
         advertised.append(plugins.advertised)
         return {}
 

@@ -39,7 +39,8 @@ def run_endpoint(cfg: StackConfig, image: str = IMAGE) -> Run:
         endpoint = SageMakerEndpoint(
             "sagemaker",
             SageMakerEndpointArgs(
-                config=cfg,
+                serving=cfg.serving,
+                name_prefix=cfg.name_prefix,
                 execution_role_arn=ROLE,
                 image=image,
                 models_bucket=BUCKET,
