@@ -17,10 +17,10 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 import yaml
 
+from infra import k8s_objects
 from infra.alarms import Alerts, AlertsArgs
 from infra.charts import install_chart
 from infra.config import StackConfig
-from infra.k8s_objects import apply_object
 from infra.prometheus import (
     MONITORING_NAMESPACE,
     PROMETHEUS_PORT,
@@ -95,13 +95,13 @@ class Observability(pulumi.ComponentResource):
         mode = cfg.observability.metrics
         if mode != "none":
             k8s_opts = pulumi.ResourceOptions(parent=self, provider=args.provider)
-            ns = apply_object(f"{name}-namespace", monitoring_namespace(), k8s_opts)
+            ns = k8s_objects.apply(f"{name}-namespace", monitoring_namespace(), k8s_opts)
             k8s_opts = pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[ns])
             install_chart(
                 f"{name}-dcgm-exporter", "dcgm-exporter", MONITORING_NAMESPACE, dcgm_exporter_values(cfg), k8s_opts
             )
             for file_name, obj in dashboard_configmaps().items():
-                apply_object(f"{name}-dashboard-{file_name.removesuffix('.json')}", obj, k8s_opts)
+                k8s_objects.apply(f"{name}-dashboard-{file_name.removesuffix('.json')}", obj, k8s_opts)
             if mode == "in-cluster":
                 install_chart(
                     f"{name}-prometheus", "prometheus", MONITORING_NAMESPACE, prometheus_values(cfg), k8s_opts
@@ -149,7 +149,7 @@ class Observability(pulumi.ComponentResource):
         # managed collectors for Amazon EKS"); a second one from us fails with ResourceInUseException. The RBAC below
         # grants that user read access.
         for key, obj in amp_collector_rbac().items():
-            apply_object(f"{self._name}-amp-{key}", obj, k8s_opts)
+            k8s_objects.apply(f"{self._name}-amp-{key}", obj, k8s_opts)
         self.amp_workspace_id = workspace.id
         self.prometheus_url = workspace.prometheus_endpoint
 

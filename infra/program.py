@@ -105,7 +105,11 @@ def build() -> dict[str, Any]:
     base = KubernetesBase(
         "kubernetes-base",
         KubernetesBaseArgs(
-            config=cfg,
+            cluster=cfg.cluster,
+            network=cfg.network,
+            serving=cfg.serving,
+            observability=cfg.observability,
+            region=cfg.region,
             cluster_name=cluster.name,
             provider=cluster.provider,
             training_role_arn=identity.training_role_arn,
@@ -205,7 +209,12 @@ def build() -> dict[str, Any]:
         serving = ServingOnEks(
             "serving-eks",
             ServingOnEksArgs(
-                config=cfg,
+                serving=cfg.serving,
+                cluster=cfg.cluster,
+                autoscaling=cfg.autoscaling,
+                region=cfg.region,
+                name_prefix=cfg.name_prefix,
+                tags=tags,
                 provider=cluster.provider,
                 namespace=base.serving_namespace,
                 service_account=base.serving_service_account,
