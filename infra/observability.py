@@ -2,8 +2,8 @@
 in-cluster Prometheus, by config), the Grafana dashboards as code, and alarms that reach people.
 
 One component composes the concerns, each in its own module: infra/prometheus.py (the monitoring namespace, DCGM
-exporter and Prometheus charts, scrape configuration, dashboards), infra/alarms.py (topic, capacity and SageMaker
-alarms), and Amazon Managed Prometheus below.
+exporter and Prometheus chart values, scrape configuration, dashboards), infra/alarms.py (topic, capacity and SageMaker
+alarms), and Amazon Managed Prometheus below. Its Kubernetes objects are plain objects applied by infra/k8s_objects.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ AMP_COLLECTOR_USER = "aps-collector-user"
 @dataclass
 class ObservabilityArgs:
     config: StackConfig
-    """Validated stack config: metrics mode, versions, alert subscribers, SageMaker alarm thresholds."""
+    """Validated stack config: metrics mode, versions, alert subscribers, SageMaker alarm thresholds. The whole of it:
+    the alerts (infra/alarms.py) read several sections, and the scrape configuration labels series with the stack."""
     cluster_name: pulumi.Input[str]
     """EKS cluster name (a label on every series, and the access entry of the managed scraper)."""
     cluster_arn: pulumi.Input[str]
@@ -64,10 +65,16 @@ class ObservabilityArgs:
 
 
 class Observability(pulumi.ComponentResource):
+    """The alert topic and alarms (always), and with `metrics` other than `none`: the monitoring namespace, the DCGM
+    exporter on the GPU nodes, the dashboards as ConfigMaps, and either the in-cluster Prometheus (`in-cluster`) or an
+    Amazon Managed Prometheus workspace with the AWS-managed collector and its RBAC (`amp`)."""
+
     alert_topic_arn: pulumi.Output[str]
+    """The SNS topic every alarm publishes to (the alert emails subscribe to it)."""
     prometheus_url: pulumi.Output[str] | None
     """Where PromQL is answered: the in-cluster Service URL, the AMP workspace endpoint, or None (metrics: none)."""
     amp_workspace_id: pulumi.Output[str] | None
+    """The Amazon Managed Prometheus workspace id with `metrics: amp`, else None."""
 
     def __init__(self, name: str, args: ObservabilityArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Observability", name, None, opts)

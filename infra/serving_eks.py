@@ -1,5 +1,6 @@
-"""Serving on EKS: the serving Deployment on the inference GPU pool, its Service, disruption budget, autoscaler and
-(optionally) an internal ALB Ingress.
+"""Serving on EKS: the serving Deployment on the inference GPU pool, its Service, disruption budget, (with
+`servingAutoscaler: cpu`) its CPU autoscaler and (optionally) an internal ALB Ingress, written as plain Kubernetes
+objects (infra/k8s_objects.py).
 
 The pod's scheduling contract (node selector, toleration, GPU request) is derived from the same `GpuPool` object the
 node group is built from, so labels and taints cannot drift apart and leave pods Pending.
@@ -22,17 +23,18 @@ from infra.vllm_sizing import VllmSizing, sizing_for
 SERVICE_NAME = "llm-serving"
 VLLM_PORT = 8000
 API_KEYS_SECRET = "serving-api-keys"
-"""Created by the operator, never by this program: keys must not live in code or in Pulumi state.
-`kubectl -n llm-serving create secret generic serving-api-keys --from-file=keys=./keys` (format: docs/serving.md).
-Pods stay in ContainerCreating until it exists (the volume is not optional): louder than serving unauthenticated.
-"""
+"""The Kubernetes Secret the pods mount the keys file from (format: docs/serving.md). The program writes it from the
+stack's Secrets Manager secret, which the preview-time checks require (infra/preflight.py), as a Pulumi secret; the
+keys file may hold SHA-256 digests instead of keys, so no usable key is in state. The volume is not optional: without
+the Secret pods stay in ContainerCreating, louder than serving unauthenticated."""
 API_KEYS_DIR = "/etc/llm-platform/api-keys"
 API_KEYS_FILE = f"{API_KEYS_DIR}/keys"
 CACHE_DIR = "/var/cache/llm-serving"
 VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"
 """Pinned: vLLM's flags and its torch/CUDA stack change with every release. vLLM 0.33.0 is the release on PyPI
 (checked with `pip index versions vllm`); its images are tagged `v<version>` (docs.vllm.ai, deployment/docker).
-Docker Hub is not reachable from where this was written: CI resolves the tag to a digest before a deploy."""
+A tag, not a digest: Docker Hub was not reachable from where this was written, and nothing in the deploy resolves the
+tag to a digest yet (the serving image has `servingImageDigest`; this sidecar has no such setting)."""
 VLLM_UID = 65534
 """`nobody`, present in the passwd file of every Debian/Ubuntu image, vLLM's included. Under an arbitrary uid
 with no passwd entry, Python's getpass.getuser() (torch inductor's and Triton's cache paths) raises KeyError."""
