@@ -52,9 +52,15 @@ def apply(resource_name: str, obj: Mapping[str, Any], opts: pulumi.ResourceOptio
     """Register `obj` as the typed pulumi-kubernetes resource of its apiVersion and kind, and return that resource
     (its `.metadata` and other outputs are there as usual). `resource_name` is the Pulumi logical name: renaming it
     replaces the live object."""
-    resource = _RESOURCES[(obj["apiVersion"], obj["kind"])]
-    fields = {_KEYWORDS[key]: value for key, value in obj.items() if key not in ("apiVersion", "kind")}
-    return resource(resource_name, **fields, opts=opts)
+    api_version, kind = obj["apiVersion"], obj["kind"]
+    resource = _RESOURCES.get((api_version, kind))
+    if resource is None:
+        raise ValueError(f"{resource_name}: {api_version} {kind} is not a kind infra.k8s_objects knows (add it)")
+    fields = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind")}
+    unknown = sorted(set(fields) - set(_KEYWORDS))
+    if unknown:
+        raise ValueError(f"{resource_name}: no keyword known for the top-level fields {unknown} of {kind} (add them)")
+    return resource(resource_name, **{_KEYWORDS[key]: value for key, value in fields.items()}, opts=opts)
 
 
 def metadata(
