@@ -167,7 +167,7 @@ def amp_collector_rbac() -> dict[str, dict[str, Any]]:
         "clusterrole": {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
-            "metadata": {"name": "aps-collector-role"},
+            "metadata": k8s_objects.metadata("aps-collector-role"),
             "rules": [
                 {
                     "apiGroups": [""],
@@ -195,7 +195,7 @@ def amp_collector_rbac() -> dict[str, dict[str, Any]]:
         "clusterrolebinding": {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
-            "metadata": {"name": "aps-collector-user-role-binding"},
+            "metadata": k8s_objects.metadata("aps-collector-user-role-binding"),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "aps-collector-role"},
             "subjects": [{"kind": "User", "name": AMP_COLLECTOR_USER, "apiGroup": "rbac.authorization.k8s.io"}],
         },
