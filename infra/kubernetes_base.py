@@ -1,5 +1,6 @@
 """What every workload on the cluster relies on: namespaces, service accounts with AWS access through EKS Pod Identity,
-GPU quotas and default-deny network policies. (The device plugins come from their charts: infra/gpu_plugins.py.)
+GPU quotas and default-deny network policies, written as plain objects (infra/k8s_objects.py). (The device plugins
+come from their charts: infra/gpu_plugins.py.)
 
 Everything goes through the cluster's explicit provider, so nothing here can land on whatever cluster the operator's
 current kubeconfig context happens to point at.
@@ -23,7 +24,9 @@ from facts.cluster import (
     TRAINING_NAMESPACE,
     TRAINING_SERVICE_ACCOUNT,
 )
-from infra.config import StackConfig
+from infra import k8s_objects
+from infra.config import ClusterConfig, NetworkConfig, ObservabilityConfig, ServingConfig
+from infra.k8s_objects import MANAGED_BY
 from infra.network import plan_collector_subnets
 
 SERVING_ACCESS_LABEL = "llm-platform/serving-access"
@@ -35,14 +38,21 @@ TRAINING_METRICS_ACCESS_LABEL = "llm-platform/training-metrics-access"
 port in the training namespace; nothing else from outside the namespace reaches training pods."""
 
 POD_IDENTITY_AGENT_CIDR = "169.254.170.23/32"
-
-_MANAGED_BY = {"app.kubernetes.io/managed-by": "pulumi", "app.kubernetes.io/part-of": "llm-platform"}
+"""The EKS Pod Identity agent's link-local address (host network) that pods fetch their credentials from."""
 
 
 @dataclass
 class KubernetesBaseArgs:
-    config: StackConfig
-    """The validated stack configuration (GPU pools: names, labels, maximum GPUs)."""
+    cluster: ClusterConfig
+    """Kubernetes version (Pod Security labels) and GPU pools (the quotas are their maximum GPUs)."""
+    network: NetworkConfig
+    """VPC CIDR and zone count: the managed collector's subnets, and the internal ALB's sources."""
+    serving: ServingConfig
+    """Whether serving has an internal ALB Ingress (its ENIs must reach the serving pods)."""
+    observability: ObservabilityConfig
+    """The metrics mode: with `amp`, the managed collector's subnets may scrape the workloads."""
+    region: str
+    """AWS region: its S3 prefix list is what the workloads may reach."""
     cluster_name: pulumi.Input[str]
     """EKS cluster the Pod Identity associations belong to."""
     provider: k8s.Provider
@@ -56,12 +66,23 @@ class KubernetesBaseArgs:
 
 
 class KubernetesBase(pulumi.ComponentResource):
+    """The training and serving namespaces (Pod Security levels), their service accounts with AWS access through EKS
+    Pod Identity, a GPU quota per namespace, and default-deny network policies with the few flows each workload
+    needs. Every object goes through the cluster's explicit provider."""
+
     training_namespace: str
+    """Name of the training namespace."""
     serving_namespace: str
+    """Name of the serving namespace."""
     training_service_account: str
+    """Service account training pods run as (the training role's credentials through Pod Identity)."""
     serving_service_account: str
+    """Service account serving pods run as (the serving role's credentials through Pod Identity)."""
     namespaces: dict[str, k8s.core.v1.Namespace]
+    """The two Namespace resources, by purpose ("training", "serving"): depend on these, or on their
+    `metadata.name`, to order objects after the namespace exists."""
     service_accounts: dict[str, k8s.core.v1.ServiceAccount]
+    """The two ServiceAccount resources, by purpose ("training", "serving")."""
 
     def __init__(self, name: str, args: KubernetesBaseArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:KubernetesBase", name, None, opts)
@@ -102,31 +123,33 @@ class KubernetesBase(pulumi.ComponentResource):
 
     # -- namespaces and identities ---------------------------------------------------------------------------------
     def _namespace(self, key: str, ns: str, enforce: str, extra: dict[str, str]) -> k8s.core.v1.Namespace:
-        version = f"v{self._args.config.cluster.kubernetes_version}"
+        version = f"v{self._args.cluster.kubernetes_version}"
         labels = {
-            **_MANAGED_BY,
+            **MANAGED_BY,
             "pod-security.kubernetes.io/enforce": enforce,
             "pod-security.kubernetes.io/enforce-version": version,
             "pod-security.kubernetes.io/warn": "restricted",
             "pod-security.kubernetes.io/audit": "restricted",
             **extra,
         }
-        return k8s.core.v1.Namespace(
+        return self._object(
             f"{self._name}-{key}-ns",
-            metadata=k8s.meta.v1.ObjectMetaArgs(name=ns, labels=labels),
-            opts=self._k8s_opts,
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": k8s_objects.metadata(ns, labels=labels)},
         )
 
     def _service_account(self, key: str, sa: str, role_arn: pulumi.Input[str]) -> k8s.core.v1.ServiceAccount:
         """A service account and its Pod Identity association: pods using it get the role's credentials from the
         Pod Identity agent. No IRSA annotation and no OIDC provider are involved."""
         ns = self.namespaces[key]
-        account = k8s.core.v1.ServiceAccount(
+        account = self._object(
             f"{self._name}-{key}-sa",
-            metadata=k8s.meta.v1.ObjectMetaArgs(name=sa, namespace=ns.metadata.name, labels=_MANAGED_BY),
-            # Neither workload talks to the Kubernetes API; Pod Identity mounts its own token, not this one.
-            automount_service_account_token=False,
-            opts=self._k8s_opts,
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": k8s_objects.metadata(sa, ns.metadata.name, MANAGED_BY),
+                # Neither workload talks to the Kubernetes API; Pod Identity mounts its own token, not this one.
+                "automountServiceAccountToken": False,
+            },
         )
         aws.eks.PodIdentityAssociation(
             f"{self._name}-{key}-pod-identity",
@@ -143,15 +166,18 @@ class KubernetesBase(pulumi.ComponentResource):
     def _create_gpu_quotas(self) -> None:
         """Each namespace may request at most the GPUs its pool can ever offer: a runaway job queues instead of
         starving the other purpose, and the quota documents the budget in the cluster itself."""
-        pools = {p.purpose: p for p in self._args.config.cluster.gpu_pools}
+        pools = {p.purpose: p for p in self._args.cluster.gpu_pools}
         for key, purpose in (("training", "training"), ("serving", "inference")):
             ns = self.namespaces[key]
-            k8s.core.v1.ResourceQuota(
+            self._object(
                 f"{self._name}-{key}-gpu-quota",
-                metadata=k8s.meta.v1.ObjectMetaArgs(name="gpu", namespace=ns.metadata.name, labels=_MANAGED_BY),
-                # Extended resources can only be quota'd on requests (they cannot be overcommitted anyway).
-                spec=k8s.core.v1.ResourceQuotaSpecArgs(hard={f"requests.{GPU_RESOURCE}": str(pools[purpose].max_gpus)}),
-                opts=self._k8s_opts,
+                {
+                    "apiVersion": "v1",
+                    "kind": "ResourceQuota",
+                    "metadata": k8s_objects.metadata("gpu", ns.metadata.name, MANAGED_BY),
+                    # Extended resources can only be quota'd on requests (they cannot be overcommitted anyway).
+                    "spec": {"hard": {f"requests.{GPU_RESOURCE}": str(pools[purpose].max_gpus)}},
+                },
             )
 
     # -- network policies ------------------------------------------------------------------------------------------
@@ -164,8 +190,8 @@ class KubernetesBase(pulumi.ComponentResource):
         Kubernetes API (no service-account token is mounted) nor any other AWS API: credentials come from the agent,
         which calls eks-auth from the host network; images are pulled by the kubelet, also on the host network, so
         the ECR/STS/Logs interface endpoints need no pod egress."""
-        cfg = self._args.config
-        s3_egress = s3_cidrs(cfg.region).apply(
+        args = self._args
+        s3_egress = s3_cidrs(args.region).apply(
             lambda cidrs: {
                 "to": [{"ipBlock": {"cidr": c}} for c in cidrs],
                 "ports": [{"protocol": "TCP", "port": 443}],
@@ -208,9 +234,9 @@ class KubernetesBase(pulumi.ComponentResource):
         # managed collector's ENIs (AMP), which live in their own subnets (infra.network.plan_collector_subnets)
         # where no pod ever gets an address: those CIDRs admit the collector and nothing else.
         collectors: list[dict[str, Any]] = []
-        if cfg.observability.metrics == "amp":
+        if args.observability.metrics == "amp":
             collectors = [
-                {"ipBlock": {"cidr": c}} for c in plan_collector_subnets(cfg.network.vpc_cidr, cfg.network.az_count)
+                {"ipBlock": {"cidr": c}} for c in plan_collector_subnets(args.network.vpc_cidr, args.network.az_count)
             ]
         scrapers: list[dict[str, Any]] = [
             {"namespaceSelector": {"matchLabels": {TRAINING_METRICS_ACCESS_LABEL: "allowed"}}},
@@ -231,11 +257,11 @@ class KubernetesBase(pulumi.ComponentResource):
             {"namespaceSelector": {"matchLabels": {SERVING_ACCESS_LABEL: "allowed"}}},
             *collectors,
         ]
-        if cfg.serving.ingress:
+        if args.serving.ingress:
             # The internal ALB (target type ip) connects from its own ENIs in the VPC's subnets, which no pod or
             # namespace selector matches. With the VPC CNI pods share that range, so this admits the whole VPC on
             # 8080: the API keys, not the network, are the gate then.
-            sources.append({"ipBlock": {"cidr": cfg.network.vpc_cidr}})
+            sources.append({"ipBlock": {"cidr": args.network.vpc_cidr}})
         self._policy(
             "serving",
             "allow-http-ingress",
@@ -247,14 +273,18 @@ class KubernetesBase(pulumi.ComponentResource):
         )
 
     def _policy(self, key: str, policy: str, spec: dict[str, Any]) -> k8s.networking.v1.NetworkPolicy:
-        return k8s.networking.v1.NetworkPolicy(
+        return self._object(
             f"{self._name}-{key}-{policy}",
-            metadata=k8s.meta.v1.ObjectMetaArgs(
-                name=policy, namespace=self.namespaces[key].metadata.name, labels=_MANAGED_BY
-            ),
-            spec=spec,
-            opts=self._k8s_opts,
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": k8s_objects.metadata(policy, self.namespaces[key].metadata.name, MANAGED_BY),
+                "spec": spec,
+            },
         )
+
+    def _object(self, resource_name: str, obj: dict[str, Any]) -> Any:
+        return k8s_objects.apply(resource_name, obj, self._k8s_opts)
 
 
 def s3_cidrs(region: str) -> pulumi.Output[list[str]]:

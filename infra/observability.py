@@ -2,8 +2,8 @@
 in-cluster Prometheus, by config), the Grafana dashboards as code, and alarms that reach people.
 
 One component composes the concerns, each in its own module: infra/prometheus.py (the monitoring namespace, DCGM
-exporter and Prometheus charts, scrape configuration, dashboards), infra/alarms.py (topic, capacity and SageMaker
-alarms), and Amazon Managed Prometheus below.
+exporter and Prometheus chart values, scrape configuration, dashboards), infra/alarms.py (topic, capacity and SageMaker
+alarms), and Amazon Managed Prometheus below. Its Kubernetes objects are plain objects applied by infra/k8s_objects.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 import yaml
 
+from infra import k8s_objects
 from infra.alarms import Alerts, AlertsArgs
 from infra.charts import install_chart
 from infra.config import StackConfig
-from infra.k8s_objects import apply_object
 from infra.prometheus import (
     MONITORING_NAMESPACE,
     PROMETHEUS_PORT,
@@ -38,7 +38,8 @@ AMP_COLLECTOR_USER = "aps-collector-user"
 @dataclass
 class ObservabilityArgs:
     config: StackConfig
-    """Validated stack config: metrics mode, versions, alert subscribers, SageMaker alarm thresholds."""
+    """Validated stack config: metrics mode, versions, alert subscribers, SageMaker alarm thresholds. The whole of it:
+    the alerts (infra/alarms.py) read several sections, and the scrape configuration labels series with the stack."""
     cluster_name: pulumi.Input[str]
     """EKS cluster name (a label on every series, and the access entry of the managed scraper)."""
     cluster_arn: pulumi.Input[str]
@@ -64,10 +65,16 @@ class ObservabilityArgs:
 
 
 class Observability(pulumi.ComponentResource):
+    """The alert topic and alarms (always), and with `metrics` other than `none`: the monitoring namespace, the DCGM
+    exporter on the GPU nodes, the dashboards as ConfigMaps, and either the in-cluster Prometheus (`in-cluster`) or an
+    Amazon Managed Prometheus workspace with the AWS-managed collector and its RBAC (`amp`)."""
+
     alert_topic_arn: pulumi.Output[str]
+    """The SNS topic every alarm publishes to (the alert emails subscribe to it)."""
     prometheus_url: pulumi.Output[str] | None
     """Where PromQL is answered: the in-cluster Service URL, the AMP workspace endpoint, or None (metrics: none)."""
     amp_workspace_id: pulumi.Output[str] | None
+    """The Amazon Managed Prometheus workspace id with `metrics: amp`, else None."""
 
     def __init__(self, name: str, args: ObservabilityArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Observability", name, None, opts)
@@ -95,13 +102,13 @@ class Observability(pulumi.ComponentResource):
         mode = cfg.observability.metrics
         if mode != "none":
             k8s_opts = pulumi.ResourceOptions(parent=self, provider=args.provider)
-            ns = apply_object(f"{name}-namespace", monitoring_namespace(), k8s_opts)
+            ns = k8s_objects.apply(f"{name}-namespace", monitoring_namespace(), k8s_opts)
             k8s_opts = pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[ns])
             install_chart(
                 f"{name}-dcgm-exporter", "dcgm-exporter", MONITORING_NAMESPACE, dcgm_exporter_values(cfg), k8s_opts
             )
             for file_name, obj in dashboard_configmaps().items():
-                apply_object(f"{name}-dashboard-{file_name.removesuffix('.json')}", obj, k8s_opts)
+                k8s_objects.apply(f"{name}-dashboard-{file_name.removesuffix('.json')}", obj, k8s_opts)
             if mode == "in-cluster":
                 install_chart(
                     f"{name}-prometheus", "prometheus", MONITORING_NAMESPACE, prometheus_values(cfg), k8s_opts
@@ -149,7 +156,7 @@ class Observability(pulumi.ComponentResource):
         # managed collectors for Amazon EKS"); a second one from us fails with ResourceInUseException. The RBAC below
         # grants that user read access.
         for key, obj in amp_collector_rbac().items():
-            apply_object(f"{self._name}-amp-{key}", obj, k8s_opts)
+            k8s_objects.apply(f"{self._name}-amp-{key}", obj, k8s_opts)
         self.amp_workspace_id = workspace.id
         self.prometheus_url = workspace.prometheus_endpoint
 
@@ -160,7 +167,7 @@ def amp_collector_rbac() -> dict[str, dict[str, Any]]:
         "clusterrole": {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
-            "metadata": {"name": "aps-collector-role"},
+            "metadata": k8s_objects.metadata("aps-collector-role"),
             "rules": [
                 {
                     "apiGroups": [""],
@@ -188,7 +195,7 @@ def amp_collector_rbac() -> dict[str, dict[str, Any]]:
         "clusterrolebinding": {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRoleBinding",
-            "metadata": {"name": "aps-collector-user-role-binding"},
+            "metadata": k8s_objects.metadata("aps-collector-user-role-binding"),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "aps-collector-role"},
             "subjects": [{"kind": "User", "name": AMP_COLLECTOR_USER, "apiGroup": "rbac.authorization.k8s.io"}],
         },

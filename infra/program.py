@@ -8,12 +8,11 @@ from typing import Any
 
 import pulumi
 import pulumi_aws as aws
-import pulumi_kubernetes as k8s
 
 from facts.tags import stack_tags
 from infra import config as config_module
+from infra import k8s_objects, preflight
 from infra import outputs as out
-from infra import preflight
 from infra.access import DeployerRunner, DeployerRunnerArgs
 from infra.budgets import Budgets, BudgetsArgs
 from infra.cluster import Cluster, ClusterArgs
@@ -53,7 +52,11 @@ def build() -> dict[str, Any]:
     base = KubernetesBase(
         "kubernetes-base",
         KubernetesBaseArgs(
-            config=cfg,
+            cluster=cfg.cluster,
+            network=cfg.network,
+            serving=cfg.serving,
+            observability=cfg.observability,
+            region=cfg.region,
             cluster_name=cluster.name,
             provider=cluster.provider,
             training_role_arn=identity.training_role_arn,
@@ -75,7 +78,12 @@ def build() -> dict[str, Any]:
         serving = ServingOnEks(
             "serving-eks",
             ServingOnEksArgs(
-                config=cfg,
+                serving=cfg.serving,
+                cluster=cfg.cluster,
+                autoscaling=cfg.autoscaling,
+                region=cfg.region,
+                name_prefix=cfg.name_prefix,
+                tags=tags,
                 provider=cluster.provider,
                 namespace=base.serving_namespace,
                 service_account=base.serving_service_account,
@@ -308,16 +316,20 @@ def declare_ingress_controller(
     return [controller]
 
 
-def declare_api_keys_secret(api_keys: str | None, cluster: Cluster, base: KubernetesBase) -> k8s.core.v1.Secret:
+def declare_api_keys_secret(api_keys: str | None, cluster: Cluster, base: KubernetesBase) -> pulumi.CustomResource:
     """The keys file from Secrets Manager (checked before declaring), as the Secret the serving Deployment mounts: a
     first rollout never waits on a Secret nobody created. A Pulumi secret: encrypted in state by the stack's secrets
     provider; the keys file may hold SHA-256 digests instead of keys (docs/serving.md) so no usable key is in state."""
-    return k8s.core.v1.Secret(
+    return k8s_objects.apply(
         "serving-api-keys",
-        metadata=k8s.meta.v1.ObjectMetaArgs(name=API_KEYS_SECRET, namespace=base.serving_namespace),
-        type="Opaque",
-        string_data={"keys": pulumi.Output.secret(api_keys or "")},
-        opts=pulumi.ResourceOptions(provider=cluster.provider, depends_on=[base]),
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": k8s_objects.metadata(API_KEYS_SECRET, base.serving_namespace),
+            "type": "Opaque",
+            "stringData": {"keys": pulumi.Output.secret(api_keys or "")},
+        },
+        pulumi.ResourceOptions(provider=cluster.provider, depends_on=[base]),
     )
 
 

@@ -1,22 +1,18 @@
 """Metrics inside the cluster: the monitoring namespace, NVIDIA's DCGM exporter (its chart) on every GPU node, the
 scrape configuration (GPUs, serving, training), the in-cluster Prometheus (prometheus-community's chart) when
-`metrics: in-cluster`, and the Grafana dashboards as ConfigMaps. Pure functions: what the component applies is what
-the tests check."""
+`metrics: in-cluster`, and the Grafana dashboards as ConfigMaps. Pure functions: what the component applies (objects
+through infra/k8s_objects.py, chart values through infra/charts.py) is what the tests check."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from facts.cluster import DCGM_PORT, MONITORING_NAMESPACE
+from facts.cluster import DCGM_PORT, MONITORING_NAMESPACE, SERVING_NAMESPACE, TRAINING_NAMESPACE
 from infra.charts import SYSTEM_NODE_SELECTOR, gpu_toleration
 from infra.config import GPU_TAINT, PURPOSE_LABEL, StackConfig
-from infra.kubernetes_base import (
-    SERVING_ACCESS_LABEL,
-    SERVING_NAMESPACE,
-    TRAINING_METRICS_ACCESS_LABEL,
-    TRAINING_NAMESPACE,
-)
+from infra.k8s_objects import metadata
+from infra.kubernetes_base import SERVING_ACCESS_LABEL, TRAINING_METRICS_ACCESS_LABEL
 
 PROMETHEUS_SERVICE = "prometheus"
 PROMETHEUS_PORT = 9090
@@ -53,18 +49,18 @@ def monitoring_namespace() -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Namespace",
-        "metadata": {
-            "name": MONITORING_NAMESPACE,
-            "labels": {
+        "metadata": metadata(
+            MONITORING_NAMESPACE,
+            labels={
                 # DCGM exporter runs as root with host paths mounted; nothing else here needs more than baseline.
                 "pod-security.kubernetes.io/enforce": "privileged",
                 "pod-security.kubernetes.io/warn": "baseline",
                 # The serving namespace's default-deny admits port 8080 only from namespaces carrying this label.
                 SERVING_ACCESS_LABEL: "allowed",
-                # ... and the training namespace's admits the trainer's metrics port (9400) only from these.
+                # ... and the training namespace's admits the trainer's metrics port only from these.
                 TRAINING_METRICS_ACCESS_LABEL: "allowed",
             },
-        },
+        ),
     }
 
 
@@ -216,11 +212,11 @@ def dashboard_configmaps() -> dict[str, dict[str, Any]]:
         file_name: {
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": {
-                "name": f"grafana-dashboard-{file_name.removesuffix('.json')}",
-                "namespace": MONITORING_NAMESPACE,
-                "labels": {"grafana_dashboard": "1"},
-            },
+            "metadata": metadata(
+                f"grafana-dashboard-{file_name.removesuffix('.json')}",
+                MONITORING_NAMESPACE,
+                {"grafana_dashboard": "1"},
+            ),
             "data": {file_name: text},
         }
         for file_name, text in dashboard_files().items()

@@ -9,6 +9,7 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
+from infra import k8s_objects
 from infra.charts import SYSTEM_NODE_SELECTOR, install_chart
 from infra.config import AutoscalingConfig, ServingConfig
 
@@ -56,18 +57,18 @@ class ServingAutoscaling(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: ServingAutoscalingArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:ServingAutoscaling", name, None, opts)
-        namespace = k8s.core.v1.Namespace(
+        namespace = k8s_objects.apply(
             f"{name}-keda-namespace",
-            metadata=k8s.meta.v1.ObjectMetaArgs(
-                name=KEDA_NAMESPACE,
-                labels={
-                    "app.kubernetes.io/managed-by": "pulumi",
-                    "app.kubernetes.io/part-of": "llm-platform",
-                    # The chart's pods set runAsNonRoot, drop all capabilities and use RuntimeDefault seccomp.
-                    "pod-security.kubernetes.io/enforce": "restricted",
-                },
-            ),
-            opts=pulumi.ResourceOptions(parent=self, provider=args.provider),
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                # The chart's pods set runAsNonRoot, drop all capabilities and use RuntimeDefault seccomp.
+                "metadata": k8s_objects.metadata(
+                    KEDA_NAMESPACE,
+                    labels={**k8s_objects.MANAGED_BY, "pod-security.kubernetes.io/enforce": "restricted"},
+                ),
+            },
+            pulumi.ResourceOptions(parent=self, provider=args.provider),
         )
         self.chart = install_chart(
             f"{name}-keda",
@@ -79,14 +80,16 @@ class ServingAutoscaling(pulumi.ComponentResource):
         body = pulumi.Output.all(args.namespace, args.deployment_name, args.prometheus_url).apply(
             lambda a: scaled_object(args.autoscaling, args.serving, a[0], a[1], a[2])
         )
-        so = k8s.apiextensions.CustomResource(
+        so = k8s_objects.apply(
             f"{name}-scaledobject",
-            api_version=KEDA_API_VERSION,
-            kind="ScaledObject",
-            metadata=body["metadata"],
-            spec=body["spec"],
+            {
+                "apiVersion": KEDA_API_VERSION,
+                "kind": "ScaledObject",
+                "metadata": body["metadata"],
+                "spec": body["spec"],
+            },
             # The chart installs the ScaledObject CRD and the admission webhook that validates it.
-            opts=pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[self.chart]),
+            pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[self.chart]),
         )
         self.scaled_object_name = so.metadata["name"]
         self.register_outputs({"scaled_object_name": self.scaled_object_name})

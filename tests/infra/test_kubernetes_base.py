@@ -42,7 +42,11 @@ def run_base(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:
         base = KubernetesBase(
             "base",
             KubernetesBaseArgs(
-                config=cfg,
+                cluster=cfg.cluster,
+                network=cfg.network,
+                serving=cfg.serving,
+                observability=cfg.observability,
+                region=cfg.region,
                 cluster_name="llmp-dev",
                 provider=provider,
                 training_role_arn=TRAINING_ROLE,

@@ -10,7 +10,7 @@ import pulumi_kubernetes as k8s
 import pytest
 
 from facts import pulumi_types as tok
-from facts.tags import STACK_TAG
+from facts.tags import STACK_TAG, stack_tags
 from infra.config import StackConfig
 from infra.config import load_stack as stack_config
 from infra.serving_eks import (
@@ -39,7 +39,12 @@ def run_serving(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:
         serving = ServingOnEks(
             "serving",
             ServingOnEksArgs(
-                config=cfg,
+                serving=cfg.serving,
+                cluster=cfg.cluster,
+                autoscaling=cfg.autoscaling,
+                region=cfg.region,
+                name_prefix=cfg.name_prefix,
+                tags=stack_tags(cfg.stack, cfg.environment),
                 provider=provider,
                 namespace=NAMESPACE,
                 service_account=SERVICE_ACCOUNT,
