@@ -7,7 +7,7 @@ and after the memory/speed changes, and the built-in engine's CUDA decode throug
 
 No download: the model is a randomly initialised Llama with Llama-3.2-1B's shape (LlamaConfig below), which costs the
 same FLOPs and memory as the real weights. Training runs the trainer's own pieces (training.parallelize.parallelize,
-training.train._loss, training.loss, training.parallelize.compile_layers) as a one-rank FSDP2 process group with the
+training.loss.model_loss, training.parallelize.compile_layers) as a one-rank FSDP2 process group with the
 bf16 mixed-precision policy and activation checkpointing, micro-batch 4 x 4096 tokens, AdamW, grad clipping. Variants:
 
   reference   full fp32 logits + F.cross_entropy (the loss before this change), eager
@@ -66,10 +66,10 @@ def emit(record: dict) -> None:
 
 def train_variant(name: str, steps: int, warmup: int, batch: int, seq_len: int) -> dict:
     from training.config import OptimConfig, ParallelConfig
-    from training.loss import install_chunked_loss
+    from training.loss import install_chunked_loss, model_loss
     from training.model import flops_per_token, num_embedding_params, num_params
     from training.parallelize import Dist, compile_layers, parallelize
-    from training.train import _clip, _loss, _optimizer, peak_flops
+    from training.train import build_optimizer, clip_gradients, peak_flops
 
     torch.manual_seed(0)
     torch.cuda.empty_cache()
@@ -84,7 +84,7 @@ def train_variant(name: str, steps: int, warmup: int, batch: int, seq_len: int) 
     model = parallelize(model, ParallelConfig(strategy="fsdp", micro_batch_size=batch), d, bf16=True)
     if name == "compiled":
         compile_layers(model)
-    optimizer = _optimizer(model, OptimConfig())
+    optimizer = build_optimizer(model, OptimConfig())
     vocab = LLAMA_1B["vocab_size"]
     times: list[float] = []
     base_mem = 0
@@ -94,9 +94,9 @@ def train_variant(name: str, steps: int, warmup: int, batch: int, seq_len: int) 
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = _loss(model, head, inputs, labels)
+            loss = model_loss(model, head, inputs, labels)
             loss.backward()
-        _clip(model, 1.0)
+        clip_gradients(model, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()

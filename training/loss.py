@@ -140,3 +140,15 @@ def install_chunked_loss(model: nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOK
 def reference_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The unfused loss (full fp32 logits): the fallback, and what tests compare against."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def model_loss(
+    model: nn.Module, head: ChunkedLossHead | None, inputs: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Mean next-token loss of one micro-batch. With the fused `head` (from `install_chunked_loss`) the model's
+    forward returns the loss itself and no [tokens, vocab] logits exist; with None, the reference loss over full
+    fp32 logits."""
+    if head is None:
+        return reference_loss(model(input_ids=inputs).logits, labels)
+    with head.computing_loss(labels):
+        return model(input_ids=inputs).logits

@@ -32,7 +32,7 @@ def shutdown_timeout(grace_s: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Imported here: the launchers import shutdown_timeout() and need no torch for it.
+    # Imported here: ops/training_k8s_job.py imports shutdown_timeout() and needs no torch for it.
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
 

@@ -1,5 +1,11 @@
 """The training loop: one function, `train(cfg)`, run by every rank (torchrun) or by a single process.
 
+`_train` reads as its steps: prepare (data, model, optimizer), find the checkpoint to resume from, then loop (one
+optimizer step, a record every `log_every` steps, a checkpoint when due, a stop on SIGTERM), save the last step and
+export. Its parts: `Checkpointer` owns when to save and what a save is (the checkpoint, its event, its metric);
+`training.metrics.Reporter` owns the JSON lines and the Prometheus series (and does nothing where they are off);
+`_StepLog` times and builds the logged steps' records.
+
 Order matters for the "bad input never overwrites a checkpoint" guarantee: every check that can fail on user input
 (config, data, model) runs before the first checkpoint operation.
 """
@@ -7,24 +13,26 @@ Order matters for the "bad input never overwrites a checkpoint" guarantee: every
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from training.checkpoint import CheckpointManager
+from training.checkpoint import CheckpointManager, step_dir
 from training.config import ConfigError, OptimConfig, TrainConfig, effective_warmup
 from training.data import PackedLoader, build_sequences, read_dataset
 from training.export import export_model
-from training.loss import install_chunked_loss, reference_loss
+from training.loss import ChunkedLossHead, install_chunked_loss, model_loss
+from training.metrics import Reporter
 from training.model import download_model, flops_per_token, load_model_and_tokenizer, num_embedding_params, num_params
 from training.parallelize import Dist, compile_layers, init_distributed, parallelize, shutdown
 from training.storage import fetch
@@ -56,10 +64,47 @@ def lr_at(step: int, max_steps: int, o: OptimConfig) -> float:
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak (PEAK_BF16_FLOPS); None off CUDA or for an unknown GPU (no MFU then)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def local_scratch(cfg: TrainConfig) -> Path:
+    """Per-node scratch for S3 downloads and checkpoint staging (an instance-store/NVMe mount in production)."""
+    root = Path(os.environ.get("TRAINING_LOCAL_DIR", Path(tempfile.gettempdir()) / "llm-training"))
+    return root / hashlib.sha1(cfg.output.encode()).hexdigest()[:12]
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+    """Fused AdamW; no weight decay on norms and biases (1-D tensors): decaying them only hurts."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    # fused: one kernel per parameter group instead of ~10 elementwise passes per tensor; on CPU the unfused
+    # default is a per-tensor loop (SmolLM2-135M: 1.6 s vs 0.55 s per step, 1 thread). HF Trainer's default too.
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        fused=True,
+    )
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm to `max_norm` (0: no clipping); returns the norm before clipping, as a
+    tensor on the device."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # Under FSDP2 the norm is a DTensor over the shards; full_tensor() reduces it to the global value. A tensor:
+    # converting it to a float here would wait for the GPU every step.
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm
 
 
 class _StopFlag:
@@ -74,53 +119,136 @@ class _StopFlag:
         self.set = True
 
 
-def local_scratch(cfg: TrainConfig) -> Path:
-    """Per-node scratch for S3 downloads and checkpoint staging (an instance-store/NVMe mount in production)."""
-    root = Path(os.environ.get("TRAINING_LOCAL_DIR", Path(tempfile.gettempdir()) / "llm-training"))
-    return root / hashlib.sha1(cfg.output.encode()).hexdigest()[:12]
+@dataclass
+class _Run:
+    """What `_prepare` builds: the wrapped model and what trains it, and the sizes the records report."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    loss_head: ChunkedLossHead | None
+    loader: PackedLoader
+    sequences: int
+    params: int
+    flops_per_token: float
+    autocast: bool
+    scratch: Path
 
 
-def _optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
-    # No weight decay on norms and biases (1-D tensors): decaying them only hurts.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    # fused: one kernel per parameter group instead of ~10 elementwise passes per tensor; on CPU the unfused
-    # default is a per-tensor loop (SmolLM2-135M: 1.6 s vs 0.55 s per step, 1 thread). HF Trainer's default too.
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        fused=True,
-    )
+class Checkpointer:
+    """When the run saves, and what a save is: the checkpoint (every rank), the metric, the event (rank 0).
+
+    Due every `save_every` steps before the last (0: never), at the end unless that step was just saved, and on a
+    stop unless nothing was trained since the last save (or the resume). The final save happens after the loop, so
+    an interval save never duplicates it.
+    """
+
+    def __init__(
+        self,
+        manager: CheckpointManager,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: PackedLoader,
+        config: dict[str, Any],
+        report: Reporter,
+        save_every: int,
+        max_steps: int,
+    ) -> None:
+        """`config`: the run's full config, stored in each checkpoint's train_state.json."""
+        self.manager = manager
+        self.model = model
+        self.optimizer = optimizer
+        self.loader = loader
+        self.config = config
+        self.report = report
+        self.save_every = save_every
+        self.max_steps = max_steps
+        self.saved_step = 0
+        """The step whose state is in the newest complete checkpoint (or 0: the initial state, never saved)."""
+
+    def resume(self, latest: int | None) -> int:
+        """Load checkpoint `latest` (None: start from step 0) into the model, optimizer and loader; the step."""
+        if latest is None:
+            return 0
+        resumed = self.manager.load(latest, self.model, self.optimizer)
+        self.loader.load_state_dict(resumed.loader_state)
+        self.saved_step = resumed.step
+        self.report.event("resumed", resumed.step, checkpoint=f"{self.manager.remote.uri}/{step_dir(resumed.step)}")
+        return resumed.step
+
+    def due(self, step: int) -> bool:
+        """An interval save after `step` (the final one is `save_final`'s)."""
+        return bool(self.save_every) and step % self.save_every == 0 and step < self.max_steps
+
+    def save_if_due(self, step: int) -> float:
+        """Save after `step` if due; the seconds spent saving (0.0 when not due)."""
+        if not self.due(step):
+            return 0.0
+        save_s = self._save(step)
+        self.report.event("checkpoint", step, save_s=save_s)
+        return save_s
+
+    def save_final(self, step: int) -> None:
+        """The end of training: save the last step unless it is saved already."""
+        if step != self.saved_step:
+            save_s = self._save(step)
+            self.report.event("checkpoint", step, save_s=save_s)
+
+    def save_on_stop(self, step: int) -> None:
+        """Stopped (SIGTERM) before training `step` + 1: save unless it is saved already, and report `preempted`."""
+        save_s = self._save(step) if step != self.saved_step else 0.0
+        self.report.event("preempted", step, checkpoint_step=step, save_s=save_s)
+
+    def _save(self, step: int) -> float:
+        save_s = self.manager.save(step, self.model, self.optimizer, self.loader.state_dict(), self.config)
+        self.saved_step = step
+        self.report.checkpoint_saved(step)
+        return save_s
 
 
-class _Metrics:
-    """JSON lines on stdout (rank 0); a tqdm bar on stderr when a person is watching a terminal."""
+class _StepLog:
+    """The logged steps' records, every `log_every` steps and at the last: loss (mean over ranks), lr, grad norm,
+    throughput and MFU timed over the whole interval since the previous record (the only host sync of the loop
+    besides the stop check), checkpoint time excluded."""
 
-    def __init__(self, d: Dist, start: int, total: int) -> None:
-        self.enabled = d.is_main
-        self.bar = None
-        if self.enabled and sys.stderr.isatty():
-            from tqdm import tqdm
+    def __init__(self, cfg: TrainConfig, d: Dist, run: _Run, report: Reporter, step: int) -> None:
+        self.d = d
+        self.report = report
+        self.every = cfg.log_every
+        self.max_steps = cfg.max_steps
+        self.accum = cfg.parallel.grad_accum_steps
+        self.tokens_per_step = _tokens_per_step(cfg, d)
+        self.flops_per_token = run.flops_per_token
+        self.peak = peak_flops(d.device)
+        self.logged_step = step
+        self.t_logged = time.perf_counter()
 
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-    def emit(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+    def after_step(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        """Report `step` if it is a logged one; `loss_sum`: the step's micro-batch losses, summed."""
+        if step % self.every != 0 and step != self.max_steps:
             return
-        line = json.dumps(record)
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
-            if "loss" in record:
-                self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                self.bar.update(record["step"] - self.bar.n)
-        else:
-            print(line, flush=True)
+        if self.d.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        dt = (now - self.t_logged) / (step - self.logged_step)
+        self.t_logged = now
+        tokens_per_s = self.tokens_per_step / dt
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": round(self.d.mean(float(loss_sum) / self.accum), 6),
+            "lr": lr,
+            "grad_norm": round(float(grad_norm), 6),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "step_time_s": round(dt, 4),
+        }
+        if self.peak is not None:
+            record["mfu"] = round(tokens_per_s * self.flops_per_token / (self.peak * self.d.world_size), 4)
+        self.report.step_logged(record, tokens=self.tokens_per_step * (step - self.logged_step))
+        self.logged_step = step
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (a checkpoint's) out of the throughput: it is the training's."""
+        self.t_logged += seconds
 
 
 def train(cfg: TrainConfig) -> int:
@@ -136,8 +264,47 @@ def train(cfg: TrainConfig) -> int:
 
 def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
     torch.manual_seed(cfg.seed)
-    started = time.monotonic()
-    say = _progress(d, started)
+    say = _progress(d, time.monotonic())
+    run = _prepare(cfg, d, say)
+    manager = CheckpointManager(cfg.output, run.scratch, d, keep_last=cfg.checkpoint.keep_last)
+    latest = _resumable(manager, cfg)
+    with Reporter.start(cfg.metrics_port, d.rank, d.local_rank, cfg.max_steps) as report:
+        checkpointer = Checkpointer(
+            manager,
+            run.model,
+            run.optimizer,
+            run.loader,
+            cfg.to_dict(),
+            report,
+            cfg.checkpoint.save_every,
+            cfg.max_steps,
+        )
+        step = checkpointer.resume(latest)
+        report.event("start", step, **_start_fields(cfg, d, run))
+        if step == 0:
+            say("first step running (the first steps of a real model on CPU take tens of seconds)")
+        report.at_step(step)
+        log = _StepLog(cfg, d, run, report, step)
+        run.model.train()
+        while step < cfg.max_steps:
+            if d.any_true(stop.set):
+                checkpointer.save_on_stop(step)
+                return EXIT_PREEMPTED
+            lr = lr_at(step, cfg.max_steps, cfg.optim)
+            loss_sum, grad_norm = _optimizer_step(run, cfg, d, lr)
+            step += 1
+            log.after_step(step, loss_sum, grad_norm, lr)
+            log.exclude(checkpointer.save_if_due(step))
+        checkpointer.save_final(step)
+        export_model(run.model, run.tokenizer, cfg.export_location, d, served_name=cfg.exported_name)
+        report.event("exported", step, path=cfg.export_location)
+    return 0
+
+
+def _prepare(cfg: TrainConfig, d: Dist, say: Callable[[str], None]) -> _Run:
+    """Everything that can fail on user input, before any checkpoint operation: the config's warnings, the data
+    (read and validated before the model is downloaded: a typo costs seconds, not a download), the model and its
+    tokenizer (one download per node), then the parallel wrapping and the optimizer."""
     say(f"config: {cfg.summary()}")
     if cfg.warmup < cfg.optim.warmup_steps:
         say(
@@ -148,7 +315,6 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
     if d.local_rank == 0:
         fetch(cfg.data.path, scratch / "data")
     d.barrier()
-    # Data is read and validated before the model is downloaded or loaded: a typo costs seconds, not a download.
     data_dir = fetch(cfg.data.path, scratch / "data", download=False)
     docs = read_dataset(data_dir, cfg.data.text_field)
     say(f"data: {len(docs)} documents from {cfg.data.path}; loading model {cfg.model.path}")
@@ -163,148 +329,88 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
     loader = PackedLoader(sequences, cfg.parallel.micro_batch_size, d.rank, d.world_size, cfg.data.seed)
 
     n_params = num_params(model)
-    hf_config = model.config
     # MFU counts the matmul FLOPs: the input embedding is a lookup, not a matmul (torchtitan excludes it too).
-    n_dense_params = n_params - num_embedding_params(model)
-    use_autocast = cfg.model.bf16 and d.device.type == "cuda"
+    fpt = flops_per_token(model.config, n_params - num_embedding_params(model), cfg.data.seq_len)
     # Before FSDP wraps the model: the fused head+loss must run inside the root unit's forward.
     loss_head = install_chunked_loss(model)
     model = parallelize(model, cfg.parallel, d, bf16=cfg.model.bf16)
     if cfg.model.compile:
         compile_layers(model)
-    optimizer = _optimizer(model, cfg.optim)
+    return _Run(
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=build_optimizer(model, cfg.optim),
+        loss_head=loss_head,
+        loader=loader,
+        sequences=len(sequences),
+        params=n_params,
+        flops_per_token=fpt,
+        autocast=cfg.model.bf16 and d.device.type == "cuda",
+        scratch=scratch,
+    )
 
-    ckpt = CheckpointManager(cfg.output, scratch, d, keep_last=cfg.checkpoint.keep_last)
-    step = 0
-    latest = ckpt.latest_step()
+
+def _resumable(manager: CheckpointManager, cfg: TrainConfig) -> int | None:
+    """The latest complete checkpoint's step to resume from (None: start at 0). With checkpoints there and
+    `checkpoint.resume=false`, a ConfigError: starting over would overwrite and rotate away that run's
+    checkpoints, so the user chooses."""
+    latest = manager.latest_step()
     if latest is not None and not cfg.checkpoint.resume:
-        # Starting over would overwrite and rotate away that run's checkpoints: make the user choose.
         raise ConfigError(
-            f"{ckpt.remote.uri} already has complete checkpoints (latest step {latest}) and checkpoint.resume=false:"
+            f"{manager.remote.uri} already has complete checkpoints (latest step {latest}) and checkpoint.resume=false:"
             " pass a new --output, or resume"
         )
-    metrics = _Metrics(d, start=0, total=cfg.max_steps)
-    prom = _prometheus(cfg, d)
-    if latest is not None:
-        resumed = ckpt.load(latest, model, optimizer)
-        loader.load_state_dict(resumed.loader_state)
-        step = resumed.step
-        metrics.emit({"event": "resumed", "step": step, "checkpoint": f"{ckpt.remote.uri}/step_{step:08d}"})
-    metrics.emit(
-        {
-            "event": "start",
-            "step": step,
-            "max_steps": cfg.max_steps,
-            "world_size": d.world_size,
-            "strategy": cfg.parallel.strategy,
-            "params": n_params,
-            "sequences": len(sequences),
-            "device": d.device.type,
-            "preset": cfg.name,
-            "lr": cfg.optim.lr,
-            "warmup": cfg.warmup,
-            "seq_len": cfg.data.seq_len,
-            "tokens_per_step": cfg.parallel.micro_batch_size
-            * cfg.parallel.grad_accum_steps
-            * d.world_size
-            * cfg.data.seq_len,
-        }
-    )
-    if step == 0:
-        say("first step running (the first steps of a real model on CPU take tens of seconds)")
-    if metrics.bar is not None:
-        metrics.bar.update(step)
-    if prom is not None:
-        prom.set_step(step)
-
-    tokens_per_step = cfg.parallel.micro_batch_size * cfg.parallel.grad_accum_steps * d.world_size * cfg.data.seq_len
-    fpt = flops_per_token(hf_config, n_dense_params, cfg.data.seq_len)
-    peak = peak_flops(d.device)
-    saved_step = step
-    logged_step = step
-    t_logged = time.perf_counter()
-    config_dict = cfg.to_dict()
-    model.train()
-
-    while step < cfg.max_steps:
-        if d.any_true(stop.set):
-            save_s = 0.0
-            if step != saved_step:
-                save_s = ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
-                if prom is not None:
-                    prom.checkpoint_saved(step)
-            metrics.emit({"event": "preempted", "step": step, "checkpoint_step": step, "save_s": save_s})
-            metrics.close()
-            if prom is not None:
-                prom.close()
-            return EXIT_PREEMPTED
-        lr = lr_at(step, cfg.max_steps, cfg.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # Summed on the device: no host sync per micro-batch (.item() only at log steps).
-        loss_sum = torch.zeros((), device=d.device)
-        accum = cfg.parallel.grad_accum_steps
-        for micro in range(accum):
-            last = micro == accum - 1
-            inputs, labels = loader.next_batch()
-            inputs, labels = inputs.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
-            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else nullcontext()
-            # DDP skips the all-reduce until the last micro-batch (its gradients are already full-size). FSDP2
-            # reduce-scatters after every micro-batch: skipping would keep every layer's unsharded fp32 gradient
-            # alive across the accumulation (~30 GiB per GPU for an 8B model), the memory FSDP exists to save.
-            with ctx, nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
-                loss = _loss(model, loss_head, inputs, labels)
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-        grad_norm = _clip(model, cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            # Timed over the whole log interval: the only host sync of the loop (besides the stop check) is here.
-            if d.device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            dt = (now - t_logged) / (step - logged_step)
-            t_logged = now
-            tokens_per_s = tokens_per_step / dt
-            record: dict[str, Any] = {
-                "step": step,
-                "loss": round(d.mean(float(loss_sum) / accum), 6),
-                "lr": lr,
-                "grad_norm": round(float(grad_norm), 6),
-                "tokens_per_s": round(tokens_per_s, 1),
-                "step_time_s": round(dt, 4),
-            }
-            if peak is not None:
-                record["mfu"] = round(tokens_per_s * fpt / (peak * d.world_size), 4)
-            metrics.emit(record)
-            if prom is not None:
-                prom.record_step(record, tokens=tokens_per_step * (step - logged_step))
-            logged_step = step
-        if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0 and step < cfg.max_steps:
-            save_s = ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
-            t_logged += save_s  # throughput is the training's, not the checkpoint's
-            saved_step = step
-            metrics.emit({"event": "checkpoint", "step": step, "save_s": save_s})
-            if prom is not None:
-                prom.checkpoint_saved(step)
-
-    if step != saved_step:
-        save_s = ckpt.save(step, model, optimizer, loader.state_dict(), config_dict)
-        metrics.emit({"event": "checkpoint", "step": step, "save_s": save_s})
-        if prom is not None:
-            prom.checkpoint_saved(step)
-    export_model(model, tokenizer, cfg.export_location, d, served_name=cfg.exported_name)
-    metrics.emit({"event": "exported", "step": step, "path": cfg.export_location})
-    metrics.close()
-    if prom is not None:
-        prom.close()
-    return 0
+    return latest
 
 
-def _progress(d: Dist, started: float) -> Any:
+def _optimizer_step(run: _Run, cfg: TrainConfig, d: Dist, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step at `lr` over `grad_accum_steps` micro-batches; the summed micro-batch losses and the
+    gradients' norm, both still on the device."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    # Summed on the device: no host sync per micro-batch (.item() only at log steps).
+    loss_sum = torch.zeros((), device=d.device)
+    accum = cfg.parallel.grad_accum_steps
+    for micro in range(accum):
+        last = micro == accum - 1
+        inputs, labels = run.loader.next_batch()
+        inputs, labels = inputs.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if run.autocast else nullcontext()
+        # DDP skips the all-reduce until the last micro-batch (its gradients are already full-size). FSDP2
+        # reduce-scatters after every micro-batch: skipping would keep every layer's unsharded fp32 gradient
+        # alive across the accumulation (~30 GiB per GPU for an 8B model), the memory FSDP exists to save.
+        with ctx, nullcontext() if last or not hasattr(run.model, "no_sync") else run.model.no_sync():
+            loss = model_loss(run.model, run.loss_head, inputs, labels)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    grad_norm = clip_gradients(run.model, cfg.optim.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def _tokens_per_step(cfg: TrainConfig, d: Dist) -> int:
+    return cfg.parallel.micro_batch_size * cfg.parallel.grad_accum_steps * d.world_size * cfg.data.seq_len
+
+
+def _start_fields(cfg: TrainConfig, d: Dist, run: _Run) -> dict[str, Any]:
+    """The `start` event's fields after `step` (docs/training.md lists them)."""
+    return {
+        "max_steps": cfg.max_steps,
+        "world_size": d.world_size,
+        "strategy": cfg.parallel.strategy,
+        "params": run.params,
+        "sequences": run.sequences,
+        "device": d.device.type,
+        "preset": cfg.name,
+        "lr": cfg.optim.lr,
+        "warmup": cfg.warmup,
+        "seq_len": cfg.data.seq_len,
+        "tokens_per_step": _tokens_per_step(cfg, d),
+    }
+
+
+def _progress(d: Dist, started: float) -> Callable[[str], None]:
     """Human progress lines on stderr (rank 0): what the run is doing between start and the first step record."""
 
     def say(msg: str) -> None:
@@ -312,34 +418,3 @@ def _progress(d: Dist, started: float) -> Any:
             print(f"[train {time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
     return say
-
-
-def _prometheus(cfg: TrainConfig, d: Dist) -> Any:
-    """The Prometheus endpoint when `metrics_port` is set (imported only then: the JSON lines need nothing)."""
-    if not cfg.metrics_port:
-        return None
-    from training.metrics import start_training_metrics
-
-    return start_training_metrics(cfg.metrics_port, d.rank, d.local_rank)
-
-
-def _loss(model: torch.nn.Module, head: Any, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss. With the fused head (training/loss.py) the model's forward returns the loss itself and
-    no [tokens, vocab] logits exist; otherwise the reference loss over full fp32 logits."""
-    if head is None:
-        return reference_loss(model(input_ids=inputs).logits, labels)
-    with head.computing_loss(labels):
-        return model(input_ids=inputs).logits
-
-
-def _clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    # Under FSDP2 the norm is a DTensor over the shards; full_tensor() reduces it to the global value. A tensor:
-    # converting it to a float here would wait for the GPU every step.
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return norm
