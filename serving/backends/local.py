@@ -290,7 +290,7 @@ class LocalBackend:
                     if len(text) > sent:
                         yield text[sent:]
                     return
-                end = len(text) - _held_back(text, stops)
+                end = len(text) - partial_stop_len(text, stops)
                 if end > sent:
                     yield text[sent:end]
                     sent = end
@@ -385,7 +385,7 @@ def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
     return min(hits) if hits else None
 
 
-def _held_back(text: str, stops: list[str]) -> int:
+def partial_stop_len(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of text that is a proper prefix of a stop sequence.
 
     Only positions in the tail where the stop's first character occurs are tried (str.find, in C), leftmost first:
