@@ -45,6 +45,8 @@ CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
 
 @dataclass
 class AppState:
+    """What the handlers share: the config, the engine, keys, limits, metrics and the requests in flight."""
+
     cfg: ServingConfig
     backend: Backend
     keys: KeyStore
@@ -66,6 +68,7 @@ class _ClientGoneError(Exception):
 
 
 async def healthz(request: Request) -> JSONResponse:
+    """Liveness: 503 only when the engine is dead for good."""
     state: AppState = request.app.state.serving
     if await state.backend.alive():
         return JSONResponse({"status": "alive"})
@@ -73,6 +76,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
+    """Readiness: 503 while the engine is not ready or the server is draining."""
     state: AppState = request.app.state.serving
     ready = not state.draining and await state.backend.ready()
     state.metrics.ready.set(1 if ready else 0)
@@ -82,11 +86,13 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 async def metrics(request: Request) -> Response:
+    """Prometheus metrics in the text exposition format."""
     state: AppState = request.app.state.serving
     return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def list_models(request: Request) -> JSONResponse:
+    """`GET /v1/models`: the served model ids (authenticated, audited)."""
     state: AppState = request.app.state.serving
     ctx = RequestContext(new_id("req"), "models")
     key_id = "-"
@@ -106,10 +112,12 @@ async def list_models(request: Request) -> JSONResponse:
 
 
 async def completions(request: Request) -> Response:
+    """`POST /v1/completions`."""
     return await _generate(request, "completions", lambda raw: CompletionRequest.model_validate(raw))
 
 
 async def chat_completions(request: Request) -> Response:
+    """`POST /v1/chat/completions`."""
     return await _generate(request, "chat_completions", lambda raw: ChatCompletionRequest.model_validate(raw))
 
 
