@@ -61,7 +61,7 @@ class AppState:
 
 
 class _ClientGoneError(Exception):
-    pass
+    """The client disconnected before its (non-streaming) answer was ready."""
 
 
 # -- probes and metrics --------------------------------------------------------------------------------------------
