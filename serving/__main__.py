@@ -12,6 +12,7 @@ from serving.server import run
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m serving [serve] [flags]`: load the config, start the server; the process's exit status."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["serve"]:
         # SageMaker starts the container as `docker run <image> serve`: the model is in /opt/ml/model (the config

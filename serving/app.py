@@ -15,6 +15,8 @@ from serving.routes import REQUEST_MODELS, build_router
 
 
 def build_app(state: AppState) -> FastAPI:
+    """The FastAPI app over `state`: routes, error handlers, and the engine closed after the drain."""
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield

@@ -16,6 +16,8 @@ log = logging.getLogger("serving.audit")
 
 @dataclass(frozen=True)
 class AuditRecord:
+    """One audit line per API request: who (key id, never the key), what, and how it ended."""
+
     request_id: str
     key_id: str
     endpoint: str
@@ -42,4 +44,5 @@ def configure_audit_log() -> None:
 
 
 def write(record: AuditRecord) -> None:
+    """Write the record as one JSON line on the audit logger (stdout)."""
     log.info(json.dumps({"event": "request", **asdict(record)}, separators=(",", ":")))

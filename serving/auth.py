@@ -27,6 +27,8 @@ from serving.errors import APIError
 
 @dataclass(frozen=True)
 class ApiKey:
+    """An authenticated caller: its key id (in audit lines and limits) and its per-minute limits."""
+
     key_id: str
     rpm: int
     tpm: int
@@ -42,15 +44,19 @@ class KeyFileError(ValueError):
 
 
 def hash_key(key: str) -> str:
+    """The sha256 hex digest a keys file may hold instead of the key itself."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 class KeyStore:
+    """The configured API keys (as sha256 digests); empty when the server runs unauthenticated."""
+
     def __init__(self, entries: list[tuple[str, ApiKey]]) -> None:
         self._entries = entries  # (sha256 hex, key)
 
     @property
     def enabled(self) -> bool:
+        """False when no keys are configured (`--allow-unauthenticated`)."""
         return bool(self._entries)
 
     def __len__(self) -> int:
@@ -102,6 +108,7 @@ class KeyStore:
 
     @classmethod
     def from_file(cls, path: str | Path, default_rpm: int, default_tpm: int) -> KeyStore:
+        """The keys of a keys file (`KeyFileError` naming the line when it is malformed)."""
         try:
             text = Path(path).read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -143,6 +150,7 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
 
 
 def main(argv: list[str]) -> int:
+    """`python -m serving.auth hash <key>`: print the `sha256:<hex>` form for a keys file."""
     if len(argv) != 2 or argv[0] != "hash":
         print("usage: python -m serving.auth hash <key>", file=sys.stderr)
         return 2

@@ -39,6 +39,8 @@ ENGINE_FAILED = "the engine failed while decoding this request's batch"
 
 
 class BatchPolicy(StrEnum):
+    """How requests join a batch: between decode steps (continuous) or only when a new batch forms (dynamic)."""
+
     CONTINUOUS = "continuous"
     DYNAMIC = "dynamic"
 
@@ -53,11 +55,15 @@ class EngineStoppedError(Exception):
 
 @dataclass(frozen=True)
 class TokenEvent:
+    """One generated token of a request."""
+
     token_id: int
 
 
 @dataclass(frozen=True)
 class FinishEvent:
+    """A request's last event: why it ended."""
+
     reason: str  # "stop" (eos), "length" (max_tokens), "cancelled", "error"
     error: str = ""
 
@@ -67,6 +73,8 @@ Event = TokenEvent | FinishEvent
 
 @dataclass
 class GenerationRequest:
+    """A request as the engine thread sees it: prompt ids, sampling, and where its events go."""
+
     prompt_ids: list[int]
     params: SamplingParams
     emit: Callable[[Event], None]
@@ -86,11 +94,13 @@ class GenerationRequest:
             return False
 
     def finish(self, reason: str, error: str = "") -> None:
+        """Send the final event once."""
         if not self.finished:
             self.finished = True
             self.send(FinishEvent(reason, error))
 
     def cancel(self) -> None:
+        """Ask the engine thread to drop this request (safe from any thread)."""
         self._cancelled.set()
 
     @property
@@ -114,6 +124,8 @@ class _NullObserver:
 
 
 class BatchScheduler:
+    """The engine thread: a bounded queue of requests decoded together in batches by a `Decoder`."""
+
     def __init__(
         self,
         decoder: Decoder,
@@ -145,9 +157,11 @@ class BatchScheduler:
     # -- called from the event loop -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the engine thread."""
         self._thread.start()
 
     def submit(self, request: GenerationRequest) -> None:
+        """Queue a request (`QueueFullError` when the queue is full, `EngineStoppedError` when stopping or dead)."""
         with self._cond:
             if self._stopping or not self.healthy:
                 raise EngineStoppedError("engine is not accepting requests")
@@ -159,10 +173,12 @@ class BatchScheduler:
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting for a batch."""
         return len(self._queue)
 
     @property
     def healthy(self) -> bool:
+        """False once the engine thread has failed or died."""
         return self._failed is None and (self._thread.is_alive() or not self._thread.ident)
 
     def stop(self, timeout: float | None = None) -> None:

@@ -32,6 +32,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServingConfig:
+    """Every setting of the server; each field is a flag and a `SERVING_<FLAG>` environment variable."""
+
     model: str = field(default="", metadata={"help": "Model directory, or s3://bucket/prefix (downloaded to a cache)."})
     served_model_name: str = field(
         default="", metadata={"help": "Model id clients send; default: the model directory's name."}
@@ -200,6 +202,7 @@ class ServingConfig:
 
     @property
     def inflight_limit(self) -> int:
+        """The in-flight bound: `--max-inflight`, else 256 for a gateway or the engine's batch plus queue."""
         if self.max_inflight:
             return self.max_inflight
         gateway = bool(self.upstream) or self.engine == "vllm"
@@ -207,6 +210,7 @@ class ServingConfig:
 
     @property
     def model_id(self) -> str:
+        """The model id clients send: `--served-model-name`, else the model's (or upstream's) last path part."""
         if self.served_model_name:
             return self.served_model_name
         source = self.model or self.upstream
@@ -218,6 +222,7 @@ def _env_name(field_name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, built from `ServingConfig`'s fields and their help."""
     parser = argparse.ArgumentParser(
         prog="python -m serving",
         description="OpenAI-compatible LLM server (built-in engine or gateway to an upstream engine such as vLLM). "

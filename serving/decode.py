@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one request samples: temperature 0 is greedy; `seed` makes sampling reproducible."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -31,6 +33,8 @@ class SamplingParams:
 
 @dataclass
 class DecodeBatch:
+    """The rows being decoded together: their KV cache, masks, positions and next-token logits."""
+
     cache: DynamicCache
     attention_mask: torch.Tensor  # [rows, time], 1 where the cache holds a real token
     positions: torch.Tensor  # [rows], position id of each row's next token
@@ -38,6 +42,7 @@ class DecodeBatch:
 
     @property
     def rows(self) -> int:
+        """The number of rows (requests) in the batch."""
         return int(self.attention_mask.shape[0])
 
     def keep(self, indices: list[int]) -> None:
@@ -97,11 +102,13 @@ class Decoder:
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]) -> DecodeBatch:
+        """Prefill the prompts (through the prefix cache when one is set): a batch ready for its first sample."""
         if self.prefix_cache is not None:
             return self.prefix_cache.prefill(self, prompts)
         return self.prefill_full(prompts)
 
     def prefill_full(self, prompts: list[list[int]]) -> DecodeBatch:
+        """Prefill the prompts from their first token, left-padded to the longest."""
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)

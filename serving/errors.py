@@ -33,6 +33,8 @@ _TYPES = {
 
 
 class APIError(Exception):
+    """An error answered in OpenAI's error format, with its HTTP status (and `Retry-After` when given)."""
+
     def __init__(
         self,
         status: int,
@@ -52,18 +54,22 @@ class APIError(Exception):
         self.type = type_ or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
     def body(self) -> dict[str, object]:
+        """The OpenAI error body."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
+        """`Retry-After` (whole seconds, at least 1) when the client should retry."""
         if self.retry_after is None:
             return {}
         return {"Retry-After": str(max(1, round(self.retry_after + 0.499)))}
 
     def response(self) -> JSONResponse:
+        """The error as a JSON response."""
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 `invalid_request_error`."""
     return APIError(400, message, param=param, code=code)
 
 
@@ -82,6 +88,8 @@ def from_validation_error(exc: RequestValidationError | ValidationError) -> APIE
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error, FastAPI's and unexpected ones included, in OpenAI's error format."""
+
     async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
         return exc.response()

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from serving import audit
-from serving.auth import KeyStore, presented_key
+from serving.auth import ApiKey, KeyStore, presented_key
 from serving.backends.base import Backend, GenerationBody, RequestContext
 from serving.config import ServingConfig
 from serving.errors import APIError, bad_request, from_validation_error
@@ -45,6 +45,8 @@ CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
 
 @dataclass
 class AppState:
+    """What the handlers share: the config, the engine, keys, limits, metrics and the requests in flight."""
+
     cfg: ServingConfig
     backend: Backend
     keys: KeyStore
@@ -59,13 +61,14 @@ class AppState:
 
 
 class _ClientGoneError(Exception):
-    pass
+    """The client disconnected before its (non-streaming) answer was ready."""
 
 
 # -- probes and metrics --------------------------------------------------------------------------------------------
 
 
 async def healthz(request: Request) -> JSONResponse:
+    """Liveness: 503 only when the engine is dead for good."""
     state: AppState = request.app.state.serving
     if await state.backend.alive():
         return JSONResponse({"status": "alive"})
@@ -73,6 +76,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def readyz(request: Request) -> JSONResponse:
+    """Readiness: 503 while the engine is not ready or the server is draining."""
     state: AppState = request.app.state.serving
     ready = not state.draining and await state.backend.ready()
     state.metrics.ready.set(1 if ready else 0)
@@ -82,11 +86,13 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 async def metrics(request: Request) -> Response:
+    """Prometheus metrics in the text exposition format."""
     state: AppState = request.app.state.serving
     return PlainTextResponse(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def list_models(request: Request) -> JSONResponse:
+    """`GET /v1/models`: the served model ids (authenticated, audited)."""
     state: AppState = request.app.state.serving
     ctx = RequestContext(new_id("req"), "models")
     key_id = "-"
@@ -106,10 +112,12 @@ async def list_models(request: Request) -> JSONResponse:
 
 
 async def completions(request: Request) -> Response:
+    """`POST /v1/completions`."""
     return await _generate(request, "completions", lambda raw: CompletionRequest.model_validate(raw))
 
 
 async def chat_completions(request: Request) -> Response:
+    """`POST /v1/chat/completions`."""
     return await _generate(request, "chat_completions", lambda raw: ChatCompletionRequest.model_validate(raw))
 
 
@@ -151,101 +159,182 @@ async def _generate(
     parse: Callable[[Any], GenerationBody],
     render: Callable[[dict[str, Any], Any], Any] | None = None,
 ) -> Response:
-    """authenticate -> draining? -> rate limit (RPM) -> read body (bounded) -> validate -> in-flight bound ->
-    engine (tokenize, reserve tokens, queue) -> account. Cheap checks first: nothing costly runs for a request the key's
-    limits would refuse, and nothing is read beyond the body limit."""
+    """One generation request, start to end: `_serve` runs its steps; every way it can end is answered here, and
+    `InFlight` settles the limiter, the counters and the accounting exactly once, whichever way that is."""
     state: AppState = request.app.state.serving
-    ctx = RequestContext(new_id("cmpl" if endpoint != "chat_completions" else "chatcmpl"), endpoint)
-    key_id, model, stream = "-", "", False
-    state.metrics.inflight.inc()
-    handed_off = admitted = False
-    admission: Admission | None = None
-    task = asyncio.current_task()
-    try:
-        key = state.keys.authenticate(presented_key(request.headers), state.cfg.default_rpm, state.cfg.default_tpm)
-        key_id = key.key_id
-        if state.draining:
-            raise APIError(503, "Server is shutting down.", code="draining", retry_after=1.0)
-        admission = state.limiter.admit(key)
-        ctx.reserve = functools.partial(state.limiter.reserve, admission)
-        raw = _parse_json(await _read_body(request, state.max_request_bytes, state.cfg.body_timeout_s))
+    async with InFlight(state, endpoint) as req:
         try:
-            body = parse(raw)
-        except ValidationError as exc:
-            raise from_validation_error(exc) from exc
-        model, stream = body.model, body.stream
-        cap = state.cfg.max_tokens_cap
-        if body.max_tokens is not None and body.max_tokens > cap:
-            raise bad_request(f"max_tokens={body.max_tokens} is above this server's limit of {cap}.", "max_tokens")
+            return await _serve(request, req, parse, render)
+        except APIError as exc:
+            return req.refuse(exc)
+        except _ClientGoneError:
+            req.end(CLIENT_CLOSED, "client_closed")
+            return Response(status_code=CLIENT_CLOSED)
+        except asyncio.CancelledError:
+            if not req.cut_at_drain_deadline():
+                raise
+            error = drain_deadline_error()  # answer it instead of dying (see `cut_in_flight`)
+            req.end(error.status, error.code)
+            return error.response()
+        except Exception:
+            log.exception("request %s failed", req.ctx.request_id)
+            req.end(500, "internal_error")
+            return APIError(500, "Internal server error.", type_="server_error").response()
+
+
+async def _serve(
+    request: Request,
+    req: InFlight,
+    parse: Callable[[Any], GenerationBody],
+    render: Callable[[dict[str, Any], Any], Any] | None,
+) -> Response:
+    """authenticate -> draining? -> rate limit (RPM) -> read body (bounded) -> validate -> in-flight bound ->
+    engine (tokenize, reserve tokens, queue) -> answer. Cheap checks first: nothing costly runs for a request the
+    key's limits would refuse, and nothing is read beyond the body limit."""
+    state = req.state
+    req.admit(state.keys.authenticate(presented_key(request.headers), state.cfg.default_rpm, state.cfg.default_tpm))
+    raw = _parse_json(await _read_body(request, state.max_request_bytes, state.cfg.body_timeout_s))
+    body = _validate(parse, raw, state.cfg.max_tokens_cap, req)
+    req.take_slot()
+    if body.stream:
+        return req.stream(await state.backend.stream(body, req.ctx))
+    result = await _unless_disconnected(request, state.backend.complete(body, req.ctx))
+    response = JSONResponse(render(result, raw) if render else result)
+    req.end(200, None)
+    return response
+
+
+def _validate(parse: Callable[[Any], GenerationBody], raw: Any, max_tokens_cap: int, req: InFlight) -> GenerationBody:
+    """The parsed body (400 when invalid, or when it asks for more than `max_tokens_cap` tokens)."""
+    try:
+        body = parse(raw)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+    req.model, req.stream_requested = body.model, body.stream  # accounted from here on, refusals included
+    if body.max_tokens is not None and body.max_tokens > max_tokens_cap:
+        raise bad_request(
+            f"max_tokens={body.max_tokens} is above this server's limit of {max_tokens_cap}.", "max_tokens"
+        )
+    return body
+
+
+class InFlight:
+    """One generation request from arrival to its last byte (for a stream: until the stream ends), as an async
+    context manager that owns what the request holds: the in-flight gauge, the RPM slot and token reservation
+    (`serving.limits.Admission`), its place under the in-flight bound, and its entry in `AppState.active` (for the
+    drain deadline).
+
+    `end` (or `refuse`) settles all of that and writes the request's metrics and audit line, once. Leaving the
+    `async with` without either (a cancellation that propagates) still releases everything, unaccounted. A stream
+    hands the request over to its response body (`stream`): it ends when the last byte is written or the client
+    goes away, not when the handler returns.
+    """
+
+    def __init__(self, state: AppState, endpoint: str) -> None:
+        self.state = state
+        self.ctx = RequestContext(new_id("cmpl" if endpoint != "chat_completions" else "chatcmpl"), endpoint)
+        self.key_id = "-"
+        self.model = ""
+        self.stream_requested = False
+        self._admission: Admission | None = None
+        self._holds_slot = False
+        self._handed_over = False
+        self._released = False
+        self._accounted = False
+        self._task = asyncio.current_task()
+
+    async def __aenter__(self) -> InFlight:
+        self.state.metrics.inflight.inc()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if not self._handed_over:
+            self._release()
+
+    def admit(self, key: ApiKey) -> None:
+        """Refuse the request while draining, else count it against the key's RPM (429 when over) and let the
+        engine reserve tokens against its TPM (`RequestContext.reserve`)."""
+        self.key_id = key.key_id
+        if self.state.draining:
+            raise APIError(503, "Server is shutting down.", code="draining", retry_after=1.0)
+        self._admission = self.state.limiter.admit(key)
+        self.ctx.reserve = functools.partial(self.state.limiter.reserve, self._admission)
+
+    def take_slot(self) -> None:
+        """A place under the in-flight bound, or 503. The built-in engine also bounds its queue; this bound holds in
+        gateway mode too, so memory stays bounded whatever the engine."""
+        state = self.state
         if state.inflight >= state.cfg.inflight_limit:
-            # the built-in engine also bounds its queue; this bound holds in gateway mode too, so memory stays
-            # bounded whatever the engine
             raise APIError(503, "Server is overloaded: too many requests in flight. Retry later.",
                            code="queue_full", retry_after=1.0)  # fmt: skip
         state.inflight += 1
-        admitted = True
-        if task is not None:
-            state.active[ctx] = task
+        self._holds_slot = True
+        self.track(self._task)
 
-        def finish(status: int, code: str | None) -> None:
-            state.active.pop(ctx, None)
-            state.inflight -= 1
-            assert admission is not None
-            state.limiter.settle(admission, ctx.prompt_tokens + ctx.completion_tokens)
-            _account(state, ctx, key_id, model, status, stream, code)
-            state.metrics.inflight.dec()
+    def stream(self, chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+        """Hand the request over to its streaming response, which ends it."""
+        response = StreamingResponse(
+            _sse(self, chunks),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._handed_over = True
+        return response
 
-        if stream:
-            chunks = await state.backend.stream(body, ctx)
-            handed_off = True
-            return StreamingResponse(
-                _sse(state, ctx, chunks, finish),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        result = await _unless_disconnected(request, state.backend.complete(body, ctx))
-        finish(200, None)
-        handed_off = True
-        return JSONResponse(render(result, raw) if render else result)
-    except APIError as exc:
+    def refuse(self, exc: APIError) -> Response:
+        """End with an error the request raised. Refused before generating (4xx, or shed with 503: then its RPM slot
+        comes back too), nothing is charged; failed while generating (500, 502), it is charged what it used."""
         if exc.status in (401, 429, 503):
-            state.metrics.rejected.labels(reason=exc.code or str(exc.status)).inc()
+            self.state.metrics.rejected.labels(reason=exc.code or str(exc.status)).inc()
         elif exc.status < 500:
-            state.metrics.rejected.labels(reason="invalid").inc()
-        if admission is not None:
-            # refused before generating (4xx, or shed with 503: then its RPM slot comes back too): nothing charged;
-            # failed while generating (500, 502): charged what it used
-            shed = exc.status == 503
-            used = 0 if exc.status < 500 or shed else ctx.prompt_tokens + ctx.completion_tokens
-            state.limiter.settle(admission, used, refund_request=shed)
-        _account(state, ctx, key_id, model, exc.status, stream, exc.code)
+            self.state.metrics.rejected.labels(reason="invalid").inc()
+        shed = exc.status == 503
+        self._settle(0 if exc.status < 500 or shed else self._used(), refund_request=shed)
+        self.end(exc.status, exc.code)
         return exc.response()
-    except _ClientGoneError:
-        _account(state, ctx, key_id, model, CLIENT_CLOSED, stream, "client_closed")
-        return Response(status_code=CLIENT_CLOSED)
-    except asyncio.CancelledError:
-        if not ctx.cut or task is None:
-            raise
-        task.uncancel()  # the drain deadline cut it (see serving.server): answer it instead of dying
-        error = drain_deadline_error()
-        _account(state, ctx, key_id, model, error.status, stream, error.code)
-        return error.response()
-    except Exception:
-        log.exception("request %s failed", ctx.request_id)
-        error = APIError(500, "Internal server error.", type_="server_error")
-        _account(state, ctx, key_id, model, 500, stream, "internal_error")
-        return error.response()
-    finally:
-        if not handed_off:
-            state.active.pop(ctx, None)
-            state.metrics.inflight.dec()
-            if admitted:
-                state.inflight -= 1
-            if admission is not None:  # no-op when already settled (shed)
-                state.limiter.settle(admission, ctx.prompt_tokens + ctx.completion_tokens)
+
+    def end(self, status: int, code: str | None) -> None:
+        """The request is over: charge what it used (unless already settled), account it, release what it held."""
+        self._settle(self._used())
+        if not self._accounted:
+            self._accounted = True
+            _account(self.state, self.ctx, self.key_id, self.model, status, self.stream_requested, code)
+        self._release()
+
+    def cut_at_drain_deadline(self) -> bool:
+        """Whether a cancellation came from the drain deadline (`cut_in_flight`); if so it is withdrawn from the
+        current task, which then answers the request instead of dying."""
+        task = asyncio.current_task()
+        if not self.ctx.cut or task is None:
+            return False
+        task.uncancel()
+        return True
+
+    def track(self, task: asyncio.Task[Any] | None) -> None:
+        """The task serving the request now (the drain deadline cancels it)."""
+        if task is not None:
+            self.state.active[self.ctx] = task
+
+    def _used(self) -> int:
+        return self.ctx.prompt_tokens + self.ctx.completion_tokens
+
+    def _settle(self, used: int, *, refund_request: bool = False) -> None:
+        if self._admission is not None:  # a no-op once settled
+            self.state.limiter.settle(self._admission, used, refund_request=refund_request)
+
+    def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._settle(self._used())
+        self.state.active.pop(self.ctx, None)
+        if self._holds_slot:
+            self.state.inflight -= 1
+        self.state.metrics.inflight.dec()
 
 
 def drain_deadline_error() -> APIError:
+    """What a request cut at the drain deadline answers (as JSON, or as a stream's error event)."""
     return APIError(
         503, "Server is shutting down: the request was cut at the drain deadline. Retry it.",
         code="drain_deadline", retry_after=1.0,
@@ -292,17 +381,12 @@ def _parse_json(data: bytes) -> Any:
     return raw
 
 
-async def _sse(
-    state: AppState,
-    ctx: RequestContext,
-    chunks: AsyncIterator[dict[str, Any]],
-    finish: Callable[[int, str | None], None],
-) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's format; errors after the first byte become an error event, then [DONE]."""
+async def _sse(req: InFlight, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's format; errors after the first byte become an error event, then [DONE]. Ends
+    the request (`InFlight.end`) when the stream ends, however it ends."""
     status, code = CLIENT_CLOSED, "client_closed"
-    task = asyncio.current_task()  # the task writing this stream (not the handler's): the drain deadline cancels it
-    if task is not None:
-        state.active[ctx] = task
+    # the task writing this stream (not the handler's): the drain deadline cancels it
+    req.track(asyncio.current_task())
     try:
         async for chunk in chunks:
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
@@ -313,9 +397,8 @@ async def _sse(
         yield f"data: {json.dumps(exc.body())}\n\n"
         yield "data: [DONE]\n\n"
     except asyncio.CancelledError:
-        if not ctx.cut or task is None:
+        if not req.cut_at_drain_deadline():
             raise
-        task.uncancel()
         error = drain_deadline_error()
         status, code = error.status, error.code
         yield f"data: {json.dumps(error.body())}\n\n"
@@ -330,7 +413,7 @@ async def _sse(
         # that the request is gone (local: stop decoding it; upstream: close the upstream stream)
         with anyio.CancelScope(shield=True):
             await chunks.aclose()  # type: ignore[attr-defined]
-        finish(status, code)
+        req.end(status, code)
 
 
 def cut_in_flight(state: AppState) -> int:

@@ -49,6 +49,8 @@ class Admission:
 
 
 class RateLimiter:
+    """Per-key RPM and TPM over a sliding window; thread-safe."""
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._windows: dict[str, _Window] = collections.defaultdict(_Window)

@@ -9,6 +9,8 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 
 
 class Metrics:
+    """The server's Prometheus metrics, in their own registry; also the engine's batch and prefix-cache observer."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry

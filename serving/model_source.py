@@ -57,6 +57,7 @@ def named_by_export(cfg, model_dir: Path):  # (ServingConfig, Path) -> ServingCo
 
 
 def resolve_model_dir(model: str, cache_dir: str) -> Path:
+    """A local Hugging Face model directory for `model`: the path itself, or an s3:// prefix downloaded to the cache."""
     if model.startswith("s3://"):
         return download_s3_prefix(model, Path(cache_dir) if cache_dir else default_cache_dir())
     path = Path(model)

@@ -43,6 +43,8 @@ DEFAULT_BLOCK_SIZE = 16
 
 
 class PrefixCacheObserver(Protocol):
+    """Metrics hook for the prefix cache (kept abstract so this module does not depend on Prometheus)."""
+
     def prefix_cache(self, queried: int, hit: int, bytes_used: int) -> None: ...
 
 
@@ -58,6 +60,8 @@ class _Block:
 
 
 class PrefixCache:
+    """KV blocks of prompt prefixes, keyed by a hash chain, evicted least recently used within `max_bytes`."""
+
     def __init__(
         self, max_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE, observer: PrefixCacheObserver | None = None
     ) -> None:

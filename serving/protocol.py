@@ -78,6 +78,8 @@ def _same(value: Any, no_op: Any) -> bool:
 
 
 class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`."""
+
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
@@ -128,6 +130,8 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
+    """The body of `POST /v1/completions` (one prompt per request)."""
+
     prompt: str | list[str]
 
     @field_validator("prompt")
@@ -143,6 +147,8 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(BaseModel):
+    """A text part of a chat message's content."""
+
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
@@ -150,6 +156,8 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One chat message; content as a string or text parts."""
+
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -163,6 +171,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    """The body of `POST /v1/chat/completions`."""
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
@@ -193,12 +203,15 @@ class SageMakerParameters(BaseModel):
 
 
 class SageMakerRequest(BaseModel):
+    """SageMaker's `{"inputs", "parameters"}` body (the Hugging Face inference toolkit's format)."""
+
     model_config = ConfigDict(extra="forbid")
 
     inputs: str
     parameters: SageMakerParameters = Field(default_factory=SageMakerParameters)
 
     def to_completion(self, model: str) -> CompletionRequest:
+        """The same request as a completions body for `model`."""
         p = self.parameters
         temperature = p.temperature if p.temperature is not None else 1.0
         if p.do_sample is False:
@@ -218,12 +231,16 @@ class SageMakerRequest(BaseModel):
 
 
 class Usage(BaseModel):
+    """OpenAI's `usage` object."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
 class ModelCard(BaseModel):
+    """One entry of `GET /v1/models`."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -231,17 +248,21 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """The body of `GET /v1/models`."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
 def new_id(prefix: str) -> str:
+    """A unique id such as `chatcmpl-<hex>`."""
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def completion_body(
     request_id: str, model: str, text: str, finish_reason: str | None, usage: Usage | None
 ) -> dict[str, Any]:
+    """A `text_completion` response body."""
     body: dict[str, Any] = {
         "id": request_id,
         "object": "text_completion",
@@ -255,6 +276,7 @@ def completion_body(
 
 
 def chat_body(request_id: str, model: str, text: str, finish_reason: str | None, usage: Usage) -> dict[str, Any]:
+    """A `chat.completion` response body."""
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -275,6 +297,7 @@ def chat_body(request_id: str, model: str, text: str, finish_reason: str | None,
 def chat_chunk(
     request_id: str, model: str, delta: dict[str, str], finish_reason: str | None, usage: Usage | None = None
 ) -> dict[str, Any]:
+    """One `chat.completion.chunk` of a stream (with `usage` and no choices: the final usage chunk)."""
     body: dict[str, Any] = {
         "id": request_id,
         "object": "chat.completion.chunk",
@@ -291,6 +314,7 @@ def chat_chunk(
 def completion_chunk(
     request_id: str, model: str, text: str, finish_reason: str | None, usage: Usage | None = None
 ) -> dict[str, Any]:
+    """One streamed `text_completion` chunk (with `usage` and no choices: the final usage chunk)."""
     body = completion_body(request_id, model, text, finish_reason, None)
     if usage is not None:
         body["choices"] = []

@@ -21,6 +21,7 @@ def request_body(*models: type[BaseModel]) -> dict[str, Any]:
 
 
 def build_router() -> APIRouter:
+    """Bind the routes to `serving.handlers`."""
     router = APIRouter()
     # OpenAI-compatible API (Bearer key when keys are configured)
     router.add_api_route("/v1/models", handlers.list_models, methods=["GET"])

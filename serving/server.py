@@ -40,7 +40,7 @@ from serving.metrics import Metrics
 log = logging.getLogger("serving")
 
 
-# Exit statuses of start-up failures (one line on stderr each; docs/serving.md "Exit statuses").
+# Exit statuses of start-up failures (one line on stderr each; docs/serving.md "Start-up lifecycle").
 EXIT_CONFIG = 2  # bad flags / environment, keys file unreadable, malformed or empty without --allow-unauthenticated
 EXIT_BIND = 3  # the port cannot be bound (in use, no permission)
 EXIT_MODEL = 4  # the model cannot be found, downloaded or loaded
@@ -49,6 +49,8 @@ DRAIN_BACKSTOP_S = 5.0
 
 
 class StartupError(Exception):
+    """A start-up failure: one line on stderr and the exit status `status`."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -169,6 +171,7 @@ class GuardedH11Protocol(H11Protocol):
 
 
 def connection_cap(cfg: ServingConfig) -> int:
+    """Most open client connections: `--max-connections`, else what the descriptor limit leaves room for."""
     if cfg.max_connections:
         return cfg.max_connections
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -178,6 +181,7 @@ def connection_cap(cfg: ServingConfig) -> int:
 
 
 def load_engine(cfg: ServingConfig, metrics: Metrics) -> Backend:
+    """The engine the config asks for: an upstream gateway (given, or a spawned vLLM), or the built-in one."""
     from serving.model_source import named_by_export, resolve_model_dir
 
     if cfg.upstream:
@@ -225,6 +229,7 @@ def start_vllm(cfg: ServingConfig, model_dir: Path) -> Backend:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads (a taken port fails start-up at once)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto must be IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when it is, and
     # without it Nagle + delayed ACKs add ~40 ms to every response on a keep-alive connection

@@ -26,6 +26,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 @dataclass(frozen=True)
 class CpuBudget:
+    """How many threads torch should use here, and what decided it."""
+
     threads: int
     affinity: int
     quota: float | None  # CPUs allowed by the cgroup quota; None = unlimited or not found
@@ -74,6 +76,7 @@ def cgroup_quota(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/
 
 
 def cpu_budget(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> CpuBudget:
+    """The CPUs this process may really use: the smaller of its affinity mask and its cgroup CPU quota."""
     try:
         affinity = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux

@@ -14,6 +14,8 @@ GenerationBody = CompletionRequest | ChatCompletionRequest
 
 @dataclass(eq=False)  # identity: the handlers key in-flight requests by their context
 class RequestContext:
+    """One request's identity and accounting, filled in by the engine and read by the handlers."""
+
     request_id: str
     endpoint: str
     started: float = field(default_factory=time.monotonic)
@@ -28,15 +30,19 @@ class RequestContext:
     cut: bool = False  # set when the drain deadline cut this request
 
     def first_token(self) -> None:
+        """Record the time of the first generated token (later calls no-op)."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
 
     @property
     def ttft_s(self) -> float | None:
+        """Seconds from arrival to the first token; None before it."""
         return None if self.first_token_at is None else self.first_token_at - self.started
 
 
 class Backend(Protocol):
+    """An engine behind the handlers: the built-in one (`LocalBackend`) or an upstream (`UpstreamBackend`)."""
+
     async def model_ids(self) -> list[str]: ...
 
     async def alive(self) -> bool:

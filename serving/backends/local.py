@@ -57,6 +57,8 @@ MIN_TEMPERATURE = 1e-3
 
 
 class LocalBackend:
+    """The built-in engine: the model and tokenizer in this process, decoded by a `BatchScheduler` thread."""
+
     def __init__(self, model_dir: Path, cfg: ServingConfig, observer: BatchObserver | None = None) -> None:
         self.model_id = cfg.model_id
         self.cfg = cfg
@@ -290,7 +292,7 @@ class LocalBackend:
                     if len(text) > sent:
                         yield text[sent:]
                     return
-                end = len(text) - _held_back(text, stops)
+                end = len(text) - partial_stop_len(text, stops)
                 if end > sent:
                     yield text[sent:end]
                     sent = end
@@ -298,6 +300,7 @@ class LocalBackend:
             gen.cancel()  # no-op when finished; stops decoding when the client went away
 
     async def complete(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
+        """Generate the whole answer (see `Backend.complete`)."""
         gen, events = await self._admit(body, ctx)
         text = "".join([d async for d in self._text_deltas(gen, events, body.stop_list, ctx)])
         usage = Usage(
@@ -310,6 +313,7 @@ class LocalBackend:
         return completion_body(ctx.request_id, self.model_id, text, ctx.finish_reason, usage)
 
     async def stream(self, body: GenerationBody, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        """Admit the request, then stream its chunks (see `Backend.stream`)."""
         gen, events = await self._admit(body, ctx)
         return self._chunks(body, gen, events, ctx)
 
@@ -385,7 +389,7 @@ def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
     return min(hits) if hits else None
 
 
-def _held_back(text: str, stops: list[str]) -> int:
+def partial_stop_len(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of text that is a proper prefix of a stop sequence.
 
     Only positions in the tail where the stop's first character occurs are tried (str.find, in C), leftmost first:

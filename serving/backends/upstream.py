@@ -42,6 +42,9 @@ BYTES_PER_TOKEN_ESTIMATE = 4
 
 
 class UpstreamBackend:
+    """Gateway mode: requests go to an OpenAI-compatible upstream (vLLM), optionally a child process
+    this server started and stops."""
+
     def __init__(
         self,
         base_url: str,
@@ -116,6 +119,7 @@ class UpstreamBackend:
         return payload
 
     async def complete(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
+        """Forward the request upstream; the answer with its usage counted (see `Backend.complete`)."""
         payload = self._payload(body, ctx)
         payload["stream"] = False
         result = await self._json("POST", self._path(body), payload)
@@ -132,6 +136,7 @@ class UpstreamBackend:
         return result
 
     async def stream(self, body: GenerationBody, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        """Open the upstream stream (an unreachable upstream or an error status raises here); its chunks."""
         payload = self._payload(body, ctx)
         payload["stream"] = True
         payload["stream_options"] = {"include_usage": True}
@@ -192,6 +197,7 @@ class UpstreamBackend:
 
 
 def estimate_prompt_tokens(body: GenerationBody) -> int:
+    """An upper-bound guess of the prompt's tokens from its UTF-8 size, until the upstream reports the count."""
     if isinstance(body, ChatCompletionRequest):
         size = sum(len(m.text.encode()) for m in body.messages)
     else:

@@ -22,6 +22,7 @@ STRICT_KEY = "sk-test-strict-0123456789"  # rpm=3: counted before validation
 TINY_KEY = "sk-test-tiny-0123456789"  # tpm=60: reservations under concurrency
 FRONT_KEY = "sk-test-front-0123456789"
 MODEL_ID = "debug-model"
+GPT2_MODEL_ID = "debug-gpt2"
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +30,50 @@ def debug_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.debug_model import write_debug_model
 
     return write_debug_model(tmp_path_factory.mktemp("models") / MODEL_ID)
+
+
+def write_debug_gpt2(out_dir: Path) -> Path:
+    """A tiny GPT-2 (random, seeded weights; the debug Llama's tokenizer) in Hugging Face format: an architecture
+    the engine's direct-tensor Llama path does not take, so it decodes through the model's own `forward`.
+
+    Unlike the Llama it has learned absolute positions, LayerNorm and biases, so left padding only works if the
+    engine's position ids are right. Special tokens get zero output rows, as in `training.debug_model`, so the
+    random model practically never ends early."""
+    import torch
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+    from training.debug_model import IM_END, SPECIAL_TOKENS, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=512,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for token in SPECIAL_TOKENS:
+            model.lm_head.weight[tokenizer.convert_tokens_to_ids(token)].zero_()
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def gpt2_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The non-Llama debug model (`write_debug_gpt2`)."""
+    return write_debug_gpt2(tmp_path_factory.mktemp("models") / GPT2_MODEL_ID)
 
 
 @pytest.fixture(scope="session")

@@ -328,10 +328,10 @@ def test_openapi_documents_the_request_bodies(server: ServingProcess) -> None:
 
 
 def test_stop_hold_back_matches_the_definition() -> None:
-    """`_held_back` (the longest suffix of the text that is a proper prefix of a stop) against its definition."""
+    """`partial_stop_len` (the longest suffix of the text that is a proper prefix of a stop) against its definition."""
     import random
 
-    from serving.backends.local import _held_back
+    from serving.backends.local import partial_stop_len
 
     def definition(text: str, stops: list[str]) -> int:
         return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
@@ -340,4 +340,4 @@ def test_stop_hold_back_matches_the_definition() -> None:
     for _ in range(5000):
         text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
         stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
-        assert _held_back(text, stops) == definition(text, stops), (text, stops)
+        assert partial_stop_len(text, stops) == definition(text, stops), (text, stops)

@@ -111,3 +111,47 @@ def test_shed_requests_do_not_use_up_the_keys_rpm(
     short = {**body, "max_tokens": 2}
     after = [httpx.post(server.url + "/v1/completions", json=short, headers=headers, timeout=60) for _ in range(3)]
     assert [a.status_code for a in after] == [200, 200, 429]
+
+
+def test_every_way_a_request_ends_gives_back_its_slot(
+    start_server: ServerFactory, debug_model_dir: Path, tmp_path: Path
+) -> None:
+    """With room for one request in flight, requests that end every way (refused, invalid, answered, streamed to the
+    end, abandoned mid-stream, disconnected while waiting) each give the slot and the in-flight gauge back: the next
+    request is admitted, and the gauge reads 0 at rest."""
+    key = "sk-test-exits-0123456789"
+    keys = tmp_path / "keys"
+    keys.write_text(f"exits {key}\n")
+    server = start_server(
+        "--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--api-keys-file", str(keys),
+        "--max-batch-size", "1", "--max-queue", "1", "--max-inflight", "1",
+    )  # fmt: skip
+    url, headers = server.url + "/v1/completions", {"Authorization": f"Bearer {key}"}
+    body = {"model": MODEL_ID, "prompt": "every exit", "max_tokens": 400, "temperature": 0}
+
+    def ok() -> None:
+        # a client that went away is noticed by the server shortly after, not at once: its slot may take a moment
+        deadline = time.monotonic() + 10
+        while (r := httpx.post(url, json={**body, "max_tokens": 3}, headers=headers, timeout=60)).status_code == 503:
+            assert time.monotonic() < deadline, "the in-flight slot was never given back"
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+
+    for _ in range(2):
+        assert httpx.post(url, json=body, timeout=60).status_code == 401
+        assert httpx.post(url, json={**body, "temperature": 9}, headers=headers, timeout=60).status_code == 400
+        assert httpx.post(url, content=b"{", headers=headers, timeout=60).status_code == 400
+        ok()
+        with httpx.stream("POST", url, json={**body, "max_tokens": 4, "stream": True}, headers=headers) as r:
+            assert r.read().decode().endswith("data: [DONE]\n\n")
+        ok()
+        with httpx.stream("POST", url, json={**body, "stream": True}, headers=headers, timeout=60) as r:
+            next(r.iter_lines())  # the first chunk, then the client goes away
+        ok()
+        with pytest.raises(httpx.ReadTimeout):  # gone while its non-streaming answer is generated
+            httpx.post(url, json=body, headers=headers, timeout=0.5)
+        ok()
+    deadline = time.monotonic() + 10
+    while "llm_serving_inflight_requests 0.0" not in httpx.get(server.url + "/metrics").text:
+        assert time.monotonic() < deadline, "in-flight gauge never returned to 0"
+        time.sleep(0.1)
