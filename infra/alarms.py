@@ -12,15 +12,21 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.cluster_autoscaler import asg_name
-from infra.config import StackConfig
+from infra.config import ObservabilityConfig, ServingConfig
 
 SAGEMAKER_NAMESPACE = "AWS/SageMaker"
 
 
 @dataclass
 class AlertsArgs:
-    config: StackConfig
-    """Validated stack config: alert subscribers, SageMaker alarm thresholds, data protection."""
+    observability: ObservabilityConfig
+    """Alert subscribers and the SageMaker latency threshold."""
+    serving: ServingConfig
+    """Whether the stack serves on SageMaker, and the endpoint's scaling ceiling (the invocations alarm)."""
+    name_prefix: str
+    """Prefix of the physical names (topic, rule, alarms)."""
+    protect_data: bool
+    """Protect the alert topic's key with the data (storage.protect_data)."""
     node_groups: Mapping[str, aws.eks.NodeGroup]
     """Node groups by pool name; a launch failure in any of them raises an alert."""
     account_id: str
@@ -49,29 +55,29 @@ class Alerts(pulumi.ComponentResource):
         topic = self._create_alert_topic()
         self.topic_arn = topic.arn
         self._create_capacity_failure_rule(topic)
-        if args.config.serving.on_sagemaker and args.sagemaker_endpoint_name is not None:
+        if args.serving.on_sagemaker and args.sagemaker_endpoint_name is not None:
             self._create_sagemaker_alarms(topic)
         self.register_outputs({"topic_arn": self.topic_arn})
 
     def _create_alert_topic(self) -> aws.sns.Topic:
-        cfg, args = self._args.config, self._args
+        args = self._args
         child = pulumi.ResourceOptions(parent=self)
         # Its own key: CloudWatch and EventBridge must be allowed to encrypt into the topic, which the AWS-managed
         # SNS key cannot grant and the stack's data key should not.
         key = aws.kms.Key(
             f"{self._name}-alerts-key",
-            description=f"{cfg.name_prefix} alert topic",
+            description=f"{args.name_prefix} alert topic",
             enable_key_rotation=True,
             deletion_window_in_days=7,
             policy=json.dumps(alerts_key_policy(args.account_id, args.partition)),
             tags=args.tags,
             # It holds no data, but the production policy protects every key of a protected stack (and deleting it
             # would only break alerting): follow protectData like the data key.
-            opts=pulumi.ResourceOptions(parent=self, protect=cfg.storage.protect_data),
+            opts=pulumi.ResourceOptions(parent=self, protect=args.protect_data),
         )
         topic = aws.sns.Topic(
             f"{self._name}-alerts",
-            name=f"{cfg.name_prefix}-alerts",
+            name=f"{args.name_prefix}-alerts",
             kms_master_key_id=key.id,
             tags=args.tags,
             opts=child,
@@ -82,7 +88,7 @@ class Alerts(pulumi.ComponentResource):
             policy=topic.arn.apply(lambda arn: json.dumps(alerts_topic_policy(arn, args.account_id))),
             opts=child,
         )
-        for i, email in enumerate(cfg.observability.alert_emails):
+        for i, email in enumerate(args.observability.alert_emails):
             aws.sns.TopicSubscription(
                 f"{self._name}-alerts-email-{i}", topic=topic.arn, protocol="email", endpoint=email, opts=child
             )
@@ -91,11 +97,11 @@ class Alerts(pulumi.ComponentResource):
     def _create_capacity_failure_rule(self, topic: aws.sns.Topic) -> None:
         """An ASG that cannot launch (no spot capacity, instance limit, bad launch template) leaves pods Pending
         silently; the ASG's own failure event is the earliest, cheapest signal."""
-        cfg, args = self._args.config, self._args
+        args = self._args
         names = pulumi.Output.all(*[asg_name(ng) for _, ng in sorted(args.node_groups.items())])
         rule = aws.cloudwatch.EventRule(
             f"{self._name}-capacity-failures",
-            name=f"{cfg.name_prefix}-node-launch-failures",
+            name=f"{args.name_prefix}-node-launch-failures",
             description="A node group's Auto Scaling group failed to launch an instance",
             event_pattern=names.apply(lambda n: json.dumps(capacity_failure_pattern(list(n)))),
             tags=args.tags,
@@ -109,11 +115,11 @@ class Alerts(pulumi.ComponentResource):
         )
 
     def _create_sagemaker_alarms(self, topic: aws.sns.Topic) -> None:
-        cfg, args = self._args.config, self._args
-        for key, spec in sagemaker_alarm_specs(cfg).items():
+        args = self._args
+        for key, spec in sagemaker_alarm_specs(args.serving, args.observability).items():
             aws.cloudwatch.MetricAlarm(
                 f"{self._name}-sagemaker-{key}",
-                name=f"{cfg.name_prefix}-sagemaker-{key}",
+                name=f"{args.name_prefix}-sagemaker-{key}",
                 namespace=SAGEMAKER_NAMESPACE,
                 dimensions={"EndpointName": args.sagemaker_endpoint_name, "VariantName": args.sagemaker_variant_name},
                 alarm_actions=[topic.arn],
@@ -178,9 +184,8 @@ def capacity_failure_pattern(asg_names: list[str]) -> dict[str, Any]:
     }
 
 
-def sagemaker_alarm_specs(cfg: StackConfig) -> dict[str, dict[str, Any]]:
+def sagemaker_alarm_specs(s: ServingConfig, o: ObservabilityConfig) -> dict[str, dict[str, Any]]:
     """MetricAlarm arguments per alarm. SageMaker publishes per-minute metrics per endpoint variant."""
-    s = cfg.serving
     ceiling = s.sagemaker_max_instances * s.sagemaker_invocations_per_instance
     return {
         "latency-p90": {
@@ -190,7 +195,7 @@ def sagemaker_alarm_specs(cfg: StackConfig) -> dict[str, dict[str, Any]]:
             "period": 60,
             "evaluation_periods": 5,
             "datapoints_to_alarm": 3,
-            "threshold": cfg.observability.sagemaker_latency_p90_ms * 1000,
+            "threshold": o.sagemaker_latency_p90_ms * 1000,
             "comparison_operator": "GreaterThanThreshold",
             "treat_missing_data": "notBreaching",
         },

@@ -8,7 +8,7 @@ alarms), and Amazon Managed Prometheus below. Its Kubernetes objects are plain o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import yaml
 from infra import k8s_objects
 from infra.alarms import Alerts, AlertsArgs
 from infra.charts import install_chart
-from infra.config import StackConfig
+from infra.config import GpuPool, ObservabilityConfig, ServingConfig
 from infra.prometheus import (
     MONITORING_NAMESPACE,
     PROMETHEUS_PORT,
@@ -37,9 +37,18 @@ AMP_COLLECTOR_USER = "aps-collector-user"
 
 @dataclass
 class ObservabilityArgs:
-    config: StackConfig
-    """Validated stack config: metrics mode, versions, alert subscribers, SageMaker alarm thresholds. The whole of it:
-    the alerts (infra/alarms.py) read several sections, and the scrape configuration labels series with the stack."""
+    observability: ObservabilityConfig
+    """Metrics mode, exporter and Prometheus versions, retention, alert subscribers, the SageMaker latency target."""
+    serving: ServingConfig
+    """Whether the stack serves on SageMaker and its scaling ceiling (the SageMaker alarms)."""
+    gpu_pools: Sequence[GpuPool]
+    """The GPU pools: the DCGM exporter runs on their nodes."""
+    stack: str
+    """The stack name: in-cluster series carry it as an external label."""
+    name_prefix: str
+    """Prefix of the physical names (workspace, scraper, topic, alarms)."""
+    protect_data: bool
+    """Protect the alert topic's key with the data (storage.protect_data)."""
     cluster_name: pulumi.Input[str]
     """EKS cluster name (a label on every series, and the access entry of the managed scraper)."""
     cluster_arn: pulumi.Input[str]
@@ -80,14 +89,16 @@ class Observability(pulumi.ComponentResource):
         super().__init__("llm-platform:infra:Observability", name, None, opts)
         self._name = name
         self._args = args
-        cfg = args.config
         self.prometheus_url = None
         self.amp_workspace_id = None
 
         alerts = Alerts(
             name,
             AlertsArgs(
-                config=cfg,
+                observability=args.observability,
+                serving=args.serving,
+                name_prefix=args.name_prefix,
+                protect_data=args.protect_data,
                 node_groups=args.node_groups,
                 account_id=args.account_id,
                 partition=args.partition,
@@ -99,19 +110,27 @@ class Observability(pulumi.ComponentResource):
         )
         self.alert_topic_arn = alerts.topic_arn
 
-        mode = cfg.observability.metrics
+        mode = args.observability.metrics
         if mode != "none":
             k8s_opts = pulumi.ResourceOptions(parent=self, provider=args.provider)
             ns = k8s_objects.apply(f"{name}-namespace", monitoring_namespace(), k8s_opts)
             k8s_opts = pulumi.ResourceOptions(parent=self, provider=args.provider, depends_on=[ns])
             install_chart(
-                f"{name}-dcgm-exporter", "dcgm-exporter", MONITORING_NAMESPACE, dcgm_exporter_values(cfg), k8s_opts
+                f"{name}-dcgm-exporter",
+                "dcgm-exporter",
+                MONITORING_NAMESPACE,
+                dcgm_exporter_values(args.observability, args.gpu_pools),
+                k8s_opts,
             )
             for file_name, obj in dashboard_configmaps().items():
                 k8s_objects.apply(f"{name}-dashboard-{file_name.removesuffix('.json')}", obj, k8s_opts)
             if mode == "in-cluster":
                 install_chart(
-                    f"{name}-prometheus", "prometheus", MONITORING_NAMESPACE, prometheus_values(cfg), k8s_opts
+                    f"{name}-prometheus",
+                    "prometheus",
+                    MONITORING_NAMESPACE,
+                    prometheus_values(args.observability, args.stack),
+                    k8s_opts,
                 )
                 self.prometheus_url = pulumi.Output.from_input(
                     f"http://{PROMETHEUS_SERVICE}.{MONITORING_NAMESPACE}.svc:{PROMETHEUS_PORT}"
@@ -129,14 +148,14 @@ class Observability(pulumi.ComponentResource):
 
     def _create_amp(self, k8s_opts: pulumi.ResourceOptions) -> None:
         """Amazon Managed Prometheus with the AWS-managed collector: nothing to run in the cluster but RBAC for it."""
-        cfg, args = self._args.config, self._args
+        args = self._args
         child = pulumi.ResourceOptions(parent=self)
         workspace = aws.amp.Workspace(
-            f"{self._name}-amp", alias=f"{cfg.name_prefix}-metrics", tags=args.tags, opts=child
+            f"{self._name}-amp", alias=f"{args.name_prefix}-metrics", tags=args.tags, opts=child
         )
         aws.amp.Scraper(
             f"{self._name}-amp-scraper",
-            alias=f"{cfg.name_prefix}-scraper",
+            alias=f"{args.name_prefix}-scraper",
             source=aws.amp.ScraperSourceArgs(
                 eks=aws.amp.ScraperSourceEksArgs(
                     cluster_arn=args.cluster_arn,
@@ -147,7 +166,7 @@ class Observability(pulumi.ComponentResource):
             destination=aws.amp.ScraperDestinationArgs(
                 amp=aws.amp.ScraperDestinationAmpArgs(workspace_arn=workspace.arn)
             ),
-            scrape_configuration=yaml.safe_dump(scrape_config(cfg, managed_collector=True), sort_keys=False),
+            scrape_configuration=yaml.safe_dump(scrape_config(args.stack, managed_collector=True), sort_keys=False),
             tags=args.tags,
             opts=child,
         )

@@ -101,7 +101,12 @@ def build() -> dict[str, Any]:
     observability = Observability(
         "observability",
         ObservabilityArgs(
-            config=cfg,
+            observability=cfg.observability,
+            serving=cfg.serving,
+            gpu_pools=cfg.cluster.gpu_pools,
+            stack=cfg.stack,
+            name_prefix=cfg.name_prefix,
+            protect_data=cfg.storage.protect_data,
             cluster_name=cluster.name,
             cluster_arn=cluster.cluster.arn,
             cluster_security_group_id=cluster.security_group_id,

@@ -5,12 +5,13 @@ through infra/k8s_objects.py, chart values through infra/charts.py) is what the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from facts.cluster import DCGM_PORT, MONITORING_NAMESPACE, SERVING_NAMESPACE, TRAINING_NAMESPACE
 from infra.charts import SYSTEM_NODE_SELECTOR, gpu_toleration
-from infra.config import GPU_TAINT, PURPOSE_LABEL, StackConfig
+from infra.config import GPU_TAINT, PURPOSE_LABEL, GpuPool, ObservabilityConfig
 from infra.k8s_objects import metadata
 from infra.kubernetes_base import SERVING_ACCESS_LABEL, TRAINING_METRICS_ACCESS_LABEL
 
@@ -64,13 +65,13 @@ def monitoring_namespace() -> dict[str, Any]:
     }
 
 
-def dcgm_exporter_values(cfg: StackConfig) -> dict[str, Any]:
+def dcgm_exporter_values(o: ObservabilityConfig, gpu_pools: Sequence[GpuPool]) -> dict[str, Any]:
     """Values over NVIDIA/dcgm-exporter 4.5.3-4.8.2 deployment/values.yaml (chart 4.8.2). `customMetrics` becomes the
     chart's counters ConfigMap (templates/metrics-configmap.yaml), mounted where the default `arguments` read it."""
-    gpu_purposes = sorted({p.purpose for p in cfg.cluster.gpu_pools})
+    gpu_purposes = sorted({p.purpose for p in gpu_pools})
     return {
         "fullnameOverride": "dcgm-exporter",
-        "image": {"tag": cfg.observability.dcgm_exporter_version},
+        "image": {"tag": o.dcgm_exporter_version},
         "customMetrics": dcgm_counters_csv(),
         # Only GPU nodes, and despite their taint: the exporter asks for no GPU itself. (Helm replaces lists: the
         # chart's default control-plane toleration is dropped, EKS has no schedulable control plane.)
@@ -106,13 +107,13 @@ def _common_relabels() -> list[dict[str, Any]]:
     ]
 
 
-def scrape_config(cfg: StackConfig, managed_collector: bool = False) -> dict[str, Any]:
+def scrape_config(stack: str, managed_collector: bool = False) -> dict[str, Any]:
     """The scrape configuration: DCGM exporter pods, and annotated pods in the serving and training namespaces."""
     global_: dict[str, Any] = {"scrape_interval": "30s", "scrape_timeout": "10s"}
     if not managed_collector:
         # The workspace of the managed collector is per stack already; in-cluster, label series with the stack so
         # a federated or remote-written copy stays attributable.
-        global_["external_labels"] = {"stack": cfg.stack}
+        global_["external_labels"] = {"stack": stack}
     jobs: list[dict[str, Any]] = [
         {
             "job_name": "dcgm",
@@ -177,17 +178,17 @@ PROMETHEUS_CHART_DEFAULT_JOBS = (
 exactly the jobs of `scrape_config` (the same ones the managed collector gets with `metrics: amp`)."""
 
 
-def prometheus_values(cfg: StackConfig) -> dict[str, Any]:
+def prometheus_values(o: ObservabilityConfig, stack: str) -> dict[str, Any]:
     """Values over prometheus-community/helm-charts prometheus-29.27.0 charts/prometheus/values.yaml. The server's
     prometheus.yml is `global` from server.global and `scrape_configs` from serverFiles (templates/cm.yaml)."""
-    config = scrape_config(cfg)
-    retention = cfg.observability.prometheus_retention_days
+    config = scrape_config(stack)
+    retention = o.prometheus_retention_days
     return {
         "server": {
             # Service "prometheus" on 9090 in the monitoring namespace: the URL KEDA and the dashboards use.
             "fullnameOverride": PROMETHEUS_SERVICE,
             "service": {"servicePort": PROMETHEUS_PORT},
-            "image": {"tag": f"v{cfg.observability.prometheus_version}"},
+            "image": {"tag": f"v{o.prometheus_version}"},
             "global": config["global"],
             "retention": f"{retention}d",
             # Node-local: lost when the pod moves; durable history is what metrics: amp is for.

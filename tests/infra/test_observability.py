@@ -65,7 +65,12 @@ def run_observability(cfg: StackConfig) -> Run:
         obs = Observability(
             "observability",
             ObservabilityArgs(
-                config=cfg,
+                observability=cfg.observability,
+                serving=cfg.serving,
+                gpu_pools=cfg.cluster.gpu_pools,
+                stack=cfg.stack,
+                name_prefix=cfg.name_prefix,
+                protect_data=cfg.storage.protect_data,
                 cluster_name=cfg.name_prefix,
                 cluster_arn=f"arn:aws:eks:{cfg.region}:{ACCOUNT}:cluster/{cfg.name_prefix}",
                 cluster_security_group_id="sg-cluster",
@@ -132,7 +137,7 @@ def test_metrics_backend_follows_config(stack: tuple[StackConfig, Run]) -> None:
         assert server["retention"] == f"{cfg.observability.prometheus_retention_days}d"
         assert server["persistentVolume"] == {"enabled": False}
         # prometheus.yml = server.global + our scrape jobs; every default job of the chart switched off.
-        expected = scrape_config(cfg)
+        expected = scrape_config(cfg.stack)
         assert server["global"] == expected["global"]
         assert values["serverFiles"]["prometheus.yml"]["scrape_configs"] == expected["scrape_configs"]
         assert values["scrapeConfigs"] == {job: {"enabled": False} for job in PROMETHEUS_CHART_DEFAULT_JOBS}
@@ -148,7 +153,7 @@ def test_metrics_backend_follows_config(stack: tuple[StackConfig, Run]) -> None:
         assert scraper["destination"]["amp"]["workspaceArn"].startswith(
             f"arn:aws:aps:{cfg.region}:{ACCOUNT}:workspace/"
         )
-        assert yaml.safe_load(scraper["scrapeConfiguration"]) == scrape_config(cfg, managed_collector=True)
+        assert yaml.safe_load(scraper["scrapeConfiguration"]) == scrape_config(cfg.stack, managed_collector=True)
         # AMP creates the scraper role's access entry itself on API-auth clusters; a second one fails (ResourceInUse).
         assert run.of_type(tok.EKS_ACCESS_ENTRY) == []
         (binding,) = [o for o in k8s_objects(run) if o["kind"] == "ClusterRoleBinding"]
@@ -159,7 +164,7 @@ def test_metrics_backend_follows_config(stack: tuple[StackConfig, Run]) -> None:
 
 
 def test_scrape_jobs_cover_gpus_serving_and_training() -> None:
-    jobs = {j["job_name"]: j for j in scrape_config(config("dev"))["scrape_configs"]}
+    jobs = {j["job_name"]: j for j in scrape_config(config("dev").stack)["scrape_configs"]}
     assert set(jobs) == {"dcgm", "serving", "training"}
     assert jobs["serving"]["kubernetes_sd_configs"][0]["namespaces"]["names"] == ["llm-serving"]
     assert jobs["training"]["kubernetes_sd_configs"][0]["namespaces"]["names"] == ["llm-training"]
@@ -221,11 +226,11 @@ def test_dcgm_exporter_runs_on_every_gpu_pool_and_nowhere_else(stack: tuple[Stac
     assert dcgm is not None
     assert_pinned(dcgm, "dcgm-exporter")
     values = dcgm.inputs["values"]
-    assert values == dcgm_exporter_values(cfg)
+    assert values == dcgm_exporter_values(cfg.observability, cfg.cluster.gpu_pools)
     assert values["image"] == {"tag": cfg.observability.dcgm_exporter_version}
     # The chart's pods carry app.kubernetes.io/name=<chart name> and serve on service.port: what the dcgm job keeps.
     assert values["fullnameOverride"] == "dcgm-exporter" and values["service"] == {"port": 9400}
-    (job,) = [j for j in scrape_config(cfg)["scrape_configs"] if j["job_name"] == "dcgm"]
+    (job,) = [j for j in scrape_config(cfg.stack)["scrape_configs"] if j["job_name"] == "dcgm"]
     assert [r["regex"] for r in job["relabel_configs"][:2]] == ["dcgm-exporter", "9400"]
     assert values["serviceMonitor"] == {"enabled": False}
     assert values["securityContext"]["capabilities"] == {"add": [], "drop": ["ALL"]}
