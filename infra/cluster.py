@@ -17,10 +17,10 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
-from facts.cluster import SYSTEM_POOL
+from facts.cluster import POOL_LABEL, SYSTEM_POOL
 from facts.instance_types import NVME_INSTANCE_STORE_GB
 from infra.capacity import node_group_capacity_type, reservation_launch_template_args
-from infra.config import POOL_LABEL, ClusterConfig, GpuPool
+from infra.config import ClusterConfig, GpuPool
 
 CONTROL_PLANE_LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
 """All five control-plane log types: audit and authenticator are the access-control trail; the rest debug upgrades."""

@@ -24,8 +24,7 @@ import yaml
 
 from facts.cluster import GPU_TAINT, POOL_LABEL, PURPOSE_LABEL
 from facts.instance_types import ACCELERATOR_LABEL, GPU_INSTANCE_TYPES, efa_interfaces
-from facts.serving import ENGINES
-from facts.serving import QUANTIZATIONS as SERVING_QUANTIZATIONS
+from facts.serving import ENGINES, QUANTIZATIONS
 from infra.versions import CLUSTER_AUTOSCALER, cluster_autoscaler_for
 from infra.vllm_sizing import MODEL_SHAPES, check_serving_fit
 
@@ -526,8 +525,8 @@ class ServingConfig:
             v.bad("servingGpusPerReplica", "must be at least 1")
         if v["servingEngine"] not in ENGINES:
             v.bad("servingEngine", f"must be one of {', '.join(ENGINES)}")
-        elif v["servingQuantization"] not in SERVING_QUANTIZATIONS[v["servingEngine"]]:
-            choices = ", ".join(SERVING_QUANTIZATIONS[v["servingEngine"]])
+        elif v["servingQuantization"] not in QUANTIZATIONS[v["servingEngine"]]:
+            choices = ", ".join(QUANTIZATIONS[v["servingEngine"]])
             v.bad("servingQuantization", f"must be one of {choices} with servingEngine {v['servingEngine']}")
         if v["servingModelShape"] and v["servingModelShape"] not in MODEL_SHAPES:
             v.bad("servingModelShape", f"must be empty or one of {', '.join(MODEL_SHAPES)}")

@@ -11,9 +11,9 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from facts.cluster import EFA_RESOURCE, GPU_RESOURCE, KUBE_SYSTEM
+from facts.cluster import EFA_RESOURCE, GPU_RESOURCE, GPU_TAINT, KUBE_SYSTEM, POOL_LABEL
 from infra.charts import gpu_toleration, install_chart
-from infra.config import GPU_TAINT, POOL_LABEL, GpuPool
+from infra.config import GpuPool
 
 NVIDIA_CHART = "nvidia-device-plugin"
 EFA_CHART = "aws-efa-k8s-device-plugin"

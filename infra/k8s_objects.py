@@ -60,13 +60,12 @@ def apply(resource_name: str, obj: Mapping[str, Any], opts: pulumi.ResourceOptio
     (its `.metadata` and other outputs are there as usual). `resource_name` is the Pulumi logical name: renaming it
     replaces the live object."""
     api_version, kind = obj["apiVersion"], obj["kind"]
+    fields = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind")}
     if (api_version, kind) in _CUSTOM:
-        fields = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind")}
         return k8s.apiextensions.CustomResource(resource_name, api_version=api_version, kind=kind, **fields, opts=opts)
     resource = _RESOURCES.get((api_version, kind))
     if resource is None:
         raise ValueError(f"{resource_name}: {api_version} {kind} is not a kind infra.k8s_objects knows (add it)")
-    fields = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind")}
     unknown = sorted(set(fields) - set(_KEYWORDS))
     if unknown:
         raise ValueError(f"{resource_name}: no keyword known for the top-level fields {unknown} of {kind} (add them)")

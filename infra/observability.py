@@ -17,12 +17,12 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 import yaml
 
+from facts.cluster import MONITORING_NAMESPACE
 from infra import k8s_objects
 from infra.alarms import Alerts, AlertsArgs
 from infra.charts import install_chart
 from infra.config import GpuPool, ObservabilityConfig, ServingConfig
 from infra.prometheus import (
-    MONITORING_NAMESPACE,
     PROMETHEUS_PORT,
     PROMETHEUS_SERVICE,
     dashboard_configmaps,

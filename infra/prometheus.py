@@ -9,9 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from facts.cluster import DCGM_PORT, MONITORING_NAMESPACE, SERVING_NAMESPACE, TRAINING_NAMESPACE
+from facts.cluster import (
+    DCGM_PORT,
+    GPU_TAINT,
+    MONITORING_NAMESPACE,
+    PURPOSE_LABEL,
+    SERVING_NAMESPACE,
+    TRAINING_NAMESPACE,
+)
 from infra.charts import SYSTEM_NODE_SELECTOR, gpu_toleration
-from infra.config import GPU_TAINT, PURPOSE_LABEL, GpuPool, ObservabilityConfig
+from infra.config import GpuPool, ObservabilityConfig
 from infra.k8s_objects import metadata
 from infra.kubernetes_base import SERVING_ACCESS_LABEL, TRAINING_METRICS_ACCESS_LABEL
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from facts.cluster import TRAINING_METRICS_PORT as METRICS_PORT
+from facts.cluster import TRAINING_METRICS_PORT
 from facts.instance_types import GPU_INSTANCE_TYPES, NVME_INSTANCE_STORE_GB, efa_interfaces, has_gpudirect_rdma
 from infra import outputs as out
 from ops.stack_outputs import require, training_pool
@@ -107,7 +107,7 @@ def trainer_args(spec: TrainingJobSpec, locations: dict[str, str]) -> list[str]:
     for item in spec.overrides:
         args += ["--set", item]
     # Last, so that the port the pod annotations and network policy name is the one the trainer serves.
-    args += ["--set", f"metrics_port={METRICS_PORT}"]
+    args += ["--set", f"metrics_port={TRAINING_METRICS_PORT}"]
     return args
 
 
@@ -189,7 +189,7 @@ def render_training_job(spec: TrainingJobSpec, outputs: dict[str, Any]) -> list[
                 "env": env,
                 "ports": [
                     {"name": "c10d", "containerPort": RDZV_PORT, "protocol": "TCP"},
-                    {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+                    {"name": "metrics", "containerPort": TRAINING_METRICS_PORT, "protocol": "TCP"},
                 ],
                 # Burstable: CPU, memory and scratch requested (the scheduler reserves them; under node pressure the
                 # kubelet evicts BestEffort pods and pods above their requests first). No memory limit: one
@@ -240,7 +240,7 @@ def render_training_job(spec: TrainingJobSpec, outputs: dict[str, Any]) -> list[
                     # Global rank 0 (pod 0) serves the run's values; the other pods answer with an empty page.
                     "annotations": {
                         "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(METRICS_PORT),
+                        "prometheus.io/port": str(TRAINING_METRICS_PORT),
                         "prometheus.io/path": "/metrics",
                     },
                 },

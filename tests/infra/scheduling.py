@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from facts.cluster import POOL_LABEL
 from facts.instance_types import GPU_INSTANCE_TYPES
-from infra.config import POOL_LABEL, GpuPool
+from infra.config import GpuPool
 
 GPU_RESOURCE = "nvidia.com/gpu"
 EFA_RESOURCE = "vpc.amazonaws.com/efa"

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from facts import pulumi_types as tok
+from facts.cluster import GPU_TAINT, POOL_LABEL
 from facts.tags import stack_tags
 from infra.cluster import (
     ADDONS,
@@ -21,7 +22,7 @@ from infra.cluster import (
     Cluster,
     ClusterArgs,
 )
-from infra.config import GPU_TAINT, POOL_LABEL, ConfigError, StackConfig
+from infra.config import ConfigError, StackConfig
 from infra.config import load_stack as stack_config
 from ops.mocks import Run
 from tests.helpers import run_component

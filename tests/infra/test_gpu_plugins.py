@@ -8,8 +8,9 @@ from typing import Any
 import pulumi_kubernetes as k8s
 import pytest
 
+from facts.cluster import GPU_TAINT, POOL_LABEL
 from infra.charts import CHARTS
-from infra.config import GPU_TAINT, POOL_LABEL, StackConfig
+from infra.config import StackConfig
 from infra.config import load_stack as config
 from infra.gpu_plugins import GpuDevicePlugins, GpuDevicePluginsArgs
 from ops.mocks import Recorded, Run

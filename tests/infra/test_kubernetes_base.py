@@ -12,6 +12,7 @@ import pulumi_kubernetes as k8s
 import pytest
 
 from facts import pulumi_types as tok
+from facts.cluster import TRAINING_METRICS_PORT
 from facts.tags import stack_tags
 from infra.config import StackConfig
 from infra.config import load_stack as stack_config
@@ -19,7 +20,6 @@ from infra.kubernetes_base import (
     POD_IDENTITY_AGENT_CIDR,
     SERVING_ACCESS_LABEL,
     TRAINING_METRICS_ACCESS_LABEL,
-    TRAINING_METRICS_PORT,
     KubernetesBase,
     KubernetesBaseArgs,
 )

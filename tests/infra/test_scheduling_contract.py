@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from facts import pulumi_types as tok
+from facts.cluster import GPU_TAINT
 from infra.charts import CHART_TYPE, CHARTS
-from infra.config import GPU_TAINT, StackConfig, load_config, load_stack_file
+from infra.config import StackConfig, load_config, load_stack_file
 from infra.gpu_plugins import PLUGIN_RESOURCES
 from ops.mocks import Run
 from ops.training_k8s_job import TrainingJobSpec, render_training_job

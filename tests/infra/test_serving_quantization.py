@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from infra.config import SERVING_QUANTIZATIONS, ConfigError
+from facts.serving import QUANTIZATIONS as SERVING_QUANTIZATIONS
+from infra.config import ConfigError
 from infra.config import load_stack as stack_config
 from serving.config import check_quantization
 from tests.infra.test_sagemaker_endpoint import MODEL, run_endpoint
