@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_aws as aws
-import pulumi_kubernetes as k8s
 
 from facts.cluster import POOL_LABEL, SYSTEM_POOL
 from facts.instance_types import NVME_INSTANCE_STORE_GB
@@ -104,7 +103,8 @@ class ClusterArgs:
 
 class Cluster(pulumi.ComponentResource):
     """The EKS cluster: control plane, access entries, managed add-ons, the system node group and one node group per
-    GPU pool, and the Kubernetes provider every Kubernetes object of the stack uses."""
+    GPU pool (AWS layer). No Kubernetes provider: the cluster layer builds it from this component's exported outputs
+    (infra/layers.py), so no job of the AWS layer ever configures or constructs anything against the Kubernetes API."""
 
     cluster: aws.eks.Cluster
     """The control plane resource (its ARN: the managed Prometheus scraper, infra/observability.py)."""
@@ -123,8 +123,6 @@ class Cluster(pulumi.ComponentResource):
     workloads depend on them so they go first on destroy."""
     addons: dict[str, aws.eks.Addon]
     """Managed add-ons by name (vpc-cni, coredns, ...)."""
-    provider: k8s.Provider
-    """Kubernetes provider for this cluster: every Kubernetes object and chart of the stack is created with it."""
 
     def __init__(self, name: str, args: ClusterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Cluster", name, None, opts)
@@ -166,14 +164,6 @@ class Cluster(pulumi.ComponentResource):
                 lambda a: _kubeconfig(a[0], a[1], a[2], args.region)
             )
         )
-        # Workloads deployed through this provider need nodes and DNS; waiting for the system node group and every
-        # add-on means a first `pulumi up` never applies a Deployment to a cluster that cannot run it.
-        self.provider = k8s.Provider(
-            f"{name}-k8s",
-            kubeconfig=self.kubeconfig,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.node_groups[SYSTEM_POOL], *self.addons.values()]),
-        )
-
         self.register_outputs(
             {
                 "name": self.name,

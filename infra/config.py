@@ -924,5 +924,9 @@ def from_pulumi() -> StackConfig:
     import pulumi
     from pulumi.runtime import config as runtime_config
 
+    from infra.layers import environment_of
+
     values = {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
-    return load_config(values, pulumi.get_stack(), source=f"stack '{pulumi.get_stack()}'")
+    # Both layers of an environment (`<env>`, `<env>-cluster`; infra/layers.py) read its one stack file and are
+    # validated, named and tagged as that environment.
+    return load_config(values, environment_of(pulumi.get_stack()), source=f"stack '{pulumi.get_stack()}'")
