@@ -22,6 +22,8 @@ from infra.cluster_autoscaler import SERVICE_ACCOUNT as CLUSTER_AUTOSCALER_SA
 from infra.cluster_autoscaler import (
     ClusterAutoscaler,
     ClusterAutoscalerArgs,
+    ClusterAutoscalerIdentity,
+    ClusterAutoscalerIdentityArgs,
     max_nodes_total,
     node_template_tags,
 )
@@ -32,6 +34,8 @@ from infra.spot_interruptions import (
     SPOT_EVENT_PATTERNS,
     NodeTerminationHandler,
     NodeTerminationHandlerArgs,
+    SpotInterruptionQueue,
+    SpotInterruptionQueueArgs,
     needs_node_termination_handler,
 )
 from ops.mocks import Recorded, RecordingMocks, Run
@@ -67,35 +71,47 @@ def run_capacity(cfg: StackConfig) -> Run:
     def program() -> dict[str, Any]:
         provider, groups = fake_cluster(cfg)
         tags = stack_tags(cfg.stack, cfg.environment)
-        ca = ClusterAutoscaler(
+        # Both halves, as the two layers declare them (infra/layers.py): the AWS half, then the chart.
+        ca = ClusterAutoscalerIdentity(
             "autoscaler",
-            ClusterAutoscalerArgs(
+            ClusterAutoscalerIdentityArgs(
                 cluster=cfg.cluster,
-                autoscaling=cfg.autoscaling,
                 name_prefix=cfg.name_prefix,
-                region=cfg.region,
                 cluster_name=cfg.name_prefix,
-                provider=provider,
                 node_groups=groups,
                 tags=tags,
                 account_id=ACCOUNT,
             ),
         )
+        ClusterAutoscaler(
+            "autoscaler",
+            ClusterAutoscalerArgs(
+                cluster=cfg.cluster,
+                autoscaling=cfg.autoscaling,
+                region=cfg.region,
+                cluster_name=cfg.name_prefix,
+                provider=provider,
+            ),
+        )
         outputs: dict[str, Any] = {"ca_role": ca.role_arn}
         if needs_node_termination_handler(cfg.autoscaling, cfg.cluster):
-            nth = NodeTerminationHandler(
+            queue = SpotInterruptionQueue(
+                "spot",
+                SpotInterruptionQueueArgs(
+                    name_prefix=cfg.name_prefix, cluster_name=cfg.name_prefix, tags=tags, account_id=ACCOUNT
+                ),
+            )
+            NodeTerminationHandler(
                 "spot",
                 NodeTerminationHandlerArgs(
                     autoscaling=cfg.autoscaling,
-                    name_prefix=cfg.name_prefix,
                     region=cfg.region,
                     cluster_name=cfg.name_prefix,
+                    queue_url=queue.queue_url,
                     provider=provider,
-                    tags=tags,
-                    account_id=ACCOUNT,
                 ),
             )
-            outputs["queue"] = nth.queue_url
+            outputs["queue"] = queue.queue_url
         if cfg.autoscaling.serving_autoscaler == "keda":
             so = ServingAutoscaling(
                 "serving-autoscaling",
@@ -230,9 +246,9 @@ def test_autoscaler_role_is_least_privilege_through_pod_identity(stack: tuple[St
     assoc = run.one(POD_IDENTITY, "autoscaler-pod-identity").inputs
     assert (assoc["namespace"], assoc["serviceAccount"]) == ("kube-system", CLUSTER_AUTOSCALER_SA)
     assert assoc["clusterName"] == cfg.name_prefix
-    # The controller starts only once its role is associated and its policy attached.
-    deps = chart(run, "autoscaler").depends_on
-    assert f"{POD_IDENTITY}::autoscaler-pod-identity" in deps and f"{ROLE_POLICY}::autoscaler-policy" in deps
+    # The controller starts only once its role is associated and its policy attached: both are the AWS layer's,
+    # applied before the cluster layer installs the chart (infra/layers.py; tests/infra/test_engine_rules.py checks
+    # the split on the whole program).
 
 
 def test_tags_and_unique_names(stack: tuple[StackConfig, Run]) -> None:
@@ -297,7 +313,6 @@ def test_spot_pools_get_queue_mode_termination_handler(stack: tuple[StackConfig,
     assert values["image"] == {"tag": f"v{cfg.autoscaling.node_termination_handler_version}"}
     assoc = run.one(POD_IDENTITY, "spot-pod-identity").inputs
     assert (assoc["namespace"], assoc["serviceAccount"]) == ("kube-system", "aws-node-termination-handler")
-    assert f"{POD_IDENTITY}::spot-pod-identity" in rec.depends_on
 
 
 def test_spot_handler_can_be_switched_off() -> None:

@@ -18,7 +18,15 @@ from infra.charts import CHART_TYPE, CHARTS
 from infra.config import load_stack
 from tests.infra.scheduling import chart_pod_spec
 
-OPTIONAL_OUTPUTS = (out.SERVING_SERVICE_NAME, out.SAGEMAKER_ENDPOINT_NAME, out.TRAINING_IMAGE)
+OPTIONAL_OUTPUTS = (
+    out.SERVING_SERVICE_NAME,
+    out.SAGEMAKER_ENDPOINT_NAME,
+    out.TRAINING_IMAGE,
+    out.LAYER,  # each layer's own (infra/layers.py); an environment's run has both
+    out.SPOT_INTERRUPTION_QUEUE_URL,
+    out.AMP_QUERY_URL,
+    out.PROMETHEUS_URL,
+)
 REQUIRED_OUTPUTS = [v for k, v in vars(out).items() if k.isupper() and v not in OPTIONAL_OUTPUTS]
 
 
@@ -177,11 +185,12 @@ def test_destroy_order_workloads_before_nodes_before_network(shipped) -> None:
     cfg, run = shipped
     cluster = run.one("llm-platform:infra:Cluster", "cluster")
     assert "llm-platform:infra:Network::network" in cluster.depends_on
-    if cfg.serving.eks_declared:
-        serving = run.one("llm-platform:infra:ServingOnEks", "serving-eks")
-        assert {d for d in serving.depends_on if d.startswith("aws:eks/nodeGroup")} == {
-            f"aws:eks/nodeGroup:NodeGroup::{g.name}" for g in run.of_type(tok.EKS_NODE_GROUP)
-        }
+    # Workloads before nodes: every Kubernetes object is the cluster layer's, destroyed before the AWS layer
+    # (ops/teardown.py), and no node group is in the cluster layer.
+    for rec in run.resources:
+        if rec.type.startswith("kubernetes:"):
+            assert rec.stack == f"{cfg.stack}-cluster", rec.name
+    assert all(g.stack == cfg.stack for g in run.of_type(tok.EKS_NODE_GROUP))
 
 
 def test_prod_references_its_images_by_digest(run_stack) -> None:
