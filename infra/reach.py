@@ -76,13 +76,16 @@ _PULUMI = re.compile(r"(?<![\w./-])pulumi\s+(up|preview|destroy|refresh)\b")
 _TEARDOWN = re.compile(r"-m\s+ops\.teardown\b")
 
 
-def _matrix_rows(job: Mapping[str, Any]) -> list[dict[str, str]]:
+def _matrix_rows(job: Mapping[str, Any], environments: Sequence[str]) -> list[dict[str, str]]:
+    """The job's matrix rows; a dimension computed at run time (`${{ fromJSON(...) }}`) ranges over the
+    environments."""
     matrix = (job.get("strategy") or {}).get("matrix") or {}
     rows: list[dict[str, str]] = [{}]
     for key, values in matrix.items():
-        if key in ("include", "exclude") or not isinstance(values, list):
+        if key in ("include", "exclude"):
             continue
-        rows = [{**row, key: str(v)} for row in rows for v in values]
+        options = [str(v) for v in values] if isinstance(values, list) else list(environments)
+        rows = [{**row, key: v} for row in rows for v in options]
     return rows
 
 
@@ -124,7 +127,17 @@ def _script_operations(
     script: str, env: Mapping[str, str], base: dict[str, Any], environments: Sequence[str]
 ) -> list[Operation]:
     ops: list[Operation] = []
-    script = _substitute(script.replace("\\\n", " "), env)
+    script = script.replace("\\\n", " ")
+    arrays = _bash_arrays(script)
+    if arrays:
+        # `args=(...)`, `args+=(...)` under conditions: the command with the base array, and with every addition.
+        variants = [
+            re.sub(rf'"\$\{{{name}\[@\]\}}"', lambda _m, v=values: v, script)
+            for name, (first, added) in arrays.items()
+            for values in (first, f"{first} {added}".strip())
+        ]
+        return list(dict.fromkeys(op for v in variants for op in _script_operations(v, env, base, environments)))
+    script = _substitute(script, env)
     delete_unreachable = env.get(DELETE_UNREACHABLE_ENV, "").lower() == "true"
     for line in script.splitlines():
         line = line.split(" #", 1)[0]
@@ -151,6 +164,16 @@ def _script_operations(
     return ops
 
 
+def _bash_arrays(script: str) -> dict[str, tuple[str, str]]:
+    """Bash arrays a script builds: name -> (its initial items, every item any `+=` adds), as text."""
+    arrays: dict[str, tuple[str, str]] = {}
+    for m in re.finditer(r"(?m)(\w+)(\+?)=\(([^)]*)\)", script):
+        name, add, items = m.group(1), m.group(2), m.group(3)
+        base, extra = arrays.get(name, ("", ""))
+        arrays[name] = (base, f"{extra} {items}".strip()) if add else (items, extra)
+    return {k: v for k, v in arrays.items() if f'"${{{k}[@]}}"' in script}
+
+
 def _teardown_operations(line: str, base: dict[str, Any], environments: Sequence[str]) -> list[Operation]:
     """What `python -m ops.teardown` runs (ops/teardown.py `plan_layers`): the stacks it destroys, in order."""
     from infra.layers import cluster_stack
@@ -159,7 +182,7 @@ def _teardown_operations(line: str, base: dict[str, Any], environments: Sequence
         args = shlex.split(line[_TEARDOWN.search(line).end() :])  # type: ignore[union-attr]
     except ValueError:
         args = line.split()
-    if "--sweep-only" in args:
+    if "--sweep-only" in args or "--list" in args:
         return []
     layer = (_flag(args, "--layer") or ["all"])[0]
     unreachable = "--cluster-unreachable" in args
@@ -195,7 +218,7 @@ def operations(name: str, workflow: Mapping[str, Any], environments: Sequence[st
         runs_on = job.get("runs-on", "")
         labels = runs_on if isinstance(runs_on, list) else [runs_on]
         job_env = {**wf_env, **{k: str(v) for k, v in (job.get("env") or {}).items()}}
-        for row in _matrix_rows(job):
+        for row in _matrix_rows(job, environments):
             for step in job.get("steps") or []:
                 env = {**job_env, **{k: str(v) for k, v in (step.get("env") or {}).items()}}
                 for runner in _expand(",".join(map(str, labels)), row, environments):
