@@ -51,6 +51,11 @@ class Account:
     reservations: dict[str, dict[str, str]] = field(default_factory=dict)
     """Capacity reservation ID -> {"zone": ..., "instance_type": ...} (DescribeCapacityReservations)."""
 
+    @classmethod
+    def empty(cls) -> Account:
+        """A new account, before the first `pulumi up`: no image, no model, no secret, no cluster, no endpoint."""
+        return cls(images=set(), objects=set(), secrets={})
+
 
 def _not_found(reason: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """An invoke failure as the engine reports one: the SDK raises `invoke of <tok> failed: <reason> ()`."""

@@ -4,6 +4,10 @@
     python -m ops.preview prod --json         # machine-readable (PR tooling, diffs)
     python -m ops.preview dev --config-file my-dev.yaml
     python -m ops.preview dev --compare base-dev.json   # markdown for a PR comment: changes, verdicts, cost delta
+    python -m ops.preview prod --first-run    # against an empty account: no images, models, secrets or cluster yet
+
+Both layers of the environment are run (infra/layers.py): the AWS layer as stack `<env>`, then the cluster layer as
+`<env>-cluster`, reading the AWS layer's outputs through its StackReference.
 
 Evaluates the policy pack's rules (`policy.rules`) over the recorded resources and estimates the monthly cost
 (`ops.cost`). Needs no cloud account and no Pulumi CLI.
@@ -182,13 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the machine-readable report")
     parser.add_argument("--config-file", type=Path, help="preview this stack config file instead")
     parser.add_argument(
+        "--first-run",
+        action="store_true",
+        help="preview against an empty account (no images, models, secrets or cluster): the first `pulumi up`",
+    )
+    parser.add_argument(
         "--compare", type=Path, metavar="BASE.json", help="print, as markdown, what changes against a --json report"
     )
     args = parser.parse_args(argv)
 
     started = time.monotonic()
     try:
-        report, run = preview(args.stack, args.config_file)
+        report, run = preview(args.stack, args.config_file, Account.empty() if args.first_run else None)
     except ConfigError as exc:  # includes infra.preflight.PreflightError (missing artifacts, drift)
         print(f"error: {exc}", file=sys.stderr)
         print(
