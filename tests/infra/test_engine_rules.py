@@ -238,3 +238,35 @@ def test_the_workflow_reader_expands_matrices_inputs_and_env() -> None:
         )
         == 4
     )
+
+
+def test_the_runbooks_layer_commands_parse_and_name_each_layers_stack() -> None:
+    """Every `pulumi up/preview/destroy` and `python -m ops.teardown` line of the runbooks: the teardown arguments
+    parse, and a cluster-layer Pulumi command reads the environment's one stack file."""
+    import shlex
+
+    from ops import teardown
+    from tests.helpers import DOCS_DIR
+
+    pulumi_lines, teardown_lines = [], []
+    for doc in ("first-deploy.md", "operations.md"):
+        for raw in (DOCS_DIR / doc).read_text().splitlines():
+            line = raw.strip().split("  #", 1)[0].strip()
+            if line.startswith(("pulumi up", "pulumi preview", "pulumi destroy")):
+                pulumi_lines.append(line)
+            elif line.startswith("python -m ops.teardown"):
+                teardown_lines.append(line)
+    assert pulumi_lines and teardown_lines
+    for line in pulumi_lines:
+        argv = shlex.split(line)
+        stack = argv[argv.index("--stack") + 1]
+        assert "--exclude" not in argv and "--target" not in argv, line
+        if stack.endswith("-cluster"):
+            env = stack.removesuffix("-cluster")
+            assert argv[argv.index("--config-file") + 1] == f"stacks/Pulumi.{env}.yaml", line
+        else:
+            assert (Path(__file__).resolve().parents[2] / "stacks" / f"Pulumi.{stack}.yaml").exists(), line
+    for line in teardown_lines:
+        args = teardown.parser().parse_args(shlex.split(line)[3:])
+        assert args.layer in teardown.LAYERS
+        assert not args.cluster_unreachable or args.layer == "aws", line
