@@ -52,6 +52,12 @@ def load_balancer_controller_values(args: LoadBalancerControllerArgs, cluster_na
         # Load balancers, target groups and security groups it creates carry the stack tags (cost allocation, the
         # teardown sweep), besides the elbv2.k8s.aws/cluster tag it always sets.
         "defaultTags": dict(args.tags),
+        # The webhook's certificate survives every `up`: the chart generates a new CA per render (genCA in
+        # templates/_helpers.tpl) unless it finds its own Secret with `lookup`, which helm.v4.Chart enables by
+        # rendering with a server-side dry run (pulumi-kubernetes provider/pkg/provider/helm/v4/chart.go,
+        # "use server-side dry-run to enable the lookup function"). The first install generates it once.
+        "keepTLSSecret": True,
+        "enableCertManager": False,
     }
 
 
