@@ -19,6 +19,7 @@ import pulumi_aws as aws
 from facts.cluster import POOL_LABEL, SYSTEM_POOL
 from facts.instance_types import NVME_INSTANCE_STORE_GB
 from infra.capacity import node_group_capacity_type, reservation_launch_template_args
+from infra.cluster_autoscaler import autoscaler_tag_keys
 from infra.config import ClusterConfig, GpuPool
 
 CONTROL_PLANE_LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
@@ -308,6 +309,11 @@ class Cluster(pulumi.ComponentResource):
         `user_data`, a nodeadm NodeConfig, when given)."""
         spec = self._args
         propagated = {**self._args.tags, POOL_LABEL: pool_name}
+        # aws-node-termination-handler (checkTagBeforeDraining, managedTag = this key; infra/spot_interruptions.py)
+        # drains only instances carrying its managed tag, read from the EC2 instance's own tags (NTH v1.25.6
+        # pkg/monitor/sqsevent: CheckIfManaged/ManagedTag on the instance). The ASG's tag of the same key (EKS's, for
+        # the Cluster Autoscaler) is not propagated to instances, so the launch template sets it.
+        instance_only = {autoscaler_tag_keys(spec.name_prefix)[1]: "owned"}
         return aws.ec2.LaunchTemplate(
             f"{self._name}-{pool_name}-lt",
             name=f"{spec.name_prefix}-{pool_name}",
@@ -337,7 +343,9 @@ class Cluster(pulumi.ComponentResource):
             user_data=base64.b64encode(user_data.encode()).decode() if user_data else None,
             **extra,
             tag_specifications=[
-                aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=propagated)
+                aws.ec2.LaunchTemplateTagSpecificationArgs(
+                    resource_type=kind, tags={**propagated, **(instance_only if kind == "instance" else {})}
+                )
                 for kind in ("instance", "volume", "network-interface")
             ],
             tags=self._args.tags,

@@ -428,3 +428,18 @@ def test_scale_from_zero_template_offers_every_efa_interface_the_node_gets(insta
     tags = node_template_tags(cfg.cluster.pool("training"))
     assert tags[f"k8s.io/cluster-autoscaler/node-template/resources/{EFA_RESOURCE}"] == efa
     assert allocatable(instance_type, efa=True)[EFA_RESOURCE] == float(efa)
+
+
+def test_instances_carry_the_tag_the_termination_handler_checks(run_stack) -> None:
+    """checkTagBeforeDraining: the handler drains only instances with its managedTag (read from the EC2 instance,
+    NTH v1.25.6 pkg/monitor/sqsevent CheckIfManaged); every node group's launch template puts it on its instances."""
+    run = run_stack("dev")
+    [nth] = [c for c in run.of_type(CHART_TYPE) if c.inputs["chart"] == CHARTS["aws-node-termination-handler"].chart]
+    managed = nth.inputs["values"]["managedTag"]
+    assert nth.inputs["values"]["checkTagBeforeDraining"] is True
+    templates = run.of_type(tok.EC2_LAUNCH_TEMPLATE)
+    assert templates
+    for lt in templates:
+        kinds = {spec["resourceType"]: spec["tags"] for spec in lt.inputs["tagSpecifications"]}
+        assert kinds["instance"].get(managed) == "owned", lt.name
+        assert managed not in kinds["volume"]
