@@ -34,6 +34,7 @@ from infra.access import kubernetes_provider_urn
 from infra.layers import cluster_stack
 from ops.mocks import Run
 from tests.helpers import WORKFLOWS_DIR
+from tests.infra.conftest import PROD_SERVING
 
 ENVIRONMENTS = ("dev", "staging", "prod")
 
@@ -113,7 +114,7 @@ def test_no_aws_resource_the_platform_needs_to_be_safe_waits_for_the_cluster_lay
     """IAM, Pod Identity, the spot queue and its rules, the ASG node-template tags, the alert topic and key, the alarms
     and the metrics workspace exist before any Kubernetes object does: all in the AWS layer; the cluster layer
     declares no AWS resource at all."""
-    run: Run = run_stack("prod")  # amp metrics, SPOT-less prod: also check staging's spot queue below
+    run: Run = run_stack("prod", PROD_SERVING)  # amp metrics, SageMaker alarms; dev's spot queue below
     aws_types = {r.type for r in run.layers["aws"].resources}
     for typ in (
         "aws:iam/role:Role",

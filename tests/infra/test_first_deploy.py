@@ -33,6 +33,9 @@ from infra.preflight import (
 from ops.mocks import Account, Recorded, RecordingMocks, Run, run_program
 from ops.preview import preview
 from tests.helpers import WORKFLOWS_DIR
+from tests.infra.conftest import PROD_SERVING
+
+PROD = {k.removeprefix("llm-platform:"): v for k, v in PROD_SERVING.items()}
 
 P = "llm-platform:"
 DEPLOY = WORKFLOWS_DIR / "deploy.yml"
@@ -351,19 +354,20 @@ def _endpoint_config(run: Run) -> dict[str, Any]:
 
 
 def test_a_new_image_rolls_out_at_the_running_count_on_recorded_inputs(tmp_path: Path) -> None:
-    steady = run_with("prod", tmp_path)
+    steady = run_with("prod", tmp_path, **PROD)
     model = steady.one(tok.SAGEMAKER_MODEL).inputs["name"]
     assert _endpoint_config(steady)["initialInstanceCount"] == 2
     running = {"instance_type": "ml.g5.2xlarge", "config_initial_count": 2, "desired_count": 5, "autoscaled": True}
-    unchanged = run_with("prod", tmp_path, Account(endpoints={"llmp-prod-serving": {**running, "model_name": model}}))
+    unchanged = run_with(
+        "prod", tmp_path, Account(endpoints={"llmp-prod-serving": {**running, "model_name": model}}), **PROD
+    )
     assert _endpoint_config(unchanged)["initialInstanceCount"] == 2
     new_image = run_with(
         "prod",
         tmp_path,
         Account(endpoints={"llmp-prod-serving": {**running, "model_name": model}}),
-        servingImageTag="1.1.0",
         # prod pins its serving image by digest (issue 10): a new image is a new tag *and* its digest.
-        servingImageDigest="sha256:" + "1" * 64,
+        **{**PROD, "servingImageTag": "1.1.0", "servingImageDigest": "sha256:" + "1" * 64},
     )
     assert new_image.one(tok.SAGEMAKER_MODEL).inputs["name"] != model
     assert _endpoint_config(new_image)["initialInstanceCount"] == 5
@@ -371,7 +375,7 @@ def test_a_new_image_rolls_out_at_the_running_count_on_recorded_inputs(tmp_path:
 
 def test_instance_type_change_with_autoscaling_is_refused_with_the_procedure(tmp_path: Path) -> None:
     running = {"model_name": "x", "instance_type": "ml.g5.xlarge", "config_initial_count": 2, "desired_count": 3}
-    message, _ = build_fails("prod", Account(endpoints={"llmp-prod-serving": {**running, "autoscaled": True}}))
+    message, _ = build_fails("prod", Account(endpoints={"llmp-prod-serving": {**running, "autoscaled": True}}), **PROD)
     assert "the endpoint runs ml.g5.xlarge and is registered with Application Auto Scaling" in message
     assert "(1) set sagemakerAutoscaling: false" in message and "(3) set sagemakerAutoscaling: true" in message
     # Step 2 of the procedure: deregistered, autoscaling off -> the change goes through at the running count.
@@ -379,6 +383,7 @@ def test_instance_type_change_with_autoscaling_is_refused_with_the_procedure(tmp
         "prod",
         tmp_path,
         Account(endpoints={"llmp-prod-serving": {**running, "autoscaled": False}}),
+        **PROD,
         sagemakerAutoscaling=False,
     )
     assert run.of_type(tok.APPAUTOSCALING_TARGET) == []

@@ -16,6 +16,7 @@ from facts.tags import STACK_TAG_KEYS, stack_tags
 from infra import outputs as out
 from infra.charts import CHART_TYPE, CHARTS
 from infra.config import load_stack
+from tests.infra.conftest import PROD_SERVING
 from tests.infra.scheduling import chart_pod_spec
 
 OPTIONAL_OUTPUTS = (
@@ -70,7 +71,7 @@ def test_outputs_are_complete_and_kubeconfig_is_secret(shipped) -> None:
 
 
 def test_each_serving_path_is_enabled_by_some_shipped_stack(run_stack) -> None:
-    runs = [run_stack(s) for s in ("dev", "staging", "prod")]
+    runs = [run_stack("dev"), run_stack("staging"), run_stack("prod", PROD_SERVING)]
     assert any(r.of_type(tok.K8S_DEPLOYMENT) and out.SERVING_SERVICE_NAME in r.outputs for r in runs)
     assert any(r.of_type(tok.SAGEMAKER_ENDPOINT) for r in runs)
 
@@ -196,8 +197,8 @@ def test_destroy_order_workloads_before_nodes_before_network(shipped) -> None:
 def test_prod_references_its_images_by_digest(run_stack) -> None:
     # Tags can be re-pointed (or an immutable repository replaced); a digest is the image. Prod's Deployment, its
     # SageMaker model and the training image it exports all name `<repository>@sha256:<64 hex>`.
-    run = run_stack("prod")
-    cfg = load_stack("prod")
+    run = run_stack("prod", PROD_SERVING)  # after its first deploy (the shipped file names no image yet)
+    cfg = load_stack("prod", **PROD_SERVING)
     serving_repo, training_repo = run.outputs[out.SERVING_REPOSITORY_URL], run.outputs[out.TRAINING_REPOSITORY_URL]
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", cfg.images.serving_digest)
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", cfg.images.training_digest)
