@@ -12,6 +12,7 @@ hosted runner.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pulumi
@@ -298,6 +299,9 @@ def check_before_declaring(cfg: StackConfig, account_id: str, *, cluster_layer: 
             [f"{cfg.project}:azCount = {cfg.network.az_count}: region {cfg.region} has only {len(zones)} zones"],
         )
     preflight.check_version_drift(cfg)
+    warning = preflight.support_warning(cfg.cluster.kubernetes_version, datetime.now(UTC).date())
+    if warning:
+        pulumi.log.warn(warning)
     training = cfg.cluster.pool("training")
     training_subnet_index = 0
     if training.capacity_reservation_id:

@@ -441,3 +441,22 @@ def test_the_pr_preview_of_the_real_engine_previews_the_aws_layer_and_the_offlin
     assert '-m ops.preview "$stack" --json' in script
     report, _ = preview("dev")
     assert set(report["layers"]) == {"aws", "cluster"} and all(report["layers"].values())
+
+
+def test_a_kubernetes_version_out_of_standard_support_is_warned_at_preview(caplog: pytest.LogCaptureFixture) -> None:
+    from datetime import date
+
+    from infra.preflight import EKS_STANDARD_SUPPORT_ENDS, support_warning
+
+    assert support_warning("1.33", date(2026, 7, 29)) is None
+    late = support_warning("1.33", date(2026, 7, 30))
+    assert late and "left EKS standard support on 2026-07-29" in late and "set kubernetesVersion to 1.34" in late
+    assert support_warning("1.99", date(2030, 1, 1)) is None  # newer than the table: nothing known against it
+    assert "older than every version" in (support_warning("1.20", date(2020, 1, 1)) or "")
+    assert all(isinstance(d, date) for d in EKS_STANDARD_SUPPORT_ENDS.values())
+    # The preview of a stack on a version past its date says so (warning, not failure).
+    cfg = load_stack("dev")
+    expected = support_warning(cfg.cluster.kubernetes_version, date.today())
+    with caplog.at_level("WARNING"):
+        preview("dev")
+    assert (expected in caplog.text) if expected else ("left EKS standard support" not in caplog.text)
