@@ -541,3 +541,15 @@ def test_the_cluster_layer_alone_destroys_only_the_cluster_layer(
     code, out, err = _run(STACK, "--layer", "cluster")
     assert code == teardown.EXIT_CLEAN, out + err
     assert destroys == [f"{STACK}-cluster"]
+
+
+def test_every_tool_taking_a_stack_and_an_outputs_file_refuses_another_stacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ops import launch_training
+
+    outputs = tmp_path / "dev-outputs.json"
+    outputs.write_text(json.dumps({keys.STACK: "dev", keys.REGION: REGION}))
+    argv = ["--stack", "staging", "--outputs", str(outputs), "--target", "eks", "--name", "r", "--data", "s3://b/d"]
+    assert launch_training.main([*argv, "--image-tag", "git-0"]) == 2
+    assert "holds the outputs of stack 'dev', not 'staging'" in capsys.readouterr().err
