@@ -553,3 +553,20 @@ def test_every_tool_taking_a_stack_and_an_outputs_file_refuses_another_stacks(
     argv = ["--stack", "staging", "--outputs", str(outputs), "--target", "eks", "--name", "r", "--data", "s3://b/d"]
     assert launch_training.main([*argv, "--image-tag", "git-0"]) == 2
     assert "holds the outputs of stack 'dev', not 'staging'" in capsys.readouterr().err
+
+
+def test_each_sweep_kind_is_declared_once_with_everything_it_needs(seeded: Seeded) -> None:
+    """The registry (ops.sweep.KINDS) is the one place a kind lives: its ARN type, collector, delete and "freed" check;
+    the deletion order and the tagging API's exclusions derive from it. Every kind the collectors report is in it."""
+    from ops import sweep
+
+    assert tuple((k.service, k.kind) for k in sweep.KINDS) == sweep.DELETE_ORDER
+    assert {k.arn_type for k in sweep.KINDS} == sweep._COVERED
+    assert len(sweep.KINDS_BY_KEY) == len(sweep.KINDS)
+    assert all(callable(k.collect) and callable(k.delete) for k in sweep.KINDS)
+    assert {k.kind for k in sweep.KINDS if k.freed} == {"network-interface", "elastic-ip", "volume"}
+    findings = sweep.Sweeper(Ownership(STACK, CLUSTER), REGION).find()
+    described = {(f.service, f.kind) for f in findings if not f.note.startswith("not deleted by the sweep")}
+    assert described and described <= set(sweep.KINDS_BY_KEY)
+    # What only the tagging API found (the VPC) is reported, never deleted.
+    assert {(f.service, f.kind) for f in findings} - described == {("ec2", "vpc")}
