@@ -3,14 +3,13 @@
 The Kubernetes objects of a stack are applied through the cluster's Kubernetes provider, so whatever runs
 `pulumi up` must reach the cluster endpoint:
 
-- `in-vpc-runner` (default; the only path for a private-only endpoint): the stack creates an AWS CodeBuild project that
-  hosts GitHub Actions runners in its private subnets (CodeBuild User Guide, "Self-hosted GitHub Actions runners in
-  AWS CodeBuild": a webhook on WORKFLOW_JOB_QUEUED, jobs select it with
+- `in-vpc-runner` (default; the only path for a private-only endpoint): the AWS layer creates an AWS CodeBuild project
+  that hosts GitHub Actions runners in its private subnets (CodeBuild User Guide, "Self-hosted GitHub Actions runners
+  in AWS CodeBuild": a webhook on WORKFLOW_JOB_QUEUED, jobs select it with
   `runs-on: codebuild-<project>-${{ github.run_id }}-${{ github.run_attempt }}`). The deploy workflow runs
-  `pulumi up --exclude <the Kubernetes provider> --exclude-dependents` on a GitHub-hosted runner (the AWS layer,
-  which creates the VPC, the cluster and the runner; excluded resources are left as they are, never deleted: Pulumi
-  docs, "Targeted updates"), then the full `pulumi up` on the in-VPC runner, which reaches the private endpoint
-  (the API security group admits HTTPS from the VPC CIDR, infra/cluster.py).
+  `pulumi up --stack <env>` (the AWS layer: the VPC, the cluster, the runner, every AWS resource) on a GitHub-hosted
+  runner, then `pulumi up --stack <env>-cluster` (the cluster layer, infra/layers.py) on the in-VPC runner, which
+  reaches the private endpoint (the API security group admits HTTPS from the VPC CIDR, infra/cluster.py).
 - `public-allowlist`: the public endpoint restricted to `publicApiCidrs`, the public egress addresses of whoever
   deploys (a workstation). GitHub-hosted runners have no stable address, so CI never uses this path.
 
@@ -32,6 +31,7 @@ import pulumi_aws as aws
 from facts import pulumi_types as tok
 from infra.config import StackConfig, non_routable
 from infra.identity import service_trust
+from infra.layers import KUBERNETES_PROVIDER_NAME
 
 RUNNER_IMAGE = "aws/codebuild/amazonlinux-x86_64-standard:5.0"
 """CodeBuild's curated Amazon Linux image (CodeBuild User Guide, "Docker images provided by CodeBuild"); the
@@ -40,10 +40,6 @@ RUNNER_COMPUTE = "BUILD_GENERAL1_MEDIUM"
 """4 vCPUs, 7 GB: a Pulumi program of this size with pulumi-aws and pulumi-kubernetes plugins."""
 RUNNER_TIMEOUT_MINUTES = 150
 """Above the deploy jobs' own timeouts (120 min for prod), so the workflow's limit is the one that applies."""
-CLUSTER_COMPONENT_TYPE = "llm-platform:infra:Cluster"
-CLUSTER_COMPONENT_NAME = "cluster"
-KUBERNETES_PROVIDER_NAME = f"{CLUSTER_COMPONENT_NAME}-k8s"
-"""infra/cluster.py names the cluster's Kubernetes provider `<component>-k8s`; every Kubernetes object uses it."""
 
 
 def runner_project_name(name_prefix: str) -> str:
@@ -57,10 +53,9 @@ def runner_label(project_name: str) -> str:
 
 
 def kubernetes_provider_urn(stack: str, project: str) -> str:
-    """URN of the cluster's Kubernetes provider (a child of the Cluster component): the resource the AWS-layer run
-    excludes, together with everything that depends on it."""
-    kind = f"{CLUSTER_COMPONENT_TYPE}$pulumi:providers:kubernetes"
-    return f"urn:pulumi:{stack}::{project}::{kind}::{KUBERNETES_PROVIDER_NAME}"
+    """URN of the cluster's Kubernetes provider in the cluster-layer stack `stack` (a top-level resource there;
+    infra/layers.py)."""
+    return f"urn:pulumi:{stack}::{project}::pulumi:pulumi:Stack$pulumi:providers:kubernetes::{KUBERNETES_PROVIDER_NAME}"
 
 
 @dataclass
@@ -212,63 +207,61 @@ def _runner_policy(
 
 
 # -- the offline proof -----------------------------------------------------------------------------------------------
-def _steps_running_up(job: Mapping[str, Any], stack: str) -> list[Mapping[str, Any]]:
-    return [
-        s
-        for s in job.get("steps", [])
-        if s.get("uses", "").split("@")[0] == "pulumi/actions"
-        and s.get("with", {}).get("command") == "up"
-        and s.get("with", {}).get("stack-name") == stack
-    ]
+def deployer_path_problems(
+    cfg: StackConfig, resources: list[Any], workflow: Mapping[str, Any], cluster_resources: list[Any] | None = None
+) -> list[str]:
+    """Why the deploy workflow could not apply this environment's cluster layer (empty: it can).
 
+    `resources` are the recorded resources of the environment's AWS layer (ops.mocks.Recorded), `cluster_resources`
+    its cluster layer's (default: the Kubernetes ones among `resources`); `workflow` the parsed deploy workflow.
+    Whether any job outside the VPC needs the cluster's API is tests/infra/test_engine_rules.py's (infra/reach.py)."""
+    from infra.layers import cluster_stack
+    from infra.reach import operations
 
-def _excludes_kubernetes_layer(step: Mapping[str, Any], stack: str, project: str) -> bool:
-    args = step.get("with", {})
-    excluded = [line.strip() for line in str(args.get("exclude", "")).splitlines() if line.strip()]
-    return kubernetes_provider_urn(stack, project) in excluded and args.get("exclude-dependents") is True
-
-
-def deployer_path_problems(cfg: StackConfig, resources: list[Any], workflow: Mapping[str, Any]) -> list[str]:
-    """Why the deploy workflow could not apply this stack's Kubernetes objects (empty: it can).
-
-    `resources` are the recorded resources of the stack's preview (ops.mocks.Recorded); `workflow` the parsed
-    deploy workflow."""
-    stack, project = cfg.stack, cfg.project
+    stack = cfg.stack
     problems: list[str] = []
-    provider_urn = kubernetes_provider_urn(stack, project)
     by_type: dict[str, list[Any]] = {}
     for r in resources:
         by_type.setdefault(r.type, []).append(r)
-
-    # Every Kubernetes object goes through the cluster's provider (the one the AWS-layer run excludes); one on the
-    # default provider would use whatever kubeconfig the runner happens to have.
-    for r in resources:
-        if r.type.startswith("kubernetes:") and not (r.provider or "").startswith(provider_urn + "::"):
-            problems.append(f"{r.type} {r.name} is not applied through {provider_urn} (provider {r.provider!r})")
+    k8s = (
+        cluster_resources
+        if cluster_resources is not None
+        else [r for r in resources if r.type.startswith("kubernetes:")]
+    )
+    # Every Kubernetes object goes through the cluster layer's provider; one on the default provider would use
+    # whatever kubeconfig the runner happens to have.
+    suffix = f"pulumi:providers:kubernetes::{KUBERNETES_PROVIDER_NAME}"
+    for r in k8s:
+        if r.type.startswith("kubernetes:") and suffix not in (r.provider or ""):
+            problems.append(
+                f"{r.type} {r.name} is not applied through {KUBERNETES_PROVIDER_NAME} (provider {r.provider!r})"
+            )
     [cluster] = by_type.get(tok.EKS_CLUSTER, [None])
     if cluster is None:
         return [*problems, "the stack declares no EKS cluster"]
     vpc_cfg = cluster.inputs.get("vpcConfig", {})
 
-    applying: list[str] = []
-    for job_id, job in workflow.get("jobs", {}).items():
-        for step in _steps_running_up(job, stack):
-            runs_on = job.get("runs-on")
-            labels = runs_on if isinstance(runs_on, list) else [runs_on]
-            codebuild = [lbl for lbl in labels if str(lbl).startswith("codebuild-")]
-            if _excludes_kubernetes_layer(step, stack, project):
-                continue  # the AWS layer only: may run anywhere
-            if not codebuild:
-                problems.append(
-                    f"job {job_id!r} applies the Kubernetes layer of {stack} from a GitHub-hosted runner ({runs_on}), "
-                    "which has no route to a private endpoint and no stable address for an allowlist; exclude "
-                    f"{provider_urn} with exclude-dependents there and apply it from the in-VPC runner"
-                )
-                continue
-            problems += _in_vpc_runner_problems(cfg, job_id, str(codebuild[0]), by_type, vpc_cfg)
-            applying.append(job_id)
-    if not applying and not problems:
-        problems.append(f"no job of the deploy workflow applies the Kubernetes layer of {stack}")
+    ops = operations("deploy.yml", workflow, [stack])
+    jobs = workflow.get("jobs", {})
+    aws_jobs = {op.job for op in ops if op.command == "up" and op.stack == stack}
+    if not aws_jobs:
+        problems.append(f"no job of the deploy workflow applies the AWS layer of {stack}")
+    applying = [op for op in ops if op.command == "up" and op.stack == cluster_stack(stack)]
+    for op in applying:
+        labels = [lbl for lbl in op.runs_on.split(",") if lbl.startswith("codebuild-")]
+        if not labels:
+            problems.append(
+                f"job {op.job!r} applies the cluster layer {cluster_stack(stack)} from a GitHub-hosted runner "
+                f"({op.runs_on}), which has no route to a private endpoint and no stable address for an allowlist"
+            )
+            continue
+        needs = jobs.get(op.job, {}).get("needs") or []
+        needs = [needs] if isinstance(needs, str) else list(needs)
+        if not aws_jobs & set(needs):
+            problems.append(f"job {op.job!r} applies the cluster layer without needing the AWS layer's job first")
+        problems += _in_vpc_runner_problems(cfg, op.job, labels[0], by_type, vpc_cfg)
+    if not applying:
+        problems.append(f"no job of the deploy workflow applies the cluster layer {cluster_stack(stack)}")
     if cfg.cluster.deployer == "public-allowlist":
         problems += _public_allowlist_problems(cfg, vpc_cfg)
     return problems

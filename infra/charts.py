@@ -173,7 +173,7 @@ def pod_identity_association(
     )
 
 
-def install_controller(
+def controller_identity(
     parent: pulumi.Resource,
     name: str,
     *,
@@ -182,25 +182,15 @@ def install_controller(
     cluster_name: pulumi.Input[str],
     namespace: str,
     service_account: str,
-    chart: str,
-    values: pulumi.Input[dict[str, Any]],
-    provider: k8s.Provider,
     tags: dict[str, str],
     account_id: str,
-) -> tuple[aws.iam.Role, k8s.helm.v4.Chart]:
-    """A controller that calls AWS: its Pod Identity role and policy, the association to the service account its
-    chart creates, then the pinned chart. The chart waits for the association and the policy, or the pod's first AWS
-    calls fail and it backs off for minutes."""
-    role, role_policy = pod_identity_role(parent, name, role_name, policy, tags, account_id)
-    association = pod_identity_association(parent, name, cluster_name, namespace, service_account, role, tags)
-    installed = install_chart(
-        f"{name}-chart",
-        chart,
-        namespace,
-        values,
-        pulumi.ResourceOptions(parent=parent, provider=provider, depends_on=[association, role_policy]),
-    )
-    return role, installed
+) -> aws.iam.Role:
+    """The AWS half of a controller that calls AWS (AWS layer, infra/layers.py): its Pod Identity role and policy and
+    the association to the service account its chart will create. It exists before the chart does (the cluster layer
+    is applied after the AWS layer), so the pod's first AWS calls never fail for a missing association or policy."""
+    role, _policy = pod_identity_role(parent, name, role_name, policy, tags, account_id)
+    pod_identity_association(parent, name, cluster_name, namespace, service_account, role, tags)
+    return role
 
 
 def gpu_toleration(taint: dict[str, str]) -> dict[str, str]:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import pulumi
 import pulumi_aws as aws
-import pulumi_kubernetes as k8s
 
 from facts.cluster import POOL_LABEL, SYSTEM_POOL
 from facts.instance_types import NVME_INSTANCE_STORE_GB
 from infra.capacity import node_group_capacity_type, reservation_launch_template_args
+from infra.cluster_autoscaler import autoscaler_tag_keys
 from infra.config import ClusterConfig, GpuPool
 
 CONTROL_PLANE_LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
@@ -104,7 +104,8 @@ class ClusterArgs:
 
 class Cluster(pulumi.ComponentResource):
     """The EKS cluster: control plane, access entries, managed add-ons, the system node group and one node group per
-    GPU pool, and the Kubernetes provider every Kubernetes object of the stack uses."""
+    GPU pool (AWS layer). No Kubernetes provider: the cluster layer builds it from this component's exported outputs
+    (infra/layers.py), so no job of the AWS layer ever configures or constructs anything against the Kubernetes API."""
 
     cluster: aws.eks.Cluster
     """The control plane resource (its ARN: the managed Prometheus scraper, infra/observability.py)."""
@@ -123,8 +124,6 @@ class Cluster(pulumi.ComponentResource):
     workloads depend on them so they go first on destroy."""
     addons: dict[str, aws.eks.Addon]
     """Managed add-ons by name (vpc-cni, coredns, ...)."""
-    provider: k8s.Provider
-    """Kubernetes provider for this cluster: every Kubernetes object and chart of the stack is created with it."""
 
     def __init__(self, name: str, args: ClusterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Cluster", name, None, opts)
@@ -166,14 +165,6 @@ class Cluster(pulumi.ComponentResource):
                 lambda a: _kubeconfig(a[0], a[1], a[2], args.region)
             )
         )
-        # Workloads deployed through this provider need nodes and DNS; waiting for the system node group and every
-        # add-on means a first `pulumi up` never applies a Deployment to a cluster that cannot run it.
-        self.provider = k8s.Provider(
-            f"{name}-k8s",
-            kubeconfig=self.kubeconfig,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.node_groups[SYSTEM_POOL], *self.addons.values()]),
-        )
-
         self.register_outputs(
             {
                 "name": self.name,
@@ -318,6 +309,11 @@ class Cluster(pulumi.ComponentResource):
         `user_data`, a nodeadm NodeConfig, when given)."""
         spec = self._args
         propagated = {**self._args.tags, POOL_LABEL: pool_name}
+        # aws-node-termination-handler (checkTagBeforeDraining, managedTag = this key; infra/spot_interruptions.py)
+        # drains only instances carrying its managed tag, read from the EC2 instance's own tags (NTH v1.25.6
+        # pkg/monitor/sqsevent: CheckIfManaged/ManagedTag on the instance). The ASG's tag of the same key (EKS's, for
+        # the Cluster Autoscaler) is not propagated to instances, so the launch template sets it.
+        instance_only = {autoscaler_tag_keys(spec.name_prefix)[1]: "owned"}
         return aws.ec2.LaunchTemplate(
             f"{self._name}-{pool_name}-lt",
             name=f"{spec.name_prefix}-{pool_name}",
@@ -347,7 +343,9 @@ class Cluster(pulumi.ComponentResource):
             user_data=base64.b64encode(user_data.encode()).decode() if user_data else None,
             **extra,
             tag_specifications=[
-                aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=propagated)
+                aws.ec2.LaunchTemplateTagSpecificationArgs(
+                    resource_type=kind, tags={**propagated, **(instance_only if kind == "instance" else {})}
+                )
                 for kind in ("instance", "volume", "network-interface")
             ],
             tags=self._args.tags,

@@ -21,7 +21,7 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
 from facts.cluster import EFA_RESOURCE, GPU_RESOURCE, KUBE_SYSTEM
-from infra.charts import SYSTEM_NODE_SELECTOR, install_controller
+from infra.charts import SYSTEM_NODE_SELECTOR, controller_identity, install_chart
 from infra.config import AutoscalingConfig, ClusterConfig, GpuPool
 
 CHART = "cluster-autoscaler"
@@ -78,19 +78,14 @@ def max_nodes_total(cluster: ClusterConfig) -> int:
     return cluster.system_node_count + sum(p.max_size for p in cluster.gpu_pools)
 
 
-@dataclass
-class ClusterAutoscalerArgs:
+@dataclass(kw_only=True)
+class ClusterAutoscalerIdentityArgs:
     cluster: ClusterConfig
-    """The system pool's size and the GPU pools (sizes, labels, taints)."""
-    autoscaling: AutoscalingConfig
-    """Autoscaler version and scale-down timing."""
+    """The GPU pools (their node-template tags)."""
     name_prefix: str
     """Prefix of the controller's IAM role name."""
-    region: str
     cluster_name: pulumi.Input[str]
-    """EKS cluster name: auto-discovery tag and the IAM condition that limits which ASGs CA may resize."""
-    provider: k8s.Provider
-    """Kubernetes provider of the cluster (infra.cluster.Cluster.provider)."""
+    """EKS cluster name: the IAM condition that limits which ASGs CA may resize, and the Pod Identity association."""
     node_groups: Mapping[str, aws.eks.NodeGroup]
     """The cluster's node groups by pool name ("system", "training", "inference")."""
     tags: dict[str, str]
@@ -99,21 +94,21 @@ class ClusterAutoscalerArgs:
     """Account of the stack: the controller's role trusts Pod Identity from this account only."""
 
 
-class ClusterAutoscaler(pulumi.ComponentResource):
-    """Cluster Autoscaler for the managed node groups, on the system pool, with a least-privilege Pod Identity role."""
+class ClusterAutoscalerIdentity(pulumi.ComponentResource):
+    """The Cluster Autoscaler's AWS half (AWS layer, infra/layers.py): the ASG node-template tags that let it scale a
+    pool up from zero, and its least-privilege Pod Identity role and association."""
 
     role_arn: pulumi.Output[str]
     """The controller's Pod Identity role (may resize only this cluster's node groups)."""
-    chart: k8s.helm.v4.Chart
-    """The Helm chart release (its resources are what the tests and the scheduling contract inspect)."""
 
-    def __init__(self, name: str, args: ClusterAutoscalerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__("llm-platform:infra:ClusterAutoscaler", name, None, opts)
+    def __init__(
+        self, name: str, args: ClusterAutoscalerIdentityArgs, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__("llm-platform:infra:ClusterAutoscalerIdentity", name, None, opts)
         self._name = name
         self._args = args
-
         self._tag_gpu_groups()
-        role, self.chart = install_controller(
+        role = controller_identity(
             self,
             name,
             role_name=f"{args.name_prefix}-cluster-autoscaler",
@@ -123,9 +118,6 @@ class ClusterAutoscaler(pulumi.ComponentResource):
             cluster_name=args.cluster_name,
             namespace=KUBE_SYSTEM,
             service_account=SERVICE_ACCOUNT,
-            chart=CHART,
-            values=pulumi.Output.from_input(args.cluster_name).apply(lambda c: cluster_autoscaler_values(args, c)),
-            provider=args.provider,
             tags=args.tags,
             account_id=args.account_id,
         )
@@ -142,6 +134,38 @@ class ClusterAutoscaler(pulumi.ComponentResource):
                     tag=aws.autoscaling.TagTagArgs(key=key, value=value, propagate_at_launch=False),
                     opts=pulumi.ResourceOptions(parent=self),
                 )
+
+
+@dataclass(kw_only=True)
+class ClusterAutoscalerArgs:
+    cluster: ClusterConfig
+    """The system pool's size and the GPU pools (sizes, labels, taints)."""
+    autoscaling: AutoscalingConfig
+    """Autoscaler version and scale-down timing."""
+    region: str
+    cluster_name: pulumi.Input[str]
+    """EKS cluster name: the auto-discovery tag."""
+    provider: k8s.Provider
+    """Kubernetes provider of the cluster (cluster layer)."""
+
+
+class ClusterAutoscaler(pulumi.ComponentResource):
+    """Cluster Autoscaler for the managed node groups, on the system pool (cluster layer: its chart; its role, the
+    association and the ASG tags are ClusterAutoscalerIdentity's, in the AWS layer)."""
+
+    chart: k8s.helm.v4.Chart
+    """The Helm chart release (its resources are what the tests and the scheduling contract inspect)."""
+
+    def __init__(self, name: str, args: ClusterAutoscalerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:ClusterAutoscaler", name, None, opts)
+        self.chart = install_chart(
+            f"{name}-chart",
+            CHART,
+            KUBE_SYSTEM,
+            pulumi.Output.from_input(args.cluster_name).apply(lambda c: cluster_autoscaler_values(args, c)),
+            pulumi.ResourceOptions(parent=self, provider=args.provider),
+        )
+        self.register_outputs({})
 
 
 def cluster_autoscaler_policy(cluster_name: str) -> dict[str, Any]:

@@ -160,13 +160,17 @@ def _check_environment(v: Values) -> str:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """The VPC (infra/network.py): vpcCidr, azCount, natGateways, interfaceEndpoints, flowLogRetentionDays."""
+    """The VPC (infra/network.py): vpcCidr, azCount, natGateways, interfaceEndpoints, flowLogRetentionDays,
+    stateBucket."""
 
     vpc_cidr: str
     az_count: int
     nat_gateways: Literal["single", "perAz"]
     interface_endpoints: bool
     flow_log_retention_days: int
+    state_bucket: str = ""
+    """An S3 state backend's bucket in the stack's region, admitted by the S3 gateway endpoint so the in-VPC runner
+    reaches it (docs/first-deploy.md); empty for none."""
 
     @property
     def nat_gateway_count(self) -> int:
@@ -187,7 +191,11 @@ class NetworkConfig:
         if v["natGateways"] not in NAT_MODES:
             v.bad("natGateways", f"must be one of {', '.join(NAT_MODES)}")
         v.retention("flowLogRetentionDays")
+        state_bucket = v["stateBucket"]
+        if state_bucket and not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", state_bucket):
+            v.bad("stateBucket", "must be an S3 bucket name (the `s3://<bucket>` of `pulumi login`, without s3://)")
         return cls(
+            state_bucket=state_bucket,
             vpc_cidr=v["vpcCidr"],
             az_count=v["azCount"],
             nat_gateways=v["natGateways"],
@@ -924,5 +932,9 @@ def from_pulumi() -> StackConfig:
     import pulumi
     from pulumi.runtime import config as runtime_config
 
+    from infra.layers import environment_of
+
     values = {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
-    return load_config(values, pulumi.get_stack(), source=f"stack '{pulumi.get_stack()}'")
+    # Both layers of an environment (`<env>`, `<env>-cluster`; infra/layers.py) read its one stack file and are
+    # validated, named and tagged as that environment.
+    return load_config(values, environment_of(pulumi.get_stack()), source=f"stack '{pulumi.get_stack()}'")

@@ -41,7 +41,7 @@ POD_IDENTITY_AGENT_CIDR = "169.254.170.23/32"
 """The EKS Pod Identity agent's link-local address (host network) that pods fetch their credentials from."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class KubernetesBaseArgs:
     cluster: ClusterConfig
     """Kubernetes version (Pod Security labels) and GPU pools (the quotas are their maximum GPUs)."""
@@ -53,16 +53,8 @@ class KubernetesBaseArgs:
     """The metrics mode: with `amp`, the managed collector's subnets may scrape the workloads."""
     region: str
     """AWS region: its S3 prefix list is what the workloads may reach."""
-    cluster_name: pulumi.Input[str]
-    """EKS cluster the Pod Identity associations belong to."""
     provider: k8s.Provider
-    """Explicit provider for the cluster (from `Cluster.provider`)."""
-    training_role_arn: pulumi.Input[str]
-    """IAM role the training service account's pods get (Pod Identity trust)."""
-    serving_role_arn: pulumi.Input[str]
-    """IAM role the serving service account's pods get (Pod Identity trust)."""
-    tags: dict[str, str]
-    """Stack tags for the AWS resources created here (the Pod Identity associations)."""
+    """Explicit provider for the cluster (cluster layer, built from the AWS layer's outputs)."""
 
 
 class KubernetesBase(pulumi.ComponentResource):
@@ -106,8 +98,8 @@ class KubernetesBase(pulumi.ComponentResource):
             ),
         }
         self.service_accounts = {
-            "training": self._service_account("training", TRAINING_SERVICE_ACCOUNT, args.training_role_arn),
-            "serving": self._service_account("serving", SERVING_SERVICE_ACCOUNT, args.serving_role_arn),
+            "training": self._service_account("training", TRAINING_SERVICE_ACCOUNT),
+            "serving": self._service_account("serving", SERVING_SERVICE_ACCOUNT),
         }
         self._create_gpu_quotas()
         self._create_network_policies()
@@ -137,11 +129,11 @@ class KubernetesBase(pulumi.ComponentResource):
             {"apiVersion": "v1", "kind": "Namespace", "metadata": k8s_objects.metadata(ns, labels=labels)},
         )
 
-    def _service_account(self, key: str, sa: str, role_arn: pulumi.Input[str]) -> k8s.core.v1.ServiceAccount:
-        """A service account and its Pod Identity association: pods using it get the role's credentials from the
-        Pod Identity agent. No IRSA annotation and no OIDC provider are involved."""
+    def _service_account(self, key: str, sa: str) -> k8s.core.v1.ServiceAccount:
+        """A service account; its Pod Identity association (WorkloadIdentities, AWS layer) already exists, so pods
+        using it get the role's credentials from the Pod Identity agent. No IRSA annotation, no OIDC provider."""
         ns = self.namespaces[key]
-        account = self._object(
+        return self._object(
             f"{self._name}-{key}-sa",
             {
                 "apiVersion": "v1",
@@ -151,16 +143,6 @@ class KubernetesBase(pulumi.ComponentResource):
                 "automountServiceAccountToken": False,
             },
         )
-        aws.eks.PodIdentityAssociation(
-            f"{self._name}-{key}-pod-identity",
-            cluster_name=self._args.cluster_name,
-            namespace=ns.metadata.name,
-            service_account=sa,
-            role_arn=role_arn,
-            tags=self._args.tags,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[account]),
-        )
-        return account
 
     # -- GPUs ------------------------------------------------------------------------------------------------------
     def _create_gpu_quotas(self) -> None:
@@ -285,6 +267,42 @@ class KubernetesBase(pulumi.ComponentResource):
 
     def _object(self, resource_name: str, obj: dict[str, Any]) -> Any:
         return k8s_objects.apply(resource_name, obj, self._k8s_opts)
+
+
+@dataclass(kw_only=True)
+class WorkloadIdentitiesArgs:
+    cluster_name: pulumi.Input[str]
+    """EKS cluster the Pod Identity associations belong to."""
+    training_role_arn: pulumi.Input[str]
+    """IAM role the training service account's pods get (Pod Identity trust)."""
+    serving_role_arn: pulumi.Input[str]
+    """IAM role the serving service account's pods get (Pod Identity trust)."""
+    tags: dict[str, str]
+    """Stack tags for the associations."""
+
+
+class WorkloadIdentities(pulumi.ComponentResource):
+    """The Pod Identity associations of the training and serving service accounts (AWS layer, infra/layers.py). An
+    association names its namespace and service account as strings and needs neither to exist yet (EKS User Guide,
+    "Assign an IAM role to a Kubernetes service account"), so it is an AWS resource like any other and exists before
+    the cluster layer creates the service accounts."""
+
+    def __init__(self, name: str, args: WorkloadIdentitiesArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:WorkloadIdentities", name, None, opts)
+        for key, ns, sa, role_arn in (
+            ("training", TRAINING_NAMESPACE, TRAINING_SERVICE_ACCOUNT, args.training_role_arn),
+            ("serving", SERVING_NAMESPACE, SERVING_SERVICE_ACCOUNT, args.serving_role_arn),
+        ):
+            aws.eks.PodIdentityAssociation(
+                f"kubernetes-base-{key}-pod-identity",
+                cluster_name=args.cluster_name,
+                namespace=ns,
+                service_account=sa,
+                role_arn=role_arn,
+                tags=args.tags,
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+        self.register_outputs({})
 
 
 def s3_cidrs(region: str) -> pulumi.Output[list[str]]:

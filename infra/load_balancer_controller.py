@@ -12,7 +12,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from facts.cluster import KUBE_SYSTEM
-from infra.charts import SYSTEM_NODE_SELECTOR, install_controller
+from infra.charts import SYSTEM_NODE_SELECTOR, controller_identity, install_chart
 
 CHART = "aws-load-balancer-controller"
 SERVICE_ACCOUNT = "aws-load-balancer-controller"
@@ -52,39 +52,38 @@ def load_balancer_controller_values(args: LoadBalancerControllerArgs, cluster_na
         # Load balancers, target groups and security groups it creates carry the stack tags (cost allocation, the
         # teardown sweep), besides the elbv2.k8s.aws/cluster tag it always sets.
         "defaultTags": dict(args.tags),
+        # The webhook's certificate survives every `up`: the chart generates a new CA per render (genCA in
+        # templates/_helpers.tpl) unless it finds its own Secret with `lookup`, which helm.v4.Chart enables by
+        # rendering with a server-side dry run (pulumi-kubernetes provider/pkg/provider/helm/v4/chart.go,
+        # "use server-side dry-run to enable the lookup function"). The first install generates it once.
+        "keepTLSSecret": True,
+        "enableCertManager": False,
     }
 
 
-@dataclass
-class LoadBalancerControllerArgs:
+@dataclass(kw_only=True)
+class LoadBalancerControllerIdentityArgs:
     name_prefix: str
     """Prefix of the controller's IAM role name."""
-    region: str
-    """Region the controller manages load balancers in (given, so it needs no IMDS)."""
     cluster_name: pulumi.Input[str]
-    """EKS cluster name: the controller tags what it creates with it, and the IAM policy keys on that tag."""
-    vpc_id: pulumi.Input[str]
-    """VPC of the cluster."""
-    provider: k8s.Provider
-    """Kubernetes provider of the cluster."""
+    """EKS cluster the Pod Identity association belongs to."""
     tags: dict[str, str]
     """Stack tags for every taggable AWS resource."""
     account_id: str
     """Account of the stack: the controller's role trusts Pod Identity from this account only."""
 
 
-class LoadBalancerController(pulumi.ComponentResource):
-    """The AWS Load Balancer Controller on the system pool, with its Pod Identity role: turns the serving Ingress
-    into an internal ALB."""
+class LoadBalancerControllerIdentity(pulumi.ComponentResource):
+    """The controller's AWS half (AWS layer, infra/layers.py): its Pod Identity role and association."""
 
     role_arn: pulumi.Output[str]
     """The controller's Pod Identity role (upstream IAM policy, pinned by digest)."""
-    chart: k8s.helm.v4.Chart
-    """The Helm chart release; the serving Deployment depends on it so its Ingress has a controller."""
 
-    def __init__(self, name: str, args: LoadBalancerControllerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__("llm-platform:infra:LoadBalancerController", name, None, opts)
-        role, self.chart = install_controller(
+    def __init__(
+        self, name: str, args: LoadBalancerControllerIdentityArgs, opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__("llm-platform:infra:LoadBalancerControllerIdentity", name, None, opts)
+        role = controller_identity(
             self,
             name,
             role_name=f"{args.name_prefix}-aws-load-balancer-controller",
@@ -92,13 +91,43 @@ class LoadBalancerController(pulumi.ComponentResource):
             cluster_name=args.cluster_name,
             namespace=KUBE_SYSTEM,
             service_account=SERVICE_ACCOUNT,
-            chart=CHART,
-            values=pulumi.Output.all(args.cluster_name, args.vpc_id).apply(
-                lambda a: load_balancer_controller_values(args, a[0], a[1])
-            ),
-            provider=args.provider,
             tags=args.tags,
             account_id=args.account_id,
         )
         self.role_arn = role.arn
         self.register_outputs({"role_arn": self.role_arn})
+
+
+@dataclass(kw_only=True)
+class LoadBalancerControllerArgs:
+    region: str
+    """Region the controller manages load balancers in (given, so it needs no IMDS)."""
+    cluster_name: pulumi.Input[str]
+    """EKS cluster name: the controller tags what it creates with it, and the IAM policy keys on that tag."""
+    vpc_id: pulumi.Input[str]
+    """VPC of the cluster."""
+    provider: k8s.Provider
+    """Kubernetes provider of the cluster (cluster layer)."""
+    tags: dict[str, str]
+    """Stack tags: the controller sets them on the load balancers it creates."""
+
+
+class LoadBalancerController(pulumi.ComponentResource):
+    """The AWS Load Balancer Controller on the system pool (cluster layer: its chart; the role is
+    LoadBalancerControllerIdentity's): turns the serving Ingress into an internal ALB."""
+
+    chart: k8s.helm.v4.Chart
+    """The Helm chart release; the serving Deployment depends on it so its Ingress has a controller."""
+
+    def __init__(self, name: str, args: LoadBalancerControllerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:LoadBalancerController", name, None, opts)
+        self.chart = install_chart(
+            f"{name}-chart",
+            CHART,
+            KUBE_SYSTEM,
+            pulumi.Output.all(args.cluster_name, args.vpc_id).apply(
+                lambda a: load_balancer_controller_values(args, a[0], a[1])
+            ),
+            pulumi.ResourceOptions(parent=self, provider=args.provider),
+        )
+        self.register_outputs({})

@@ -59,7 +59,11 @@ def read_only_buckets(region: str) -> list[str]:
     ]
 
 
-def s3_endpoint_policy(bucket_arns: list[str], region: str) -> dict:
+STATE_BACKEND_ACTIONS = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket", "s3:GetBucketLocation"]
+"""What a Pulumi DIY backend does with its bucket (read and write stack checkpoints, locks and history; list stacks)."""
+
+
+def s3_endpoint_policy(bucket_arns: list[str], region: str, state_bucket: str = "") -> dict:
     """The S3 gateway endpoint's policy: the stack's own buckets (the actions its roles are granted) and read-only
     access to the buckets image pulls need (`read_only_buckets`). Everything else is denied through this endpoint:
     a workload cannot copy data to a bucket outside the stack (its IAM policy could not grant that anyway, but a
@@ -82,6 +86,21 @@ def s3_endpoint_policy(bucket_arns: list[str], region: str) -> dict:
                 "Action": ["s3:GetObject"],
                 "Resource": [f"arn:{partition}:s3:::{b}/*" for b in read_only_buckets(region)],
             },
+            *(
+                [
+                    {
+                        # The deployers' state backend (stateBucket): the in-VPC runner reaches S3 of its region only
+                        # through this endpoint.
+                        "Sid": "PulumiStateBackend",
+                        "Effect": "Allow",
+                        "Principal": "*",
+                        "Action": STATE_BACKEND_ACTIONS,
+                        "Resource": [f"arn:{partition}:s3:::{state_bucket}", f"arn:{partition}:s3:::{state_bucket}/*"],
+                    }
+                ]
+                if state_bucket
+                else []
+            ),
         ],
     }
 
@@ -295,7 +314,7 @@ class Network(pulumi.ComponentResource):
             vpc_endpoint_type="Gateway",
             route_table_ids=[rt.id for rt in self.private_route_tables],
             policy=pulumi.Output.all(*self._spec.bucket_arns.values()).apply(
-                lambda arns: json.dumps(s3_endpoint_policy(sorted(arns), region))
+                lambda arns: json.dumps(s3_endpoint_policy(sorted(arns), region, a.network.state_bucket))
             ),
             tags=self._tags(f"{a.name_prefix}-s3"),
             opts=self._child,

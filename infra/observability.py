@@ -1,9 +1,10 @@
 """Seeing the platform: GPU metrics, Prometheus scraping of GPUs, serving and training (Amazon Managed Prometheus or an
 in-cluster Prometheus, by config), the Grafana dashboards as code, and alarms that reach people.
 
-One component composes the concerns, each in its own module: infra/prometheus.py (the monitoring namespace, DCGM
-exporter and Prometheus chart values, scrape configuration, dashboards), infra/alarms.py (topic, capacity and SageMaker
-alarms), and Amazon Managed Prometheus below. Its Kubernetes objects are plain objects applied by infra/k8s_objects.py.
+Two components, one per layer (infra/layers.py): Observability (AWS layer: infra/alarms.py's topic, capacity and
+SageMaker alarms, and Amazon Managed Prometheus) and ClusterMonitoring (cluster layer: infra/prometheus.py's monitoring
+namespace, DCGM exporter and Prometheus chart values, dashboards). Its Kubernetes objects are plain objects applied by
+infra/k8s_objects.py.
 """
 
 from __future__ import annotations
@@ -35,30 +36,24 @@ from infra.prometheus import (
 AMP_COLLECTOR_USER = "aps-collector-user"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ObservabilityArgs:
     observability: ObservabilityConfig
-    """Metrics mode, exporter and Prometheus versions, retention, alert subscribers, the SageMaker latency target."""
+    """Metrics mode, retention, alert subscribers, the SageMaker latency target."""
     serving: ServingConfig
     """Whether the stack serves on SageMaker and its scaling ceiling (the SageMaker alarms)."""
-    gpu_pools: Sequence[GpuPool]
-    """The GPU pools: the DCGM exporter runs on their nodes."""
     stack: str
-    """The stack name: in-cluster series carry it as an external label."""
+    """The environment's stack name: series carry it as an external label."""
     name_prefix: str
     """Prefix of the physical names (workspace, scraper, topic, alarms)."""
     protect_data: bool
     """Protect the alert topic's key with the data (storage.protect_data)."""
-    cluster_name: pulumi.Input[str]
-    """EKS cluster name (a label on every series, and the access entry of the managed scraper)."""
     cluster_arn: pulumi.Input[str]
     """EKS cluster ARN: the source of the Amazon Managed Prometheus scraper."""
     cluster_security_group_id: pulumi.Input[str]
     """Cluster security group: the managed scraper's ENIs carry it to reach pods on every node."""
     private_subnet_ids: pulumi.Input[list[str]]
     """Private subnets for the managed scraper's ENIs."""
-    provider: k8s.Provider
-    """Kubernetes provider of the cluster."""
     node_groups: Mapping[str, aws.eks.NodeGroup]
     """Node groups by pool name; a launch failure in any of them raises an alert."""
     account_id: str
@@ -74,23 +69,23 @@ class ObservabilityArgs:
 
 
 class Observability(pulumi.ComponentResource):
-    """The alert topic and alarms (always), and with `metrics` other than `none`: the monitoring namespace, the DCGM
-    exporter on the GPU nodes, the dashboards as ConfigMaps, and either the in-cluster Prometheus (`in-cluster`) or an
-    Amazon Managed Prometheus workspace with the AWS-managed collector and its RBAC (`amp`)."""
+    """The AWS half of seeing the platform (AWS layer, infra/layers.py), so alerting exists even when the cluster
+    layer never gets applied: the alert topic, its key and the alarms (always), and with `metrics: amp` the Amazon
+    Managed Prometheus workspace and the AWS-managed collector. The in-cluster half is ClusterMonitoring."""
 
     alert_topic_arn: pulumi.Output[str]
     """The SNS topic every alarm publishes to (the alert emails subscribe to it)."""
-    prometheus_url: pulumi.Output[str] | None
-    """Where PromQL is answered: the in-cluster Service URL, the AMP workspace endpoint, or None (metrics: none)."""
     amp_workspace_id: pulumi.Output[str] | None
     """The Amazon Managed Prometheus workspace id with `metrics: amp`, else None."""
+    amp_query_url: pulumi.Output[str] | None
+    """The workspace's Prometheus endpoint with `metrics: amp`, else None."""
 
     def __init__(self, name: str, args: ObservabilityArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:Observability", name, None, opts)
         self._name = name
         self._args = args
-        self.prometheus_url = None
         self.amp_workspace_id = None
+        self.amp_query_url = None
 
         alerts = Alerts(
             name,
@@ -109,7 +104,69 @@ class Observability(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
         self.alert_topic_arn = alerts.topic_arn
+        if args.observability.metrics == "amp":
+            self._create_amp()
+        self.register_outputs(
+            {
+                "alert_topic_arn": self.alert_topic_arn,
+                "amp_workspace_id": self.amp_workspace_id,
+                "amp_query_url": self.amp_query_url,
+            }
+        )
 
+    def _create_amp(self) -> None:
+        """Amazon Managed Prometheus with the AWS-managed collector; the cluster layer adds only its RBAC."""
+        args = self._args
+        child = pulumi.ResourceOptions(parent=self)
+        workspace = aws.amp.Workspace(
+            f"{self._name}-amp", alias=f"{args.name_prefix}-metrics", tags=args.tags, opts=child
+        )
+        aws.amp.Scraper(
+            f"{self._name}-amp-scraper",
+            alias=f"{args.name_prefix}-scraper",
+            source=aws.amp.ScraperSourceArgs(
+                eks=aws.amp.ScraperSourceEksArgs(
+                    cluster_arn=args.cluster_arn,
+                    subnet_ids=args.private_subnet_ids,
+                    security_group_ids=[args.cluster_security_group_id],
+                )
+            ),
+            destination=aws.amp.ScraperDestinationArgs(
+                amp=aws.amp.ScraperDestinationAmpArgs(workspace_arn=workspace.arn)
+            ),
+            scrape_configuration=yaml.safe_dump(scrape_config(args.stack, managed_collector=True), sort_keys=False),
+            tags=args.tags,
+            opts=child,
+        )
+        self.amp_workspace_id = workspace.id
+        self.amp_query_url = workspace.prometheus_endpoint
+
+
+@dataclass(kw_only=True)
+class ClusterMonitoringArgs:
+    observability: ObservabilityConfig
+    """Metrics mode, exporter and Prometheus versions, retention."""
+    gpu_pools: Sequence[GpuPool]
+    """The GPU pools: the DCGM exporter runs on their nodes."""
+    stack: str
+    """The environment's stack name: in-cluster series carry it as an external label."""
+    provider: k8s.Provider
+    """Kubernetes provider of the cluster (cluster layer)."""
+    amp_query_url: pulumi.Input[str] | None = None
+    """With `metrics: amp`, the workspace endpoint (the AWS layer's output)."""
+
+
+class ClusterMonitoring(pulumi.ComponentResource):
+    """The in-cluster half (cluster layer), with `metrics` other than `none`: the monitoring namespace, the DCGM
+    exporter on the GPU nodes, the dashboards as ConfigMaps, and either the in-cluster Prometheus (`in-cluster`) or the
+    RBAC the AWS-managed collector reads the cluster with (`amp`)."""
+
+    prometheus_url: pulumi.Output[str] | None
+    """Where PromQL is answered: the in-cluster Service URL, the AMP workspace endpoint, or None (metrics: none)."""
+
+    def __init__(self, name: str, args: ClusterMonitoringArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:ClusterMonitoring", name, None, opts)
+        self.prometheus_url = None
         mode = args.observability.metrics
         if mode != "none":
             k8s_opts = pulumi.ResourceOptions(parent=self, provider=args.provider)
@@ -136,48 +193,16 @@ class Observability(pulumi.ComponentResource):
                     f"http://{PROMETHEUS_SERVICE}.{MONITORING_NAMESPACE}.svc:{PROMETHEUS_PORT}"
                 )
             else:
-                self._create_amp(k8s_opts)
-
-        self.register_outputs(
-            {
-                "alert_topic_arn": self.alert_topic_arn,
-                "prometheus_url": self.prometheus_url,
-                "amp_workspace_id": self.amp_workspace_id,
-            }
-        )
-
-    def _create_amp(self, k8s_opts: pulumi.ResourceOptions) -> None:
-        """Amazon Managed Prometheus with the AWS-managed collector: nothing to run in the cluster but RBAC for it."""
-        args = self._args
-        child = pulumi.ResourceOptions(parent=self)
-        workspace = aws.amp.Workspace(
-            f"{self._name}-amp", alias=f"{args.name_prefix}-metrics", tags=args.tags, opts=child
-        )
-        aws.amp.Scraper(
-            f"{self._name}-amp-scraper",
-            alias=f"{args.name_prefix}-scraper",
-            source=aws.amp.ScraperSourceArgs(
-                eks=aws.amp.ScraperSourceEksArgs(
-                    cluster_arn=args.cluster_arn,
-                    subnet_ids=args.private_subnet_ids,
-                    security_group_ids=[args.cluster_security_group_id],
+                # The collector authenticates to the cluster as its service-linked role. On a cluster with API
+                # authentication (ours) AMP creates that role's access entry itself, mapped to `aps-collector-user`
+                # (AMP user guide, "Set up managed collectors for Amazon EKS"); a second one from us fails with
+                # ResourceInUseException. The RBAC below grants that user read access.
+                for key, obj in amp_collector_rbac().items():
+                    k8s_objects.apply(f"{name}-amp-{key}", obj, k8s_opts)
+                self.prometheus_url = (
+                    pulumi.Output.from_input(args.amp_query_url) if args.amp_query_url is not None else None
                 )
-            ),
-            destination=aws.amp.ScraperDestinationArgs(
-                amp=aws.amp.ScraperDestinationAmpArgs(workspace_arn=workspace.arn)
-            ),
-            scrape_configuration=yaml.safe_dump(scrape_config(args.stack, managed_collector=True), sort_keys=False),
-            tags=args.tags,
-            opts=child,
-        )
-        # The collector authenticates to the cluster as its service-linked role. On a cluster with API authentication
-        # (ours) AMP creates that role's access entry itself, mapped to `aps-collector-user` (AMP user guide, "Set up
-        # managed collectors for Amazon EKS"); a second one from us fails with ResourceInUseException. The RBAC below
-        # grants that user read access.
-        for key, obj in amp_collector_rbac().items():
-            k8s_objects.apply(f"{self._name}-amp-{key}", obj, k8s_opts)
-        self.amp_workspace_id = workspace.id
-        self.prometheus_url = workspace.prometheus_endpoint
+        self.register_outputs({"prometheus_url": self.prometheus_url})
 
 
 def amp_collector_rbac() -> dict[str, dict[str, Any]]:

@@ -16,6 +16,7 @@ engine), or, where pulumi-aws has no data source (a running SageMaker variant), 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date
 from types import SimpleNamespace
 from typing import Any
 
@@ -94,6 +95,38 @@ def check_serving_artifacts(cfg: StackConfig, account_id: str) -> str | None:
 
 
 # -- version drift ---------------------------------------------------------------------------------------------------
+EKS_STANDARD_SUPPORT_ENDS: dict[str, date] = {
+    "1.31": date(2025, 11, 26),
+    "1.32": date(2026, 3, 23),
+    "1.33": date(2026, 7, 29),
+    "1.34": date(2026, 12, 2),
+    "1.35": date(2027, 3, 27),
+}
+"""End of standard support per EKS minor version: Amazon EKS User Guide, "Understand the Kubernetes version lifecycle
+on EKS" (docs.aws.amazon.com/eks/latest/userguide/kubernetes-versions.html), release calendar as read 2026-12-07
+(standard support is 14 months from the EKS release; extended support, billed per cluster hour, 12 more; then EKS
+upgrades the cluster itself). Add a row with each new EKS release."""
+
+
+def support_warning(version: str, today: date) -> str | None:
+    """Why `kubernetesVersion` should be raised (None: it is in standard support, or newer than the table)."""
+    ends = EKS_STANDARD_SUPPORT_ENDS.get(version)
+    if ends is None:
+        known = sorted(EKS_STANDARD_SUPPORT_ENDS, key=_minor)
+        if _minor(version) > _minor(known[-1]):
+            return None
+        return f"kubernetesVersion {version} is older than every version in infra/preflight.py's EKS support table"
+    if today <= ends:
+        return None
+    newer = [v for v in sorted(EKS_STANDARD_SUPPORT_ENDS, key=_minor) if EKS_STANDARD_SUPPORT_ENDS[v] >= today]
+    return (
+        f"kubernetesVersion {version} left EKS standard support on {ends.isoformat()}: the cluster runs in extended "
+        "support (billed per cluster hour) and EKS upgrades it itself when that ends"
+        + (f"; set kubernetesVersion to {newer[0]} or later" if newer else "")
+        + " (docs/first-deploy.md, Later updates)"
+    )
+
+
 def _minor(version: str) -> tuple[int, int]:
     major, minor = version.split(".")[:2]
     return int(major), int(minor)

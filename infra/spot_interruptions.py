@@ -13,7 +13,7 @@ import pulumi_aws as aws
 import pulumi_kubernetes as k8s
 
 from facts.cluster import KUBE_SYSTEM
-from infra.charts import SYSTEM_NODE_SELECTOR, install_controller
+from infra.charts import SYSTEM_NODE_SELECTOR, controller_identity, install_chart
 from infra.cluster_autoscaler import autoscaler_tag_keys
 from infra.config import AutoscalingConfig, ClusterConfig
 
@@ -39,35 +39,29 @@ def needs_node_termination_handler(autoscaling: AutoscalingConfig, cluster: Clus
     return autoscaling.spot_interruption_handler and any(p.capacity_type == "SPOT" for p in cluster.gpu_pools)
 
 
-@dataclass
-class NodeTerminationHandlerArgs:
-    autoscaling: AutoscalingConfig
-    """The handler's version."""
+@dataclass(kw_only=True)
+class SpotInterruptionQueueArgs:
     name_prefix: str
     """Prefix of the queue, rule and role names."""
-    region: str
     cluster_name: pulumi.Input[str]
-    """EKS cluster name: the handler only drains instances whose ASG carries this cluster's autoscaler tag."""
-    provider: k8s.Provider
-    """Kubernetes provider of the cluster."""
+    """EKS cluster the handler's Pod Identity association belongs to."""
     tags: dict[str, str]
     """Stack tags for every taggable AWS resource."""
     account_id: str
     """Account of the stack: the controller's role trusts Pod Identity from this account only."""
 
 
-class NodeTerminationHandler(pulumi.ComponentResource):
-    """SQS queue + EventBridge rules + aws-node-termination-handler in queue mode."""
+class SpotInterruptionQueue(pulumi.ComponentResource):
+    """The AWS half of spot-interruption handling (AWS layer, infra/layers.py): the SQS queue, the EventBridge rules
+    feeding it, and the handler's Pod Identity role and association. Exists before the handler's chart does."""
 
     queue_url: pulumi.Output[str]
     """The SQS queue the EventBridge rules deliver interruption notices to and the handler polls."""
     role_arn: pulumi.Output[str]
     """The handler's Pod Identity role (may read and delete messages of its queue)."""
-    chart: k8s.helm.v4.Chart
-    """The Helm chart release of aws-node-termination-handler."""
 
-    def __init__(self, name: str, args: NodeTerminationHandlerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__("llm-platform:infra:NodeTerminationHandler", name, None, opts)
+    def __init__(self, name: str, args: SpotInterruptionQueueArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:SpotInterruptionQueue", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         queue = aws.sqs.Queue(
             f"{name}-queue",
@@ -98,7 +92,7 @@ class NodeTerminationHandler(pulumi.ComponentResource):
             ),
             opts=child,
         )
-        role, self.chart = install_controller(
+        role = controller_identity(
             self,
             name,
             role_name=f"{args.name_prefix}-node-termination-handler",
@@ -106,17 +100,45 @@ class NodeTerminationHandler(pulumi.ComponentResource):
             cluster_name=args.cluster_name,
             namespace=KUBE_SYSTEM,
             service_account=SERVICE_ACCOUNT,
-            chart=CHART,
-            values=pulumi.Output.all(queue.url, args.cluster_name).apply(
-                lambda a: node_termination_handler_values(args, a[0], a[1])
-            ),
-            provider=args.provider,
             tags=args.tags,
             account_id=args.account_id,
         )
         self.queue_url = queue.url
         self.role_arn = role.arn
         self.register_outputs({"queue_url": self.queue_url, "role_arn": self.role_arn})
+
+
+@dataclass(kw_only=True)
+class NodeTerminationHandlerArgs:
+    autoscaling: AutoscalingConfig
+    """The handler's version."""
+    region: str
+    cluster_name: pulumi.Input[str]
+    """EKS cluster name: the handler only drains instances carrying this cluster's managed tag."""
+    queue_url: pulumi.Input[str]
+    """The queue SpotInterruptionQueue created (the AWS layer's output)."""
+    provider: k8s.Provider
+    """Kubernetes provider of the cluster (cluster layer)."""
+
+
+class NodeTerminationHandler(pulumi.ComponentResource):
+    """aws-node-termination-handler in queue mode (cluster layer: its chart)."""
+
+    chart: k8s.helm.v4.Chart
+    """The Helm chart release of aws-node-termination-handler."""
+
+    def __init__(self, name: str, args: NodeTerminationHandlerArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("llm-platform:infra:NodeTerminationHandler", name, None, opts)
+        self.chart = install_chart(
+            f"{name}-chart",
+            CHART,
+            KUBE_SYSTEM,
+            pulumi.Output.all(args.queue_url, args.cluster_name).apply(
+                lambda a: node_termination_handler_values(args, a[0], a[1])
+            ),
+            pulumi.ResourceOptions(parent=self, provider=args.provider),
+        )
+        self.register_outputs({})
 
 
 def queue_policy(queue_arn: str, rule_arns: list[str]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ once. The pure helpers (stack naming, config copying, TTL selection) need no CLI
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -62,10 +63,56 @@ def stack_outputs(stack: str, work_dir: Path = REPO_ROOT) -> dict[str, Any]:
     return {k: v.value for k, v in select_stack(stack, work_dir).outputs().items()}
 
 
-def destroy(stack: str, on_output: Callable[[str], Any] = print, work_dir: Path = REPO_ROOT) -> dict[str, int]:
-    """`pulumi destroy` for the stack; returns the engine's resource change summary."""
-    result = select_stack(stack, work_dir).destroy(on_output=on_output, color="never")
+def destroy(
+    stack: str,
+    on_output: Callable[[str], Any] = print,
+    work_dir: Path = REPO_ROOT,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, int]:
+    """`pulumi destroy` for the stack; returns the engine's resource change summary. `env` is set for the CLI (and
+    its provider plugins) during the destroy only, e.g. PULUMI_K8S_DELETE_UNREACHABLE (ops/teardown.py)."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        result = select_stack(stack, work_dir).destroy(on_output=on_output, color="never")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return dict(result.summary.resource_changes or {})
+
+
+def stack_exists(stack: str, work_dir: Path = REPO_ROOT) -> bool:
+    """Whether the backend has the stack (a layer never applied has none)."""
+    require_cli()
+    import pulumi.automation as auto
+
+    ws = auto.LocalWorkspace(work_dir=str(work_dir))
+    return any(s.name.rsplit("/", 1)[-1] == stack for s in ws.list_stacks())
+
+
+def state_resources(stack: str, work_dir: Path = REPO_ROOT) -> list[dict[str, Any]]:
+    """The resources the stack's state holds (`pulumi stack export`), [] when the stack does not exist."""
+    if not stack_exists(stack, work_dir):
+        return []
+    deployment = select_stack(stack, work_dir).export_stack().deployment or {}
+    return list(deployment.get("resources") or [])
+
+
+def held_identifiers(resources: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Every physical id and ARN a state's resources carry: what only Pulumi may delete (ops/teardown.py)."""
+    held: set[str] = set()
+    for r in resources:
+        if r.get("id"):
+            held.add(str(r["id"]))
+        for source in (r.get("outputs") or {}, r.get("inputs") or {}):
+            for key in ("arn", "id", "bucket", "name"):
+                value = source.get(key)
+                if isinstance(value, str) and value:
+                    held.add(value)
+    return held
 
 
 # ---- stack config files (read without the CLI) ---------------------------------------------------------------

@@ -21,6 +21,10 @@ import pulumi
 from facts import pulumi_types as tok
 
 ACCOUNT_ID = "123456789012"
+STACK_REFERENCE = "pulumi:pulumi:StackReference"
+MOCK_ORGANIZATION = "organization"
+"""What `pulumi.get_organization()` answers under these mocks (as on a DIY backend)."""
+"""The type `pulumi.StackReference` registers (pulumi 3.272.0 sdk/python/lib/pulumi/stack_reference.py)."""
 
 
 @dataclass
@@ -47,6 +51,11 @@ class Account:
     reservations: dict[str, dict[str, str]] = field(default_factory=dict)
     """Capacity reservation ID -> {"zone": ..., "instance_type": ...} (DescribeCapacityReservations)."""
 
+    @classmethod
+    def empty(cls) -> Account:
+        """A new account, before the first `pulumi up`: no image, no model, no secret, no cluster, no endpoint."""
+        return cls(images=set(), objects=set(), secrets={})
+
 
 def _not_found(reason: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """An invoke failure as the engine reports one: the SDK raises `invoke of <tok> failed: <reason> ()`."""
@@ -67,6 +76,8 @@ class Recorded:
     ignore_changes: list[str] = field(default_factory=list)
     provider: str | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    stack: str = ""
+    """The stack (layer, infra/layers.py) that registered it."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +117,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.resources: dict[tuple[str, str], Recorded] = {}
         self.registrations: list[tuple[str, str]] = []
         self.invokes: list[str] = []
+        self.stack_references: dict[str, dict[str, Any]] = {}
+        """Fully qualified stack name -> its outputs, for `pulumi.StackReference` (the AWS layer's run, for the
+        cluster layer; infra/layers.py). A reference to any other stack has no outputs."""
 
     # -- resources ---------------------------------------------------------------------------------------------
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict]:
@@ -118,6 +132,11 @@ class RecordingMocks(pulumi.runtime.Mocks):
         else:
             rec.inputs, rec.custom = _ints(dict(args.inputs)), args.custom
         rec.provider = args.provider or None
+        rec.stack = pulumi.get_stack()
+        if args.typ == STACK_REFERENCE:
+            name = str(args.inputs.get("name") or args.name)
+            outputs = self.stack_references.get(name, {})
+            return name, {"name": name, "outputs": outputs, "secretOutputNames": []}
         if not args.custom:
             # Components: don't echo inputs back as state (PROOF.md); they have none of their own.
             return None, {}
@@ -393,9 +412,14 @@ class Run:
     mocks: RecordingMocks
     outputs: dict[str, Any]
     secret_outputs: set[str]
+    layers: dict[str, Run] = field(default_factory=dict)
+    """For an environment's run (ops.preview): the run of each layer's stack by layer ("aws", "cluster"); this run's
+    resources are theirs together."""
 
     @property
     def resources(self) -> list[Recorded]:
+        if self.layers:
+            return [r for run in self.layers.values() for r in run.resources]
         return list(self.mocks.resources.values())
 
     def of_type(self, typ: str) -> list[Recorded]:
@@ -411,6 +435,8 @@ class Run:
         """The real engine rejects two resources with the same type and name; the mock engine does not."""
         seen: set[tuple[str, str]] = set()
         dups = []
+        if self.layers:
+            return [d for run in self.layers.values() for d in run.duplicate_names()]
         for key in self.mocks.registrations:
             if key in seen:
                 dups.append(key)
@@ -445,7 +471,7 @@ def run_program(
     asyncio.set_event_loop(asyncio.new_event_loop())
     pulumi.runtime.set_all_config(config_strings(config_values))
     mocks = mocks or RecordingMocks(region, account=account)
-    pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=False)
+    pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=False, organization=MOCK_ORGANIZATION)
 
     finished = False
 

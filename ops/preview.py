@@ -4,6 +4,10 @@
     python -m ops.preview prod --json         # machine-readable (PR tooling, diffs)
     python -m ops.preview dev --config-file my-dev.yaml
     python -m ops.preview dev --compare base-dev.json   # markdown for a PR comment: changes, verdicts, cost delta
+    python -m ops.preview prod --first-run    # against an empty account: no images, models, secrets or cluster yet
+
+Both layers of the environment are run (infra/layers.py): the AWS layer as stack `<env>`, then the cluster layer as
+`<env>-cluster`, reading the AWS layer's outputs through its StackReference.
 
 Evaluates the policy pack's rules (`policy.rules`) over the recorded resources and estimates the monthly cost
 (`ops.cost`). Needs no cloud account and no Pulumi CLI.
@@ -21,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from facts import pulumi_types as tok
+from infra import outputs as out
 from infra.capacity import required_quotas
 from infra.config import ConfigError, load_config, load_stack_file, project_name
 from ops import cost as cost_estimate
-from ops.mocks import Account, Recorded, Run, run_program
+from ops.mocks import MOCK_ORGANIZATION, Account, Recorded, RecordingMocks, Run, run_program
 from policy.rules import StackContext, evaluate, resources_from_report
 
 SECRET = "[secret]"
@@ -65,21 +70,42 @@ KEY_SETTINGS: dict[str, tuple[str, ...]] = {
 
 
 def preview(stack: str, config_file: Path | None = None, account: Account | None = None) -> tuple[dict[str, Any], Run]:
-    """Validate the stack's config, run the program under mocks, return the JSON report and the raw run.
+    """Validate the environment's config, run both layers of the program under mocks (the AWS layer as stack
+    `<stack>`, then the cluster layer as `<stack>-cluster`, reading the first one's outputs through its
+    StackReference; infra/layers.py), return the JSON report and the run (both layers' resources together).
 
     `account` models what already exists in AWS for the preview-time checks (default: every configured artifact
     exists, no cluster yet; ops.mocks.Account)."""
     values, source = load_stack_file(stack, config_file)
     cfg = load_config(values, stack, source)  # fails before any resource is registered
 
+    from infra.layers import aws_stack_reference_name, cluster_stack
     from infra.program import build  # imported late: importing pulumi_aws costs ~2 s, config errors should not
 
-    run = run_program(build, values, stack=stack, project=project_name(), region=cfg.region, account=account)
+    project = project_name()
+    aws_run = run_program(build, values, stack=stack, project=project, region=cfg.region, account=account)
+    mocks = RecordingMocks(cfg.region, account=account)
+    mocks.stack_references[aws_stack_reference_name(MOCK_ORGANIZATION, project, stack)] = aws_run.outputs
+    cluster_run = run_program(
+        build, values, stack=cluster_stack(stack), project=project, region=cfg.region, mocks=mocks
+    )
+    outputs = {**{k: v for k, v in cluster_run.outputs.items() if k != out.LAYER}, **aws_run.outputs}
+    outputs.pop(out.LAYER, None)
+    run = Run(
+        stack=stack,
+        mocks=aws_run.mocks,
+        outputs=outputs,
+        secret_outputs=aws_run.secret_outputs | cluster_run.secret_outputs,
+        layers={"aws": aws_run, "cluster": cluster_run},
+    )
     report = {
         "stack": stack,
         "config_file": source,
         "resources": [r.as_json() for r in run.resources],
         "outputs": {k: (SECRET if k in run.secret_outputs else v) for k, v in sorted(run.outputs.items())},
+        "layers": {
+            name: sorted({f"{r.type}::{r.name}" for r in layer.resources}) for name, layer in run.layers.items()
+        },
     }
     report["policy"] = evaluate(resources_from_report(report), StackContext.from_config(cfg))
     report["cost"] = cost_estimate.estimate(report["resources"], cfg.region)
@@ -160,13 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the machine-readable report")
     parser.add_argument("--config-file", type=Path, help="preview this stack config file instead")
     parser.add_argument(
+        "--first-run",
+        action="store_true",
+        help="preview against an empty account (no images, models, secrets or cluster): the first `pulumi up`",
+    )
+    parser.add_argument(
         "--compare", type=Path, metavar="BASE.json", help="print, as markdown, what changes against a --json report"
     )
     args = parser.parse_args(argv)
 
     started = time.monotonic()
     try:
-        report, run = preview(args.stack, args.config_file)
+        report, run = preview(args.stack, args.config_file, Account.empty() if args.first_run else None)
     except ConfigError as exc:  # includes infra.preflight.PreflightError (missing artifacts, drift)
         print(f"error: {exc}", file=sys.stderr)
         print(

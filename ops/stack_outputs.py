@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from infra import outputs as out
+from infra.layers import environment_of
 
 
 class StackError(ValueError):
@@ -27,7 +28,12 @@ def parse_outputs(doc: dict[str, Any]) -> dict[str, Any]:
 
 def load_outputs(stack: str, outputs_file: str | None) -> dict[str, Any]:
     if outputs_file:
-        return parse_outputs(json.loads(Path(outputs_file).read_text(encoding="utf-8")))
+        outputs = parse_outputs(json.loads(Path(outputs_file).read_text(encoding="utf-8")))
+        named = outputs.get(out.STACK)
+        # Another environment's outputs would point this tool at its cluster, buckets and roles (issue 19).
+        if named is not None and environment_of(str(named)) != environment_of(stack):
+            raise StackError(f"--outputs {outputs_file} holds the outputs of stack {named!r}, not {stack!r}")
+        return outputs
     # --show-secrets: the kubeconfig output is secret, and `kubectl apply` needs it.
     proc = subprocess.run(
         ["pulumi", "stack", "output", "--json", "--show-secrets", "--stack", stack],

@@ -96,49 +96,7 @@ class Finding:
         return asdict(self)
 
 
-# The order deletions run in: dependants before what they depend on. Instances hold ENIs and volumes and are
-# targets of target groups; load balancers hold target groups (via listeners), ENIs and security groups; NAT
-# gateways and VPC endpoints hold ENIs and EIPs; ENIs reference security groups; SageMaker endpoints use
-# endpoint configs, which name models. ECR and S3 depend on nothing here.
-DELETE_ORDER = (
-    ("ec2", "instance"),
-    ("sagemaker", "endpoint"),
-    ("sagemaker", "endpoint-config"),
-    ("sagemaker", "model"),
-    ("elb", "classic-load-balancer"),
-    ("elbv2", "load-balancer"),
-    ("elbv2", "target-group"),
-    ("ec2", "nat-gateway"),
-    ("ec2", "vpc-endpoint"),
-    ("ec2", "network-interface"),
-    ("ec2", "elastic-ip"),
-    ("ec2", "volume"),
-    ("ec2", "security-group"),
-    ("ecr", "repository"),
-    ("s3", "bucket"),
-)
-
-
 _ARN_RE = re.compile(r"arn:[A-Za-z0-9-]+:[A-Za-z0-9-]+:[^'\"\s,)]*")
-
-
-# (ARN service, ARN resource type) of the kinds the describe-based collectors handle.
-_COVERED = {
-    ("ec2", "instance"),
-    ("ec2", "volume"),
-    ("ec2", "network-interface"),
-    ("ec2", "security-group"),
-    ("ec2", "elastic-ip"),
-    ("ec2", "natgateway"),
-    ("ec2", "vpc-endpoint"),
-    ("elasticloadbalancing", "loadbalancer"),
-    ("elasticloadbalancing", "targetgroup"),
-    ("sagemaker", "endpoint"),
-    ("sagemaker", "endpoint-config"),
-    ("sagemaker", "model"),
-    ("ecr", "repository"),
-    ("s3", "bucket"),
-}
 
 
 def arn_parts(arn: str) -> tuple[str, str, str]:
@@ -180,23 +138,11 @@ class Sweeper:
     # ---- finding -------------------------------------------------------------------------------------------
 
     def find(self) -> list[Finding]:
-        """Every leftover, in deletion order."""
+        """Every leftover, in deletion order (KINDS)."""
         found: list[Finding] = []
-        for collect in (
-            self._instances,
-            self._sagemaker,
-            self._classic_elbs,
-            self._elbv2,
-            self._nat_gateways,
-            self._vpc_endpoints,
-            self._network_interfaces,
-            self._elastic_ips,
-            self._volumes,
-            self._security_groups,
-            self._ecr,
-            self._s3,
-        ):
-            found.extend(collect())
+        # One call per collector, in registry order (a collector may serve several kinds).
+        for collect in dict.fromkeys(k.collect for k in KINDS):
+            found.extend(collect(self))
         found.extend(self._tagged_elsewhere(found))
         rank = {k: i for i, k in enumerate(DELETE_ORDER)}
         return sorted(found, key=lambda f: rank.get((f.service, f.kind), len(rank)))
@@ -512,75 +458,62 @@ class Sweeper:
 
     def _freed(self, f: Finding) -> bool:
         """Whether an attached ENI / volume / EIP has become deletable since the sweep (ownership is unchanged)."""
-        ec2 = self.client("ec2")
+        kind = KINDS_BY_KEY.get((f.service, f.kind))
+        if kind is None or kind.freed is None:
+            return False
         try:
-            match (f.service, f.kind):
-                case ("ec2", "network-interface"):
-                    enis = ec2.describe_network_interfaces(NetworkInterfaceIds=[f.id])["NetworkInterfaces"]
-                    f.deletable = bool(enis) and enis[0]["Status"] == "available"
-                case ("ec2", "volume"):
-                    vols = ec2.describe_volumes(VolumeIds=[f.id])["Volumes"]
-                    f.deletable = bool(vols) and vols[0]["State"] == "available"
-                case ("ec2", "elastic-ip"):
-                    addrs = ec2.describe_addresses(AllocationIds=[f.id])["Addresses"]
-                    f.deletable = bool(addrs) and "AssociationId" not in addrs[0]
+            f.deletable = kind.freed(self, f.id)
         except ClientError:  # already gone (deleted with its instance): nothing to do
             return False
         return f.deletable
 
     def _delete_one(self, f: Finding, wait_s: float) -> None:
+        kind = KINDS_BY_KEY.get((f.service, f.kind))
+        if kind is None:
+            raise ClientError({"Error": {"Code": "Unsupported", "Message": "no delete for this kind"}}, "delete")
+        kind.delete(self, f, wait_s)
+
+    # -- per-kind deletes and "freed" checks (the registry, KINDS, names them) ----------------------------------
+    def _waiter_config(self, delay: int, wait_s: float) -> dict[str, int]:
+        return {"Delay": delay, "MaxAttempts": max(1, int(wait_s / delay))}
+
+    def _terminate_instance(self, f: Finding, wait_s: float) -> None:
         ec2 = self.client("ec2")
-        match (f.service, f.kind):
-            case ("ec2", "instance"):
-                ec2.terminate_instances(InstanceIds=[f.id])
-                # ENIs, volumes and SGs they hold are freed only once the instance is terminated.
-                ec2.get_waiter("instance_terminated").wait(
-                    InstanceIds=[f.id], WaiterConfig={"Delay": 5, "MaxAttempts": max(1, int(wait_s / 5))}
-                )
-            case ("sagemaker", "endpoint"):
-                self.client("sagemaker").delete_endpoint(EndpointName=f.id)
-            case ("sagemaker", "endpoint-config"):
-                self.client("sagemaker").delete_endpoint_config(EndpointConfigName=f.id)
-            case ("sagemaker", "model"):
-                self.client("sagemaker").delete_model(ModelName=f.id)
-            case ("elb", "classic-load-balancer"):
-                self.client("elb").delete_load_balancer(LoadBalancerName=f.id)
-            case ("elbv2", "load-balancer"):
-                elbv2 = self.client("elbv2")
-                elbv2.delete_load_balancer(LoadBalancerArn=f.arn)
-                # Target groups stay "in use" until the LB (and its listeners) are really gone.
-                elbv2.get_waiter("load_balancers_deleted").wait(
-                    LoadBalancerArns=[f.arn], WaiterConfig={"Delay": 5, "MaxAttempts": max(1, int(wait_s / 5))}
-                )
-            case ("elbv2", "target-group"):
-                self.client("elbv2").delete_target_group(TargetGroupArn=f.arn)
-            case ("ec2", "nat-gateway"):
-                ec2.delete_nat_gateway(NatGatewayId=f.id)
-                ec2.get_waiter("nat_gateway_deleted").wait(
-                    NatGatewayIds=[f.id], WaiterConfig={"Delay": 10, "MaxAttempts": max(1, int(wait_s / 10))}
-                )
-            case ("ec2", "vpc-endpoint"):
-                ec2.delete_vpc_endpoints(VpcEndpointIds=[f.id])
-            case ("ec2", "network-interface"):
-                ec2.delete_network_interface(NetworkInterfaceId=f.id)
-            case ("ec2", "elastic-ip"):
-                ec2.release_address(AllocationId=f.id)
-            case ("ec2", "volume"):
-                ec2.delete_volume(VolumeId=f.id)
-            case ("ec2", "security-group"):
-                self._delete_security_group(f.id, wait_s)
-            case ("ecr", "repository"):
-                ecr = self.client("ecr")
-                images = [
-                    i for p in ecr.get_paginator("list_images").paginate(repositoryName=f.id) for i in p["imageIds"]
-                ]
-                for chunk in _chunks(images, 100):
-                    ecr.batch_delete_image(repositoryName=f.id, imageIds=chunk)
-                ecr.delete_repository(repositoryName=f.id)
-            case ("s3", "bucket"):
-                self._empty_and_delete_bucket(f.id)
-            case _:
-                raise ClientError({"Error": {"Code": "Unsupported", "Message": "no delete for this kind"}}, "delete")
+        ec2.terminate_instances(InstanceIds=[f.id])
+        # ENIs, volumes and SGs they hold are freed only once the instance is terminated.
+        ec2.get_waiter("instance_terminated").wait(InstanceIds=[f.id], WaiterConfig=self._waiter_config(5, wait_s))
+
+    def _delete_load_balancer(self, f: Finding, wait_s: float) -> None:
+        elbv2 = self.client("elbv2")
+        elbv2.delete_load_balancer(LoadBalancerArn=f.arn)
+        # Target groups stay "in use" until the LB (and its listeners) are really gone.
+        elbv2.get_waiter("load_balancers_deleted").wait(
+            LoadBalancerArns=[f.arn], WaiterConfig=self._waiter_config(5, wait_s)
+        )
+
+    def _delete_nat_gateway(self, f: Finding, wait_s: float) -> None:
+        ec2 = self.client("ec2")
+        ec2.delete_nat_gateway(NatGatewayId=f.id)
+        ec2.get_waiter("nat_gateway_deleted").wait(NatGatewayIds=[f.id], WaiterConfig=self._waiter_config(10, wait_s))
+
+    def _delete_repository(self, f: Finding, wait_s: float) -> None:
+        ecr = self.client("ecr")
+        images = [i for p in ecr.get_paginator("list_images").paginate(repositoryName=f.id) for i in p["imageIds"]]
+        for chunk in _chunks(images, 100):
+            ecr.batch_delete_image(repositoryName=f.id, imageIds=chunk)
+        ecr.delete_repository(repositoryName=f.id)
+
+    def _eni_available(self, eni_id: str) -> bool:
+        enis = self.client("ec2").describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"]
+        return bool(enis) and enis[0]["Status"] == "available"
+
+    def _volume_available(self, volume_id: str) -> bool:
+        vols = self.client("ec2").describe_volumes(VolumeIds=[volume_id])["Volumes"]
+        return bool(vols) and vols[0]["State"] == "available"
+
+    def _address_free(self, allocation_id: str) -> bool:
+        addrs = self.client("ec2").describe_addresses(AllocationIds=[allocation_id])["Addresses"]
+        return bool(addrs) and "AssociationId" not in addrs[0]
 
     def _delete_security_group(self, group_id: str, wait_s: float) -> None:
         ec2 = self.client("ec2")
@@ -619,6 +552,127 @@ class Sweeper:
             for chunk in _chunks(objects, 1000):
                 s3.delete_objects(Bucket=bucket, Delete={"Objects": chunk, "Quiet": True})
         s3.delete_bucket(Bucket=bucket)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of leftover, in one place: how it is named in findings and ARNs, which collector finds it, how it is
+    deleted, and (for what may be attached at sweep time) how to tell it has been set free since."""
+
+    service: str
+    kind: str
+    arn_type: tuple[str, str]
+    """(ARN service, ARN resource type): the tagging-API catch-all leaves these to the collector."""
+    collect: Callable[[Sweeper], list[Finding]]
+    delete: Callable[[Sweeper, Finding, float], None]
+    freed: Callable[[Sweeper, str], bool] | None = None
+
+
+def _call(method: str, *arg_names: str) -> Callable[..., None]:
+    """A delete that is one client call with the finding's id (or ARN) as the named parameter."""
+    service, op = method.split(".")
+
+    def delete(sweeper: Sweeper, f: Finding, wait_s: float) -> None:
+        getattr(sweeper.client(service), op)(**{n: (f.arn if n.endswith("Arn") else f.id) for n in arg_names})
+
+    return delete
+
+
+# In deletion order: dependants before what they depend on. Instances hold ENIs and volumes and are targets of target
+# groups; load balancers hold target groups (via listeners), ENIs and security groups; NAT gateways and VPC endpoints
+# hold ENIs and EIPs; ENIs reference security groups; SageMaker endpoints use endpoint configs, which name models.
+# ECR and S3 depend on nothing here.
+KINDS: tuple[Kind, ...] = (
+    Kind("ec2", "instance", ("ec2", "instance"), Sweeper._instances, Sweeper._terminate_instance),
+    Kind(
+        "sagemaker",
+        "endpoint",
+        ("sagemaker", "endpoint"),
+        Sweeper._sagemaker,
+        _call("sagemaker.delete_endpoint", "EndpointName"),
+    ),
+    Kind(
+        "sagemaker",
+        "endpoint-config",
+        ("sagemaker", "endpoint-config"),
+        Sweeper._sagemaker,
+        _call("sagemaker.delete_endpoint_config", "EndpointConfigName"),
+    ),
+    Kind(
+        "sagemaker",
+        "model",
+        ("sagemaker", "model"),
+        Sweeper._sagemaker,
+        _call("sagemaker.delete_model", "ModelName"),
+    ),
+    Kind(
+        "elb",
+        "classic-load-balancer",
+        ("elasticloadbalancing", "loadbalancer"),
+        Sweeper._classic_elbs,
+        _call("elb.delete_load_balancer", "LoadBalancerName"),
+    ),
+    Kind(
+        "elbv2",
+        "load-balancer",
+        ("elasticloadbalancing", "loadbalancer"),
+        Sweeper._elbv2,
+        Sweeper._delete_load_balancer,
+    ),
+    Kind(
+        "elbv2",
+        "target-group",
+        ("elasticloadbalancing", "targetgroup"),
+        Sweeper._elbv2,
+        _call("elbv2.delete_target_group", "TargetGroupArn"),
+    ),
+    Kind("ec2", "nat-gateway", ("ec2", "natgateway"), Sweeper._nat_gateways, Sweeper._delete_nat_gateway),
+    Kind(
+        "ec2",
+        "vpc-endpoint",
+        ("ec2", "vpc-endpoint"),
+        Sweeper._vpc_endpoints,
+        lambda sw, f, _w: sw.client("ec2").delete_vpc_endpoints(VpcEndpointIds=[f.id]),
+    ),
+    Kind(
+        "ec2",
+        "network-interface",
+        ("ec2", "network-interface"),
+        Sweeper._network_interfaces,
+        _call("ec2.delete_network_interface", "NetworkInterfaceId"),
+        Sweeper._eni_available,
+    ),
+    Kind(
+        "ec2",
+        "elastic-ip",
+        ("ec2", "elastic-ip"),
+        Sweeper._elastic_ips,
+        _call("ec2.release_address", "AllocationId"),
+        Sweeper._address_free,
+    ),
+    Kind(
+        "ec2",
+        "volume",
+        ("ec2", "volume"),
+        Sweeper._volumes,
+        _call("ec2.delete_volume", "VolumeId"),
+        Sweeper._volume_available,
+    ),
+    Kind(
+        "ec2",
+        "security-group",
+        ("ec2", "security-group"),
+        Sweeper._security_groups,
+        lambda sw, f, wait_s: sw._delete_security_group(f.id, wait_s),
+    ),
+    Kind("ecr", "repository", ("ecr", "repository"), Sweeper._ecr, Sweeper._delete_repository),
+    Kind("s3", "bucket", ("s3", "bucket"), Sweeper._s3, lambda sw, f, _w: sw._empty_and_delete_bucket(f.id)),
+)
+KINDS_BY_KEY = {(k.service, k.kind): k for k in KINDS}
+DELETE_ORDER = tuple(KINDS_BY_KEY)
+"""(service, kind) in deletion order (derived from KINDS)."""
+_COVERED = {k.arn_type for k in KINDS}
+"""(ARN service, ARN resource type) of the kinds the describe-based collectors handle (derived from KINDS)."""
 
 
 def report_text(findings: list[Finding], ownership: Ownership, region: str) -> str:

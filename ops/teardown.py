@@ -1,20 +1,25 @@
-"""Tear a stack down so that nothing tagged for it is left: `python -m ops.teardown <stack>`.
+"""Tear an environment down in layers, so that nothing tagged for it is left: `python -m ops.teardown <env>`.
 
-Phases, in this order because each one removes what would block or outlive the next:
+An environment is two stacks (infra/layers.py): the cluster layer `<env>-cluster` and the AWS layer `<env>`. Order:
 
-1. Resolve: the stack's outputs (cluster name, region, kubeconfig, production mark) are read *before* anything is
-   destroyed, since they vanish with the stack. Production-marked stacks are refused unless
-   `--confirm-production <stack>` repeats the stack name.
-2. Kubernetes: Services of type LoadBalancer, Ingresses and PersistentVolumeClaims are deleted through the
-   cluster's API and waited for. Their AWS resources (load balancers, target groups, security groups, EBS
-   volumes) were created by controllers running *in* the cluster; once `pulumi destroy` removes the cluster and
-   the controllers, nothing would ever delete them, and the load balancers' ENIs would block the VPC's deletion.
-3. Destroy: `pulumi destroy` through the Automation API.
-4. Sweep: the account/region is searched for anything still owned by the stack (see ops/sweep.py for how
-   ownership is decided) and reported. `--force` deletes what was found, then sweeps again.
+1. Resolve: the AWS layer's outputs (cluster name, region, kubeconfig, production mark) are read *before* anything is
+   destroyed; an `--outputs` file naming another stack is refused. Production-marked stacks are refused unless
+   `--confirm-production <env>` repeats the name.
+2. The cluster layer (`--layer cluster`, from where its API answers: the in-VPC runner): Services of type
+   LoadBalancer, Ingresses and PersistentVolumeClaims are deleted through the cluster's API and waited for (the
+   controllers that created their load balancers and volumes are about to go), then `pulumi destroy <env>-cluster`.
+3. The AWS layer (`--layer aws`, any runner): refused while the cluster layer still holds resources, then
+   `pulumi destroy <env>`. With `--cluster-unreachable` (the in-VPC runner is gone) the AWS layer goes first, and
+   once the cluster no longer exists the cluster layer's state is dropped with PULUMI_K8S_DELETE_UNREACHABLE=true.
+4. Sweep: the account/region is searched for anything still owned by the environment (ops/sweep.py) and reported.
+   `--force` deletes what was found, except what a Pulumi state still holds (or may hold, when the states cannot be
+   read): only Pulumi deletes that. A destroy the leftovers blocked is retried.
 
-Exit codes: 0 nothing left (the final sweep is clean and destroy succeeded); 1 leftovers, or a failed destroy or
-deletion; 2 bad usage or refused.
+`--layer all` (default) runs 2, 3 and 4 in order (a workstation that reaches the cluster API). `--sweep-only` destroys
+nothing and works without the Pulumi CLI; without --force it is a dry run.
+
+Exit codes: 0 nothing left (the final sweep is clean and every destroy succeeded); 1 leftovers, or a failed destroy or
+deletion; 2 bad usage, refused, or no usable AWS credentials.
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ from typing import Any, TextIO
 
 from facts.tags import STACK_TAG
 from infra import outputs as keys
+from infra.layers import cluster_stack, environment_of
 from ops import automation
 from ops.sweep import Finding, Ownership, Sweeper, report_text
 
 EXIT_CLEAN = 0
 EXIT_LEFTOVERS = 1
 EXIT_REFUSED = 2
+DELETE_UNREACHABLE = "PULUMI_K8S_DELETE_UNREACHABLE"
+"""pulumi-kubernetes drops a resource from the state when its cluster cannot be reached (provider/pkg/provider/
+provider.go `deleteUnreachable`); set only once the cluster itself is deleted."""
 
 Log = Callable[[str], None]
 KUBE_TIMEOUT = (5, 30)
@@ -240,6 +249,71 @@ def _wait_findings(
 
 # ---- the command ---------------------------------------------------------------------------------------------
 
+LAYERS = ("all", "cluster", "aws")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeardownOptions:
+    """What one teardown does (the command line, typed)."""
+
+    stack: str
+    """The environment (`<env>`; `<env>-cluster` names the same one)."""
+    layer: str = "all"
+    """`cluster`: the cluster layer only (from inside the VPC); `aws`: the AWS layer, then the sweep; `all`: both."""
+    cluster_unreachable: bool = False
+    """With layer aws: the in-VPC runner is gone. Destroy the AWS layer first (it deletes the cluster), then drop the
+    cluster layer's state with PULUMI_K8S_DELETE_UNREACHABLE=true, once the cluster no longer exists."""
+    force: bool = False
+    sweep_only: bool = False
+    skip_kubernetes: bool = False
+    confirm_production: str | None = None
+    region: str | None = None
+    cluster_name: str | None = None
+    account_id: str | None = None
+    outputs_file: Path | None = None
+    wait_timeout: float = 900
+    poll: float = 10
+    json: bool = False
+
+
+@dataclass
+class TeardownResult:
+    """What a teardown found and did; `exit_code` is the command's."""
+
+    stack: str
+    exit_code: int
+    region: str = ""
+    account_id: str | None = None
+    ownership: Ownership | None = None
+    destroyed: list[str] = field(default_factory=list)
+    """The stacks destroyed, in order."""
+    leftovers: list[Finding] = field(default_factory=list)
+    held_by_state: list[Finding] = field(default_factory=list)
+    """Found by the sweep but still in a Pulumi state: only Pulumi deletes them (never deleted here)."""
+    phase_failures: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    delete_failures: list[str] = field(default_factory=list)
+    refused: str | None = None
+
+    @property
+    def clean(self) -> bool:
+        return not self.leftovers and not self.phase_failures and not self.delete_failures
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stack": self.stack,
+            "region": self.region,
+            "account_id": self.account_id,
+            "ownership": (vars(self.ownership) | {"stack_tag": STACK_TAG}) if self.ownership else None,
+            "destroyed": self.destroyed,
+            "clean": self.clean,
+            "leftovers": [f.to_json() for f in self.leftovers],
+            "held_by_state": [f.to_json() for f in self.held_by_state],
+            "phase_failures": self.phase_failures,
+            "warnings": self.warnings,
+            "delete_failures": self.delete_failures,
+        }
+
 
 @dataclass
 class Resolved:
@@ -249,211 +323,376 @@ class Resolved:
     cluster_name: str | None
     outputs: dict[str, Any]
     production: bool
+    account_id: str | None
 
 
-def _load_outputs(args: argparse.Namespace, log: Log) -> dict[str, Any] | None:
-    if args.outputs:
-        data = json.loads(Path(args.outputs).read_text())
-        # `python -m ops.preview <stack> --json` wraps them in {"outputs": ...}; `pulumi stack output --json`
-        # gives them bare.
-        return dict(data.get("outputs", data)) if isinstance(data, dict) else {}
-    if automation.pulumi_cli() is None:
-        return None
-    log(f"reading outputs of stack '{args.stack}' ...")
-    return automation.stack_outputs(args.stack)
+class Refused(Exception):
+    """A usage or configuration problem: exit 2 with this message, nothing touched."""
 
 
-def resolve(args: argparse.Namespace, log: Log) -> Resolved | str:
-    """Everything the later phases need, or the reason to refuse (a str)."""
-    outputs = _load_outputs(args, log)
-    if outputs is None:
-        if not args.sweep_only:
-            return automation.MISSING_CLI_MESSAGE
+def read_outputs_file(path: Path, stack: str) -> dict[str, Any]:
+    """Outputs from a file (`pulumi stack output --json --show-secrets`, or `python -m ops.preview --json`, which
+    wraps them), refused when they belong to another environment. Every tool taking a stack and an outputs file
+    uses this."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise Refused(f"--outputs {path}: cannot read it as JSON: {exc}") from None
+    outputs = dict(data.get("outputs", data)) if isinstance(data, dict) else {}
+    named = outputs.get(keys.STACK)
+    if named is not None and environment_of(str(named)) != environment_of(stack):
+        raise Refused(
+            f"--outputs {path} holds the outputs of stack '{named}', not '{stack}': refusing to act on one "
+            f"environment with another's names. Pass the outputs of '{stack}' (pulumi stack output --json "
+            f"--show-secrets --stack {environment_of(stack)})"
+        )
+    return outputs
+
+
+def _account_from(outputs: Mapping[str, Any]) -> str | None:
+    for key in (keys.TRAINING_ROLE_ARN, keys.SERVING_ROLE_ARN, keys.KMS_KEY_ARN, keys.SAGEMAKER_EXECUTION_ROLE_ARN):
+        value = outputs.get(key)
+        if isinstance(value, str) and value.startswith("arn:"):
+            parts = value.split(":")
+            if len(parts) > 4 and parts[4].isdigit():
+                return parts[4]
+    return None
+
+
+def resolve(opts: TeardownOptions, log: Log) -> Resolved:
+    """Everything the later phases need; raises Refused with the reason to refuse."""
+    env = environment_of(opts.stack)
+    if opts.outputs_file:
+        outputs = read_outputs_file(opts.outputs_file, env)
+    elif automation.pulumi_cli() is None:
+        if not opts.sweep_only:
+            raise Refused(automation.MISSING_CLI_MESSAGE)
         outputs = {}
-    config = automation.read_stack_config(args.stack)
+    else:
+        log(f"reading outputs of stack '{env}' (the AWS layer) ...")
+        try:
+            outputs = automation.stack_outputs(env)
+        except Exception as exc:  # no such stack, not logged in to the backend
+            raise Refused(f"cannot read the outputs of stack '{env}': {exc}") from None
+    config = automation.read_stack_config(env)
     region = (
-        args.region
+        opts.region
         or outputs.get(keys.REGION)
         or config.get(automation.REGION_KEY)
         or os.environ.get("AWS_REGION")
         or os.environ.get("AWS_DEFAULT_REGION")
     )
     if not region:
-        return "no region: pass --region, or make the stack's outputs/config available"
+        raise Refused("no region: pass --region, or make the stack's outputs/config available")
     tags = outputs.get(keys.TAGS) or {}
-    stack_tag = tags.get(STACK_TAG) or args.stack.rsplit("/", 1)[-1]
     return Resolved(
-        stack=args.stack,
-        stack_tag=stack_tag,
+        stack=env,
+        stack_tag=tags.get(STACK_TAG) or env.rsplit("/", 1)[-1],
         region=region,
-        cluster_name=args.cluster_name or outputs.get(keys.CLUSTER_NAME) or None,
+        cluster_name=opts.cluster_name or outputs.get(keys.CLUSTER_NAME) or None,
         outputs=outputs,
         production=automation.is_production(config, outputs),
+        account_id=opts.account_id or _account_from(outputs),
     )
+
+
+CREDENTIAL_ERRORS = (
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "AuthFailure",
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeyId",
+)
+
+
+def credentials_problem(exc: BaseException) -> str | None:
+    """The message for an AWS credentials failure (exit 2, a configuration problem), or None for anything else."""
+    from botocore.exceptions import ClientError, NoCredentialsError, NoRegionError, PartialCredentialsError
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return f"no AWS credentials ({exc}); configure them (AWS_PROFILE, or `aws sso login`) and run again"
+    if isinstance(exc, NoRegionError):
+        return f"no AWS region ({exc}); pass --region"
+    if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in CREDENTIAL_ERRORS:
+        return f"the AWS credentials were refused ({exc}); refresh them and run again"
+    return None
+
+
+def plan_layers(opts: TeardownOptions) -> list[tuple[str, bool]]:
+    """The stacks `pulumi destroy` runs on, in order, each with whether PULUMI_K8S_DELETE_UNREACHABLE is set
+    (infra/reach.py reads the same plan from the workflows' command lines)."""
+    env = environment_of(opts.stack)
+    plan: list[tuple[str, bool]] = []
+    if opts.sweep_only:
+        return plan
+    if opts.layer in ("cluster", "all") and not opts.cluster_unreachable:
+        plan.append((cluster_stack(env), False))
+    if opts.layer in ("aws", "all"):
+        plan.append((env, False))
+        if opts.cluster_unreachable:
+            plan.append((cluster_stack(env), True))
+    return plan
 
 
 def teardown(
-    args: argparse.Namespace,
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
+    opts: TeardownOptions,
+    log: Log = print,
     sweeper_factory: Callable[[Ownership, str], Sweeper] = Sweeper,
-) -> int:
-    # Progress goes to stderr under --json so stdout stays one parseable document.
-    progress = err if args.json else out
-
-    def log(msg: str) -> None:
-        print(msg, file=progress, flush=True)
-
-    log(f"== phase 1/4: resolve stack '{args.stack}'")
+) -> TeardownResult:
+    """Tear an environment down in layers (cluster layer, AWS layer, sweep) and say what is left."""
+    result = TeardownResult(stack=environment_of(opts.stack), exit_code=EXIT_REFUSED)
+    log(f"== resolve stack '{result.stack}'")
     try:
-        resolved = resolve(args, log)
-    except Exception as exc:  # no such stack, not logged in to the backend, unreadable --outputs file
-        resolved = f"cannot read the outputs of stack '{args.stack}': {exc}"
-    if isinstance(resolved, str):
-        print(resolved, file=err)
-        return EXIT_REFUSED
-    destructive = not args.sweep_only or args.force
-    if resolved.production and destructive and args.confirm_production != args.stack:
-        print(
-            f"refused: stack '{args.stack}' is marked production (llm-platform:production). Repeat its name with "
-            f"--confirm-production {args.stack} if you really mean to destroy it.",
-            file=err,
+        resolved = resolve(opts, log)
+    except Refused as exc:
+        result.refused = str(exc)
+        return result
+    destructive = not opts.sweep_only or opts.force
+    if resolved.production and destructive and opts.confirm_production != result.stack:
+        result.refused = (
+            f"refused: stack '{result.stack}' is marked production (llm-platform:production). Repeat its name with "
+            f"--confirm-production {result.stack} if you really mean to destroy it."
         )
-        return EXIT_REFUSED
+        return result
     ownership = Ownership(resolved.stack_tag, resolved.cluster_name)
+    result.region, result.account_id, result.ownership = resolved.region, resolved.account_id, ownership
     log(
-        f"  region {resolved.region}, stack tag {STACK_TAG}={resolved.stack_tag}, "
+        f"  account {resolved.account_id or '(unknown until AWS answers)'}, region {resolved.region}, stack tag "
+        f"{STACK_TAG}={resolved.stack_tag}, "
         f"cluster {resolved.cluster_name or '(none known: controller-created resources cannot be matched)'}"
     )
     sweeper = sweeper_factory(ownership, resolved.region)
-    failed: list[str] = []  # phases that left the stack not provably gone: exit 1
-    warnings: list[str] = []  # pre-destroy steps that did not finish; the final sweep decides whether it mattered
-    destroy_error: str | None = None
+    try:
+        _run_layers(opts, resolved, sweeper, result, log)
+        if opts.layer != "cluster" or opts.sweep_only:
+            _sweep(opts, resolved, sweeper, result, log)
+    except Exception as exc:
+        problem = credentials_problem(exc)
+        if problem is None:
+            raise
+        result.refused = problem
+        result.exit_code = EXIT_REFUSED
+        return result
+    result.exit_code = EXIT_CLEAN if result.clean else EXIT_LEFTOVERS
+    return result
 
-    if args.sweep_only:
-        log("== phases 2-3 skipped (--sweep-only)")
-    else:
-        log("== phase 2/4: delete Kubernetes objects that own AWS resources")
-        kubeconfig = resolved.outputs.get(keys.KUBECONFIG)
-        if args.skip_kubernetes:
-            log("  skipped (--skip-kubernetes)")
-        elif not kubeconfig:
-            log("  no kubeconfig output: no cluster to clean")
+
+def _run_layers(opts: TeardownOptions, resolved: Resolved, sweeper: Sweeper, result: TeardownResult, log: Log) -> None:
+    plan = plan_layers(opts)
+    if not plan:
+        log("== no layer destroyed (--sweep-only)")
+        return
+    env = resolved.stack
+    cluster_layer = cluster_stack(env)
+    for stack, delete_unreachable in plan:
+        if stack == cluster_layer and not delete_unreachable:
+            _kubernetes_cleanup(opts, resolved, sweeper, result, log)
+        if stack == env and opts.layer == "aws" and not opts.cluster_unreachable:
+            # The cluster layer goes first, from where its API answers; never leave its objects orphaned.
+            held = automation.state_resources(cluster_layer)
+            if held:
+                result.phase_failures.append(
+                    f"the cluster layer {cluster_layer} still holds {len(held)} resource(s): run "
+                    f"`python -m ops.teardown {env} --layer cluster` on the in-VPC runner first (or pass "
+                    "--cluster-unreachable if that runner is gone); the AWS layer was not touched"
+                )
+                return
+        if delete_unreachable:
+            if _cluster_exists(sweeper, resolved.cluster_name):
+                result.phase_failures.append(
+                    f"cluster {resolved.cluster_name} still exists: not dropping {cluster_layer}'s state with "
+                    "PULUMI_K8S_DELETE_UNREACHABLE (it would orphan live objects)"
+                )
+                return
+            log(f"== pulumi destroy {stack} with PULUMI_K8S_DELETE_UNREACHABLE=true (the cluster is gone)")
         else:
-            try:
-                core, networking = kube_clients(kubeconfig)
-                left = run_kubernetes_cleanup(core, networking, log, timeout_s=args.wait_timeout, poll_s=args.poll)
-            except Exception as exc:  # unreachable (private endpoint), forbidden, expired token ...
-                # Destroying anyway is still right: the sweep finds what the controllers leave by their cluster
-                # tags, and --force deletes it (then retries the destroy the leftovers blocked).
-                left = [f"Kubernetes cleanup failed: {exc}"]
-                log(f"  Kubernetes cleanup FAILED: {exc}")
-            # Nothing was asked to delete the load balancers if the cluster could not be reached: don't wait.
-            left_aws = (
-                []
-                if left and left[0].startswith("Kubernetes cleanup failed")
-                else wait_for_controller_resources(sweeper, log, timeout_s=args.wait_timeout, poll_s=args.poll)
-            )
-            warnings += left + [f"still present after the wait: {f.service} {f.kind} {f.id}" for f in left_aws]
-            if warnings:
-                log("  continuing to destroy; the sweep will report what the controllers did not delete")
-        log("== phase 3/4: pulumi destroy")
-        destroy_error = _destroy(args.stack, log)
-        if destroy_error:
-            failed.append(destroy_error)
+            log(f"== pulumi destroy {stack}")
+        error = _destroy(stack, log, {DELETE_UNREACHABLE: "true"} if delete_unreachable else None)
+        if error:
+            result.phase_failures.append(error)
+            if stack == cluster_layer:
+                return  # never take the AWS layer from under objects still in the cluster layer's state
+        else:
+            result.destroyed.append(stack)
 
-    log(f"== phase 4/4: sweep {resolved.region} for leftovers")
+
+def _cluster_exists(sweeper: Sweeper, name: str | None) -> bool:
+    if not name:
+        return False
+    try:
+        sweeper.client("eks").describe_cluster(name=name)
+    except Exception as exc:
+        if "ResourceNotFound" in type(exc).__name__ or "ResourceNotFound" in str(exc):
+            return False
+        raise
+    return True
+
+
+def _kubernetes_cleanup(
+    opts: TeardownOptions, resolved: Resolved, sweeper: Sweeper, result: TeardownResult, log: Log
+) -> None:
+    log("== delete Kubernetes objects that own AWS resources")
+    kubeconfig = resolved.outputs.get(keys.KUBECONFIG)
+    if opts.skip_kubernetes:
+        log("  skipped (--skip-kubernetes)")
+        return
+    if not kubeconfig:
+        log("  no kubeconfig output: no cluster to clean")
+        return
+    try:
+        core, networking = kube_clients(kubeconfig)
+        left = run_kubernetes_cleanup(core, networking, log, timeout_s=opts.wait_timeout, poll_s=opts.poll)
+    except Exception as exc:  # unreachable (private endpoint), forbidden, expired token ...
+        left = [f"Kubernetes cleanup failed: {exc}"]
+        log(f"  Kubernetes cleanup FAILED: {exc}")
+    left_aws = (
+        []
+        if left and left[0].startswith("Kubernetes cleanup failed")
+        else wait_for_controller_resources(sweeper, log, timeout_s=opts.wait_timeout, poll_s=opts.poll)
+    )
+    result.warnings += left + [f"still present after the wait: {f.service} {f.kind} {f.id}" for f in left_aws]
+
+
+def _held_by_state(env: str, log: Log) -> set[str] | None:
+    """Ids and ARNs both layers' states hold; None when the states cannot be read (no CLI)."""
+    if automation.pulumi_cli() is None:
+        return None
+    held: set[str] = set()
+    for stack in (env, cluster_stack(env)):
+        try:
+            held |= automation.held_identifiers(automation.state_resources(stack))
+        except Exception as exc:
+            log(f"  cannot read the state of {stack}: {exc}")
+            return None
+    return held
+
+
+def _sweep(opts: TeardownOptions, resolved: Resolved, sweeper: Sweeper, result: TeardownResult, log: Log) -> None:
+    """Find leftovers; with --force delete those no Pulumi state holds, then retry a destroy they blocked."""
+    log(f"== sweep {resolved.region} for leftovers")
     findings = sweeper.find()
-    deleted_failures: list[str] = []
-    if findings and args.force:
-        log(report_text(findings, ownership, resolved.region))
-        log(f"--force: deleting {sum(f.deletable for f in findings)} deletable leftover(s)")
-        deleted_failures = sweeper.delete(findings, log=log, wait_s=args.wait_timeout)
-        if destroy_error and not deleted_failures:
-            # What blocked the destroy is typically what the sweep just removed (a controller's load balancer
-            # ENIs keep the subnets and VPC alive): one more destroy finishes the job.
-            log("== phase 3/4 again: pulumi destroy, now that the leftovers are gone")
-            if not _destroy(args.stack, log):
-                failed.remove(destroy_error)
+    if findings and opts.force:
+        held = _held_by_state(resolved.stack, log)
+        deletable, kept = [], []
+        for f in findings:
+            by_stack_tag = f.matched_by.startswith(f"{STACK_TAG}=")
+            if by_stack_tag and (held is None or f.id in held or (f.arn and f.arn in held)):
+                # Pulumi created it (its stack tag); only Pulumi deletes it while a state may hold it.
+                kept.append(f)
+            else:
+                deletable.append(f)
+        result.held_by_state = kept
+        if kept:
+            why = "a Pulumi state holds them" if held is not None else "the Pulumi states cannot be read (no CLI)"
+            log(f"  not deleting {len(kept)} stack-tagged resource(s): {why}; `pulumi destroy` deletes them")
+        log(report_text(deletable, sweeper.ownership, resolved.region))
+        log(f"--force: deleting {sum(f.deletable for f in deletable)} deletable leftover(s)")
+        result.delete_failures = sweeper.delete(deletable, log=log, wait_s=opts.wait_timeout)
+        failed_destroys = [p for p in result.phase_failures if p.startswith(f"pulumi destroy {resolved.stack}:")]
+        if failed_destroys and not result.delete_failures:
+            # What blocked the destroy is typically what the sweep just removed (a controller's load balancer ENIs
+            # keep the subnets and VPC alive): one more destroy finishes the job.
+            log(f"== pulumi destroy {resolved.stack} again, now that the leftovers are gone")
+            if not _destroy(resolved.stack, log):
+                for p in failed_destroys:
+                    result.phase_failures.remove(p)
+                result.destroyed.append(resolved.stack)
         findings = sweeper.find()
-    if args.json:
-        doc = {
-            "stack": args.stack,
-            "region": resolved.region,
-            "ownership": vars(ownership) | {"stack_tag": STACK_TAG},
-            "clean": not findings,
-            "leftovers": [f.to_json() for f in findings],
-            "phase_failures": failed,
-            "warnings": warnings,
-            "delete_failures": deleted_failures,
-        }
-        print(json.dumps(doc, indent=2, default=str), file=out)
-    else:
-        print(report_text(findings, ownership, resolved.region), file=out, end="")
-        for line in warnings:
-            print(f"warning: {line}", file=out)
-        for line in failed + deleted_failures:
-            print(f"problem: {line}", file=out)
-    return EXIT_CLEAN if not findings and not failed and not deleted_failures else EXIT_LEFTOVERS
+    result.leftovers = findings
 
 
-def _destroy(stack: str, log: Log) -> str | None:
+def _destroy(stack: str, log: Log, env: Mapping[str, str] | None = None) -> str | None:
     """Run `pulumi destroy`; the error line on failure (the CLI's CommandError carries its stderr)."""
     try:
-        changes = automation.destroy(stack, on_output=lambda line: log("  " + line.rstrip()))
+        changes = automation.destroy(stack, on_output=lambda line: log("  " + line.rstrip()), env=env)
     except Exception as exc:
         log(f"  pulumi destroy FAILED: {exc}")
-        return f"pulumi destroy failed: {exc}"
+        return f"pulumi destroy {stack}: {exc}"
     log(f"  destroy done: {changes}")
     return None
 
 
-def teardown_expired(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """The scheduled TTL teardown: every matching stack idle longer than the TTL, one after another."""
-    if automation.pulumi_cli() is None:
-        print(automation.MISSING_CLI_MESSAGE, file=err)
-        return EXIT_REFUSED
-    ttl = timedelta(hours=args.ttl_hours)
+def expired_environments(ttl_hours: float, patterns: list[str] | None, log: Log) -> list[str]:
+    """The environments (either layer's stack matching) idle longer than the TTL; production never, whatever its
+    name (the TTL job has no business there, confirmation flag or not)."""
+    ttl = timedelta(hours=ttl_hours)
     names = automation.expired_stacks(
-        automation.list_stack_ages(), datetime.now(UTC), ttl, args.pattern or automation.DEFAULT_TTL_PATTERNS
+        automation.list_stack_ages(), datetime.now(UTC), ttl, patterns or automation.DEFAULT_TTL_PATTERNS
     )
-    print(f"stacks past their {args.ttl_hours}h TTL: {', '.join(names) or 'none'}", file=out)
-    worst = EXIT_CLEAN
-    for name in names:
-        # Never production: the TTL job has no business there, confirmation flag or not.
-        if automation.is_production(automation.read_stack_config(name)):
-            print(f"skipping '{name}': production-marked", file=out)
-            continue
-        sub = argparse.Namespace(**{**vars(args), "stack": name, "confirm_production": None})
-        worst = max(worst, teardown(sub, out, err))
-    return worst
+    envs = []
+    for env in sorted({environment_of(n) for n in names}):
+        if automation.is_production(automation.read_stack_config(env)):
+            log(f"skipping '{env}': production-marked")
+        else:
+            envs.append(env)
+    return envs
+
+
+def report(result: TeardownResult, opts: TeardownOptions, out: TextIO, err: TextIO) -> int:
+    if result.refused:
+        print(result.refused, file=err)
+        return result.exit_code
+    if opts.json:
+        print(json.dumps(result.to_json(), indent=2, default=str), file=out)
+    else:
+        if result.ownership is not None:
+            print(report_text(result.leftovers, result.ownership, result.region), file=out, end="")
+        for f in result.held_by_state:
+            print(f"held by a Pulumi state (not deleted): {f.service} {f.kind} {f.id}", file=out)
+        for line in result.warnings:
+            print(f"warning: {line}", file=out)
+        for line in result.phase_failures + result.delete_failures:
+            print(f"problem: {line}", file=out)
+    return result.exit_code
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ops.teardown",
-        description="Destroy a stack and prove nothing tagged for it is left (exit 0 clean, 1 leftovers, "
-        "2 refused / bad usage).",
+        description="Destroy an environment in layers and prove nothing tagged for it is left (exit 0 clean, "
+        "1 leftovers or a failed step, 2 refused / bad usage / no usable AWS credentials).",
     )
-    p.add_argument("stack", nargs="?", help="stack name (stacks/Pulumi.<stack>.yaml)")
+    p.add_argument(
+        "stack", nargs="?", help="environment (stacks/Pulumi.<stack>.yaml; its stacks <stack>, <stack>-cluster)"
+    )
+    p.add_argument(
+        "--layer",
+        choices=LAYERS,
+        default="all",
+        help="cluster: the cluster layer only (run it where the cluster API answers: the in-VPC runner); aws: the "
+        "AWS layer, then the sweep (refused while the cluster layer holds resources); all (default): both, in order",
+    )
+    p.add_argument(
+        "--cluster-unreachable",
+        action="store_true",
+        help="with --layer aws, when the in-VPC runner is gone: destroy the AWS layer (and with it the cluster), then "
+        "drop the cluster layer's state with PULUMI_K8S_DELETE_UNREACHABLE=true",
+    )
     p.add_argument(
         "--confirm-production", metavar="STACK", help="required for production-marked stacks: repeat the stack name"
     )
     p.add_argument(
-        "--force", action="store_true", help="delete leftovers the sweep finds (only resources owned by this stack)"
+        "--force",
+        action="store_true",
+        help="delete leftovers the sweep finds (only resources owned by this stack and held by no Pulumi state)",
     )
     p.add_argument(
         "--sweep-only",
         action="store_true",
-        help="skip Kubernetes cleanup and pulumi destroy; only sweep (works without the Pulumi CLI)",
+        help="destroy nothing; only sweep (works without the Pulumi CLI; a dry run unless --force)",
     )
     p.add_argument("--skip-kubernetes", action="store_true", help="skip the pre-destroy Kubernetes cleanup")
     p.add_argument("--region", help="AWS region (default: the stack's region output, then its config)")
     p.add_argument("--cluster-name", help="EKS cluster name (default: the stack's cluster_name output)")
+    p.add_argument("--account-id", help="AWS account the sweep is for (default: from the outputs' ARNs)")
     p.add_argument(
         "--outputs",
         metavar="FILE",
-        help="stack outputs as JSON (`pulumi stack output --json --show-secrets`) instead of the CLI",
+        type=Path,
+        help="stack outputs as JSON (`pulumi stack output --json --show-secrets`) instead of the CLI; refused when "
+        "they are another stack's",
     )
     p.add_argument(
         "--wait-timeout",
@@ -469,7 +708,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--expired",
         action="store_true",
-        help="tear down every stack matching --pattern whose last update is older than --ttl-hours",
+        help="every environment matching --pattern whose last update is older than --ttl-hours",
+    )
+    p.add_argument(
+        "--list", action="store_true", help="with --expired: print the expired environments as a JSON list and stop"
     )
     p.add_argument("--ttl-hours", type=float, default=12.0, help="TTL for --expired (default 12)")
     p.add_argument(
@@ -478,6 +720,25 @@ def parser() -> argparse.ArgumentParser:
         help=f"stack name glob for --expired (repeatable; default {' '.join(automation.DEFAULT_TTL_PATTERNS)})",
     )
     return p
+
+
+def options(args: argparse.Namespace, stack: str | None = None) -> TeardownOptions:
+    return TeardownOptions(
+        stack=stack or args.stack,
+        layer=args.layer,
+        cluster_unreachable=args.cluster_unreachable,
+        force=args.force,
+        sweep_only=args.sweep_only,
+        skip_kubernetes=args.skip_kubernetes,
+        confirm_production=None if stack else args.confirm_production,
+        region=args.region,
+        cluster_name=args.cluster_name,
+        account_id=args.account_id,
+        outputs_file=args.outputs,
+        wait_timeout=args.wait_timeout,
+        poll=args.poll,
+        json=args.json,
+    )
 
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -492,7 +753,30 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
     if args.confirm_production and args.confirm_production != args.stack:
         print(f"--confirm-production must repeat the stack name '{args.stack}'", file=err)
         return EXIT_REFUSED
-    return teardown_expired(args, out, err) if args.expired else teardown(args, out, err)
+    if args.cluster_unreachable and args.layer != "aws":
+        print("--cluster-unreachable goes with --layer aws", file=err)
+        return EXIT_REFUSED
+    # Progress goes to stderr under --json so stdout stays one parseable document.
+    progress = err if args.json else out
+
+    def log(msg: str) -> None:
+        print(msg, file=progress, flush=True)
+
+    if not args.expired:
+        return report(teardown(options(args), log), options(args), out, err)
+    if automation.pulumi_cli() is None:
+        print(automation.MISSING_CLI_MESSAGE, file=err)
+        return EXIT_REFUSED
+    envs = expired_environments(args.ttl_hours, args.pattern, log)
+    if args.list:
+        print(json.dumps(envs), file=out)
+        return EXIT_CLEAN
+    print(f"environments past their {args.ttl_hours}h TTL: {', '.join(envs) or 'none'}", file=progress)
+    worst = EXIT_CLEAN
+    for env in envs:
+        opts = options(args, env)
+        worst = max(worst, report(teardown(opts, log), opts, out, err))
+    return worst
 
 
 if __name__ == "__main__":

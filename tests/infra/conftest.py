@@ -46,3 +46,11 @@ def run_stack(tmp_path: Path) -> Callable[..., Run]:
 def shipped(request: pytest.FixtureRequest, run_stack: Callable[..., Run]) -> tuple[StackConfig, Run]:
     """(config, run) for each shipped stack."""
     return load_stack(request.param), run_stack(request.param)
+
+
+PROD_SERVING = {
+    "llm-platform:servingImageTag": "1.0.0",
+    "llm-platform:servingImageDigest": "sha256:9184ae37f3191aadc38ce7d32a2ada3524180dc4d538a5e7d0ab6e86fdbda62a",
+    "llm-platform:trainingImageDigest": "sha256:33ec1af2892edb5bd392a17efaa0c7dd5855bfbc0e987f8da149b0ef2b7dde2a",
+}
+"""prod after its first deploy: the images pushed and their tag and digests set (the shipped file has none yet)."""

@@ -22,6 +22,8 @@ from infra.cluster_autoscaler import SERVICE_ACCOUNT as CLUSTER_AUTOSCALER_SA
 from infra.cluster_autoscaler import (
     ClusterAutoscaler,
     ClusterAutoscalerArgs,
+    ClusterAutoscalerIdentity,
+    ClusterAutoscalerIdentityArgs,
     max_nodes_total,
     node_template_tags,
 )
@@ -32,6 +34,8 @@ from infra.spot_interruptions import (
     SPOT_EVENT_PATTERNS,
     NodeTerminationHandler,
     NodeTerminationHandlerArgs,
+    SpotInterruptionQueue,
+    SpotInterruptionQueueArgs,
     needs_node_termination_handler,
 )
 from ops.mocks import Recorded, RecordingMocks, Run
@@ -67,35 +71,47 @@ def run_capacity(cfg: StackConfig) -> Run:
     def program() -> dict[str, Any]:
         provider, groups = fake_cluster(cfg)
         tags = stack_tags(cfg.stack, cfg.environment)
-        ca = ClusterAutoscaler(
+        # Both halves, as the two layers declare them (infra/layers.py): the AWS half, then the chart.
+        ca = ClusterAutoscalerIdentity(
             "autoscaler",
-            ClusterAutoscalerArgs(
+            ClusterAutoscalerIdentityArgs(
                 cluster=cfg.cluster,
-                autoscaling=cfg.autoscaling,
                 name_prefix=cfg.name_prefix,
-                region=cfg.region,
                 cluster_name=cfg.name_prefix,
-                provider=provider,
                 node_groups=groups,
                 tags=tags,
                 account_id=ACCOUNT,
             ),
         )
+        ClusterAutoscaler(
+            "autoscaler",
+            ClusterAutoscalerArgs(
+                cluster=cfg.cluster,
+                autoscaling=cfg.autoscaling,
+                region=cfg.region,
+                cluster_name=cfg.name_prefix,
+                provider=provider,
+            ),
+        )
         outputs: dict[str, Any] = {"ca_role": ca.role_arn}
         if needs_node_termination_handler(cfg.autoscaling, cfg.cluster):
-            nth = NodeTerminationHandler(
+            queue = SpotInterruptionQueue(
+                "spot",
+                SpotInterruptionQueueArgs(
+                    name_prefix=cfg.name_prefix, cluster_name=cfg.name_prefix, tags=tags, account_id=ACCOUNT
+                ),
+            )
+            NodeTerminationHandler(
                 "spot",
                 NodeTerminationHandlerArgs(
                     autoscaling=cfg.autoscaling,
-                    name_prefix=cfg.name_prefix,
                     region=cfg.region,
                     cluster_name=cfg.name_prefix,
+                    queue_url=queue.queue_url,
                     provider=provider,
-                    tags=tags,
-                    account_id=ACCOUNT,
                 ),
             )
-            outputs["queue"] = nth.queue_url
+            outputs["queue"] = queue.queue_url
         if cfg.autoscaling.serving_autoscaler == "keda":
             so = ServingAutoscaling(
                 "serving-autoscaling",
@@ -230,9 +246,9 @@ def test_autoscaler_role_is_least_privilege_through_pod_identity(stack: tuple[St
     assoc = run.one(POD_IDENTITY, "autoscaler-pod-identity").inputs
     assert (assoc["namespace"], assoc["serviceAccount"]) == ("kube-system", CLUSTER_AUTOSCALER_SA)
     assert assoc["clusterName"] == cfg.name_prefix
-    # The controller starts only once its role is associated and its policy attached.
-    deps = chart(run, "autoscaler").depends_on
-    assert f"{POD_IDENTITY}::autoscaler-pod-identity" in deps and f"{ROLE_POLICY}::autoscaler-policy" in deps
+    # The controller starts only once its role is associated and its policy attached: both are the AWS layer's,
+    # applied before the cluster layer installs the chart (infra/layers.py; tests/infra/test_engine_rules.py checks
+    # the split on the whole program).
 
 
 def test_tags_and_unique_names(stack: tuple[StackConfig, Run]) -> None:
@@ -297,7 +313,6 @@ def test_spot_pools_get_queue_mode_termination_handler(stack: tuple[StackConfig,
     assert values["image"] == {"tag": f"v{cfg.autoscaling.node_termination_handler_version}"}
     assoc = run.one(POD_IDENTITY, "spot-pod-identity").inputs
     assert (assoc["namespace"], assoc["serviceAccount"]) == ("kube-system", "aws-node-termination-handler")
-    assert f"{POD_IDENTITY}::spot-pod-identity" in rec.depends_on
 
 
 def test_spot_handler_can_be_switched_off() -> None:
@@ -413,3 +428,18 @@ def test_scale_from_zero_template_offers_every_efa_interface_the_node_gets(insta
     tags = node_template_tags(cfg.cluster.pool("training"))
     assert tags[f"k8s.io/cluster-autoscaler/node-template/resources/{EFA_RESOURCE}"] == efa
     assert allocatable(instance_type, efa=True)[EFA_RESOURCE] == float(efa)
+
+
+def test_instances_carry_the_tag_the_termination_handler_checks(run_stack) -> None:
+    """checkTagBeforeDraining: the handler drains only instances with its managedTag (read from the EC2 instance,
+    NTH v1.25.6 pkg/monitor/sqsevent CheckIfManaged); every node group's launch template puts it on its instances."""
+    run = run_stack("dev")
+    [nth] = [c for c in run.of_type(CHART_TYPE) if c.inputs["chart"] == CHARTS["aws-node-termination-handler"].chart]
+    managed = nth.inputs["values"]["managedTag"]
+    assert nth.inputs["values"]["checkTagBeforeDraining"] is True
+    templates = run.of_type(tok.EC2_LAUNCH_TEMPLATE)
+    assert templates
+    for lt in templates:
+        kinds = {spec["resourceType"]: spec["tags"] for spec in lt.inputs["tagSpecifications"]}
+        assert kinds["instance"].get(managed) == "owned", lt.name
+        assert managed not in kinds["volume"]

@@ -102,8 +102,10 @@ def test_keda_and_the_load_balancer_controller_install_when_used(run_stack: Call
     policy = run.one(ROLE_POLICY, "load-balancer-controller-policy").inputs["policy"]
     assert json.loads(policy) == json.loads(IAM_POLICY_FILE.read_text())
     (chart,) = [r for r in run.of_type(CHART_TYPE) if r.inputs["chart"] == "aws-load-balancer-controller"]
-    assert f"{POD_IDENTITY}::load-balancer-controller-pod-identity" in chart.depends_on
-    assert f"{ROLE_POLICY}::load-balancer-controller-policy" in chart.depends_on
+    # Role, policy and association are the AWS layer's, applied before the cluster layer installs the chart.
+    assert run.one(POD_IDENTITY, "load-balancer-controller-pod-identity").stack == cfg.stack
+    assert run.one(ROLE_POLICY, "load-balancer-controller-policy").stack == cfg.stack
+    assert chart.stack == f"{cfg.stack}-cluster"
     # The Ingress's Deployment waits for the controller (its webhook must answer first).
     serving = run.one("llm-platform:infra:ServingOnEks")
     assert "llm-platform:infra:LoadBalancerController::load-balancer-controller" in serving.depends_on

@@ -263,11 +263,17 @@ def test_kubeconfig_is_secret_and_uses_exec_auth(dev: tuple[StackConfig, Run]) -
     assert kc["clusters"][0]["cluster"]["server"].startswith("https://")
 
 
-def test_provider_waits_for_system_nodes_and_addons(dev: tuple[StackConfig, Run]) -> None:
-    _, run = dev
+def test_provider_is_the_cluster_layers_built_from_the_aws_layers_outputs(run_stack) -> None:
+    # Workloads need nodes and DNS: the provider (and so every object) exists only in the cluster layer, applied
+    # after the AWS layer's `up` (system node group and every add-on) has finished (infra/layers.py).
+    run = run_stack("dev")
+    assert not [r for r in run.layers["aws"].resources if r.type == tok.KUBERNETES_PROVIDER]
     provider = run.one(tok.KUBERNETES_PROVIDER)
-    assert "aws:eks/nodeGroup:NodeGroup::cluster-system" in provider.depends_on
-    assert {f"aws:eks/addon:Addon::cluster-addon-{a}" for a in ADDONS} <= set(provider.depends_on)
+    assert provider.stack == "dev-cluster" and provider.parent is None
+    assert json.loads(provider.inputs["kubeconfig"]) == json.loads(run.layers["aws"].outputs["kubeconfig"])
+    aws_side = {(r.type, r.name) for r in run.layers["aws"].resources}
+    assert ("aws:eks/nodeGroup:NodeGroup", "cluster-system") in aws_side
+    assert {("aws:eks/addon:Addon", f"cluster-addon-{a}") for a in ADDONS} <= aws_side
 
 
 def test_everything_is_a_child_tagged_and_uniquely_named(dev: tuple[StackConfig, Run]) -> None:

@@ -188,9 +188,9 @@ def test_image_digests_are_read() -> None:
 
 def test_production_serves_its_image_by_digest() -> None:
     assert f"{P}servingImageDigest is not set: a production stack references its serving image by digest" in problems(
-        "prod", servingImageDigest=None
+        "prod", servingImageTag="1.0.0", servingImageDigest=None
     )
     # A production stack that serves nothing needs no serving digest.
-    load("prod", servingImageDigest=None, servingOnEks=False, servingOnSagemaker=False)
+    load("prod", servingImageTag="1.0.0", servingImageDigest=None, servingOnEks=False, servingOnSagemaker=False)
     # Non-production stacks may use tags.
     assert load("dev").images.serving_digest == ""

@@ -33,6 +33,9 @@ from infra.preflight import (
 from ops.mocks import Account, Recorded, RecordingMocks, Run, run_program
 from ops.preview import preview
 from tests.helpers import WORKFLOWS_DIR
+from tests.infra.conftest import PROD_SERVING
+
+PROD = {k.removeprefix("llm-platform:"): v for k, v in PROD_SERVING.items()}
 
 P = "llm-platform:"
 DEPLOY = WORKFLOWS_DIR / "deploy.yml"
@@ -67,7 +70,8 @@ def build_fails(stack: str, account: Account, **overrides: Any) -> tuple[str, Re
 # -- 1. deployer -> Kubernetes API ----------------------------------------------------------------------------------
 def test_every_shipped_stack_applies_its_kubernetes_layer_from_where_the_endpoint_is_reachable(shipped) -> None:
     cfg, run = shipped
-    assert deployer_path_problems(cfg, run.resources, workflow()) == []
+    aws_layer, cluster_layer = run.layers["aws"].resources, run.layers["cluster"].resources
+    assert deployer_path_problems(cfg, aws_layer, workflow(), cluster_layer) == []
     # The runner the workflow names is the one this stack declares, in its private subnets.
     project = run.one(tok.CODEBUILD_PROJECT)
     assert project.inputs["name"] == runner_project_name(cfg.name_prefix)
@@ -77,50 +81,55 @@ def test_every_shipped_stack_applies_its_kubernetes_layer_from_where_the_endpoin
 
 def test_the_reachability_check_fails_on_each_way_to_break_the_path(run_stack) -> None:
     cfg, run = load_stack("staging"), run_stack("staging")
+    aws_layer, cluster_layer = run.layers["aws"].resources, run.layers["cluster"].resources
     wf = workflow()
+
+    def problems(w: dict[str, Any], cluster: list[Recorded] = cluster_layer) -> list[str]:
+        return deployer_path_problems(cfg, aws_layer, w, cluster)
 
     hosted = copy.deepcopy(wf)
     hosted["jobs"]["staging"]["runs-on"] = "ubuntu-latest"
-    assert any("from a GitHub-hosted runner" in p for p in deployer_path_problems(cfg, run.resources, hosted))
+    assert any("from a GitHub-hosted runner" in p for p in problems(hosted))
 
-    no_exclude = copy.deepcopy(wf)
-    del no_exclude["jobs"]["staging-aws"]["steps"][-1]["with"]["exclude"]
-    assert any(
-        "'staging-aws' applies the Kubernetes layer" in p
-        for p in deployer_path_problems(cfg, run.resources, no_exclude)
-    )
+    unordered = copy.deepcopy(wf)
+    unordered["jobs"]["staging"]["needs"] = "dev"
+    assert any("without needing the AWS layer's job first" in p for p in problems(unordered))
 
     other_runner = copy.deepcopy(wf)
     other_runner["jobs"]["staging"]["runs-on"] = runner_label("llmp-dev-deployer")
-    assert any(
-        "no CodeBuild runner project this stack" in p for p in deployer_path_problems(cfg, run.resources, other_runner)
-    )
+    assert any("no CodeBuild runner project this stack" in p for p in problems(other_runner))
 
     nothing = copy.deepcopy(wf)
     del nothing["jobs"]["staging"]
-    assert deployer_path_problems(cfg, run.resources, nothing) == [
-        "no job of the deploy workflow applies the Kubernetes layer of staging"
-    ]
+    assert problems(nothing) == ["no job of the deploy workflow applies the cluster layer staging-cluster"]
 
     # A Kubernetes object on the default provider would go to whatever kubeconfig the runner has.
     stray = Recorded(type=tok.K8S_CONFIG_MAP, name="stray", custom=True, inputs={}, provider=None)
-    assert any("stray is not applied through" in p for p in deployer_path_problems(cfg, [*run.resources, stray], wf))
+    assert any("stray is not applied through" in p for p in problems(wf, [*cluster_layer, stray]))
 
     # Without its runner (public-allowlist), the workflow's in-VPC job has nothing to run on.
     public = load_stack(
         "staging", kubernetesDeployer="public-allowlist", publicApiEndpoint=True, publicApiCidrs=["1.2.3.4/32"]
     )
-    problems = deployer_path_problems(public, [r for r in run.resources if "codebuild" not in r.type], wf)
-    assert any("kubernetesDeployer is public-allowlist" in p for p in problems)
+    no_runner = [r for r in aws_layer if "codebuild" not in r.type]
+    assert any(
+        "kubernetesDeployer is public-allowlist" in p
+        for p in deployer_path_problems(public, no_runner, wf, cluster_layer)
+    )
 
 
-def test_the_aws_layer_run_excludes_exactly_the_clusters_kubernetes_provider(run_stack) -> None:
+def test_the_aws_layer_has_no_kubernetes_provider_and_the_cluster_layer_exactly_one(run_stack) -> None:
     run = run_stack("dev")
-    providers = {r.provider.rsplit("::", 1)[0] for r in run.resources if r.type.startswith("kubernetes:")}
-    assert providers == {kubernetes_provider_urn("dev", "llm-platform")}
-    excluded = workflow()["jobs"]["dev-aws"]["steps"][-1]["with"]
-    assert excluded["exclude"] == kubernetes_provider_urn("dev", "llm-platform")
-    assert excluded["exclude-dependents"] is True
+    assert not [r for r in run.layers["aws"].resources if r.type.startswith(("kubernetes:", "pulumi:providers:k"))]
+    providers = {
+        r.provider.rsplit("::", 1)[0] for r in run.layers["cluster"].resources if r.type.startswith("kubernetes:")
+    }
+    assert providers == {kubernetes_provider_urn("dev-cluster", "llm-platform")}
+    # The AWS-layer job applies the whole AWS-layer stack: no --exclude/--target (the engine would ignore them for
+    # providers and charts anyway: tests/infra/test_engine_rules.py).
+    up = next(s for s in workflow()["jobs"]["dev-aws"]["steps"] if "pulumi/actions" in s.get("uses", ""))["with"]
+    assert (up["command"], up["stack-name"]) == ("up", "dev")
+    assert not {"exclude", "target", "exclude-dependents", "target-dependents"} & set(up)
 
 
 @pytest.mark.parametrize(
@@ -345,19 +354,20 @@ def _endpoint_config(run: Run) -> dict[str, Any]:
 
 
 def test_a_new_image_rolls_out_at_the_running_count_on_recorded_inputs(tmp_path: Path) -> None:
-    steady = run_with("prod", tmp_path)
+    steady = run_with("prod", tmp_path, **PROD)
     model = steady.one(tok.SAGEMAKER_MODEL).inputs["name"]
     assert _endpoint_config(steady)["initialInstanceCount"] == 2
     running = {"instance_type": "ml.g5.2xlarge", "config_initial_count": 2, "desired_count": 5, "autoscaled": True}
-    unchanged = run_with("prod", tmp_path, Account(endpoints={"llmp-prod-serving": {**running, "model_name": model}}))
+    unchanged = run_with(
+        "prod", tmp_path, Account(endpoints={"llmp-prod-serving": {**running, "model_name": model}}), **PROD
+    )
     assert _endpoint_config(unchanged)["initialInstanceCount"] == 2
     new_image = run_with(
         "prod",
         tmp_path,
         Account(endpoints={"llmp-prod-serving": {**running, "model_name": model}}),
-        servingImageTag="1.1.0",
         # prod pins its serving image by digest (issue 10): a new image is a new tag *and* its digest.
-        servingImageDigest="sha256:" + "1" * 64,
+        **{**PROD, "servingImageTag": "1.1.0", "servingImageDigest": "sha256:" + "1" * 64},
     )
     assert new_image.one(tok.SAGEMAKER_MODEL).inputs["name"] != model
     assert _endpoint_config(new_image)["initialInstanceCount"] == 5
@@ -365,7 +375,7 @@ def test_a_new_image_rolls_out_at_the_running_count_on_recorded_inputs(tmp_path:
 
 def test_instance_type_change_with_autoscaling_is_refused_with_the_procedure(tmp_path: Path) -> None:
     running = {"model_name": "x", "instance_type": "ml.g5.xlarge", "config_initial_count": 2, "desired_count": 3}
-    message, _ = build_fails("prod", Account(endpoints={"llmp-prod-serving": {**running, "autoscaled": True}}))
+    message, _ = build_fails("prod", Account(endpoints={"llmp-prod-serving": {**running, "autoscaled": True}}), **PROD)
     assert "the endpoint runs ml.g5.xlarge and is registered with Application Auto Scaling" in message
     assert "(1) set sagemakerAutoscaling: false" in message and "(3) set sagemakerAutoscaling: true" in message
     # Step 2 of the procedure: deregistered, autoscaling off -> the change goes through at the running count.
@@ -373,6 +383,7 @@ def test_instance_type_change_with_autoscaling_is_refused_with_the_procedure(tmp
         "prod",
         tmp_path,
         Account(endpoints={"llmp-prod-serving": {**running, "autoscaled": False}}),
+        **PROD,
         sagemakerAutoscaling=False,
     )
     assert run.of_type(tok.APPAUTOSCALING_TARGET) == []
@@ -414,12 +425,38 @@ def test_running_variant_is_read_at_the_request_level_against_moto() -> None:
         assert describe_running_variant(sm, aas, "llmp-prod-serving", "primary").autoscaled is True
 
 
-def test_the_pr_preview_of_the_real_engine_skips_the_unreachable_kubernetes_layer() -> None:
-    """`pulumi preview` of Kubernetes objects talks to the API server too; from a GitHub-hosted runner it cannot."""
-    job = yaml.safe_load((DEPLOY.parent / "pr-preview.yml").read_text())["jobs"]["pulumi-preview"]
+def test_the_pr_preview_of_the_real_engine_previews_the_aws_layer_and_the_offline_one_both() -> None:
+    """`pulumi preview` of Kubernetes objects talks to the API server too; from a GitHub-hosted runner it cannot. So
+    the real preview is of the AWS layer only (its program has neither provider nor chart), and the offline preview
+    (ops.preview, mock engine) shows both layers."""
+    wf = yaml.safe_load((DEPLOY.parent / "pr-preview.yml").read_text())
+    job = wf["jobs"]["pulumi-preview"]
     assert not str(job["runs-on"]).startswith("codebuild-")
     [step] = [s for s in job["steps"] if s.get("uses", "").split("@")[0] == "pulumi/actions"]
-    assert step["with"]["command"] == "preview" and step["with"]["exclude-dependents"] is True
-    for stack in job["strategy"]["matrix"]["stack"]:
-        urn = step["with"]["exclude"].replace("${{ matrix.stack }}", stack)
-        assert urn == kubernetes_provider_urn(stack, "llm-platform")
+    assert step["with"]["command"] == "preview" and step["with"]["stack-name"] == "${{ matrix.stack }}"
+    assert not {"exclude", "target"} & set(step["with"])
+    assert all(not s.endswith("-cluster") for s in job["strategy"]["matrix"]["stack"])
+    offline = wf["jobs"]["offline-preview"]
+    script = next(s["run"] for s in offline["steps"] if "ops.preview" in s.get("run", ""))
+    assert '-m ops.preview "$stack" --json' in script
+    report, _ = preview("dev")
+    assert set(report["layers"]) == {"aws", "cluster"} and all(report["layers"].values())
+
+
+def test_a_kubernetes_version_out_of_standard_support_is_warned_at_preview(caplog: pytest.LogCaptureFixture) -> None:
+    from datetime import date
+
+    from infra.preflight import EKS_STANDARD_SUPPORT_ENDS, support_warning
+
+    assert support_warning("1.33", date(2026, 7, 29)) is None
+    late = support_warning("1.33", date(2026, 7, 30))
+    assert late and "left EKS standard support on 2026-07-29" in late and "set kubernetesVersion to 1.34" in late
+    assert support_warning("1.99", date(2030, 1, 1)) is None  # newer than the table: nothing known against it
+    assert "older than every version" in (support_warning("1.20", date(2020, 1, 1)) or "")
+    assert all(isinstance(d, date) for d in EKS_STANDARD_SUPPORT_ENDS.values())
+    # The preview of a stack on a version past its date says so (warning, not failure).
+    cfg = load_stack("dev")
+    expected = support_warning(cfg.cluster.kubernetes_version, date.today())
+    with caplog.at_level("WARNING"):
+        preview("dev")
+    assert (expected in caplog.text) if expected else ("left EKS standard support" not in caplog.text)

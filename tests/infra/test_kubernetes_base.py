@@ -22,6 +22,8 @@ from infra.kubernetes_base import (
     TRAINING_METRICS_ACCESS_LABEL,
     KubernetesBase,
     KubernetesBaseArgs,
+    WorkloadIdentities,
+    WorkloadIdentitiesArgs,
 )
 from infra.network import plan_collector_subnets
 from infra.prometheus import monitoring_namespace
@@ -47,13 +49,19 @@ def run_base(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:
                 serving=cfg.serving,
                 observability=cfg.observability,
                 region=cfg.region,
-                cluster_name="llmp-dev",
                 provider=provider,
+            ),
+            opts=pulumi.ResourceOptions(),
+        )
+        # The associations are the AWS layer's (infra/layers.py); declared here too, as the environment has both.
+        WorkloadIdentities(
+            "workload-identities",
+            WorkloadIdentitiesArgs(
+                cluster_name="llmp-dev",
                 training_role_arn=TRAINING_ROLE,
                 serving_role_arn=SERVING_ROLE,
                 tags=stack_tags(cfg.stack, cfg.environment),
             ),
-            opts=pulumi.ResourceOptions(),
         )
         attrs.update(
             training_namespace=base.training_namespace,
@@ -244,6 +252,8 @@ def test_children_named_and_parented(dev: tuple[StackConfig, Run, dict]) -> None
     for r in run.resources:
         if r.type in ("llm-platform:infra:KubernetesBase", tok.KUBERNETES_PROVIDER):
             continue
+        if "WorkloadIdentities" in r.type or r.parent == "workload-identities":
+            continue  # the AWS layer's half (infra/layers.py)
         assert r.parent == "base" and r.name.startswith("base-"), r.name
 
 

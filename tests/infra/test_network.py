@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from typing import Any
 
 import pytest
 
 from facts import pulumi_types as tok
+from infra.config import ConfigError, load_stack
 from infra.identity import DELETE, LIST, READ, WRITE
 from infra.network import INTERFACE_ENDPOINT_SERVICES, plan_collector_subnets, plan_subnets, read_only_buckets
 from policy.rules import iam_document_violations
@@ -175,3 +177,19 @@ def test_amp_scraper_sits_in_its_own_subnets_and_has_no_second_access_entry(run_
 
 def test_collector_subnets_only_with_amp(run_stack) -> None:
     assert not [s for s in run_stack("dev").of_type(tok.EC2_SUBNET) if "collector" in s.name]
+
+
+def test_the_state_bucket_is_reachable_through_the_s3_endpoint_only_when_named(run_stack) -> None:
+    """The in-VPC runner reaches S3 of its region only through the gateway endpoint: an S3 state backend there must be
+    admitted by its policy (docs/first-deploy.md), and nothing else is."""
+
+    def statements(run: Any) -> dict[str, dict[str, Any]]:
+        (gateway,) = [e for e in run.of_type(tok.EC2_VPC_ENDPOINT) if e.inputs["vpcEndpointType"] == "Gateway"]
+        return {s["Sid"]: s for s in json.loads(gateway.inputs["policy"])["Statement"]}
+
+    assert "PulumiStateBackend" not in statements(run_stack("dev"))
+    named = statements(run_stack("dev", {"llm-platform:stateBucket": "acme-pulumi-state"}))["PulumiStateBackend"]
+    assert named["Resource"] == ["arn:aws:s3:::acme-pulumi-state", "arn:aws:s3:::acme-pulumi-state/*"]
+    assert "s3:PutObject" in named["Action"] and "s3:ListBucket" in named["Action"]
+    with pytest.raises(ConfigError, match="stateBucket"):
+        load_stack("dev", stateBucket="s3://acme-pulumi-state")

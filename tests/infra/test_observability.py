@@ -23,7 +23,13 @@ from facts.tags import stack_tags
 from infra.charts import CHART_TYPE, CHARTS
 from infra.config import StackConfig
 from infra.config import load_stack as config
-from infra.observability import AMP_COLLECTOR_USER, Observability, ObservabilityArgs
+from infra.observability import (
+    AMP_COLLECTOR_USER,
+    ClusterMonitoring,
+    ClusterMonitoringArgs,
+    Observability,
+    ObservabilityArgs,
+)
 from infra.prometheus import (
     DCGM_COUNTERS,
     PROMETHEUS_CHART_DEFAULT_JOBS,
@@ -67,15 +73,12 @@ def run_observability(cfg: StackConfig) -> Run:
             ObservabilityArgs(
                 observability=cfg.observability,
                 serving=cfg.serving,
-                gpu_pools=cfg.cluster.gpu_pools,
                 stack=cfg.stack,
                 name_prefix=cfg.name_prefix,
                 protect_data=cfg.storage.protect_data,
-                cluster_name=cfg.name_prefix,
                 cluster_arn=f"arn:aws:eks:{cfg.region}:{ACCOUNT}:cluster/{cfg.name_prefix}",
                 cluster_security_group_id="sg-cluster",
                 private_subnet_ids=["subnet-a", "subnet-b"],
-                provider=provider,
                 node_groups=groups,
                 account_id=ACCOUNT,
                 partition="aws",
@@ -83,7 +86,18 @@ def run_observability(cfg: StackConfig) -> Run:
                 sagemaker_endpoint_name=ENDPOINT if cfg.serving.on_sagemaker else None,
             ),
         )
-        return {"topic": obs.alert_topic_arn, "prometheus": obs.prometheus_url, "amp": obs.amp_workspace_id}
+        # The in-cluster half is the cluster layer's (infra/layers.py); declared here too, as the environment has both.
+        monitoring = ClusterMonitoring(
+            "observability",
+            ClusterMonitoringArgs(
+                observability=cfg.observability,
+                gpu_pools=cfg.cluster.gpu_pools,
+                stack=cfg.stack,
+                provider=provider,
+                amp_query_url=obs.amp_query_url,
+            ),
+        )
+        return {"topic": obs.alert_topic_arn, "prometheus": monitoring.prometheus_url, "amp": obs.amp_workspace_id}
 
     return run_program(program, {}, cfg.stack, cfg.project, cfg.region, mocks=RecordingMocks(cfg.region))
 

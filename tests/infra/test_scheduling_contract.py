@@ -192,7 +192,14 @@ def test_serving_deployment_schedules_in_every_stack(
         # Not serving on EKS (yet): prove its pool would take the Deployment once servingOnEks and an image are set.
         assert not cfg.serving.eks_declared
         spec = serving_pod(
-            run_stack(cfg.stack, {"llm-platform:servingOnEks": True, "llm-platform:servingImageTag": "0.1.0"})
+            run_stack(
+                cfg.stack,
+                {
+                    "llm-platform:servingOnEks": True,
+                    "llm-platform:servingImageTag": "0.1.0",
+                    "llm-platform:servingImageDigest": "sha256:" + "0" * 64,  # production stacks serve by digest
+                },
+            )
         )
     assert spec is not None
     ok, where = can_schedule(spec, cfg.cluster.gpu_pools)

@@ -16,9 +16,18 @@ from facts.tags import STACK_TAG_KEYS, stack_tags
 from infra import outputs as out
 from infra.charts import CHART_TYPE, CHARTS
 from infra.config import load_stack
+from tests.infra.conftest import PROD_SERVING
 from tests.infra.scheduling import chart_pod_spec
 
-OPTIONAL_OUTPUTS = (out.SERVING_SERVICE_NAME, out.SAGEMAKER_ENDPOINT_NAME, out.TRAINING_IMAGE)
+OPTIONAL_OUTPUTS = (
+    out.SERVING_SERVICE_NAME,
+    out.SAGEMAKER_ENDPOINT_NAME,
+    out.TRAINING_IMAGE,
+    out.LAYER,  # each layer's own (infra/layers.py); an environment's run has both
+    out.SPOT_INTERRUPTION_QUEUE_URL,
+    out.AMP_QUERY_URL,
+    out.PROMETHEUS_URL,
+)
 REQUIRED_OUTPUTS = [v for k, v in vars(out).items() if k.isupper() and v not in OPTIONAL_OUTPUTS]
 
 
@@ -62,7 +71,7 @@ def test_outputs_are_complete_and_kubeconfig_is_secret(shipped) -> None:
 
 
 def test_each_serving_path_is_enabled_by_some_shipped_stack(run_stack) -> None:
-    runs = [run_stack(s) for s in ("dev", "staging", "prod")]
+    runs = [run_stack("dev"), run_stack("staging"), run_stack("prod", PROD_SERVING)]
     assert any(r.of_type(tok.K8S_DEPLOYMENT) and out.SERVING_SERVICE_NAME in r.outputs for r in runs)
     assert any(r.of_type(tok.SAGEMAKER_ENDPOINT) for r in runs)
 
@@ -177,18 +186,19 @@ def test_destroy_order_workloads_before_nodes_before_network(shipped) -> None:
     cfg, run = shipped
     cluster = run.one("llm-platform:infra:Cluster", "cluster")
     assert "llm-platform:infra:Network::network" in cluster.depends_on
-    if cfg.serving.eks_declared:
-        serving = run.one("llm-platform:infra:ServingOnEks", "serving-eks")
-        assert {d for d in serving.depends_on if d.startswith("aws:eks/nodeGroup")} == {
-            f"aws:eks/nodeGroup:NodeGroup::{g.name}" for g in run.of_type(tok.EKS_NODE_GROUP)
-        }
+    # Workloads before nodes: every Kubernetes object is the cluster layer's, destroyed before the AWS layer
+    # (ops/teardown.py), and no node group is in the cluster layer.
+    for rec in run.resources:
+        if rec.type.startswith("kubernetes:"):
+            assert rec.stack == f"{cfg.stack}-cluster", rec.name
+    assert all(g.stack == cfg.stack for g in run.of_type(tok.EKS_NODE_GROUP))
 
 
 def test_prod_references_its_images_by_digest(run_stack) -> None:
     # Tags can be re-pointed (or an immutable repository replaced); a digest is the image. Prod's Deployment, its
     # SageMaker model and the training image it exports all name `<repository>@sha256:<64 hex>`.
-    run = run_stack("prod")
-    cfg = load_stack("prod")
+    run = run_stack("prod", PROD_SERVING)  # after its first deploy (the shipped file names no image yet)
+    cfg = load_stack("prod", **PROD_SERVING)
     serving_repo, training_repo = run.outputs[out.SERVING_REPOSITORY_URL], run.outputs[out.TRAINING_REPOSITORY_URL]
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", cfg.images.serving_digest)
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", cfg.images.training_digest)

@@ -113,7 +113,9 @@ def test_sweep_reports_exactly_this_stacks_leftovers(seeded: Seeded) -> None:
     assert by_id[vpc]["deletable"] is False
 
 
-def test_force_deletes_ours_in_order_and_spares_everyone_else(seeded: Seeded) -> None:
+def test_force_deletes_ours_in_order_and_spares_everyone_else(seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both layers' states are empty (destroyed): everything the sweep finds is a leftover.
+    monkeypatch.setattr(teardown, "_held_by_state", lambda env, log: set())
     code, out, err = _run(STACK, "--sweep-only", "--force", "--region", REGION, "--cluster-name", CLUSTER)
     # The tagged VPC is reported but left to `pulumi destroy`, so the stack is still not clean.
     assert code == teardown.EXIT_LEFTOVERS, out + err
@@ -239,7 +241,7 @@ def test_module_entry_point_runs(aws_env: str, moto_reset: None) -> None:
     )
     assert proc.returncode == teardown.EXIT_CLEAN, proc.stderr
     assert json.loads(proc.stdout)["clean"] is True
-    assert "phase 4/4" in proc.stderr
+    assert "== sweep us-east-1 for leftovers" in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -277,15 +279,18 @@ def test_full_teardown_runs_phases_in_order(
         },
     )
     monkeypatch.setattr(teardown, "kube_clients", lambda kubeconfig: (events.append("kube") or cluster, cluster))
-    monkeypatch.setattr(automation, "destroy", lambda stack, on_output: events.append(f"destroy {stack}") or {})
+    monkeypatch.setattr(
+        automation, "destroy", lambda stack, on_output, env=None: events.append(f"destroy {stack} {env}") or {}
+    )
     code, out, err = _run(STACK, "--wait-timeout", "5", "--poll", "0.01")
     assert code == teardown.EXIT_CLEAN, out + err
-    assert events == ["kube", f"destroy {STACK}"]
+    # The cluster layer (objects owning AWS resources first, then its stack), then the AWS layer, then the sweep.
+    assert events == ["kube", f"destroy {STACK}-cluster None", f"destroy {STACK} None"]
     assert cluster.calls and all(
         ("Service" in c or "Ingress" in c or "Claim" in c or "Pod" in c) for c in cluster.calls
     )
-    phases = [line for line in out.splitlines() if line.startswith("== phase")]
-    assert [p.split(":")[0] for p in phases] == ["== phase 1/4", "== phase 2/4", "== phase 3/4", "== phase 4/4"]
+    phases = [line.split(" ")[1] for line in out.splitlines() if line.startswith("== ")]
+    assert phases == ["resolve", "delete", "pulumi", "pulumi", "sweep"]
     assert "nothing left" in out
 
 
@@ -293,13 +298,18 @@ def test_failed_destroy_is_not_reported_clean(monkeypatch: pytest.MonkeyPatch, a
     monkeypatch.setattr(automation, "pulumi_cli", lambda: "/usr/local/bin/pulumi")
     monkeypatch.setattr(automation, "stack_outputs", lambda stack: {keys.REGION: REGION})
 
-    def boom(stack: str, on_output: object) -> dict:
+    destroys: list[str] = []
+
+    def boom(stack: str, on_output: object, env: object = None) -> dict:
+        destroys.append(stack)
         raise RuntimeError("error: the stack is currently locked by 1 lock(s)")
 
     monkeypatch.setattr(automation, "destroy", boom)
     code, out, _ = _run(STACK)
     assert code == teardown.EXIT_LEFTOVERS
-    assert "problem: pulumi destroy failed" in out and "locked" in out
+    assert f"problem: pulumi destroy {STACK}-cluster" in out and "locked" in out
+    # The AWS layer is never taken from under objects the cluster layer's state still holds.
+    assert destroys == [f"{STACK}-cluster"]
 
 
 def test_destroy_blocked_by_leftovers_is_retried_after_force(
@@ -318,9 +328,9 @@ def test_destroy_blocked_by_leftovers_is_retried_after_force(
     )
     destroys: list[str] = []
 
-    def destroy(stack: str, on_output: object) -> dict:
+    def destroy(stack: str, on_output: object, env: object = None) -> dict:
         destroys.append(stack)
-        if elbv2.describe_load_balancers()["LoadBalancers"]:
+        if stack == STACK and elbv2.describe_load_balancers()["LoadBalancers"]:
             raise RuntimeError("deleting subnet: DependencyViolation: has dependencies and cannot be deleted")
         return {"delete": 42}
 
@@ -335,13 +345,14 @@ def test_destroy_blocked_by_leftovers_is_retried_after_force(
     )
     monkeypatch.setattr(teardown, "kube_clients", unreachable)
     monkeypatch.setattr(automation, "destroy", destroy)
+    monkeypatch.setattr(automation, "state_resources", lambda stack: [])
     code, out, err = _run(STACK, "--poll", "0.01")  # default 900 s wait: must be skipped, nothing deletes the LB
     assert code == teardown.EXIT_LEFTOVERS, "without --force the blocked destroy and the LB are reported"
-    assert "Kubernetes cleanup FAILED" in out and "k8s-left-behind" in out and destroys == [STACK]
+    assert "Kubernetes cleanup FAILED" in out and "k8s-left-behind" in out and destroys == [f"{STACK}-cluster", STACK]
     destroys.clear()
     code, out, err = _run(STACK, "--force", "--poll", "0.01")
     assert code == teardown.EXIT_CLEAN, out + err
-    assert destroys == [STACK, STACK] and "phase 3/4 again" in out
+    assert destroys == [f"{STACK}-cluster", STACK, STACK] and "again, now that the leftovers are gone" in out
     assert elbv2.describe_load_balancers()["LoadBalancers"] == []
 
 
@@ -355,19 +366,25 @@ def test_expired_mode_tears_down_only_expired_non_production_stacks(monkeypatch:
         automation.StackAge("dev-fresh", now - timedelta(hours=1)),
         automation.StackAge("staging", now - timedelta(days=9)),
     ]
-    torn: list[tuple[str, bool, object]] = []
+    ages.append(automation.StackAge("dev-cluster", now - timedelta(hours=30)))  # the cluster layer of dev
+    torn: list[tuple[str, str, bool, object]] = []
     monkeypatch.setattr(automation, "pulumi_cli", lambda: "/usr/local/bin/pulumi")
     monkeypatch.setattr(automation, "list_stack_ages", lambda: ages)
     monkeypatch.setattr(automation, "read_stack_config", lambda s: {automation.PRODUCTION_KEY: s == "dev-prodlike"})
-    monkeypatch.setattr(
-        teardown,
-        "teardown",
-        lambda a, out, err: torn.append((a.stack, a.force, a.confirm_production)) or teardown.EXIT_CLEAN,
-    )
-    code, out, _ = _run("--expired", "--ttl-hours", "12", "--force")
+
+    def fake(opts: teardown.TeardownOptions, log: object) -> teardown.TeardownResult:
+        torn.append((opts.stack, opts.layer, opts.force, opts.confirm_production))
+        return teardown.TeardownResult(stack=opts.stack, exit_code=teardown.EXIT_CLEAN)
+
+    monkeypatch.setattr(teardown, "teardown", fake)
+    code, out, _ = _run("--expired", "--ttl-hours", "12", "--force", "--layer", "aws")
     assert code == teardown.EXIT_CLEAN
-    assert torn == [("dev", True, None)]
+    # The same path as a manual teardown, per environment (both layers' stacks count once), production never.
+    assert torn == [("dev", "aws", True, None)]
     assert "skipping 'dev-prodlike': production-marked" in out
+    # The TTL workflow lists them first, to run the cluster layer of each on its in-VPC runner.
+    code, out, _ = _run("--expired", "--list")
+    assert code == teardown.EXIT_CLEAN and json.loads(out.splitlines()[-1]) == ["dev"]
     monkeypatch.setattr(automation, "pulumi_cli", lambda: None)
     assert _run("--expired")[0] == teardown.EXIT_REFUSED
 
@@ -402,3 +419,154 @@ def test_security_group_deletion_waits_for_enis_but_not_for_references(monkeypat
             sweeper._delete_security_group("sg-1", wait_s=600)
         assert sleeps == [10]
         stub.assert_no_pending_responses()
+
+
+# ---- layers, state and refusals (issue 19) ---------------------------------------------------------------------
+
+
+def test_force_never_deletes_what_a_pulumi_state_still_holds(seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AWS layer's state still lists the bucket and the repository (a failed destroy): the sweep reports them but
+    leaves them to `pulumi destroy`; the controller's load balancer (no state ever holds one) is deleted."""
+    repo_arn = boto3.client("ecr", region_name=REGION).describe_repositories(repositoryNames=["dev/serving"])[
+        "repositories"
+    ][0]["repositoryArn"]
+    states = {
+        STACK: [
+            {"urn": "urn:pulumi:dev::llm-platform::aws:s3/bucket:Bucket::b", "id": "dev-checkpoints-0001"},
+            {"urn": "urn:pulumi:dev::llm-platform::aws:ecr/repository:Repository::r", "outputs": {"arn": repo_arn}},
+        ],
+        f"{STACK}-cluster": [],
+    }
+    monkeypatch.setattr(automation, "pulumi_cli", lambda: "/usr/local/bin/pulumi")
+    monkeypatch.setattr(
+        automation, "stack_outputs", lambda stack: {keys.REGION: REGION, keys.TAGS: stack_tags(STACK, "dev")}
+    )
+    monkeypatch.setattr(automation, "state_resources", lambda stack: states[stack])
+    code, out, err = _run(STACK, "--sweep-only", "--force", "--cluster-name", CLUSTER, "--json")
+    doc = json.loads(out)
+    assert code == teardown.EXIT_LEFTOVERS, err
+    assert {(f["kind"], f["id"]) for f in doc["held_by_state"]} == {
+        ("bucket", "dev-checkpoints-0001"),
+        ("repository", "dev/serving"),
+    }
+    assert "dev-checkpoints-0001" in _existing("bucket") and "dev/serving" in _existing("repository")
+    assert "k8s-serving-gateway" not in _existing("load-balancer")
+    assert seeded.ours["instance"].isdisjoint(_existing("instance"))  # in no state: deleted
+
+
+def test_force_without_readable_states_deletes_only_what_controllers_created(
+    seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No Pulumi CLI: the states cannot be read, so nothing carrying the stack tag (which Pulumi may still hold) goes.
+    monkeypatch.setattr(automation, "pulumi_cli", lambda: None)
+    code, out, _ = _run(STACK, "--sweep-only", "--force", "--region", REGION, "--cluster-name", CLUSTER, "--json")
+    doc = json.loads(out)
+    assert code == teardown.EXIT_LEFTOVERS
+    assert doc["held_by_state"] and all(f["matched_by"].startswith(STACK_TAG) for f in doc["held_by_state"])
+    assert seeded.ours["bucket"] <= _existing("bucket") and seeded.ours["repository"] <= _existing("repository")
+    assert "k8s-serving-gateway" not in _existing("load-balancer")
+
+
+def test_outputs_of_another_stack_are_refused_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outputs = tmp_path / "dev-outputs.json"
+    outputs.write_text(json.dumps({"outputs": {keys.STACK: "dev", keys.TAGS: stack_tags("dev", "dev")}}))
+    monkeypatch.setattr(teardown, "Sweeper", lambda *a: pytest.fail("no sweep may run"))
+    code, out, err = _run("staging", "--sweep-only", "--force", "--outputs", str(outputs))
+    assert code == teardown.EXIT_REFUSED
+    assert "holds the outputs of stack 'dev', not 'staging'" in err and "sweep" not in out.lower().split("resolve")[-1]
+    # Either layer's name is the same environment.
+    assert teardown.read_outputs_file(outputs, "dev-cluster")[keys.STACK] == "dev"
+
+
+def test_sweep_only_dry_run_without_aws_credentials_exits_2_with_the_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(
+        json.dumps(
+            {
+                keys.STACK: "dev",
+                keys.REGION: REGION,
+                keys.CLUSTER_NAME: CLUSTER,
+                keys.TRAINING_ROLE_ARN: "arn:aws:iam::210987654321:role/llmp-dev-training",
+                keys.TAGS: stack_tags("dev", "dev"),
+            }
+        )
+    )
+    code, out, err = _run("dev", "--sweep-only", "--outputs", str(outputs))
+    assert code == teardown.EXIT_REFUSED, out + err
+    assert "account 210987654321" in out and f"cluster {CLUSTER}" in out
+    assert "no AWS credentials" in err and "Traceback" not in err + out
+    code, out, err = _run("dev", "--sweep-only", "--outputs", str(outputs), "--account-id", "111122223333")
+    assert code == teardown.EXIT_REFUSED and "account 111122223333" in out
+
+
+def test_the_aws_layer_waits_for_the_cluster_layer_unless_the_cluster_is_unreachable(
+    monkeypatch: pytest.MonkeyPatch, aws_env: str, moto_reset: None
+) -> None:
+    destroys: list[tuple[str, object]] = []
+    held = {f"{STACK}-cluster": [{"urn": "urn:pulumi:dev-cluster::llm-platform::kubernetes:core/v1:Namespace::x"}]}
+    monkeypatch.setattr(automation, "pulumi_cli", lambda: "/usr/local/bin/pulumi")
+    monkeypatch.setattr(automation, "stack_outputs", lambda stack: {keys.REGION: REGION, keys.CLUSTER_NAME: CLUSTER})
+    monkeypatch.setattr(automation, "state_resources", lambda stack: held.get(stack, []))
+    monkeypatch.setattr(
+        automation, "destroy", lambda stack, on_output, env=None: destroys.append((stack, env)) or {"delete": 1}
+    )
+    code, out, _ = _run(STACK, "--layer", "aws")
+    assert code == teardown.EXIT_LEFTOVERS and destroys == []
+    assert f"the cluster layer {STACK}-cluster still holds 1 resource(s)" in out
+    # The in-VPC runner is gone: the AWS layer first (deleting the cluster; moto has no cluster of that name), then
+    # the cluster layer's state is dropped with PULUMI_K8S_DELETE_UNREACHABLE.
+    code, out, err = _run(STACK, "--layer", "aws", "--cluster-unreachable")
+    assert code == teardown.EXIT_CLEAN, out + err
+    assert destroys == [(STACK, None), (f"{STACK}-cluster", {"PULUMI_K8S_DELETE_UNREACHABLE": "true"})]
+    assert _run(STACK, "--cluster-unreachable")[0] == teardown.EXIT_REFUSED  # only with --layer aws
+
+
+def test_the_cluster_layer_alone_destroys_only_the_cluster_layer(
+    monkeypatch: pytest.MonkeyPatch, aws_env: str, moto_reset: None
+) -> None:
+    destroys: list[str] = []
+    monkeypatch.setattr(automation, "pulumi_cli", lambda: "/usr/local/bin/pulumi")
+    monkeypatch.setattr(automation, "stack_outputs", lambda stack: {keys.REGION: REGION})
+    monkeypatch.setattr(automation, "destroy", lambda stack, on_output, env=None: destroys.append(stack) or {})
+    monkeypatch.setattr(teardown.Sweeper, "find", lambda self: pytest.fail("the cluster layer's job does not sweep"))
+    code, out, err = _run(STACK, "--layer", "cluster")
+    assert code == teardown.EXIT_CLEAN, out + err
+    assert destroys == [f"{STACK}-cluster"]
+
+
+def test_every_tool_taking_a_stack_and_an_outputs_file_refuses_another_stacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ops import launch_training
+
+    outputs = tmp_path / "dev-outputs.json"
+    outputs.write_text(json.dumps({keys.STACK: "dev", keys.REGION: REGION}))
+    argv = ["--stack", "staging", "--outputs", str(outputs), "--target", "eks", "--name", "r", "--data", "s3://b/d"]
+    assert launch_training.main([*argv, "--image-tag", "git-0"]) == 2
+    assert "holds the outputs of stack 'dev', not 'staging'" in capsys.readouterr().err
+
+
+def test_each_sweep_kind_is_declared_once_with_everything_it_needs(seeded: Seeded) -> None:
+    """The registry (ops.sweep.KINDS) is the one place a kind lives: its ARN type, collector, delete and "freed" check;
+    the deletion order and the tagging API's exclusions derive from it. Every kind the collectors report is in it."""
+    from ops import sweep
+
+    assert tuple((k.service, k.kind) for k in sweep.KINDS) == sweep.DELETE_ORDER
+    assert {k.arn_type for k in sweep.KINDS} == sweep._COVERED
+    assert len(sweep.KINDS_BY_KEY) == len(sweep.KINDS)
+    assert all(callable(k.collect) and callable(k.delete) for k in sweep.KINDS)
+    assert {k.kind for k in sweep.KINDS if k.freed} == {"network-interface", "elastic-ip", "volume"}
+    findings = sweep.Sweeper(Ownership(STACK, CLUSTER), REGION).find()
+    described = {(f.service, f.kind) for f in findings if not f.note.startswith("not deleted by the sweep")}
+    assert described and described <= set(sweep.KINDS_BY_KEY)
+    # What only the tagging API found (the VPC) is reported, never deleted.
+    assert {(f.service, f.kind) for f in findings} - described == {("ec2", "vpc")}

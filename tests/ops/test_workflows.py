@@ -149,10 +149,31 @@ def test_deploy_goes_dev_then_staging_then_prod_behind_approval() -> None:
     assert [jobs[j]["needs"] for j in order[1:]] == order[:-1]
     assert jobs["prod-aws"]["environment"] == jobs["prod"]["environment"] == "production"
     for stack in ("dev", "staging", "prod"):
+        # The AWS layer (stack <env>) from GitHub; the cluster layer (stack <env>-cluster, configured by the same
+        # stacks/Pulumi.<env>.yaml) from the in-VPC runner (infra/layers.py).
+        up = _uses(jobs[f"{stack}-aws"], "pulumi/actions")[0]["with"]
+        assert (up["command"], up["stack-name"], up["policyPacks"]) == ("up", stack, "policy")
+        script = next(s["run"] for s in _steps(jobs[stack]) if "pulumi up" in s.get("run", ""))
+        assert (
+            f"pulumi up --yes --diff --stack {stack}-cluster --config-file stacks/Pulumi.{stack}.yaml "
+            "--policy-pack policy"
+        ) in script
         for job in (f"{stack}-aws", stack):
-            up = _uses(jobs[job], "pulumi/actions")[0]["with"]
-            assert (up["command"], up["stack-name"], up["policyPacks"]) == ("up", stack, "policy")
             assert jobs[job]["permissions"] == {"contents": "read", "id-token": "write"}
+
+
+def test_every_pulumi_cli_is_the_sdks_release() -> None:
+    """The CLI (the engine) the workflows install is the release of the pinned SDK: the engine rules
+    tests/infra/test_engine_rules.py states are read at that version."""
+    pin = re.search(r"^pulumi==(\S+)$", (REPO_ROOT / "requirements.txt").read_text(), re.M)
+    assert pin and pin.group(1) == "3.272.0"
+    uses = 0
+    for name, wf in _all().items():
+        for job in wf["jobs"].values():
+            for step in _uses(job, "pulumi/actions"):
+                uses += 1
+                assert str(step.get("with", {}).get("pulumi-version")) == pin.group(1), f"{name}: {step}"
+    assert uses >= 10
 
 
 def _confirm_script() -> tuple[str, dict[str, str]]:
@@ -188,11 +209,19 @@ def test_teardown_workflow_gates_production_and_calls_the_tool() -> None:
     wf = _load("teardown.yml")
     inputs = wf["on"]["workflow_dispatch"]["inputs"]
     assert inputs["stack"]["required"] and inputs["confirm"]["required"]
-    job = wf["jobs"]["teardown"]
-    assert job["needs"] == "confirm" and "inputs.confirm == inputs.stack" in job["if"]
-    assert "'production'" in job["environment"] and "needs.confirm.outputs.production" in job["environment"]
+    # The cluster layer from the in-VPC runner, then the AWS layer and the sweep (or, without that runner, the AWS
+    # layer alone with --cluster-unreachable).
+    cluster, job = wf["jobs"]["cluster-layer"], wf["jobs"]["teardown"]
+    assert cluster["needs"] == "confirm" and "inputs.confirm == inputs.stack" in cluster["if"]
+    assert cluster["runs-on"].startswith("codebuild-llmp-${{ inputs.stack }}-deployer-")
+    assert job["needs"] == ["confirm", "cluster-layer"] and "inputs.confirm == inputs.stack" in job["if"]
+    assert "needs.cluster-layer.result == 'success' || inputs.cluster_unreachable" in job["if"]
+    for j in (cluster, job):
+        assert "'production'" in j["environment"] and "needs.confirm.outputs.production" in j["environment"]
+        run = next(s["run"] for s in _steps(j) if "ops.teardown" in s.get("run", ""))
+        assert "--confirm-production" in run and '[ "$PRODUCTION" = "true" ]' in run
     run = next(s["run"] for s in _steps(job) if "ops.teardown" in s.get("run", ""))
-    assert "--confirm-production" in run and '[ "$PRODUCTION" = "true" ]' in run
+    assert '("$STACK" --layer aws --json)' in run and "args+=(--cluster-unreachable)" in run
 
 
 def test_the_production_mark_step_reads_the_stack_files(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,19 +246,32 @@ def test_the_production_mark_step_reads_the_stack_files(monkeypatch: pytest.Monk
 def test_ttl_and_nightly_use_flags_the_tool_has() -> None:
     ttl = _load("ttl-sweep.yml")
     assert ttl["on"]["schedule"]
-    (job,) = ttl["jobs"].values()
-    step = next(s for s in _steps(job) if "ops.teardown" in s.get("run", ""))
+    # List, then per environment the cluster layer from its in-VPC runner, then the AWS layer and the sweep.
+    assert list(ttl["jobs"]) == ["expired", "cluster-layer", "expire"]
+    step = next(s for s in _steps(ttl["jobs"]["expired"]) if "ops.teardown" in s.get("run", ""))
     assert "vars.DEV_STACK_TTL_HOURS" in step["env"]["TTL_HOURS"]
+    assert ttl["jobs"]["cluster-layer"]["runs-on"].startswith("codebuild-llmp-${{ matrix.stack }}-deployer-")
+    assert ttl["jobs"]["expire"]["needs"] == ["expired", "cluster-layer"]
+    for job, flags in (("expired", ["--expired", "--list"]), ("cluster-layer", ["--layer", "cluster"])):
+        command = next(s["run"] for s in _steps(ttl["jobs"][job]) if "ops.teardown" in s.get("run", ""))
+        line = command.splitlines()[0].split("$(", 1)[-1].split(" | ", 1)[0]
+        argv = shlex.split(line.replace('"$TTL_HOURS"', "12"))
+        args = teardown.parser().parse_args(argv[argv.index("ops.teardown") + 1 :])
+        assert all(f in argv for f in flags), (job, argv)
+    command = next(s["run"] for s in _steps(ttl["jobs"]["expire"]) if "ops.teardown" in s.get("run", ""))
+    argv = shlex.split(command)
+    args = teardown.parser().parse_args(argv[argv.index("ops.teardown") + 1 :])
+    assert args.layer == "aws" and args.force
     nightly = _load("nightly.yml")
     assert nightly["on"]["schedule"]
     (njob,) = nightly["jobs"].values()
     runs = [s.get("run", "") for s in _steps(njob)]
     assert any("pytest -m cloud tests/ops/test_cloud_integration.py" in r for r in runs)
     assert (REPO_ROOT / "tests/ops/test_cloud_integration.py").exists()
-    for command in [step["run"]] + [r for r in runs if "ops.teardown" in r]:
+    for command in [r for r in runs if "ops.teardown" in r]:
         argv = shlex.split(command.replace('"$TTL_HOURS"', "12"))
         args = teardown.parser().parse_args(argv[argv.index("ops.teardown") + 1 :])
-        assert args.expired and args.force
+        assert args.expired and args.force and args.layer == "aws" and args.cluster_unreachable
 
 
 STUB_PREVIEW = """
