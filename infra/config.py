@@ -115,9 +115,11 @@ class Values:
     the sections find in them. Every section reads the keys it owns from here and reports each bad one with `bad`, so
     all problems of a stack file are collected and raised together."""
 
-    def __init__(self, values: dict[str, Any], project: str) -> None:
+    def __init__(self, values: dict[str, Any], project: str, region: str | None = None) -> None:
         self.values = values
         self.project = project
+        self.region = region
+        """aws:region (checked apart: it is not one of the project's keys)."""
         self.problems: list[str] = []
 
     def __getitem__(self, key: str) -> Any:
@@ -723,6 +725,52 @@ class ImagesConfig:
         return cls(serving_digest=v["servingImageDigest"], training_digest=v["trainingImageDigest"])
 
 
+LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+"""S3 Object Lock retention modes of the audit trail's bucket (S3 user guide, "Object Lock retention modes")."""
+
+
+@dataclass(frozen=True)
+class ProtectionConfig:
+    """Audit trail and backup (infra/audit.py, infra/backup.py): auditTrail, auditLockMode, auditRetentionDays,
+    backupReplicaRegion."""
+
+    audit_trail: bool
+    """A CloudTrail trail (management events, S3 data events on datasets and models) into an Object Lock bucket."""
+    audit_lock_mode: Literal["GOVERNANCE", "COMPLIANCE"]
+    audit_retention_days: int
+    """Days every trail log file is locked (and kept) for."""
+    backup_replica_region: str
+    """Region the models and checkpoints buckets replicate to; empty for no replication."""
+
+    @classmethod
+    def from_values(cls, v: Values) -> ProtectionConfig:
+        if v["auditLockMode"] not in LOCK_MODES:
+            v.bad("auditLockMode", f"must be one of {', '.join(LOCK_MODES)}")
+        if not 1 <= v["auditRetentionDays"] <= 3653:
+            v.bad("auditRetentionDays", "must be between 1 and 3653 days (ten years)")
+        replica = v["backupReplicaRegion"]
+        if replica and not _REGION_RE.match(replica):
+            v.bad("backupReplicaRegion", "not an AWS region name (expected e.g. us-west-2)")
+        elif replica and replica == v.region:
+            v.bad(
+                "backupReplicaRegion", "must differ from aws:region (a replica in the same region survives no outage)"
+            )
+        if v["production"]:
+            # Production's recovery and audit guarantees are not optional (docs/operations.md, RPO/RTO).
+            if not v["auditTrail"]:
+                v.bad("auditTrail", "must be true when production is true")
+            if v["auditLockMode"] != "COMPLIANCE":
+                v.bad("auditLockMode", "must be COMPLIANCE when production is true (no one can shorten the lock)")
+            if not replica:
+                v.bad("backupReplicaRegion", "must name a second region when production is true")
+        return cls(
+            audit_trail=v["auditTrail"],
+            audit_lock_mode=v["auditLockMode"],
+            audit_retention_days=v["auditRetentionDays"],
+            backup_replica_region=replica,
+        )
+
+
 @dataclass(frozen=True)
 class StackConfig:
     """One stack's whole configuration: its identity (project, stack, region, environment, production) and one
@@ -741,6 +789,7 @@ class StackConfig:
     observability: ObservabilityConfig
     budget: BudgetConfig
     images: ImagesConfig = ImagesConfig()
+    protection: ProtectionConfig = ProtectionConfig(False, "GOVERNANCE", 1, "")
 
     @property
     def name_prefix(self) -> str:
@@ -792,7 +841,7 @@ def load_config(values: Mapping[str, Any], stack: str, source: str = "stack conf
         # Type errors make the sections' rules meaningless; report them first.
         raise ConfigError(source, problems)
 
-    v = Values(typed, project)
+    v = Values(typed, project, region if isinstance(region, str) else None)
     environment = _check_environment(v)
     network = NetworkConfig.from_values(v)
     storage = StorageConfig.from_values(v)
@@ -804,6 +853,7 @@ def load_config(values: Mapping[str, Any], stack: str, source: str = "stack conf
     observability = ObservabilityConfig.from_values(v)
     budget = BudgetConfig.from_values(v)
     images = ImagesConfig.from_values(v)
+    protection = ProtectionConfig.from_values(v)
     if not v.problems:
         ServingConfig.check_fit(v)
     if v.problems:
@@ -822,6 +872,7 @@ def load_config(values: Mapping[str, Any], stack: str, source: str = "stack conf
         observability=observability,
         budget=budget,
         images=images,
+        protection=protection,
     )
 
 

@@ -14,6 +14,8 @@ from infra import config as config_module
 from infra import k8s_objects, preflight
 from infra import outputs as out
 from infra.access import DeployerRunner, DeployerRunnerArgs
+from infra.audit import Audit, AuditArgs
+from infra.backup import Backup, BackupArgs
 from infra.budgets import Budgets, BudgetsArgs
 from infra.cluster import Cluster, ClusterArgs
 from infra.cluster_autoscaler import ClusterAutoscaler, ClusterAutoscalerArgs
@@ -137,7 +139,11 @@ def build() -> dict[str, Any]:
             opts=pulumi.ResourceOptions(depends_on=[serving]),
         )
     Budgets("budgets", BudgetsArgs(cfg.budget, cfg.observability.alert_emails, cfg.name_prefix, cfg.stack, tags))
-    return stack_outputs(cfg, tags, storage, network, registry, identity, cluster, base, serving, endpoint)
+    outputs = stack_outputs(cfg, tags, storage, network, registry, identity, cluster, base, serving, endpoint)
+    # -- audit and backup (AWS layer; infra/audit.py, infra/backup.py) --
+    outputs.update(declare_audit_and_backup(cfg, storage, identity_info.account_id, partition, tags))
+    # -- end audit and backup --
+    return outputs
 
 
 @dataclass(frozen=True)
@@ -253,6 +259,53 @@ def declare_aws_layer(
             ),
         )
     return storage, network, registry, identity, cluster
+
+
+def declare_audit_and_backup(
+    cfg: StackConfig, storage: Storage, account_id: str, partition: str, tags: dict[str, str]
+) -> dict[str, Any]:
+    """The CloudTrail trail into its Object Lock bucket, and cross-region replication of models and checkpoints
+    (AWS layer: neither needs the cluster). Returns the outputs they add."""
+    outputs: dict[str, Any] = {}
+    p = cfg.protection
+    if p.audit_trail:
+        audit = Audit(
+            "audit",
+            AuditArgs(
+                protection=p,
+                name_prefix=cfg.name_prefix,
+                stack=cfg.stack,
+                region=cfg.region,
+                account_id=account_id,
+                partition=partition,
+                bucket_arns=storage.bucket_arns,
+                protect_data=cfg.storage.protect_data,
+                tags=tags,
+            ),
+        )
+        outputs[out.AUDIT_TRAIL_BUCKET] = audit.bucket_name
+    if p.backup_replica_region:
+        backup = Backup(
+            "backup",
+            BackupArgs(
+                name_prefix=cfg.name_prefix,
+                stack=cfg.stack,
+                region=cfg.region,
+                replica_region=p.backup_replica_region,
+                account_id=account_id,
+                partition=partition,
+                bucket_names=storage.bucket_names,
+                bucket_arns=storage.bucket_arns,
+                source_kms_key_arn=storage.kms_key_arn,
+                protect_data=cfg.storage.protect_data,
+                tags=tags,
+                depends_on=[storage],
+            ),
+        )
+        outputs[out.MODELS_REPLICA_BUCKET] = backup.replica_bucket_names["models"]
+        outputs[out.CHECKPOINTS_REPLICA_BUCKET] = backup.replica_bucket_names["checkpoints"]
+        outputs[out.BACKUP_REPLICA_REGION] = p.backup_replica_region
+    return outputs
 
 
 def declare_node_controllers(
