@@ -511,6 +511,64 @@ def check_production_data_protected(res: Res, ctx: StackContext) -> Iterable[str
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Production audit trail and backup (infra/audit.py, infra/backup.py)
+
+TRAIL = tok.CLOUDTRAIL_TRAIL
+REPLICATION = tok.S3_BUCKET_REPLICATION_CONFIG
+OBJECT_LOCK = tok.S3_BUCKET_OBJECT_LOCK_CONFIGURATION
+REPLICATED_DATA = ("models", "checkpoints")
+"""Data buckets (by their `llm-platform:data` tag) a production stack must replicate to a second region."""
+
+
+def check_production_audit_trail(resources: list[Res], ctx: StackContext) -> Iterable[tuple[Res | None, str]]:
+    if not ctx.production:
+        return
+    trails = _of_type(resources, TRAIL)
+    if not trails:
+        yield None, "production stack has no CloudTrail trail: set auditTrail: true (infra/audit.py)"
+        return
+    locks = _companions(resources, OBJECT_LOCK)
+    buckets = {b.name: b for b in _of_type(resources, BUCKET)}
+    for trail in trails:
+        if not _truthy(trail.props.get("enableLogFileValidation")):
+            yield trail, f"trail {trail.label} does not validate log files: set enable_log_file_validation=True"
+        if not trail.props.get("kmsKeyId"):
+            yield trail, f"trail {trail.label} is not encrypted with a KMS key: set kms_key_id"
+        # The trail's bucket must lock its files (by resource reference in a preview, by name once known).
+        target = [n for n in trail.refs.get("s3BucketName", ())] or [
+            b.name for b in buckets.values() if _get(b.props, "bucket") == trail.props.get("s3BucketName")
+        ]
+        locked = [
+            lk
+            for name in target
+            if name in buckets
+            for lk in _for_bucket(locks, buckets[name])
+            if one_block(one_block(lk.props.get("rule")).get("defaultRetention")).get("mode") == "COMPLIANCE"
+        ]
+        if target and not locked:
+            yield trail, f"trail {trail.label} writes to a bucket without a COMPLIANCE Object Lock: set auditLockMode"
+
+
+def check_production_replication(resources: list[Res], ctx: StackContext) -> Iterable[tuple[Res | None, str]]:
+    if not ctx.production:
+        return
+    configs = _companions(resources, REPLICATION)
+    for b in _of_type(resources, BUCKET):
+        tags = b.props.get("tags") if isinstance(b.props.get("tags"), Mapping) else {}
+        if tags.get("llm-platform:data") not in REPLICATED_DATA:
+            continue
+        rules = [r for c in _for_bucket(configs, b) for r in as_list(c.props.get("rules"))]
+        if not any(isinstance(r, Mapping) and r.get("status") == "Enabled" for r in rules):
+            yield (
+                b,
+                (
+                    f"production {tags.get('llm-platform:data')} bucket {b.label} is not replicated to a second "
+                    "region: set backupReplicaRegion (infra/backup.py)"
+                ),
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Advisory
 
 NAT_GATEWAY = tok.EC2_NAT_GATEWAY
@@ -624,6 +682,21 @@ RULES: tuple[Rule, ...] = (
         MANDATORY,
         "In production stacks, data buckets and the data KMS key are protected and buckets not force-destroyable",
         resource_check=check_production_data_protected,
+        needs=("production",),
+    ),
+    Rule(
+        "production-audit-trail",
+        MANDATORY,
+        "Production stacks have a KMS-encrypted CloudTrail trail with log-file validation into a COMPLIANCE-locked "
+        "bucket",
+        stack_check=check_production_audit_trail,
+        needs=("production",),
+    ),
+    Rule(
+        "production-replication",
+        MANDATORY,
+        "Production models and checkpoints buckets replicate to a second region",
+        stack_check=check_production_replication,
         needs=("production",),
     ),
     Rule(
