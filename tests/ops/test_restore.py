@@ -151,3 +151,21 @@ def test_bad_input_is_a_usage_error_without_traceback(s3, capsys: pytest.Capture
     assert "--at 'yesterday'" in capsys.readouterr().err
     assert _run("--bucket", "b", "--prefix", "/")[0] == restore.EXIT_USAGE
     assert _run("--stack", "nosuchstack", "--prefix", "x/")[0] == restore.EXIT_USAGE
+
+
+def test_documented_commands_parse() -> None:
+    """Every `python -m ops.restore` line of docs/operations.md is a valid invocation (docs stay runnable)."""
+    import shlex
+
+    from tests.helpers import DOCS_DIR
+
+    lines = [
+        line.split("#")[0].strip()
+        for line in (DOCS_DIR / "operations.md").read_text().splitlines()
+        if line.startswith("python -m ops.restore")
+    ]
+    assert len(lines) >= 5
+    for line in lines:
+        args = restore.parser().parse_args(shlex.split(line)[3:])
+        assert args.stack == "prod" and args.prefix
+        restore.parse_at(args.at)
