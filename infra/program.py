@@ -32,6 +32,8 @@ from infra.serving_autoscaling import ServingAutoscaling, ServingAutoscalingArgs
 from infra.serving_eks import API_KEYS_SECRET, ServingOnEks, ServingOnEksArgs
 from infra.spot_interruptions import NodeTerminationHandler, NodeTerminationHandlerArgs, needs_node_termination_handler
 from infra.storage import Storage, StorageArgs
+from infra.team_rbac import TeamRbac, TeamRbacArgs
+from infra.teams import StackArns, TeamAccess, TeamAccessArgs
 
 
 def image_reference(repository_url: str, tag: str, digest: str) -> str:
@@ -68,6 +70,9 @@ def build() -> dict[str, Any]:
         opts=pulumi.ResourceOptions(depends_on=[cluster]),
     )
     declare_node_controllers(cfg, cluster, base, tags, identity_info.account_id)
+    # -- teams (access entries and IAM: AWS layer; the job-launcher Role: cluster layer) --
+    declare_teams(cfg, storage, identity, cluster, base, identity_info.account_id, partition, tags)
+    # -- end teams --
 
     image = registry.repository_urls["serving"].apply(
         lambda url: image_reference(url, cfg.serving.image_tag, cfg.images.serving_digest)
@@ -259,6 +264,37 @@ def declare_aws_layer(
             ),
         )
     return storage, network, registry, identity, cluster
+
+
+def declare_teams(
+    cfg: StackConfig,
+    storage: Storage,
+    identity: Identity,
+    cluster: Cluster,
+    base: KubernetesBase,
+    account_id: str,
+    partition: str,
+    tags: dict[str, str],
+) -> None:
+    """People's access by team (infra/teams.py, infra/team_rbac.py); nothing without `teams`."""
+    if not cfg.teams.teams:
+        return
+    arns = StackArns(
+        region=cfg.region,
+        account_id=account_id,
+        partition=partition,
+        stack=cfg.stack,
+        name_prefix=cfg.name_prefix,
+        bucket_arns=storage.bucket_arns,
+        kms_key_arn=storage.kms_key_arn,
+        cluster_arn=cluster.cluster.arn,
+        sagemaker_role_arn=identity.sagemaker_role_arn,
+    )
+    TeamAccess("teams", TeamAccessArgs(teams=cfg.teams, arns=arns, cluster_name=cluster.name, tags=tags))
+    TeamRbac(
+        "team-rbac",
+        TeamRbacArgs(teams=cfg.teams, provider=cluster.provider, depends_on=[base.namespaces["training"]]),
+    )
 
 
 def declare_audit_and_backup(
