@@ -569,6 +569,100 @@ def check_production_replication(resources: list[Res], ctx: StackContext) -> Ite
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# People: what a team's access level allows at most (infra/teams.py declares the grants; this is the ceiling)
+
+ACCESS_TAG = "llm-platform:access"
+TEAM_CEILING: dict[str, tuple[str, ...]] = {
+    "viewer": ("eks:DescribeCluster", "s3:ListBucket", "s3:GetBucketLocation", "sagemaker:Describe*"),
+    "ml-engineer": (
+        "eks:DescribeCluster",
+        "s3:ListBucket",
+        "s3:GetBucketLocation",
+        "s3:GetObject",
+        "s3:GetObjectVersion",
+        "s3:PutObject",
+        "s3:AbortMultipartUpload",
+        "s3:ListMultipartUploadParts",
+        "s3:DeleteObject",
+        "kms:Decrypt",
+        "kms:GenerateDataKey",
+        "sagemaker:Describe*",
+        "sagemaker:CreateTrainingJob",
+        "sagemaker:StopTrainingJob",
+        "sagemaker:AddTags",
+        "iam:PassRole",
+        "logs:GetLogEvents",
+        "logs:FilterLogEvents",
+        "logs:DescribeLogStreams",
+    ),
+}
+TEAM_CEILING["admin"] = (
+    *TEAM_CEILING["ml-engineer"],
+    "sagemaker:UpdateEndpoint",
+    "sagemaker:UpdateEndpointWeightsAndCapacities",
+    "sagemaker:CreateEndpointConfig",
+)
+"""Allowed actions per access level (patterns). Whatever the level, no person writes or deletes models (only the
+training role does), and only an ml-engineer or admin passes a role (and only to SageMaker)."""
+TEAM_EKS_POLICIES = {
+    "viewer": ("AmazonEKSViewPolicy",),
+    "ml-engineer": ("AmazonEKSViewPolicy",),
+    "admin": ("AmazonEKSViewPolicy", "AmazonEKSEditPolicy", "AmazonEKSAdminPolicy"),
+}
+_MODEL_WRITES = ("s3:PutObject", "s3:DeleteObject", "s3:DeleteObjectVersion")
+
+
+def _matches(action: str, patterns: Iterable[str]) -> bool:
+    return any(re.fullmatch(p.replace("*", ".*"), action, re.IGNORECASE) for p in patterns)
+
+
+def _team_level(res: Res) -> str | None:
+    tags = res.props.get("tags")
+    return tags.get(ACCESS_TAG) if isinstance(tags, Mapping) else None
+
+
+def check_team_grants(resources: list[Res], ctx: StackContext) -> Iterable[tuple[Res | None, str]]:
+    for policy in _of_type(resources, tok.IAM_POLICY):
+        level = _team_level(policy)
+        if level is None:
+            continue
+        ceiling = TEAM_CEILING.get(level)
+        if ceiling is None:
+            yield policy, f"{policy.label} has unknown {ACCESS_TAG} {level!r}: one of {', '.join(TEAM_CEILING)}"
+            continue
+        doc = _json(policy.props.get("policy"))
+        for stmt in as_list(doc.get("Statement") if isinstance(doc, Mapping) else None):
+            if not isinstance(stmt, Mapping) or stmt.get("Effect") != "Allow":
+                continue
+            actions = [str(a) for a in as_list(stmt.get("Action"))]
+            resources_ = [str(r) for r in as_list(stmt.get("Resource"))]
+            over = [a for a in actions if not _matches(a, ceiling)]  # "s3:*" or "s3:Get*" match no ceiling entry
+            if over:
+                yield policy, f"{policy.label} ({level}) allows {', '.join(over)}: beyond what {level} may do"
+            writes = [a for a in actions if _matches(a, _MODEL_WRITES)]
+            if writes and any("-models-" in r for r in resources_):
+                yield policy, f"{policy.label} ({level}) lets people {', '.join(writes)} models: only training does"
+            if "iam:PassRole" in actions:
+                passed = one_block(one_block(stmt.get("Condition")).get("StringEquals")).get("iam:PassedToService")
+                if passed != "sagemaker.amazonaws.com":
+                    yield policy, f"{policy.label} ({level}) passes roles to any service: condition it on SageMaker"
+    levels = {
+        e.props.get("principalArn"): _team_level(e)
+        for e in _of_type(resources, tok.EKS_ACCESS_ENTRY)
+        if _team_level(e) is not None
+    }
+    for assoc in _of_type(resources, tok.EKS_ACCESS_POLICY_ASSOCIATION):
+        level = levels.get(assoc.props.get("principalArn"))
+        if level is None:
+            continue
+        policy = str(assoc.props.get("policyArn", "")).rsplit("/", 1)[-1]
+        if policy not in TEAM_EKS_POLICIES.get(level, ()):
+            yield assoc, f"{assoc.label}: a {level} team may not get {policy} (allowed: {TEAM_EKS_POLICIES.get(level)})"
+        if one_block(assoc.props.get("accessScope")).get("type") != "namespace":
+            yield assoc, f"{assoc.label}: team access is namespace-scoped; cluster-wide is clusterAdminArns' alone"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Advisory
 
 NAT_GATEWAY = tok.EC2_NAT_GATEWAY
@@ -698,6 +792,13 @@ RULES: tuple[Rule, ...] = (
         "Production models and checkpoints buckets replicate to a second region",
         stack_check=check_production_replication,
         needs=("production",),
+    ),
+    Rule(
+        "team-grants-within-access-level",
+        MANDATORY,
+        "Team IAM policies and EKS access policies stay within the team's access level (viewer, ml-engineer, admin); "
+        "no person writes models",
+        stack_check=check_team_grants,
     ),
     Rule(
         "spot-in-production",
