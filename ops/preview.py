@@ -23,6 +23,7 @@ from typing import Any
 from facts import pulumi_types as tok
 from infra.capacity import required_quotas
 from infra.config import ConfigError, load_config, load_stack_file, project_name
+from ops import access_report
 from ops import cost as cost_estimate
 from ops.mocks import Account, Recorded, Run, run_program
 from policy.rules import StackContext, evaluate, resources_from_report
@@ -83,6 +84,7 @@ def preview(stack: str, config_file: Path | None = None, account: Account | None
     }
     report["policy"] = evaluate(resources_from_report(report), StackContext.from_config(cfg))
     report["cost"] = cost_estimate.estimate(report["resources"], cfg.region)
+    report["people"] = access_report.people_report(cfg, report["cost"])
     report["quotas"] = [{**vars(q), "request": q.request_command(cfg.region)} for q in required_quotas(cfg)]
     return report, run
 
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         print(render_policy(report["policy"]))
         print()
         print(cost_estimate.render(report["cost"]))
+        print()
+        print(access_report.render(report["people"]))
         print()
         print(_quotas_text(report))
         print(f"\n(previewed offline under the mock engine in {time.monotonic() - started:.1f}s)")

@@ -35,3 +35,21 @@ def test_trail_and_replicas_have_their_own_lines() -> None:
         a["cloudtrail_data_events_month"] / 1e5 * p["cloudtrail_data_events_100k"]
     )
     assert ("backup-models-replica", "S3 storage") not in rows
+
+
+def test_preview_shows_who_can_do_what_and_the_added_cost() -> None:
+    import contextlib
+    import io
+
+    from ops.preview import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["prod"]) == 0
+    text = out.getvalue()
+    assert "ml-research [ml-engineer, 1 role(s)]" in text
+    assert "Jobs create/delete, pods and logs read in llm-training; View in llm-serving" in text
+    assert "auditors [viewer" in text and "s3: list only" in text
+    added = next(line for line in text.splitlines() if line.startswith("Audit trail and backup add $"))
+    assert float(added.split("$")[1].split("/")[0].replace(",", "")) > 0
+    assert "CloudTrail S3 data events" in text and "S3 replica storage" in text
