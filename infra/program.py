@@ -24,7 +24,8 @@ from infra.gpu_plugins import GpuDevicePlugins, GpuDevicePluginsArgs
 from infra.identity import Identity, IdentityArgs
 from infra.kubernetes_base import KubernetesBase, KubernetesBaseArgs
 from infra.load_balancer_controller import LoadBalancerController, LoadBalancerControllerArgs
-from infra.network import Network, NetworkArgs
+from infra.network import Network, NetworkArgs, plan_collector_subnets
+from infra.network_policies import SystemNetworkPolicies, SystemNetworkPoliciesArgs, SystemTraffic
 from infra.observability import Observability, ObservabilityArgs
 from infra.registry import Registry, RegistryArgs
 from infra.sagemaker_endpoint import VARIANT_NAME, SageMakerEndpoint, SageMakerEndpointArgs
@@ -130,8 +131,9 @@ def build() -> dict[str, Any]:
         ),
         opts=pulumi.ResourceOptions(depends_on=[base]),
     )
+    keda: ServingAutoscaling | None = None
     if serving is not None and cfg.autoscaling.serving_autoscaler == "keda":
-        ServingAutoscaling(
+        keda = ServingAutoscaling(
             "serving-autoscaling",
             ServingAutoscalingArgs(
                 cfg.autoscaling,
@@ -143,6 +145,24 @@ def build() -> dict[str, Any]:
             ),
             opts=pulumi.ResourceOptions(depends_on=[serving]),
         )
+    # -- system network policies (cluster layer; infra/network_policies.py) --
+    SystemNetworkPolicies(
+        "system-network-policies",
+        SystemNetworkPoliciesArgs(
+            traffic=SystemTraffic(
+                vpc_cidr=cfg.network.vpc_cidr,
+                load_balancer_controller=serving is not None and cfg.serving.ingress,
+                keda=keda is not None,
+                metrics=cfg.observability.metrics,
+                collector_cidrs=tuple(plan_collector_subnets(cfg.network.vpc_cidr, cfg.network.az_count))
+                if cfg.observability.metrics == "amp"
+                else (),
+            ),
+            provider=cluster.provider,
+            depends_on=[base, observability, *([keda] if keda else [])],
+        ),
+    )
+    # -- end system network policies --
     Budgets("budgets", BudgetsArgs(cfg.budget, cfg.observability.alert_emails, cfg.name_prefix, cfg.stack, tags))
     outputs = stack_outputs(cfg, tags, storage, network, registry, identity, cluster, base, serving, endpoint)
     # -- audit and backup (AWS layer; infra/audit.py, infra/backup.py) --
