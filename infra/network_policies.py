@@ -11,13 +11,16 @@ What the VPC CNI's network policy agent does by itself, and so needs no rule her
 - hostNetwork pods (aws-node, kube-proxy, eks-pod-identity-agent, the EBS CSI node plugin) are not subject to policies.
 
 The Kubernetes API server reaches webhooks and aggregated APIs from the control plane's ENIs, which EKS places in the
-cluster's subnets: those flows are admitted from the VPC CIDR, on the webhook's port only.
+cluster's subnets: those flows are admitted from the VPC CIDR, on the webhook's port only. Pods take their addresses
+from the same subnets (VPC CNI), so a pod can reach those ports too: no address tells the API server from a pod here.
+The webhooks and aggregated APIs authenticate their callers (TLS client certificates, delegated authn), which is what
+protects them; the policies still close every other port of those controllers.
 
 Ports and pod labels, read from the charts at their pinned tags and checked by rendering them with `helm template`
 (helm v4.1.4, our values):
 - CoreDNS (EKS add-on, `k8s-app: kube-dns`): 53/UDP and 53/TCP from every pod.
 - metrics-server (EKS community add-on, `k8s-app: metrics-server`): the aggregated metrics API, called by the API
-  server; its container port belongs to the add-on version EKS installs, so every port is admitted from the VPC CIDR.
+  server on 10251 (EKS user guide, "Metrics Server": the add-on version is pre-configured to use port 10251).
 - aws-load-balancer-controller (eks-charts v0.0.242 stable/aws-load-balancer-controller, chart 3.5.0): webhook
   `webhookBindPort` default 9443 (templates/deployment.yaml, containerPort webhook-server).
 - KEDA (kedacore/charts v2.20.2 keda): keda-operator gRPC 9666 (templates/manager/deployment.yaml), called by the
@@ -45,6 +48,7 @@ from infra.serving_autoscaling import KEDA_NAMESPACE
 
 TCP, UDP = "TCP", "UDP"
 _NAMESPACE_LABEL = "kubernetes.io/metadata.name"
+METRICS_SERVER_PORT = 10251
 LB_CONTROLLER_WEBHOOK_PORT = 9443
 KEDA_OPERATOR_GRPC_PORT = 9666
 KEDA_METRICS_APISERVER_PORT = 6443
@@ -100,7 +104,13 @@ def system_network_policies(t: SystemTraffic) -> dict[str, list[dict[str, Any]]]
     api_server = [{"ipBlock": {"cidr": t.vpc_cidr}}]
     kube_system = [
         _allow(KUBE_SYSTEM, "allow-dns", {"k8s-app": "kube-dns"}, [{"namespaceSelector": {}}], [(UDP, 53), (TCP, 53)]),
-        _allow(KUBE_SYSTEM, "allow-api-server-to-metrics-server", {"k8s-app": "metrics-server"}, api_server, None),
+        _allow(
+            KUBE_SYSTEM,
+            "allow-api-server-to-metrics-server",
+            {"k8s-app": "metrics-server"},
+            api_server,
+            [(TCP, METRICS_SERVER_PORT)],
+        ),
     ]
     if t.load_balancer_controller:
         kube_system.append(
