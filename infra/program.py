@@ -473,6 +473,11 @@ def declare_sagemaker_endpoint(
             tags=tags,
             execution_role_policies=identity.role_policies["sagemaker"],
             running=running,
+            # Egress to S3 and the interface endpoints only, where the stack has them (else HTTPS through NAT).
+            s3_prefix_list_id=aws.ec2.get_prefix_list_output(name=f"com.amazonaws.{cfg.region}.s3").id
+            if cfg.network.interface_endpoints
+            else None,
+            endpoints_security_group_id=network.endpoint_security_group.id if cfg.network.interface_endpoints else None,
         ),
         opts=pulumi.ResourceOptions(depends_on=[network]),
     )
