@@ -18,7 +18,16 @@ from infra.charts import CHART_TYPE, CHARTS
 from infra.config import load_stack
 from tests.infra.scheduling import chart_pod_spec
 
-OPTIONAL_OUTPUTS = (out.SERVING_SERVICE_NAME, out.SAGEMAKER_ENDPOINT_NAME, out.TRAINING_IMAGE)
+OPTIONAL_OUTPUTS = (
+    out.SERVING_SERVICE_NAME,
+    out.SAGEMAKER_ENDPOINT_NAME,
+    out.TRAINING_IMAGE,
+    # audit and backup: pinned per stack in tests/infra/test_audit_and_backup.py
+    out.AUDIT_TRAIL_BUCKET,
+    out.MODELS_REPLICA_BUCKET,
+    out.CHECKPOINTS_REPLICA_BUCKET,
+    out.BACKUP_REPLICA_REGION,
+)
 REQUIRED_OUTPUTS = [v for k, v in vars(out).items() if k.isupper() and v not in OPTIONAL_OUTPUTS]
 
 
