@@ -53,8 +53,9 @@ def trail_name(name_prefix: str) -> str:
     return f"{name_prefix}-audit"
 
 
-def trail_bucket_name(name_prefix: str, account_id: str, region: str) -> str:
-    return f"{name_prefix}-audit-{account_id}-{region}"
+def trail_bucket_prefix(name_prefix: str) -> str:
+    """S3 appends a unique suffix (bucket_prefix is at most 37 characters)."""
+    return f"{name_prefix}-audit-"
 
 
 @dataclass(kw_only=True)
@@ -191,7 +192,9 @@ class Audit(pulumi.ComponentResource):
         a, p = self._args, self._args.protection
         bucket = aws.s3.Bucket(
             f"{self._base}-bucket",
-            bucket=trail_bucket_name(a.name_prefix, a.account_id, a.region),
+            # A prefix, not a fixed name: the bucket outlives its stack (retained, and undeletable until its files
+            # expire), so a stack created again under the same name must get a new bucket, not collide with it.
+            bucket_prefix=trail_bucket_prefix(a.name_prefix),
             object_lock_enabled=True,  # only possible at creation
             force_destroy=False,
             tags={**a.tags, "llm-platform:data": "audit"},

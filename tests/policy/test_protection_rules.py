@@ -61,6 +61,9 @@ def test_trail_without_validation_or_key_or_compliance_lock_fails(prod_inventory
     )
     [msg] = messages("production-audit-trail", governance)
     assert "COMPLIANCE" in msg
+    unlocked = [r for r in prod_inventory if r.type != tok.S3_BUCKET_OBJECT_LOCK_CONFIGURATION]
+    [msg] = messages("production-audit-trail", unlocked)
+    assert "Object Lock" in msg
 
 
 def test_prod_without_replication_fails_per_bucket(prod_inventory: list[Res]) -> None:
