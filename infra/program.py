@@ -71,8 +71,13 @@ def build() -> dict[str, Any]:
         opts=pulumi.ResourceOptions(depends_on=[cluster]),
     )
     declare_node_controllers(cfg, cluster, base, tags, identity_info.account_id)
-    # -- teams (access entries and IAM: AWS layer; the job-launcher Role: cluster layer) --
-    declare_teams(cfg, storage, identity, cluster, base, identity_info.account_id, partition, tags)
+    # -- teams: access entries and IAM (AWS layer, infra/teams.py); the job-launcher Role (cluster layer) --
+    declare_team_access(cfg, storage, identity, cluster, identity_info.account_id, partition, tags)
+    if cfg.teams.teams:
+        TeamRbac(
+            "team-rbac",
+            TeamRbacArgs(teams=cfg.teams, provider=cluster.provider, depends_on=[base.namespaces["training"]]),
+        )
     # -- end teams --
 
     image = registry.repository_urls["serving"].apply(
@@ -286,17 +291,16 @@ def declare_aws_layer(
     return storage, network, registry, identity, cluster
 
 
-def declare_teams(
+def declare_team_access(
     cfg: StackConfig,
     storage: Storage,
     identity: Identity,
     cluster: Cluster,
-    base: KubernetesBase,
     account_id: str,
     partition: str,
     tags: dict[str, str],
 ) -> None:
-    """People's access by team (infra/teams.py, infra/team_rbac.py); nothing without `teams`."""
+    """People's access by team in the AWS layer (infra/teams.py); nothing without `teams`."""
     if not cfg.teams.teams:
         return
     arns = StackArns(
@@ -311,10 +315,6 @@ def declare_teams(
         sagemaker_role_arn=identity.sagemaker_role_arn,
     )
     TeamAccess("teams", TeamAccessArgs(teams=cfg.teams, arns=arns, cluster_name=cluster.name, tags=tags))
-    TeamRbac(
-        "team-rbac",
-        TeamRbacArgs(teams=cfg.teams, provider=cluster.provider, depends_on=[base.namespaces["training"]]),
-    )
 
 
 def declare_audit_and_backup(

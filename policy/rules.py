@@ -196,6 +196,14 @@ def _for_bucket(companions: dict[str, list[Res]], bucket: Res) -> list[Res]:
     for key in _bucket_keys(bucket):
         for r in companions.get(key, []):
             seen[id(r)] = r
+    # A bucket named by prefix (S3 appends a suffix) has no name in its inputs: its companions name a bucket that
+    # starts with the prefix once names are known (offline preview); in an online preview the refs pair them.
+    prefix = _get(bucket.props, "bucketPrefix")
+    if prefix and not _get(bucket.props, "bucket"):
+        for key, found in companions.items():
+            if key.startswith(str(prefix)):
+                for r in found:
+                    seen[id(r)] = r
     return list(seen.values())
 
 

@@ -49,6 +49,7 @@ def test_trail_bucket_is_locked_for_the_configured_retention(shipped) -> None:
     assert bucket.inputs["objectLockEnabled"] is True and bucket.inputs["forceDestroy"] is False
     # Retained beyond the stack: a recreated stack gets a fresh bucket instead of colliding with the old one.
     assert bucket.inputs["bucketPrefix"] == f"{cfg.name_prefix}-audit-" and "bucket" not in bucket.inputs
+    assert run.outputs[out.AUDIT_TRAIL_BUCKET].startswith(bucket.inputs["bucketPrefix"])
     assert bucket.retain_on_delete and bucket.protect is cfg.storage.protect_data
     lock = run.one(tok.S3_BUCKET_OBJECT_LOCK_CONFIGURATION).inputs
     retention = lock["rule"]["defaultRetention"]
