@@ -154,17 +154,18 @@ def test_bad_input_is_a_usage_error_without_traceback(s3, capsys: pytest.Capture
 
 
 def test_documented_commands_parse() -> None:
-    """Every `python -m ops.restore` line of docs/operations.md is a valid invocation (docs stay runnable)."""
+    """Every `python -m ops.restore` line of docs/operations.md and the README is a valid invocation."""
     import shlex
 
     from tests.helpers import DOCS_DIR
 
     lines = [
         line.split("#")[0].strip()
-        for line in (DOCS_DIR / "operations.md").read_text().splitlines()
+        for doc in (DOCS_DIR / "operations.md", DOCS_DIR.parent / "README.md")
+        for line in doc.read_text().splitlines()
         if line.startswith("python -m ops.restore")
     ]
-    assert len(lines) >= 5
+    assert len(lines) >= 7
     for line in lines:
         args = restore.parser().parse_args(shlex.split(line)[3:])
         assert args.stack == "prod" and args.prefix
