@@ -22,7 +22,14 @@ from typing import Any, Literal
 
 import yaml
 
-from facts.cluster import GPU_TAINT, POOL_LABEL, PURPOSE_LABEL
+from facts.cluster import (
+    GPU_TAINT,
+    MONITORING_NAMESPACE,
+    POOL_LABEL,
+    PURPOSE_LABEL,
+    SERVING_NAMESPACE,
+    TRAINING_NAMESPACE,
+)
 from facts.instance_types import ACCELERATOR_LABEL, GPU_INSTANCE_TYPES, efa_interfaces
 from facts.serving import ENGINES, QUANTIZATIONS
 from infra.versions import CLUSTER_AUTOSCALER, cluster_autoscaler_for
@@ -115,9 +122,11 @@ class Values:
     the sections find in them. Every section reads the keys it owns from here and reports each bad one with `bad`, so
     all problems of a stack file are collected and raised together."""
 
-    def __init__(self, values: dict[str, Any], project: str) -> None:
+    def __init__(self, values: dict[str, Any], project: str, region: str | None = None) -> None:
         self.values = values
         self.project = project
+        self.region = region
+        """aws:region (checked apart: it is not one of the project's keys)."""
         self.problems: list[str] = []
 
     def __getitem__(self, key: str) -> Any:
@@ -731,6 +740,127 @@ class ImagesConfig:
         return cls(serving_digest=v["servingImageDigest"], training_digest=v["trainingImageDigest"])
 
 
+ACCESS_LEVELS = ("admin", "ml-engineer", "viewer")
+"""What a team may do (infra/teams.py maps each level to EKS access policies, RBAC and IAM)."""
+_TEAM_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+_TEAM_FIELDS = {"name", "access", "namespaces", "iamRoleArns"}
+
+
+@dataclass(frozen=True)
+class Team:
+    """People who share an access level: their IAM roles (SSO permission-set roles, federated roles) and the
+    namespaces their Kubernetes rights apply to."""
+
+    name: str
+    access: Literal["admin", "ml-engineer", "viewer"]
+    namespaces: tuple[str, ...]
+    role_arns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TeamsConfig:
+    """Human access by role (infra/teams.py, infra/team_rbac.py): teams, one JSON object per item,
+    `{"name", "access": admin|ml-engineer|viewer, "namespaces": [...], "iamRoleArns": [...]}`."""
+
+    teams: tuple[Team, ...] = ()
+
+    @classmethod
+    def from_values(cls, v: Values) -> TeamsConfig:
+        teams: list[Team] = []
+        seen_arns = set(v["clusterAdminArns"])
+        for item in v["teams"]:
+            team = cls._team(v, item)
+            if team is None:
+                continue
+            if team.name in {t.name for t in teams}:
+                v.bad_item("teams", item, f"a second team named {team.name!r}")
+            # EKS allows one access entry per principal: a role is in one team (and not a cluster admin).
+            for arn in set(team.role_arns) & seen_arns:
+                v.bad_item("teams", item, f"{arn} is already in another team or in {v.key('clusterAdminArns')}")
+            seen_arns |= set(team.role_arns)
+            teams.append(team)
+        return cls(tuple(teams))
+
+    @staticmethod
+    def _team(v: Values, item: str) -> Team | None:
+        namespaces = (TRAINING_NAMESPACE, SERVING_NAMESPACE, MONITORING_NAMESPACE)
+        try:
+            raw = json.loads(item)
+        except json.JSONDecodeError:
+            raw = None
+        if not isinstance(raw, dict) or set(raw) != _TEAM_FIELDS:
+            v.bad_item(
+                "teams", item, f"must be a JSON object with exactly the fields {', '.join(sorted(_TEAM_FIELDS))}"
+            )
+            return None
+        problems = len(v.problems)
+        if not isinstance(raw["name"], str) or not _TEAM_NAME_RE.match(raw["name"]):
+            v.bad_item("teams", item, "name must be lowercase letters, digits and dashes (at most 31)")
+        if raw["access"] not in ACCESS_LEVELS:
+            v.bad_item("teams", item, f"access must be one of {', '.join(ACCESS_LEVELS)}")
+        ns = raw["namespaces"]
+        if not isinstance(ns, list) or not ns or any(n not in namespaces for n in ns):
+            v.bad_item("teams", item, f"namespaces must list one or more of {', '.join(namespaces)}")
+        elif raw["access"] == "ml-engineer" and TRAINING_NAMESPACE not in ns:
+            v.bad_item("teams", item, f"an ml-engineer team launches jobs in {TRAINING_NAMESPACE}: list it")
+        arns = raw["iamRoleArns"]
+        if not isinstance(arns, list) or not arns or not all(isinstance(a, str) and _ARN_RE.match(a) for a in arns):
+            v.bad_item(
+                "teams", item, "iamRoleArns must list one or more IAM role ARNs (arn:aws:iam::<account>:role/...)"
+            )
+        elif any(":user/" in a for a in arns):
+            v.bad_item("teams", item, "iamRoleArns must be roles (people assume them), not IAM users")
+        if len(v.problems) > problems:
+            return None
+        return Team(raw["name"], raw["access"], tuple(dict.fromkeys(ns)), tuple(dict.fromkeys(arns)))
+
+
+LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+"""S3 Object Lock retention modes of the audit trail's bucket (S3 user guide, "Object Lock retention modes")."""
+
+
+@dataclass(frozen=True)
+class ProtectionConfig:
+    """Audit trail and backup (infra/audit.py, infra/backup.py): auditTrail, auditLockMode, auditRetentionDays,
+    backupReplicaRegion."""
+
+    audit_trail: bool
+    """A CloudTrail trail (management events, S3 data events on datasets and models) into an Object Lock bucket."""
+    audit_lock_mode: Literal["GOVERNANCE", "COMPLIANCE"]
+    audit_retention_days: int
+    """Days every trail log file is locked (and kept) for."""
+    backup_replica_region: str
+    """Region the models and checkpoints buckets replicate to; empty for no replication."""
+
+    @classmethod
+    def from_values(cls, v: Values) -> ProtectionConfig:
+        if v["auditLockMode"] not in LOCK_MODES:
+            v.bad("auditLockMode", f"must be one of {', '.join(LOCK_MODES)}")
+        if not 1 <= v["auditRetentionDays"] <= 3653:
+            v.bad("auditRetentionDays", "must be between 1 and 3653 days (ten years)")
+        replica = v["backupReplicaRegion"]
+        if replica and not _REGION_RE.match(replica):
+            v.bad("backupReplicaRegion", "not an AWS region name (expected e.g. us-west-2)")
+        elif replica and replica == v.region:
+            v.bad(
+                "backupReplicaRegion", "must differ from aws:region (a replica in the same region survives no outage)"
+            )
+        if v["production"]:
+            # Production's recovery and audit guarantees are not optional (docs/operations.md, RPO/RTO).
+            if not v["auditTrail"]:
+                v.bad("auditTrail", "must be true when production is true")
+            if v["auditLockMode"] != "COMPLIANCE":
+                v.bad("auditLockMode", "must be COMPLIANCE when production is true (no one can shorten the lock)")
+            if not replica:
+                v.bad("backupReplicaRegion", "must name a second region when production is true")
+        return cls(
+            audit_trail=v["auditTrail"],
+            audit_lock_mode=v["auditLockMode"],
+            audit_retention_days=v["auditRetentionDays"],
+            backup_replica_region=replica,
+        )
+
+
 @dataclass(frozen=True)
 class StackConfig:
     """One stack's whole configuration: its identity (project, stack, region, environment, production) and one
@@ -749,6 +879,8 @@ class StackConfig:
     observability: ObservabilityConfig
     budget: BudgetConfig
     images: ImagesConfig = ImagesConfig()
+    protection: ProtectionConfig = ProtectionConfig(False, "GOVERNANCE", 1, "")
+    teams: TeamsConfig = TeamsConfig()
 
     @property
     def name_prefix(self) -> str:
@@ -800,7 +932,7 @@ def load_config(values: Mapping[str, Any], stack: str, source: str = "stack conf
         # Type errors make the sections' rules meaningless; report them first.
         raise ConfigError(source, problems)
 
-    v = Values(typed, project)
+    v = Values(typed, project, region if isinstance(region, str) else None)
     environment = _check_environment(v)
     network = NetworkConfig.from_values(v)
     storage = StorageConfig.from_values(v)
@@ -812,6 +944,8 @@ def load_config(values: Mapping[str, Any], stack: str, source: str = "stack conf
     observability = ObservabilityConfig.from_values(v)
     budget = BudgetConfig.from_values(v)
     images = ImagesConfig.from_values(v)
+    protection = ProtectionConfig.from_values(v)
+    teams = TeamsConfig.from_values(v)
     if not v.problems:
         ServingConfig.check_fit(v)
     if v.problems:
@@ -830,6 +964,8 @@ def load_config(values: Mapping[str, Any], stack: str, source: str = "stack conf
         observability=observability,
         budget=budget,
         images=images,
+        protection=protection,
+        teams=teams,
     )
 
 

@@ -34,6 +34,8 @@ _RESOURCES: dict[tuple[str, str], type[pulumi.CustomResource]] = {
     ("networking.k8s.io/v1", "Ingress"): k8s.networking.v1.Ingress,
     ("rbac.authorization.k8s.io/v1", "ClusterRole"): k8s.rbac.v1.ClusterRole,
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): k8s.rbac.v1.ClusterRoleBinding,
+    ("rbac.authorization.k8s.io/v1", "Role"): k8s.rbac.v1.Role,
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): k8s.rbac.v1.RoleBinding,
 }
 """The kinds this program writes, by (apiVersion, kind): the typed resource each is registered as."""
 

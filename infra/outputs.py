@@ -27,6 +27,13 @@ DATASETS_BUCKET = "datasets_bucket"
 CHECKPOINTS_BUCKET = "checkpoints_bucket"
 MODELS_BUCKET = "models_bucket"
 
+MODELS_REPLICA_BUCKET = "models_replica_bucket"
+"""The models bucket's cross-region replica (absent without backupReplicaRegion); ops.restore reads it."""
+CHECKPOINTS_REPLICA_BUCKET = "checkpoints_replica_bucket"
+BACKUP_REPLICA_REGION = "backup_replica_region"
+AUDIT_TRAIL_BUCKET = "audit_trail_bucket"
+"""The CloudTrail trail's Object Lock bucket (absent without auditTrail)."""
+
 TRAINING_REPOSITORY_URL = "training_repository_url"
 SERVING_REPOSITORY_URL = "serving_repository_url"
 TRAINING_IMAGE = "training_image"

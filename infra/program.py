@@ -24,6 +24,8 @@ from infra import config as config_module
 from infra import k8s_objects, preflight
 from infra import outputs as out
 from infra.access import DeployerRunner, DeployerRunnerArgs
+from infra.audit import Audit, AuditArgs
+from infra.backup import Backup, BackupArgs
 from infra.budgets import Budgets, BudgetsArgs
 from infra.cluster import Cluster, ClusterArgs
 from infra.cluster_autoscaler import (
@@ -43,7 +45,8 @@ from infra.load_balancer_controller import (
     LoadBalancerControllerIdentity,
     LoadBalancerControllerIdentityArgs,
 )
-from infra.network import Network, NetworkArgs
+from infra.network import Network, NetworkArgs, plan_collector_subnets
+from infra.network_policies import SystemNetworkPolicies, SystemNetworkPoliciesArgs, SystemTraffic
 from infra.observability import ClusterMonitoring, ClusterMonitoringArgs, Observability, ObservabilityArgs
 from infra.registry import Registry, RegistryArgs
 from infra.sagemaker_endpoint import VARIANT_NAME, SageMakerEndpoint, SageMakerEndpointArgs
@@ -57,6 +60,8 @@ from infra.spot_interruptions import (
     needs_node_termination_handler,
 )
 from infra.storage import Storage, StorageArgs
+from infra.team_rbac import TeamRbac, TeamRbacArgs
+from infra.teams import StackArns, TeamAccess, TeamAccessArgs
 
 
 def image_reference(repository_url: str, tag: str, digest: str) -> str:
@@ -173,8 +178,14 @@ def build_aws_layer(cfg: StackConfig) -> dict[str, Any]:
             sagemaker_variant_name=VARIANT_NAME,
         ),
     )
+    # -- teams: access entries and IAM (AWS layer, infra/teams.py) --
+    declare_team_access(cfg, storage, identity, cluster, ctx.account, ctx.partition, ctx.tags)
+    # -- end teams --
     Budgets("budgets", BudgetsArgs(cfg.budget, cfg.observability.alert_emails, cfg.name_prefix, cfg.stack, ctx.tags))
     outputs = aws_layer_outputs(cfg, ctx.tags, storage, network, registry, identity, cluster, endpoint)
+    # -- audit and backup (AWS layer; infra/audit.py, infra/backup.py) --
+    outputs.update(declare_audit_and_backup(cfg, storage, ctx.account, ctx.partition, ctx.tags))
+    # -- end audit and backup --
     outputs[out.ALERT_TOPIC_ARN] = observability.alert_topic_arn
     if spot_queue is not None:
         outputs[out.SPOT_INTERRUPTION_QUEUE_URL] = spot_queue.queue_url
@@ -210,6 +221,13 @@ def build_cluster_layer(cfg: StackConfig) -> dict[str, Any]:
         ),
     )
     declare_node_controllers(cfg, ref, base)
+    # -- teams: the job-launcher Role (cluster layer, infra/team_rbac.py); access entries and IAM: AWS layer --
+    if cfg.teams.teams:
+        TeamRbac(
+            "team-rbac",
+            TeamRbacArgs(teams=cfg.teams, provider=ref.provider, depends_on=[base.namespaces["training"]]),
+        )
+    # -- end teams --
 
     serving: ServingOnEks | None = None
     if cfg.serving.eks_declared:
@@ -248,8 +266,9 @@ def build_cluster_layer(cfg: StackConfig) -> dict[str, Any]:
         ),
         opts=pulumi.ResourceOptions(depends_on=[base]),
     )
+    keda: ServingAutoscaling | None = None
     if serving is not None and cfg.autoscaling.serving_autoscaler == "keda":
-        ServingAutoscaling(
+        keda = ServingAutoscaling(
             "serving-autoscaling",
             ServingAutoscalingArgs(
                 cfg.autoscaling,
@@ -261,6 +280,24 @@ def build_cluster_layer(cfg: StackConfig) -> dict[str, Any]:
             ),
             opts=pulumi.ResourceOptions(depends_on=[serving]),
         )
+    # -- system network policies (cluster layer; infra/network_policies.py) --
+    SystemNetworkPolicies(
+        "system-network-policies",
+        SystemNetworkPoliciesArgs(
+            traffic=SystemTraffic(
+                vpc_cidr=cfg.network.vpc_cidr,
+                load_balancer_controller=serving is not None and cfg.serving.ingress,
+                keda=keda is not None,
+                metrics=cfg.observability.metrics,
+                collector_cidrs=tuple(plan_collector_subnets(cfg.network.vpc_cidr, cfg.network.az_count))
+                if cfg.observability.metrics == "amp"
+                else (),
+            ),
+            provider=ref.provider,
+            depends_on=[base, monitoring, *([keda] if keda else [])],
+        ),
+    )
+    # -- end system network policies --
     outputs: dict[str, Any] = {
         out.STACK: cfg.stack,
         out.LAYER: Layer.CLUSTER.value,
@@ -398,6 +435,79 @@ def declare_foundation(ctx: StackContext, placement: Placement) -> tuple[Storage
     return storage, network, registry, identity, cluster
 
 
+def declare_team_access(
+    cfg: StackConfig,
+    storage: Storage,
+    identity: Identity,
+    cluster: Cluster,
+    account_id: str,
+    partition: str,
+    tags: dict[str, str],
+) -> None:
+    """People's access by team in the AWS layer (infra/teams.py); nothing without `teams`."""
+    if not cfg.teams.teams:
+        return
+    arns = StackArns(
+        region=cfg.region,
+        account_id=account_id,
+        partition=partition,
+        stack=cfg.stack,
+        name_prefix=cfg.name_prefix,
+        bucket_arns=storage.bucket_arns,
+        kms_key_arn=storage.kms_key_arn,
+        cluster_arn=cluster.cluster.arn,
+        sagemaker_role_arn=identity.sagemaker_role_arn,
+    )
+    TeamAccess("teams", TeamAccessArgs(teams=cfg.teams, arns=arns, cluster_name=cluster.name, tags=tags))
+
+
+def declare_audit_and_backup(
+    cfg: StackConfig, storage: Storage, account_id: str, partition: str, tags: dict[str, str]
+) -> dict[str, Any]:
+    """The CloudTrail trail into its Object Lock bucket, and cross-region replication of models and checkpoints
+    (AWS layer: neither needs the cluster). Returns the outputs they add."""
+    outputs: dict[str, Any] = {}
+    p = cfg.protection
+    if p.audit_trail:
+        audit = Audit(
+            "audit",
+            AuditArgs(
+                protection=p,
+                name_prefix=cfg.name_prefix,
+                stack=cfg.stack,
+                region=cfg.region,
+                account_id=account_id,
+                partition=partition,
+                bucket_arns=storage.bucket_arns,
+                protect_data=cfg.storage.protect_data,
+                tags=tags,
+            ),
+        )
+        outputs[out.AUDIT_TRAIL_BUCKET] = audit.bucket_name
+    if p.backup_replica_region:
+        backup = Backup(
+            "backup",
+            BackupArgs(
+                name_prefix=cfg.name_prefix,
+                stack=cfg.stack,
+                region=cfg.region,
+                replica_region=p.backup_replica_region,
+                account_id=account_id,
+                partition=partition,
+                bucket_names=storage.bucket_names,
+                bucket_arns=storage.bucket_arns,
+                source_kms_key_arn=storage.kms_key_arn,
+                protect_data=cfg.storage.protect_data,
+                tags=tags,
+                depends_on=[storage],
+            ),
+        )
+        outputs[out.MODELS_REPLICA_BUCKET] = backup.replica_bucket_names["models"]
+        outputs[out.CHECKPOINTS_REPLICA_BUCKET] = backup.replica_bucket_names["checkpoints"]
+        outputs[out.BACKUP_REPLICA_REGION] = p.backup_replica_region
+    return outputs
+
+
 def declare_node_controllers(cfg: StackConfig, ref: ClusterRef, base: KubernetesBase) -> None:
     """What GPU nodes need besides the cluster: device plugins, the Cluster Autoscaler, the spot interruption
     handler (their charts; their roles, associations, queue and ASG tags are in the AWS layer)."""
@@ -492,6 +602,11 @@ def declare_sagemaker_endpoint(
             tags=tags,
             execution_role_policies=identity.role_policies["sagemaker"],
             running=running,
+            # Egress to S3 and the interface endpoints only, where the stack has them (else HTTPS through NAT).
+            s3_prefix_list_id=aws.ec2.get_prefix_list_output(name=f"com.amazonaws.{cfg.region}.s3").id
+            if cfg.network.interface_endpoints
+            else None,
+            endpoints_security_group_id=network.endpoint_security_group.id if cfg.network.interface_endpoints else None,
         ),
         opts=pulumi.ResourceOptions(depends_on=[network]),
     )

@@ -73,6 +73,12 @@ class SageMakerEndpointArgs:
     execution_role_policies: Sequence[pulumi.Resource] = ()
     """The execution role's policies (`Identity.role_policies["sagemaker"]`). CreateModel checks that the role can
     pull the image: created in parallel with its RolePolicy, the Model races it and fails."""
+    s3_prefix_list_id: pulumi.Input[str] | None = None
+    """The region's S3 prefix list (`com.amazonaws.<region>.s3`), with endpoints_security_group_id."""
+    endpoints_security_group_id: pulumi.Input[str] | None = None
+    """The interface endpoints' security group (infra/network.py) when the stack has them: the endpoint then sends
+    HTTPS only to S3 (its prefix list, through the gateway endpoint) and to those endpoints (ECR, STS, Logs), not to
+    0.0.0.0/0. None: no interface endpoints, ECR and CloudWatch are reached through the NAT gateway."""
     running: RunningVariant | None = None
     """The endpoint's primary variant as it runs now (infra.preflight.running_variant); None before it exists. A
     rollout starts at its instance count instead of resetting to the minimum."""
@@ -125,19 +131,42 @@ class SageMakerEndpoint(pulumi.ComponentResource):
 
     def _create_security_group(self) -> aws.ec2.SecurityGroup:
         """No ingress (invocations arrive through the SageMaker runtime API, not the VPC); egress HTTPS only, for
-        the model download, ECR and CloudWatch through the VPC endpoints or the NAT gateway."""
+        the model download (S3), the image (ECR, its layers in S3) and CloudWatch. With interface endpoints, exactly
+        the S3 prefix list and the endpoints' security group; without them, anywhere (through the NAT gateway).
+        DNS to the VPC resolver is not subject to security groups (VPC user guide, "Security group rules": traffic
+        to the Amazon DNS server is not filtered)."""
         a = self._args
+        egress: list[aws.ec2.SecurityGroupEgressArgs]
+        if a.endpoints_security_group_id is not None and a.s3_prefix_list_id is not None:
+            egress = [
+                aws.ec2.SecurityGroupEgressArgs(
+                    protocol="tcp",
+                    from_port=443,
+                    to_port=443,
+                    prefix_list_ids=[a.s3_prefix_list_id],
+                    description="S3 (gateway endpoint)",
+                ),
+                aws.ec2.SecurityGroupEgressArgs(
+                    protocol="tcp",
+                    from_port=443,
+                    to_port=443,
+                    security_groups=[a.endpoints_security_group_id],
+                    description="interface endpoints (ECR, STS, Logs)",
+                ),
+            ]
+        else:
+            egress = [
+                aws.ec2.SecurityGroupEgressArgs(
+                    protocol="tcp", from_port=443, to_port=443, cidr_blocks=["0.0.0.0/0"], description="HTTPS via NAT"
+                )
+            ]
         return aws.ec2.SecurityGroup(
             f"{self._name}-sg",
             name=f"{a.name_prefix}-sagemaker-endpoint",
             description="SageMaker endpoint: HTTPS egress only",
             vpc_id=self._args.vpc_id,
             ingress=[],
-            egress=[
-                aws.ec2.SecurityGroupEgressArgs(
-                    protocol="tcp", from_port=443, to_port=443, cidr_blocks=["0.0.0.0/0"], description="HTTPS"
-                )
-            ],
+            egress=egress,
             tags={**self._args.tags, "Name": f"{a.name_prefix}-sagemaker-endpoint"},
             opts=pulumi.ResourceOptions(parent=self),
         )

@@ -150,6 +150,8 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
         )
     bucket_gb = a["s3_gb_per_bucket"]
     for r in by_type.get(tok.S3_BUCKET, []):
+        if _protection_items(r, p, a, items):
+            continue
         items.append(
             Item(
                 f"S3 storage (assumed {bucket_gb} GB)",
@@ -159,6 +161,21 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
                 bucket_gb,
                 bucket_gb,
                 assumption=True,
+            )
+        )
+
+    events = a["cloudtrail_data_events_month"]
+    for r in by_type.get(tok.CLOUDTRAIL_TRAIL, []):
+        items.append(
+            Item(
+                f"CloudTrail S3 data events (assumed {events / 1e6:g}M/month)",
+                r["name"],
+                "100k events",
+                p["cloudtrail_data_events_100k"],
+                events / 100_000,
+                events / 100_000,
+                assumption=True,
+                note="management events: the first copy in an account is free",
             )
         )
 
@@ -185,6 +202,54 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
         "assumptions": assumptions,
         "price_source": f"{table['source']} Recorded {table['recorded']}.",
     }
+
+
+def _protection_items(r: Mapping[str, Any], p: Mapping[str, Any], a: Mapping[str, Any], items: list[Item]) -> bool:
+    """Cost lines of the audit trail's bucket and the backup replicas (infra/audit.py, infra/backup.py), by their
+    `llm-platform:data` tag; False for any other bucket."""
+    data = ((r.get("inputs") or {}).get("tags") or {}).get("llm-platform:data", "")
+    gb = a["s3_gb_per_bucket"]
+    if data.endswith("-replica"):
+        # A replica holds what its primary holds (same assumed size), in Standard-IA, and every byte crosses regions
+        # once: counted as one full copy a month.
+        items.append(
+            Item(
+                f"S3 replica storage, Standard-IA (assumed {gb} GB)",
+                r["name"],
+                "GB-month",
+                p["s3_standard_ia_gb_month"],
+                gb,
+                gb,
+                assumption=True,
+            )
+        )
+        items.append(
+            Item(
+                f"S3 replication transfer (assumed {gb} GB/month)",
+                r["name"],
+                "GB",
+                p["s3_inter_region_transfer_gb"],
+                gb,
+                gb,
+                assumption=True,
+            )
+        )
+        return True
+    if data == "audit":
+        logs = a["cloudtrail_log_gb_month"]
+        items.append(
+            Item(
+                f"CloudTrail log storage (assumed {logs} GB)",
+                r["name"],
+                "GB-month",
+                p["s3_standard_gb_month"],
+                logs,
+                logs,
+                assumption=True,
+            )
+        )
+        return True
+    return False
 
 
 def render(cost: Mapping[str, Any]) -> str:

@@ -174,7 +174,11 @@ class RecordingMocks(pulumi.runtime.Mocks):
         s: dict[str, Any] = {}
         short = typ.rsplit(":", 1)[-1]
         if typ == tok.S3_BUCKET:
-            bucket = inputs.get("bucket") or f"{name}-{_digest(typ, name, n=8)}"
+            # bucket_prefix: S3 appends a unique suffix (a bucket that must not collide with its own past incarnation).
+            prefix = inputs.get("bucketPrefix")
+            bucket = inputs.get("bucket") or (
+                f"{prefix}{_digest(typ, name, n=8)}" if prefix else f"{name}-{_digest(typ, name, n=8)}"
+            )
             s = {
                 "bucket": bucket,
                 "arn": f"arn:{self.partition}:s3:::{bucket}",

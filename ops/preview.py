@@ -28,6 +28,7 @@ from facts import pulumi_types as tok
 from infra import outputs as out
 from infra.capacity import required_quotas
 from infra.config import ConfigError, load_config, load_stack_file, project_name
+from ops import access_report
 from ops import cost as cost_estimate
 from ops.mocks import MOCK_ORGANIZATION, Account, Recorded, RecordingMocks, Run, run_program
 from policy.rules import StackContext, evaluate, resources_from_report
@@ -109,6 +110,7 @@ def preview(stack: str, config_file: Path | None = None, account: Account | None
     }
     report["policy"] = evaluate(resources_from_report(report), StackContext.from_config(cfg))
     report["cost"] = cost_estimate.estimate(report["resources"], cfg.region)
+    report["people"] = access_report.people_report(cfg, report["cost"])
     report["quotas"] = [{**vars(q), "request": q.request_command(cfg.region)} for q in required_quotas(cfg)]
     return report, run
 
@@ -217,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         print(render_policy(report["policy"]))
         print()
         print(cost_estimate.render(report["cost"]))
+        print()
+        print(access_report.render(report["people"]))
         print()
         print(_quotas_text(report))
         print(f"\n(previewed offline under the mock engine in {time.monotonic() - started:.1f}s)")

@@ -196,6 +196,14 @@ def _for_bucket(companions: dict[str, list[Res]], bucket: Res) -> list[Res]:
     for key in _bucket_keys(bucket):
         for r in companions.get(key, []):
             seen[id(r)] = r
+    # A bucket named by prefix (S3 appends a suffix) has no name in its inputs: its companions name a bucket that
+    # starts with the prefix once names are known (offline preview); in an online preview the refs pair them.
+    prefix = _get(bucket.props, "bucketPrefix")
+    if prefix and not _get(bucket.props, "bucket"):
+        for key, found in companions.items():
+            if key.startswith(str(prefix)):
+                for r in found:
+                    seen[id(r)] = r
     return list(seen.values())
 
 
@@ -511,6 +519,164 @@ def check_production_data_protected(res: Res, ctx: StackContext) -> Iterable[str
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Production audit trail and backup (infra/audit.py, infra/backup.py)
+
+TRAIL = tok.CLOUDTRAIL_TRAIL
+REPLICATION = tok.S3_BUCKET_REPLICATION_CONFIG
+OBJECT_LOCK = tok.S3_BUCKET_OBJECT_LOCK_CONFIGURATION
+REPLICATED_DATA = ("models", "checkpoints")
+"""Data buckets (by their `llm-platform:data` tag) a production stack must replicate to a second region."""
+
+
+def check_production_audit_trail(resources: list[Res], ctx: StackContext) -> Iterable[tuple[Res | None, str]]:
+    if not ctx.production:
+        return
+    trails = _of_type(resources, TRAIL)
+    if not trails:
+        # Judged on a stack that holds data (every stack of this program does); a partial inventory without buckets,
+        # such as one rule's test case, has nothing the trail would be for.
+        if _of_type(resources, BUCKET):
+            yield None, "production stack has no CloudTrail trail: set auditTrail: true (infra/audit.py)"
+        return
+    locks = _companions(resources, OBJECT_LOCK)
+    buckets = {b.name: b for b in _of_type(resources, BUCKET)}
+    for trail in trails:
+        if not _truthy(trail.props.get("enableLogFileValidation")):
+            yield trail, f"trail {trail.label} does not validate log files: set enable_log_file_validation=True"
+        if not trail.props.get("kmsKeyId"):
+            yield trail, f"trail {trail.label} is not encrypted with a KMS key: set kms_key_id"
+        # The trail's bucket must lock its files: its lock configuration names the trail's bucket (once names are
+        # known), or configures the bucket the trail refers to (in a preview, by resource reference).
+        target = [n for n in trail.refs.get("s3BucketName", ())] or [
+            b.name for b in buckets.values() if _get(b.props, "bucket") == trail.props.get("s3BucketName")
+        ]
+        candidates = [lk for name in target if name in buckets for lk in _for_bucket(locks, buckets[name])]
+        candidates += [
+            lk for lk in _of_type(resources, OBJECT_LOCK) if lk.props.get("bucket") == trail.props.get("s3BucketName")
+        ]
+        locked = [
+            lk
+            for lk in candidates
+            if one_block(one_block(lk.props.get("rule")).get("defaultRetention")).get("mode") == "COMPLIANCE"
+        ]
+        if not locked:
+            yield trail, f"trail {trail.label} writes to a bucket without a COMPLIANCE Object Lock: set auditLockMode"
+
+
+def check_production_replication(resources: list[Res], ctx: StackContext) -> Iterable[tuple[Res | None, str]]:
+    if not ctx.production:
+        return
+    configs = _companions(resources, REPLICATION)
+    for b in _of_type(resources, BUCKET):
+        tags = b.props.get("tags") if isinstance(b.props.get("tags"), Mapping) else {}
+        if tags.get("llm-platform:data") not in REPLICATED_DATA:
+            continue
+        rules = [r for c in _for_bucket(configs, b) for r in as_list(c.props.get("rules"))]
+        if not any(isinstance(r, Mapping) and r.get("status") == "Enabled" for r in rules):
+            yield (
+                b,
+                (
+                    f"production {tags.get('llm-platform:data')} bucket {b.label} is not replicated to a second "
+                    "region: set backupReplicaRegion (infra/backup.py)"
+                ),
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# People: what a team's access level allows at most (infra/teams.py declares the grants; this is the ceiling)
+
+ACCESS_TAG = "llm-platform:access"
+TEAM_CEILING: dict[str, tuple[str, ...]] = {
+    "viewer": ("eks:DescribeCluster", "s3:ListBucket", "s3:GetBucketLocation", "sagemaker:Describe*"),
+    "ml-engineer": (
+        "eks:DescribeCluster",
+        "s3:ListBucket",
+        "s3:GetBucketLocation",
+        "s3:GetObject",
+        "s3:GetObjectVersion",
+        "s3:PutObject",
+        "s3:AbortMultipartUpload",
+        "s3:ListMultipartUploadParts",
+        "s3:DeleteObject",
+        "kms:Decrypt",
+        "kms:GenerateDataKey",
+        "sagemaker:Describe*",
+        "sagemaker:CreateTrainingJob",
+        "sagemaker:StopTrainingJob",
+        "sagemaker:AddTags",
+        "iam:PassRole",
+        "logs:GetLogEvents",
+        "logs:FilterLogEvents",
+        "logs:DescribeLogStreams",
+    ),
+}
+TEAM_CEILING["admin"] = (
+    *TEAM_CEILING["ml-engineer"],
+    "sagemaker:UpdateEndpoint",
+    "sagemaker:UpdateEndpointWeightsAndCapacities",
+    "sagemaker:CreateEndpointConfig",
+)
+"""Allowed actions per access level (patterns). Whatever the level, no person writes or deletes models (only the
+training role does), and only an ml-engineer or admin passes a role (and only to SageMaker)."""
+TEAM_EKS_POLICIES = {
+    "viewer": ("AmazonEKSViewPolicy",),
+    "ml-engineer": ("AmazonEKSViewPolicy",),
+    "admin": ("AmazonEKSViewPolicy", "AmazonEKSEditPolicy", "AmazonEKSAdminPolicy"),
+}
+_MODEL_WRITES = ("s3:PutObject", "s3:DeleteObject", "s3:DeleteObjectVersion")
+
+
+def _matches(action: str, patterns: Iterable[str]) -> bool:
+    return any(re.fullmatch(p.replace("*", ".*"), action, re.IGNORECASE) for p in patterns)
+
+
+def _team_level(res: Res) -> str | None:
+    tags = res.props.get("tags")
+    return tags.get(ACCESS_TAG) if isinstance(tags, Mapping) else None
+
+
+def check_team_grants(resources: list[Res], ctx: StackContext) -> Iterable[tuple[Res | None, str]]:
+    for policy in _of_type(resources, tok.IAM_POLICY):
+        level = _team_level(policy)
+        if level is None:
+            continue
+        ceiling = TEAM_CEILING.get(level)
+        if ceiling is None:
+            yield policy, f"{policy.label} has unknown {ACCESS_TAG} {level!r}: one of {', '.join(TEAM_CEILING)}"
+            continue
+        doc = _json(policy.props.get("policy"))
+        for stmt in as_list(doc.get("Statement") if isinstance(doc, Mapping) else None):
+            if not isinstance(stmt, Mapping) or stmt.get("Effect") != "Allow":
+                continue
+            actions = [str(a) for a in as_list(stmt.get("Action"))]
+            resources_ = [str(r) for r in as_list(stmt.get("Resource"))]
+            over = [a for a in actions if not _matches(a, ceiling)]  # "s3:*" or "s3:Get*" match no ceiling entry
+            if over:
+                yield policy, f"{policy.label} ({level}) allows {', '.join(over)}: beyond what {level} may do"
+            writes = [a for a in actions if _matches(a, _MODEL_WRITES)]
+            if writes and any("-models-" in r for r in resources_):
+                yield policy, f"{policy.label} ({level}) lets people {', '.join(writes)} models: only training does"
+            if "iam:PassRole" in actions:
+                passed = one_block(one_block(stmt.get("Condition")).get("StringEquals")).get("iam:PassedToService")
+                if passed != "sagemaker.amazonaws.com":
+                    yield policy, f"{policy.label} ({level}) passes roles to any service: condition it on SageMaker"
+    levels = {
+        e.props.get("principalArn"): _team_level(e)
+        for e in _of_type(resources, tok.EKS_ACCESS_ENTRY)
+        if _team_level(e) is not None
+    }
+    for assoc in _of_type(resources, tok.EKS_ACCESS_POLICY_ASSOCIATION):
+        level = levels.get(assoc.props.get("principalArn"))
+        if level is None:
+            continue
+        policy = str(assoc.props.get("policyArn", "")).rsplit("/", 1)[-1]
+        if policy not in TEAM_EKS_POLICIES.get(level, ()):
+            yield assoc, f"{assoc.label}: a {level} team may not get {policy} (allowed: {TEAM_EKS_POLICIES.get(level)})"
+        if one_block(assoc.props.get("accessScope")).get("type") != "namespace":
+            yield assoc, f"{assoc.label}: team access is namespace-scoped; cluster-wide is clusterAdminArns' alone"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Advisory
 
 NAT_GATEWAY = tok.EC2_NAT_GATEWAY
@@ -625,6 +791,28 @@ RULES: tuple[Rule, ...] = (
         "In production stacks, data buckets and the data KMS key are protected and buckets not force-destroyable",
         resource_check=check_production_data_protected,
         needs=("production",),
+    ),
+    Rule(
+        "production-audit-trail",
+        MANDATORY,
+        "Production stacks have a KMS-encrypted CloudTrail trail with log-file validation into a COMPLIANCE-locked "
+        "bucket",
+        stack_check=check_production_audit_trail,
+        needs=("production",),
+    ),
+    Rule(
+        "production-replication",
+        MANDATORY,
+        "Production models and checkpoints buckets replicate to a second region",
+        stack_check=check_production_replication,
+        needs=("production",),
+    ),
+    Rule(
+        "team-grants-within-access-level",
+        MANDATORY,
+        "Team IAM policies and EKS access policies stay within the team's access level (viewer, ml-engineer, admin); "
+        "no person writes models",
+        stack_check=check_team_grants,
     ),
     Rule(
         "spot-in-production",

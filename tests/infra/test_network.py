@@ -131,7 +131,8 @@ def test_s3_endpoint_allows_every_s3_action_the_stack_roles_are_granted(shipped)
     _, run = shipped
     allowed = set(next(st for st in _endpoint_policy(run)["Statement"] if st["Sid"] == "StackBuckets")["Action"])
     granted = set()
-    for policy in run.of_type(tok.IAM_ROLE_POLICY):
+    # The replication role is assumed by S3 itself, whose replication traffic never passes the VPC's endpoint.
+    for policy in (p for p in run.of_type(tok.IAM_ROLE_POLICY) if p.name != "backup-replication-policy"):
         for st in json.loads(policy.inputs["policy"])["Statement"]:
             actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
             granted |= {a for a in actions if a.startswith("s3:")}

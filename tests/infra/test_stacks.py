@@ -27,6 +27,11 @@ OPTIONAL_OUTPUTS = (
     out.SPOT_INTERRUPTION_QUEUE_URL,
     out.AMP_QUERY_URL,
     out.PROMETHEUS_URL,
+    # audit and backup: pinned per stack in tests/infra/test_audit_and_backup.py
+    out.AUDIT_TRAIL_BUCKET,
+    out.MODELS_REPLICA_BUCKET,
+    out.CHECKPOINTS_REPLICA_BUCKET,
+    out.BACKUP_REPLICA_REGION,
 )
 REQUIRED_OUTPUTS = [v for k, v in vars(out).items() if k.isupper() and v not in OPTIONAL_OUTPUTS]
 

@@ -27,7 +27,7 @@ def test_key_rotates_and_is_scoped(shipped) -> None:
 
 def test_every_bucket_is_encrypted_private_versioned_and_tls_only(shipped) -> None:
     cfg, run = shipped
-    buckets = run.of_type(tok.S3_BUCKET)
+    buckets = [b for b in run.of_type(tok.S3_BUCKET) if b.parent == "storage"]  # audit and backup: their own tests
     assert sorted(b.name for b in buckets) == sorted(f"storage-{k}" for k in BUCKET_KINDS)
     for bucket in buckets:
         name = bucket.inputs["bucket"]
@@ -62,7 +62,7 @@ def test_lifecycle_aborts_uploads_and_expires_old_checkpoints(shipped) -> None:
 
 
 def test_force_destroy_and_protection_follow_config(run_stack) -> None:
-    dev = run_stack("dev").of_type(tok.S3_BUCKET)
-    prod = run_stack("prod").of_type(tok.S3_BUCKET)
+    dev = [b for b in run_stack("dev").of_type(tok.S3_BUCKET) if b.parent == "storage"]
+    prod = [b for b in run_stack("prod").of_type(tok.S3_BUCKET) if b.parent == "storage"]
     assert all(b.inputs["forceDestroy"] is True and not b.protect for b in dev)
     assert all(b.inputs["forceDestroy"] is False and b.protect and b.retain_on_delete for b in prod)
