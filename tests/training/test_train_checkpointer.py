@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
-from training.checkpoint import Resumed
+from training.checkpoint import Checkpointer, Resumed
 from training.metrics import Reporter, TrainingMetrics
-from training.train import Checkpointer
 
 
 @dataclass
@@ -24,13 +23,16 @@ class FakeManager:
     def remote(self) -> Any:
         return self
 
-    def save(self, step: int, model: Any, optimizer: Any, loader_state: dict[str, int], config: dict) -> float:
-        assert loader_state == {"position": step} and config == {"name": "run"}
+    def save(self, step: int, states: dict[str, Any], config: dict) -> float:
+        # every entry's state as DCP would write it (state_dict() called at save time)
+        assert {k: v.state_dict() for k, v in states.items()} == {"loader": {"position": step}}
+        assert config == {"name": "run"}
         self.saved.append(step)
         return 0.25
 
-    def load(self, step: int, model: Any, optimizer: Any) -> Resumed:
-        return Resumed(step=step, loader_state={"position": step}, config={})
+    def load(self, step: int, states: dict[str, Any]) -> Resumed:
+        states["loader"].load_state_dict({"position": step})  # what DCP does with the loaded values
+        return Resumed(step=step, config={})
 
 
 class FakeLoader:
@@ -51,8 +53,9 @@ def run(
     manager, loader = FakeManager(), FakeLoader()
     series = TrainingMetrics()
     with Reporter(True, series, max_steps) as report:
-        ckpt = Checkpointer(manager, None, None, loader, {"name": "run"}, report, save_every, max_steps)
+        ckpt = Checkpointer(manager, {"loader": loader}, {"name": "run"}, report, save_every, max_steps)
         step = ckpt.resume(resume_from)
+        assert loader.position == (resume_from or 0)
         while step < max_steps:
             if step == stop_at:
                 ckpt.save_on_stop(step)
