@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from serving.decode import Decoder, _LlamaStep
+from serving.decode import Decoder
 
 ROPES: dict[str, dict[str, Any]] = {
     # Llama 3.1/3.2's own scaling block, with original_max_position_embeddings shrunk so that the smoothing band
@@ -64,7 +64,7 @@ def test_rope_types_that_rescale_at_run_time_keep_the_generic_path() -> None:
     dynamic = tiny_llama({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     yarn = tiny_llama({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                        "original_max_position_embeddings": 64})  # fmt: skip
-    assert not _LlamaStep.supports(dynamic) and not _LlamaStep.supports(yarn)
+    assert Decoder(dynamic, pad_token_id=0)._fast is None and Decoder(yarn, pad_token_id=0)._fast is None
 
 
 def test_masked_gqa_prefill_never_pairs_a_mask_with_enable_gqa(monkeypatch: pytest.MonkeyPatch) -> None:
