@@ -14,8 +14,8 @@ iterator state). DCP calls `state_dict()` on every rank at save and `load_state_
 resume, so the entry is restored before the first step. Its values may be tensors, DTensors or plain Python values
 (ints, strings, lists: pickled). DCP keeps ONE copy of a key that every rank writes (rank 0's): state that differs
 per rank must put the rank in its keys, e.g. `{f"rank_{rank}": ...}`, as torchtitan's dataloader does with
-`dp_rank_{i}`. A checkpoint saved before an entry existed does not have its keys: DCP then fails the load, so a new
-entry that must resume old checkpoints reads missing keys as its defaults (give it a `load_state_dict` that does).
+`dp_rank_{i}`. A checkpoint written before an entry existed has none of its keys: resuming it stops with a
+ConfigError naming the missing entry (exit 2, before any state is touched) rather than DCP's missing-key traceback.
 
 Layout under `<output>/checkpoints/step_00000120/`:
     .metadata, __<rank>_0.distcp   DCP shards of every Stateful entry, each rank writing its own
@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from training.config import ConfigError
 from training.metrics import Reporter
 from training.parallelize import Dist
 from training.storage import Storage, is_s3, open_storage
@@ -197,9 +198,22 @@ class CheckpointManager:
             shutil.rmtree(local, ignore_errors=True)
             self.remote.download_dir(name, local)
         self.d.barrier()
+        _check_entries(states, local, f"{self.remote.uri}/{name}")
         dcp.load(dict(states), checkpoint_id=str(local))
         state = json.loads((local / STATE_FILE).read_text(encoding="utf-8"))
         return Resumed(step=int(state["step"]), config=state["config"])
+
+
+def _check_entries(states: Mapping[str, Stateful], path: Path, uri: str) -> None:
+    """Every entry of `states` has keys in the checkpoint at `path`, or a ConfigError naming those that do not."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    tops = {key.split(".", 1)[0] for key in saved}
+    missing = sorted(name for name in states if name not in tops)
+    if missing:
+        raise ConfigError(
+            f"checkpoint {uri} holds no {', '.join(missing)} state (it was written before that state was checkpointed):"
+            " resume it with the code that wrote it, or start a new run with a new --output"
+        )
 
 
 class Checkpointer:

@@ -1,15 +1,20 @@
-"""The loop's parts without a model: when `Checkpointer` saves and what it reports, and a `Reporter` that is off."""
+"""The loop's parts without a model: when `Checkpointer` saves and what it reports, a `Reporter` that is off, and
+the checkpoint's dict of Stateful entries through the real CheckpointManager."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-from training.checkpoint import Checkpointer, Resumed
+from training.checkpoint import Checkpointer, CheckpointManager, Resumed
+from training.config import ConfigError
 from training.metrics import Reporter, TrainingMetrics
+from training.parallelize import Dist
 
 
 @dataclass
@@ -107,3 +112,36 @@ def test_a_reporter_that_is_off_reports_nothing(capsys: pytest.CaptureFixture[st
         report.step_logged({"step": 1, "loss": 1.0, "lr": 1.0, "tokens_per_s": 1.0}, tokens=1)
         report.checkpoint_saved(1)
     assert capsys.readouterr().out == ""
+
+
+class Teacher:
+    """A new piece of state, as a distillation run would add it: one entry, plain Python values and a tensor."""
+
+    def __init__(self, name: str, temperature: float) -> None:
+        self.name, self.temperature = name, torch.tensor([temperature])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "temperature": self.temperature}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.name = state["name"]
+        self.temperature.copy_(state["temperature"])
+
+
+def test_new_state_is_one_entry_and_an_old_checkpoint_without_it_is_a_config_error(tmp_path: Path) -> None:
+    """The real CheckpointManager (DCP on a local directory): an added entry is saved and restored by name; resuming
+    a checkpoint written before the entry existed stops with a ConfigError naming it, not DCP's traceback."""
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    manager = CheckpointManager(str(tmp_path / "run"), tmp_path / "scratch", d, keep_last=2)
+    loader = FakeLoader()
+    loader.position = 7
+    manager.save(3, {"loader": loader, "teacher": Teacher("llama-70b", 2.0)}, {"name": "run"})
+    fresh_loader, fresh_teacher = FakeLoader(), Teacher("", 1.0)
+    resumed = manager.load(3, {"loader": fresh_loader, "teacher": fresh_teacher})
+    assert resumed.step == 3 and resumed.config == {"name": "run"}
+    assert fresh_loader.position == 7 and fresh_teacher.name == "llama-70b"
+    assert float(fresh_teacher.temperature) == 2.0
+
+    manager.save(4, {"loader": loader}, {"name": "run"})
+    with pytest.raises(ConfigError, match=r"step_00000004 holds no teacher state"):
+        manager.load(4, {"loader": FakeLoader(), "teacher": Teacher("", 1.0)})
