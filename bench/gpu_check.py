@@ -127,9 +127,14 @@ def part_env(_: argparse.Namespace) -> None:
             "torchao": version("torchao"),
             "c_compiler": shutil.which("cc") or shutil.which("gcc"),
             "python_headers": (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file(),
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+            "nccl": _nccl_version() if cuda else None,
         }
     )
+
+
+def _nccl_version() -> str:
+    version = torch.cuda.nccl.version()  # a tuple in recent releases, an int (e.g. 2708) in older ones
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def part_train(args: argparse.Namespace) -> None:

@@ -8,11 +8,11 @@
 # {"part": ..., "error": ...} line for a part that failed or did not fit the budget; a failed part's traceback is
 # on stderr, not hidden. Each part runs in its own process (a freed model's memory would otherwise leak into the
 # next variant's peak) under its own time limit, cut to what is left of the 8-minute budget. Exit status: 0 when
-# every part succeeded, 1 when any failed (the others still ran). PYTHON selects the interpreter (default python).
+# every part succeeded, 1 when any failed (the others still ran). PYTHON selects the interpreter (default: python, else python3).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 SMOKE="${GPU_CHECK_CPU_SMOKE:-0}"
 BUDGET=470 # seconds: 8 minutes less the margin for the last part to be killed and reported
 if [ "$SMOKE" = "1" ]; then
