@@ -42,8 +42,9 @@ SDK_PREFIX = "sagemaker_"
 # (FI_EFA_USE_DEVICE_RDMA=1): SM_EFA_NCCL_INSTANCES and SM_EFA_RDMA_INSTANCES of sagemaker-training-toolkit v5.1.0
 # (src/sagemaker_training/__init__.py, used by torch_distributed.py `_setup`), plus the p5 family (p5e, p5en are
 # not in that release's lists at all). The toolkit's RDMA list leaves p5 out; we add it because p5's EFA devices do
-# RDMA (EC2 user guide, EFA supported instance types). Unverified on hardware here: NCCL_DEBUG=INFO on the first
-# multi-node run shows which transport NCCL took.
+# RDMA (EC2 user guide, EFA supported instance types). Not copied: the toolkit also forces NCCL_PROTO=simple on EFA
+# instances; here NCCL picks its protocol. Unverified on hardware either way: NCCL_DEBUG=INFO on the first
+# multi-node run shows which transport and protocol NCCL took.
 EFA_INSTANCES = frozenset(
     {
         "ml.g4dn.8xlarge",
