@@ -29,10 +29,15 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # DL3008: the CUDA base image pins the distribution; apt versions float within it.
 # DL3003: the EFA installer must run from its own directory.
+# gcc, libc6-dev and the Python headers: `model.compile=true` is supported, and Triton (torch.compile's GPU backend)
+# builds its CUDA launcher stub with the system C compiler against Python.h at the first compiled step; the CUDA
+# runtime base has neither, so that step would fail (pytorch/pytorch#116696). Whether compile pays on a GPU is not
+# measured yet: bench/gpu_check.sh times eager against compiled; if compiled does not win there, drop the option and
+# these packages together.
 # hadolint ignore=DL3008,DL3003
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
-        ${PYTHON} ${PYTHON}-venv ca-certificates curl \
+        ${PYTHON} ${PYTHON}-venv ${PYTHON}-dev gcc libc6-dev ca-certificates curl \
     && if [ "${INSTALL_EFA}" = "true" ]; then \
         curl -fsSL "https://efa-installer.amazonaws.com/aws-efa-installer-${EFA_INSTALLER_VERSION}.tar.gz" \
             | tar -xz -C /tmp \

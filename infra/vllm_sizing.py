@@ -24,10 +24,23 @@ GPU_MEMORY_UTILIZATION = 0.90
 """vLLM's own default, set explicitly: the 10% it leaves is for allocations outside vLLM's accounting (NCCL
 buffers, the CUDA context of other processes, fragmentation)."""
 RUNTIME_OVERHEAD_GIB = 2.0
-"""Per GPU, inside vLLM's budget but not weights or KV cache: the profiled activation peak of a
-`max_num_batched_tokens` prefill, CUDA graphs and the sampler's buffers. A deliberate over-estimate (measured peaks
-for 1-8B models are ~1-1.5 GiB): vLLM measures the real figure at start-up and hands the rest to the KV cache, so
-over-estimating costs context length only, while under-estimating would let a pair pass preview and fail to start."""
+"""Per GPU, inside vLLM's budget but not weights or KV cache, at vLLM's default of 256 sequences: the profiled
+activation peak of a `max_num_batched_tokens` prefill, CUDA graphs and the sampler's buffers. A deliberate
+over-estimate (measured peaks for 1-8B models are ~1-1.5 GiB): vLLM measures the real figure at start-up and hands
+the rest to the KV cache, so over-estimating costs context length only, while under-estimating would let a pair pass
+preview and fail to start. Where vLLM runs more sequences (large GPUs), `runtime_overhead_gib` adds the sampler's
+buffers for the extra ones."""
+SAMPLER_BYTES_PER_LOGIT = 26
+"""The sampler's memory per (sequence, vocabulary entry) in one step: the logits in the model's dtype (2), their fp32
+copy (4), the probabilities (4), the top-p/top-k sort's values and int64 indices (12) and the cumulative sum (4). An
+upper bound: not all are alive at once. 1,024 - 256 extra sequences x 128,256 (Llama 3) x 26 bytes = 2.4 GiB more
+on an H100: what the flat 2 GiB misses there."""
+VLLM_LARGE_GPU_GIB = 70
+VLLM_MAX_NUM_SEQS = (256, 1024)
+"""vLLM's default `--max-num-seqs` for its OpenAI server: 1024 on a GPU of at least 70 GiB whose name is not an
+A100, else 256 (vllm/engine/arg_utils.py `EngineArgs.get_batch_defaults`, vllm-project/vllm main as stored: check
+it again when the serving-vllm image's v0.33.0 pin moves). The platform leaves the flag at vLLM's default, so the
+sizing assumes the value vLLM will pick."""
 MIN_FULL_CONTEXTS = 2
 """The KV cache must hold this many sequences of `--max-model-len` tokens. vLLM itself needs one; two leave room for
 the estimate above being low and keep a single long request from serializing all others."""
@@ -51,6 +64,8 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     max_position_embeddings: int
+    vocab: int
+    """vocab_size: the width of the logits the sampler holds per sequence."""
     dtype_bytes: int = 2
     """bf16/fp16 checkpoints; the training export ships bf16."""
 
@@ -67,15 +82,15 @@ class ModelShape:
 
 MODEL_SHAPES: dict[str, ModelShape] = {
     # config.json of each model on the Hugging Face Hub (meta-llama/*, HuggingFaceTB/SmolLM2-*).
-    "llama-3.1-8b": ModelShape(8.03e9, 32, 32, 8, 128, 131072),
-    "llama-3.1-70b": ModelShape(70.6e9, 80, 64, 8, 128, 131072),
-    "llama-3.2-1b": ModelShape(1.24e9, 16, 32, 8, 64, 131072),
-    "llama-3.2-3b": ModelShape(3.21e9, 28, 24, 8, 128, 131072),
-    "smollm2-135m": ModelShape(1.35e8, 30, 9, 3, 64, 8192),
-    "smollm2-360m": ModelShape(3.62e8, 32, 15, 5, 64, 8192),
-    "smollm2-1.7b": ModelShape(1.71e9, 24, 32, 32, 64, 8192),
-    # training/debug_model.py: ~1M parameters, 512 positions (fp32 export).
-    "debug-llama": ModelShape(1.3e6, 4, 4, 2, 32, 512, dtype_bytes=4),
+    "llama-3.1-8b": ModelShape(8.03e9, 32, 32, 8, 128, 131072, 128256),
+    "llama-3.1-70b": ModelShape(70.6e9, 80, 64, 8, 128, 131072, 128256),
+    "llama-3.2-1b": ModelShape(1.24e9, 16, 32, 8, 64, 131072, 128256),
+    "llama-3.2-3b": ModelShape(3.21e9, 28, 24, 8, 128, 131072, 128256),
+    "smollm2-135m": ModelShape(1.35e8, 30, 9, 3, 64, 8192, 49152),
+    "smollm2-360m": ModelShape(3.62e8, 32, 15, 5, 64, 8192, 49152),
+    "smollm2-1.7b": ModelShape(1.71e9, 24, 32, 32, 64, 8192, 49152),
+    # training/debug_model.py: ~1M parameters, 512 positions, at most 1024 tokens (fp32 export).
+    "debug-llama": ModelShape(1.3e6, 4, 4, 2, 32, 512, 1024, dtype_bytes=4),
 }
 
 
@@ -107,6 +122,21 @@ class VllmSizing:
         ]
 
 
+def default_max_num_seqs(instance_type: str) -> int:
+    """The `--max-num-seqs` vLLM picks by itself on this instance's GPU (VLLM_MAX_NUM_SEQS)."""
+    t = instance_gpu(instance_type)
+    large = t is not None and gpu_memory_gib(instance_type) >= VLLM_LARGE_GPU_GIB and t.gpu != "A100"
+    return VLLM_MAX_NUM_SEQS[1] if large else VLLM_MAX_NUM_SEQS[0]
+
+
+def runtime_overhead_gib(shape: ModelShape, instance_type: str) -> float:
+    """Per GPU: RUNTIME_OVERHEAD_GIB (calibrated at 256 sequences) plus the sampler's vocab-wide buffers for every
+    sequence vLLM runs beyond 256 on this instance (SAMPLER_BYTES_PER_LOGIT). Not divided by tensor parallelism:
+    the logits are gathered whole before sampling."""
+    extra = default_max_num_seqs(instance_type) - VLLM_MAX_NUM_SEQS[0]
+    return RUNTIME_OVERHEAD_GIB + extra * shape.vocab * SAMPLER_BYTES_PER_LOGIT / GIB
+
+
 def size_vllm(shape: ModelShape, instance_type: str, gpus: int, where: str = "") -> VllmSizing:
     """Size vLLM for `shape` on `gpus` GPUs of `instance_type` (tensor parallel over all of them)."""
     where = where or f"{gpus} GPU(s) of {instance_type}"
@@ -119,10 +149,12 @@ def size_vllm(shape: ModelShape, instance_type: str, gpus: int, where: str = "")
     per_gpu = gpu_memory_gib(instance_type)
     budget = per_gpu * GPU_MEMORY_UTILIZATION
     weights = shape.weight_bytes / gpus / GIB
-    kv_gib = budget - weights - RUNTIME_OVERHEAD_GIB
+    overhead = runtime_overhead_gib(shape, instance_type)
+    kv_gib = budget - weights - overhead
     arithmetic = (
         f"{GPU_MEMORY_UTILIZATION:.2f} x {per_gpu:.1f} GiB per GPU = {budget:.1f} GiB, minus {weights:.1f} GiB of "
-        f"weights and {RUNTIME_OVERHEAD_GIB:.1f} GiB runtime overhead"
+        f"weights and {overhead:.1f} GiB runtime overhead ({default_max_num_seqs(instance_type)} sequences x "
+        f"{shape.vocab} vocabulary in the sampler)"
     )
     if kv_gib <= 0:
         raise SizingError(

@@ -186,6 +186,13 @@ class _LlamaStep:
     the GIL the HTTP event loop needs. Any other architecture uses the model's `forward`.
     """
 
+    # RoPE variants that only change the frequencies, once, at load (transformers modeling_rope_utils.py @ v5.23.0:
+    # `_compute_linear_scaling_rope_parameters` divides inv_freq by the factor, `_compute_llama3_parameters` smooths
+    # it by wavelength; both return attention_factor 1.0). The model's `rotary_emb.inv_freq` buffer already holds the
+    # result, which this step uses as is. Not here: "dynamic" (recomputes inv_freq from the sequence length at every
+    # forward), yarn and longrope (scale cos/sin too, attention_scaling != 1).
+    STATIC_ROPE = frozenset({"default", "linear", "llama3"})
+
     @staticmethod
     def supports(model: PreTrainedModel) -> bool:
         cfg = model.config
@@ -193,7 +200,7 @@ class _LlamaStep:
         return (
             type(model).__name__ == "LlamaForCausalLM"
             and getattr(cfg, "hidden_act", "") == "silu"
-            and rope.get("rope_type", "default") == "default"
+            and rope.get("rope_type", "default") in _LlamaStep.STATIC_ROPE
             and not getattr(cfg, "attention_bias", False)
             and not getattr(cfg, "mlp_bias", False)
             and getattr(cfg, "pretraining_tp", 1) == 1
@@ -281,12 +288,27 @@ class _LlamaStep:
                 a = F.scaled_dot_product_attention(
                     q.reshape(rows, self.kv_heads, -1, hd), k, v, attn_mask=mask, scale=self.scaling
                 ).reshape(rows, self.heads, 1, hd)
+            elif gqa:
+                # A masked prefill repeats the key/value heads, as transformers' sdpa_attention_forward does when a
+                # mask is present (integrations/sdpa_attention.py @ v5.23.0, `use_gqa_in_sdpa`): with a mask,
+                # enable_gqa sends CUDA to the math backend, whose memory grows with length^2.
+                a = F.scaled_dot_product_attention(
+                    q, _repeat_kv(k, self.heads // self.kv_heads), _repeat_kv(v, self.heads // self.kv_heads),
+                    attn_mask=mask, scale=self.scaling,
+                )  # fmt: skip
             else:
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
             x = x + wo(a.transpose(1, 2).reshape(rows, length, -1))
             h = _rms_norm(x, *norm2)
             x = x + wd(F.silu(wg(h)) * wu(h))
         return self.lm_head(_rms_norm(x[:, -1, :], *self.norm)).float()
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[rows, kv_heads, time, dim] -> [rows, kv_heads * n_rep, time, dim], each kv head repeated for its query heads
+    (transformers' `repeat_kv`)."""
+    rows, kv_heads, time, dim = x.shape
+    return x[:, :, None].expand(rows, kv_heads, n_rep, time, dim).reshape(rows, kv_heads * n_rep, time, dim)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

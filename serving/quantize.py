@@ -21,10 +21,11 @@ Built-in engine, `int8`:
   batching does not change a request's tokens. torchao, the maintained path, has the same recipe, but in eager mode
   (its tensor subclasses dispatching per op) it was slower than fp32 here; torchao's own speedups are measured
   under `torch.compile`, not tried for a server whose batch shape changes every step.
-- CUDA: torchao `Int8WeightOnlyConfig` (int8 weights, bf16/fp16 activations): single-request decode on a GPU is
-  bound by reading weights, so halving the bytes read is what pays; activations stay in floating point, so quality
-  is that of weight-only int8 (https://github.com/pytorch/ao, torchao/quantization/README.md). `torch._int_mm` on
-  CUDA needs more than 16 rows, i.e. not decode. Needs torchao in the GPU image.
+- CUDA: the server refuses int8 (serving/config.py): torchao's `Int8WeightOnlyConfig` in eager mode dequantizes each
+  weight to bf16 on every call (~5 bytes read per parameter against bf16's 2), so it saves memory, not time, on a
+  decode bound by reading weights; vLLM's quantized checkpoints are the GPU path. `quantize_model(..., "cuda")` stays
+  for bench/gpu_check.sh, which measures it against bf16 where torchao is installed. `torch._int_mm` on CUDA needs
+  more than 16 rows, i.e. not decode.
 
 vLLM engine: `--quantization` is passed to `vllm serve --quantization X` (awq, gptq, fp8, ...): AWQ/GPTQ need a
 checkpoint quantized that way; `fp8` quantizes a bf16/fp16 checkpoint on load (Ada/Hopper GPUs)

@@ -1,8 +1,25 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP), an atomic completion marker, resume and rotation.
+"""Sharded checkpoints: what a checkpoint holds (a dict of `Stateful` objects), how it is written (torch.distributed
+.checkpoint, an atomic completion marker, resume and rotation), and when the run saves (`Checkpointer`).
+
+What is checkpointed: `train.checkpointed_state(run)` returns `dict[str, Stateful]`, one entry per piece of state
+(as torchtitan's CheckpointManager holds `states`: torchtitan/components/checkpointer/dcp.py @ b5bcd76):
+
+    "model"   ModelState(model)                 the (sharded) weights, via get/set_model_state_dict
+    "optim"   OptimizerState(model, optimizer)  AdamW's moments, via get/set_optimizer_state_dict
+    "loader"  PackedLoader                      the data order's position (epoch, position)
+
+Adding state is one entry there: any object with `state_dict()` and `load_state_dict(sd)` (the
+`torch.distributed.checkpoint.stateful.Stateful` protocol; a distillation teacher's config, a data loader's
+iterator state). DCP calls `state_dict()` on every rank at save and `load_state_dict()` with the loaded values at
+resume, so the entry is restored before the first step. Its values may be tensors, DTensors or plain Python values
+(ints, strings, lists: pickled). DCP keeps ONE copy of a key that every rank writes (rank 0's): state that differs
+per rank must put the rank in its keys, e.g. `{f"rank_{rank}": ...}`, as torchtitan's dataloader does with
+`dp_rank_{i}`. A checkpoint written before an entry existed has none of its keys: resuming it stops with a
+ConfigError naming the missing entry (exit 2, before any state is touched) rather than DCP's missing-key traceback.
 
 Layout under `<output>/checkpoints/step_00000120/`:
-    .metadata, __<rank>_0.distcp   DCP shards: model + optimizer, each rank writing its own
-    train_state.json               step, data-loader position, the full config
+    .metadata, __<rank>_0.distcp   DCP shards of every Stateful entry, each rank writing its own
+    train_state.json               step, world size and the full config (readable without torch)
     COMPLETE                       written last, by rank 0, after every shard and the state are in place
 
 A checkpoint without COMPLETE (a crash or a kill mid-save, an upload cut short) is never resumed from. With an S3
@@ -17,14 +34,23 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
 
+from training.config import ConfigError
+from training.metrics import Reporter
 from training.parallelize import Dist
 from training.storage import Storage, is_s3, open_storage
 
@@ -43,9 +69,39 @@ def step_dir(step: int) -> str:
 
 @dataclass
 class Resumed:
+    """What `CheckpointManager.load` read besides the Stateful entries (which it loaded in place)."""
+
     step: int
-    loader_state: dict[str, int]
     config: dict[str, Any]
+
+
+class ModelState:
+    """The model's weights as a checkpoint entry: full or FSDP2-sharded, with the HF module's own key names (so a
+    2-rank checkpoint loads into 1 rank, and export reads the same keys)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict)
+
+
+class OptimizerState:
+    """The optimizer's state as a checkpoint entry, keyed by parameter name (not by position), as
+    torch.distributed.checkpoint.state_dict defines it."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
 
 
 class CheckpointManager:
@@ -84,14 +140,7 @@ class CheckpointManager:
 
     # -- save -----------------------------------------------------------------------------------------------
 
-    def save(
-        self,
-        step: int,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loader_state: dict[str, int],
-        config: dict[str, Any],
-    ) -> float:
+    def save(self, step: int, states: Mapping[str, Stateful], config: dict[str, Any]) -> float:
         """Collective; returns the seconds it took (local write, upload, marker): what a SIGTERM save costs."""
         started = time.monotonic()
         name = step_dir(step)
@@ -103,10 +152,10 @@ class CheckpointManager:
         if self.d.is_main and self.staged:
             self.remote.delete_dir(name)
         self.d.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(local))
+        # DCP calls each entry's state_dict(): every rank writes its shards of each.
+        dcp.save(dict(states), checkpoint_id=str(local))
         if self.d.is_main:
-            state = {"step": step, "loader": loader_state, "config": config, "world_size": self.d.world_size}
+            state = {"step": step, "config": config, "world_size": self.d.world_size}
             (local / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
         self.d.barrier()
         if self.staged and self.d.local_rank == 0 and local.exists():
@@ -140,7 +189,8 @@ class CheckpointManager:
 
     # -- load -----------------------------------------------------------------------------------------------
 
-    def load(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Resumed:
+    def load(self, step: int, states: Mapping[str, Stateful]) -> Resumed:
+        """Load checkpoint `step` into `states` (in place: DCP calls each entry's load_state_dict)."""
         name = step_dir(step)
         local = self.local_root / name
         if self.staged and self.d.local_rank == 0 and not (local / MARKER).exists():
@@ -148,9 +198,87 @@ class CheckpointManager:
             shutil.rmtree(local, ignore_errors=True)
             self.remote.download_dir(name, local)
         self.d.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        sd = {"model": model_sd, "optim": optim_sd}
-        dcp.load(sd, checkpoint_id=str(local))
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        _check_entries(states, local, f"{self.remote.uri}/{name}")
+        dcp.load(dict(states), checkpoint_id=str(local))
         state = json.loads((local / STATE_FILE).read_text(encoding="utf-8"))
-        return Resumed(step=int(state["step"]), loader_state=state["loader"], config=state["config"])
+        return Resumed(step=int(state["step"]), config=state["config"])
+
+
+def _check_entries(states: Mapping[str, Stateful], path: Path, uri: str) -> None:
+    """Every entry of `states` has keys in the checkpoint at `path`, or a ConfigError naming those that do not."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    tops = {key.split(".", 1)[0] for key in saved}
+    missing = sorted(name for name in states if name not in tops)
+    if missing:
+        raise ConfigError(
+            f"checkpoint {uri} holds no {', '.join(missing)} state (it was written before that state was checkpointed):"
+            " resume it with the code that wrote it, or start a new run with a new --output"
+        )
+
+
+class Checkpointer:
+    """When the run saves, and what a save is: the checkpoint of `states` (every rank), the metric, the event
+    (rank 0).
+
+    Due every `save_every` steps before the last (0: never), at the end unless that step was just saved, and on a
+    stop unless nothing was trained since the last save (or the resume). The final save happens after the loop, so
+    an interval save never duplicates it.
+    """
+
+    def __init__(
+        self,
+        manager: CheckpointManager,
+        states: Mapping[str, Stateful],
+        config: dict[str, Any],
+        report: Reporter,
+        save_every: int,
+        max_steps: int,
+    ) -> None:
+        """`states`: what each checkpoint holds (module docstring); `config`: the run's full config, stored in each
+        checkpoint's train_state.json."""
+        self.manager = manager
+        self.states = dict(states)
+        self.config = config
+        self.report = report
+        self.save_every = save_every
+        self.max_steps = max_steps
+        self.saved_step = 0
+        """The step whose state is in the newest complete checkpoint (or 0: the initial state, never saved)."""
+
+    def resume(self, latest: int | None) -> int:
+        """Load checkpoint `latest` (None: start from step 0) into every entry of `states`; the step."""
+        if latest is None:
+            return 0
+        resumed = self.manager.load(latest, self.states)
+        self.saved_step = resumed.step
+        self.report.event("resumed", resumed.step, checkpoint=f"{self.manager.remote.uri}/{step_dir(resumed.step)}")
+        return resumed.step
+
+    def due(self, step: int) -> bool:
+        """An interval save after `step` (the final one is `save_final`'s)."""
+        return bool(self.save_every) and step % self.save_every == 0 and step < self.max_steps
+
+    def save_if_due(self, step: int) -> float:
+        """Save after `step` if due; the seconds spent saving (0.0 when not due)."""
+        if not self.due(step):
+            return 0.0
+        save_s = self._save(step)
+        self.report.event("checkpoint", step, save_s=save_s)
+        return save_s
+
+    def save_final(self, step: int) -> None:
+        """The end of training: save the last step unless it is saved already."""
+        if step != self.saved_step:
+            save_s = self._save(step)
+            self.report.event("checkpoint", step, save_s=save_s)
+
+    def save_on_stop(self, step: int) -> None:
+        """Stopped (SIGTERM) before training `step` + 1: save unless it is saved already, and report `preempted`."""
+        save_s = self._save(step) if step != self.saved_step else 0.0
+        self.report.event("preempted", step, checkpoint_step=step, save_s=save_s)
+
+    def _save(self, step: int) -> float:
+        save_s = self.manager.save(step, self.states, self.config)
+        self.saved_step = step
+        self.report.checkpoint_saved(step)
+        return save_s

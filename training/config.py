@@ -38,8 +38,10 @@ class ModelConfig:
     bf16: bool = True
     """bf16 autocast (and FSDP2 bf16 params) on GPU. Ignored on CPU, where bf16 matmuls are slow."""
     compile: bool = False
-    """torch.compile each decoder layer (torchtitan's per-block compile, under FSDP2's hooks): fused kernels for the
-    norms, rotary embeddings and activations. The first steps pay the compile time (minutes for a real model)."""
+    """torch.compile each decoder layer (torchtitan's per-block compile, after activation checkpointing and before
+    FSDP2 wraps the layer: training.parallelize.parallelize): fused kernels for the norms, rotary embeddings and
+    activations. The first steps pay the compile time (minutes for a real model); needs a C compiler and Python
+    headers at run time (Triton builds its launcher; the training image has both)."""
 
 
 @dataclass

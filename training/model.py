@@ -53,9 +53,6 @@ def load_model_and_tokenizer(cfg: ModelConfig, cache_dir: Path, download: bool =
         raise ModelError(f"tokenizer of {cfg.path} has no EOS token: packing needs one to separate documents")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.activation_checkpointing:
-        # Non-reentrant checkpointing composes with FSDP2 and DDP (reentrant does not with FSDP2).
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     return model, tokenizer
 
@@ -86,9 +83,36 @@ def num_embedding_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in embedding.parameters())
 
 
-def flops_per_token(model_config: Any, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the dense matmuls plus attention's 12 * layers * hidden * seq_len. N excludes
-    the input embedding (a lookup; see num_embedding_params), as torchtitan's MFU does."""
+def flops_per_token(model_config: Any, n_params: int, seq_len: int, recompute: bool = False) -> float:
+    """Training FLOPs per token, as torchtitan counts them for MFU (torchtitan/models/utils.py
+    `get_dense_model_nparams_and_flops` @ b5bcd76): 6N for the dense matmuls plus attention's
+    6 * layers * heads * (qk + v head dims) * seq_len = 12 * layers * heads * head_dim * seq_len. Attention counts
+    the query heads times head_dim, which is not hidden_size when head_dim is set apart (Qwen3, Gemma) and never
+    the key/value heads (GQA shares K and V, the score and value matmuls still run per query head). N excludes the
+    input embedding (a lookup; see num_embedding_params).
+
+    `recompute=True` adds what full activation checkpointing really computes on top: each decoder layer's forward
+    once more in backward (2 x layer params + the attention forward, 4 * layers * heads * head_dim * seq_len). MFU
+    by convention leaves recompute out (it is not useful work); the hardware FLOPs utilisation (HFU) counts it."""
     layers = getattr(model_config, "num_hidden_layers", 0)
+    heads = getattr(model_config, "num_attention_heads", 0)
+    head_dim = getattr(model_config, "head_dim", None) or getattr(model_config, "hidden_size", 0) // max(heads, 1)
+    # forward: QK^T and AV, each seq_len * head_dim multiply-adds per query head (2 FLOPs each); backward twice that
+    attention_fwd = 4.0 * layers * heads * head_dim * seq_len
+    flops = 6.0 * n_params + 3.0 * attention_fwd
+    if recompute:
+        flops += 2.0 * layer_params(model_config) + attention_fwd
+    return flops
+
+
+def layer_params(model_config: Any) -> int:
+    """Matmul parameters of all decoder layers (attention + MLP projections) of a Llama-style config: what activation
+    checkpointing's recompute runs through again (the LM head and embedding are outside the checkpointed layers)."""
     hidden = getattr(model_config, "hidden_size", 0)
-    return 6.0 * n_params + 12.0 * layers * hidden * seq_len
+    heads = getattr(model_config, "num_attention_heads", 0)
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or hidden // max(heads, 1)
+    inter = getattr(model_config, "intermediate_size", 0)
+    attn = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * inter
+    return getattr(model_config, "num_hidden_layers", 0) * (attn + mlp)

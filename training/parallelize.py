@@ -1,4 +1,13 @@
-"""Process group and data parallelism: DDP or FSDP2 (`fully_shard`), NCCL on GPU, gloo on CPU.
+"""Process group and `parallelize()`: the model transforms that must happen in one order, in one function.
+
+`parallelize` applies, as torchtitan's `parallelize_llama` does (torchtitan/models/llama3/parallelize.py @ b5bcd76:
+"apply activation checkpointing, torch.compile, and data parallelism"; "turn on per-TransformerBlock compile after AC
+wrapping and before FSDP"):
+    1. activation checkpointing per decoder layer (model.activation_checkpointing)
+    2. torch.compile per decoder layer (model.compile)
+    3. data parallelism: FSDP2 (`fully_shard` per layer, then the root) or DDP; NCCL on GPU, gloo on CPU.
+Why this order: compile must see the layer as it will run (with its checkpoint wrapper), and FSDP2's all-gather /
+reduce-scatter hooks must stay outside the compiled graphs (FSDP wraps the already-compiled layers).
 
 Everything reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...). Run as a plain
 `python -m training` it is a world of one, without a process group, so the same code path serves both.
@@ -8,12 +17,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from training.config import ParallelConfig
+from training.config import ModelConfig, ParallelConfig
 from training.model import decoder_layers
 
 
@@ -70,9 +80,39 @@ def init_distributed() -> Dist:
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def parallelize(model: torch.nn.Module, cfg: ParallelConfig, d: Dist, bf16: bool) -> torch.nn.Module:
-    """Move the model to its device and wrap it for data parallelism. Returns the module to call in training."""
+def parallelize(
+    model: torch.nn.Module,
+    parallel: ParallelConfig,
+    model_cfg: ModelConfig,
+    d: Dist,
+    compile_backend: str = "inductor",
+) -> torch.nn.Module:
+    """Move the model to its device, then activation checkpointing -> compile -> data parallelism (the module
+    docstring says why in this order). Returns the module to call in training.
+
+    A fused loss head (training/loss.py `install_chunked_loss`) must be installed before: it has to run inside the
+    root FSDP unit's forward."""
     model.to(d.device)
+    if model_cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if model_cfg.compile:
+        compile_layers(model, backend=compile_backend)
+    return _data_parallel(model, parallel, d, bf16=model_cfg.bf16)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (HF's own per-layer wrapper).
+
+    `gradient_checkpointing_enable` is the one name every transformers release has: `activation_checkpointing_enable`
+    exists only from 5.23, where `gradient_checkpointing_enable` became its deprecated alias (transformers
+    modeling_utils.py @ v5.23.0), so a GPU image on an older pin (a vendor image with 5.17) would stop with
+    AttributeError on the new name. Non-reentrant: reentrant checkpointing does not compose with FSDP2."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecation note of 5.23+, not ours to act on yet
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _data_parallel(model: torch.nn.Module, cfg: ParallelConfig, d: Dist, bf16: bool) -> torch.nn.Module:
     if cfg.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -100,7 +140,9 @@ def parallelize(model: torch.nn.Module, cfg: ParallelConfig, d: Dist, bf16: bool
 def compile_layers(model: torch.nn.Module, backend: str = "inductor") -> None:
     """torch.compile each decoder layer in place. Per layer, not the whole model: every layer has the same code, so
     one compiled graph serves all of them, FSDP2's all-gather/reduce-scatter hooks stay outside the graphs, and the
-    HF model's Python around the layers (masks, cache plumbing) is never traced."""
+    HF model's Python around the layers (masks, cache plumbing) is never traced. HF's checkpoint wrapper
+    (GradientCheckpointingLayer.__call__) sits outside the compiled `_call_impl`, so the recompute replays the
+    compiled layer. Called by `parallelize` before FSDP wraps the layers."""
     for layer in decoder_layers(unwrap(model)):
         layer.compile(backend=backend)
 

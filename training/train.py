@@ -2,9 +2,11 @@
 
 `_train` reads as its steps: prepare (data, model, optimizer), find the checkpoint to resume from, then loop (one
 optimizer step, a record every `log_every` steps, a checkpoint when due, a stop on SIGTERM), save the last step and
-export. Its parts: `Checkpointer` owns when to save and what a save is (the checkpoint, its event, its metric);
-`training.metrics.Reporter` owns the JSON lines and the Prometheus series (and does nothing where they are off);
-`_StepLog` times and builds the logged steps' records.
+export. Its parts: `training.parallelize.parallelize` applies activation checkpointing -> compile -> FSDP/DDP in
+that order; `checkpointed_state` lists what a checkpoint holds (a dict of Stateful objects: adding state is one entry
+there); `training.checkpoint.Checkpointer` owns when to save and what a save is (the checkpoint, its event, its
+metric); `training.metrics.Reporter` owns the JSON lines and the Prometheus series (and does nothing where they are
+off); `_StepLog` times and builds the logged steps' records.
 
 Order matters for the "bad input never overwrites a checkpoint" guarantee: every check that can fail on user input
 (config, data, model) runs before the first checkpoint operation.
@@ -26,15 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.stateful import Stateful
 
-from training.checkpoint import CheckpointManager, step_dir
+from training.checkpoint import Checkpointer, CheckpointManager, ModelState, OptimizerState
 from training.config import ConfigError, OptimConfig, TrainConfig, effective_warmup
 from training.data import PackedLoader, build_sequences, read_dataset
 from training.export import export_model
 from training.loss import ChunkedLossHead, install_chunked_loss, model_loss
 from training.metrics import Reporter
 from training.model import download_model, flops_per_token, load_model_and_tokenizer, num_embedding_params, num_params
-from training.parallelize import Dist, compile_layers, init_distributed, parallelize, shutdown
+from training.parallelize import Dist, init_distributed, parallelize, shutdown
 from training.storage import fetch
 
 EXIT_PREEMPTED = 143
@@ -42,8 +45,13 @@ EXIT_PREEMPTED = 143
 the Job's restart policy brings the pod back and it resumes from the checkpoint just written."""
 
 # Dense bf16 peak FLOP/s per GPU (no sparsity), from the vendors' data sheets; unknown devices report no MFU.
+# First match wins: the H100 PCIe and NVL boards run lower clocks than the SXM part (756 and 835 TFLOP/s, as
+# torchtitan/tools/utils.py `get_peak_flops` @ b5bcd76 has them; torch.cuda.get_device_name says "H100 PCIe" /
+# "H100 NVL" / "H100 80GB HBM3" for SXM).
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H100": 989e12,
     "A100": 312e12,
     "L40S": 362e12,
@@ -67,8 +75,12 @@ def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak (PEAK_BF16_FLOPS); None off CUDA or for an unknown GPU (no MFU then)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_flops_for(torch.cuda.get_device_name(device))
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    """PEAK_BF16_FLOPS of a CUDA device name (the first key it contains); None when unknown."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 
 def local_scratch(cfg: TrainConfig) -> Path:
@@ -131,79 +143,10 @@ class _Run:
     sequences: int
     params: int
     flops_per_token: float
+    hardware_flops_per_token: float
+    """flops_per_token plus activation checkpointing's recompute (equal without it): the HFU numerator."""
     autocast: bool
     scratch: Path
-
-
-class Checkpointer:
-    """When the run saves, and what a save is: the checkpoint (every rank), the metric, the event (rank 0).
-
-    Due every `save_every` steps before the last (0: never), at the end unless that step was just saved, and on a
-    stop unless nothing was trained since the last save (or the resume). The final save happens after the loop, so
-    an interval save never duplicates it.
-    """
-
-    def __init__(
-        self,
-        manager: CheckpointManager,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loader: PackedLoader,
-        config: dict[str, Any],
-        report: Reporter,
-        save_every: int,
-        max_steps: int,
-    ) -> None:
-        """`config`: the run's full config, stored in each checkpoint's train_state.json."""
-        self.manager = manager
-        self.model = model
-        self.optimizer = optimizer
-        self.loader = loader
-        self.config = config
-        self.report = report
-        self.save_every = save_every
-        self.max_steps = max_steps
-        self.saved_step = 0
-        """The step whose state is in the newest complete checkpoint (or 0: the initial state, never saved)."""
-
-    def resume(self, latest: int | None) -> int:
-        """Load checkpoint `latest` (None: start from step 0) into the model, optimizer and loader; the step."""
-        if latest is None:
-            return 0
-        resumed = self.manager.load(latest, self.model, self.optimizer)
-        self.loader.load_state_dict(resumed.loader_state)
-        self.saved_step = resumed.step
-        self.report.event("resumed", resumed.step, checkpoint=f"{self.manager.remote.uri}/{step_dir(resumed.step)}")
-        return resumed.step
-
-    def due(self, step: int) -> bool:
-        """An interval save after `step` (the final one is `save_final`'s)."""
-        return bool(self.save_every) and step % self.save_every == 0 and step < self.max_steps
-
-    def save_if_due(self, step: int) -> float:
-        """Save after `step` if due; the seconds spent saving (0.0 when not due)."""
-        if not self.due(step):
-            return 0.0
-        save_s = self._save(step)
-        self.report.event("checkpoint", step, save_s=save_s)
-        return save_s
-
-    def save_final(self, step: int) -> None:
-        """The end of training: save the last step unless it is saved already."""
-        if step != self.saved_step:
-            save_s = self._save(step)
-            self.report.event("checkpoint", step, save_s=save_s)
-
-    def save_on_stop(self, step: int) -> None:
-        """Stopped (SIGTERM) before training `step` + 1: save unless it is saved already, and report `preempted`."""
-        save_s = self._save(step) if step != self.saved_step else 0.0
-        self.report.event("preempted", step, checkpoint_step=step, save_s=save_s)
-
-    def _save(self, step: int) -> float:
-        save_s = self.manager.save(step, self.model, self.optimizer, self.loader.state_dict(), self.config)
-        self.saved_step = step
-        self.report.checkpoint_saved(step)
-        return save_s
 
 
 class _StepLog:
@@ -219,6 +162,7 @@ class _StepLog:
         self.accum = cfg.parallel.grad_accum_steps
         self.tokens_per_step = _tokens_per_step(cfg, d)
         self.flops_per_token = run.flops_per_token
+        self.hardware_flops_per_token = run.hardware_flops_per_token
         self.peak = peak_flops(d.device)
         self.logged_step = step
         self.t_logged = time.perf_counter()
@@ -243,6 +187,8 @@ class _StepLog:
         }
         if self.peak is not None:
             record["mfu"] = round(tokens_per_s * self.flops_per_token / (self.peak * self.d.world_size), 4)
+            if self.hardware_flops_per_token != self.flops_per_token:
+                record["hfu"] = round(tokens_per_s * self.hardware_flops_per_token / (self.peak * self.d.world_size), 4)
         self.report.step_logged(record, tokens=self.tokens_per_step * (step - self.logged_step))
         self.logged_step = step
 
@@ -270,14 +216,7 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
     latest = _resumable(manager, cfg)
     with Reporter.start(cfg.metrics_port, d.rank, d.local_rank, cfg.max_steps) as report:
         checkpointer = Checkpointer(
-            manager,
-            run.model,
-            run.optimizer,
-            run.loader,
-            cfg.to_dict(),
-            report,
-            cfg.checkpoint.save_every,
-            cfg.max_steps,
+            manager, checkpointed_state(run), cfg.to_dict(), report, cfg.checkpoint.save_every, cfg.max_steps
         )
         step = checkpointer.resume(latest)
         report.event("start", step, **_start_fields(cfg, d, run))
@@ -299,6 +238,17 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
         export_model(run.model, run.tokenizer, cfg.export_location, d, served_name=cfg.exported_name)
         report.event("exported", step, path=cfg.export_location)
     return 0
+
+
+def checkpointed_state(run: _Run) -> dict[str, Stateful]:
+    """What each checkpoint holds besides the step and the config, one Stateful entry per piece of state, saved and
+    restored by name (training/checkpoint.py's docstring has the rules). New state that must survive a restart is
+    one more entry here, e.g. `"teacher": TeacherState(...)`; the Checkpointer needs no change."""
+    return {
+        "model": ModelState(run.model),
+        "optim": OptimizerState(run.model, run.optimizer),
+        "loader": run.loader,
+    }
 
 
 def _prepare(cfg: TrainConfig, d: Dist, say: Callable[[str], None]) -> _Run:
@@ -330,12 +280,12 @@ def _prepare(cfg: TrainConfig, d: Dist, say: Callable[[str], None]) -> _Run:
 
     n_params = num_params(model)
     # MFU counts the matmul FLOPs: the input embedding is a lookup, not a matmul (torchtitan excludes it too).
-    fpt = flops_per_token(model.config, n_params - num_embedding_params(model), cfg.data.seq_len)
-    # Before FSDP wraps the model: the fused head+loss must run inside the root unit's forward.
+    dense = n_params - num_embedding_params(model)
+    fpt = flops_per_token(model.config, dense, cfg.data.seq_len)
+    hfpt = flops_per_token(model.config, dense, cfg.data.seq_len, recompute=cfg.model.activation_checkpointing)
+    # Before parallelize: the fused head+loss must run inside the root FSDP unit's forward.
     loss_head = install_chunked_loss(model)
-    model = parallelize(model, cfg.parallel, d, bf16=cfg.model.bf16)
-    if cfg.model.compile:
-        compile_layers(model)
+    model = parallelize(model, cfg.parallel, cfg.model, d)
     return _Run(
         model=model,
         tokenizer=tokenizer,
@@ -345,6 +295,7 @@ def _prepare(cfg: TrainConfig, d: Dist, say: Callable[[str], None]) -> _Run:
         sequences=len(sequences),
         params=n_params,
         flops_per_token=fpt,
+        hardware_flops_per_token=hfpt,
         autocast=cfg.model.bf16 and d.device.type == "cuda",
         scratch=scratch,
     )

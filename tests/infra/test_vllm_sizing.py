@@ -99,3 +99,27 @@ def test_unknown_model_needs_a_shape_with_vllm_only() -> None:
     assert stack_config("dev", servingModelPrefix="my-finetune")  # built-in engine: nothing to size
     with pytest.raises(ConfigError, match="servingModelShape = 'llama-9'"):
         stack_config("dev", servingModelShape="llama-9")
+
+
+def test_overhead_grows_with_the_sequences_vllm_runs_on_large_gpus() -> None:
+    """vLLM runs 1024 sequences by default on GPUs of 70 GiB and more (not A100s), 256 elsewhere; the sampler holds
+    vocab-wide buffers per sequence, so the overhead is derived per instance from max_num_seqs x vocab."""
+    from infra.vllm_sizing import (
+        RUNTIME_OVERHEAD_GIB,
+        SAMPLER_BYTES_PER_LOGIT,
+        default_max_num_seqs,
+        runtime_overhead_gib,
+    )
+
+    assert [default_max_num_seqs(t) for t in ("g5.2xlarge", "g6e.2xlarge", "p4de.24xlarge", "p5.48xlarge",
+                                              "ml.p5e.48xlarge")] == [256, 256, 256, 1024, 1024]  # fmt: skip
+    assert runtime_overhead_gib(LLAMA_8B, "ml.g5.2xlarge") == RUNTIME_OVERHEAD_GIB  # calibrated at 256 sequences
+    h100 = runtime_overhead_gib(LLAMA_8B, "p5.48xlarge")
+    assert h100 == pytest.approx(RUNTIME_OVERHEAD_GIB + 768 * 128256 * SAMPLER_BYTES_PER_LOGIT / GIB)
+    assert h100 == pytest.approx(4.38, abs=0.01)  # past the flat 2 GiB the review warned about
+    small_vocab = runtime_overhead_gib(MODEL_SHAPES["smollm2-1.7b"], "p5.48xlarge")
+    assert RUNTIME_OVERHEAD_GIB < small_vocab < h100  # 49,152 tokens: less than Llama 3's 128,256
+    # the KV cache and the context on an H100 are what remains after it
+    s = size_vllm(LLAMA_8B, "p5.48xlarge", 1)
+    budget = 0.90 * gpu_memory_gib("p5.48xlarge")
+    assert s.kv_cache_gib == pytest.approx(budget - LLAMA_8B.weight_bytes / GIB - h100, abs=0.01)

@@ -1,16 +1,20 @@
-"""The loop's parts without a model: when `Checkpointer` saves and what it reports, and a `Reporter` that is off."""
+"""The loop's parts without a model: when `Checkpointer` saves and what it reports, a `Reporter` that is off, and
+the checkpoint's dict of Stateful entries through the real CheckpointManager."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-from training.checkpoint import Resumed
+from training.checkpoint import Checkpointer, CheckpointManager, Resumed
+from training.config import ConfigError
 from training.metrics import Reporter, TrainingMetrics
-from training.train import Checkpointer
+from training.parallelize import Dist
 
 
 @dataclass
@@ -24,13 +28,16 @@ class FakeManager:
     def remote(self) -> Any:
         return self
 
-    def save(self, step: int, model: Any, optimizer: Any, loader_state: dict[str, int], config: dict) -> float:
-        assert loader_state == {"position": step} and config == {"name": "run"}
+    def save(self, step: int, states: dict[str, Any], config: dict) -> float:
+        # every entry's state as DCP would write it (state_dict() called at save time)
+        assert {k: v.state_dict() for k, v in states.items()} == {"loader": {"position": step}}
+        assert config == {"name": "run"}
         self.saved.append(step)
         return 0.25
 
-    def load(self, step: int, model: Any, optimizer: Any) -> Resumed:
-        return Resumed(step=step, loader_state={"position": step}, config={})
+    def load(self, step: int, states: dict[str, Any]) -> Resumed:
+        states["loader"].load_state_dict({"position": step})  # what DCP does with the loaded values
+        return Resumed(step=step, config={})
 
 
 class FakeLoader:
@@ -51,8 +58,9 @@ def run(
     manager, loader = FakeManager(), FakeLoader()
     series = TrainingMetrics()
     with Reporter(True, series, max_steps) as report:
-        ckpt = Checkpointer(manager, None, None, loader, {"name": "run"}, report, save_every, max_steps)
+        ckpt = Checkpointer(manager, {"loader": loader}, {"name": "run"}, report, save_every, max_steps)
         step = ckpt.resume(resume_from)
+        assert loader.position == (resume_from or 0)
         while step < max_steps:
             if step == stop_at:
                 ckpt.save_on_stop(step)
@@ -104,3 +112,36 @@ def test_a_reporter_that_is_off_reports_nothing(capsys: pytest.CaptureFixture[st
         report.step_logged({"step": 1, "loss": 1.0, "lr": 1.0, "tokens_per_s": 1.0}, tokens=1)
         report.checkpoint_saved(1)
     assert capsys.readouterr().out == ""
+
+
+class Teacher:
+    """A new piece of state, as a distillation run would add it: one entry, plain Python values and a tensor."""
+
+    def __init__(self, name: str, temperature: float) -> None:
+        self.name, self.temperature = name, torch.tensor([temperature])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "temperature": self.temperature}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.name = state["name"]
+        self.temperature.copy_(state["temperature"])
+
+
+def test_new_state_is_one_entry_and_an_old_checkpoint_without_it_is_a_config_error(tmp_path: Path) -> None:
+    """The real CheckpointManager (DCP on a local directory): an added entry is saved and restored by name; resuming
+    a checkpoint written before the entry existed stops with a ConfigError naming it, not DCP's traceback."""
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    manager = CheckpointManager(str(tmp_path / "run"), tmp_path / "scratch", d, keep_last=2)
+    loader = FakeLoader()
+    loader.position = 7
+    manager.save(3, {"loader": loader, "teacher": Teacher("llama-70b", 2.0)}, {"name": "run"})
+    fresh_loader, fresh_teacher = FakeLoader(), Teacher("", 1.0)
+    resumed = manager.load(3, {"loader": fresh_loader, "teacher": fresh_teacher})
+    assert resumed.step == 3 and resumed.config == {"name": "run"}
+    assert fresh_loader.position == 7 and fresh_teacher.name == "llama-70b"
+    assert float(fresh_teacher.temperature) == 2.0
+
+    manager.save(4, {"loader": loader}, {"name": "run"})
+    with pytest.raises(ConfigError, match=r"step_00000004 holds no teacher state"):
+        manager.load(4, {"loader": FakeLoader(), "teacher": Teacher("", 1.0)})

@@ -122,6 +122,53 @@ def test_mfu_flops_leave_out_the_input_embedding_unless_tied() -> None:
     assert flops_per_token(untied.config, dense, 128) == 6 * dense + 12 * 2 * 32 * 128
 
 
+def _torchtitan_flops_per_token(model: torch.nn.Module, n_layers: int, n_heads: int, head_dims: int, seq_len: int,
+                                enable_weight_tying: bool) -> int:  # fmt: skip
+    """torchtitan/models/utils.py `get_dense_model_nparams_and_flops` @ b5bcd76 (pytorch/torchtitan), verbatim but
+    for the return value: `head_dims` is the sum of the qk and v head dimensions (2 x head_dim for Llama)."""
+    nparams = sum(p.numel() for p in model.parameters())
+    nparams_embedding = sum(
+        sum(p.numel() for p in m.parameters()) for m in model.children() if isinstance(m, torch.nn.Embedding)
+    )
+    nparams_for_matmul = nparams if enable_weight_tying else nparams - nparams_embedding
+    return 6 * nparams_for_matmul + 6 * n_layers * n_heads * head_dims * seq_len
+
+
+def test_mfu_flops_equal_torchtitans_for_a_gqa_model_with_its_own_head_dim() -> None:
+    """The attention term is layers x heads x head_dim, not hidden_size: here 8 heads of 16 (128) on a hidden size
+    of 64, with 2 key/value heads, as torchtitan counts it. torchtitan's model is not an HF one (its embedding is a
+    direct child), so its formula runs on the HF model's inner module for the parameter counts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.model import flops_per_token, layer_params, num_embedding_params, num_params
+
+    shape = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+             "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
+    for tied in (False, True):
+        model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=tied))
+        dense = num_params(model) - num_embedding_params(model)
+        # torchtitan's module tree: embedding, layers, norm and the output projection as direct children
+        flat = torch.nn.ModuleDict({"tok_embeddings": model.model.embed_tokens, "layers": model.model.layers,
+                                    "norm": model.model.norm, "output": model.lm_head})  # fmt: skip
+        expected = _torchtitan_flops_per_token(flat, 3, 8, 2 * 16, 2048, enable_weight_tying=tied)
+        assert flops_per_token(model.config, dense, 2048) == expected
+        assert 8 * 16 != 64  # the case the old hidden_size term got wrong
+    # with full activation checkpointing the layers' forward runs twice: hardware FLOPs add one layer forward
+    assert layer_params(model.config) == sum(p.numel() for p in model.model.layers.parameters() if p.ndim == 2)
+    recompute = flops_per_token(model.config, dense, 2048, recompute=True) - flops_per_token(model.config, dense, 2048)
+    assert recompute == 2 * layer_params(model.config) + 4 * 3 * 8 * 16 * 2048
+
+
+def test_peak_flops_tell_h100_boards_apart() -> None:
+    from training.train import peak_flops_for
+
+    assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for("NVIDIA H100 NVL") == 835e12
+    assert peak_flops_for("NVIDIA H200") == 989e12
+    assert peak_flops_for("Some GPU") is None
+
+
 def test_no_tensor_of_logits_size_is_kept_for_backward() -> None:
     """What saves the memory: the reference keeps [tokens, vocab] logits (and their fp32 copy) alive until backward;
     the fused loss keeps only [tokens, hidden] and [vocab, hidden] gradients."""

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from training.config import PRESETS, ConfigError, TrainConfig, apply_overrides, preset
 from training.data import DataError, PackedLoader, build_sequences, pack, read_documents
@@ -76,18 +79,68 @@ def test_cosine_schedule_with_warmup() -> None:
 
 def test_activation_checkpointing_trains_the_same_model() -> None:
     """Recomputing activations in backward changes memory, not the gradients."""
-    from training.config import ModelConfig
+    from training.config import ModelConfig, ParallelConfig
     from training.model import load_model_and_tokenizer
+    from training.parallelize import Dist, parallelize
 
     grads = []
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     for ac in (False, True):
-        model, _ = load_model_and_tokenizer(ModelConfig(activation_checkpointing=ac), cache_dir=Path("/nonexistent"))
+        torch.manual_seed(0)
+        cfg = ModelConfig(activation_checkpointing=ac)
+        model, _ = load_model_and_tokenizer(cfg, cache_dir=Path("/nonexistent"))
+        model = parallelize(model, ParallelConfig(strategy="fsdp"), cfg, d)
         model.train()
         ids = torch.arange(64).reshape(2, 32) % 500
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(model.model.embed_tokens.weight.grad.clone())
-    assert model.is_activation_checkpointing
+        assert model.is_activation_checkpointing == ac
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+class _OldTransformersLlama(LlamaForCausalLM):
+    """A model as transformers < 5.23 builds it: `gradient_checkpointing_enable` is the only name (its body then is
+    what 5.23 moved to `_activation_checkpointing_enable`); `activation_checkpointing_enable` does not exist."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "activation_checkpointing_enable":
+            raise AttributeError(f"'LlamaForCausalLM' object has no attribute {name!r}")
+        return super().__getattribute__(name)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self._activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+
+def test_activation_checkpointing_works_without_the_5_23_api() -> None:
+    """A GPU image on an older transformers pin (a vendor image with 5.17) has no `activation_checkpointing_enable`:
+    parallelize must still checkpoint every decoder layer, non-reentrant, and train the same model."""
+    from transformers import LlamaConfig
+
+    from training.parallelize import apply_activation_checkpointing
+
+    shape = {"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+    torch.manual_seed(0)
+    old = _OldTransformersLlama(LlamaConfig(**shape))
+    plain = LlamaForCausalLM(LlamaConfig(**shape))
+    plain.load_state_dict(old.state_dict())
+    assert not hasattr(old, "activation_checkpointing_enable")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no deprecation noise on the current release either
+        apply_activation_checkpointing(old)
+        apply_activation_checkpointing(plain)
+    for model in (old, plain):
+        assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        assert model.model.layers[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+    ids = torch.arange(32).reshape(2, 16)
+    reference = LlamaForCausalLM(LlamaConfig(**shape))
+    reference.load_state_dict(old.state_dict())
+    grads = []
+    for model in (old, reference):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_grad_accumulation_matches_the_larger_batch(corpus: Path, tmp_path: Path) -> None:
