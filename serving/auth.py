@@ -5,8 +5,10 @@ File format, one key per line (blank lines and comments ignored; a comment is a 
 
     <key-id> <key or sha256:<hex>> [rpm=<n>] [tpm=<n>]    # comment
 
-Malformed lines, duplicate ids, duplicate keys and bad digests are errors (naming the line, never its text). A file
-with no keys is a start-up error unless the server runs with --allow-unauthenticated (serving.server.load_keys).
+Malformed lines, duplicate ids, duplicate keys, bad digests and plaintext keys shorter than 16 characters are errors
+naming the line number and the problem, never any part of the line (a line that failed to parse may hold a key in
+any of its columns: a missing id or swapped columns put the key where the id should be). A file with no keys is a
+start-up error unless the server runs with --allow-unauthenticated (serving.server.load_keys).
 
 A plaintext key is hashed at load and the plaintext dropped; prefer `sha256:` entries in secrets
 (`python -m serving.auth hash <key>` prints one). The key id, never the key, appears in logs and metrics.
@@ -37,6 +39,9 @@ class ApiKey:
 ANONYMOUS = "anonymous"
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MIN_KEY_CHARS = 16
+"""Shortest plaintext key accepted: a short key is guessable, and a short second column usually means swapped columns
+(the key in the id's place, where it would be logged on every audit line)."""
 
 
 class KeyFileError(ValueError):
@@ -82,26 +87,31 @@ class KeyStore:
                 raise KeyFileError(f"{where}: expected '<key-id> <key> [rpm=N] [tpm=N]' (line not shown)")
             key_id, secret, *opts = parts
             if not _KEY_ID.fullmatch(key_id):
-                raise KeyFileError(f"{where}: the key id must be 1-64 of A-Z a-z 0-9 . _ - (not shown: may be a key)")
+                raise KeyFileError(f"{where}: the key id must be 1-64 of A-Z a-z 0-9 . _ - (line not shown)")
             if secret.partition("=")[0] in ("rpm", "tpm"):
-                raise KeyFileError(f"{where}: key id {key_id!r} has no key before its options")
+                raise KeyFileError(f"{where}: no key between the key id and the options (line not shown)")
             if key_id in ids:
-                raise KeyFileError(f"{where}: duplicate key id {key_id!r} (first on line {ids[key_id]})")
+                raise KeyFileError(f"{where}: duplicate key id, first on line {ids[key_id]} (line not shown)")
             ids[key_id] = lineno
             limits = {"rpm": default_rpm, "tpm": default_tpm}
             for opt in opts:
                 name, _, value = opt.partition("=")
                 if name not in limits or not value.isdigit() or int(value) <= 0:
-                    raise KeyFileError(f"{where}: key {key_id!r}: options must be rpm=N or tpm=N with N > 0")
+                    raise KeyFileError(f"{where}: options must be rpm=N or tpm=N with N > 0 (line not shown)")
                 limits[name] = int(value)
             if secret.startswith("sha256:"):
                 digest = secret.removeprefix("sha256:").lower()
                 if not _SHA256.fullmatch(digest):
-                    raise KeyFileError(f"{where}: key {key_id!r}: a sha256: digest must be 64 hex characters")
+                    raise KeyFileError(f"{where}: a sha256: digest must be 64 hex characters (line not shown)")
+            elif len(secret) < MIN_KEY_CHARS:
+                raise KeyFileError(
+                    f"{where}: the key is shorter than {MIN_KEY_CHARS} characters; use a long random key, and the "
+                    "order '<key-id> <key>' (line not shown)"
+                )
             else:
                 digest = hash_key(secret)
             if digest in digests:
-                raise KeyFileError(f"{where}: key {key_id!r} has the same key as line {digests[digest]}")
+                raise KeyFileError(f"{where}: the same key as line {digests[digest]} (line not shown)")
             digests[digest] = lineno
             entries.append((digest, ApiKey(key_id, limits["rpm"], limits["tpm"])))
         return cls(entries)

@@ -7,7 +7,6 @@ limits or audit, so the built-in engine and the upstream gateway get the same tr
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
@@ -58,6 +57,13 @@ class AppState:
     max_request_bytes: int = 1 << 20  # set from the config and the engine's context length (serving.server)
     # the task serving each admitted request (for a stream: the task writing it), for the drain deadline
     active: dict[RequestContext, asyncio.Task[Any]] = field(default_factory=dict)
+    # model ids known to be served (the engine's, what /v1/models listed, what a request was answered for): the
+    # audit log records a request's `model` only when it is one of these, never a client's arbitrary string
+    served_models: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.default_model:
+            self.served_models.add(self.default_model)
 
 
 class _ClientGoneError(Exception):
@@ -101,6 +107,7 @@ async def list_models(request: Request) -> JSONResponse:
             presented_key(request.headers), state.cfg.default_rpm, state.cfg.default_tpm
         ).key_id
         ids = await state.backend.model_ids()
+        state.served_models.update(ids)
     except APIError as exc:
         _account(state, ctx, key_id, "", exc.status, False, exc.code)
         return exc.response()
@@ -127,6 +134,7 @@ async def invocations(request: Request) -> Response:
     if not state.default_model:  # gateway without --served-model-name: the upstream's first model
         try:
             state.default_model = (await state.backend.model_ids())[0]
+            state.served_models.add(state.default_model)
         except (APIError, IndexError):
             return APIError(503, "Upstream engine is not ready.", code="unavailable", retry_after=5.0).response()
 
@@ -241,6 +249,7 @@ class InFlight:
         self._handed_over = False
         self._released = False
         self._accounted = False
+        self._reserved = False
         self._task = asyncio.current_task()
 
     async def __aenter__(self) -> InFlight:
@@ -258,7 +267,13 @@ class InFlight:
         if self.state.draining:
             raise APIError(503, "Server is shutting down.", code="draining", retry_after=1.0)
         self._admission = self.state.limiter.admit(key)
-        self.ctx.reserve = functools.partial(self.state.limiter.reserve, self._admission)
+        self.ctx.reserve = self._reserve
+
+    def _reserve(self, tokens: int) -> None:
+        """The engine's reservation of the key's tokens (`RequestContext.reserve`); 429 when they do not fit."""
+        assert self._admission is not None
+        self.state.limiter.reserve(self._admission, tokens)
+        self._reserved = True
 
     def take_slot(self) -> None:
         """A place under the in-flight bound, or 503. The built-in engine also bounds its queue; this bound holds in
@@ -298,7 +313,14 @@ class InFlight:
         self._settle(self._used())
         if not self._accounted:
             self._accounted = True
-            _account(self.state, self.ctx, self.key_id, self.model, status, self.stream_requested, code)
+            if not self._reserved:
+                # refused before its tokens were reserved (e.g. 429 on tokens per minute): it is charged nothing,
+                # so the audit line, which billing may read, records no prompt tokens either
+                self.ctx.prompt_tokens = 0
+            if status == 200:
+                self.state.served_models.add(self.model)  # the engine answered for it
+            model = self.model if self.model in self.state.served_models else ""
+            _account(self.state, self.ctx, self.key_id, model, status, self.stream_requested, code)
         self._release()
 
     def cut_at_drain_deadline(self) -> bool:
@@ -372,12 +394,15 @@ def _parse_json(data: bytes) -> Any:
         raw = json.loads(data)
         # a lone surrogate (`"\ud800"`) is valid JSON but no string a tokenizer (or our own JSON output) can encode
         json.dumps(raw, ensure_ascii=False).encode("utf-8")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request("Request body is not valid JSON.", code="invalid_json") from exc
     except UnicodeEncodeError as exc:
         raise bad_request("Request body holds a string with an unpaired surrogate.", code="invalid_json") from exc
     except RecursionError as exc:
         raise bad_request("Request body is nested too deeply.", code="invalid_json") from exc
+    except ValueError as exc:
+        # JSONDecodeError and UnicodeDecodeError, and the int() limit: a JSON integer of more than
+        # sys.get_int_max_str_digits() (4300) digits raises a plain ValueError inside json.loads
+        raise bad_request("Request body is not valid JSON (or holds a number too long to read).",
+                          code="invalid_json") from exc  # fmt: skip
     return raw
 
 
