@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from facts.cluster import SERVING_PORT
+from facts.cluster import SERVING_OPS_PORT, SERVING_PORT
 from facts.serving import QUANTIZATIONS
 
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
@@ -40,6 +40,14 @@ class ServingConfig:
     )
     host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})
     port: int = field(default=SERVING_PORT, metadata={"help": "Port to bind (SageMaker requires 8080)."})
+    ops_port: int = field(
+        default=0,
+        metadata={
+            "help": "Operations listener port (same --host): /healthz, /readyz, /ping and /metrics only, with "
+            f"connection slots no client connection can take (the EKS Deployment uses {SERVING_OPS_PORT}). "
+            "/metrics is served only here: 0 = no operations listener and no /metrics."
+        },
+    )
     upstream: str = field(
         default="",
         metadata={
@@ -127,6 +135,14 @@ class ServingConfig:
             "the open-file limit minus 128 (descriptors for the model, logs and the upstream), at most 4096."
         },
     )
+    max_connections_per_peer: int = field(
+        default=0,
+        metadata={
+            "help": "Most open client connections from one peer address; beyond it its new connections are closed "
+            "at once. 0 = automatic: half the connection cap (behind a proxy or load balancer every connection comes "
+            "from its few addresses: raise it there)."
+        },
+    )
     dtype: str = field(default="float32", metadata={"help": "Built-in engine dtype: float32, bfloat16 or float16."})
     torch_threads: int = field(
         default=0,
@@ -171,7 +187,11 @@ class ServingConfig:
             raise ConfigError("default_max_tokens must be <= max_tokens_cap")
         if self.max_inflight < 0:
             raise ConfigError("max_inflight must be >= 0")
-        for name in ("max_request_bytes", "max_connections"):
+        if not 0 <= self.ops_port < 65536:
+            raise ConfigError(f"ops_port {self.ops_port} out of range")
+        if self.ops_port == self.port:
+            raise ConfigError(f"ops_port must differ from port ({self.port})")
+        for name in ("max_request_bytes", "max_connections", "max_connections_per_peer"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
         for name in ("body_timeout_s", "header_timeout_s", "keepalive_timeout_s"):

@@ -12,6 +12,7 @@ accepting, `/readyz` turns 503, in-flight requests get up to `drain_timeout_s` t
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import resource
@@ -113,30 +114,57 @@ def _quiet_exception_handler() -> Callable[[asyncio.AbstractEventLoop, dict[str,
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol plus two guards uvicorn lacks: a deadline for a complete request head (a new
-    connection, or a kept-alive one that starts a request, must send its headers within `header_timeout_s`, so idle
-    and half-sent connections cannot pile up), and a cap on open connections (beyond it a new connection is closed
-    at once, so sockets never exhaust the descriptors that health checks, the model and the upstream need).
+    """uvicorn's h11 protocol plus guards uvicorn lacks: a deadline for a complete request head (a new connection, or
+    a kept-alive one that starts a request, must send its headers within `header_timeout_s`, so idle and half-sent
+    connections cannot pile up), and caps on open connections: in all, per peer address, and apart for the
+    operations listener (`ops_port`). Beyond a cap a new connection is closed at once, so sockets never exhaust the
+    descriptors that health checks, the model and the upstream need, one peer cannot take every slot, and no client
+    connection can take the probes' slots.
 
     uvicorn's `timeout_keep_alive` covers only the idle time after a response, and `limit_concurrency` answers 503
-    only once a request head has arrived, which a slow client never completes.
+    only once a request head has arrived, which a slow client never completes. Use `guarded_protocol` to make the
+    class for one server: the counters are per class.
     """
 
     header_timeout_s = 10.0
     max_connections = 1024
+    max_connections_per_peer = 512
+    ops_port = 0
+    ops_max_connections = 32
+    _clients = 0
+    _ops = 0
+    _peers: collections.Counter[str] = collections.Counter()
     _last_cap_log = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
+        self._slot: str | None = None  # what this connection counts against: "ops", or its peer address
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
-            now = time.monotonic()
-            if now - GuardedH11Protocol._last_cap_log > 10.0:
-                GuardedH11Protocol._last_cap_log = now
-                log.warning("connection cap (%d) reached: closing new connections", self.max_connections)
-            transport.abort()
-            return
+        cls = type(self)
+        sockname = transport.get_extra_info("sockname")
+        peername = transport.get_extra_info("peername")
+        peer = str(peername[0]) if isinstance(peername, tuple) and peername else "-"
+        if cls.ops_port and isinstance(sockname, tuple) and len(sockname) > 1 and sockname[1] == cls.ops_port:
+            if cls._ops >= cls.ops_max_connections:
+                return self._refuse(transport, f"operations listener cap ({cls.ops_max_connections})")
+            cls._ops += 1
+            self._slot = "ops"
+        else:
+            if cls._clients >= cls.max_connections:
+                return self._refuse(transport, f"connection cap ({cls.max_connections})")
+            if cls._peers[peer] >= cls.max_connections_per_peer:
+                return self._refuse(transport, f"per-peer connection cap ({cls.max_connections_per_peer})")
+            cls._clients += 1
+            cls._peers[peer] += 1
+            self._slot = peer
         self._watch_head()
+
+    def _refuse(self, transport: asyncio.Transport, cap: str) -> None:
+        now = time.monotonic()
+        if now - GuardedH11Protocol._last_cap_log > 10.0:
+            GuardedH11Protocol._last_cap_log = now
+            log.warning("%s reached: closing new connections", cap)
+        transport.abort()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -148,7 +176,19 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._release_slot()
         super().connection_lost(exc)
+
+    def _release_slot(self) -> None:
+        cls, slot = type(self), getattr(self, "_slot", None)
+        self._slot = None
+        if slot == "ops":
+            cls._ops -= 1
+        elif slot is not None:
+            cls._clients -= 1
+            cls._peers[slot] -= 1
+            if cls._peers[slot] <= 0:
+                del cls._peers[slot]
 
     def _watch_head(self) -> None:
         """Armed while the client owes a request head: on a fresh connection, and once a kept-alive connection has
@@ -168,6 +208,24 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def guarded_protocol(cfg: ServingConfig) -> type[GuardedH11Protocol]:
+    """The protocol class for one server: its timeouts and caps, and counters of its own."""
+    cap = connection_cap(cfg)
+    return type(
+        "ServingH11Protocol",
+        (GuardedH11Protocol,),
+        {
+            "header_timeout_s": cfg.header_timeout_s,
+            "max_connections": cap,
+            "max_connections_per_peer": cfg.max_connections_per_peer or max(1, cap // 2),
+            "ops_port": cfg.ops_port,
+            "_clients": 0,
+            "_ops": 0,
+            "_peers": collections.Counter(),
+        },
+    )
 
 
 def connection_cap(cfg: ServingConfig) -> int:
@@ -297,12 +355,22 @@ def _run(cfg: ServingConfig) -> int:
         sock = bind_socket(cfg.host, cfg.port)
     except OSError as exc:
         raise StartupError(EXIT_BIND, f"cannot bind {cfg.host}:{cfg.port}: {exc.strerror}") from None
+    sockets = [sock]
+    if cfg.ops_port:
+        try:
+            sockets.append(bind_socket(cfg.host, cfg.ops_port))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(
+                EXIT_BIND, f"cannot bind {cfg.host}:{cfg.ops_port} (--ops-port): {exc.strerror}"
+            ) from None
     log.info("lifecycle: bound %s:%d (pid %d); loading the engine", cfg.host, cfg.port, os.getpid())
     try:
         backend = load_engine(cfg, metrics)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         log.debug("engine load failed", exc_info=True)
-        sock.close()
+        for s in sockets:
+            s.close()
         raise StartupError(EXIT_MODEL, f"cannot load the model {cfg.model}: {type(exc).__name__}: {exc}") from None
 
     from serving.app import build_app  # imported late: FastAPI import cost is not on the engine's critical path
@@ -320,15 +388,12 @@ def _run(cfg: ServingConfig) -> int:
     )
     app = build_app(state)
     metrics.ready.set(1)
-    protocol = type(
-        "ServingH11Protocol",
-        (GuardedH11Protocol,),
-        {"header_timeout_s": cfg.header_timeout_s, "max_connections": connection_cap(cfg)},
-    )
+    protocol = guarded_protocol(cfg)
     log.info(
-        "lifecycle: app built; serving (request body limit %d bytes, at most %d connections)",
+        "lifecycle: app built; serving (request body limit %d bytes, at most %d connections, %d per peer)",
         state.max_request_bytes,
         protocol.max_connections,
+        protocol.max_connections_per_peer,
     )
 
     server = DrainingServer(
@@ -344,7 +409,7 @@ def _run(cfg: ServingConfig) -> int:
         ),
         state,
     )
-    server.run(sockets=[sock])
+    server.run(sockets=sockets)
     log.info("lifecycle: stopped")
     return 0
 
