@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from facts.cluster import SERVING_OPS_PORT, SERVING_PORT
-from facts.serving import QUANTIZATIONS
+from facts.serving import QUANTIZATIONS, env_name, flag
 
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
 
@@ -237,10 +237,6 @@ class ServingConfig:
         return source.rstrip("/").rsplit("/", 1)[-1] or "model"
 
 
-def _env_name(field_name: str) -> str:
-    return "SERVING_" + field_name.upper()
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, built from `ServingConfig`'s fields and their help."""
     parser = argparse.ArgumentParser(
@@ -249,12 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag can also be given as an environment variable SERVING_<FLAG> (dashes as underscores).",
     )
     for f in fields(ServingConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata['help']} [env {_env_name(f.name)}; default {f.default!r}]"
+        help_ = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]"
         if isinstance(f.default, bool):  # a switch: present = true (env: true/false, 1/0, yes/no)
-            parser.add_argument(flag, action="store_const", const=True, default=None, help=help_)
+            parser.add_argument(flag(f.name), action="store_const", const=True, default=None, help=help_)
             continue
-        parser.add_argument(flag, type=type(f.default), default=None, help=help_)
+        parser.add_argument(flag(f.name), type=type(f.default), default=None, help=help_)
     return parser
 
 
@@ -278,12 +273,12 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     for f in fields(ServingConfig):
         if args[f.name] is not None:
             values[f.name] = args[f.name]
-        elif _env_name(f.name) in environ:
-            raw = environ[_env_name(f.name)]
+        elif env_name(f.name) in environ:
+            raw = environ[env_name(f.name)]
             try:
                 values[f.name] = _parse_bool(raw) if isinstance(f.default, bool) else type(f.default)(raw)
             except ValueError as exc:
-                raise ConfigError(f"{_env_name(f.name)}={raw!r}: {exc}") from exc
+                raise ConfigError(f"{env_name(f.name)}={raw!r}: {exc}") from exc
     if not values.get("model") and not values.get("upstream") and Path(SAGEMAKER_MODEL_DIR).is_dir():
         values["model"] = SAGEMAKER_MODEL_DIR
     return ServingConfig(**values)  # type: ignore[arg-type]
