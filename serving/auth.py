@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import sys
 from collections.abc import Mapping
@@ -56,13 +57,15 @@ def hash_key(key: str) -> str:
 class KeyStore:
     """The configured API keys (as sha256 digests); empty when the server runs unauthenticated."""
 
-    def __init__(self, entries: list[tuple[str, ApiKey]]) -> None:
+    def __init__(self, entries: list[tuple[str, ApiKey]], *, deny_all: bool = False) -> None:
         self._entries = entries  # (sha256 hex, key)
+        # a reloaded keys file that holds no keys revokes them all: it never turns authentication off
+        self._deny_all = deny_all and not entries
 
     @property
     def enabled(self) -> bool:
         """False when no keys are configured (`--allow-unauthenticated`)."""
-        return bool(self._entries)
+        return bool(self._entries) or self._deny_all
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -129,6 +132,8 @@ class KeyStore:
         """The key for a presented token; 401 when missing or unknown (anonymous when auth is disabled)."""
         if not self.enabled:
             return ApiKey(ANONYMOUS, default_rpm, default_tpm)
+        if self._deny_all:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         if not token:
             raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
         digest = hash_key(token)
@@ -140,6 +145,36 @@ class KeyStore:
         if found is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return found
+
+
+class KeyFile:
+    """The keys file as a source that changes: `load` reads it, `changed` tells whether it is no longer what was
+    loaded (its modification time, size or inode differ: a Kubernetes Secret volume swaps a symlink to a new file, an
+    editor rewrites it in place). Reloading lets a revoked key be refused without a restart (docs/serving.md)."""
+
+    def __init__(self, path: str | Path, default_rpm: int, default_tpm: int) -> None:
+        self.path = Path(path)
+        self.default_rpm = default_rpm
+        self.default_tpm = default_tpm
+        self._loaded: tuple[int, int, int] | None = None
+
+    def _stamp(self) -> tuple[int, int, int]:
+        st = os.stat(self.path)  # follows the Secret volume's symlinks to the file itself
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> KeyStore:
+        """The keys now in the file (OSError or `KeyFileError` when it cannot be read or parsed)."""
+        stamp = self._stamp()
+        store = KeyStore.from_file(self.path, self.default_rpm, self.default_tpm)
+        self._loaded = stamp
+        return store
+
+    def changed(self) -> bool:
+        """Whether the file differs from the last `load` (False while it is briefly missing mid-swap)."""
+        try:
+            return self._stamp() != self._loaded
+        except OSError:
+            return False
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:

@@ -70,6 +70,13 @@ class ServingConfig:
         default="",
         metadata={"help": "API keys file (see docs/serving.md); required unless --allow-unauthenticated is given."},
     )
+    keys_reload_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "How often the API keys file is checked for changes (reloaded without a restart; SIGHUP reloads "
+            "at once); 0 = on SIGHUP only."
+        },
+    )
     allow_unauthenticated: bool = field(
         default=False,
         metadata={
@@ -197,6 +204,8 @@ class ServingConfig:
         for name in ("body_timeout_s", "header_timeout_s", "keepalive_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
+        if self.keys_reload_s < 0:
+            raise ConfigError("keys_reload_s must be >= 0")
         if self.torch_threads < 0:
             raise ConfigError("torch_threads must be >= 0")
         if self.batching not in ("continuous", "dynamic"):

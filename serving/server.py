@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import resource
@@ -32,7 +33,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serving import audit
-from serving.auth import KeyFileError, KeyStore
+from serving.auth import KeyFile, KeyFileError, KeyStore
 from serving.backends.base import Backend
 from serving.config import ServingConfig
 from serving.handlers import AppState
@@ -67,15 +68,28 @@ class DrainingServer(uvicorn.Server):
     plain-text 500.
     """
 
-    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+    def __init__(self, config: uvicorn.Config, state: AppState, key_file: KeyFile | None = None) -> None:
         super().__init__(config)
         self.serving_state = state
+        self.key_file = key_file
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._keys_task: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.set_exception_handler(_quiet_exception_handler())
+        if self.key_file is not None:
+            wake = asyncio.Event()
+            self._loop.add_signal_handler(signal.SIGHUP, wake.set)
+            self._keys_task = self._loop.create_task(
+                watch_keys(self.serving_state, self.key_file, self.serving_state.cfg.keys_reload_s, wake)
+            )
         await super().startup(sockets)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._keys_task is not None:
+            self._keys_task.cancel()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:
@@ -299,26 +313,58 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_keys(cfg: ServingConfig) -> KeyStore:
-    """Fail closed: no keys means no server, unless the operator said --allow-unauthenticated."""
-    keys = KeyStore([])
-    if cfg.api_keys_file:
+async def watch_keys(state: AppState, key_file: KeyFile, interval_s: float, wake: asyncio.Event) -> None:
+    """Reload the keys file when it changes (checked every `interval_s`; 0: never by itself) or on SIGHUP (`wake`).
+
+    A file that fails to parse keeps the keys in force (the error names the line, never its text); a file emptied of
+    keys refuses every request (it never turns authentication off). Requests already admitted finish; a removed key
+    is refused from its next request on, and its rate-limit windows (by key id) carry over for kept keys."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval_s or None)
+        forced = wake.is_set()
+        wake.clear()
+        if not (forced or key_file.changed()):
+            continue
         try:
-            keys = KeyStore.from_file(cfg.api_keys_file, cfg.default_rpm, cfg.default_tpm)
+            store = await asyncio.to_thread(key_file.load)
+        except OSError as exc:
+            log.error("api keys file %s: %s; keeping the keys loaded before", key_file.path, exc.strerror)
+            continue
+        except KeyFileError as exc:
+            log.error("api keys file %s: %s; keeping the keys loaded before", key_file.path, exc)
+            continue
+        if not store.enabled and not state.cfg.allow_unauthenticated:
+            log.warning("api keys file %s holds no keys now: every request is refused", key_file.path)
+            store = KeyStore([], deny_all=True)
+        else:
+            log.info("api keys reloaded: %d keys (hashes only)", len(store))
+        state.keys = store
+
+
+def load_keys(cfg: ServingConfig) -> tuple[KeyStore, KeyFile | None]:
+    """Fail closed: no keys means no server, unless the operator said --allow-unauthenticated. The `KeyFile` is
+    watched for changes while serving (`watch_keys`)."""
+    keys = KeyStore([])
+    key_file = None
+    if cfg.api_keys_file:
+        key_file = KeyFile(cfg.api_keys_file, cfg.default_rpm, cfg.default_tpm)
+        try:
+            keys = key_file.load()
         except OSError as exc:
             raise StartupError(EXIT_CONFIG, f"api keys file {cfg.api_keys_file}: {exc.strerror}") from None
         except KeyFileError as exc:
             raise StartupError(EXIT_CONFIG, f"api keys file {cfg.api_keys_file}: {exc}") from None
     if keys.enabled:
         log.info("lifecycle: %d API keys loaded (hashes only)", len(keys))
-        return keys
+        return keys, key_file
     if not cfg.allow_unauthenticated:
         where = f"api keys file {cfg.api_keys_file} holds no keys" if cfg.api_keys_file else "no --api-keys-file"
         raise StartupError(
             EXIT_CONFIG, f"{where}: refusing to serve without authentication (pass --allow-unauthenticated to do so)"
         )
     log.warning("lifecycle: --allow-unauthenticated: authentication is DISABLED")
-    return keys
+    return keys, key_file
 
 
 def _exit_quietly(sig: int, frame: FrameType | None) -> None:
@@ -334,6 +380,8 @@ def run(cfg: ServingConfig) -> int:
     audit.configure_audit_log()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_quietly)
+    # SIGHUP reloads the keys once serving (`DrainingServer.startup`); before that its default would kill the process
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         return _run(cfg)
     except StartupError as exc:
@@ -350,7 +398,7 @@ def run(cfg: ServingConfig) -> int:
 def _run(cfg: ServingConfig) -> int:
     metrics = Metrics()
     # cheap checks first: a bad keys file or a busy port fails in a second, not after minutes of model loading
-    keys = load_keys(cfg)
+    keys, key_file = load_keys(cfg)
     try:
         sock = bind_socket(cfg.host, cfg.port)
     except OSError as exc:
@@ -408,6 +456,7 @@ def _run(cfg: ServingConfig) -> int:
             lifespan="on",
         ),
         state,
+        key_file,
     )
     server.run(sockets=sockets)
     log.info("lifecycle: stopped")
