@@ -11,7 +11,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import APIError, install_error_handlers
-from serving.handlers import AppState
+from serving.inflight import AppState
 from serving.routes import REQUEST_MODELS, build_router
 
 

@@ -36,7 +36,7 @@ from serving import audit
 from serving.auth import KeyFile, KeyFileError, KeyStore
 from serving.backends.base import Backend
 from serving.config import ServingConfig
-from serving.handlers import AppState
+from serving.inflight import AppState
 from serving.metrics import Metrics
 
 log = logging.getLogger("serving")
@@ -64,7 +64,7 @@ class DrainingServer(uvicorn.Server):
     uvicorn re-raises a captured signal after shutdown (the process would die by SIGTERM, exit status 143); a
     container orchestrator should see exit 0 after a clean drain, so the signal is not recorded for re-raising.
     At `drain_timeout_s` after the signal, requests still in flight are cut with an OpenAI-shaped `drain_deadline`
-    error and an audit line (`handlers.cut_in_flight`), before uvicorn's own deadline would cancel them into a
+    error and an audit line (`inflight.cut_in_flight`), before uvicorn's own deadline would cancel them into a
     plain-text 500.
     """
 
@@ -104,7 +104,7 @@ class DrainingServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(self._loop.call_later, drain, self._cut)
 
     def _cut(self) -> None:
-        from serving.handlers import cut_in_flight
+        from serving.inflight import cut_in_flight
 
         cut = cut_in_flight(self.serving_state)
         if cut:
