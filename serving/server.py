@@ -2,11 +2,12 @@
 
     read keys -> bind socket -> load engine -> build app -> serve
 
-The keys file is read and the port bound before the model loads, so a bad keys file or a busy port fails at once
-(one line, an exit status) instead of after minutes of loading. Until the app serves, connections wait in the
-listen backlog (probes time out: Kubernetes' startupProbe covers the load). On SIGTERM/SIGINT the server stops
-accepting, `/readyz` turns 503, in-flight requests get up to `drain_timeout_s` to finish (then they are cut with a
-`drain_deadline` error), the engine stops and the process exits 0; a repeated signal also ends in exit 0.
+The keys file is read and the port (and the operations listener's, `--ops-port`) bound before the model loads, so a bad
+keys file or a busy port fails at once (one line, an exit status) instead of after minutes of loading. Until the app
+serves, connections wait in the listen backlog (probes time out: Kubernetes' startupProbe covers the load). On
+SIGTERM/SIGINT the server stops accepting, `/readyz` turns 503, in-flight requests get up to `drain_timeout_s` to finish
+(then they are cut with a `drain_deadline` error), the engine stops and the process exits 0; a repeated signal also ends
+in exit 0. While serving, the keys file is reloaded when it changes or on SIGHUP (`watch_keys`).
 """
 
 from __future__ import annotations
