@@ -29,6 +29,11 @@ SERVING_SERVICE_ACCOUNT = "server"
 # -- ports ---------------------------------------------------------------------------------------------------------
 SERVING_PORT = 8080
 """The serving container's HTTP port: the SageMaker container contract's 8080, used on EKS too."""
+SERVING_OPS_PORT = 8081
+"""The serving container's operations listener (`--ops-port`): /healthz, /readyz and /metrics, with connection slots
+of its own, so a flood of client connections on SERVING_PORT cannot fail the kubelet's probes, and the prefix-cache
+counters in /metrics are never readable from the client port. Probes and the Prometheus scrape use it; the serving
+namespace's network policy admits only the monitoring namespace on it."""
 TRAINING_METRICS_PORT = 9400
 """The trainer's Prometheus port (`metrics_port`): the Job sets it and annotates its pods; the training namespace's
 network policy admits the monitoring namespace on it."""

@@ -18,6 +18,7 @@ import pulumi_kubernetes as k8s
 from facts.cluster import (
     GPU_RESOURCE,
     SERVING_NAMESPACE,
+    SERVING_OPS_PORT,
     SERVING_PORT,
     SERVING_SERVICE_ACCOUNT,
     TRAINING_METRICS_PORT,
@@ -231,6 +232,17 @@ class KubernetesBase(pulumi.ComponentResource):
                 "podSelector": {},
                 "policyTypes": ["Ingress"],
                 "ingress": [{"from": scrapers, "ports": [{"protocol": "TCP", "port": TRAINING_METRICS_PORT}]}],
+            },
+        )
+        # ... and the serving pods' operations port (/metrics, probes: facts.cluster.SERVING_OPS_PORT) from the same
+        # scrapers only: client namespaces never reach /metrics (its prefix-cache counters are a cross-key oracle)
+        self._policy(
+            "serving",
+            "allow-metrics-ingress",
+            {
+                "podSelector": {},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": scrapers, "ports": [{"protocol": "TCP", "port": SERVING_OPS_PORT}]}],
             },
         )
         # Clients in namespaces labelled as allowed (the serving namespace itself, monitoring, client apps), and the

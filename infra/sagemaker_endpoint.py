@@ -17,6 +17,7 @@ import pulumi
 import pulumi_aws as aws
 
 from facts.instance_types import instance_gpu
+from facts.serving import env_name
 from infra.config import ServingConfig
 from infra.preflight import RunningVariant, initial_instance_count
 from infra.vllm_sizing import sizing_for
@@ -178,12 +179,12 @@ class SageMakerEndpoint(pulumi.ComponentResource):
         # InvokeEndpoint is authenticated by IAM (SigV4) before a request reaches the container, and the serving
         # process refuses to start without API keys unless told explicitly (docs/serving.md "Authentication")
         environment = {
-            "SERVING_MODEL": MODEL_DIR,
-            "SERVING_ALLOW_UNAUTHENTICATED": "true",
+            env_name("model"): MODEL_DIR,
+            env_name("allow_unauthenticated"): "true",
             **engine_environment(a.serving),
         }
         if a.serving.quantization != "none":  # only when set: an unchanged default keeps the model's name
-            environment["SERVING_QUANTIZATION"] = a.serving.quantization
+            environment[env_name("quantization")] = a.serving.quantization
         # The name changes whenever anything that defines the model changes, so Pulumi's create-before-delete
         # replacement never collides with the model it replaces.
         name = pulumi.Output.all(
@@ -281,14 +282,14 @@ def engine_environment(serving: ServingConfig) -> dict[str, str]:
     if serving.engine == "vllm":
         # SageMaker hands the container every GPU of the instance: tensor parallel over all of them.
         sizing = sizing_for(serving.model_prefix, serving.model_shape, instance_type, gpu.gpus if gpu else 0)
-        return {"SERVING_ENGINE": "vllm", "SERVING_VLLM_ARGS": " ".join(sizing.args())}
+        return {env_name("engine"): "vllm", env_name("vllm_args"): " ".join(sizing.args())}
     if gpu is None:
-        return {"SERVING_ENGINE": "builtin", "SERVING_DEVICE": "cpu"}
+        return {env_name("engine"): "builtin", env_name("device"): "cpu"}
     # T4 (g4dn) has no bfloat16 tensor cores; every later GPU of the table does.
     return {
-        "SERVING_ENGINE": "builtin",
-        "SERVING_DEVICE": "cuda",
-        "SERVING_DTYPE": "float16" if gpu.gpu == "T4" else "bfloat16",
+        env_name("engine"): "builtin",
+        env_name("device"): "cuda",
+        env_name("dtype"): "float16" if gpu.gpu == "T4" else "bfloat16",
     }
 
 

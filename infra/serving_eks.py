@@ -14,8 +14,9 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from facts.cluster import SERVING_PORT
+from facts.cluster import SERVING_OPS_PORT, SERVING_PORT
 from facts.instance_types import GPU_INSTANCE_TYPES, gpu_memory_gib
+from facts.serving import env_name, flag
 from infra import k8s_objects
 from infra.config import AutoscalingConfig, ClusterConfig, ServingConfig
 from infra.vllm_sizing import VllmSizing, sizing_for
@@ -206,7 +207,8 @@ class ServingOnEks(pulumi.ComponentResource):
                             "labels": self._labels,
                             "annotations": {
                                 "prometheus.io/scrape": "true",
-                                "prometheus.io/port": str(SERVING_PORT),
+                                # the operations listener: /metrics is not served on the client port
+                                "prometheus.io/port": str(SERVING_OPS_PORT),
                                 "prometheus.io/path": "/metrics",
                             },
                         },
@@ -223,23 +225,28 @@ class ServingOnEks(pulumi.ComponentResource):
         the gateway in front of it (keys, limits, metrics) and loads nothing."""
         # The engine is always explicit: an image's baked SERVING_ENGINE (the vLLM image sets vllm) must not pick
         # it. Flags win over environment variables in serving/config.py.
+        # Names come from facts.serving (flag, env_name), as serving/config.py derives them; a test parses the
+        # rendered args and env with serving.config's own loader (tests/infra/test_serving_contract.py).
         model_args: list[pulumi.Input[str]] = (
-            ["--upstream", f"http://127.0.0.1:{VLLM_PORT}"]
+            [flag("upstream"), f"http://127.0.0.1:{VLLM_PORT}"]
             if vllm
-            else ["--engine", "builtin", "--device", "cuda", "--dtype", "bfloat16", "--model", self._model_uri()]
-        )
+            else [
+                flag("engine"), "builtin", flag("device"), "cuda", flag("dtype"), "bfloat16",
+                flag("model"), self._model_uri(),
+            ]
+        )  # fmt: skip
         env: list[dict[str, Any]] = [
-            {"name": "SERVING_DRAIN_TIMEOUT_S", "value": str(DRAIN_TIMEOUT_S)},
-            {"name": "SERVING_MODEL_CACHE_DIR", "value": f"{CACHE_DIR}/models"},
+            {"name": env_name("drain_timeout_s"), "value": str(DRAIN_TIMEOUT_S)},
+            {"name": env_name("model_cache_dir"), "value": f"{CACHE_DIR}/models"},
             {"name": "HOME", "value": "/tmp"},
         ]
         if vllm:
-            env.append({"name": "SERVING_SERVED_MODEL_NAME", "value": self._served_model_name()})
+            env.append({"name": env_name("served_model_name"), "value": self._served_model_name()})
         else:
             env.append({"name": "HF_HOME", "value": f"{CACHE_DIR}/hf"})
             quantization = self._args.serving.quantization
             if quantization != "none":  # the built-in engine's --quantization (serving/quantize.py)
-                env.append({"name": "SERVING_QUANTIZATION", "value": quantization})
+                env.append({"name": env_name("quantization"), "value": quantization})
         resources = (
             {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
             if vllm
@@ -248,14 +255,27 @@ class ServingOnEks(pulumi.ComponentResource):
         return {
             "name": "server",
             "image": self._args.image,
-            "args": [*model_args, "--port", str(SERVING_PORT), "--api-keys-file", API_KEYS_FILE],
-            "ports": [{"name": "http", "containerPort": SERVING_PORT, "protocol": "TCP"}],
+            "args": [
+                *model_args,
+                flag("port"),
+                str(SERVING_PORT),
+                flag("ops_port"),
+                str(SERVING_OPS_PORT),
+                flag("api_keys_file"),
+                API_KEYS_FILE,
+            ],
+            "ports": [
+                {"name": "http", "containerPort": SERVING_PORT, "protocol": "TCP"},
+                {"name": "ops", "containerPort": SERVING_OPS_PORT, "protocol": "TCP"},
+            ],
             "env": env,
             "resources": resources,
-            "readinessProbe": _http_probe("/readyz", "http", period=5, failures=3),
-            "livenessProbe": _http_probe("/healthz", "http", period=10, failures=3),
+            # Probes use the operations listener: its connection slots are its own, so a flood of client
+            # connections on the http port cannot fail them (docs/serving.md "Connections").
+            "readinessProbe": _http_probe("/readyz", "ops", period=5, failures=3),
+            "livenessProbe": _http_probe("/healthz", "ops", period=10, failures=3),
             # Liveness only starts once this succeeds, so a slow model load is not mistaken for a hung server.
-            "startupProbe": _http_probe("/readyz", "http", period=STARTUP_PERIOD_S, failures=STARTUP_FAILURE_THRESHOLD),
+            "startupProbe": _http_probe("/readyz", "ops", period=STARTUP_PERIOD_S, failures=STARTUP_FAILURE_THRESHOLD),
             "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SLEEP_S}}},
             "securityContext": _restricted_container(),
             "volumeMounts": [

@@ -8,9 +8,10 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import install_error_handlers
-from serving.handlers import AppState
+from serving.errors import APIError, install_error_handlers
+from serving.inflight import AppState
 from serving.routes import REQUEST_MODELS, build_router
 
 
@@ -46,4 +47,57 @@ def build_app(state: AppState) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(ListenerGuard, ops_port=state.cfg.ops_port)
     return app
+
+
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/ping", "/metrics"})
+"""What the operations listener (`--ops-port`) serves; `/metrics` is served nowhere else."""
+
+
+class ListenerGuard:
+    """Which listener serves what, and no connection kept open past an unread body.
+
+    - The operations listener answers only `OPS_PATHS`; the client port never answers `/metrics` (its prefix-cache
+      counters tell whether another key's prompt is cached: docs/serving.md "Privacy").
+    - A response sent before the request's body was read (401, 429, 413, 408, 404, ...) carries
+      `Connection: close`, and uvicorn closes the connection after it: otherwise a client trickling one body byte
+      now and then would hold the connection (and its slot) forever.
+    """
+
+    def __init__(self, app: ASGIApp, ops_port: int) -> None:
+        self.app = app
+        self.ops_port = ops_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        server = scope.get("server") or ("", 0)
+        on_ops = bool(self.ops_port) and server[1] == self.ops_port
+        path = scope["path"]
+        if (on_ops and path not in OPS_PATHS) or (not on_ops and path == "/metrics"):
+            await _not_found(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        body_done = headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers
+
+        async def receive_tracked() -> Message:
+            nonlocal body_done
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_done:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_tracked, send_closing)
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    response = APIError(404, "Not Found").response()
+    response.headers["Connection"] = "close"
+    await response(scope, receive, send)

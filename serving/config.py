@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from facts.cluster import SERVING_PORT
-from facts.serving import QUANTIZATIONS
+from facts.cluster import SERVING_OPS_PORT, SERVING_PORT
+from facts.serving import QUANTIZATIONS, env_name, flag
 
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
 
@@ -39,6 +39,14 @@ class ServingConfig:
     )
     host: str = field(default="0.0.0.0", metadata={"help": "Address to bind."})
     port: int = field(default=SERVING_PORT, metadata={"help": "Port to bind (SageMaker requires 8080)."})
+    ops_port: int = field(
+        default=0,
+        metadata={
+            "help": "Operations listener port (same --host): /healthz, /readyz, /ping and /metrics only, with "
+            f"connection slots no client connection can take (the EKS Deployment uses {SERVING_OPS_PORT}). "
+            "/metrics is served only here: 0 = no operations listener and no /metrics."
+        },
+    )
     upstream: str = field(
         default="",
         metadata={
@@ -60,6 +68,13 @@ class ServingConfig:
     api_keys_file: str = field(
         default="",
         metadata={"help": "API keys file (see docs/serving.md); required unless --allow-unauthenticated is given."},
+    )
+    keys_reload_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "How often the API keys file is checked for changes (reloaded without a restart; SIGHUP reloads "
+            "at once); 0 = on SIGHUP only."
+        },
     )
     allow_unauthenticated: bool = field(
         default=False,
@@ -126,6 +141,14 @@ class ServingConfig:
             "the open-file limit minus 128 (descriptors for the model, logs and the upstream), at most 4096."
         },
     )
+    max_connections_per_peer: int = field(
+        default=0,
+        metadata={
+            "help": "Most open client connections from one peer address; beyond it its new connections are closed "
+            "at once. 0 = automatic: half the connection cap (behind a proxy or load balancer every connection comes "
+            "from its few addresses: raise it there)."
+        },
+    )
     dtype: str = field(default="float32", metadata={"help": "Built-in engine dtype: float32, bfloat16 or float16."})
     torch_threads: int = field(
         default=0,
@@ -170,12 +193,18 @@ class ServingConfig:
             raise ConfigError("default_max_tokens must be <= max_tokens_cap")
         if self.max_inflight < 0:
             raise ConfigError("max_inflight must be >= 0")
-        for name in ("max_request_bytes", "max_connections"):
+        if not 0 <= self.ops_port < 65536:
+            raise ConfigError(f"ops_port {self.ops_port} out of range")
+        if self.ops_port == self.port:
+            raise ConfigError(f"ops_port must differ from port ({self.port})")
+        for name in ("max_request_bytes", "max_connections", "max_connections_per_peer"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
         for name in ("body_timeout_s", "header_timeout_s", "keepalive_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
+        if self.keys_reload_s < 0:
+            raise ConfigError("keys_reload_s must be >= 0")
         if self.torch_threads < 0:
             raise ConfigError("torch_threads must be >= 0")
         if self.batching not in ("continuous", "dynamic"):
@@ -221,10 +250,6 @@ class ServingConfig:
         return source.rstrip("/").rsplit("/", 1)[-1] or "model"
 
 
-def _env_name(field_name: str) -> str:
-    return "SERVING_" + field_name.upper()
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, built from `ServingConfig`'s fields and their help."""
     parser = argparse.ArgumentParser(
@@ -233,12 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag can also be given as an environment variable SERVING_<FLAG> (dashes as underscores).",
     )
     for f in fields(ServingConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata['help']} [env {_env_name(f.name)}; default {f.default!r}]"
+        help_ = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default!r}]"
         if isinstance(f.default, bool):  # a switch: present = true (env: true/false, 1/0, yes/no)
-            parser.add_argument(flag, action="store_const", const=True, default=None, help=help_)
+            parser.add_argument(flag(f.name), action="store_const", const=True, default=None, help=help_)
             continue
-        parser.add_argument(flag, type=type(f.default), default=None, help=help_)
+        parser.add_argument(flag(f.name), type=type(f.default), default=None, help=help_)
     return parser
 
 
@@ -262,12 +286,12 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     for f in fields(ServingConfig):
         if args[f.name] is not None:
             values[f.name] = args[f.name]
-        elif _env_name(f.name) in environ:
-            raw = environ[_env_name(f.name)]
+        elif env_name(f.name) in environ:
+            raw = environ[env_name(f.name)]
             try:
                 values[f.name] = _parse_bool(raw) if isinstance(f.default, bool) else type(f.default)(raw)
             except ValueError as exc:
-                raise ConfigError(f"{_env_name(f.name)}={raw!r}: {exc}") from exc
+                raise ConfigError(f"{env_name(f.name)}={raw!r}: {exc}") from exc
     if not values.get("model") and not values.get("upstream") and Path(SAGEMAKER_MODEL_DIR).is_dir():
         values["model"] = SAGEMAKER_MODEL_DIR
     return ServingConfig(**values)  # type: ignore[arg-type]

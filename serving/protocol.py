@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -20,6 +20,11 @@ MAX_MODEL_NAME_CHARS = 256  # the model id is echoed in errors and written to th
 MAX_STOP_SEQUENCES = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # each; stop handling costs grow with their length on every generated token
 MAX_USER_CHARS = 256
+# Every list a client sends is bounded, and validated fail-fast (pydantic's `fail_fast`: the first bad item ends the
+# list's validation), so a body of a million list items costs one error, not a million (docs/serving.md "Limits").
+MAX_MESSAGES = 2048  # chat messages per request
+MAX_CONTENT_PARTS = 256  # text parts per message
+MAX_PROMPTS = 1  # prompts per completions request (n=1 and one prompt are what this server implements)
 # torch.Generator.manual_seed accepts exactly this range (a signed or unsigned 64-bit integer)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
@@ -77,6 +82,10 @@ def _same(value: Any, no_op: Any) -> bool:
     return (value is None and no_op is None) or (type(value) is type(no_op) and value == no_op)
 
 
+StopList = Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES, fail_fast=True)]
+PromptList = Annotated[list[str], Field(min_length=MAX_PROMPTS, max_length=MAX_PROMPTS, fail_fast=True)]
+
+
 class StreamOptions(BaseModel):
     """OpenAI's `stream_options`."""
 
@@ -95,7 +104,7 @@ class _SamplingFields(BaseModel):
     )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=1, description="Only n=1 is supported.")
-    stop: str | list[str] | None = Field(
+    stop: str | StopList | None = Field(
         default=None, description=f"At most {MAX_STOP_SEQUENCES} sequences of 1-{MAX_STOP_CHARS} characters."
     )
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
@@ -132,14 +141,7 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     """The body of `POST /v1/completions` (one prompt per request)."""
 
-    prompt: str | list[str]
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("exactly one prompt per request is supported")
-        return v
+    prompt: str | PromptList = Field(description="One prompt: a string, or a list holding exactly one string.")
 
     @property
     def prompt_text(self) -> str:
@@ -161,7 +163,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS, fail_fast=True)] | None = None
 
     @property
     def text(self) -> str:
@@ -173,7 +175,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     """The body of `POST /v1/chat/completions`."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES, fail_fast=True)]
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
@@ -192,7 +194,7 @@ class SageMakerParameters(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     do_sample: bool | None = None
-    stop: list[str] | None = None
+    stop: StopList | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     return_full_text: bool = False
 

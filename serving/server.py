@@ -2,16 +2,19 @@
 
     read keys -> bind socket -> load engine -> build app -> serve
 
-The keys file is read and the port bound before the model loads, so a bad keys file or a busy port fails at once
-(one line, an exit status) instead of after minutes of loading. Until the app serves, connections wait in the
-listen backlog (probes time out: Kubernetes' startupProbe covers the load). On SIGTERM/SIGINT the server stops
-accepting, `/readyz` turns 503, in-flight requests get up to `drain_timeout_s` to finish (then they are cut with a
-`drain_deadline` error), the engine stops and the process exits 0; a repeated signal also ends in exit 0.
+The keys file is read and the port (and the operations listener's, `--ops-port`) bound before the model loads, so a bad
+keys file or a busy port fails at once (one line, an exit status) instead of after minutes of loading. Until the app
+serves, connections wait in the listen backlog (probes time out: Kubernetes' startupProbe covers the load). On
+SIGTERM/SIGINT the server stops accepting, `/readyz` turns 503, in-flight requests get up to `drain_timeout_s` to finish
+(then they are cut with a `drain_deadline` error), the engine stops and the process exits 0; a repeated signal also ends
+in exit 0. While serving, the keys file is reloaded when it changes or on SIGHUP (`watch_keys`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import os
 import resource
@@ -31,10 +34,10 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serving import audit
-from serving.auth import KeyFileError, KeyStore
+from serving.auth import KeyFile, KeyFileError, KeyStore
 from serving.backends.base import Backend
 from serving.config import ServingConfig
-from serving.handlers import AppState
+from serving.inflight import AppState
 from serving.metrics import Metrics
 
 log = logging.getLogger("serving")
@@ -62,19 +65,32 @@ class DrainingServer(uvicorn.Server):
     uvicorn re-raises a captured signal after shutdown (the process would die by SIGTERM, exit status 143); a
     container orchestrator should see exit 0 after a clean drain, so the signal is not recorded for re-raising.
     At `drain_timeout_s` after the signal, requests still in flight are cut with an OpenAI-shaped `drain_deadline`
-    error and an audit line (`handlers.cut_in_flight`), before uvicorn's own deadline would cancel them into a
+    error and an audit line (`inflight.cut_in_flight`), before uvicorn's own deadline would cancel them into a
     plain-text 500.
     """
 
-    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+    def __init__(self, config: uvicorn.Config, state: AppState, key_file: KeyFile | None = None) -> None:
         super().__init__(config)
         self.serving_state = state
+        self.key_file = key_file
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._keys_task: asyncio.Task[None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop.set_exception_handler(_quiet_exception_handler())
+        if self.key_file is not None:
+            wake = asyncio.Event()
+            self._loop.add_signal_handler(signal.SIGHUP, wake.set)
+            self._keys_task = self._loop.create_task(
+                watch_keys(self.serving_state, self.key_file, self.serving_state.cfg.keys_reload_s, wake)
+            )
         await super().startup(sockets)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._keys_task is not None:
+            self._keys_task.cancel()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:
@@ -89,7 +105,7 @@ class DrainingServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(self._loop.call_later, drain, self._cut)
 
     def _cut(self) -> None:
-        from serving.handlers import cut_in_flight
+        from serving.inflight import cut_in_flight
 
         cut = cut_in_flight(self.serving_state)
         if cut:
@@ -113,30 +129,57 @@ def _quiet_exception_handler() -> Callable[[asyncio.AbstractEventLoop, dict[str,
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol plus two guards uvicorn lacks: a deadline for a complete request head (a new
-    connection, or a kept-alive one that starts a request, must send its headers within `header_timeout_s`, so idle
-    and half-sent connections cannot pile up), and a cap on open connections (beyond it a new connection is closed
-    at once, so sockets never exhaust the descriptors that health checks, the model and the upstream need).
+    """uvicorn's h11 protocol plus guards uvicorn lacks: a deadline for a complete request head (a new connection, or
+    a kept-alive one that starts a request, must send its headers within `header_timeout_s`, so idle and half-sent
+    connections cannot pile up), and caps on open connections: in all, per peer address, and apart for the
+    operations listener (`ops_port`). Beyond a cap a new connection is closed at once, so sockets never exhaust the
+    descriptors that health checks, the model and the upstream need, one peer cannot take every slot, and no client
+    connection can take the probes' slots.
 
     uvicorn's `timeout_keep_alive` covers only the idle time after a response, and `limit_concurrency` answers 503
-    only once a request head has arrived, which a slow client never completes.
+    only once a request head has arrived, which a slow client never completes. Use `guarded_protocol` to make the
+    class for one server: the counters are per class.
     """
 
     header_timeout_s = 10.0
     max_connections = 1024
+    max_connections_per_peer = 512
+    ops_port = 0
+    ops_max_connections = 32
+    _clients = 0
+    _ops = 0
+    _peers: collections.Counter[str] = collections.Counter()
     _last_cap_log = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
+        self._slot: str | None = None  # what this connection counts against: "ops", or its peer address
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
-            now = time.monotonic()
-            if now - GuardedH11Protocol._last_cap_log > 10.0:
-                GuardedH11Protocol._last_cap_log = now
-                log.warning("connection cap (%d) reached: closing new connections", self.max_connections)
-            transport.abort()
-            return
+        cls = type(self)
+        sockname = transport.get_extra_info("sockname")
+        peername = transport.get_extra_info("peername")
+        peer = str(peername[0]) if isinstance(peername, tuple) and peername else "-"
+        if cls.ops_port and isinstance(sockname, tuple) and len(sockname) > 1 and sockname[1] == cls.ops_port:
+            if cls._ops >= cls.ops_max_connections:
+                return self._refuse(transport, f"operations listener cap ({cls.ops_max_connections})")
+            cls._ops += 1
+            self._slot = "ops"
+        else:
+            if cls._clients >= cls.max_connections:
+                return self._refuse(transport, f"connection cap ({cls.max_connections})")
+            if cls._peers[peer] >= cls.max_connections_per_peer:
+                return self._refuse(transport, f"per-peer connection cap ({cls.max_connections_per_peer})")
+            cls._clients += 1
+            cls._peers[peer] += 1
+            self._slot = peer
         self._watch_head()
+
+    def _refuse(self, transport: asyncio.Transport, cap: str) -> None:
+        now = time.monotonic()
+        if now - GuardedH11Protocol._last_cap_log > 10.0:
+            GuardedH11Protocol._last_cap_log = now
+            log.warning("%s reached: closing new connections", cap)
+        transport.abort()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -148,7 +191,19 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._release_slot()
         super().connection_lost(exc)
+
+    def _release_slot(self) -> None:
+        cls, slot = type(self), getattr(self, "_slot", None)
+        self._slot = None
+        if slot == "ops":
+            cls._ops -= 1
+        elif slot is not None:
+            cls._clients -= 1
+            cls._peers[slot] -= 1
+            if cls._peers[slot] <= 0:
+                del cls._peers[slot]
 
     def _watch_head(self) -> None:
         """Armed while the client owes a request head: on a fresh connection, and once a kept-alive connection has
@@ -168,6 +223,24 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def guarded_protocol(cfg: ServingConfig) -> type[GuardedH11Protocol]:
+    """The protocol class for one server: its timeouts and caps, and counters of its own."""
+    cap = connection_cap(cfg)
+    return type(
+        "ServingH11Protocol",
+        (GuardedH11Protocol,),
+        {
+            "header_timeout_s": cfg.header_timeout_s,
+            "max_connections": cap,
+            "max_connections_per_peer": cfg.max_connections_per_peer or max(1, cap // 2),
+            "ops_port": cfg.ops_port,
+            "_clients": 0,
+            "_ops": 0,
+            "_peers": collections.Counter(),
+        },
+    )
 
 
 def connection_cap(cfg: ServingConfig) -> int:
@@ -241,26 +314,58 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_keys(cfg: ServingConfig) -> KeyStore:
-    """Fail closed: no keys means no server, unless the operator said --allow-unauthenticated."""
-    keys = KeyStore([])
-    if cfg.api_keys_file:
+async def watch_keys(state: AppState, key_file: KeyFile, interval_s: float, wake: asyncio.Event) -> None:
+    """Reload the keys file when it changes (checked every `interval_s`; 0: never by itself) or on SIGHUP (`wake`).
+
+    A file that fails to parse keeps the keys in force (the error names the line, never its text); a file emptied of
+    keys refuses every request (it never turns authentication off). Requests already admitted finish; a removed key
+    is refused from its next request on, and its rate-limit windows (by key id) carry over for kept keys."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval_s or None)
+        forced = wake.is_set()
+        wake.clear()
+        if not (forced or key_file.changed()):
+            continue
         try:
-            keys = KeyStore.from_file(cfg.api_keys_file, cfg.default_rpm, cfg.default_tpm)
+            store = await asyncio.to_thread(key_file.load)
+        except OSError as exc:
+            log.error("api keys file %s: %s; keeping the keys loaded before", key_file.path, exc.strerror)
+            continue
+        except KeyFileError as exc:
+            log.error("api keys file %s: %s; keeping the keys loaded before", key_file.path, exc)
+            continue
+        if not store.enabled and not state.cfg.allow_unauthenticated:
+            log.warning("api keys file %s holds no keys now: every request is refused", key_file.path)
+            store = KeyStore([], deny_all=True)
+        else:
+            log.info("api keys reloaded: %d keys (hashes only)", len(store))
+        state.keys = store
+
+
+def load_keys(cfg: ServingConfig) -> tuple[KeyStore, KeyFile | None]:
+    """Fail closed: no keys means no server, unless the operator said --allow-unauthenticated. The `KeyFile` is
+    watched for changes while serving (`watch_keys`)."""
+    keys = KeyStore([])
+    key_file = None
+    if cfg.api_keys_file:
+        key_file = KeyFile(cfg.api_keys_file, cfg.default_rpm, cfg.default_tpm)
+        try:
+            keys = key_file.load()
         except OSError as exc:
             raise StartupError(EXIT_CONFIG, f"api keys file {cfg.api_keys_file}: {exc.strerror}") from None
         except KeyFileError as exc:
             raise StartupError(EXIT_CONFIG, f"api keys file {cfg.api_keys_file}: {exc}") from None
     if keys.enabled:
         log.info("lifecycle: %d API keys loaded (hashes only)", len(keys))
-        return keys
+        return keys, key_file
     if not cfg.allow_unauthenticated:
         where = f"api keys file {cfg.api_keys_file} holds no keys" if cfg.api_keys_file else "no --api-keys-file"
         raise StartupError(
             EXIT_CONFIG, f"{where}: refusing to serve without authentication (pass --allow-unauthenticated to do so)"
         )
     log.warning("lifecycle: --allow-unauthenticated: authentication is DISABLED")
-    return keys
+    return keys, key_file
 
 
 def _exit_quietly(sig: int, frame: FrameType | None) -> None:
@@ -276,6 +381,8 @@ def run(cfg: ServingConfig) -> int:
     audit.configure_audit_log()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _exit_quietly)
+    # SIGHUP reloads the keys once serving (`DrainingServer.startup`); before that its default would kill the process
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         return _run(cfg)
     except StartupError as exc:
@@ -292,17 +399,27 @@ def run(cfg: ServingConfig) -> int:
 def _run(cfg: ServingConfig) -> int:
     metrics = Metrics()
     # cheap checks first: a bad keys file or a busy port fails in a second, not after minutes of model loading
-    keys = load_keys(cfg)
+    keys, key_file = load_keys(cfg)
     try:
         sock = bind_socket(cfg.host, cfg.port)
     except OSError as exc:
         raise StartupError(EXIT_BIND, f"cannot bind {cfg.host}:{cfg.port}: {exc.strerror}") from None
+    sockets = [sock]
+    if cfg.ops_port:
+        try:
+            sockets.append(bind_socket(cfg.host, cfg.ops_port))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(
+                EXIT_BIND, f"cannot bind {cfg.host}:{cfg.ops_port} (--ops-port): {exc.strerror}"
+            ) from None
     log.info("lifecycle: bound %s:%d (pid %d); loading the engine", cfg.host, cfg.port, os.getpid())
     try:
         backend = load_engine(cfg, metrics)
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         log.debug("engine load failed", exc_info=True)
-        sock.close()
+        for s in sockets:
+            s.close()
         raise StartupError(EXIT_MODEL, f"cannot load the model {cfg.model}: {type(exc).__name__}: {exc}") from None
 
     from serving.app import build_app  # imported late: FastAPI import cost is not on the engine's critical path
@@ -320,15 +437,12 @@ def _run(cfg: ServingConfig) -> int:
     )
     app = build_app(state)
     metrics.ready.set(1)
-    protocol = type(
-        "ServingH11Protocol",
-        (GuardedH11Protocol,),
-        {"header_timeout_s": cfg.header_timeout_s, "max_connections": connection_cap(cfg)},
-    )
+    protocol = guarded_protocol(cfg)
     log.info(
-        "lifecycle: app built; serving (request body limit %d bytes, at most %d connections)",
+        "lifecycle: app built; serving (request body limit %d bytes, at most %d connections, %d per peer)",
         state.max_request_bytes,
         protocol.max_connections,
+        protocol.max_connections_per_peer,
     )
 
     server = DrainingServer(
@@ -343,8 +457,9 @@ def _run(cfg: ServingConfig) -> int:
             lifespan="on",
         ),
         state,
+        key_file,
     )
-    server.run(sockets=[sock])
+    server.run(sockets=sockets)
     log.info("lifecycle: stopped")
     return 0
 

@@ -132,11 +132,16 @@ class LocalBackend:
             if isinstance(body, ChatCompletionRequest)
             else len(body.prompt_text)
         )
-        if chars > self.max_model_len * MAX_CHARS_PER_TOKEN:
+        # fewest tokens the prompt can have: its characters at the densest plausible rate, plus at least one
+        # template token per chat message (an empty message still renders its role markers)
+        floor = -(-chars // MAX_CHARS_PER_TOKEN) + (
+            len(body.messages) if isinstance(body, ChatCompletionRequest) else 0
+        )
+        if floor > self.max_model_len:
             # bounded work: a prompt this long cannot fit the context, so it is refused without tokenizing it
             raise bad_request(
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {chars} "
-                "characters, more than any prompt of that many tokens.",
+                "characters in its messages and their template, more than any prompt of that many tokens.",
                 param=param,
                 code="context_length_exceeded",
             )

@@ -7,8 +7,10 @@ chunk again when the client did not ask for it.
 
 Parity with the built-in engine: `max_tokens` defaults to --default-max-tokens (never the upstream's default, which
 for vLLM is the rest of the context), only the declared request fields are forwarded (`FORWARDED_FIELDS`), and the
-key's token budget is reserved before forwarding (prompt estimated from its length, settled to the upstream's usage,
-or to the chunks counted as they pass when the upstream reports none, so an abandoned stream is charged too). The
+key's token budget is reserved before forwarding (prompt bounded from above by its UTF-8 size, one token per byte
+plus the chat template's tokens per message, so concurrent requests cannot overspend the key; settled to the
+upstream's usage, or to the chunks counted as they pass when the upstream reports none, so an abandoned stream is
+charged too). The
 upstream's own 401/403/429 are about the gateway's credentials or the upstream's capacity, never the client's key:
 they become 502 / 503 with a message that says so.
 """
@@ -36,9 +38,16 @@ log = logging.getLogger("serving.upstream")
 FORWARDED_FIELDS = frozenset(
     {"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user"}
 )
-# Prompt tokens are estimated from UTF-8 bytes before the upstream reports the real count (typical BPE vocabularies
-# average 3-4 bytes per token on English text; the reservation settles to the real usage at the end).
+# Completion tokens are estimated from UTF-8 bytes when the upstream reports no usage (typical BPE vocabularies
+# average 3-4 bytes per token on English text).
 BYTES_PER_TOKEN_ESTIMATE = 4
+# The reservation before forwarding is an upper bound, never an average: a byte-level BPE or byte-fallback
+# SentencePiece token covers at least one byte, so a prompt has at most one token per UTF-8 byte (digits and CJK come
+# close: about one each), and a chat template adds tokens per message (role markers, separators: 4-6 in ChatML and
+# Llama 3's) and per request (a default system prompt, the generation prompt), which an empty message's 0 bytes do not
+# show. Reserving bytes / 4 let a tpm=2000 key spend 7380 tokens with concurrent requests.
+TEMPLATE_TOKENS_PER_MESSAGE = 8
+TEMPLATE_TOKENS_PER_REQUEST = 64
 
 
 class UpstreamBackend:
@@ -197,12 +206,14 @@ class UpstreamBackend:
 
 
 def estimate_prompt_tokens(body: GenerationBody) -> int:
-    """An upper-bound guess of the prompt's tokens from its UTF-8 size, until the upstream reports the count."""
+    """The most tokens the prompt can have (what is reserved until the upstream reports the count): one per UTF-8
+    byte, plus the chat template's tokens, plus one for a BOS token."""
     if isinstance(body, ChatCompletionRequest):
         size = sum(len(m.text.encode()) for m in body.messages)
+        template = TEMPLATE_TOKENS_PER_REQUEST + TEMPLATE_TOKENS_PER_MESSAGE * len(body.messages)
     else:
-        size = len(body.prompt_text.encode())
-    return max(1, -(-size // BYTES_PER_TOKEN_ESTIMATE))
+        size, template = len(body.prompt_text.encode()), 0
+    return size + template + 1
 
 
 def _upstream_error(status: int, content: bytes, headers: httpx.Headers) -> APIError:

@@ -12,7 +12,7 @@ import pulumi_kubernetes as k8s
 import pytest
 
 from facts import pulumi_types as tok
-from facts.cluster import TRAINING_METRICS_PORT
+from facts.cluster import SERVING_OPS_PORT, TRAINING_METRICS_PORT
 from facts.tags import stack_tags
 from infra.config import StackConfig
 from infra.config import load_stack as stack_config
@@ -225,7 +225,10 @@ def test_training_metrics_port_admits_only_the_monitoring_namespace(dev: tuple[S
     assert rule["from"] == [{"namespaceSelector": {"matchLabels": {TRAINING_METRICS_ACCESS_LABEL: "allowed"}}}]
     # The label the monitoring namespace carries.
     assert monitoring_namespace()["metadata"]["labels"][TRAINING_METRICS_ACCESS_LABEL] == "allowed"
-    assert "allow-metrics-ingress" not in policies(run, attrs["serving_namespace"])
+    # the serving pods' /metrics is on their operations port, admitted from the same scrapers and no client namespace
+    [rule] = policies(run, attrs["serving_namespace"])["allow-metrics-ingress"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": SERVING_OPS_PORT}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {TRAINING_METRICS_ACCESS_LABEL: "allowed"}}}]
 
 
 def test_metrics_ports_admit_only_the_managed_collectors_subnets_with_amp() -> None:

@@ -217,10 +217,14 @@ def test_serving_pods_are_annotated_for_the_serving_job(run_stack: Callable[...,
 
 
 def test_serving_network_policy_admits_the_in_cluster_prometheus(run_stack: Callable[..., Run]) -> None:
-    """kubernetes_base's default-deny in llm-serving admits port 8080 only from labelled namespaces."""
+    """kubernetes_base's default-deny in llm-serving admits the metrics (operations) port only from the scrapers'
+    namespace: /metrics is not on the client port 8080."""
     run = run_stack("dev", SERVING)
     (policy,) = [
-        r.inputs for r in run.of_type(tok.K8S_NETWORK_POLICY) if r.inputs["metadata"]["name"] == "allow-http-ingress"
+        r.inputs
+        for r in run.of_type(tok.K8S_NETWORK_POLICY)
+        if r.inputs["metadata"]["name"] == "allow-metrics-ingress"
+        and r.inputs["metadata"]["namespace"] == "llm-serving"
     ]
     (rule,) = policy["spec"]["ingress"]
     selectors = [s["namespaceSelector"]["matchLabels"] for s in rule["from"] if "namespaceSelector" in s]

@@ -10,6 +10,7 @@ import pulumi_kubernetes as k8s
 import pytest
 
 from facts import pulumi_types as tok
+from facts.cluster import SERVING_OPS_PORT
 from facts.tags import STACK_TAG, stack_tags
 from infra.config import StackConfig
 from infra.config import load_stack as stack_config
@@ -167,20 +168,26 @@ def test_builtin_engine_container(dev: tuple[StackConfig, Run, dict]) -> None:
         f"s3://{BUCKET}/{cfg.serving.model_prefix}",
         "--port",
         "8080",
+        "--ops-port",
+        str(SERVING_OPS_PORT),
         "--api-keys-file",
         API_KEYS_FILE,
     ]
-    assert server["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert server["ports"] == [
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "ops", "containerPort": SERVING_OPS_PORT, "protocol": "TCP"},
+    ]
     assert pod["serviceAccountName"] == SERVICE_ACCOUNT
 
 
 def test_probes(dev: tuple[StackConfig, Run, dict]) -> None:
     _, run, _ = dev
     server = container(run, "server")
-    assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # on the operations listener, whose connection slots no client connection can take
+    assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
+    assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
     startup = server["startupProbe"]
-    assert startup["httpGet"]["path"] == "/readyz"
+    assert startup["httpGet"] == {"path": "/readyz", "port": "ops"}
     # generous: at least 15 minutes to download and load a model
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 900
 
@@ -229,7 +236,7 @@ def test_spread_across_zones_and_scraped(dev: tuple[StackConfig, Run, dict]) -> 
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {
         "prometheus.io/scrape": "true",
-        "prometheus.io/port": "8080",
+        "prometheus.io/port": str(SERVING_OPS_PORT),  # /metrics is not served on the client port
         "prometheus.io/path": "/metrics",
     }
 

@@ -95,10 +95,16 @@ class ServingProcess:
     stdout_path: Path
     stderr_path: Path
     _files: list = field(default_factory=list)
+    ops_port: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ops_url(self) -> str:
+        """The operations listener (--ops-port): probes and /metrics."""
+        return f"http://127.0.0.1:{self.ops_port}"
 
     def audit_lines(self) -> list[dict]:
         lines = self.stdout_path.read_text().splitlines()
@@ -128,22 +134,36 @@ ServerFactory = Callable[..., ServingProcess]
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
-    """Start `python -m serving <args>` on a free loopback port; every process is stopped at session end."""
+    """Start `python -m serving <args>` on a free loopback port (and its operations listener on another); every
+    process is stopped at session end."""
     started: list[ServingProcess] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> ServingProcess:
-        port = free_port()
+        port, ops_port = free_port(), free_port()
+        while ops_port == port:
+            ops_port = free_port()
         logs = tmp_path_factory.mktemp("server")
         out, err = (logs / "stdout.log").open("wb"), (logs / "stderr.log").open("wb")
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **(env or {})}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--port", str(port), *args],
+            [
+                sys.executable,
+                "-m",
+                "serving",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--ops-port",
+                str(ops_port),
+                *args,
+            ],
             cwd=REPO_ROOT,
             stdout=out,
             stderr=err,
             env=full_env,
         )
-        server = ServingProcess(proc, port, logs / "stdout.log", logs / "stderr.log", [out, err])
+        server = ServingProcess(proc, port, logs / "stdout.log", logs / "stderr.log", [out, err], ops_port)
         started.append(server)
         try:
             wait_http(server.url + "/readyz", 120, proc, "server")

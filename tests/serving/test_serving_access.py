@@ -110,13 +110,13 @@ def test_key_file_keeps_only_hashes() -> None:
     with pytest.raises(APIError):
         store.authenticate("sk-c", 100, 1000)
     with pytest.raises(ValueError):
-        KeyStore.parse("a k\na k2\n", 1, 1)  # duplicate ids
+        KeyStore.parse("a sk-one-0123456789ab\na sk-two-0123456789ab\n", 1, 1)  # duplicate ids
 
 
 def test_rate_limiter_windows_slide() -> None:
     now = [0.0]
     limiter = RateLimiter(clock=lambda: now[0])
-    key = KeyStore.parse("k sk-k rpm=2 tpm=100", 1, 1).authenticate("sk-k", 1, 1)
+    key = KeyStore.parse("k sk-k-0123456789abcdef rpm=2 tpm=100", 1, 1).authenticate("sk-k-0123456789abcdef", 1, 1)
     limiter.admit(key)
     limiter.admit(key)
     with pytest.raises(APIError) as err:

@@ -14,14 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving.conftest import MODEL_ID, ServerFactory, ServingProcess
+from tests.serving.conftest import ALICE_KEY, MODEL_ID, ServerFactory, ServingProcess
 
 
 @pytest.fixture(scope="module")
 def guarded(start_server: ServerFactory, debug_model_dir: Path) -> ServingProcess:
     return start_server(
         "--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--allow-unauthenticated",
-        "--header-timeout-s", "1", "--keepalive-timeout-s", "1", "--max-connections", "40",
+        "--header-timeout-s", "1", "--keepalive-timeout-s", "1", "--max-connections", "40", "--body-timeout-s", "1",
     )  # fmt: skip
 
 
@@ -200,3 +200,111 @@ def test_sigterm_while_the_model_loads_exits_0(debug_model_dir: Path, tmp_path: 
         if proc.poll() is None:
             proc.kill()
         err.close()
+
+
+# -- early responses, per-peer cap, the operations listener ----------------------------------------------------------
+
+
+def response_then_closed(sock: socket.socket, trickle: bytes = b"x", within: float = 5.0) -> bytes:
+    """The response head the server sends; asserts the server then closes the connection, though the client keeps
+    trickling body bytes (one every 0.2 s) as an attacker holding the slot would."""
+    sock.settimeout(within)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, "closed before answering"
+        head += chunk
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(trickle)
+        except OSError:
+            return head
+        if closed_within(sock, 0.2):
+            return head
+    raise AssertionError(f"connection still open {within}s after {head.splitlines()[0]!r}")
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        (b"Authorization: Bearer sk-wrong-key-0123456789\r\nContent-Length: 1000\r\n", b"401"),
+        (b"Content-Length: 1000\r\n", b"401"),  # no key at all
+        (f"Authorization: Bearer {ALICE_KEY}\r\nContent-Length: 999999999\r\n".encode(), b"413"),
+    ],
+)
+def test_a_response_sent_before_the_body_was_read_closes_the_connection(
+    server: ServingProcess, headers: bytes, status: bytes
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + headers)
+        sock.sendall(b'\r\n{"mod')
+        head = response_then_closed(sock)
+    assert head.split(b" ")[1] == status
+    assert b"connection: close" in head.lower()
+
+
+def test_a_body_timeout_closes_the_connection(guarded: ServingProcess) -> None:
+    """408 after --body-timeout-s (30 s by default, so here a server with 1 s)."""
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        head = response_then_closed(sock, within=10)
+    assert head.split(b" ")[1] == b"408"
+
+
+def test_a_fully_read_request_keeps_the_connection(server: ServingProcess) -> None:
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {ALICE_KEY}"}) as client:
+        first = client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "x", "temperature": 9})
+        assert first.status_code == 400 and first.headers.get("connection") != "close"  # refused after reading
+        assert client.get("/healthz").status_code == 200
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    """A connection from another loopback address (Linux routes all of 127/8 to lo): another peer."""
+    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+
+
+@pytest.fixture(scope="module")
+def capped(start_server: ServerFactory, debug_model_dir: Path) -> ServingProcess:
+    return start_server(
+        "--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--allow-unauthenticated",
+        "--header-timeout-s", "20", "--max-connections", "20", "--max-connections-per-peer", "8",
+    )  # fmt: skip
+
+
+def test_per_peer_cap_leaves_room_for_other_peers(capped: ServingProcess) -> None:
+    socks = [connect_from("127.0.0.2", capped.port) for _ in range(12)]
+    try:
+        closed = [closed_within(s, 0.5) for s in socks]
+        assert closed[:8] == [False] * 8 and all(closed[8:])
+        with connect_from("127.0.0.3", capped.port) as other:
+            other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            other.settimeout(10)
+            assert other.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_probes_and_metrics_have_their_own_listener(capped: ServingProcess) -> None:
+    """Every client slot taken (20, from three peers): the client port refuses new connections, the operations
+    listener still answers probes. /metrics is served there and only there; the API is not served there."""
+    socks = [connect_from(f"127.0.0.{4 + i % 3}", capped.port) for i in range(24)]
+    try:
+        assert sum(closed_within(s, 0.5) for s in socks) == 4
+        with connect_from("127.0.0.9", capped.port) as late:
+            assert closed_within(late, 2)  # beyond the cap
+        for path in ("/healthz", "/readyz", "/ping"):
+            assert httpx.get(capped.ops_url + path, timeout=10).status_code == 200, path
+        metrics = httpx.get(capped.ops_url + "/metrics", timeout=10)
+        assert metrics.status_code == 200 and "llm_serving_prefix_cache" in metrics.text
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(0.3)
+    client_metrics = httpx.get(capped.url + "/metrics", timeout=10)
+    assert client_metrics.status_code == 404 and client_metrics.json()["error"]["type"] == "not_found_error"
+    assert httpx.get(capped.url + "/healthz", timeout=10).status_code == 200  # probes answer on both
+    body = {"model": MODEL_ID, "prompt": "x", "max_tokens": 1}
+    assert httpx.post(capped.ops_url + "/v1/completions", json=body, timeout=10).status_code == 404
+    assert httpx.post(capped.url + "/v1/completions", json=body, timeout=30).status_code == 200

@@ -1,6 +1,7 @@
 """Fuzzing the API from its own request models: bodies generated from the pydantic models' JSON schemas (the same
-schemas /openapi.json documents), valid and mutated, against a running server. Whatever the body: never a 5xx,
-always an OpenAI-shaped error or a complete response, and the server keeps serving.
+schemas /openapi.json documents), valid and mutated (lists beyond their `maxItems` included), against a running
+server. Whatever the body: never a 5xx, always an OpenAI-shaped error or a complete response, and the server keeps
+serving.
 
 Fixed budget for CI: `derandomize=True` (the same examples every run, no example database) and a fixed
 `max_examples` per model.
@@ -77,7 +78,13 @@ def from_schema(schema: dict[str, Any], defs: dict[str, Any], name: str = "") ->
         return st.none()
     if kind == "array":
         items = from_schema(schema.get("items", {}), defs)
-        return st.lists(items, min_size=schema.get("minLength", schema.get("minItems", 0)), max_size=3)
+        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        within = st.lists(items, min_size=low, max_size=3 if high is None else max(low, min(3, high)))
+        if high is None:
+            return within
+        # now and then a list beyond its bound (up to a few thousand copies of one item): refused with one 400
+        beyond = st.builds(lambda item, n: [item] * n, items, st.integers(high + 1, high + 4000))
+        return mostly(within, beyond)
     if kind == "object" or "properties" in schema:
         props = schema.get("properties", {})
         required = set(schema.get("required", []))

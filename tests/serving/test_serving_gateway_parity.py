@@ -15,11 +15,12 @@ import httpx
 import pytest
 
 from serving.backends.base import RequestContext
-from serving.backends.upstream import FORWARDED_FIELDS, UpstreamBackend
+from serving.backends.upstream import FORWARDED_FIELDS, UpstreamBackend, estimate_prompt_tokens
 from serving.protocol import ChatCompletionRequest
 from tests.serving.conftest import MODEL_ID, ServerFactory, ServingProcess
 
 GATE_KEY = "sk-test-gate-0123456789"
+DIGITS_KEY = "sk-test-digits-0123456789"  # tpm=2000: the overspend case
 STREAMED_CHUNKS = 6
 
 
@@ -41,6 +42,12 @@ class FakeUpstream(BaseHTTPRequestHandler):
             return self._json(401, {"error": {"message": "Incorrect API key provided.", "code": "invalid_api_key"}})
         if prompt == "upstream-429":
             return self._json(429, {"error": {"message": "Rate limit reached"}}, {"Retry-After": "7"})
+        if prompt.startswith("usage-hold"):  # one token per byte, as digits or CJK are: and the real count reported
+            time.sleep(1.0)
+            usage = {"prompt_tokens": len(prompt.encode()), "completion_tokens": 8}
+            usage["total_tokens"] = usage["prompt_tokens"] + 8
+            choice = {"index": 0, "text": "12345678", "finish_reason": "length"}
+            return self._json(200, {"object": "text_completion", "choices": [choice], "usage": usage})
         if not body.get("stream"):  # no usage in the body, as some engines do
             if prompt.startswith("hold"):
                 time.sleep(1.0)
@@ -81,7 +88,7 @@ def fake_upstream() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def gate(start_server: ServerFactory, fake_upstream: str, tmp_path_factory: pytest.TempPathFactory) -> ServingProcess:
     keys = tmp_path_factory.mktemp("gate") / "keys"
-    keys.write_text(f"gate {GATE_KEY} tpm=400\n")
+    keys.write_text(f"gate {GATE_KEY} tpm=400\ndigits {DIGITS_KEY} tpm=2000\n")
     return start_server(
         "--upstream", fake_upstream, "--served-model-name", MODEL_ID, "--api-keys-file", str(keys),
         "--default-max-tokens", "7", "--max-tokens-cap", "100",
@@ -150,11 +157,48 @@ def test_streams_without_upstream_usage_are_counted_and_abandoned_ones_charged(g
 
 
 def test_gateway_reserves_the_key_budget_before_forwarding(gate: ServingProcess) -> None:
-    """tpm=400, six concurrent requests that may each use 110 tokens (10 estimated for the prompt + max_tokens 100)
-    and really use 12: at most three are in flight at once, the others are refused without reaching the upstream."""
+    """tpm=400, six concurrent requests that may each use 141 tokens (41 for the 40-byte prompt + max_tokens 100)
+    and really use 12: at most two are in flight at once, the others are refused without reaching the upstream."""
     FakeUpstream.received.clear()
     body = {"model": MODEL_ID, "prompt": "hold" + "x" * 36, "max_tokens": 100}
     with ThreadPoolExecutor(6) as pool:
         statuses = [r.status_code for r in pool.map(lambda _: call(gate, body), range(6))]
-    assert 1 <= statuses.count(200) <= 3 and statuses.count(429) == 6 - statuses.count(200)
+    assert 1 <= statuses.count(200) <= 2 and statuses.count(429) == 6 - statuses.count(200)
     assert len(FakeUpstream.received) == statuses.count(200)
+
+
+def test_concurrent_requests_cannot_overspend_the_key(gate: ServingProcess) -> None:
+    """A tpm=2000 key sends 20 concurrent 400-byte prompts of digits that really cost a token per byte: the reservation
+    (one token per byte) admits only what fits, so the tokens charged stay within 2000 (with bytes / 4 it was ~7400)."""
+    body = {"model": MODEL_ID, "prompt": "usage-hold-" + "7" * 389, "max_tokens": 8}
+    with ThreadPoolExecutor(20) as pool:
+        statuses = [
+            r.status_code
+            for r in pool.map(
+                lambda _: httpx.post(
+                    gate.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {DIGITS_KEY}"},
+                    timeout=60,
+                ),
+                range(20),
+            )
+        ]  # fmt: skip
+    assert statuses.count(200) >= 1 and set(statuses) <= {200, 429}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        charged = [a for a in gate.audit_lines() if a["key_id"] == "digits" and a["status"] == 200]
+        if len(charged) == statuses.count(200):
+            break
+        time.sleep(0.2)
+    assert all(a["prompt_tokens"] == 400 for a in charged)  # settled to the upstream's usage
+    assert sum(a["prompt_tokens"] + a["completion_tokens"] for a in charged) <= 2000
+
+
+def test_chat_reservation_counts_template_tokens_for_empty_messages() -> None:
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": ""}] * 1000, "max_tokens": 1}
+    )
+    assert estimate_prompt_tokens(body) >= 1000 * 4  # 0 bytes, but every message renders its role markers
+    prompt = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "12345678" * 100}], "max_tokens": 1}
+    )
+    assert estimate_prompt_tokens(prompt) >= 800  # one token per byte: digits come close to it

@@ -111,7 +111,7 @@ def test_raw_stream_is_sse_ending_with_done(server: ServingProcess) -> None:
 
 def test_metrics_expose_the_documented_names(server: ServingProcess, client: openai.OpenAI) -> None:
     client.completions.create(model=MODEL_ID, prompt="count me", max_tokens=3)
-    text = httpx.get(server.url + "/metrics", timeout=10).text
+    text = httpx.get(server.ops_url + "/metrics", timeout=10).text
     for name in (
         "llm_serving_requests_total",
         "llm_serving_request_latency_seconds_bucket",

@@ -46,7 +46,7 @@ def test_flood_above_the_queue_limit_is_shed_cleanly(small_server: ServingProces
         )
     # bounded memory: a queue of 2 cannot grow with the flood (generous slack for allocator noise)
     assert small_server.rss_kib() - rss_before < 200 * 1024
-    metrics = httpx.get(small_server.url + "/metrics").text
+    metrics = httpx.get(small_server.ops_url + "/metrics").text
     assert 'llm_serving_rejected_requests_total{reason="queue_full"}' in metrics
     assert httpx.get(small_server.url + "/readyz").status_code == 200
 
@@ -157,6 +157,6 @@ def test_every_way_a_request_ends_gives_back_its_slot(
             pytest.fail(f"answered before the client left: {r.status_code} {r.text[:300]}")
         ok()
     deadline = time.monotonic() + 10
-    while "llm_serving_inflight_requests 0.0" not in httpx.get(server.url + "/metrics").text:
+    while "llm_serving_inflight_requests 0.0" not in httpx.get(server.ops_url + "/metrics").text:
         assert time.monotonic() < deadline, "in-flight gauge never returned to 0"
         time.sleep(0.1)
