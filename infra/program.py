@@ -161,6 +161,7 @@ def check_before_declaring(cfg: StackConfig, account_id: str) -> Placement:
             [f"{cfg.project}:azCount = {cfg.network.az_count}: region {cfg.region} has only {len(zones)} zones"],
         )
     preflight.check_version_drift(cfg)
+    preflight.check_placeholders(cfg)
     training = cfg.cluster.pool("training")
     training_subnet_index = 0
     if training.capacity_reservation_id:

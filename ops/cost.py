@@ -60,11 +60,34 @@ def _num(value: Any, default: float = 0) -> float:
         return default
 
 
+def how_to_add_region(region: str) -> str:
+    return (
+        f'to price it, add a {region!r} entry under "regions" in ops/{PRICES_FILE.name} (copy "us-east-1" and '
+        'replace each price with that region\'s from the AWS pricing pages named in "source")'
+    )
+
+
+def unknown(region: str) -> dict[str, Any]:
+    """The estimate for a region without recorded prices: no totals (None), and how to add the prices."""
+    table = price_table()
+    return {
+        "currency": table["currency"],
+        "region": region,
+        "unknown": f"unknown for {region}: no prices recorded; {how_to_add_region(region)}",
+        "idle_monthly": None,
+        "peak_monthly": None,
+        "items": [],
+        "assumptions": [],
+        "price_source": f"{table['source']} Recorded {table['recorded']}.",
+    }
+
+
 def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, Any]:
-    """Cost of the report's resources (`[{"type", "name", "inputs", ...}]`) in `region`, as JSON-ready data."""
+    """Cost of the report's resources (`[{"type", "name", "inputs", ...}]`) in `region`, as JSON-ready data.
+    A region without recorded prices gets `unknown(region)`: totals None and the way to add them."""
     table = price_table()
     if region not in table["regions"]:
-        raise KeyError(f"no prices recorded for region {region}: add it to {PRICES_FILE.name}")
+        return unknown(region)
     p = table["regions"][region]
     a = table["assumptions"]
     hours = table["hours_per_month"]
@@ -189,6 +212,8 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
 
 def render(cost: Mapping[str, Any]) -> str:
     """Human-readable cost table for `ops.preview`."""
+    if cost.get("unknown"):
+        return f"Estimated monthly cost ({cost['currency']}, {cost['region']}): {cost['unknown']}"
     lines = [
         f"Estimated monthly cost ({cost['currency']}, {cost['region']}): "
         f"idle ${cost['idle_monthly']:,.2f}, peak ${cost['peak_monthly']:,.2f}"

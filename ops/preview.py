@@ -72,6 +72,7 @@ def preview(stack: str, config_file: Path | None = None, account: Account | None
     values, source = load_stack_file(stack, config_file)
     cfg = load_config(values, stack, source)  # fails before any resource is registered
 
+    from infra.preflight import placeholders
     from infra.program import build  # imported late: importing pulumi_aws costs ~2 s, config errors should not
 
     run = run_program(build, values, stack=stack, project=project_name(), region=cfg.region, account=account)
@@ -83,6 +84,7 @@ def preview(stack: str, config_file: Path | None = None, account: Account | None
     }
     report["policy"] = evaluate(resources_from_report(report), StackContext.from_config(cfg))
     report["cost"] = cost_estimate.estimate(report["resources"], cfg.region)
+    report["warnings"] = [f"placeholder value (`pulumi up` refuses it): {p}" for p in placeholders(values)]
     report["quotas"] = [{**vars(q), "request": q.request_command(cfg.region)} for q in required_quotas(cfg)]
     return report, run
 
@@ -188,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         print(cost_estimate.render(report["cost"]))
         print()
         print(_quotas_text(report))
+        if report["warnings"]:
+            print()
+            print("Warnings:")
+            print("\n".join(f"  - {w}" for w in report["warnings"]))
         print(f"\n(previewed offline under the mock engine in {time.monotonic() - started:.1f}s)")
     return 0 if report["policy"]["passed"] else 3
 
