@@ -5,6 +5,9 @@
     python -m ops.launch_training --stack dev --target sagemaker --name run1 --instance-type ml.p4d.24xlarge \\
         --preset llama-8b --data corpora/c4-en --spot
 
+`--follow` then shows one progress line until the job ends and prints the exported model and the command that
+serves it (`python -m ops.jobs wait`); the exit status is the job's outcome.
+
 Stack outputs come from `pulumi stack output --json` for `--stack`, or from `--outputs FILE` (that command's output
 or the offline preview's JSON). `--dry-run` prints what would be submitted and touches nothing.
 """
@@ -66,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance-count", type=int, default=1, help="SageMaker instances")
     p.add_argument("--spot", action="store_true", help="SageMaker managed spot training")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="after submitting, show progress until the job ends (ops.jobs wait); exit status = the job's outcome",
+    )
+    p.add_argument("--poll", type=float, default=15, help="--follow: seconds between polls (default 15)")
     return p
 
 
@@ -171,7 +180,8 @@ def launch_eks(args: argparse.Namespace, outputs: dict[str, Any]) -> int:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(kubeconfig if isinstance(kubeconfig, str) else json.dumps(kubeconfig))
             cmd += ["--kubeconfig", path]
-        return subprocess.run(cmd, input=manifest, text=True, check=False).returncode
+        rc = subprocess.run(cmd, input=manifest, text=True, check=False).returncode
+    return _follow(args, outputs) if rc == 0 and args.follow else rc
 
 
 def launch_sagemaker(args: argparse.Namespace, outputs: dict[str, Any]) -> int:
@@ -199,7 +209,14 @@ def launch_sagemaker(args: argparse.Namespace, outputs: dict[str, Any]) -> int:
         print(json.dumps(request, indent=2))
         return 0
     print(submit(request, region=outputs.get(out.REGION)))
-    return 0
+    return _follow(args, outputs) if args.follow else 0
+
+
+def _follow(args: argparse.Namespace, outputs: dict[str, Any]) -> int:
+    from ops import jobs
+
+    job = jobs.open_job(args.target, args.name, outputs)
+    return jobs.follow(job, outputs, args.stack, sys.stdout, poll_s=args.poll)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     except (StackError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # botocore's, without importing botocore for the dry runs
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        if isinstance(e, NoCredentialsError):
+            print(f"error: no AWS credentials ({e}): configure them, or add --dry-run", file=sys.stderr)
+            return 2
+        if isinstance(e, (BotoCoreError, ClientError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":
