@@ -8,8 +8,8 @@ import io
 import subprocess
 import sys
 import time
-from contextlib import redirect_stdout
-from datetime import datetime, timezone
+from contextlib import redirect_stdout, suppress
+from datetime import UTC, datetime
 from typing import Any
 
 import boto3
@@ -78,9 +78,7 @@ class FakeKube:
 
     def list_namespaced_pod(self, namespace: str, label_selector: str) -> k.V1PodList:
         assert label_selector == f"job-name={self.name},batch.kubernetes.io/job-completion-index=0"
-        meta = k.V1ObjectMeta(
-            name=f"{self.name}-0-abcde", creation_timestamp=datetime(2026, 12, 7, tzinfo=timezone.utc)
-        )
+        meta = k.V1ObjectMeta(name=f"{self.name}-0-abcde", creation_timestamp=datetime(2026, 12, 7, tzinfo=UTC))
         return k.V1PodList(items=[k.V1Pod(metadata=meta)])
 
     def read_namespaced_pod_log(self, name: str, namespace: str, container: str) -> str:
@@ -147,10 +145,8 @@ def test_an_unknown_eks_job_is_exit_2(outputs: dict[str, Any]) -> None:
 # -- SageMaker: moto ---------------------------------------------------------------------------------------------------
 def _sagemaker_logs(region: str, name: str, lines: list[str]) -> None:
     logs = boto3.client("logs", region_name=region)
-    try:
+    with suppress(logs.exceptions.ResourceAlreadyExistsException):
         logs.create_log_group(logGroupName=jobs.SAGEMAKER_LOG_GROUP)
-    except logs.exceptions.ResourceAlreadyExistsException:
-        pass
     stream = f"{name}/algo-1-1765100000"
     logs.create_log_stream(logGroupName=jobs.SAGEMAKER_LOG_GROUP, logStreamName=stream)
     now_ms = int(time.time() * 1000)  # CloudWatch (and moto) drop events older than 14 days
@@ -185,10 +181,10 @@ def test_launch_follow_on_sagemaker_ends_with_the_model_and_the_jobs_outcome(
 
 
 class FailedSageMaker:
-    class exceptions:  # noqa: N801 - boto3's client attribute
+    class exceptions:
         ClientError = Exception
 
-    def describe_training_job(self, TrainingJobName: str) -> dict[str, Any]:  # noqa: N803 - boto3's argument
+    def describe_training_job(self, TrainingJobName: str) -> dict[str, Any]:
         return {
             "TrainingJobStatus": "Failed",
             "SecondaryStatus": "Failed",
