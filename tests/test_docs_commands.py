@@ -95,7 +95,7 @@ def test_docs_paths_exist() -> None:
 def _make_n(*args: str) -> str:
     proc = subprocess.run(["make", "-n", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
-    return proc.stdout.splitlines()[-1]
+    return proc.stdout.splitlines()[-1].strip()
 
 
 def test_make_test_shows_progress_and_durations_and_test_fast_leaves_out_the_real_model() -> None:
