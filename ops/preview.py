@@ -84,6 +84,10 @@ def preview(stack: str, config_file: Path | None = None, account: Account | None
     }
     report["policy"] = evaluate(resources_from_report(report), StackContext.from_config(cfg))
     report["cost"] = cost_estimate.estimate(report["resources"], cfg.region)
+    if stack != "prod":
+        from infra.config import load_stack
+
+        report["tradeoffs"] = cost_estimate.tradeoffs(cfg, load_stack("prod"))
     report["warnings"] = [f"placeholder value (`pulumi up` refuses it): {p}" for p in placeholders(values)]
     report["quotas"] = [{**vars(q), "request": q.request_command(cfg.region)} for q in required_quotas(cfg)]
     return report, run
@@ -188,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         print(render_policy(report["policy"]))
         print()
         print(cost_estimate.render(report["cost"]))
+        if report.get("tradeoffs"):
+            print()
+            print(cost_estimate.render_tradeoffs(args.stack, report["tradeoffs"]))
         print()
         print(_quotas_text(report))
         if report["warnings"]:
