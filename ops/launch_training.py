@@ -35,7 +35,7 @@ from ops.training_k8s_job import (
     smallest_type,
     trainer_args,
 )
-from ops.training_sagemaker_job import SageMakerJobSpec, build_training_job_request, submit
+from ops.training_sagemaker_job import SageMakerJobSpec, build_training_job_request, model_trainer_view, submit
 from training import fit
 from training.config import ConfigError, TrainConfig
 from training.data import DataError
@@ -206,7 +206,9 @@ def launch_sagemaker(args: argparse.Namespace, outputs: dict[str, Any]) -> int:
     cfg = _validated(args, argv)
     check_fit(cfg, args.instance_type, args.instance_count, "--instance-count")
     if args.dry_run:
-        print(json.dumps(request, indent=2))
+        print(json.dumps(request, indent=2))  # the CreateTrainingJob request, as boto3 sends it
+        print("\nIn SageMaker Python SDK terms (sagemaker 3.x; not used, docs/training.md):", file=sys.stderr)
+        print(model_trainer_view(request), file=sys.stderr)
         return 0
     print(submit(request, region=outputs.get(out.REGION)))
     return _follow(args, outputs) if args.follow else 0

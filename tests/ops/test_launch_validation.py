@@ -91,3 +91,19 @@ def test_fit_model_states_its_parts_and_the_docs_table_matches_it() -> None:
         cells = [c.strip() for c in row.group(0).strip("|").split("|")][1:]
         want = [fit.fewest_nodes(preset(name), t) for t in ("g6e.xlarge", "g6e.12xlarge", "p4d.24xlarge")]
         assert cells == [f"{n} node{'s' if n > 1 else ''}" for n in want], name
+
+
+def test_sagemaker_dry_run_maps_to_the_sdks_model_trainer() -> None:
+    proc = launch("--target", "sagemaker", "--instance-count", "2", "--spot")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    request = json.loads(proc.stdout)  # stdout stays the CreateTrainingJob request
+    view = proc.stderr
+    assert "ModelTrainer(" in view
+    assert f"training_image={request['AlgorithmSpecification']['TrainingImage']!r}" in view
+    assert "compute=Compute(instance_type='ml.p4d.24xlarge', instance_count=2, volume_size_in_gb=200, " in view
+    assert "enable_managed_spot_training=True" in view
+    assert "StoppingCondition(max_runtime_in_seconds=86400, max_wait_time_in_seconds=172800)" in view
+    assert "InputData(channel_name='train', data_source=" in view
+    assert "Networking(enable_inter_container_traffic_encryption=True)" in view
