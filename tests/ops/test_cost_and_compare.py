@@ -70,7 +70,8 @@ def test_sagemaker_uses_autoscaling_bounds() -> None:
 def test_dev_estimate_lists_items_and_assumptions(dev_report: dict) -> None:
     c = dev_report["cost"]
     items = {i["item"].split(" ")[0] for i in c["items"]}
-    assert {"EKS", "NAT", "interface", "node", "KMS", "flow-log", "S3"} <= items
+    assert {"EKS", "NAT", "node", "KMS", "flow-log", "S3"} <= items
+    assert "interface" not in items  # dev: interfaceEndpoints false (tests/ops/test_dev_idle_cost.py)
     assert any(i["assumption"] for i in c["items"]) and c["assumptions"] and "Recorded" in c["price_source"]
     assert 0 < c["idle_monthly"] < c["peak_monthly"]
 
