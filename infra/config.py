@@ -11,6 +11,7 @@ rules for the keys it owns, next to its fields: adding a key touches Pulumi.yaml
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import re
@@ -50,6 +51,30 @@ _ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:(role|user)/[\w+=,.@/-]+$")
 _SAGEMAKER_INSTANCE_RE = re.compile(r"^ml\.[a-z0-9]+\.[a-z0-9]+$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+@cache
+def _aws_instance_types(service: str, shape: str) -> frozenset[str]:
+    """The instance types an AWS API accepts: the enum of `shape` in botocore's bundled service model
+    (botocore/data/ec2/*/service-2.json `InstanceType`, botocore/data/sagemaker/*/service-2.json
+    `ProductionVariantInstanceType`), the same list the API validates against. ~0.6 s per service, once."""
+    import botocore.session
+
+    return frozenset(botocore.session.get_session().get_service_model(service).shape_for(shape).enum)
+
+
+def _instance_type_problem(value: str, service: str, shape: str) -> str | None:
+    """None if `value` is in the API's enum, else what is wrong and the closest valid names."""
+    import botocore
+
+    known = _aws_instance_types(service, shape)
+    if value in known:
+        return None
+    close = difflib.get_close_matches(value, sorted(known), n=3, cutoff=0.8)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"{value!r} is not an instance type of the {service} API (botocore {botocore.__version__}){hint}"
+
+
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 SERVING_AUTOSCALERS = ("cpu", "keda")
 METRICS_MODES = ("amp", "in-cluster", "none")
@@ -305,7 +330,12 @@ class GpuPool:
         if not types:
             v.bad(types_key, "must list at least one GPU instance type")
         unknown = [t for t in types if t not in GPU_INSTANCE_TYPES]
-        if unknown:
+        not_ec2 = [
+            p for t in types if t in GPU_INSTANCE_TYPES and (p := _instance_type_problem(t, "ec2", "InstanceType"))
+        ]
+        if not_ec2:
+            v.bad(types_key, "; ".join(not_ec2))
+        elif unknown:
             v.bad(types_key, f"{', '.join(unknown)} not GPU instance types; allowed: {', '.join(GPU_INSTANCE_TYPES)}")
         elif len({GPU_INSTANCE_TYPES[t].gpus for t in types}) > 1:
             v.bad(types_key, "all instance types of a pool must have the same GPU count")
@@ -411,6 +441,8 @@ class ClusterConfig:
         cls._check_api_access(v)
         if not _INSTANCE_RE.match(v["systemInstanceType"]):
             v.bad("systemInstanceType", "not an EC2 instance type name (e.g. m7i.large)")
+        elif problem := _instance_type_problem(v["systemInstanceType"], "ec2", "InstanceType"):
+            v.bad("systemInstanceType", problem)
         if v["systemNodeCount"] < 2:
             v.bad("systemNodeCount", "must be at least 2 so cluster controllers survive a node loss")
         if not 20 <= v["gpuNodeDiskGb"] <= 16384:
@@ -561,6 +593,10 @@ class ServingConfig:
             v.bad("servingIngress", "an Ingress needs servingOnEks: true")
         if not _SAGEMAKER_INSTANCE_RE.match(v["sagemakerInstanceType"]):
             v.bad("sagemakerInstanceType", "not a SageMaker instance type (e.g. ml.g5.xlarge)")
+        elif problem := _instance_type_problem(
+            v["sagemakerInstanceType"], "sagemaker", "ProductionVariantInstanceType"
+        ):
+            v.bad("sagemakerInstanceType", problem)
         if v["sagemakerMinInstances"] < 1:
             v.bad("sagemakerMinInstances", "must be at least 1 (real-time endpoints cannot scale to zero)")
         if v["sagemakerMinInstances"] > v["sagemakerMaxInstances"]:

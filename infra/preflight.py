@@ -15,6 +15,8 @@ engine), or, where pulumi-aws has no data source (a running SageMaker variant), 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from types import SimpleNamespace
@@ -30,6 +32,40 @@ MODEL_MARKER = "config.json"
 
 class PreflightError(ConfigError):
     """Something the stack needs does not exist (yet) or the account has drifted; each problem names the fix."""
+
+
+# -- placeholders: the example values the stack files ship with ------------------------------------------------------
+PLACEHOLDERS = ("123456789012", "example-org", "@example.com")
+"""Values of the shipped stack files that stand for the user's own: AWS's documentation account id, the example GitHub
+organisation, alert addresses at example.com (RFC 2606 reserves it, so mail to it goes nowhere)."""
+
+
+def placeholders(values: Mapping[str, Any]) -> list[str]:
+    """`key = value` for every config value that still holds a placeholder."""
+    found = []
+    for key, value in sorted(values.items()):
+        text = value if isinstance(value, str) else json.dumps(value)
+        if any(marker in text for marker in PLACEHOLDERS):
+            found.append(f"{key} = {text}")
+    return found
+
+
+def check_placeholders(cfg: StackConfig) -> None:
+    """A preview warns about placeholder values; a deployment (`pulumi up`) refuses them: admin access granted to
+    AWS's example account, a deployer trusting example-org's repository and alerts mailed to nowhere are not a
+    working stack. Under the mock engine (ops.preview, tests) this only warns."""
+    import pulumi
+    from pulumi.runtime import config as runtime_config
+
+    found = placeholders({**runtime_config.get_config_env(), **runtime_config.CONFIG.get()})
+    if not found:
+        return
+    if not pulumi.runtime.is_dry_run() and _mock_account() is None:
+        raise PreflightError(
+            f"stack '{cfg.stack}' (placeholders: replace them with your own values in stacks/Pulumi.{cfg.stack}.yaml)",
+            found,
+        )
+    pulumi.log.warn(f"placeholder values (`pulumi up` will refuse them): {'; '.join(found)}")
 
 
 # -- names the program and the tools share ---------------------------------------------------------------------------

@@ -339,6 +339,7 @@ def check_before_declaring(cfg: StackConfig, account_id: str, *, cluster_layer: 
     warning = preflight.support_warning(cfg.cluster.kubernetes_version, datetime.now(UTC).date())
     if warning:
         pulumi.log.warn(warning)
+    preflight.check_placeholders(cfg)
     training = cfg.cluster.pool("training")
     training_subnet_index = 0
     if training.capacity_reservation_id:

@@ -3,7 +3,11 @@
     python -m ops.artifacts image-tag                                   # the tag for the current commit
     python -m ops.artifacts push-image --stack dev --image serving [--dry-run]
     python -m ops.artifacts upload-model --stack dev --model-dir DIR --name debug-llama [--dry-run]
-    python -m ops.artifacts put-api-keys --stack dev --keys-file keys [--hash]
+    python -m ops.artifacts put-api-keys --stack dev --keys-file keys [--hash] [--dry-run]
+
+A dry run needs no AWS account: the account id comes from `--account-id`, else from the stack's outputs (`--outputs
+FILE` or `pulumi stack output`), else names are printed with `<ACCOUNT_ID>` in them. Exit status: 0 done, 1 a
+command or AWS call failed, 2 usage or config (a bad flag, no model directory, no AWS credentials).
 
 Names come from the stack config the same way the program derives them (infra/preflight.py), so what these commands
 write is exactly what the preview-time checks look for. `make push-image` / `make upload-model` wrap the first two.
@@ -117,9 +121,42 @@ def put_api_keys(secrets: Any, name: str, text: str) -> str:
         return "updated"
 
 
-def _account_id(args: argparse.Namespace) -> str:
+ACCOUNT_PLACEHOLDER = "<ACCOUNT_ID>"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def account_from_outputs(outputs: dict[str, Any]) -> str | None:
+    """The account id inside an ARN or ECR URL the stack exports (`arn:aws:iam::<account>:role/...`)."""
+    from infra import outputs as keys
+
+    for key in (keys.TRAINING_ROLE_ARN, keys.SERVING_ROLE_ARN, keys.SAGEMAKER_EXECUTION_ROLE_ARN):
+        arn = str(outputs.get(key) or "")
+        parts = arn.split(":")
+        if len(parts) > 4 and parts[4].isdigit():
+            return parts[4]
+    url = str(outputs.get(keys.SERVING_REPOSITORY_URL) or outputs.get(keys.TRAINING_REPOSITORY_URL) or "")
+    head = url.split(".", 1)[0]
+    return head if head.isdigit() else None
+
+
+def _account_id(args: argparse.Namespace, err: TextIO) -> str:
+    """--account-id; else, for a dry run, the stack outputs or a placeholder; else the caller's account (STS)."""
     if args.account_id:
         return args.account_id
+    if args.dry_run:
+        from ops.stack_outputs import StackError, load_outputs
+
+        try:
+            account = account_from_outputs(load_outputs(args.stack, args.outputs))
+        except (StackError, OSError, ValueError) as exc:
+            account, why = None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        else:
+            why = "the stack outputs name no account"
+        if account:
+            return account
+        print(f"note: account id unknown (stack outputs: {why}); pass --account-id to see real names", file=err)
+        return ACCOUNT_PLACEHOLDER
     import boto3
 
     return boto3.client("sts").get_caller_identity()["Account"]
@@ -139,9 +176,14 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
     keys.add_argument("--hash", action="store_true", help="store sha256 digests instead of the keys")
     for p in (push, model, keys):
         p.add_argument("--stack", required=True)
-        p.add_argument("--account-id", help="default: the caller's account (sts get-caller-identity)")
-    for p in (push, model):
-        p.add_argument("--dry-run", action="store_true", help="print what would happen, change nothing")
+        p.add_argument(
+            "--account-id",
+            help="default: the caller's account (sts get-caller-identity); a dry run reads the stack outputs",
+        )
+        p.add_argument("--outputs", help="dry run: JSON stack outputs (else `pulumi stack output`) for the account id")
+        p.add_argument(
+            "--dry-run", action="store_true", help="print what would happen, change nothing (needs no AWS account)"
+        )
     args = parser.parse_args(argv)
 
     try:
@@ -149,7 +191,7 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
             print(image_tag(), file=out)
             return 0
         cfg = load_stack(args.stack)
-        account = _account_id(args)
+        account = "" if args.command == "put-api-keys" else _account_id(args, err)  # the secret's name has none
         if args.command == "push-image":
             tag = image_tag()
             for cmd in push_commands(cfg, account, args.image, tag):
@@ -161,24 +203,46 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout, err: TextIO = 
             else:
                 print(f"image: {push_commands(cfg, account, args.image, tag)[-1][-1]}", file=out)
         elif args.command == "upload-model":
-            import boto3
-
             bucket = models_bucket_name(cfg, account)
-            upload_model(
-                boto3.client("s3", region_name=cfg.region), bucket, args.model_dir, args.name, args.dry_run, out
-            )
+            s3 = None if args.dry_run else _client("s3", cfg.region)
+            upload_model(s3, bucket, args.model_dir, args.name, args.dry_run, out)
             print(f"then set {cfg.project}:servingModelPrefix: {args.name.strip('/')}", file=out)
         elif args.command == "put-api-keys":
-            import boto3
-
             name = api_keys_secret_name(cfg)
-            client = boto3.client("secretsmanager", region_name=cfg.region)
-            verb = put_api_keys(client, name, keys_file_text(args.keys_file, args.hash))
+            text = keys_file_text(args.keys_file, args.hash)
+            if args.dry_run:
+                count = len(text.splitlines())
+                stored = "sha256 digests of" if args.hash else "the keys themselves for"
+                print(f"would create or update secret {name} in {cfg.region} with {stored} {count} key(s)", file=out)
+                return 0
+            verb = put_api_keys(_client("secretsmanager", cfg.region), name, text)
             print(f"{verb} secret {name}; the next `pulumi up` copies it into the serving-api-keys Secret", file=out)
-    except (ArtifactError, ConfigError, subprocess.CalledProcessError) as exc:
+    except (ArtifactError, ConfigError) as exc:
         print(f"error: {exc}", file=err)
-        return 1
+        return EXIT_USAGE
+    except subprocess.CalledProcessError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_FAILED
+    except Exception as exc:  # botocore's errors, without importing botocore for every command
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        if isinstance(exc, NoCredentialsError):
+            print(
+                f"error: no AWS credentials ({exc}): configure them, or add --dry-run to see what would happen",
+                file=err,
+            )
+            return EXIT_USAGE
+        if isinstance(exc, (BotoCoreError, ClientError)):
+            print(f"error: {exc}", file=err)
+            return EXIT_FAILED
+        raise
     return 0
+
+
+def _client(service: str, region: str) -> Any:
+    import boto3
+
+    return boto3.client(service, region_name=region)
 
 
 if __name__ == "__main__":

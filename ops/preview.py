@@ -81,6 +81,7 @@ def preview(stack: str, config_file: Path | None = None, account: Account | None
     cfg = load_config(values, stack, source)  # fails before any resource is registered
 
     from infra.layers import aws_stack_reference_name, cluster_stack
+    from infra.preflight import placeholders
     from infra.program import build  # imported late: importing pulumi_aws costs ~2 s, config errors should not
 
     project = project_name()
@@ -111,6 +112,11 @@ def preview(stack: str, config_file: Path | None = None, account: Account | None
     report["policy"] = evaluate(resources_from_report(report), StackContext.from_config(cfg))
     report["cost"] = cost_estimate.estimate(report["resources"], cfg.region)
     report["people"] = access_report.people_report(cfg, report["cost"])
+    if stack != "prod":
+        from infra.config import load_stack
+
+        report["tradeoffs"] = cost_estimate.tradeoffs(cfg, load_stack("prod"))
+    report["warnings"] = [f"placeholder value (`pulumi up` refuses it): {p}" for p in placeholders(values)]
     report["quotas"] = [{**vars(q), "request": q.request_command(cfg.region)} for q in required_quotas(cfg)]
     return report, run
 
@@ -219,10 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         print(render_policy(report["policy"]))
         print()
         print(cost_estimate.render(report["cost"]))
+        if report.get("tradeoffs"):
+            print()
+            print(cost_estimate.render_tradeoffs(args.stack, report["tradeoffs"]))
         print()
         print(access_report.render(report["people"]))
         print()
         print(_quotas_text(report))
+        if report["warnings"]:
+            print()
+            print("Warnings:")
+            print("\n".join(f"  - {w}" for w in report["warnings"]))
         print(f"\n(previewed offline under the mock engine in {time.monotonic() - started:.1f}s)")
     return 0 if report["policy"]["passed"] else 3
 

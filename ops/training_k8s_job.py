@@ -69,6 +69,8 @@ class TrainingJobSpec:
     --shutdown-timeout is derived from it. 120 s matches EC2's spot interruption notice, the most a spot node
     gives (docs/training.md, "Preemption", has the measured save times)."""
     shm_size: str = "16Gi"
+    module: str = "training"
+    """The Python module the pods run under torchrun (`-m MODULE`): the launcher's job kind."""
 
     def __post_init__(self) -> None:
         import re
@@ -145,7 +147,7 @@ def render_training_job(spec: TrainingJobSpec, outputs: dict[str, Any]) -> list[
         f"--rdzv_conf=join_timeout={RDZV_JOIN_TIMEOUT_S},read_timeout={RDZV_READ_TIMEOUT_S}",
         f"--max_restarts={spec.max_restarts}",
         "-m",
-        "training",
+        spec.module,
         *trainer_args(spec, locations),
     ]
     env = [
@@ -251,7 +253,7 @@ def render_training_job(spec: TrainingJobSpec, outputs: dict[str, Any]) -> list[
     return [service, job]
 
 
-def _smallest_type(pool: dict[str, Any]) -> str:
+def smallest_type(pool: dict[str, Any]) -> str:
     types = [t for t in pool.get("instance_types", []) if t in GPU_INSTANCE_TYPES]
     if not types:
         raise ValueError(f"training pool has no known GPU instance type: {pool.get('instance_types')}")
@@ -260,7 +262,7 @@ def _smallest_type(pool: dict[str, Any]) -> str:
 
 def node_share(pool: dict[str, Any]) -> dict[str, str]:
     """CPU and memory requests: most of the pool's smallest node (one training pod per node)."""
-    t = GPU_INSTANCE_TYPES[_smallest_type(pool)]
+    t = GPU_INSTANCE_TYPES[smallest_type(pool)]
     return {"cpu": str(max(1, int(t.vcpus * CPU_SHARE))), "memory": f"{max(1, int(t.memory_gib * MEMORY_SHARE))}Gi"}
 
 

@@ -110,3 +110,43 @@ def submit(request: dict[str, Any], region: str | None) -> str:
 
     client = boto3.client("sagemaker", region_name=region)
     return client.create_training_job(**request)["TrainingJobArn"]
+
+
+def model_trainer_view(request: dict[str, Any]) -> str:
+    """The same job in SageMaker Python SDK terms (`sagemaker` 3.x `ModelTrainer`, sagemaker-train 1.27 /
+    sagemaker-core 2.27: `Compute` is the API's ResourceConfig plus `enable_managed_spot_training`), so that SDK users
+    can read what the launcher submits. The launcher itself calls CreateTrainingJob with boto3 (docs/training.md,
+    "SageMaker Python SDK")."""
+    r, stop, output = request["ResourceConfig"], request["StoppingCondition"], request["OutputDataConfig"]
+    channel = request["InputDataConfig"][0]
+    compute = [
+        f"instance_type={r['InstanceType']!r}",
+        f"instance_count={r['InstanceCount']}",
+        f"volume_size_in_gb={r['VolumeSizeInGB']}",
+        f"enable_managed_spot_training={request['EnableManagedSpotTraining']}",
+    ]
+    if "VolumeKmsKeyId" in r:
+        compute.append(f"volume_kms_key_id={r['VolumeKmsKeyId']!r}")
+    stopping = [f"max_runtime_in_seconds={stop['MaxRuntimeInSeconds']}"]
+    if "MaxWaitTimeInSeconds" in stop:
+        stopping.append(f"max_wait_time_in_seconds={stop['MaxWaitTimeInSeconds']}")
+    out = [f"s3_output_path={output['S3OutputPath']!r}"]
+    if "KmsKeyId" in output:
+        out.append(f"kms_key_id={output['KmsKeyId']!r}")
+    lines = [
+        "ModelTrainer(",
+        f"    training_image={request['AlgorithmSpecification']['TrainingImage']!r},",
+        f"    role={request['RoleArn']!r},",
+        f"    base_job_name={request['TrainingJobName']!r},  # the launcher uses the name as given, no timestamp",
+        f"    compute=Compute({', '.join(compute)}),",
+        f"    stopping_condition=StoppingCondition({', '.join(stopping)}),",
+        f"    output_data_config=OutputDataConfig({', '.join(out)}),",
+        f"    hyperparameters={request['HyperParameters']!r},",
+        f"    environment={request['Environment']!r},",
+        f"    training_input_mode={request['AlgorithmSpecification']['TrainingInputMode']!r},",
+        ").train(input_data_config=[InputData(channel_name="
+        f"{channel['ChannelName']!r}, data_source={channel['DataSource']['S3DataSource']['S3Uri']!r})])",
+    ]
+    if request.get("EnableInterContainerTrafficEncryption"):
+        lines.insert(-1, "    # + networking=Networking(enable_inter_container_traffic_encryption=True)")
+    return "\n".join(lines)

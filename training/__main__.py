@@ -56,11 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args: argparse.Namespace) -> TrainConfig:
+def resolve_config(args: argparse.Namespace, read_model: bool = True) -> TrainConfig:
     """Preset, then the named flags, then --set overrides: the last word is the most specific.
 
     A real model (its config.json, read without the weights) sizes the `finetune` preset and is checked against
-    the result, so a contradiction is an error before anything is downloaded or loaded.
+    the result, so a contradiction is an error before anything is downloaded or loaded. `read_model=False` (the
+    launchers' dry runs, which have no access to the model's bucket) stops before that read.
     """
     named = []
     for flag, key in (
@@ -81,7 +82,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         probe = apply_overrides(preset("debug"), overrides)
         name = "finetune" if probe.model.path not in ("", DEBUG_MODEL) else "debug"
     cfg = apply_overrides(preset(name), overrides)
-    if cfg.model.path in ("", DEBUG_MODEL):
+    if cfg.model.path in ("", DEBUG_MODEL) or not read_model:
         return cfg
     info = read_model_info(cfg.model.path)
     if name == "finetune":

@@ -87,6 +87,9 @@ def test_flow_logs_encrypted_with_retention(shipped) -> None:
 
 def test_endpoint_security_group_admits_only_https_from_the_vpc(shipped) -> None:
     cfg, run = shipped
+    if not cfg.network.interface_endpoints:  # dev: none (its NAT carries that traffic)
+        assert not [r for r in run.of_type(tok.EC2_SECURITY_GROUP) if r.name == "network-endpoints-sg"]
+        return
     sg = run.one(tok.EC2_SECURITY_GROUP, "network-endpoints-sg")
     (rule,) = sg.inputs["ingress"]
     assert (rule["fromPort"], rule["toPort"], rule["protocol"]) == (443, 443, "tcp")
@@ -96,7 +99,7 @@ def test_endpoint_security_group_admits_only_https_from_the_vpc(shipped) -> None
 def test_pod_identity_has_its_eks_auth_endpoint(run_stack) -> None:
     # The Pod Identity agent gets workload credentials from eks-auth (AssumeRoleForPodIdentity), not from STS: with
     # interface endpoints on (no path to AWS but through them), a missing eks-auth endpoint leaves pods credential-less.
-    run = run_stack("dev")
+    run = run_stack("dev", {"llm-platform:interfaceEndpoints": True})
     names = {e.inputs["serviceName"] for e in run.of_type(tok.EC2_VPC_ENDPOINT)}
     assert "com.amazonaws.us-east-1.eks-auth" in names
     assert "eks-auth" in INTERFACE_ENDPOINT_SERVICES

@@ -4,6 +4,7 @@ security group where the stack has interface endpoints; through the NAT gateway 
 from __future__ import annotations
 
 from facts import pulumi_types as tok
+from tests.infra.conftest import PROD_SERVING
 
 
 def _egress(run) -> list[dict]:
@@ -11,7 +12,7 @@ def _egress(run) -> list[dict]:
 
 
 def test_with_interface_endpoints_no_open_egress(run_stack) -> None:
-    run = run_stack("prod")  # interfaceEndpoints defaults to true; prod serves on SageMaker
+    run = run_stack("prod", PROD_SERVING)  # interfaceEndpoints defaults to true; prod serves on SageMaker
     egress = _egress(run)
     assert all((e["protocol"], e["fromPort"], e["toPort"]) == ("tcp", 443, 443) for e in egress)
     assert not any(e.get("cidrBlocks") for e in egress)
@@ -23,5 +24,5 @@ def test_with_interface_endpoints_no_open_egress(run_stack) -> None:
 
 
 def test_without_interface_endpoints_https_goes_through_nat(run_stack) -> None:
-    run = run_stack("prod", {"llm-platform:interfaceEndpoints": False})
+    run = run_stack("prod", {**PROD_SERVING, "llm-platform:interfaceEndpoints": False})
     assert [(e["cidrBlocks"], e["fromPort"]) for e in _egress(run)] == [(["0.0.0.0/0"], 443)]

@@ -130,7 +130,7 @@ def test_upload_model_then_put_api_keys_make_the_dev_preview_declare_serving(tmp
 def test_upload_model_refuses_a_directory_without_a_model(tmp_path: Path) -> None:
     err = io.StringIO()
     argv = ["upload-model", "--stack", "dev", "--model-dir", str(tmp_path), "--name", "x", "--account-id", ACCOUNT]
-    assert artifacts.main([*argv, "--dry-run"], err=err) == 1
+    assert artifacts.main([*argv, "--dry-run"], err=err) == 2  # usage: not a model directory
     assert "is not a model directory (no config.json" in err.getvalue()
 
 
@@ -187,6 +187,7 @@ def test_every_owned_runbook_command_exists_and_its_dry_run_works(monkeypatch: p
             with pytest.raises(SystemExit) as exc:  # the documented flags parse
                 artifacts.main([*args, "--help"], out=io.StringIO())
             assert exc.value.code == 0
+            assert "--dry-run" in args or any("put-api-keys" in c and "--dry-run" in c for c in commands)
             continue
         if module == "ops.account" and "--dry-run" not in args:
             args = [*args, "--dry-run"]  # the real call needs the payer account

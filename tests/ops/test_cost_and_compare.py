@@ -70,7 +70,8 @@ def test_sagemaker_uses_autoscaling_bounds() -> None:
 def test_dev_estimate_lists_items_and_assumptions(dev_report: dict) -> None:
     c = dev_report["cost"]
     items = {i["item"].split(" ")[0] for i in c["items"]}
-    assert {"EKS", "NAT", "interface", "node", "KMS", "flow-log", "S3"} <= items
+    assert {"EKS", "NAT", "node", "KMS", "flow-log", "S3"} <= items
+    assert "interface" not in items  # dev: interfaceEndpoints false (tests/ops/test_dev_idle_cost.py)
     assert any(i["assumption"] for i in c["items"]) and c["assumptions"] and "Recorded" in c["price_source"]
     assert 0 < c["idle_monthly"] < c["peak_monthly"]
 
@@ -94,7 +95,11 @@ def test_compare_reports_changes_policy_and_cost(dev_report: dict) -> None:
     md = compare_markdown(dev_report, head)
     assert md.startswith("### `dev`")
     assert "dev: +1 ~1 -1 resources" in md
-    assert f"| ~ | `aws:eks/nodeGroup:NodeGroup` | `{group['name']}` | `scalingConfig` |" in md
+    old = json.dumps(dev_report_group(dev_report, group["name"])["inputs"]["scalingConfig"], separators=(",", ":"),
+                     sort_keys=True)  # fmt: skip
+    new = json.dumps(group["inputs"]["scalingConfig"], separators=(",", ":"), sort_keys=True)
+    assert f"| ~ | `aws:eks/nodeGroup:NodeGroup` | `{group['name']}` | `scalingConfig`: `{old}` → `{new}` |" in md
+    assert '"maxSize":2' in old and '"maxSize":4.0' in new
     assert f"| - | `aws:ec2/vpcEndpoint:VpcEndpoint` | `{removed['name']}` |" in md
     assert "| + | `aws:ec2/natGateway:NatGateway` | `network-nat-1` |" in md
     assert "1 new mandatory violation(s)" in md and "| new | mandatory | `gpu-node-groups-tainted`" in md
@@ -108,6 +113,38 @@ def test_compare_reports_changes_policy_and_cost(dev_report: dict) -> None:
     # ...and the other way round, the same amounts go negative.
     back = compare_markdown(head, dev_report)
     assert "(-$32.85/mo), peak" in back and "(-$502.83/mo)**" in back
+
+
+def dev_report_group(report: dict, name: str) -> dict:
+    return next(r for r in report["resources"] if r["type"] == tok.EKS_NODE_GROUP and r["name"] == name)
+
+
+def test_compare_cli_usage_errors_and_a_different_stack(dev_report: dict, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ops.compare", *args], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+
+    proc = run("a", "b")  # used to print nothing and exit 0
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot read a") and "Traceback" not in proc.stderr
+    assert run().returncode == 2 and "usage: python -m ops.compare" in run().stderr
+    (tmp_path / "x.json").write_text("{}")
+    proc = run(str(tmp_path / "x.json"), str(tmp_path / "x.json"))
+    assert proc.returncode == 2 and "not an `ops.preview STACK --json` report" in proc.stderr
+    base, head = tmp_path / "dev.json", tmp_path / "staging.json"
+    base.write_text(json.dumps(dev_report))
+    head.write_text(json.dumps({**dev_report, "stack": "staging"}))
+    proc = run(str(base), str(head))
+    assert proc.returncode == 0 and "**Warning:** comparing stack `staging` against a base report of stack `dev`" in (
+        proc.stdout
+    )
+    assert "Warning" not in run(str(base), str(base)).stdout
+    unpriced = {**dev_report, "cost": cost.estimate([], "eu-central-1")}
+    assert f"idle ${dev_report['cost']['idle_monthly']:,.2f} → unknown" in compare_markdown(dev_report, unpriced)
 
 
 def test_compare_cli_against_itself(dev_report: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -39,8 +40,31 @@ def _run(tmp_path: Path, *args: str, timeout: float) -> str:
     return out
 
 
+def _echoed_commands(out: str) -> list[list[str]]:
+    """The `$ ...` lines the demo prints for each step, as argv (environment assignments dropped)."""
+    commands = []
+    for line in out.splitlines():
+        if line.startswith("  $ "):
+            argv = shlex.split(line[4:])
+            commands.append([a for a in argv if not re.match(r"^[A-Z_]+=", a)])
+    return commands
+
+
 def test_local_end_to_end_run(tmp_path: Path) -> None:
-    out = _run(tmp_path, "--debug-model", "--steps", "20", timeout=480)
+    out = _run(tmp_path, "--debug-model", "--steps", "20", "--keep", timeout=480)
+    # Each step says what it runs, as a command that runs from the repository root, and what its numbers mean.
+    commands = _echoed_commands(out)
+    assert [c[c.index("-m") + 1] for c in commands if "-m" in c] == ["ops.preview", "training", "serving", "serving"]
+    train = next(c for c in commands if "training" in c)
+    assert (REPO_ROOT / train[0]).exists() and train[0].endswith("torchrun"), train  # not "$ -m training ..."
+    import training.__main__ as trainer
+
+    trainer.build_parser().parse_args(train[train.index("training") + 1 :])  # the trainer's own parser takes it
+    assert "lower is better" in out and "cost: idle $" in out and "(GPU pools at zero" in out
+    assert "the debug model is random" in out
+    # --keep (make demo KEEP=1): the model outlives the demo's local S3, and the demo says where and how to serve it.
+    assert (tmp_path / "model" / "config.json").exists()
+    assert f"-m serving --model {tmp_path / 'model'}" in out
     for marker in ("[1/7]", "policy: pass", "cost: idle $", "[4/7]", "step   20/20", "[7/7]", "A (", "Done:"):
         assert marker in out, marker
     # Checkpoints and the exported model went through S3, and the server answered with tokens.
