@@ -31,7 +31,7 @@ from facts.cluster import (
     SERVING_NAMESPACE,
     TRAINING_NAMESPACE,
 )
-from facts.instance_types import ACCELERATOR_LABEL, GPU_INSTANCE_TYPES, efa_interfaces
+from facts.instance_types import ACCELERATOR_LABEL, GPU_INSTANCE_TYPES, efa_interfaces, instance_gpu
 from facts.serving import ENGINES, QUANTIZATIONS
 from infra.versions import CLUSTER_AUTOSCALER, cluster_autoscaler_for
 from infra.vllm_sizing import MODEL_SHAPES, check_serving_fit
@@ -577,6 +577,18 @@ class ServingConfig:
         elif v["servingQuantization"] not in QUANTIZATIONS[v["servingEngine"]]:
             choices = ", ".join(QUANTIZATIONS[v["servingEngine"]])
             v.bad("servingQuantization", f"must be one of {choices} with servingEngine {v['servingEngine']}")
+        elif v["servingEngine"] == "builtin" and v["servingQuantization"] == "int8":
+            # The built-in engine's int8 is CPU-only (serving/config.py refuses it on cuda: torchao's eager int8 is
+            # slower than bfloat16 there). EKS serving always runs on the GPU pool; SageMaker on a GPU instance too.
+            gpu_targets = [k for k, on in (("servingOnEks", v["servingOnEks"]),) if on]
+            if v["servingOnSagemaker"] and instance_gpu(v["sagemakerInstanceType"]) is not None:
+                gpu_targets.append(f"servingOnSagemaker ({v['sagemakerInstanceType']})")
+            if gpu_targets:
+                v.bad(
+                    "servingQuantization",
+                    f"int8 with the builtin engine is CPU-only, but {' and '.join(gpu_targets)} runs on a GPU: use "
+                    "'none', or servingEngine vllm with a quantized checkpoint (fp8, awq, gptq)",
+                )
         if v["servingModelShape"] and v["servingModelShape"] not in MODEL_SHAPES:
             v.bad("servingModelShape", f"must be empty or one of {', '.join(MODEL_SHAPES)}")
         # Empty tag or model: serving is not declared yet (first-run lifecycle, docs/first-deploy.md).

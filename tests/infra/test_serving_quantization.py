@@ -1,5 +1,6 @@
 """servingQuantization: validated per engine at preview time (same choices as the serving container's
---quantization), and it reaches the EKS Deployment (built-in engine env / vLLM args) and the SageMaker model."""
+--quantization), refused where the built-in engine's int8 would run on a GPU (the container refuses int8 on cuda), and
+it reaches the EKS Deployment (vLLM args) and the SageMaker model (built-in engine env on a CPU instance)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_the_serving_container_accepts_what_the_preview_accepts() -> None:
 
 def test_default_is_none_and_bad_values_name_the_key() -> None:
     assert stack_config("dev").serving.quantization == "none"
-    assert stack_config("dev", servingQuantization="int8").serving.quantization == "int8"
+    assert stack_config("dev", **CPU_SAGEMAKER, servingQuantization="int8").serving.quantization == "int8"
     assert stack_config("dev", servingEngine="vllm", servingQuantization="fp8").serving.quantization == "fp8"
     with pytest.raises(
         ConfigError, match=r"servingQuantization = .awq.: must be one of none, int8 with servingEngine builtin"
@@ -35,13 +36,32 @@ def test_default_is_none_and_bad_values_name_the_key() -> None:
         stack_config("dev", servingEngine="vllm", servingQuantization="int8")
 
 
+CPU_SAGEMAKER = {"servingOnEks": False, "servingOnSagemaker": True, "sagemakerInstanceType": "ml.m5.xlarge"}
+"""Where the built-in engine runs on a CPU: a SageMaker endpoint on a CPU instance (EKS serving is on the GPU pool)."""
+
+
+def test_builtin_int8_on_a_gpu_is_refused_at_preview() -> None:
+    # The serving container refuses int8 on cuda (serving/config.py); the preview says so, naming where it runs.
+    with pytest.raises(
+        ConfigError,
+        match=r"servingQuantization = .int8.: int8 with the builtin engine is CPU-only, but servingOnEks runs on a GPU",
+    ):
+        stack_config("dev", servingQuantization="int8")
+    with pytest.raises(ConfigError, match=r"servingOnSagemaker \(ml.g5.xlarge\) runs on a GPU"):
+        stack_config(
+            "dev",
+            servingOnEks=False,
+            servingOnSagemaker=True,
+            sagemakerInstanceType="ml.g5.xlarge",
+            servingQuantization="int8",
+        )
+
+
 def _env(c: dict) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in c.get("env", [])}
 
 
-def test_builtin_engine_gets_the_env_var() -> None:
-    run, _ = run_serving(stack_config("dev", servingQuantization="int8"))
-    assert _env(container(run, "server"))["SERVING_QUANTIZATION"] == "int8"
+def test_builtin_engine_on_eks_gets_no_quantization_by_default() -> None:
     run, _ = run_serving(stack_config("dev"))
     assert "SERVING_QUANTIZATION" not in _env(container(run, "server"))
 
@@ -57,9 +77,9 @@ def test_vllm_gets_quantization_and_prefix_caching_args() -> None:
 
 
 def test_sagemaker_model_gets_the_env_var() -> None:
-    cfg = stack_config("dev", servingQuantization="int8")
+    cfg = stack_config("dev", **CPU_SAGEMAKER, servingQuantization="int8")
     env = run_endpoint(cfg).one(MODEL).inputs["primaryContainer"]["environment"]
-    default = run_endpoint(stack_config("dev")).one(MODEL).inputs["primaryContainer"]["environment"]
+    default = run_endpoint(stack_config("dev", **CPU_SAGEMAKER)).one(MODEL).inputs["primaryContainer"]["environment"]
     # exactly one variable more than the default (engine, device, auth mode are issue 15's and 11's, tested there)
     assert env == {**default, "SERVING_QUANTIZATION": "int8"}
     assert "SERVING_QUANTIZATION" not in default  # unset by default: an unchanged stack keeps its model name
