@@ -157,7 +157,7 @@ def test_rerun_after_a_crash_skips_what_is_complete(tmp_path: Path, monkeypatch:
     # A complete dataset: a rerun does nothing; one with other settings into the same place is refused.
     assert prep.prepare(_job(str(src), str(out))) == manifest
     assert len(calls["shard"]) == len(manifest.shards) + 3 - 2
-    with pytest.raises(prep.DataError, match="other settings.*seq_len"):
+    with pytest.raises(prep.DataError, match=r"other settings.*seq_len"):
         prep.prepare(prep.Job(data=str(src), tokenizer="debug", out=str(out), seq_len=32))
 
 
@@ -212,5 +212,5 @@ def test_loader_over_shards_resumes_exactly_on_another_world_size(tmp_path: Path
     assert one.state_dict()["epoch"] == 1
 
     other_seed = PackedLoader(seqs, 8, 0, 1, seed=6)
-    with pytest.raises(prep.DataError, match="seed=5.*seed=6"):
+    with pytest.raises(prep.DataError, match=r"seed=5.*seed=6"):
         other_seed.load_state_dict(state)
