@@ -4,6 +4,8 @@
         --data corpora/c4-en --image-tag 2026-11-23 --dry-run
     python -m ops.launch_training --stack dev --target sagemaker --name run1 --instance-type ml.p4d.24xlarge \\
         --preset llama-8b --data corpora/c4-en --spot
+    python -m ops.launch_training --stack dev --target eks --job prepare --name c4-llama32 --workers 8 \\
+        --data corpora/c4-en --model base/llama-3.2-1b --seq-len 4096 --image-tag 2026-11-23 --dry-run
 
 Stack outputs come from `pulumi stack output --json` for `--stack`, or from `--outputs FILE` (that command's output
 or the offline preview's JSON). `--dry-run` prints what would be submitted and touches nothing.
@@ -22,6 +24,7 @@ from typing import Any
 import yaml
 
 from infra import outputs as out
+from ops import prepare_job
 from ops.stack_outputs import StackError, load_outputs, require
 from ops.training_k8s_job import TrainingJobSpec, render_training_job
 from ops.training_sagemaker_job import SageMakerJobSpec, build_training_job_request, submit
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance-count", type=int, default=1, help="SageMaker instances")
     p.add_argument("--spot", action="store_true", help="SageMaker managed spot training")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; submit nothing")
+    # [prepare] `--job prepare`: python -m training.prepare as an Indexed Job / Processing job (ops/prepare_job.py).
+    p.add_argument("--job", choices=["train", "prepare"], default="train", help="train (default) or prepare data")
+    prepare_job.add_arguments(p)
     return p
 
 
@@ -117,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         outputs = load_outputs(args.stack, args.outputs)
+        if args.job == "prepare":  # [prepare]
+            return prepare_job.launch_prepare(args, outputs)
         if args.target == "eks":
             return launch_eks(args, outputs)
         return launch_sagemaker(args, outputs)

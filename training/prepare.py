@@ -76,6 +76,8 @@ CHUNK_DOCS = 1024
 REPORTED_PROBLEMS = 100
 """Problems listed in the manifest and on stderr (all are counted)."""
 POLL_S = 2.0
+SAGEMAKER_RESOURCE_CONFIG = Path("/opt/ml/config/resourceconfig.json")
+"""Where SageMaker Processing names this instance (current_host) and all of them (hosts)."""
 
 
 @dataclass
@@ -458,13 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _worker_index(args: argparse.Namespace) -> int | None:
+def worker_index(args: argparse.Namespace) -> int | None:
     """--worker-index, else a Kubernetes Indexed Job's JOB_COMPLETION_INDEX, else SageMaker's host position."""
     if args.worker_index is not None:
         return args.worker_index
     if "JOB_COMPLETION_INDEX" in os.environ:
         return int(os.environ["JOB_COMPLETION_INDEX"])
-    config = Path("/opt/ml/config/resourceconfig.json")
+    config = SAGEMAKER_RESOURCE_CONFIG
     if args.local_input and config.is_file():
         # SageMaker Processing: hosts are algo-1..algo-N; the sorted position is the worker index.
         rc = json.loads(config.read_text())
@@ -475,7 +477,7 @@ def _worker_index(args: argparse.Namespace) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        index = _worker_index(args)
+        index = worker_index(args)
         if args.workers < 1 or args.shard_mb < 1 or not 0 <= args.max_bad_fraction <= 1:
             raise DataError("--workers and --shard-mb must be >= 1 and --max-bad-fraction in [0, 1]")
         if index is not None and not 0 <= index < args.workers:
