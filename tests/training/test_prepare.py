@@ -214,3 +214,32 @@ def test_loader_over_shards_resumes_exactly_on_another_world_size(tmp_path: Path
     other_seed = PackedLoader(seqs, 8, 0, 1, seed=6)
     with pytest.raises(prep.DataError, match=r"seed=5.*seed=6"):
         other_seed.load_state_dict(state)
+
+
+def test_documented_commands_parse() -> None:
+    """Every `training.prepare` / prepared-data command in docs/training.md parses with the tool it names."""
+    import shlex
+
+    from ops.launch_training import build_parser as launch_parser
+    from tests.helpers import DOCS_DIR
+    from training.__main__ import build_parser as train_parser
+
+    text = (DOCS_DIR / "training.md").read_text().replace("\\\n", " ")
+    section = text[text.index("## Prepared data") : text.index("## On EKS")]
+    commands = [line.strip() for line in section.splitlines() if "python -m " in line and not line.startswith("`")]
+    seen = set()
+    for command in commands:
+        argv = shlex.split(command.split("python -m ", 1)[1].split(" #")[0])
+        module, args = argv[0], argv[1:]
+        if module == "training.prepare":
+            parsed = prep.build_parser().parse_args(args)
+            assert parsed.seq_len >= 8
+        elif module == "training":
+            parsed = train_parser().parse_args(args)
+            assert parsed.data.endswith("manifest.json")
+        elif module == "ops.launch_training":
+            launch_parser().parse_args(args)
+        else:
+            continue
+        seen.add(module)
+    assert seen == {"training.prepare", "training", "ops.launch_training"}
