@@ -77,6 +77,9 @@ def test_one_and_three_workers_write_the_same_shards_as_the_trainer_packs(
     src = _corpus(tmp_path / "src", chats=chats)
     one = prep.prepare(_job(str(src), str(tmp_path / "one")))
     assert one is not None and len(one.shards) > 3
+    # Two worker processes on this machine (`--workers 2`).
+    prep.prepare(_job(str(src), str(tmp_path / "two"), workers=2))
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")
 
     # Three workers of a cluster job (what an Indexed Job's pods run), on S3, meeting only through the output.
     s3 = boto3.client("s3")
