@@ -4,7 +4,8 @@
 
 In one run, on a generated corpus of `--mb` MB of text (16 files, text and JSONL) and a `--small-mb` one:
 1. `python -m training.prepare` with 1 and with 2 workers on the large corpus: MB/s of input, the speed-up, and
-   whether the shards are byte-identical (their sha256s and bytes).
+   whether the shards are byte-identical (their sha256s and bytes), and the CPU seconds each run used (workers
+   included): CPU / wall is the cores the machine actually gave it.
 2. `python -m training` (debug model, one process, same seed) for `--steps` steps from the shards and from the raw
    text, on both corpus sizes: the trainer's peak RSS (the child's own rusage, `os.wait4`), the time from process
    start to the first step's record, and whether the per-step losses are equal.
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -57,13 +59,16 @@ def generate_corpus(root: Path, mb: float, files: int = 16, seed: int = 0) -> in
 def run_prepare(src: Path, out: Path, workers: int, seq_len: int) -> dict:
     cmd = [sys.executable, "-m", "training.prepare", "--data", str(src), "--tokenizer", "debug", "--out", str(out),
            "--seq-len", str(seq_len), "--shard-mb", "8", "--workers", str(workers)]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the worker processes the command waited for
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed: {proc.stderr[-2000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
-    return {"workers": workers, "seconds": round(seconds, 2), "manifest": manifest}
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"workers": workers, "seconds": round(seconds, 2), "cpu_s": round(cpu, 2), "manifest": manifest}
 
 
 def run_training(data: str, out: Path, steps: int, seq_len: int) -> dict:
@@ -149,6 +154,11 @@ def main() -> int:
             "w1_mb_per_s": round(sizes["large"] / 1e6 / one["seconds"], 2),
             "w2_mb_per_s": round(sizes["large"] / 1e6 / two["seconds"], 2),
             "speedup_w2": round(one["seconds"] / two["seconds"], 2),
+            # CPU seconds used, and cores obtained on average (cpu / wall): what the machine gave each run.
+            "w1_cpu_s": one["cpu_s"],
+            "w2_cpu_s": two["cpu_s"],
+            "w1_cores": round(one["cpu_s"] / one["seconds"], 2),
+            "w2_cores": round(two["cpu_s"] / two["seconds"], 2),
             "shards_identical": shards_1 == shards_2
             and [s["sha256"] for s in one["manifest"]["shards"]] == [s["sha256"] for s in two["manifest"]["shards"]],
         }
@@ -176,6 +186,7 @@ def main() -> int:
     s, l_ = train["small"], train["large"]
     summary = {
         "prepare_speedup_2_workers": prep["speedup_w2"],
+        "prepare_cores_obtained_w1_w2": [prep["w1_cores"], prep["w2_cores"]],
         "shards_identical_1_vs_2_workers": prep["shards_identical"],
         "peak_rss_mb_shards_small_large": [s["shards"]["peak_rss_mb"], l_["shards"]["peak_rss_mb"]],
         "peak_rss_mb_raw_small_large": [s["raw"]["peak_rss_mb"], l_["raw"]["peak_rss_mb"]],
