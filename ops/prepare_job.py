@@ -136,7 +136,11 @@ def render_prepare_job(spec: PrepareJobSpec, outputs: dict[str, Any]) -> dict[st
             "completions": spec.workers,
             # All at once: the workers meet between the two phases, so none may wait for a slot.
             "parallelism": spec.workers,
+            # An index failing past its retries fails the Job at once (maxFailedIndexes 0), which stops the other
+            # pods: they would otherwise wait for its parts until their timeout.
             "backoffLimitPerIndex": spec.backoff_limit,
+            "maxFailedIndexes": 0,
+            "activeDeadlineSeconds": spec.max_runtime_s,
             "podReplacementPolicy": "Failed",
             "podFailurePolicy": {
                 "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
