@@ -77,7 +77,9 @@ def run_training(data: str, out: Path, steps: int, seq_len: int) -> dict:
            "--max-steps", str(steps), "--save-every", "0", "--set", f"data.seq_len={seq_len}"]  # fmt: skip
     env = dict(os.environ, TRAINING_LOCAL_DIR=str(out / "scratch"))
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    out.mkdir(parents=True, exist_ok=True)
+    stderr = open(out / "stderr.txt", "w", encoding="utf-8")  # noqa: SIM115 (closed after the wait below)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     assert proc.stdout is not None
     first_step_s = None
     losses: dict[int, float] = {}
@@ -89,9 +91,11 @@ def run_training(data: str, out: Path, steps: int, seq_len: int) -> dict:
                 if first_step_s is None:
                     first_step_s = time.perf_counter() - started
     _, status, usage = os.wait4(proc.pid, 0)
+    stderr.close()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"training from {data} failed with {proc.returncode}")
+        tail = (out / "stderr.txt").read_text(encoding="utf-8")[-3000:]
+        raise SystemExit(f"training from {data} failed with {proc.returncode}:\n{tail}")
     return {
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
         "first_step_s": round(first_step_s or 0.0, 2),
