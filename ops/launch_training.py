@@ -4,6 +4,8 @@
         --data corpora/c4-en --image-tag 2026-11-23 --dry-run
     python -m ops.launch_training --stack dev --target sagemaker --name run1 --instance-type ml.p4d.24xlarge \\
         --preset llama-8b --data corpora/c4-en --spot
+    python -m ops.launch_training --stack dev --target eks --job prepare --name c4-llama32 --workers 8 \\
+        --data corpora/c4-en --model base/llama-3.2-1b --seq-len 4096 --image-tag 2026-11-23 --dry-run
 
 `--follow` then shows one progress line until the job ends and prints the exported model and the command that
 serves it (`python -m ops.jobs wait`); the exit status is the job's outcome.
@@ -27,6 +29,7 @@ from typing import Any
 import yaml
 
 from infra import outputs as out
+from ops import prepare_job
 from ops.stack_outputs import StackError, load_outputs, require, training_pool
 from ops.training_k8s_job import (
     TrainingJobSpec,
@@ -47,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ops.launch_training", description=__doc__.splitlines()[0])
     p.add_argument("--stack", required=True, help="Pulumi stack name (dev, staging, prod)")
     p.add_argument("--target", required=True, choices=["eks", "sagemaker"])
-    p.add_argument("--job", default="train", choices=sorted(JOB_KINDS), help="what the job runs (default: train)")
+    p.add_argument(
+        "--job",
+        default="train",
+        choices=sorted([*JOB_KINDS, PREPARE]),
+        help="what the job runs (default: train); prepare: tokenize data once into shards (ops/prepare_job.py)",
+    )
     p.add_argument("--outputs", help="JSON file of stack outputs instead of running `pulumi stack output`")
     p.add_argument("--name", required=True, help="run name: Job / training-job name and S3 prefix of the run")
     p.add_argument(
@@ -75,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="after submitting, show progress until the job ends (ops.jobs wait); exit status = the job's outcome",
     )
     p.add_argument("--poll", type=float, default=15, help="--follow: seconds between polls (default 15)")
+    # [prepare] `--job prepare` (its own flags): python -m training.prepare as an Indexed Job / Processing job.
+    prepare_job.add_arguments(p)
     return p
 
 
@@ -108,6 +118,10 @@ def validate_training_argv(argv: list[str], read_model: bool) -> TrainConfig:
 
 
 JOB_KINDS: dict[str, JobKind] = {"train": JobKind(module="training", validate=validate_training_argv)}
+
+PREPARE = "prepare"
+"""`--job prepare`: data preparation (python -m training.prepare) is an Indexed Job / Processing job with its own
+flags and renderer (ops/prepare_job.py), not a training Job, so it is dispatched before JOB_KINDS."""
 
 
 def _overrides(args: argparse.Namespace, outputs: dict[str, Any]) -> list[str]:
@@ -225,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         outputs = load_outputs(args.stack, args.outputs)
+        if args.job == PREPARE:
+            return prepare_job.launch_prepare(args, outputs)
         if args.target == "eks":
             return launch_eks(args, outputs)
         return launch_sagemaker(args, outputs)

@@ -49,14 +49,21 @@ class DataConfig:
     path: str = ""
     """Text (.txt) or JSON lines (.jsonl) file, or a directory / s3:// prefix of them. A JSONL record is either
     `{"<text_field>": "..."}` (plain text, packed) or `{"messages": [{"role", "content"}, ...]}` (a chat, rendered
-    with the tokenizer's chat template; the loss covers the assistant turns only)."""
+    with the tokenizer's chat template; the loss covers the assistant turns only). Or the manifest.json of data
+    prepared by `python -m training.prepare` (local or s3://): streamed from its shards, for corpora too large to
+    tokenize on every rank at start-up (docs/training.md, "Prepared data")."""
     seq_len: int = 128
     text_field: str = "text"
     seed: int = 0
-    """Seeds the shuffle of packed sequences; with the same data and world size the order is reproducible."""
+    """Seeds the shuffle of packed sequences: the order is a pure function of (data, seed, epoch), whatever the
+    world size."""
+    cache_mb: int = 4096
+    """Prepared data on S3 (`path` ending in manifest.json, written by `python -m training.prepare`): the most
+    local disk each rank's cache of fetched shard blocks takes (scratch, TRAINING_LOCAL_DIR)."""
 
     def __post_init__(self) -> None:
         _check(self.seq_len >= 8, f"data.seq_len must be >= 8, got {self.seq_len}")
+        _check(self.cache_mb >= 1, f"data.cache_mb must be >= 1, got {self.cache_mb}")
         _check(bool(self.text_field), "data.text_field must not be empty")
 
 

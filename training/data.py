@@ -21,6 +21,7 @@ checkpoint makes a resumed run read exactly the batches the interrupted run woul
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,11 @@ Document = str | list[dict[str, str]]
 """Plain text, or a chat: a list of {"role", "content"} messages."""
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+"""Roles a chat message may have: what chat templates render. Anything else ("usr", "bot") is a data error, not a
+new role: a template would render it as it is, or fail, and the turn would be silently mis-trained."""
+
+
 def _messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
     msgs = record["messages"]
     if not isinstance(msgs, list) or not msgs:
@@ -59,34 +65,59 @@ def _messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
     for i, m in enumerate(msgs):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise DataError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(f"{where}: messages[{i}] has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)}")
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: a chat needs at least one 'assistant' message (the only tokens trained on)")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
+def parse_record(line: str, where: str, text_field: str) -> Document:
+    """One JSONL line as a document (a DataError naming `where`, i.e. file:line, if it is not one)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if isinstance(record, dict) and "messages" in record:
+        return _messages(record, where)
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise DataError(f"{where}: expected an object with a string field {text_field!r} or a 'messages' list")
+    return record[text_field]
+
+
+def is_empty(doc: Document) -> bool:
+    return isinstance(doc, str) and not doc.strip()
+
+
+def file_documents(f: Path, text_field: str) -> Iterator[tuple[int, Document | DataError]]:
+    """(line, document) for each document of one file, or (line, DataError) for a JSONL line that is not one:
+    the caller decides whether a bad line stops everything (the trainer) or is counted (training.prepare).
+    Plain-text files yield blank-line-separated paragraphs (line: where the paragraph starts)."""
+    text = f.read_text(encoding="utf-8")
+    if f.suffix in JSONL_SUFFIXES:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, parse_record(line, f"{f}:{lineno}", text_field)
+            except DataError as e:
+                yield lineno, e
+    else:
+        # Blank-line-separated paragraphs are documents: keeps tokenizer calls bounded on large files.
+        lineno = 1
+        for paragraph in text.split("\n\n"):
+            yield lineno, paragraph
+            lineno += paragraph.count("\n") + 2
+
+
 def read_documents(files: list[Path], text_field: str) -> list[Document]:
     docs: list[Document] = []
     for f in files:
-        if f.suffix in JSONL_SUFFIXES:
-            for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
-                if isinstance(record, dict) and "messages" in record:
-                    docs.append(_messages(record, f"{f}:{lineno}"))
-                    continue
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise DataError(
-                        f"{f}:{lineno}: expected an object with a string field {text_field!r} or a 'messages' list"
-                    )
-                docs.append(record[text_field])
-        else:
-            # Blank-line-separated paragraphs are documents: keeps tokenizer calls bounded on large files.
-            docs.extend(p for p in f.read_text(encoding="utf-8").split("\n\n"))
-    return [d for d in docs if not isinstance(d, str) or d.strip()]
+        for _, doc in file_documents(f, text_field):
+            if isinstance(doc, DataError):
+                raise doc
+            docs.append(doc)
+    return [d for d in docs if not is_empty(d)]
 
 
 # End-of-text tokens of common model families, tried in order when EOS itself ends a chat turn.
@@ -144,12 +175,12 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[in
     return ids, mask
 
 
-def pack(
-    token_ids: list[list[int]], eos_id: int | None, seq_len: int, masks: list[list[bool]] | None = None
-) -> torch.Tensor:
-    """Concatenate documents (`eos_id` after each, unless None) and cut into [n, seq_len + 1] windows; the tail
-    is dropped. With `masks` (per token: trained on?), returns [n, 2, seq_len + 1]: tokens and the label mask,
-    without windows that train on nothing."""
+def document_stream(
+    token_ids: list[list[int]], eos_id: int | None, masks: list[list[bool]] | None = None
+) -> tuple[list[int], list[bool]]:
+    """Documents concatenated (`eos_id` after each, unless None) into one token stream, and per token: trained on?
+    A stream of consecutive documents is the concatenation of their streams, so training.prepare builds it file
+    by file and gets the stream `pack` builds over the whole dataset."""
     stream: list[int] = []
     trained: list[bool] = []
     for k, ids in enumerate(token_ids):
@@ -160,21 +191,56 @@ def pack(
             # After a chat the separator is context (the chat's own end-of-turn was the trained stop); after text,
             # learning "the document ends here" is part of the text.
             trained.append(masks is None or all(masks[k]))
+    return stream, trained
+
+
+def cut_windows(stream: torch.Tensor, trained: torch.Tensor | None, seq_len: int) -> torch.Tensor:
+    """A token stream (1-D) cut into [n, seq_len + 1] windows, the tail dropped. With `trained` (the stream's label
+    mask), [n, 2, seq_len + 1]: tokens and mask, without windows that train on nothing. Window i starts at token
+    i * seq_len, so a slice of the stream that starts at a multiple of seq_len gives the same windows as the
+    whole stream does there."""
     n = (len(stream) - 1) // seq_len
-    if n == 0:
-        return (
-            torch.empty(0, seq_len + 1, dtype=torch.long)
-            if masks is None
-            else torch.empty(0, 2, seq_len + 1, dtype=torch.long)
-        )
-    flat = torch.tensor(stream[: n * seq_len + 1], dtype=torch.long)
+    if n <= 0:
+        shape = (0, seq_len + 1) if trained is None else (0, 2, seq_len + 1)
+        return torch.empty(shape, dtype=torch.long)
     # Windows overlap by one token: the last label of window i is the first input of window i+1.
-    windows = flat.unfold(0, seq_len + 1, seq_len)
-    if masks is None:
+    windows = stream[: n * seq_len + 1].to(torch.long).unfold(0, seq_len + 1, seq_len)
+    if trained is None:
         return windows
-    mask = torch.tensor(trained[: n * seq_len + 1], dtype=torch.long).unfold(0, seq_len + 1, seq_len)
+    mask = trained[: n * seq_len + 1].to(torch.long).unfold(0, seq_len + 1, seq_len)
     both = torch.stack([windows, mask], dim=1)
     return both[mask[:, 1:].any(dim=1)]
+
+
+def pack(
+    token_ids: list[list[int]], eos_id: int | None, seq_len: int, masks: list[list[bool]] | None = None
+) -> torch.Tensor:
+    """Concatenate documents (`eos_id` after each, unless None) and cut into [n, seq_len + 1] windows; the tail
+    is dropped. With `masks` (per token: trained on?), returns [n, 2, seq_len + 1]: tokens and the label mask,
+    without windows that train on nothing."""
+    stream, trained = document_stream(token_ids, eos_id, masks)
+    return cut_windows(
+        torch.tensor(stream, dtype=torch.long),
+        None if masks is None else torch.tensor(trained, dtype=torch.long),
+        seq_len,
+    )
+
+
+def tokenize_documents(tokenizer: Any, docs: list[Document]) -> tuple[list[list[int]], list[list[bool]]]:
+    """Token ids of each document and per token: trained on? (text: every token; a chat: its assistant turns)."""
+    texts = [d for d in docs if isinstance(d, str)]
+    text_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    ids: list[list[int]] = []
+    masks: list[list[bool]] = []
+    for d in docs:
+        if isinstance(d, list):
+            i, m = render_chat(tokenizer, d)
+        else:
+            i = next(text_ids)
+            m = [True] * len(i)
+        ids.append(i)
+        masks.append(m)
+    return ids, masks
 
 
 def read_dataset(path: Path, text_field: str) -> list[Document]:
@@ -192,25 +258,21 @@ def build_sequences(
     """Packed windows: [n, seq_len + 1] for plain text, [n, 2, seq_len + 1] (tokens, label mask) if any chat."""
     docs = read_dataset(path, text_field) if docs is None else docs
     separator = document_separator(tokenizer)
-    if not any(isinstance(d, list) for d in docs):
-        ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-        seqs = pack(ids, separator, seq_len)
-    else:
-        ids, masks = [], []
-        for d in docs:
-            if isinstance(d, list):
-                i, m = render_chat(tokenizer, d)
-            else:
-                i = tokenizer(d, add_special_tokens=False)["input_ids"]
-                m = [True] * len(i)
-            ids.append(i)
-            masks.append(m)
-        # Between chats the separator is the end-of-text token: the rendered chat already ends its own turns.
-        seqs = pack(ids, separator, seq_len, masks)
+    ids, masks = tokenize_documents(tokenizer, docs)
+    # Plain text only: every token is trained on, no mask. Any chat: the mask travels with the tokens.
+    chat = any(isinstance(d, list) for d in docs)
+    seqs = pack(ids, separator, seq_len, masks if chat else None)
     if len(seqs) == 0:
         total = sum(len(i) + 1 for i in ids)
         raise DataError(f"dataset at {path} has {total} tokens: fewer than one trainable sequence of {seq_len + 1}")
     return seqs
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of `n` packed sequences in `epoch`: a pure function of (n, seed, epoch), whatever the world size
+    and whether the sequences are in memory or in prepared shards (training/shards.py)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
 
 
 @dataclass
@@ -221,9 +283,15 @@ class LoaderState:
 
 
 class PackedLoader:
-    """Deterministic, rank-sharded iterator of (input_ids, labels) micro-batches over packed sequences."""
+    """Deterministic, rank-sharded iterator of (input_ids, labels) micro-batches over packed sequences.
 
-    def __init__(self, sequences: torch.Tensor, micro_batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    `sequences`: the packed tensor, or anything with its `len` and tensor indexing (training/shards.py reads prepared
+    shards that way). A `torch.distributed.checkpoint.stateful.Stateful`: its state is global (the sequences read by
+    all ranks together in this epoch), so a run resumes exactly on any world size: the next global micro-batches
+    are the sequences the interrupted run would have read next, split among the new number of ranks.
+    """
+
+    def __init__(self, sequences: Any, micro_batch_size: int, rank: int, world_size: int, seed: int) -> None:
         self.sequences = sequences
         self.micro_batch_size = micro_batch_size
         self.rank = rank
@@ -239,8 +307,7 @@ class PackedLoader:
         self._perm = self._permutation(0)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.sequences), generator=g)
+        return epoch_permutation(len(self.sequences), self.seed, epoch)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.state.position + self.global_micro_batch > len(self.sequences):
@@ -256,8 +323,21 @@ class PackedLoader:
         return batch[:, :-1], batch[:, 1:]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.state.epoch, "position": self.state.position}
+        return {
+            "epoch": self.state.epoch,
+            "position": self.state.position,
+            "seed": self.seed,
+            "sequences": len(self.sequences),
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        # A position means "the k-th sequence of this order": with other data or another seed it points elsewhere.
+        # (Checkpoints from before these keys were recorded carry only epoch and position.)
+        for key, mine in (("sequences", len(self.sequences)), ("seed", self.seed)):
+            if key in state and int(state[key]) != mine:
+                raise DataError(
+                    f"the checkpoint's data loader read {key}={state[key]}, this run has {key}={mine}: resuming "
+                    "would not continue the same order (use the same data and data.seed, or a new --output)"
+                )
         self.state = LoaderState(epoch=int(state["epoch"]), position=int(state["position"]))
         self._perm = self._permutation(self.state.epoch)

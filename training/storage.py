@@ -52,6 +52,21 @@ class Storage(Protocol):
 
     def delete_dir(self, rel: str) -> None: ...
 
+    # Binary files, for token shards (training/shards.py): whole-file writes that readers never see half done,
+    # and ranged reads, so that a reader fetches the rows it needs and not the whole file.
+
+    def upload_file(self, local: Path, rel: str) -> None:
+        """Copy one local file to `rel`, atomically (a reader sees the whole file or none)."""
+        ...
+
+    def read_range(self, rel: str, start: int, length: int) -> bytes: ...
+
+    def read_bytes(self, rel: str) -> bytes: ...
+
+    def list_files(self, rel: str = "") -> list[str]:
+        """Paths (relative to `rel`) of every file under `rel`, sorted."""
+        ...
+
 
 class LocalStorage:
     def __init__(self, root: str | Path) -> None:
@@ -94,6 +109,24 @@ class LocalStorage:
 
     def delete_dir(self, rel: str) -> None:
         shutil.rmtree(self._p(rel), ignore_errors=True)
+
+    def upload_file(self, local: Path, rel: str) -> None:
+        path = self._p(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.copyfile(local, tmp)
+        tmp.replace(path)
+
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        with open(self._p(rel), "rb") as f:
+            return os.pread(f.fileno(), length, start)
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._p(rel).read_bytes()
+
+    def list_files(self, rel: str = "") -> list[str]:
+        root = self._p(rel)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
 
 
 class S3Storage:
@@ -157,6 +190,25 @@ class S3Storage:
 
     def delete_file(self, rel: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(rel))
+
+    def upload_file(self, local: Path, rel: str) -> None:
+        # One PUT, or a multipart upload that becomes visible only when completed: atomic either way.
+        self.client.upload_file(str(local), self.bucket, self._key(rel))
+
+    def read_range(self, rel: str, start: int, length: int) -> bytes:
+        # HTTP range (RFC 9110 14.1.2: both ends inclusive).
+        resp = self.client.get_object(
+            Bucket=self.bucket, Key=self._key(rel), Range=f"bytes={start}-{start + length - 1}"
+        )
+        return resp["Body"].read()
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
+
+    def list_files(self, rel: str = "") -> list[str]:
+        base = self._key(rel)
+        base = base + "/" if base else ""
+        return sorted(k[len(base) :] for k in self._iter_keys(rel))
 
     def delete_dir(self, rel: str) -> None:
         keys = list(self._iter_keys(rel))

@@ -38,6 +38,7 @@ from training.loss import ChunkedLossHead, install_chunked_loss, model_loss
 from training.metrics import Reporter
 from training.model import download_model, flops_per_token, load_model_and_tokenizer, num_embedding_params, num_params
 from training.parallelize import Dist, init_distributed, parallelize, shutdown
+from training.shards import PreparedData, is_manifest
 from training.storage import fetch
 
 EXIT_PREEMPTED = 143
@@ -262,19 +263,28 @@ def _prepare(cfg: TrainConfig, d: Dist, say: Callable[[str], None]) -> _Run:
             f"(optim.warmup_ratio={cfg.optim.warmup_ratio:g} of max_steps={cfg.max_steps})"
         )
     scratch = local_scratch(cfg)
-    if d.local_rank == 0:
-        fetch(cfg.data.path, scratch / "data")
-    d.barrier()
-    data_dir = fetch(cfg.data.path, scratch / "data", download=False)
-    docs = read_dataset(data_dir, cfg.data.text_field)
-    say(f"data: {len(docs)} documents from {cfg.data.path}; loading model {cfg.model.path}")
+    # [prepared data] A manifest (python -m training.prepare) streams its shards; raw text/JSONL is read whole.
+    prepared = None
+    if is_manifest(cfg.data.path):
+        prepared = PreparedData(cfg.data.path, cfg.data.seq_len, scratch, d.rank, cfg.data.cache_mb)
+        say(f"data: {prepared.describe()}; loading model {cfg.model.path}")
+    else:
+        if d.local_rank == 0:
+            fetch(cfg.data.path, scratch / "data")
+        d.barrier()
+        data_dir = fetch(cfg.data.path, scratch / "data", download=False)
+        docs = read_dataset(data_dir, cfg.data.text_field)
+        say(f"data: {len(docs)} documents from {cfg.data.path}; loading model {cfg.model.path}")
     # One download per node: local rank 0 fetches (atomically) while the other ranks wait here, then all load.
     if d.local_rank == 0:
         download_model(cfg.model.path, scratch)
     d.barrier()
     model, tokenizer = load_model_and_tokenizer(cfg.model, scratch, download=False)
     d.barrier()
-    sequences = build_sequences(data_dir, tokenizer, cfg.data.seq_len, cfg.data.text_field, docs)
+    if prepared is not None:  # [prepared data] a tokenizer mismatch is an error here, before the first step
+        sequences = prepared.for_tokenizer(tokenizer, cfg.model.path)
+    else:
+        sequences = build_sequences(data_dir, tokenizer, cfg.data.seq_len, cfg.data.text_field, docs)
     say(f"model loaded ({num_params(model) / 1e6:.1f}M parameters); {len(sequences)} packed sequences")
     loader = PackedLoader(sequences, cfg.parallel.micro_batch_size, d.rank, d.world_size, cfg.data.seed)
 
