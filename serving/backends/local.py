@@ -91,6 +91,8 @@ class LocalBackend:
             batch_wait_s=cfg.batch_wait_ms / 1000,
             policy=BatchPolicy(cfg.batching),
             observer=observer,
+            token_budget=cfg.max_batched_tokens,
+            key_prefill_tokens=cfg.max_key_prefill_tokens,
         )
         self._relay: _EventRelay | None = None
         # tokenization and chat templates run here, off the event loop; one thread, so a flood of long prompts
@@ -220,7 +222,7 @@ class LocalBackend:
         def emit(event: Event) -> None:  # runs on the engine thread
             relay.post(events, event)
 
-        gen = GenerationRequest(prompt_ids, params, emit)
+        gen = GenerationRequest(prompt_ids, params, emit, key_id=ctx.key_id, cache_salt=self.cfg.cache_salt(ctx.key_id))
         try:
             self.scheduler.submit(gen)
         except QueueFullError as exc:
