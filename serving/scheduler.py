@@ -259,12 +259,8 @@ class Scheduler:
         if budget is not None and self.prefilling:
             reserved = min(sum(r.prompt_len - r.computed for r in self.prefilling), max(1, budget // 4))
         free = None if budget is None else budget - reserved
-        admitted = self._admit(free)
-        for row in admitted:
-            if free is None or row.prompt_len <= free:
-                chunks.append(PrefillChunk(row, row.prompt_len, whole=True))
-                if free is not None:
-                    free -= row.prompt_len
+        admitted, free = self._admit(free)
+        chunks += [PrefillChunk(row, row.prompt_len, whole=True) for row in admitted]
         left = None if free is None else free + reserved
         for row in self.prefilling:
             if any(c.row is row for c in chunks):
@@ -278,9 +274,11 @@ class Scheduler:
                 left -= tokens
         return SchedulerOutput(decode, chunks)
 
-    def _admit(self, free: int | None) -> list[RowState]:
-        """Admit waiting requests round-robin across keys while a row and (for whole prompts) budget are free."""
-        admitted: list[RowState] = []
+    def _admit(self, free: int | None) -> tuple[list[RowState], int | None]:
+        """Admit waiting requests round-robin across keys while a row is free: the prompts that fit the `free` budget
+        (returned, with the budget they leave) run whole this iteration; a longer one joins the prompts prefilled in
+        chunks and takes no budget here, so the keys after it still get their turn."""
+        whole: list[RowState] = []
         skipped: set[str] = set()
         while self.waiting and len(self.running) + len(self.prefilling) < self.max_rows:
             key_id = next((k for k in self.waiting if k not in skipped), None)
@@ -295,10 +293,11 @@ class Scheduler:
                 break
             row = RowState(self._pop(key_id))
             self.prefilling.append(row)
-            admitted.append(row)
-            if free is not None:
-                free -= min(row.prompt_len, free)
-        return admitted
+            if free is None or row.prompt_len <= free:
+                whole.append(row)
+                if free is not None:
+                    free -= row.prompt_len
+        return whole, free
 
     def _drop_cancelled(self) -> None:
         for key_id in list(self.waiting):
