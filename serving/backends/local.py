@@ -43,7 +43,7 @@ from serving.protocol import (
     completion_chunk,
 )
 from serving.quantize import quantize_model
-from serving.threads import cpu_budget
+from serving.threads import cpu_budget, engine_threads
 
 log = logging.getLogger("serving.local")
 
@@ -63,11 +63,11 @@ class LocalBackend:
         self.model_id = cfg.model_id
         self.cfg = cfg
         if cfg.device == "cpu":  # what the container may use, not the host's cores (serving/threads.py)
-            budget = cpu_budget()
-            torch.set_num_threads(cfg.torch_threads or budget.threads)
-            log.info(
-                "cpu threads: %s", f"{cfg.torch_threads} (--torch-threads)" if cfg.torch_threads else budget.describe()
-            )
+            threads, why = engine_threads(cpu_budget(), cfg.quantization)
+            if cfg.torch_threads:
+                threads, why = cfg.torch_threads, "--torch-threads"
+            torch.set_num_threads(threads)
+            log.info("cpu threads: %d (%s)", threads, why)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
         self._decode = _fast_decode(self.tokenizer)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
