@@ -11,7 +11,8 @@ It prints the short tenants' time to first token and per-request decode rate (to
 p50/p99, for both phases, and the ratios mixed/alone; and the `alone` throughput of each configuration against the
 first one. Configurations:
 - `after`: this tree, default flags (chunked prefill, fair admission, per-key prefill cap);
-- `unchunked`: this tree with `--max-batched-tokens 0 --max-key-prefill-tokens 0` (whole prompts between two steps);
+- `unchunked`: this tree with `--max-batched-tokens 1000000 --max-key-prefill-tokens 0` (whole prompts between two
+  steps, no per-key cap; admission still round-robin across keys);
 - `before` (with `--baseline-tree`): the server from another checkout (e.g. `git worktree add /tmp/base main`).
 
 Prints ratios, not verdicts; numbers are noisy on shared machines: compare within one run.
@@ -198,7 +199,8 @@ def main() -> int:
     model_dir = ensure()
     common = ["--quantization", args.quantization, "--torch-threads", str(args.torch_threads)]
     configs: dict[str, tuple[Path, list[str]]] = {"after": (REPO_ROOT, common)}
-    configs["unchunked"] = (REPO_ROOT, [*common, "--max-batched-tokens", "0", "--max-key-prefill-tokens", "0"])
+    unlimited = ["--max-batched-tokens", "1000000", "--max-key-prefill-tokens", "0"]
+    configs["unchunked"] = (REPO_ROOT, [*common, *unlimited])
     if args.baseline_tree:
         configs["before"] = (args.baseline_tree.resolve(), common)
     keys = {f"short{c}": secrets.token_hex(16) for c in range(args.clients)} | {"long": secrets.token_hex(16)}

@@ -64,9 +64,9 @@ log = logging.getLogger("serving.batching")
 REQUEST_FAILED = "generation failed for this request"
 ENGINE_FAILED = "the engine failed while decoding this request's batch"
 
-# Prompt tokens (plus one per decoding row) the engine computes per iteration; the serving default, --max-batched-
-# tokens, documents how it was chosen.
-DEFAULT_TOKEN_BUDGET = 256
+# Prompt tokens (plus one per decoding row) the engine computes per iteration when driven directly; the server's
+# default (--max-batched-tokens, serving/config.py) says how it is chosen per device.
+DEFAULT_TOKEN_BUDGET = 128
 DEFAULT_KEY_PREFILL_TOKENS = 4096
 
 

@@ -17,6 +17,13 @@ from facts.cluster import SERVING_PORT
 from facts.serving import QUANTIZATIONS
 
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
+# --max-batched-tokens 0. On CPU a prefill token costs about what a decode row does (compute-bound), so a 128-token
+# budget makes an iteration with a prompt chunk cost a few plain decode steps of a 16-row batch: short requests'
+# first token waits for at most that, not for a whole long prompt (bench/serve_mixed.py). On a GPU a step is bound by
+# reading weights until far more tokens, so vLLM's default for its OpenAI server applies (vllm/engine/arg_utils.py,
+# `EngineArgs._set_default_args`, v0.10: 2048, or 8192 on GPUs with >= 70 GiB other than A100).
+CPU_TOKEN_BUDGET = 128
+GPU_TOKEN_BUDGET = 2048
 
 
 def check_quantization(method: str, engine: str) -> None:
@@ -151,11 +158,12 @@ class ServingConfig:
         },
     )
     max_batched_tokens: int = field(
-        default=256,
+        default=0,
         metadata={
             "help": "Built-in engine: tokens computed per engine iteration, one per decoding row plus prompt tokens "
             "(chunked prefill, as vLLM's --max-num-batched-tokens); a longer prompt is prefilled in chunks between "
-            "decode steps, so no step waits on a whole long prompt. 0 = no budget (whole prompts between two steps)."
+            "decode steps, so no step waits on a whole long prompt. 0 = automatic: 128 on CPU (a chunk costs a few "
+            "decode steps there), 2048 on a GPU (vLLM's online-serving default)."
         },
     )
     max_key_prefill_tokens: int = field(
@@ -250,6 +258,13 @@ class ServingConfig:
                     raise ConfigError(f"prefix_cache_groups: key id {key!r} is in more than one group")
                 groups[key] = name.strip()
         return groups
+
+    @property
+    def token_budget(self) -> int:
+        """The engine's per-iteration token budget: `--max-batched-tokens`, else by device."""
+        if self.max_batched_tokens:
+            return self.max_batched_tokens
+        return CPU_TOKEN_BUDGET if self.device == "cpu" else GPU_TOKEN_BUDGET
 
     def cache_salt(self, key_id: str) -> str:
         """The prefix-cache salt of a key's requests: its group's, else its own (serving/prefix_cache.py)."""

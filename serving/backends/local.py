@@ -91,7 +91,7 @@ class LocalBackend:
             batch_wait_s=cfg.batch_wait_ms / 1000,
             policy=BatchPolicy(cfg.batching),
             observer=observer,
-            token_budget=cfg.max_batched_tokens,
+            token_budget=cfg.token_budget,
             key_prefill_tokens=cfg.max_key_prefill_tokens,
         )
         self._relay: _EventRelay | None = None
