@@ -178,3 +178,45 @@ def test_a_key_with_many_queued_requests_does_not_starve_a_key_with_one(model) -
     finally:
         scheduler.stop(10)
     assert order.index("bob") <= 1  # FIFO would have made it 12th
+
+
+def test_the_api_key_id_reaches_the_engine_as_fairness_unit_and_cache_salt(debug_model_dir: Path) -> None:
+    """Through the built-in backend: a request's `RequestContext.key_id` is its engine key and salts its prefix-cache
+    blocks, so a second key sending the same prompt misses, and a key in the same group hits."""
+    import asyncio
+
+    from serving.backends.base import RequestContext
+    from serving.backends.local import LocalBackend
+    from serving.metrics import Metrics
+    from serving.protocol import CompletionRequest
+
+    metrics = Metrics()
+    cfg = ServingConfig(
+        model=str(debug_model_dir),
+        served_model_name="debug-model",
+        torch_threads=1,
+        prefix_cache_mb=8,
+        prefix_cache_groups="team:alice,carol",
+    )
+    backend = LocalBackend(debug_model_dir, cfg, observer=metrics)
+    hits = "llm_serving_prefix_cache_hits_total"
+    body = CompletionRequest.model_validate(
+        {"model": "debug-model", "prompt": "word " * 60, "max_tokens": 2, "temperature": 0}
+    )
+
+    async def as_key(key_id: str) -> float:
+        await backend.complete(body, RequestContext("req", "completions", key_id=key_id))
+        return metrics.registry.get_sample_value(hits) or 0.0
+
+    async def scenario() -> list[float]:
+        return [await as_key(k) for k in ("alice", "mallory", "carol", "mallory")]
+
+    try:
+        after = asyncio.run(scenario())
+    finally:
+        asyncio.run(backend.close())
+    assert after[0] == 0  # first sight of the prompt
+    assert after[1] == after[0]  # another key: a miss, the counter does not move
+    assert after[2] > after[1]  # carol shares alice's group: a hit
+    assert after[3] > after[2]  # mallory's own blocks from its first request
+    assert metrics.registry.get_sample_value("llm_serving_key_queue_wait_seconds_count", {"key": "mallory"}) == 2
