@@ -15,6 +15,11 @@ first one. Configurations:
   steps, no per-key cap; admission still round-robin across keys);
 - `before` (with `--baseline-tree`): the server from another checkout (e.g. `git worktree add /tmp/base main`).
 
+With `--sweep-threads`, instead: only the short tenants (no long tenant), for fp32 and int8 each at the default
+threads (`--torch-threads 0`) and at every count from 1 to the CPUs this process may use, configurations alternating
+within each round; it prints each configuration's tokens/s and `default_vs_best_<quantization>`: the default's
+tokens/s over the best count's (serving/threads.py `engine_threads` is the rule under test).
+
 Prints ratios, not verdicts; numbers are noisy on shared machines: compare within one run.
 """
 
@@ -191,12 +196,15 @@ def main() -> int:
     parser.add_argument("--baseline-tree", type=Path, help="a checkout of the code before, served as `before`")
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--torch-threads", type=int, default=0, help="0 = the server's default")
+    parser.add_argument("--sweep-threads", action="store_true", help="compare thread counts (see above)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from ops.smollm2 import ensure
 
     model_dir = ensure()
+    if args.sweep_threads:
+        return sweep_threads(args, model_dir)
     common = ["--quantization", args.quantization, "--torch-threads", str(args.torch_threads)]
     configs: dict[str, tuple[Path, list[str]]] = {"after": (REPO_ROOT, common)}
     unlimited = ["--max-batched-tokens", "1000000", "--max-key-prefill-tokens", "0"]
@@ -249,6 +257,39 @@ def main() -> int:
     for name in configs:
         tput = sum(r["throughput"] for r in results[(name, "alone")])  # type: ignore[misc]
         print(f"throughput_alone_{name}_vs_{first}: {tput / base:.3f}")
+    return 0
+
+
+def sweep_threads(args: argparse.Namespace, model_dir: Path) -> int:
+    from serving.threads import cpu_budget
+
+    counts = range(1, cpu_budget().threads + 1)
+    configs = {(q, t): ["--quantization", q, "--torch-threads", str(t)] for q in ("none", "int8") for t in (0, *counts)}
+    keys = {f"short{c}": secrets.token_hex(16) for c in range(args.clients)} | {"long": secrets.token_hex(16)}
+    tps: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        keys_file = Path(tmp) / "keys"
+        keys_file.write_text("".join(f"{name} {key}\n" for name, key in keys.items()))
+        keys_file.chmod(0o600)
+        for rnd in range(args.rounds):
+            for (quant, threads), flags in configs.items():
+                proc, url = start(REPO_ROOT, model_dir, keys_file, flags)
+                try:
+                    asyncio.run(phase(url, keys, argparse.Namespace(**{**vars(args), "requests": 1}), False))
+                    res = asyncio.run(phase(url, keys, args, False))
+                finally:
+                    proc.terminate()
+                    proc.wait(120)
+                tps.setdefault((quant, threads), []).append(res["throughput"])  # type: ignore[arg-type]
+                print(f"round {rnd} {quant} threads {threads or 'default'}: {res['throughput']:.1f} tok/s", flush=True)
+    print(
+        f"\nSmolLM2-135M, {args.clients} clients x {args.requests} requests x {args.max_tokens} tokens, no long tenant"
+    )
+    for quant in ("none", "int8"):
+        mean = {t: sum(v) / len(v) for (q, t), v in tps.items() if q == quant}
+        best = max((t for t in mean if t), key=lambda t: mean[t])
+        print(f"{quant}: " + ", ".join(f"{t or 'default'} {mean[t]:.1f}" for t in mean) + f" tok/s; best {best}")
+        print(f"default_vs_best_{quant}: {mean[0] / mean[best]:.2f}")
     return 0
 
 
