@@ -196,6 +196,8 @@ def main() -> int:
     parser.add_argument("--baseline-tree", type=Path, help="a checkout of the code before, served as `before`")
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--torch-threads", type=int, default=0, help="0 = the server's default")
+    parser.add_argument("--budget", type=int, action="append", default=[], help="also this --max-batched-tokens")
+    parser.add_argument("--only", default="", help="comma-separated configurations to run, e.g. after,budget64")
     parser.add_argument("--sweep-threads", action="store_true", help="compare thread counts (see above)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -211,6 +213,10 @@ def main() -> int:
     configs["unchunked"] = (REPO_ROOT, [*common, *unlimited])
     if args.baseline_tree:
         configs["before"] = (args.baseline_tree.resolve(), common)
+    for budget in args.budget:
+        configs[f"budget{budget}"] = (REPO_ROOT, [*common, "--max-batched-tokens", str(budget)])
+    if args.only:
+        configs = {name: configs[name] for name in args.only.split(",")}
     keys = {f"short{c}": secrets.token_hex(16) for c in range(args.clients)} | {"long": secrets.token_hex(16)}
     results: dict[tuple[str, str], list[dict[str, object]]] = {}
     with tempfile.TemporaryDirectory() as tmp:

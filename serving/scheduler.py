@@ -12,10 +12,10 @@ The order, each iteration (docs/serving.md "Scheduling"):
    key already prefilling `key_prefill_tokens` prompt tokens waits its turn (a key may always prefill one request,
    however long). An admitted prompt that fits the budget left is prefilled whole this iteration (all such prompts
    together, one batched prefill); a longer one is prefilled in chunks;
-3. prompts being prefilled in chunks share what is left of the budget, oldest first, and always get at least a
-   quarter of it (the rest of the budget after the decode tokens) while any is waiting, so a stream of short
-   requests cannot stall a long prompt forever. A prompt whose last chunk ran samples its first token in the same
-   iteration and joins the decoding rows.
+3. prompts being prefilled in chunks share what is left of the budget, the one with the fewest tokens left first
+   (so a short prompt never waits behind a long one's chunks), and always get at least a quarter of it (the rest
+   of the budget after the decode tokens), so a stream of short requests cannot stall a long prompt forever. A
+   prompt whose last chunk ran samples its first token in the same iteration and joins the decoding rows.
 
 So a long prompt costs every other row at most one chunk of extra latency per iteration instead of its whole
 prefill, and a key with many queued requests gets one admission per turn like a key with one.
@@ -262,7 +262,10 @@ class Scheduler:
         admitted, free = self._admit(free)
         chunks += [PrefillChunk(row, row.prompt_len, whole=True) for row in admitted]
         left = None if free is None else free + reserved
-        for row in self.prefilling:
+        # shortest remaining first: a short prompt that missed the whole-prompt budget finishes in this iteration or
+        # the next instead of queueing behind a long prompt's every chunk (its first token is what its client waits
+        # for); the long prompt gets the rest, and at least the reserve once the short ones are done
+        for row in sorted(self.prefilling, key=lambda r: r.prompt_len - r.computed):
             if any(c.row is row for c in chunks):
                 continue
             if left is not None and left <= 0:

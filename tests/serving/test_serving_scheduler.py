@@ -147,3 +147,19 @@ def test_update_from_output_emits_tokens_to_each_rows_own_consumer() -> None:
     row: RowState = out.prefill[0].row
     sched.update_from_output(out, ModelOutput(tokens={row: 9}, computed={row: 3}))
     assert events == [TokenEvent(9)] and sched.running == [row] and row.next_token == 9
+
+
+def test_a_short_prompt_prefilled_in_chunks_does_not_wait_behind_a_long_ones_chunks() -> None:
+    sched = Scheduler(max_rows=8, max_queue=16, token_budget=64)
+    sched.add(request("mallory", 4000))
+    run(sched, sched.schedule())  # the long prompt is being prefilled in chunks
+    for key in ("bob", "carol"):
+        sched.add(request(key, 40))  # the second does not fit what the first leaves of the budget
+    out = sched.schedule()
+    assert [(c.row.request.key_id, c.whole) for c in out.prefill if c.row.request.key_id != "mallory"] == [
+        ("bob", True),
+        ("carol", False),
+    ]
+    run(sched, out)
+    run(sched, sched.schedule())  # carol's rest comes before mallory's next chunk
+    assert {r.request.key_id for r in sched.running} == {"bob", "carol"}
