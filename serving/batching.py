@@ -1,8 +1,12 @@
-"""Batching for the built-in engine: a bounded queue and one engine thread that decodes many requests together.
+"""Batching for the built-in engine: one engine thread that runs the scheduler's decisions on the model.
 
-Two policies share one loop (`BatchPolicy`):
-- `continuous`: waiting requests join the running batch between decode steps (prefilled, then merged into the
-  KV cache); finished rows leave at once.
+Each iteration: `Scheduler.schedule()` (serving/scheduler.py) decides which rows decode and which prompt chunks
+prefill; this thread runs them (one decode step over the running batch, one batched prefill of the whole prompts
+admitted, one chunk per long prompt), samples a token for every row that has logits, and hands the results to
+`Scheduler.update_from_output()`; then it makes the KV batch match the scheduler's running rows (finished rows leave,
+fully prefilled ones are merged in). Two policies:
+- `continuous`: waiting requests join the running batch between decode steps, long prompts in chunks of the
+  per-iteration token budget (chunked prefill), so no decode step waits on a whole long prompt.
 - `dynamic`: a batch is formed from the queue, runs until every row is done, then the next batch forms.
 
 Requests talk to the thread only through `GenerationRequest`: `emit` is called from the engine thread with
@@ -10,25 +14,48 @@ Requests talk to the thread only through `GenerationRequest`: `emit` is called f
 
 Failure isolation: every request the engine accepted gets exactly one `FinishEvent`, whatever fails. An error that
 belongs to one row (its seed, its sampling, its prefill, its consumer) finishes that row with an error and the batch
-goes on; an error that belongs to no row (a decode step, e.g. out of memory) finishes every row of that batch,
-joiners included, and the engine goes on with the queue; if the engine thread itself dies, every running and queued
+goes on; an error that belongs to no row (a decode step, e.g. out of memory) finishes every admitted row (decoding or
+prefilling), and the engine goes on with the queue; if the engine thread itself dies, every admitted and queued
 request is finished with an error and new requests are refused.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
 import torch
 
-from serving.decode import DecodeBatch, Decoder, SamplingParams, sample
+from serving.decode import DecodeBatch, Decoder
+from serving.sampling import sample
+from serving.scheduler import (
+    NO_KEY,
+    Event,
+    FinishEvent,
+    GenerationRequest,
+    ModelOutput,
+    QueueFullError,
+    RowState,
+    Scheduler,
+    SchedulerOutput,
+    TokenEvent,
+)
+
+__all__ = [
+    "NO_KEY",
+    "BatchObserver",
+    "BatchPolicy",
+    "BatchScheduler",
+    "EngineStoppedError",
+    "Event",
+    "FinishEvent",
+    "GenerationRequest",
+    "QueueFullError",
+    "TokenEvent",
+]
 
 log = logging.getLogger("serving.batching")
 
@@ -36,6 +63,11 @@ log = logging.getLogger("serving.batching")
 # data, but a client has no use for a torch stack message)
 REQUEST_FAILED = "generation failed for this request"
 ENGINE_FAILED = "the engine failed while decoding this request's batch"
+
+# Prompt tokens (plus one per decoding row) the engine computes per iteration when driven directly; the server's
+# default (--max-batched-tokens, serving/config.py) says how it is chosen per device.
+DEFAULT_TOKEN_BUDGET = 128
+DEFAULT_KEY_PREFILL_TOKENS = 4096
 
 
 class BatchPolicy(StrEnum):
@@ -45,67 +77,8 @@ class BatchPolicy(StrEnum):
     DYNAMIC = "dynamic"
 
 
-class QueueFullError(Exception):
-    """The bounded queue is full: shed the request (503 + Retry-After) instead of buffering it."""
-
-
 class EngineStoppedError(Exception):
     """The engine is draining or dead and accepts no new work."""
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token of a request."""
-
-    token_id: int
-
-
-@dataclass(frozen=True)
-class FinishEvent:
-    """A request's last event: why it ended."""
-
-    reason: str  # "stop" (eos), "length" (max_tokens), "cancelled", "error"
-    error: str = ""
-
-
-Event = TokenEvent | FinishEvent
-
-
-@dataclass
-class GenerationRequest:
-    """A request as the engine thread sees it: prompt ids, sampling, and where its events go."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    emit: Callable[[Event], None]
-    enqueued_at: float = field(default_factory=time.monotonic)
-    _cancelled: threading.Event = field(default_factory=threading.Event)
-    generated: int = 0
-    finished: bool = False
-
-    def send(self, event: Event) -> bool:
-        """Emit an event; False (and the request counts as finished) when the consumer raised."""
-        try:
-            self.emit(event)
-            return True
-        except Exception:
-            log.exception("request consumer failed; dropping the request")
-            self.finished = True
-            return False
-
-    def finish(self, reason: str, error: str = "") -> None:
-        """Send the final event once."""
-        if not self.finished:
-            self.finished = True
-            self.send(FinishEvent(reason, error))
-
-    def cancel(self) -> None:
-        """Ask the engine thread to drop this request (safe from any thread)."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
 
 
 class BatchObserver(Protocol):
@@ -113,6 +86,7 @@ class BatchObserver(Protocol):
 
     def queue_depth(self, depth: int) -> None: ...
     def batch_size(self, rows: int) -> None: ...
+    def key_queue(self, key_id: str, depth: int, waited_s: float | None) -> None: ...
 
 
 class _NullObserver:
@@ -122,9 +96,12 @@ class _NullObserver:
     def batch_size(self, rows: int) -> None:
         pass
 
+    def key_queue(self, key_id: str, depth: int, waited_s: float | None) -> None:
+        pass
+
 
 class BatchScheduler:
-    """The engine thread: a bounded queue of requests decoded together in batches by a `Decoder`."""
+    """The engine thread: runs a `Scheduler`'s iterations on a `Decoder`."""
 
     def __init__(
         self,
@@ -136,7 +113,10 @@ class BatchScheduler:
         batch_wait_s: float = 0.005,
         policy: BatchPolicy = BatchPolicy.CONTINUOUS,
         observer: BatchObserver | None = None,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        key_prefill_tokens: int = DEFAULT_KEY_PREFILL_TOKENS,
     ) -> None:
+        """`token_budget` 0 = no budget (whole prompts between two steps, as before chunked prefill)."""
         if policy is BatchPolicy.CONTINUOUS and not decoder.supports_merge:
             log.warning("model cache does not support merging rows; falling back to dynamic batching")
             policy = BatchPolicy.DYNAMIC
@@ -147,11 +127,19 @@ class BatchScheduler:
         self.batch_wait_s = batch_wait_s
         self.policy = policy
         self.observer: BatchObserver = observer or _NullObserver()
-        self._queue: collections.deque[GenerationRequest] = collections.deque()
+        self.sched = Scheduler(
+            max_rows=max_batch_size,
+            max_queue=max_queue,
+            token_budget=token_budget,
+            key_prefill_tokens=key_prefill_tokens,
+            eos_token_ids=eos_token_ids,
+            dynamic=policy is BatchPolicy.DYNAMIC,
+            observer=self.observer,
+        )
+        self.batch: DecodeBatch | None = None  # the decoding rows' KV cache, row i = `sched.running[i]`
         self._cond = threading.Condition()
         self._stopping = False
         self._failed: BaseException | None = None
-        self._active: list[GenerationRequest] = []  # the rows the engine thread is decoding (or prefilling) now
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     # -- called from the event loop -------------------------------------------------------------------------------
@@ -165,16 +153,13 @@ class BatchScheduler:
         with self._cond:
             if self._stopping or not self.healthy:
                 raise EngineStoppedError("engine is not accepting requests")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFullError(f"queue is full ({self.max_queue} waiting)")
-            self._queue.append(request)
-            self.observer.queue_depth(len(self._queue))
+            self.sched.add(request)
             self._cond.notify()
 
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a batch."""
-        return len(self._queue)
+        return self.sched.queued
 
     @property
     def healthy(self) -> bool:
@@ -191,139 +176,174 @@ class BatchScheduler:
 
     # -- the engine thread ----------------------------------------------------------------------------------------
 
-    def _take(self, n: int, wait: bool) -> list[GenerationRequest]:
-        """Up to n queued requests; with `wait`, block for the first and give the batch `batch_wait_s` to fill."""
+    def _next(self) -> SchedulerOutput | None:
+        """The next iteration's decision; when idle, block for the first request and give the batch `batch_wait_s`
+        to fill. None: stopping with nothing left."""
         with self._cond:
-            if wait:
-                while not self._queue and not self._stopping:
+            if not self.sched.rows:
+                while not self.sched.queued and not self._stopping:
                     self._cond.wait()
+                if not self.sched.queued:
+                    return None
                 deadline = time.monotonic() + self.batch_wait_s
-                while self._queue and len(self._queue) < n and not self._stopping:
+                while self.sched.queued < self.max_batch_size and not self._stopping:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            taken: list[GenerationRequest] = []
-            while self._queue and len(taken) < n:
-                req = self._queue.popleft()
-                if req.cancelled:
-                    req.finish("cancelled")
-                else:
-                    taken.append(req)
-            self.observer.queue_depth(len(self._queue))
-            return taken
+            return self.sched.schedule()
 
     def _run(self) -> None:
         try:
-            while True:
-                batch = self._take(self.max_batch_size, wait=True)
-                if not batch:
-                    if self._stopping and not self._queue:
-                        return
-                    continue
-                self._generate(batch)
+            while (out := self._next()) is not None:
+                if not out.empty:
+                    self._iterate(out)
         except BaseException as exc:  # the engine is dead: fail loudly, readiness turns false
             log.exception("engine thread failed")
             with self._cond:
                 self._failed = exc
-                queued = list(self._queue)
-                self._queue.clear()
-            # every request the engine holds (running, joining or queued) gets an error: none may hang
-            for req in [*self._active, *queued]:
+                queued = self.sched.drain_waiting()
+            # every request the engine holds (decoding, prefilling or queued) gets an error: none may hang
+            for req in [*(r.request for r in self.sched.rows), *queued]:
                 req.finish("error", ENGINE_FAILED)
 
-    def _prefill(self, requests: list[GenerationRequest]) -> tuple[DecodeBatch, list[torch.Generator | None]]:
-        generators: list[torch.Generator | None] = []
-        for r in requests:
-            gen = None
-            if r.params.seed is not None:
-                gen = torch.Generator().manual_seed(r.params.seed)
-            generators.append(gen)
-        return self.decoder.prefill([r.prompt_ids for r in requests]), generators
+    def _iterate(self, out: SchedulerOutput) -> None:
+        result = ModelOutput()
+        try:
+            logits, group, live, completed = self._execute(out, result)
+        except Exception:  # not attributable to one row (e.g. out of memory in a decode step): fail every row
+            log.exception("decode failed; failing the %d admitted requests", len(self.sched.rows))
+            with self._cond:
+                self.sched.fail_all(ENGINE_FAILED)
+            self.batch = None
+            return
+        self._sample(logits, result)
+        with self._cond:
+            self.sched.update_from_output(out, result)
+        self._sync_batch(out.decode, group, live, completed)
 
-    def _prefill_isolated(
-        self, requests: list[GenerationRequest]
-    ) -> tuple[list[GenerationRequest], DecodeBatch | None, list[torch.Generator | None]]:
+    def _execute(
+        self, out: SchedulerOutput, result: ModelOutput
+    ) -> tuple[list[tuple[list[RowState], torch.Tensor]], DecodeBatch | None, list[RowState], list[RowState]]:
+        """Run the decision: the decode step, then the prefill of whole prompts, then one chunk per long prompt."""
+        logits: list[tuple[list[RowState], torch.Tensor]] = []
+        if out.decode:
+            assert self.batch is not None and self.batch.rows == len(out.decode)
+            self.observer.batch_size(len(out.decode))
+            self.decoder.step(self.batch, torch.tensor([r.next_token for r in out.decode], dtype=torch.long))
+            logits.append((out.decode, self.batch.logits))
+        for chunk in out.prefill:
+            self._start(chunk.row, result)
+        whole = [c.row for c in out.prefill if c.whole and c.row not in result.failed]
+        live, group = self._prefill_isolated(whole, result) if whole else ([], None)
+        if group is not None:
+            for row in live:
+                result.computed[row] = row.prompt_len
+            logits.append((live, group.logits))
+        completed: list[RowState] = []
+        for chunk in out.prefill:
+            row = chunk.row
+            if chunk.whole or row in result.failed:
+                continue
+            req = row.request
+            try:
+                if row.pending is None:
+                    row.pending = self.decoder.prefill_begin(req.prompt_ids, chunk.tokens, req.cache_salt)
+                else:
+                    self.decoder.prefill_more(row.pending, req.prompt_ids, chunk.tokens, req.cache_salt)
+            except Exception:
+                log.exception("prefill chunk failed for one request")
+                result.failed[row] = REQUEST_FAILED
+                continue
+            result.computed[row] = int(row.pending.positions[0])
+            if result.computed[row] >= row.prompt_len:
+                completed.append(row)
+                logits.append(([row], row.pending.logits))
+        return logits, group, live, completed
+
+    def _start(self, row: RowState, result: ModelOutput) -> None:
+        """Checks and a seeded request's own generator, once at its first prefill (a bad one fails that row only)."""
+        if not row.request.prompt_ids:  # nothing to compute logits from, whatever it is batched with
+            log.error("empty prompt for one request")
+            result.failed[row] = REQUEST_FAILED
+            return
+        seed = row.request.params.seed
+        if seed is None or row.generator is not None:
+            return
+        try:
+            row.generator = torch.Generator().manual_seed(seed)
+        except Exception:
+            log.exception("bad seed for one request")
+            result.failed[row] = REQUEST_FAILED
+
+    def _prefill_isolated(self, rows: list[RowState], result: ModelOutput) -> tuple[list[RowState], DecodeBatch | None]:
         """Prefill together; if that fails, find the rows that fail on their own, fail only those, and prefill the
         rest together again (an error from the second try is not attributable to one row and propagates)."""
+
+        def prefill(group: list[RowState]) -> DecodeBatch:
+            return self.decoder.prefill([r.request.prompt_ids for r in group], [r.request.cache_salt for r in group])
+
         try:
-            batch, generators = self._prefill(requests)
-            return requests, batch, generators
+            return rows, prefill(rows)
         except Exception:
-            if len(requests) == 1:
+            if len(rows) == 1:
                 log.exception("prefill failed for one request")
-                requests[0].finish("error", REQUEST_FAILED)
-                return [], None, []
-            log.exception("prefill of %d requests failed; retrying them one by one", len(requests))
-        good: list[GenerationRequest] = []
-        for r in requests:
+                result.failed[rows[0]] = REQUEST_FAILED
+                return [], None
+            log.exception("prefill of %d requests failed; retrying them one by one", len(rows))
+        good: list[RowState] = []
+        for r in rows:
             try:
-                self._prefill([r])
+                prefill([r])
                 good.append(r)
             except Exception:
                 log.exception("prefill failed for one request")
-                r.finish("error", REQUEST_FAILED)
+                result.failed[r] = REQUEST_FAILED
         if not good:
-            return [], None, []
-        batch, generators = self._prefill(good)
-        return good, batch, generators
+            return [], None
+        return good, prefill(good)
 
-    def _generate(self, requests: list[GenerationRequest]) -> None:
-        # `_active` always holds every request this thread owns (joiners as soon as they are taken), so a failure
-        # anywhere below finishes all of them with an error instead of leaving a stream without a finish event
-        self._active = list(requests)
-        try:
-            live, batch, generators = self._prefill_isolated(requests)
-            if batch is not None:
-                self._active = live
-                self._decode(batch, generators)
-        except Exception:  # not attributable to one row (e.g. out of memory in a decode step): fail this batch only
-            log.exception("decode failed; failing the %d requests in the batch", len(self._active))
-            for r in self._active:
-                r.finish("error", ENGINE_FAILED)
-        self._active = []
+    def _sample(self, parts: list[tuple[list[RowState], torch.Tensor]], result: ModelOutput) -> None:
+        """One token for every row that has logits, each decided by that row alone (serving/sampling.py)."""
+        rows = [r for part_rows, _ in parts for r in part_rows]
+        if not rows:
+            return
+        logits = parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts])
+        failed: dict[int, Exception] = {}
+        tokens = sample(logits, [r.request.params for r in rows], [r.generator for r in rows], failed)
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if i in failed:  # this row alone could not be sampled: it leaves, the others go on
+                log.error("sampling failed for one request: %r", failed[i])
+                result.failed[row] = REQUEST_FAILED
+            else:
+                result.tokens[row] = token
 
-    def _decode(self, batch: DecodeBatch, generators: list[torch.Generator | None]) -> None:
-        requests = self._active
-        while requests:
-            self.observer.batch_size(len(requests))
-            failed: dict[int, Exception] = {}
-            tokens = sample(batch.logits, [r.params for r in requests], generators, failed)
-            keep: list[int] = []
-            for row, (req, token) in enumerate(zip(requests, tokens, strict=True)):
-                if row in failed:  # this row alone could not be sampled: it leaves, the others go on
-                    log.error("sampling failed for one request: %r", failed[row])
-                    req.finish("error", REQUEST_FAILED)
-                    continue
-                if req.cancelled:
-                    req.finish("cancelled")
-                    continue
-                if token in self.eos_token_ids:
-                    req.finish("stop")
-                    continue
-                req.generated += 1
-                if not req.send(TokenEvent(token)):
-                    continue  # its consumer is broken: drop the row
-                if req.generated >= req.params.max_tokens:
-                    req.finish("length")
-                    continue
-                keep.append(row)
-            if len(keep) < len(requests):
-                requests = [requests[i] for i in keep]
-                generators = [generators[i] for i in keep]
-                tokens = [tokens[i] for i in keep]
-                self._active = requests
-                if not requests:
-                    break
+    def _sync_batch(
+        self, decoded: list[RowState], group: DecodeBatch | None, live: list[RowState], completed: list[RowState]
+    ) -> None:
+        """Make the KV batch's rows the scheduler's running rows: finished rows leave, joiners are merged in the
+        order `update_from_output` appended them (whole prompts first, then completed chunked ones)."""
+        alive = set(self.sched.running)
+        if self.batch is not None:
+            keep = [i for i, r in enumerate(decoded) if r in alive]
+            if not keep:
+                self.batch = None
+            elif len(keep) < len(decoded):
+                self.batch.keep(keep)
+        joiners: list[tuple[list[RowState], DecodeBatch]] = []
+        if group is not None:
+            joiners.append((live, group))
+        for row in completed:
+            joiners.append(([row], row.pending))
+            row.pending = None
+        for rows, batch in joiners:
+            keep = [i for i, r in enumerate(rows) if r in alive]
+            if not keep:
+                continue
+            if len(keep) < len(rows):
                 batch.keep(keep)
-            self.decoder.step(batch, torch.tensor(tokens, dtype=torch.long))
-            if self.policy is BatchPolicy.CONTINUOUS and len(requests) < self.max_batch_size and self._queue:
-                joiners = self._take(self.max_batch_size - len(requests), wait=False)
-                if joiners:
-                    self._active = requests = [*requests, *joiners]
-                    live, new_batch, new_generators = self._prefill_isolated(joiners)
-                    requests = [*requests[: len(requests) - len(joiners)], *live]
-                    self._active = requests
-                    if new_batch is not None:
-                        batch.merge(new_batch)
-                        generators = [*generators, *new_generators]
+            if self.batch is None:
+                self.batch = batch
+            else:
+                self.batch.merge(batch)
+        assert (self.batch.rows if self.batch is not None else 0) == len(self.sched.running)

@@ -16,6 +16,13 @@ from facts.cluster import SERVING_OPS_PORT, SERVING_PORT
 from facts.serving import QUANTIZATIONS, env_name, flag
 
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
+# --max-batched-tokens 0. On CPU a prefill token costs about what a decode row does (compute-bound), so a 128-token
+# budget makes an iteration with a prompt chunk cost a few plain decode steps of a 16-row batch: short requests'
+# first token waits for at most that, not for a whole long prompt (bench/serve_mixed.py). On a GPU a step is bound by
+# reading weights until far more tokens, so vLLM's default for its OpenAI server applies (vllm/engine/arg_utils.py,
+# `EngineArgs._set_default_args`, v0.10: 2048, or 8192 on GPUs with >= 70 GiB other than A100).
+CPU_TOKEN_BUDGET = 128
+GPU_TOKEN_BUDGET = 2048
 
 
 def check_quantization(method: str, engine: str) -> None:
@@ -172,6 +179,29 @@ class ServingConfig:
             "0 disables prefix caching. The vLLM engine runs with --enable-prefix-caching."
         },
     )
+    max_batched_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Built-in engine: tokens computed per engine iteration, one per decoding row plus prompt tokens "
+            "(chunked prefill, as vLLM's --max-num-batched-tokens); a longer prompt is prefilled in chunks between "
+            "decode steps, so no step waits on a whole long prompt. 0 = automatic: 128 on CPU (a chunk costs a few "
+            "decode steps there), 2048 on a GPU (vLLM's online-serving default)."
+        },
+    )
+    max_key_prefill_tokens: int = field(
+        default=4096,
+        metadata={
+            "help": "Built-in engine: most prompt tokens one API key may have being prefilled at once (its next "
+            "request waits; a key may always prefill one request, however long). 0 = no cap."
+        },
+    )
+    prefix_cache_groups: str = field(
+        default="",
+        metadata={
+            "help": "Built-in engine: API key ids whose prompts share prefix-cache blocks, as "
+            "'group:key-a,key-b;other:key-c'. Every other key's cached blocks are its own (salted by key id)."
+        },
+    )
     log_level: str = field(default="info", metadata={"help": "Log level."})
 
     def __post_init__(self) -> None:
@@ -215,6 +245,10 @@ class ServingConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
         if self.prefix_cache_mb < 0:
             raise ConfigError("prefix_cache_mb must be >= 0")
+        for name in ("max_batched_tokens", "max_key_prefill_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        self.cache_groups  # noqa: B018 (parses, raising ConfigError naming the key)
         try:  # a gateway (--upstream) loads no model: its engine decides
             if not self.upstream:
                 check_quantization(self.quantization, self.engine)
@@ -240,6 +274,35 @@ class ServingConfig:
             return self.max_inflight
         gateway = bool(self.upstream) or self.engine == "vllm"
         return 256 if gateway else self.max_batch_size + self.max_queue
+
+    @property
+    def cache_groups(self) -> dict[str, str]:
+        """`--prefix-cache-groups` as key id -> group name."""
+        groups: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in self.prefix_cache_groups.split(";"))):
+            name, sep, ids = part.partition(":")
+            keys = [k.strip() for k in ids.split(",") if k.strip()]
+            if not sep or not name.strip() or not keys:
+                raise ConfigError(
+                    "prefix_cache_groups: each group must be 'name:key-id,key-id' (groups separated by ';')"
+                )
+            for key in keys:
+                if key in groups:
+                    raise ConfigError(f"prefix_cache_groups: key id {key!r} is in more than one group")
+                groups[key] = name.strip()
+        return groups
+
+    @property
+    def token_budget(self) -> int:
+        """The engine's per-iteration token budget: `--max-batched-tokens`, else by device."""
+        if self.max_batched_tokens:
+            return self.max_batched_tokens
+        return CPU_TOKEN_BUDGET if self.device == "cpu" else GPU_TOKEN_BUDGET
+
+    def cache_salt(self, key_id: str) -> str:
+        """The prefix-cache salt of a key's requests: its group's, else its own (serving/prefix_cache.py)."""
+        group = self.cache_groups.get(key_id)
+        return f"group:{group}" if group is not None else f"key:{key_id}"
 
     @property
     def model_id(self) -> str:

@@ -8,27 +8,17 @@ rows join (`merge`) between steps: that is all continuous batching needs on a dy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from serving.prefix_cache import PrefixCache
 from serving.quantize import linear_fn
+from serving.sampling import SamplingParams, sample
 
-if TYPE_CHECKING:
-    from serving.prefix_cache import PrefixCache
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples: temperature 0 is greedy; `seed` makes sampling reproducible."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
+__all__ = ["DecodeBatch", "Decoder", "SamplingParams", "sample"]
 
 
 @dataclass
@@ -101,11 +91,70 @@ class Decoder:
         return all(type(layer) is DynamicLayer for layer in cache.layers)
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]]) -> DecodeBatch:
-        """Prefill the prompts (through the prefix cache when one is set): a batch ready for its first sample."""
+    def prefill(self, prompts: list[list[int]], salts: list[str] | None = None) -> DecodeBatch:
+        """Prefill whole prompts (through the prefix cache when one is set, each row's blocks under its salt): a batch
+        ready for its first sample."""
+        if self.prefix_cache is None:
+            return self.prefill_full(prompts)
+        salts = salts or [""] * len(prompts)
+        hits = [self.prefix_cache.match(p, s) for p, s in zip(prompts, salts, strict=True)]
+        if any(hits):
+            kv, prefix_mask = self.prefix_cache.gather(hits)
+            cached = [len(h) * self.prefix_cache.block_size for h in hits]
+            batch = self.prefill_after(kv, prefix_mask, [p[n:] for p, n in zip(prompts, cached, strict=True)])
+        else:
+            batch = self.prefill_full(prompts)
+        self._store(prompts, salts, batch, [len(h) for h in hits])
+        self.prefix_cache.publish()
+        return batch
+
+    @torch.inference_mode()
+    def prefill_begin(self, prompt: list[int], tokens: int, salt: str = "") -> DecodeBatch:
+        """The first chunk of a prompt prefilled in chunks: what the prefix cache holds, then up to `tokens` more (at
+        least one); `positions` tells how much of the prompt the batch's cache holds."""
+        cached = 0
         if self.prefix_cache is not None:
-            return self.prefix_cache.prefill(self, prompts)
-        return self.prefill_full(prompts)
+            hit = self.prefix_cache.match(prompt, salt)
+            cached = len(hit) * self.prefix_cache.block_size
+            self.prefix_cache.publish()
+        end = min(len(prompt), cached + max(1, tokens))
+        if cached:
+            kv, prefix_mask = self.prefix_cache.gather([hit])  # type: ignore[union-attr]
+            batch = self.prefill_after(kv, prefix_mask, [prompt[cached:end]])
+        else:
+            batch = self.prefill_full([prompt[:end]])
+        if end == len(prompt):
+            self._store([prompt], [salt], batch, [cached // self.prefix_cache.block_size] if cached else [0])
+        return batch
+
+    @torch.inference_mode()
+    def prefill_more(self, batch: DecodeBatch, prompt: list[int], tokens: int, salt: str = "") -> None:
+        """The next chunk (up to `tokens`) of a one-row batch `prefill_begin` started; caches the prompt's blocks when
+        the chunk is its last."""
+        done = int(batch.positions[0])
+        end = min(len(prompt), done + max(1, tokens))
+        mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((1, end - done))], dim=1)
+        ids = torch.tensor([prompt[done:end]], dtype=torch.long, device=self.device)
+        positions = torch.arange(done, end, device=self.device)[None]
+        batch.cache, batch.logits = self._extend(batch.cache, ids, mask, positions)
+        batch.attention_mask, batch.positions = mask, batch.positions + (end - done)
+        if end == len(prompt):
+            self._store([prompt], [salt], batch, [0])
+
+    def _store(self, prompts: list[list[int]], salts: list[str], batch: DecodeBatch, matched: list[int]) -> None:
+        """Cache the full blocks of each prompt the cache did not already hold, from the batch's KV."""
+        if self.prefix_cache is None:
+            return
+        size = self.prefix_cache.block_size
+        real = batch.attention_mask.bool()
+        for row, prompt in enumerate(prompts):
+            if len(prompt) // size <= matched[row]:
+                continue  # every full block came from the cache (or there is none)
+            cols = real[row].nonzero().squeeze(-1)[: len(prompt) // size * size]
+            kv = torch.stack(
+                [torch.stack([layer.keys[row][:, cols], layer.values[row][:, cols]]) for layer in batch.cache.layers]
+            )
+            self.prefix_cache.insert(prompt, kv, salts[row])
 
     def prefill_full(self, prompts: list[list[int]]) -> DecodeBatch:
         """Prefill the prompts from their first token, left-padded to the longest."""
@@ -133,10 +182,10 @@ class Decoder:
 
     def prefill_after(self, kv: torch.Tensor, prefix_mask: torch.Tensor, rests: list[list[int]]) -> DecodeBatch:
         """Prefill `rests` after cached keys/values `kv` ([layers, 2, rows, heads, P, dim], `prefix_mask` [rows, P]
-        marking each row's real cached tokens): the prefix-cache path of `prefill` (serving/prefix_cache.py)."""
+        marking each row's real cached tokens; `PrefixCache.gather` builds both)."""
         cache = DynamicCache(config=self.model.config)
         for i in range(kv.shape[0]):
-            cache.update(kv[i, 0], kv[i, 1], i)
+            cache.update(kv[i, 0].to(self.device), kv[i, 1].to(self.device), i)
         length = max(len(r) for r in rests)
         ids = torch.full((len(rests), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rests), length), dtype=torch.long)
@@ -146,14 +195,19 @@ class Decoder:
         mask = torch.cat([prefix_mask, mask], dim=1).to(self.device)
         ids = ids.to(self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -length:]
-        if self._fast is not None:
-            logits = self._fast.extend(cache, ids, mask, position_ids)
-        else:
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
-            )
-            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+        cache, logits = self._extend(cache, ids, mask, position_ids)
         return DecodeBatch(cache=cache, attention_mask=mask, positions=mask.sum(-1), logits=logits)
+
+    def _extend(
+        self, cache: DynamicCache, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        """Run `ids` after what `cache` holds (`mask` covers both): the cache and each row's last-position logits."""
+        if self._fast is not None:
+            return cache, self._fast.extend(cache, ids, mask, position_ids)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+        )
+        return out.past_key_values, out.logits[:, -1, :].float()
 
     @torch.inference_mode()
     def step(self, batch: DecodeBatch, tokens: torch.Tensor) -> None:
@@ -320,89 +374,3 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def sample(
-    logits: torch.Tensor,
-    params: list[SamplingParams],
-    generators: list[torch.Generator | None],
-    failed: dict[int, Exception] | None = None,
-) -> list[int]:
-    """One token per row: greedy when temperature is 0, else temperature + nucleus (top_p) sampling.
-
-    All rows at once on the logits' device, one transfer back: per-row softmax, sort and `.cpu()` cost ~23 ms for 16
-    rows of a 128k vocabulary on an H100 (issue 15) against 0.04 ms for greedy. Each sampled row draws one uniform
-    number from its own generator (its request's `seed`) and inverts its own CDF, so a seeded request reproduces its
-    tokens whatever else shares the batch.
-
-    With `failed`, a batch the batched path cannot sample (e.g. one row's logits are not finite) is sampled again row
-    by row, and a row that still cannot be sampled is recorded there with token -1 instead of failing every row.
-    """
-    try:
-        return _sample_batch(logits, params, generators)
-    except Exception:
-        if failed is None:
-            raise
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens: list[int] = []
-    for row, p in enumerate(params):
-        if p.temperature == 0.0:
-            tokens.append(greedy[row])
-            continue
-        try:
-            tokens.append(_sample_row(logits[row], p, generators[row]))
-        except Exception as exc:
-            failed[row] = exc
-            tokens.append(-1)
-    return tokens
-
-
-def _sample_batch(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
-    out = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
-    if rows:
-        device = logits.device
-        index = torch.tensor(rows, device=device)
-        temps = torch.tensor([params[i].temperature for i in rows], device=device, dtype=torch.float32)
-        selected = logits.index_select(0, index).float()
-        # subtract each row's max first: a tiny temperature then gives exp(-inf) = 0 instead of inf / inf = nan
-        probs = torch.softmax((selected - selected.amax(dim=-1, keepdim=True)) / temps[:, None], dim=-1)
-        if not bool(torch.isfinite(probs).all()):  # one host sync: a poisoned row must not sample garbage
-            raise ValueError("non-finite probabilities in a sampled row")
-        top_p = [params[i].top_p for i in rows]
-        uniform = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in rows]).to(device)
-        if any(p < 1.0 for p in top_p):
-            # keep the smallest prefix whose mass reaches top_p (always at least the top token); rows with
-            # top_p = 1 keep everything (an infinite threshold, not 1.0, which rounding could reach early)
-            limit = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], device=device)
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            cumulative = sorted_probs.cumsum(dim=-1)
-            kept = cumulative - sorted_probs < limit[:, None]
-            # the CDF of the kept prefix is the running sum itself: search it in sorted order, map back
-            total = (cumulative * kept).amax(dim=-1)
-            position = torch.searchsorted(cumulative, (uniform.float() * total)[:, None], right=True).squeeze(1)
-            position = torch.minimum(position, kept.sum(dim=-1) - 1)  # rounding never escapes the nucleus
-            picked = order.gather(1, position[:, None]).squeeze(1)
-        else:
-            # float64 CDF: u * total < total strictly for u < 1, so the search lands on a token of non-zero mass
-            cdf = probs.double().cumsum(dim=-1)
-            picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(1)
-            picked = picked.clamp_(max=probs.shape[-1] - 1)
-        out[index] = picked
-    return out.tolist()
-
-
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
-    # subtract the max first: (x - max) / T is <= 0 for every T > 0, so a tiny temperature gives exp(-inf) = 0 for
-    # the others and 1 for the top token instead of inf / inf = nan (logits / 1e-45 overflows float32)
-    probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-        drop[0] = False  # explicitly: a top_p that rounds to 0 in float32 would otherwise drop every token
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs.cpu(), 1, generator=gen))

@@ -91,7 +91,7 @@ class InFlight:
     def admit(self, key: ApiKey) -> None:
         """Refuse the request while draining, else count it against the key's RPM (429 when over) and let the
         engine reserve tokens against its TPM (`RequestContext.reserve`)."""
-        self.key_id = key.key_id
+        self.key_id = self.ctx.key_id = key.key_id
         if self.state.draining:
             raise APIError(503, "Server is shutting down.", code="draining", retry_after=1.0)
         self._admission = self.state.limiter.admit(key)

@@ -57,6 +57,17 @@ class Metrics:
         self.prefix_bytes = Gauge(
             "llm_serving_prefix_cache_bytes", "Memory held by cached prefix KV blocks.", registry=r
         )
+        # per API key id (the keys file's first column, never key material), built-in engine (serving/scheduler.py)
+        self.key_queue_depth = Gauge(
+            "llm_serving_key_queue_depth", "Requests waiting for admission, by API key id.", ["key"], registry=r
+        )
+        self.key_queue_wait = Histogram(
+            "llm_serving_key_queue_wait_seconds",
+            "Time from queueing to admission into the running batch, by API key id.",
+            ["key"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
         self.ready = Gauge("llm_serving_ready", "1 when the engine is loaded and healthy and not draining.", registry=r)
 
     # BatchObserver
@@ -65,6 +76,11 @@ class Metrics:
 
     def batch_size(self, rows: int) -> None:
         self.batch.observe(rows)
+
+    def key_queue(self, key_id: str, depth: int, waited_s: float | None) -> None:
+        self.key_queue_depth.labels(key_id).set(depth)
+        if waited_s is not None:
+            self.key_queue_wait.labels(key_id).observe(waited_s)
 
     # PrefixCacheObserver
     def prefix_cache(self, queried: int, hit: int, bytes_used: int) -> None:

@@ -16,11 +16,16 @@ its parent key and its own tokens, compared on lookup, so a hash collision can o
 prompt's KV. tests/serving/test_serving_prefix_cache.py checks that greedy output with the cache is identical to
 without it, token for token (debug model and SmolLM2, through the batching scheduler).
 
-Only the engine thread uses a `PrefixCache` (not thread-safe, no locks needed).
+Privacy: blocks are salted by who may share them (`salt`: the API key id by default, so one key never hits
+another key's blocks and neither time to first token nor the hit counters tell a key whether anyone else sent a
+prompt; keys named in one `--prefix-cache-groups` group share a salt, the group's name). The salt starts each hash
+chain and is stored in each block and compared on lookup, so two salts whose hashes collide still never share a block
+(vLLM's per-request `cache_salt` does the same by mixing a salt into the first block's hash; its design doc
+docs/design/prefix_caching.md, "cache isolation").
 
-Known limit: the cache is shared by all API keys, so a client could tell from its time to first token whether a
-prefix was used recently by anyone (vLLM offers a per-request `cache_salt` for this). Prompts that must not leak even
-that bit need `--prefix-cache-mb 0` until blocks are salted per key.
+A store, not an engine: it matches, inserts and turns blocks into tensors, and never calls the model; the `Decoder`
+(serving/decode.py) orchestrates prefill around it. Only the engine thread uses a `PrefixCache` (not thread-safe, no
+locks needed).
 """
 
 from __future__ import annotations
@@ -28,12 +33,9 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from serving.decode import DecodeBatch, Decoder
 
 log = logging.getLogger("serving.prefix_cache")
 
@@ -50,6 +52,7 @@ class PrefixCacheObserver(Protocol):
 
 @dataclass
 class _Block:
+    salt: str
     parent: int | None
     tokens: tuple[int, ...]
     kv: torch.Tensor  # [layers, 2 (keys, values), kv_heads, block_size, head_dim]
@@ -74,30 +77,31 @@ class PrefixCache:
         self.bytes_used = 0
         self.queried_tokens = 0
         self.hit_tokens = 0
+        self._published = (0, 0)
 
     def __len__(self) -> int:
         return len(self._blocks)
 
     # -- lookup and insert ---------------------------------------------------------------------------------------
 
-    def _chain(self, prompt: list[int], blocks: int) -> list[tuple[int, int | None, tuple[int, ...]]]:
-        """(key, parent key, tokens) of the prompt's first `blocks` full blocks."""
+    def _chain(self, prompt: list[int], blocks: int, salt: str) -> list[tuple[int, int | None, tuple[int, ...]]]:
+        """(key, parent key, tokens) of the prompt's first `blocks` full blocks; the salt starts the chain."""
         out: list[tuple[int, int | None, tuple[int, ...]]] = []
         parent: int | None = None
         for i in range(blocks):
             tokens = tuple(prompt[i * self.block_size : (i + 1) * self.block_size])
-            key = hash((parent, tokens))
+            key = hash((salt, parent, tokens)) if salt else hash((parent, tokens))
             out.append((key, parent, tokens))
             parent = key
         return out
 
-    def match(self, prompt: list[int]) -> list[_Block]:
-        """The cached blocks that begin `prompt`, leaving at least its last token to compute."""
+    def match(self, prompt: list[int], salt: str = "") -> list[_Block]:
+        """The cached blocks of this salt that begin `prompt`, leaving at least its last token to compute."""
         found: list[_Block] = []
         keys: list[int] = []
-        for key, parent, tokens in self._chain(prompt, (len(prompt) - 1) // self.block_size):
+        for key, parent, tokens in self._chain(prompt, (len(prompt) - 1) // self.block_size, salt):
             block = self._blocks.get(key)
-            if block is None or block.parent != parent or block.tokens != tokens:
+            if block is None or block.salt != salt or block.parent != parent or block.tokens != tokens:
                 break
             found.append(block)
             keys.append(key)
@@ -110,19 +114,19 @@ class PrefixCache:
         for key in reversed(keys):  # last block first: the chain's head ends up most recently used
             self._blocks.move_to_end(key)
 
-    def insert(self, prompt: list[int], kv: torch.Tensor) -> None:
+    def insert(self, prompt: list[int], kv: torch.Tensor, salt: str = "") -> None:
         """Cache the full blocks of `prompt` given its KV for every prompt token, `[layers, 2, heads, len, dim]`."""
-        chain = self._chain(prompt, len(prompt) // self.block_size)
+        chain = self._chain(prompt, len(prompt) // self.block_size, salt)
         keys: list[int] = []
         for i, (key, parent, tokens) in enumerate(chain):
             block = self._blocks.get(key)
             if block is not None:
-                if block.parent != parent or block.tokens != tokens:
+                if block.salt != salt or block.parent != parent or block.tokens != tokens:
                     break  # a hash collision with another prefix: keep the one we have, cache nothing after it
                 keys.append(key)
                 continue
             part = kv[:, :, :, i * self.block_size : (i + 1) * self.block_size].clone()
-            block = _Block(parent, tokens, part)
+            block = _Block(salt, parent, tokens, part)
             if block.nbytes > self.max_bytes:
                 break
             self._blocks[key] = block
@@ -138,43 +142,28 @@ class PrefixCache:
             _, block = self._blocks.popitem(last=False)
             self.bytes_used -= block.nbytes
 
-    # -- the engine hook -----------------------------------------------------------------------------------------
+    # -- blocks to tensors ---------------------------------------------------------------------------------------
 
-    def prefill(self, decoder: Decoder, prompts: list[list[int]]) -> DecodeBatch:
-        """`decoder.prefill_full(prompts)`, computing only what the cache does not hold; then caches the new blocks."""
-        queried, hit = self.queried_tokens, self.hit_tokens
-        hits = [self.match(p) for p in prompts]
-        batch = self._prefill_cached(decoder, prompts, hits) if any(hits) else decoder.prefill_full(prompts)
-        self._store(prompts, batch, [len(h) for h in hits])
-        if self.observer is not None:
-            self.observer.prefix_cache(self.queried_tokens - queried, self.hit_tokens - hit, self.bytes_used)
-        return batch
-
-    def _prefill_cached(self, decoder: Decoder, prompts: list[list[int]], hits: list[list[_Block]]) -> DecodeBatch:
-        """Rows laid out as [padding, cached prefix, padding, rest of prompt]: the cache holds the prefixes
-        right-aligned to column P (the longest prefix), the rest is prefilled left-padded after it. Padding in the
-        middle is masked like any other padding."""
-        rows = len(prompts)
+    def gather(self, hits: list[list[_Block]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Matched blocks of several rows as one tensor: `kv` [layers, 2, rows, heads, P, dim] with each row's prefix
+        right-aligned to column P (the longest prefix), and `mask` [rows, P] marking each row's real cached tokens."""
+        rows = len(hits)
         cached = [len(h) * self.block_size for h in hits]
         longest = max(cached)
         sample = next(h[0].kv for h in hits if h)
         layers, _, heads, _, dim = sample.shape
         kv = sample.new_zeros((layers, 2, rows, heads, longest, dim))
-        prefix_mask = torch.zeros((rows, longest), dtype=torch.long)
+        mask = torch.zeros((rows, longest), dtype=torch.long)
         for row, blocks in enumerate(hits):
             if blocks:
                 kv[:, :, row, :, longest - cached[row] :] = torch.cat([b.kv for b in blocks], dim=3)
-                prefix_mask[row, longest - cached[row] :] = 1
-        rests = [p[n:] for p, n in zip(prompts, cached, strict=True)]
-        return decoder.prefill_after(kv, prefix_mask, rests)
+                mask[row, longest - cached[row] :] = 1
+        return kv, mask
 
-    def _store(self, prompts: list[list[int]], batch: DecodeBatch, matched: list[int]) -> None:
-        real = batch.attention_mask.bool()
-        for row, prompt in enumerate(prompts):
-            if len(prompt) // self.block_size <= matched[row]:
-                continue  # every full block came from the cache (or there is none)
-            cols = real[row].nonzero().squeeze(-1)[: len(prompt) // self.block_size * self.block_size]
-            kv = torch.stack(
-                [torch.stack([layer.keys[row][:, cols], layer.values[row][:, cols]]) for layer in batch.cache.layers]
+    def publish(self) -> None:
+        """Report the counters to the observer (once per prefill, not per lookup)."""
+        if self.observer is not None:
+            self.observer.prefix_cache(
+                self.queried_tokens - self._published[0], self.hit_tokens - self._published[1], self.bytes_used
             )
-            self.insert(prompt, kv)
+        self._published = (self.queried_tokens, self.hit_tokens)

@@ -85,3 +85,19 @@ def cpu_budget(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cg
     if quota is not None and math.floor(quota) < affinity:
         return CpuBudget(max(1, math.floor(quota)), affinity, quota, "cgroup cpu quota")
     return CpuBudget(max(1, affinity), affinity, quota, "cpu affinity")
+
+
+def engine_threads(budget: CpuBudget, quantization: str) -> tuple[int, str]:
+    """torch threads for an engine configuration when `--torch-threads` is 0, and why.
+
+    Chosen by measurement (issue 20, SmolLM2-135M at 16 streaming clients on 2 cores, alternating configurations in
+    one run; bench/serve_mixed.py --sweep-threads re-measures it, numbers in bench/RESULTS.md):
+    - fp32: every CPU the process may use (2 threads 111/109 tok/s against 66/60 with 1): its matmuls are large
+      enough to scale, and the event loop and tokenizer threads mostly wait on them;
+    - int8: one CPU fewer, at least 1 (1 thread 174/132 tok/s against 91/109 with 2): the int8 step is cheap per
+      token, so its per-token Python (activation quantization, scales) and the event loop and tokenizer threads
+      compete with a second torch thread for the same cores; leaving them a core is faster.
+    """
+    if quantization == "int8" and budget.threads > 1:
+        return budget.threads - 1, f"{budget.describe()}, one left to the event loop and tokenizer for int8"
+    return budget.threads, budget.describe()

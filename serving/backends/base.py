@@ -18,6 +18,7 @@ class RequestContext:
 
     request_id: str
     endpoint: str
+    key_id: str = "-"  # the API key's id (never its secret): the engine's fairness unit and prefix-cache salt
     started: float = field(default_factory=time.monotonic)
     prompt_tokens: int = 0
     completion_tokens: int = 0

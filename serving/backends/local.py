@@ -43,7 +43,7 @@ from serving.protocol import (
     completion_chunk,
 )
 from serving.quantize import quantize_model
-from serving.threads import cpu_budget
+from serving.threads import cpu_budget, engine_threads
 
 log = logging.getLogger("serving.local")
 
@@ -63,11 +63,11 @@ class LocalBackend:
         self.model_id = cfg.model_id
         self.cfg = cfg
         if cfg.device == "cpu":  # what the container may use, not the host's cores (serving/threads.py)
-            budget = cpu_budget()
-            torch.set_num_threads(cfg.torch_threads or budget.threads)
-            log.info(
-                "cpu threads: %s", f"{cfg.torch_threads} (--torch-threads)" if cfg.torch_threads else budget.describe()
-            )
+            threads, why = engine_threads(cpu_budget(), cfg.quantization)
+            if cfg.torch_threads:
+                threads, why = cfg.torch_threads, "--torch-threads"
+            torch.set_num_threads(threads)
+            log.info("cpu threads: %d (%s)", threads, why)
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
         self._decode = _fast_decode(self.tokenizer)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
@@ -91,6 +91,8 @@ class LocalBackend:
             batch_wait_s=cfg.batch_wait_ms / 1000,
             policy=BatchPolicy(cfg.batching),
             observer=observer,
+            token_budget=cfg.token_budget,
+            key_prefill_tokens=cfg.max_key_prefill_tokens,
         )
         self._relay: _EventRelay | None = None
         # tokenization and chat templates run here, off the event loop; one thread, so a flood of long prompts
@@ -225,7 +227,7 @@ class LocalBackend:
         def emit(event: Event) -> None:  # runs on the engine thread
             relay.post(events, event)
 
-        gen = GenerationRequest(prompt_ids, params, emit)
+        gen = GenerationRequest(prompt_ids, params, emit, key_id=ctx.key_id, cache_salt=self.cfg.cache_salt(ctx.key_id))
         try:
             self.scheduler.submit(gen)
         except QueueFullError as exc:

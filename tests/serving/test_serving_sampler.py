@@ -61,3 +61,55 @@ def test_a_seeded_row_does_not_depend_on_its_companions() -> None:
     alone = my_tokens([])
     assert my_tokens([SamplingParams(1, temperature=1.0)]) == alone
     assert my_tokens([SamplingParams(1, temperature=0.0), SamplingParams(1, temperature=2.0, top_p=0.3)]) == alone
+
+
+def _seeded_tokens(neighbours: list[SamplingParams], mine: SamplingParams, logits: torch.Tensor) -> list[int]:
+    """My row's tokens over 20 draws with its own seeded generator, next to `neighbours` (the failure dict given,
+    as the engine gives it)."""
+    gen = torch.Generator().manual_seed(mine.seed or 0)
+    out = []
+    for _ in range(20):
+        rows = torch.cat([logits[: len(neighbours)], logits[-1:]])
+        gens = [torch.Generator().manual_seed(7 + k) for k in range(len(neighbours))] + [gen]
+        out.append(sample(rows, [*neighbours, mine], gens, {})[-1])
+    return out
+
+
+def test_a_neighbours_top_p_does_not_change_a_seeded_rows_path() -> None:
+    """Issue 20: any neighbour with top_p < 1 switched every sampled row to the sorted-CDF path (12/12 diverged)."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, 1000) * 3
+    mine = SamplingParams(1, temperature=1.0, top_p=1.0, seed=11)
+    alone = _seeded_tokens([], mine, logits)
+    assert _seeded_tokens([SamplingParams(1, temperature=1.0, top_p=0.5)], mine, logits) == alone
+    assert _seeded_tokens([SamplingParams(1, temperature=0.7, top_p=0.9)] * 3, mine, logits) == alone
+
+
+def test_a_vanishing_top_p_is_greedy_and_breaks_no_neighbour() -> None:
+    """Issue 20: top_p = 1e-46 (0 in float32) raised `gather index -1`, and the fallback redrew every row."""
+    torch.manual_seed(2)
+    logits = torch.randn(3, 500)
+    tiny = SamplingParams(1, temperature=1.0, top_p=1e-46)
+    failed: dict[int, Exception] = {}
+    picks = sample(logits, [tiny] * 3, [torch.Generator().manual_seed(i) for i in range(3)], failed)
+    assert not failed and picks == logits.argmax(-1).tolist()
+    mine = SamplingParams(1, temperature=1.0, top_p=0.8, seed=3)
+    assert _seeded_tokens([tiny], mine, logits) == _seeded_tokens([], mine, logits)
+
+
+def test_the_row_by_row_fallback_reuses_each_rows_draw() -> None:
+    """A poisoned neighbour (non-finite logits) sends the batch to the row-by-row fallback; a seeded row still gets
+    the token it gets alone (the draw it already made, not a second one)."""
+    torch.manual_seed(3)
+    logits = torch.randn(2, 300)
+    poisoned = logits.clone()
+    poisoned[0] = float("nan")
+    for mine in (SamplingParams(1, temperature=1.0, seed=4), SamplingParams(1, temperature=0.9, top_p=0.7, seed=4)):
+        expected = _seeded_tokens([], mine, logits)
+        gen = torch.Generator().manual_seed(4)
+        got = []
+        for _ in range(20):
+            failed: dict[int, Exception] = {}
+            got.append(sample(poisoned, [SamplingParams(1, temperature=1.0), mine], [None, gen], failed)[1])
+            assert list(failed) == [0]
+        assert got == expected

@@ -55,3 +55,16 @@ def test_budget_without_quota_is_the_affinity(tmp_path: Path) -> None:
     root, proc = _v2(tmp_path, {"": "max 100000"}, own="/")
     budget = cpu_budget(root, proc)
     assert budget.threads == len(os.sched_getaffinity(0)) and budget.source == "cpu affinity"
+
+
+@pytest.mark.parametrize(
+    ("cpus", "quantization", "expected"),
+    [(2, "none", 2), (2, "int8", 1), (1, "int8", 1), (8, "int8", 7), (4, "none", 4)],
+)
+def test_default_threads_follow_the_measured_rule_per_engine_configuration(
+    cpus: int, quantization: str, expected: int
+) -> None:
+    from serving.threads import CpuBudget, engine_threads
+
+    threads, why = engine_threads(CpuBudget(cpus, cpus, None, "cpu affinity"), quantization)
+    assert threads == expected and why
