@@ -103,6 +103,8 @@ class Audit(pulumi.ComponentResource):
                 {
                     "read_write_type": "All",
                     "include_management_events": True,
+                    # Object-level reads, writes and deletes on the data buckets (auditS3DataEvents; off: the
+                    # management events only, free for an account's first trail).
                     "data_resources": [
                         {
                             "type": "AWS::S3::Object",
@@ -111,7 +113,9 @@ class Audit(pulumi.ComponentResource):
                                 for k in AUDITED_DATA_KINDS
                             ],
                         }
-                    ],
+                    ]
+                    if a.protection.audit_s3_data_events
+                    else [],
                 }
             ],
             tags=a.tags,

@@ -353,8 +353,10 @@ class Cluster(pulumi.ComponentResource):
         )
 
     def _create_system_node_group(self, early_addons: list[aws.eks.Addon]) -> aws.eks.NodeGroup:
-        """Small on-demand group for CoreDNS, add-on controllers and gateways. It is never tainted: untainted
-        capacity is where everything that does not need a GPU runs."""
+        """Small group for CoreDNS, add-on controllers and gateways (on-demand, or spot where systemCapacityType
+        says: managed node groups rebalance spot capacity and drain a node on its interruption notice, EKS user
+        guide "Managed node groups: capacity types"). It is never tainted: untainted capacity is where everything
+        that does not need a GPU runs."""
         spec = self._args
         lt = self._launch_template(SYSTEM_POOL, SYSTEM_DISK_GB)
         count = spec.cluster.system_node_count
@@ -365,7 +367,7 @@ class Cluster(pulumi.ComponentResource):
             node_role_arn=self._args.node_role_arn,
             subnet_ids=self._args.private_subnet_ids,
             ami_type=SYSTEM_AMI_TYPE,
-            capacity_type="ON_DEMAND",
+            capacity_type=spec.cluster.system_capacity_type,
             instance_types=[spec.cluster.system_instance_type],
             scaling_config=aws.eks.NodeGroupScalingConfigArgs(min_size=count, max_size=count, desired_size=count),
             update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),

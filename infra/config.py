@@ -402,7 +402,7 @@ class ClusterConfig:
     """The EKS cluster and its node pools (infra/cluster.py), and where its Kubernetes layer is applied from
     (infra/access.py): kubernetesVersion, serviceCidr, controlPlaneLogRetentionDays, clusterAdminArns,
     publicApiEndpoint, publicApiCidrs, kubernetesDeployer, deployerRepository, systemInstanceType, systemNodeCount,
-    gpuNodeDiskGb, maxGpus and the GPU pools' keys (GpuPool)."""
+    systemCapacityType, gpuNodeDiskGb, maxGpus and the GPU pools' keys (GpuPool)."""
 
     kubernetes_version: str
     service_cidr: str
@@ -418,6 +418,8 @@ class ClusterConfig:
     """Where the Kubernetes layer is applied from (infra/access.py)."""
     deployer_repository: str = ""
     """GitHub repository whose workflow jobs the in-VPC runner takes."""
+    system_capacity_type: Literal["ON_DEMAND", "SPOT"] = "ON_DEMAND"
+    """systemCapacityType: SPOT only where controllers may move (dev)."""
 
     def pool(self, purpose: str) -> GpuPool:
         return next(p for p in self.gpu_pools if p.purpose == purpose)
@@ -445,6 +447,8 @@ class ClusterConfig:
             v.bad("systemInstanceType", problem)
         if v["systemNodeCount"] < 2:
             v.bad("systemNodeCount", "must be at least 2 so cluster controllers survive a node loss")
+        if v["systemCapacityType"] not in CAPACITY_TYPES:
+            v.bad("systemCapacityType", f"must be one of {', '.join(CAPACITY_TYPES)}")
         if not 20 <= v["gpuNodeDiskGb"] <= 16384:
             v.bad("gpuNodeDiskGb", "must be between 20 and 16384 GiB")
         pools = (GpuPool.from_values(v, "training"), GpuPool.from_values(v, "inference"))
@@ -461,6 +465,7 @@ class ClusterConfig:
             max_gpus=v["maxGpus"],
             deployer=v["kubernetesDeployer"],
             deployer_repository=v["deployerRepository"],
+            system_capacity_type=v["systemCapacityType"],
         )
 
     @staticmethod
@@ -869,8 +874,8 @@ LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
 
 @dataclass(frozen=True)
 class ProtectionConfig:
-    """Audit trail and backup (infra/audit.py, infra/backup.py): auditTrail, auditLockMode, auditRetentionDays,
-    backupReplicaRegion."""
+    """Audit trail and backup (infra/audit.py, infra/backup.py): auditTrail, auditS3DataEvents, auditLockMode,
+    auditRetentionDays, backupReplicaRegion."""
 
     audit_trail: bool
     """A CloudTrail trail (management events, S3 data events on datasets and models) into an Object Lock bucket."""
@@ -879,6 +884,8 @@ class ProtectionConfig:
     """Days every trail log file is locked (and kept) for."""
     backup_replica_region: str
     """Region the models and checkpoints buckets replicate to; empty for no replication."""
+    audit_s3_data_events: bool = True
+    """The trail also records S3 data events on the datasets and models buckets (auditS3DataEvents)."""
 
     @classmethod
     def from_values(cls, v: Values) -> ProtectionConfig:
@@ -897,6 +904,8 @@ class ProtectionConfig:
             # Production's recovery and audit guarantees are not optional (docs/operations.md, RPO/RTO).
             if not v["auditTrail"]:
                 v.bad("auditTrail", "must be true when production is true")
+            if not v["auditS3DataEvents"]:
+                v.bad("auditS3DataEvents", "must be true when production is true (who read or deleted a model)")
             if v["auditLockMode"] != "COMPLIANCE":
                 v.bad("auditLockMode", "must be COMPLIANCE when production is true (no one can shorten the lock)")
             if not replica:
@@ -906,6 +915,7 @@ class ProtectionConfig:
             audit_lock_mode=v["auditLockMode"],
             audit_retention_days=v["auditRetentionDays"],
             backup_replica_region=replica,
+            audit_s3_data_events=v["auditS3DataEvents"],
         )
 
 

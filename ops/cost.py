@@ -189,6 +189,9 @@ def estimate(resources: Iterable[Mapping[str, Any]], region: str) -> dict[str, A
 
     events = a["cloudtrail_data_events_month"]
     for r in by_type.get(tok.CLOUDTRAIL_TRAIL, []):
+        selectors = as_list((r.get("inputs") or {}).get("eventSelectors"))
+        if not any(isinstance(sel, Mapping) and sel.get("dataResources") for sel in selectors):
+            continue  # management events only: the first copy in an account is free
         items.append(
             Item(
                 f"CloudTrail S3 data events (assumed {events / 1e6:g}M/month)",
@@ -343,6 +346,28 @@ def tradeoffs(cfg: Any, prod: Any) -> list[dict[str, Any]]:
                 "saves": saves,
                 "gives_up": "headroom for controllers under load (burstable CPU on t-types); fewer nodes to "
                 "spread controllers over",
+            }
+        )
+    a, pa = cfg.protection, prod.protection
+    if a.audit_trail and not a.audit_s3_data_events and pa.audit_trail and pa.audit_s3_data_events:
+        events = table["assumptions"]["cloudtrail_data_events_month"]
+        rows.append(
+            {
+                "what": "audit trail without S3 data events (management events only)",
+                "saves": round(events / 100_000 * p["cloudtrail_data_events_100k"], 2),
+                "gives_up": "no record of who read, wrote or deleted which object in the datasets and models "
+                "buckets (IAM, EKS and bucket-level changes are still recorded)",
+            }
+        )
+    if c.system_capacity_type == "SPOT" and pc.system_capacity_type != "SPOT":
+        ours = p["ec2_hour"].get(c.system_instance_type)
+        discount = table["assumptions"]["spot_discount"]
+        rows.append(
+            {
+                "what": f"system nodes on spot (prod: {pc.system_capacity_type.lower().replace('_', '-')})",
+                "saves": None if ours is None else round(hours * c.system_node_count * ours * discount, 2),
+                "gives_up": "a reclaimed system node (2-minute notice) moves CoreDNS and the controllers to the "
+                "other node; if spot capacity for the type runs out, the group waits at one node",
             }
         )
     return rows

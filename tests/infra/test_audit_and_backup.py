@@ -30,7 +30,7 @@ def _statement(doc: dict, sid: str) -> dict:
 
 
 def test_trail_records_management_and_data_events_with_validation(shipped) -> None:
-    _, run = shipped
+    cfg, run = shipped
     trail = run.one(tok.CLOUDTRAIL_TRAIL, "audit-trail").inputs
     assert trail["enableLogFileValidation"] is True
     assert trail["isMultiRegionTrail"] is True and trail["includeGlobalServiceEvents"] is True
@@ -38,9 +38,18 @@ def test_trail_records_management_and_data_events_with_validation(shipped) -> No
     assert trail["s3BucketName"] == run.outputs[out.AUDIT_TRAIL_BUCKET]
     (selector,) = trail["eventSelectors"]
     assert selector["includeManagementEvents"] is True and selector["readWriteType"] == "All"
+    if not cfg.protection.audit_s3_data_events:  # dev: management events only (auditS3DataEvents false)
+        assert selector["dataResources"] == []
+        return
     (data,) = selector["dataResources"]
     assert data["type"] == "AWS::S3::Object"
     assert data["values"] == [f"arn:aws:s3:::{run.outputs[f'{k}_bucket']}/" for k in AUDITED_DATA_KINDS]
+
+
+def test_data_events_are_on_in_production_and_off_only_by_choice() -> None:
+    assert [s for s in ("dev", "staging", "prod") if not load_stack(s).protection.audit_s3_data_events] == ["dev"]
+    with pytest.raises(ConfigError, match=r"auditS3DataEvents.*must be true when production is true"):
+        load_stack("prod", auditS3DataEvents=False)
 
 
 def test_trail_bucket_is_locked_for_the_configured_retention(shipped) -> None:
