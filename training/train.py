@@ -30,6 +30,7 @@ import torch
 from training.checkpoint import CheckpointManager, step_dir
 from training.config import ConfigError, OptimConfig, TrainConfig, effective_warmup
 from training.data import PackedLoader, build_sequences, read_dataset
+from training.distill import DistillLossHead, Teacher, distill_loss, load_teacher
 from training.export import export_model
 from training.loss import ChunkedLossHead, install_chunked_loss, model_loss
 from training.metrics import Reporter
@@ -133,6 +134,8 @@ class _Run:
     flops_per_token: float
     autocast: bool
     scratch: Path
+    teacher: Teacher | None = None
+    """distill.teacher, frozen and placed like the student (training/distill.py); None: plain training."""
 
 
 class Checkpointer:
@@ -296,7 +299,9 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
             log.after_step(step, loss_sum, grad_norm, lr)
             log.exclude(checkpointer.save_if_due(step))
         checkpointer.save_final(step)
-        export_model(run.model, run.tokenizer, cfg.export_location, d, served_name=cfg.exported_name)
+        # distill: the teacher, alpha and temperature travel with the export.
+        info = run.teacher.record(cfg.distill) if run.teacher else None
+        export_model(run.model, run.tokenizer, cfg.export_location, d, served_name=cfg.exported_name, info=info)
         report.event("exported", step, path=cfg.export_location)
     return 0
 
@@ -333,6 +338,13 @@ def _prepare(cfg: TrainConfig, d: Dist, say: Callable[[str], None]) -> _Run:
     fpt = flops_per_token(model.config, n_params - num_embedding_params(model), cfg.data.seq_len)
     # Before FSDP wraps the model: the fused head+loss must run inside the root unit's forward.
     loss_head = install_chunked_loss(model)
+    # --- distill: the teacher (checked against the student before any checkpoint operation) reads its hidden
+    # states into the student's fused head.
+    teacher = None
+    if cfg.distill.teacher:
+        teacher = load_teacher(cfg.distill, cfg.parallel, d, scratch, model, tokenizer, cfg.model.bf16, say)
+        loss_head = teacher.attach(loss_head, cfg.distill)
+    # --- end distill
     model = parallelize(model, cfg.parallel, d, bf16=cfg.model.bf16)
     if cfg.model.compile:
         compile_layers(model)
@@ -347,6 +359,7 @@ def _prepare(cfg: TrainConfig, d: Dist, say: Callable[[str], None]) -> _Run:
         flops_per_token=fpt,
         autocast=cfg.model.bf16 and d.device.type == "cuda",
         scratch=scratch,
+        teacher=teacher,
     )
 
 
@@ -380,7 +393,10 @@ def _optimizer_step(run: _Run, cfg: TrainConfig, d: Dist, lr: float) -> tuple[to
         # reduce-scatters after every micro-batch: skipping would keep every layer's unsharded fp32 gradient
         # alive across the accumulation (~30 GiB per GPU for an 8B model), the memory FSDP exists to save.
         with ctx, nullcontext() if last or not hasattr(run.model, "no_sync") else run.model.no_sync():
-            loss = model_loss(run.model, run.loss_head, inputs, labels)
+            if run.teacher is not None and isinstance(run.loss_head, DistillLossHead):  # distill
+                loss = distill_loss(run.model, run.loss_head, run.teacher, inputs, labels)
+            else:
+                loss = model_loss(run.model, run.loss_head, inputs, labels)
             (loss / accum).backward()
         loss_sum += loss.detach()
     grad_norm = clip_gradients(run.model, cfg.optim.grad_clip)
