@@ -200,6 +200,15 @@ class Teacher:
     head_weight: torch.Tensor
     path: str
 
+    @classmethod
+    def from_model(cls, model: nn.Module, path: str) -> Teacher:
+        """Freeze `model` (in place) and split it into body and head weight."""
+        model.requires_grad_(False)
+        model.eval()
+        head_weight = model.get_output_embeddings().weight.detach()
+        model.set_output_embeddings(nn.Identity())
+        return cls(model=model, head_weight=head_weight, path=path)
+
     @torch.no_grad()
     def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=inputs).logits
@@ -274,22 +283,20 @@ def load_teacher(
             f"distill.teacher={cfg.teacher}: its LM head must be a bias-free Linear over the student's "
             f"{s_head.weight.shape[0]} logits"
         )
-    model.requires_grad_(False)
-    model.eval()
     # Frozen: no fp32 master copy needed; on GPU with bf16 the teacher is held in bf16 (half the memory).
     if bf16 and d.device.type == "cuda":
         model.to(torch.bfloat16)
     model.to(d.device)
-    head_weight = head.weight.detach()
-    model.set_output_embeddings(nn.Identity())
+    teacher = Teacher.from_model(model, cfg.teacher)
     if parallel.strategy == "fsdp" and (d.distributed or dist.is_initialized()):
         from torch.distributed.fsdp import fully_shard
 
         for layer in decoder_layers(model):
             fully_shard(layer)
-    n = sum(p.numel() for p in model.parameters()) + (0 if _tied(model, head_weight) else head_weight.numel())
+    n = sum(p.numel() for p in model.parameters())
+    n += 0 if _tied(model, teacher.head_weight) else teacher.head_weight.numel()
     say(f"teacher {cfg.teacher} loaded ({n / 1e6:.1f}M parameters, frozen); alpha={cfg.alpha} T={cfg.temperature}")
-    return Teacher(model=model, head_weight=head_weight, path=cfg.teacher)
+    return teacher
 
 
 def _tied(model: nn.Module, weight: torch.Tensor) -> bool:
