@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         del teacher, pruned
 
         print(f"decode speed and peak RSS (fresh process per model, {args.decode_steps} steps each)", flush=True)
-        for name, row in rows.items():
+        for row in rows.values():
             row.update(_measure(row["dir"], row.get("int8", False), args))
 
     t = rows["teacher"]
