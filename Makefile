@@ -4,7 +4,7 @@ STACK ?= dev
 IMAGE ?= serving
 ARGS ?=
 
-.PHONY: setup demo preview test lint format bench clean push-image upload-model
+.PHONY: setup demo demo-compress preview test lint format bench clean push-image upload-model
 
 setup: .venv/.installed  ## create .venv and install the pinned dependencies (torch is the CPU wheel)
 
@@ -16,6 +16,9 @@ setup: .venv/.installed  ## create .venv and install the pinned dependencies (to
 
 demo: setup  ## the main job: preview the dev stack, then fine-tune SmolLM2 -> export -> serve -> ask, locally (no cloud account)
 	$(PY) -m ops.local_e2e
+
+demo-compress: setup  ## the demo, then prune the fine-tuned SmolLM2, distil it from the teacher, serve it (int8) and compare
+	$(PY) -m ops.local_e2e --compress
 
 preview: setup  ## offline preview of one stack: make preview STACK=prod
 	$(PY) -m ops.preview $(STACK)

@@ -291,8 +291,12 @@ def load_teacher(
     if parallel.strategy == "fsdp" and (d.distributed or dist.is_initialized()):
         from torch.distributed.fsdp import fully_shard
 
+        # Each layer is its own FSDP root here (the root module is not wrapped), and a root left to its default
+        # keeps its parameters unsharded after forward, expecting backward (torch 2.13,
+        # torch/distributed/fsdp/_fully_shard/_fsdp_state.py `_lazy_init`): the teacher has no backward, so say
+        # explicitly that every layer reshards after its forward, or the whole teacher would stay gathered.
         for layer in decoder_layers(model):
-            fully_shard(layer)
+            fully_shard(layer, reshard_after_forward=True)
     n = sum(p.numel() for p in model.parameters())
     n += 0 if _tied(model, teacher.head_weight) else teacher.head_weight.numel()
     say(f"teacher {cfg.teacher} loaded ({n / 1e6:.1f}M parameters, frozen); alpha={cfg.alpha} T={cfg.temperature}")

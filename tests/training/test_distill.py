@@ -163,3 +163,30 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_any_step(corpus: Pat
 def test_bad_distill_config_is_exit_2(override: str, message: str, corpus: Path, tmp_path: Path) -> None:
     run = run_training("--data", str(corpus), "--output", str(tmp_path), "--set", override, ranks=1, timeout=60)
     assert run.returncode == 2 and message in run.stderr
+
+
+def test_fsdp_teacher_is_frozen_and_resharded_after_its_forward(teacher: Path, tmp_path: Path) -> None:
+    """A one-rank gloo group: the teacher's layers are FSDP2 units that give their gathered weights back after
+    each forward (a layer that is its own root would keep them by default), and nothing of it trains."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from training.config import DistillConfig, ParallelConfig
+    from training.distill import load_teacher
+    from training.parallelize import Dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        tok = build_tokenizer()
+        student = build_model(tok)
+        t = load_teacher(DistillConfig(teacher=str(teacher)), ParallelConfig(strategy="fsdp"), d, tmp_path, student,
+                         tok, bf16=False, say=lambda _: None)  # fmt: skip
+        hidden = t.hidden_states(torch.randint(0, len(tok), (2, 16)))
+        assert hidden.shape == (2, 16, student.config.hidden_size)  # the identity head returns hidden states
+        layer_params = [p for layer in t.model.model.layers for p in layer.parameters()]
+        assert layer_params and all(isinstance(p, DTensor) for p in layer_params), "left unsharded after forward"
+        assert not any(p.requires_grad for p in t.model.parameters()) and not t.model.training
+        assert not isinstance(t.head_weight, DTensor) and not t.head_weight.requires_grad
+    finally:
+        dist.destroy_process_group()
