@@ -57,7 +57,8 @@ def decode_speed(model_dir: str, int8: bool, threads: int, steps: int) -> dict[s
     for rows in (1, 16):
         decoder = Decoder(model, tok.pad_token_id)
         gen = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(100, 10000, (48,), generator=gen).tolist() for _ in range(rows)]
+        high = min(10000, model.config.vocab_size)
+        prompts = [torch.randint(100, high, (48,), generator=gen).tolist() for _ in range(rows)]
         with torch.inference_mode():
             batch = decoder.prefill(prompts)
             times = []
@@ -132,12 +133,12 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     t_start = time.monotonic()
-    base_dir = smollm2_dir()
+    base_dir = Path(args.model) if args.model else smollm2_dir()
     tok = AutoTokenizer.from_pretrained(base_dir)
     seqs = build_sequences(ASSETS / "chat.jsonl", tok, args.seq_len, "text")
     heldout = build_sequences(ASSETS / "chat-heldout.jsonl", tok, args.seq_len, "text")
     print(
-        f"SmolLM2-135M-Instruct, torch {torch.__version__}, {args.threads} thread(s); {len(seqs)} training windows, "
+        f"{base_dir.name}, torch {torch.__version__}, {args.threads} thread(s); {len(seqs)} training windows, "
         f"{len(heldout)} held-out windows of {args.seq_len} tokens; micro-batch {args.micro_batch}, lr {args.lr:g}, "
         f"alpha {args.alpha:g}, T {args.temperature:g}",
         flush=True,
@@ -218,6 +219,7 @@ def _int8_perplexity(model_dir: Path, heldout) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="base model directory (default: SmolLM2-135M-Instruct from ops/smollm2.py)")
     p.add_argument("--teacher-steps", type=int, default=10, help="the teacher's fine-tuning steps (the demo's 10)")
     p.add_argument("--steps", type=int, default=20, help="recovery steps, CE and KD alike")
     p.add_argument("--eval-every", type=int, default=5)
