@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -68,7 +67,9 @@ def decode_speed(model_dir: str, int8: bool, threads: int, steps: int) -> dict[s
                 decoder.step(batch, tokens)
                 times.append(time.perf_counter() - t0)
         out[f"tok_s_{rows}"] = rows / statistics.median(times)
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so a child would report its parent's peak.
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    out["peak_rss_mib"] = int(hwm.split()[1]) / 1024
     return out
 
 
