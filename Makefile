@@ -10,7 +10,7 @@ TARGET ?= eks
 KEYS_FILE ?= keys
 PYTEST_PROGRESS := -o console_output_style=progress --durations=15 --durations-min=2
 
-.PHONY: setup demo preview test test-fast lint format bench clean push-image upload-model put-api-keys job-status job-wait
+.PHONY: setup demo demo-compress preview test test-fast lint format bench clean push-image upload-model put-api-keys job-status job-wait
 
 setup: .venv/.installed  ## create .venv and install the pinned dependencies (torch is the CPU wheel)
 
@@ -22,6 +22,9 @@ setup: .venv/.installed  ## create .venv and install the pinned dependencies (to
 
 demo: setup  ## the main job: preview the dev stack, then fine-tune SmolLM2 -> export -> serve -> ask, locally (no cloud account); KEEP=1 keeps the model
 	$(PY) -m ops.local_e2e $(if $(KEEP),--keep)
+
+demo-compress: setup  ## the demo, then prune the fine-tuned SmolLM2, distil it from the teacher, serve it (int8) and compare
+	$(PY) -m ops.local_e2e --compress
 
 preview: setup  ## offline preview of one stack: make preview STACK=prod
 	$(PY) -m ops.preview $(STACK)

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", help="trainer preset; default: finetune with --model, else debug (python -m training)")
     p.add_argument("--model", help="HF model directory: s3:// URI or a key in the stack's models bucket")
+    p.add_argument(
+        "--distill-from",
+        help="teacher to distil from (python -m training --distill-from): s3:// URI or a key in the models bucket",
+    )
     p.add_argument("--data", required=True, help="s3:// URI or a key in the stack's datasets bucket")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--save-every", type=int)
@@ -125,12 +129,16 @@ flags and renderer (ops/prepare_job.py), not a training Job, so it is dispatched
 
 
 def _overrides(args: argparse.Namespace, outputs: dict[str, Any]) -> list[str]:
-    if not args.model:
-        return list(args.overrides)
-    model = args.model
-    if not model.startswith("s3://") and model != "debug":
-        model = f"s3://{require(outputs, out.MODELS_BUCKET)}/{model.lstrip('/')}"
-    return [f"model.path={model}", *args.overrides]
+    def in_models_bucket(path: str) -> str:
+        if path.startswith("s3://") or path == "debug":
+            return path
+        return f"s3://{require(outputs, out.MODELS_BUCKET)}/{path.lstrip('/')}"
+
+    paths = [f"model.path={in_models_bucket(args.model)}"] if args.model else []
+    # distill: the teacher comes from the models bucket like the student (training/distill.py).
+    if args.distill_from:
+        paths.append(f"distill.teacher={in_models_bucket(args.distill_from)}")
+    return [*paths, *args.overrides]
 
 
 def _validated(args: argparse.Namespace, argv: list[str]) -> TrainConfig:

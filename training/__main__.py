@@ -2,6 +2,8 @@
 
     python -m training --preset debug --data corpus.txt --output /tmp/run --max-steps 50 --save-every 10
     python -m training --model ~/models/SmolLM2-135M-Instruct --data chats.jsonl --output /tmp/ft --max-steps 40
+    python -m training --model /tmp/pruned --distill-from /tmp/ft/model --data chats.jsonl --output /tmp/kd \
+        --set distill.alpha=0.5 --set distill.temperature=1
         (a real model without --preset: the `finetune` preset, sized to the model and this machine)
     torchrun --nproc_per_node=2 -m training --preset debug --data s3://datasets/c4 --output s3://ckpts/run1 \\
         --set parallel.strategy=ddp --set optim.lr=1e-3
@@ -41,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run location (local dir or s3:// prefix): checkpoints/ and model/ go here")
     p.add_argument("--export", help="where the final HF model goes (default: <output>/model)")
     p.add_argument("--model", help="model directory (local or s3://) or 'debug'; overrides the preset")
+    p.add_argument(
+        "--distill-from",
+        help="teacher model directory (local or s3://) to distil from; set distill.alpha / distill.temperature",
+    )
     p.add_argument("--max-steps", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--strategy", choices=["ddp", "fsdp"])
@@ -69,6 +75,7 @@ def resolve_config(args: argparse.Namespace, read_model: bool = True) -> TrainCo
         ("output", "output"),
         ("export", "export"),
         ("model", "model.path"),
+        ("distill_from", "distill.teacher"),
         ("max_steps", "max_steps"),
         ("save_every", "checkpoint.save_every"),
         ("strategy", "parallel.strategy"),

@@ -128,6 +128,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (training/distill.py): loss = alpha * T^2 * KL(teacher || student) on logits / T,
+    plus (1 - alpha) * cross-entropy, over the scored (non -100) tokens."""
+
+    teacher: str = ""
+    """The teacher: a Hugging Face model directory (local or s3://, like model.path) with the student's tokenizer.
+    Empty: plain training. `--distill-from` on the command line."""
+    alpha: float = 0.5
+    """Weight of the distillation term; 0 is exactly the plain loss, 1 learns from the teacher alone."""
+    temperature: float = 1.0
+    """Softens both distributions (logits / T); the T^2 factor keeps the term's gradient scale."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.alpha <= 1, f"distill.alpha must be in [0, 1], got {self.alpha}")
+        _check(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,6 +153,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     output: str = ""
     """Local directory or s3:// prefix: checkpoints go to `<output>/checkpoints`, the model to `export`."""
     export: str = ""
@@ -184,6 +203,11 @@ class TrainConfig:
             f"warmup={self.warmup} weight_decay={o.weight_decay:g} seq_len={self.data.seq_len} "
             f"micro_batch={p.micro_batch_size} grad_accum={p.grad_accum_steps} max_steps={self.max_steps} "
             f"strategy={p.strategy} activation_checkpointing={self.model.activation_checkpointing}"
+            + (
+                f" distill_from={self.distill.teacher} alpha={self.distill.alpha:g} T={self.distill.temperature:g}"
+                if self.distill.teacher
+                else ""
+            )
         )
 
     @property

@@ -27,7 +27,15 @@ def perplexity(model_dir: str | Path, data: str | Path, seq_len: int = 256, text
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     seqs = build_sequences(Path(data), tokenizer, seq_len, text_field)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model_perplexity(model, seqs)
+
+
+def model_perplexity(model: torch.nn.Module, seqs: torch.Tensor) -> dict:
+    """Perplexity of an in-memory model on packed windows from `build_sequences` (bench/compress.py uses it
+    between training steps)."""
+    was_training = model.training
+    model.eval()
     total, count = 0.0, 0
     with torch.inference_mode():
         for window in seqs:
@@ -39,6 +47,7 @@ def perplexity(model_dir: str | Path, data: str | Path, seq_len: int = 256, text
             logits = model(input_ids=tokens[:-1].unsqueeze(0)).logits[0]
             total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             count += int((labels != IGNORE_INDEX).sum())
+    model.train(was_training)
     return {"perplexity": math.exp(total / count), "tokens": count, "windows": len(seqs)}
 
 

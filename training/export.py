@@ -20,11 +20,21 @@ from training.parallelize import Dist, unwrap
 from training.storage import is_s3, open_storage
 
 EXPORT_INFO = "llm-platform.json"
-"""Written next to config.json: `served_model_name`, the id `python -m serving` serves the export under."""
+"""Written next to config.json: `served_model_name`, the id `python -m serving` serves the export under, and how
+the model was made when that is more than plain training ("distillation": teacher, alpha, temperature; "pruning":
+training/prune.py's record)."""
 
 
-def export_model(model: torch.nn.Module, tokenizer: Any, destination: str, d: Dist, served_name: str = "") -> None:
-    """Collective: every rank must call it. Rank 0 writes `destination` (local dir or s3:// prefix)."""
+def export_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    destination: str,
+    d: Dist,
+    served_name: str = "",
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Collective: every rank must call it. Rank 0 writes `destination` (local dir or s3:// prefix). `info`: more
+    fields for EXPORT_INFO (e.g. the distillation's teacher, alpha and temperature)."""
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
         from transformers import AutoModelForCausalLM
@@ -44,14 +54,16 @@ def export_model(model: torch.nn.Module, tokenizer: Any, destination: str, d: Di
             staging = Path(tmp) / "model"
             fresh.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
-            if served_name:
-                info = {"served_model_name": served_name}
-                (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-            _publish(staging, destination)
+            record = {"served_model_name": served_name} if served_name else {}
+            record.update(info or {})
+            if record:
+                (staging / EXPORT_INFO).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            publish(staging, destination)
     d.barrier()
 
 
-def _publish(staging: Path, destination: str) -> None:
+def publish(staging: Path, destination: str) -> None:
+    """Copy the model directory `staging` to `destination` (local dir, replaced as a whole, or s3:// prefix)."""
     if is_s3(destination):
         open_storage(destination).upload_dir(staging, "")
         return

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from training.checkpoint import Checkpointer, CheckpointManager, ModelState, OptimizerState
 from training.config import ConfigError, OptimConfig, TrainConfig, effective_warmup
 from training.data import PackedLoader, build_sequences, read_dataset
+from training.distill import DistillLossHead, Teacher, distill_loss, load_teacher
 from training.export import export_model
 from training.loss import ChunkedLossHead, install_chunked_loss, model_loss
 from training.metrics import Reporter
@@ -148,6 +149,8 @@ class _Run:
     """flops_per_token plus activation checkpointing's recompute (equal without it): the HFU numerator."""
     autocast: bool
     scratch: Path
+    teacher: Teacher | None = None
+    """distill.teacher, frozen and placed like the student (training/distill.py); None: plain training."""
 
 
 class _StepLog:
@@ -236,7 +239,9 @@ def _train(cfg: TrainConfig, d: Dist, stop: _StopFlag) -> int:
             log.after_step(step, loss_sum, grad_norm, lr)
             log.exclude(checkpointer.save_if_due(step))
         checkpointer.save_final(step)
-        export_model(run.model, run.tokenizer, cfg.export_location, d, served_name=cfg.exported_name)
+        # distill: the teacher, alpha and temperature travel with the export.
+        info = run.teacher.record(cfg.distill) if run.teacher else None
+        export_model(run.model, run.tokenizer, cfg.export_location, d, served_name=cfg.exported_name, info=info)
         report.event("exported", step, path=cfg.export_location)
     return 0
 
@@ -295,6 +300,13 @@ def _prepare(cfg: TrainConfig, d: Dist, say: Callable[[str], None]) -> _Run:
     hfpt = flops_per_token(model.config, dense, cfg.data.seq_len, recompute=cfg.model.activation_checkpointing)
     # Before parallelize: the fused head+loss must run inside the root FSDP unit's forward.
     loss_head = install_chunked_loss(model)
+    # --- distill: the teacher (checked against the student before any checkpoint operation) reads its hidden
+    # states into the student's fused head.
+    teacher = None
+    if cfg.distill.teacher:
+        teacher = load_teacher(cfg.distill, cfg.parallel, d, scratch, model, tokenizer, cfg.model.bf16, say)
+        loss_head = teacher.attach(loss_head, cfg.distill)
+    # --- end distill
     model = parallelize(model, cfg.parallel, cfg.model, d)
     return _Run(
         model=model,
@@ -308,6 +320,7 @@ def _prepare(cfg: TrainConfig, d: Dist, say: Callable[[str], None]) -> _Run:
         hardware_flops_per_token=hfpt,
         autocast=cfg.model.bf16 and d.device.type == "cuda",
         scratch=scratch,
+        teacher=teacher,
     )
 
 
@@ -341,7 +354,10 @@ def _optimizer_step(run: _Run, cfg: TrainConfig, d: Dist, lr: float) -> tuple[to
         # reduce-scatters after every micro-batch: skipping would keep every layer's unsharded fp32 gradient
         # alive across the accumulation (~30 GiB per GPU for an 8B model), the memory FSDP exists to save.
         with ctx, nullcontext() if last or not hasattr(run.model, "no_sync") else run.model.no_sync():
-            loss = model_loss(run.model, run.loss_head, inputs, labels)
+            if run.teacher is not None and isinstance(run.loss_head, DistillLossHead):  # distill
+                loss = distill_loss(run.model, run.loss_head, run.teacher, inputs, labels)
+            else:
+                loss = model_loss(run.model, run.loss_head, inputs, labels)
             (loss / accum).backward()
         loss_sum += loss.detach()
     grad_norm = clip_gradients(run.model, cfg.optim.grad_clip)

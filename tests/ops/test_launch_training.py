@@ -246,3 +246,18 @@ def test_eks_efa_devices_and_env_follow_the_instance_family(
     # an explicit count still wins
     _, job = render_training_job(TrainingJobSpec(name="efa", data="d", efa_devices=2), outputs)
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["vpc.amazonaws.com/efa"] == "2"
+
+
+def test_distillation_job_reads_the_teacher_from_the_models_bucket(outputs: dict[str, Any]) -> None:
+    models = outputs[out.MODELS_BUCKET]
+    eks = launch("--target", "eks", "--name", "kd1", "--data", "chat", "--image-tag", "v1", "--model", "pruned/s20",
+                 "--distill-from", "ft/teacher", "--set", "distill.alpha=0.7", "--dry-run")  # fmt: skip
+    assert eks.returncode == 0, eks.stderr
+    joined = " ".join(list(yaml.safe_load_all(eks.stdout))[1]["spec"]["template"]["spec"]["containers"][0]["command"])
+    assert f"--set model.path=s3://{models}/pruned/s20 --set distill.teacher=s3://{models}/ft/teacher" in joined
+    assert "--set distill.alpha=0.7" in joined
+    sm = launch("--target", "sagemaker", "--name", "kd2", "--data", "chat", "--image-tag", "v1",
+                "--distill-from", "s3://elsewhere/teacher", "--dry-run")  # fmt: skip
+    assert sm.returncode == 0, sm.stderr
+    hp = json.loads(sm.stdout)["HyperParameters"]
+    assert hp["distill.teacher"] == "s3://elsewhere/teacher"

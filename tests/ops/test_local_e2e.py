@@ -92,3 +92,14 @@ def test_demo_fine_tunes_and_serves_the_real_model(tmp_path: Path) -> None:
     for q in ("What is the capital of France?", "Write a Python function that returns the square of a number."):
         assert answers[q]["finish_reason"] == "stop", answers[q]
     assert answers["How do I try the platform without an AWS account?"]["a"].strip(), answers
+
+
+@pytest.mark.timeout(1000)
+def test_compression_stage_prunes_distils_and_serves_the_student(tmp_path: Path) -> None:
+    out = _run(tmp_path, "--debug-model", "--steps", "4", "--compress", timeout=900)
+    for marker in ("[compress]", "layers: 4 -> 3", "student served (int8)", "decode tok/s", "Done:"):
+        assert marker in out, marker
+    compression = json.loads((tmp_path / "summary.json").read_text())["compression"]
+    assert compression["student"].endswith("/demo-student") and compression["distill_steps"] == 4
+    assert compression["served_as"] == "demo-pruned-demo-student"
+    assert all(speed > 0 for speed in compression["decode_tok_s_teacher_student"])
