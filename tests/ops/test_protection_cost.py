@@ -19,7 +19,11 @@ def test_trail_and_replicas_have_their_own_lines() -> None:
         _bucket("storage-models", "models"),
         _bucket("backup-models-replica", "models-replica"),
         _bucket("audit-bucket", "audit"),
-        {"type": tok.CLOUDTRAIL_TRAIL, "name": "audit-trail", "inputs": {}},
+        {
+            "type": tok.CLOUDTRAIL_TRAIL,
+            "name": "audit-trail",
+            "inputs": {"eventSelectors": [{"dataResources": [{"type": "AWS::S3::Object", "values": ["arn:x/"]}]}]},
+        },
     ]
     rows = {(r["resource"], r["item"].split(" (")[0]): r for r in cost.estimate(resources, "us-east-1")["items"]}
     gb = a["s3_gb_per_bucket"]
@@ -35,6 +39,12 @@ def test_trail_and_replicas_have_their_own_lines() -> None:
         a["cloudtrail_data_events_month"] / 1e5 * p["cloudtrail_data_events_100k"]
     )
     assert ("backup-models-replica", "S3 storage") not in rows
+
+
+def test_a_trail_of_management_events_only_adds_no_data_event_line() -> None:
+    # auditS3DataEvents false (dev): the account's first copy of management events is free.
+    trail = {"type": tok.CLOUDTRAIL_TRAIL, "name": "audit-trail", "inputs": {"eventSelectors": [{"dataResources": []}]}}
+    assert not [i for i in cost.estimate([trail], "us-east-1")["items"] if i["resource"] == "audit-trail"]
 
 
 def test_preview_shows_who_can_do_what_and_the_added_cost() -> None:
