@@ -310,7 +310,8 @@ class BatchScheduler:
             return
         logits = parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts])
         failed: dict[int, Exception] = {}
-        tokens = sample(logits, [r.request.params for r in rows], [r.generator for r in rows], failed)
+        history = [(r.request.prompt_ids, r.request.output_ids) for r in rows]
+        tokens = sample(logits, [r.request.params for r in rows], [r.generator for r in rows], failed, history)
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if i in failed:  # this row alone could not be sampled: it leaves, the others go on
                 log.error("sampling failed for one request: %r", failed[i])

@@ -78,6 +78,8 @@ class GenerationRequest:
     enqueued_at: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
+    # the generated tokens so far, for the samplers that look at them (presence / frequency / repetition penalties)
+    output_ids: list[int] = field(default_factory=list)
     finished: bool = False
 
     def send(self, event: Event) -> bool:
@@ -348,6 +350,7 @@ class Scheduler:
             req.finish("stop")
             return False
         req.generated += 1
+        req.output_ids.append(token)
         if not req.send(TokenEvent(token)):
             return False  # its consumer is broken: drop the row
         if req.generated >= req.params.max_tokens:

@@ -198,25 +198,40 @@ class LocalBackend:
         return ids
 
     def _sampling(self, body: GenerationBody, prompt_len: int) -> SamplingParams:
+        """The request's samplers, its max_tokens clamped to the context left after the prompt.
+
+        As vLLM (vllm/entrypoints/utils.py `get_max_tokens`): only a prompt that alone exceeds the context is
+        refused; a max_tokens beyond what is left is lowered to it (and reported: `ctx.max_tokens`)."""
         room = self.max_model_len - prompt_len
-        if room <= 0 or (body.max_tokens is not None and body.max_tokens > room):
-            asked = body.max_tokens or 0
+        if room <= 0:
             raise bad_request(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion).",
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                f"{prompt_len} tokens, leaving no room for the completion.",
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
                 code="context_length_exceeded",
             )
-        max_tokens = body.max_tokens if body.max_tokens is not None else min(self.cfg.default_max_tokens, room)
+        asked = body.max_tokens if body.max_tokens is not None else self.cfg.default_max_tokens
+        max_tokens = min(asked, room)
         # below MIN_TEMPERATURE sampling is greedy in all but name; treating it as greedy exactly is documented
         temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, seed=body.seed)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            top_k=max(body.top_k or 0, 0),
+            min_p=body.min_p or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+        )
 
     async def _admit(self, body: GenerationBody, ctx: RequestContext) -> tuple[GenerationRequest, asyncio.Queue[Event]]:
         self._check_model(body)
         loop = asyncio.get_running_loop()
         prompt_ids = await loop.run_in_executor(self._tokenize_pool, self._prompt_ids, body)
         params = self._sampling(body, len(prompt_ids))
+        ctx.max_tokens = params.max_tokens
         ctx.prompt_tokens = len(prompt_ids)
         ctx.reserve(len(prompt_ids) + params.max_tokens)  # the key's token budget, before any engine work
         if self._relay is None or self._relay.loop is not loop:
