@@ -110,7 +110,7 @@ def _validation_code(kind: str, param: str | None) -> str:
         return "invalid_request"
     if kind == "missing":
         return "missing_required_parameter"
-    return "invalid_type" if kind.endswith("_type") else "invalid_value"
+    return "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -81,18 +81,30 @@ def test_unknown_fields_are_ignored_and_named_in_a_header(server: ServingProcess
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_max_tokens_above_the_cap_is_clamped_and_reported(client: openai.OpenAI, stream: bool) -> None:
-    # the shared server's --max-tokens-cap is 256 and the debug model's context is 256 tokens: what fits is the
-    # context left after the prompt (vllm/entrypoints/utils.py get_max_tokens)
+    # the shared server's --max-tokens-cap is 256
     raw = client.completions.with_raw_response.create(
         model=MODEL_ID, prompt="The platform serves models", max_tokens=4096, temperature=0, stream=stream
     )
     assert raw.http_response.status_code == 200
     asked, applied = raw.http_response.headers["X-Max-Tokens-Clamped"].split("->")
-    assert asked == "4096" and 1 <= int(applied) <= 256
+    assert (asked, applied) == ("4096", "256")
     if not stream:
         usage = raw.parse().usage
-        assert usage is not None and usage.completion_tokens <= int(applied)
-        assert usage.prompt_tokens + int(applied) <= 256
+        assert usage is not None and usage.completion_tokens <= 256
+
+
+def test_max_tokens_beyond_the_context_left_is_clamped_to_it(server: ServingProcess, debug_model_dir: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    context = AutoConfig.from_pretrained(debug_model_dir).max_position_embeddings
+    prompt_ids = AutoTokenizer.from_pretrained(debug_model_dir).encode(" a" * (context - 50))
+    prompt_tokens = len(prompt_ids)
+    assert context - prompt_tokens < 256, "the prompt must leave less room than the cap"
+    body = {"model": MODEL_ID, "prompt": " a" * (context - 50), "max_tokens": 256, "temperature": 0}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    # vllm/entrypoints/utils.py get_max_tokens: min(asked, context - prompt), refused only when the prompt fills it
+    assert r.headers["X-Max-Tokens-Clamped"] == f"256->{context - r.json()['usage']['prompt_tokens']}"
 
 
 def test_max_tokens_within_limits_is_not_reported(client: openai.OpenAI) -> None:
