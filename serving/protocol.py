@@ -42,6 +42,7 @@ MAX_CONTENT_PARTS = 256  # text parts per message
 MAX_PROMPTS = 1  # prompts per completions request (n=1 and one prompt are what this server implements)
 # torch.Generator.manual_seed accepts exactly this range (a signed or unsigned 64-bit integer)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat `top_logprobs` (and vLLM's default --max-logprobs)
 MAX_TOP_K = 2**20  # above any vocabulary: top_k beyond the vocabulary keeps every token
 # repetition_penalty: vLLM asks only > 0; these bounds keep the divided logits finite (a 1e-300 penalty would turn a
 # row into inf and fail it) and are far beyond useful values (1.0-1.5)
@@ -49,8 +50,6 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 
 # OpenAI / engine parameters that are not implemented, with the values that mean "off" (accepted and dropped)
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
@@ -124,6 +123,15 @@ def _screen(raw: Any, model: type[BaseModel], no_ops: dict[str, tuple[Any, ...]]
 def _same(value: Any, no_op: Any) -> bool:
     # `type(...) is` so that True does not pass for 1 or 0.0 for False
     return (value is None and no_op is None) or (type(value) is type(no_op) and value == no_op)
+
+
+def _refuse_streamed_logprobs(stream: bool, logprobs: bool) -> None:
+    if stream and logprobs:
+        raise PydanticCustomError(
+            "unsupported_parameter",
+            "Unsupported parameter(s): {names}. This server returns logprobs only without streaming.",
+            {"names": "logprobs", "param": "logprobs"},
+        )
 
 
 StopList = Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES, fail_fast=True)]
@@ -219,6 +227,24 @@ class CompletionRequest(_SamplingFields):
     """The body of `POST /v1/completions` (one prompt per request)."""
 
     prompt: str | PromptList = Field(description="One prompt: a string, or a list holding exactly one string.")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS, description="The chosen token's log-probability and this many more."
+    )
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_off(cls, v: Any) -> Any:
+        return None if v is False else v  # `"logprobs": false` is what several clients send for "off"
+
+    @property
+    def logprobs_count(self) -> int | None:
+        """How many top alternatives to return per token; None: no logprobs."""
+        return self.logprobs
+
+    @model_validator(mode="after")
+    def _no_streamed_logprobs(self) -> CompletionRequest:
+        _refuse_streamed_logprobs(self.stream, self.logprobs is not None)
+        return self
 
     @property
     def prompt_text(self) -> str:
@@ -255,6 +281,22 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES, fail_fast=True)]
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def logprobs_count(self) -> int | None:
+        """How many top alternatives to return per token; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @model_validator(mode="after")
+    def _no_streamed_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError(
+                "top_logprobs_without_logprobs", "top_logprobs needs logprobs: true", {"param": "top_logprobs"}
+            )
+        _refuse_streamed_logprobs(self.stream, self.logprobs)
+        return self
 
     @model_validator(mode="after")
     def _completion_tokens_alias(self) -> ChatCompletionRequest:
@@ -345,7 +387,12 @@ def new_id(prefix: str) -> str:
 
 
 def completion_body(
-    request_id: str, model: str, text: str, finish_reason: str | None, usage: Usage | None
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: Usage | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A `text_completion` response body."""
     body: dict[str, Any] = {
@@ -353,14 +400,21 @@ def completion_body(
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
     if usage is not None:
         body["usage"] = usage.model_dump()
     return body
 
 
-def chat_body(request_id: str, model: str, text: str, finish_reason: str | None, usage: Usage) -> dict[str, Any]:
+def chat_body(
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: Usage,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A `chat.completion` response body."""
     return {
         "id": request_id,
@@ -371,7 +425,7 @@ def chat_body(request_id: str, model: str, text: str, finish_reason: str | None,
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         ],

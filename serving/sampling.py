@@ -43,6 +43,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None  # return the sampled token's log-probability and this many most likely ones
 
     @property
     def penalised(self) -> bool:
@@ -102,6 +103,22 @@ def _probs(logits: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(probs).all()):  # one host sync: a poisoned row must not sample garbage
         raise ValueError("non-finite probabilities in a sampled row")
     return probs
+
+
+def logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]) -> dict[int, tuple[float, tuple]]:
+    """For each row that asks: the sampled token's log-probability and the `logprobs` most likely tokens.
+
+    From the model's own logits, before penalties, temperature and filters: vLLM's default `logprobs_mode`
+    ("raw_logprobs", vllm/config/model.py), so the numbers say what the model thinks, whatever the sampling."""
+    out: dict[int, tuple[float, tuple]] = {}
+    for row, p in enumerate(params):
+        if p.logprobs is None or tokens[row] < 0:
+            continue
+        lp = torch.log_softmax(logits[row].float(), dim=-1)
+        top = lp.topk(p.logprobs) if p.logprobs else None
+        pairs = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
+        out[row] = (float(lp[tokens[row]]), pairs)
+    return out
 
 
 def _penalise(logits: torch.Tensor, params: list[SamplingParams], history: list[History]) -> torch.Tensor:

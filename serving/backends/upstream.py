@@ -38,7 +38,7 @@ log = logging.getLogger("serving.upstream")
 FORWARDED_FIELDS = frozenset(
     {"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user"}
     # samplers vLLM implements (vllm/entrypoints/openai/protocol.py at v0.11: ChatCompletionRequest's fields)
-    | {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+    | {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"}
 )
 # Completion tokens are estimated from UTF-8 bytes when the upstream reports no usage (typical BPE vocabularies
 # average 3-4 bytes per token on English text).
