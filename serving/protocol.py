@@ -16,6 +16,7 @@ reach engine options the operator did not expose.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
@@ -80,6 +81,7 @@ _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
 _NO_EFFECT_FIELDS = frozenset(
     {"prompt_cache_key", "safety_identifier", "store", "metadata", "service_tier", "modalities", "verbosity"}
 )
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 MAX_IGNORED_NAMED = 8  # unknown fields named in the X-Ignored-Params header (and the log), each cut to 64 chars
 # the TGI / Hugging Face `parameters` of SageMaker's invocations body, likewise
 _TGI_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
@@ -109,7 +111,8 @@ def _screen(raw: Any, model: type[BaseModel], no_ops: dict[str, tuple[Any, ...]]
             if not any(_same(v, no_op) for no_op in no_ops[k]):
                 refused.append(k)
         elif k not in _NO_EFFECT_FIELDS:
-            ignored.append(str(k)[:64])
+            # echoed in a response header and the log: only header-safe characters, never a client's CR/LF
+            ignored.append(_UNSAFE_NAME_CHARS.sub("?", str(k)[:64]))
     if refused:
         names = ", ".join(str(k)[:64] for k in refused[:8])
         raise PydanticCustomError(

@@ -74,6 +74,10 @@ def test_unknown_fields_are_ignored_and_named_in_a_header(server: ServingProcess
     r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "x", "max_tokens": 2, "frobnicate": 1})
     assert r.status_code == 200, r.text
     assert r.headers["X-Ignored-Params"] == "frobnicate"
+    # a field name is echoed only in header-safe characters (no header injection, no non-latin-1 crash)
+    r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "x", "max_tokens": 1, "a\r\nSet-Cookie: x=1é": 0})
+    assert r.status_code == 200 and r.headers["X-Ignored-Params"] == "a??Set-Cookie??x?1?"
+    assert "set-cookie" not in r.headers
     # a known parameter that would change the answer is still refused, not ignored
     r = post(server, "/v1/completions", {"model": MODEL_ID, "prompt": "x", "ignore_eos": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "ignore_eos"
