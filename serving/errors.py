@@ -95,7 +95,7 @@ def from_validation_error(exc: RequestValidationError | ValidationError) -> APIE
         return bad_request(str(first.get("msg")), param=ctx.get("param"), code="unsupported_parameter")
     # without the union branch tags pydantic puts in `loc` (`stop.list[str]` is the parameter `stop`)
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _BRANCH_TAG.fullmatch(str(p))]
-    param = ".".join(loc) or None
+    param = ".".join(loc) or (first.get("ctx") or {}).get("param")  # a whole-body rule names its field in ctx
     return bad_request(
         f"Invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}",
         param=param,

@@ -159,6 +159,7 @@ def test_seeded_sampling_with_the_new_samplers_is_reproducible(client: openai.Op
         ({"frequency_penalty": "x"}, "frequency_penalty", "invalid_type"),
         ({"prompt": 5}, "prompt", "invalid_type"),  # never the union's branch (`prompt.str`)
         ({"prompt": None}, "prompt", "missing_required_parameter"),
+        ({"logprobs": 21}, "logprobs", "invalid_value"),
     ],
 )
 def test_validation_errors_name_the_parameter_and_carry_a_code(
@@ -233,6 +234,9 @@ def test_logprobs_equal_the_models_own_log_softmax(client: openai.OpenAI, debug_
     )
     content = c.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content and all(len(t.top_logprobs) == 2 and t.logprob <= t.top_logprobs[0].logprob + 1e-6 for t in content)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL_ID, messages=USER, max_tokens=2, top_logprobs=2)  # type: ignore[arg-type]
+    assert isinstance(err.value.body, dict) and err.value.body["param"] == "top_logprobs"
     # streaming logprobs are not implemented: refused, not silently dropped
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL_ID, prompt="x", max_tokens=2, logprobs=1, stream=True)
