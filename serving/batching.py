@@ -30,7 +30,7 @@ from typing import Protocol
 import torch
 
 from serving.decode import DecodeBatch, Decoder
-from serving.sampling import sample
+from serving.sampling import logprobs, sample
 from serving.scheduler import (
     NO_KEY,
     Event,
@@ -310,7 +310,13 @@ class BatchScheduler:
             return
         logits = parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts])
         failed: dict[int, Exception] = {}
-        tokens = sample(logits, [r.request.params for r in rows], [r.generator for r in rows], failed)
+        history = [(r.request.prompt_ids, r.request.output_ids) for r in rows]
+        params = [r.request.params for r in rows]
+        tokens = sample(logits, params, [r.generator for r in rows], failed, history)
+        if any(p.logprobs is not None for p in params):
+            for i, entry in logprobs(logits, tokens, params).items():
+                if i not in failed:
+                    result.logprobs[rows[i]] = entry
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if i in failed:  # this row alone could not be sampled: it leaves, the others go on
                 log.error("sampling failed for one request: %r", failed[i])

@@ -113,7 +113,10 @@ class ServingConfig:
             "0 = automatic: max_batch_size + max_queue for the built-in engine, 256 as a gateway."
         },
     )
-    max_tokens_cap: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
+    max_tokens_cap: int = field(
+        default=1024,
+        metadata={"help": "Largest max_tokens a request gets (a larger ask is clamped to it and reported)."},
+    )
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none."})
     max_model_len: int = field(
         default=0, metadata={"help": "Context length (prompt + completion); 0 = the model's max_position_embeddings."}

@@ -95,8 +95,22 @@ def from_validation_error(exc: RequestValidationError | ValidationError) -> APIE
         return bad_request(str(first.get("msg")), param=ctx.get("param"), code="unsupported_parameter")
     # without the union branch tags pydantic puts in `loc` (`stop.list[str]` is the parameter `stop`)
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _BRANCH_TAG.fullmatch(str(p))]
-    param = ".".join(loc) or None
-    return bad_request(f"Invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}", param=param)
+    param = ".".join(loc) or (first.get("ctx") or {}).get("param")  # a whole-body rule names its field in ctx
+    return bad_request(
+        f"Invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}",
+        param=param,
+        code=_validation_code(str(first.get("type", "")), param),
+    )
+
+
+def _validation_code(kind: str, param: str | None) -> str:
+    """OpenAI's codes for a bad parameter (`missing_required_parameter`, `invalid_type`, `invalid_value`); a body
+    that is not an object at all is `invalid_request`."""
+    if param is None:
+        return "invalid_request"
+    if kind == "missing":
+        return "missing_required_parameter"
+    return "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -22,7 +22,15 @@ from serving.backends.base import GenerationBody, RequestContext
 from serving.body import ClientGoneError, parse_json, read_body, unless_disconnected
 from serving.errors import APIError, bad_request, from_validation_error
 from serving.inflight import CLIENT_CLOSED, AppState, InFlight, account, drain_deadline_error
-from serving.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id
+from serving.protocol import (
+    MAX_IGNORED_NAMED,
+    MAX_MODEL_NAME_CHARS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    new_id,
+)
 from serving.sagemaker import InvocationsAdapter
 
 log = logging.getLogger("serving.handlers")
@@ -71,6 +79,30 @@ async def list_models(request: Request) -> JSONResponse:
         return exc.response()
     account(state, ctx, key_id, "", 200, False, None)
     return JSONResponse(ModelList(data=[ModelCard(id=i) for i in ids]).model_dump())
+
+
+async def retrieve_model(request: Request) -> JSONResponse:
+    """`GET /v1/models/{model_id}`: one served model, or 404 in OpenAI's error shape (authenticated, audited)."""
+    state: AppState = request.app.state.serving
+    model_id = str(request.path_params["model_id"])
+    ctx = RequestContext(new_id("req"), "models")
+    key_id = "-"
+    try:
+        key_id = state.keys.authenticate(
+            presented_key(request.headers), state.cfg.default_rpm, state.cfg.default_tpm
+        ).key_id
+        ids = await state.backend.model_ids()
+        state.served_models.update(ids)
+        if model_id not in ids:
+            raise APIError(
+                404, f"The model '{model_id[:MAX_MODEL_NAME_CHARS]}' does not exist.", code="model_not_found",
+                param="model",
+            )  # fmt: skip
+    except APIError as exc:
+        account(state, ctx, key_id, "", exc.status, False, exc.code)
+        return exc.response()
+    account(state, ctx, key_id, model_id, 200, False, None)
+    return JSONResponse(ModelCard(id=model_id).model_dump())
 
 
 # -- generation ------------------------------------------------------------------------------------------------------
@@ -141,25 +173,56 @@ async def _serve(
     state = req.state
     req.admit(state.keys.authenticate(presented_key(request.headers), state.cfg.default_rpm, state.cfg.default_tpm))
     raw = parse_json(await read_body(request, state.max_request_bytes, state.cfg.body_timeout_s))
-    body = _validate(parse, raw, state.cfg.max_tokens_cap, req)
+    body = _validate(parse, raw, req)
+    if body.model is None:
+        body.model = await _only_model(state)
+    req.model = body.model  # accounted from here on, refusals included
+    if isinstance(body, ChatCompletionRequest) and not req.ctx.request_id.startswith("chatcmpl-"):
+        req.ctx.request_id = "chat" + req.ctx.request_id  # /invocations with a chat body: a chat completion's id
+    asked = body.max_tokens
+    if asked is not None and asked > state.cfg.max_tokens_cap:
+        # clamped, not refused, as vLLM clamps to its --max-model-len room (see LocalBackend._sampling)
+        body.max_tokens = state.cfg.max_tokens_cap
     req.take_slot()
     if body.stream:
-        return req.stream(await state.backend.stream(body, req.ctx))
-    result = await unless_disconnected(request, state.backend.complete(body, req.ctx))
-    response = JSONResponse(render(result, raw) if render else result)
-    req.end(200, None)
+        response: Response = req.stream(await state.backend.stream(body, req.ctx))
+    else:
+        result = await unless_disconnected(request, state.backend.complete(body, req.ctx))
+        response = JSONResponse(render(result, raw) if render else result)
+        req.end(200, None)
+    _report(response, body, asked, req)
     return response
 
 
-def _validate(parse: Callable[[Any], GenerationBody], raw: Any, max_tokens_cap: int, req: InFlight) -> GenerationBody:
-    """The parsed body (400 when invalid, or when it asks for more than `max_tokens_cap` tokens)."""
+def _validate(parse: Callable[[Any], GenerationBody], raw: Any, req: InFlight) -> GenerationBody:
+    """The parsed body (400 when invalid)."""
     try:
         body = parse(raw)
     except ValidationError as exc:
         raise from_validation_error(exc) from exc
-    req.model, req.stream_requested = body.model, body.stream  # accounted from here on, refusals included
-    if body.max_tokens is not None and body.max_tokens > max_tokens_cap:
-        raise bad_request(
-            f"max_tokens={body.max_tokens} is above this server's limit of {max_tokens_cap}.", "max_tokens"
-        )
+    req.model, req.stream_requested = body.model or "", body.stream
     return body
+
+
+async def _only_model(state: AppState) -> str:
+    """The model a body without `model` means: the one served model (400 when there are several)."""
+    if state.default_model:
+        return state.default_model
+    ids = await state.backend.model_ids()
+    if len(ids) != 1:
+        raise bad_request(
+            "This server serves several models: name one in 'model'.", param="model", code="model_required"
+        )
+    return ids[0]
+
+
+def _report(response: Response, body: GenerationBody, asked: int | None, req: InFlight) -> None:
+    """Tell the client what the server changed or dropped: headers, and the log for ignored fields."""
+    applied = req.ctx.max_tokens
+    if asked is not None and applied is not None and applied < asked:
+        response.headers["X-Max-Tokens-Clamped"] = f"{asked}->{applied}"
+    ignored = body.ignored_params
+    if ignored:
+        names = ",".join(ignored[:MAX_IGNORED_NAMED])
+        response.headers["X-Ignored-Params"] = names
+        log.info("request %s: ignored unknown fields: %s", req.ctx.request_id, names)

@@ -1,19 +1,35 @@
 """Request and response models: OpenAI's completions / chat completions / models, and SageMaker's invocations body.
 
-Request models validate ranges so bad parameters fail with 400 before any work. A parameter this server does not
-implement (`logprobs`, `tools`, `response_format`, `echo`, `suffix`, engine options such as vLLM's `ignore_eos`, ...)
-is refused with 400 naming it, unless it is sent with its no-op value (e.g. `"logprobs": false`): silently ignoring it
-would give the client something other than what it asked for. The gateway forwards only the fields declared here
-(`serving.backends.upstream.FORWARDED_FIELDS`), so a client cannot reach engine options the operator did not expose.
+Request models validate ranges so bad parameters fail with 400 before any work. What a body may hold, as vLLM's
+OpenAI server treats it (docs/serving.md "Compatibility"):
+- a declared parameter sent as `null` means its default (`"temperature": null` is temperature 1.0);
+- a known OpenAI field that changes nothing here (`prompt_cache_key`, `safety_identifier`, `store`, `metadata`,
+  `service_tier`, ...) is accepted and dropped;
+- a known parameter this server does not implement (`tools`, `response_format`, `echo`, `suffix`, engine
+  options such as vLLM's `ignore_eos`, ...) is refused with 400 naming it, unless it is sent with its no-op value
+  (e.g. `"tools": []`): silently ignoring it would give the client something other than what it asked for;
+- any other field is ignored, and named in the `X-Ignored-Params` response header and the log (vLLM likewise
+  ignores and logs unknown fields: vllm/entrypoints/openai/protocol.py `OpenAIBaseModel.__log_extra_fields__`).
+The gateway forwards only the fields declared here (`serving.backends.upstream.FORWARDED_FIELDS`), so a client cannot
+reach engine options the operator did not expose.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 MAX_MODEL_NAME_CHARS = 256  # the model id is echoed in errors and written to the audit log
@@ -27,33 +43,50 @@ MAX_CONTENT_PARTS = 256  # text parts per message
 MAX_PROMPTS = 1  # prompts per completions request (n=1 and one prompt are what this server implements)
 # torch.Generator.manual_seed accepts exactly this range (a signed or unsigned 64-bit integer)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat `top_logprobs` (and vLLM's default --max-logprobs)
+MAX_TOP_K = 2**20  # above any vocabulary: top_k beyond the vocabulary keeps every token
+# repetition_penalty: vLLM asks only > 0; these bounds keep the divided logits finite (a 1e-300 penalty would turn a
+# row into inf and fail it) and are far beyond useful values (1.0-1.5)
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 
 # OpenAI / engine parameters that are not implemented, with the values that mean "off" (accepted and dropped)
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
     "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
     "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None, False, True),
-    "store": (None, False),
-    "metadata": (None, {}),
-    "service_tier": (None, "auto", "default"),
+    # vLLM engine options that change the answer (the gateway never forwards them)
+    "ignore_eos": (None, False),
+    "min_tokens": (None, 0),
+    "use_beam_search": (None, False),
+    "chat_template_kwargs": (None, {}),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "prompt_logprobs": (None, 0),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "truncate_prompt_tokens": (None,),
 }
+# Known OpenAI fields that change nothing on this server (routing, caching, storage, abuse-tracking hints): accepted
+# with any value and dropped, as vLLM does. Their size is bounded by the body limit; nothing here validates them.
+_NO_EFFECT_FIELDS = frozenset(
+    {"prompt_cache_key", "safety_identifier", "store", "metadata", "service_tier", "modalities", "verbosity"}
+)
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+MAX_IGNORED_NAMED = 8  # unknown fields named in the X-Ignored-Params header (and the log), each cut to 64 chars
 # the TGI / Hugging Face `parameters` of SageMaker's invocations body, likewise
 _TGI_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
     "details": (None, False),
     "decoder_input_details": (None, False),
-    "top_k": (None, 0),
-    "repetition_penalty": (None, 1, 1.0),
     "truncate": (None,),
     "typical_p": (None, 1, 1.0),
     "watermark": (None, False),
@@ -61,12 +94,25 @@ _TGI_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _refuse_unsupported(raw: Any, model: type[BaseModel], no_ops: dict[str, tuple[Any, ...]]) -> Any:
-    """Drop unimplemented parameters sent with their no-op value; refuse any other undeclared parameter."""
+def _screen(raw: Any, model: type[BaseModel], no_ops: dict[str, tuple[Any, ...]]) -> tuple[Any, list[str]]:
+    """The body without what this server drops, and the unknown fields it ignored (see the module docstring).
+
+    Refuses a known unimplemented parameter sent with anything but its no-op value."""
     if not isinstance(raw, dict):
-        return raw
-    unknown = [k for k in raw if k not in model.model_fields]
-    refused = [k for k in unknown if not any(_same(raw[k], v) for v in no_ops.get(k, ()))]
+        return raw, []
+    kept: dict[Any, Any] = {}
+    ignored: list[str] = []
+    refused: list[str] = []
+    for k, v in raw.items():
+        if k in model.model_fields:
+            if v is not None or model.model_fields[k].default is None:
+                kept[k] = v  # `null` for a field with a default means that default (as OpenAI's and vLLM's servers)
+        elif k in no_ops:
+            if not any(_same(v, no_op) for no_op in no_ops[k]):
+                refused.append(k)
+        elif k not in _NO_EFFECT_FIELDS:
+            # echoed in a response header and the log: only header-safe characters, never a client's CR/LF
+            ignored.append(_UNSAFE_NAME_CHARS.sub("?", str(k)[:64]))
     if refused:
         names = ", ".join(str(k)[:64] for k in refused[:8])
         raise PydanticCustomError(
@@ -74,7 +120,7 @@ def _refuse_unsupported(raw: Any, model: type[BaseModel], no_ops: dict[str, tupl
             "Unsupported parameter(s): {names}. This server does not implement them.",
             {"names": names, "param": str(refused[0])[:64]},
         )
-    return {k: v for k, v in raw.items() if k not in unknown}
+    return kept, ignored
 
 
 def _same(value: Any, no_op: Any) -> bool:
@@ -82,22 +128,60 @@ def _same(value: Any, no_op: Any) -> bool:
     return (value is None and no_op is None) or (type(value) is type(no_op) and value == no_op)
 
 
+def _refuse_streamed_logprobs(stream: bool, logprobs: bool) -> None:
+    if stream and logprobs:
+        raise PydanticCustomError(
+            "unsupported_parameter",
+            "Unsupported parameter(s): {names}. This server returns logprobs only without streaming.",
+            {"names": "logprobs", "param": "logprobs"},
+        )
+
+
 StopList = Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES, fail_fast=True)]
 PromptList = Annotated[list[str], Field(min_length=MAX_PROMPTS, max_length=MAX_PROMPTS, fail_fast=True)]
 
 
 class StreamOptions(BaseModel):
-    """OpenAI's `stream_options`."""
+    """OpenAI's `stream_options` (`include_obfuscation` is accepted: this server never pads its chunks)."""
 
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, raw: Any) -> Any:
+        return {k: v for k, v in raw.items() if v is not None} if isinstance(raw, dict) else raw
 
 
-class _SamplingFields(BaseModel):
+class _Lenient(BaseModel):
+    """A request body screened by `_screen`: the unknown fields it ignored are in `ignored_params`."""
+
     model_config = ConfigDict(extra="forbid")
+    _no_ops: ClassVar[dict[str, tuple[Any, ...]]] = _NO_OP_VALUES
+    _ignored: list[str] = PrivateAttr(default_factory=list)
 
-    model: str = Field(max_length=MAX_MODEL_NAME_CHARS)
+    @model_validator(mode="wrap")
+    @classmethod
+    def _screened(cls, raw: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        if isinstance(raw, cls):
+            return raw
+        kept, ignored = _screen(raw, cls, cls._no_ops)
+        out = handler(kept)
+        out._ignored = ignored
+        return out
+
+    @property
+    def ignored_params(self) -> list[str]:
+        """The unknown fields this body carried, ignored (at most `MAX_IGNORED_NAMED` of them are named)."""
+        return self._ignored
+
+
+class _SamplingFields(_Lenient):
+    model: str | None = Field(
+        default=None, max_length=MAX_MODEL_NAME_CHARS, description="Optional when the server serves one model."
+    )
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(
         default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="Below 0.001 the sampling is greedy."
@@ -111,11 +195,15 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=MAX_USER_CHARS)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported(cls, raw: Any) -> Any:
-        return _refuse_unsupported(raw, cls, _NO_OP_VALUES)
+    # samplers (serving/sampling.py); `None` is off. Ranges as vLLM's SamplingParams._verify_args
+    # (vllm/sampling_params.py): top_k -1 or 0 is off; penalties of OpenAI's range; repetition_penalty > 0.
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(
+        default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False
+    )
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
 
     @field_validator("stop")
     @classmethod
@@ -142,6 +230,24 @@ class CompletionRequest(_SamplingFields):
     """The body of `POST /v1/completions` (one prompt per request)."""
 
     prompt: str | PromptList = Field(description="One prompt: a string, or a list holding exactly one string.")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS, description="The chosen token's log-probability and this many more."
+    )
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_off(cls, v: Any) -> Any:
+        return None if v is False else v  # `"logprobs": false` is what several clients send for "off"
+
+    @property
+    def logprobs_count(self) -> int | None:
+        """How many top alternatives to return per token; None: no logprobs."""
+        return self.logprobs
+
+    @model_validator(mode="after")
+    def _no_streamed_logprobs(self) -> CompletionRequest:
+        _refuse_streamed_logprobs(self.stream, self.logprobs is not None)
+        return self
 
     @property
     def prompt_text(self) -> str:
@@ -163,6 +269,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
+    name: str | None = Field(default=None, max_length=MAX_USER_CHARS, description="Accepted; not rendered.")
     content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS, fail_fast=True)] | None = None
 
     @property
@@ -177,6 +284,22 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES, fail_fast=True)]
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def logprobs_count(self) -> int | None:
+        """How many top alternatives to return per token; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @model_validator(mode="after")
+    def _no_streamed_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError(
+                "top_logprobs_without_logprobs", "top_logprobs needs logprobs: true", {"param": "top_logprobs"}
+            )
+        _refuse_streamed_logprobs(self.stream, self.logprobs)
+        return self
 
     @model_validator(mode="after")
     def _completion_tokens_alias(self) -> ChatCompletionRequest:
@@ -185,10 +308,10 @@ class ChatCompletionRequest(_SamplingFields):
         return self
 
 
-class SageMakerParameters(BaseModel):
-    """The common Hugging Face / TGI `parameters` block."""
+class SageMakerParameters(_Lenient):
+    """The common Hugging Face / TGI `parameters` block (TGI's GenerateParameters)."""
 
-    model_config = ConfigDict(extra="forbid")
+    _no_ops: ClassVar[dict[str, tuple[Any, ...]]] = _TGI_NO_OP_VALUES
 
     max_new_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
@@ -197,11 +320,11 @@ class SageMakerParameters(BaseModel):
     stop: StopList | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     return_full_text: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unsupported(cls, raw: Any) -> Any:
-        return _refuse_unsupported(raw, cls, _TGI_NO_OP_VALUES)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
+    repetition_penalty: float | None = Field(
+        default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False
+    )
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
 
 
 class SageMakerRequest(BaseModel):
@@ -218,7 +341,7 @@ class SageMakerRequest(BaseModel):
         temperature = p.temperature if p.temperature is not None else 1.0
         if p.do_sample is False:
             temperature = 0.0
-        return CompletionRequest(
+        body = CompletionRequest(
             model=model,
             prompt=self.inputs,
             max_tokens=p.max_new_tokens,
@@ -226,7 +349,12 @@ class SageMakerRequest(BaseModel):
             top_p=p.top_p if p.top_p is not None else 1.0,
             stop=p.stop,
             seed=p.seed,
+            top_k=p.top_k,
+            repetition_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
         )
+        body._ignored = p.ignored_params
+        return body
 
 
 # -- responses ----------------------------------------------------------------------------------------------------
@@ -262,7 +390,12 @@ def new_id(prefix: str) -> str:
 
 
 def completion_body(
-    request_id: str, model: str, text: str, finish_reason: str | None, usage: Usage | None
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: Usage | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A `text_completion` response body."""
     body: dict[str, Any] = {
@@ -270,14 +403,21 @@ def completion_body(
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
     if usage is not None:
         body["usage"] = usage.model_dump()
     return body
 
 
-def chat_body(request_id: str, model: str, text: str, finish_reason: str | None, usage: Usage) -> dict[str, Any]:
+def chat_body(
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: Usage,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A `chat.completion` response body."""
     return {
         "id": request_id,
@@ -288,7 +428,7 @@ def chat_body(request_id: str, model: str, text: str, finish_reason: str | None,
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         ],

@@ -25,6 +25,7 @@ def build_router() -> APIRouter:
     router = APIRouter()
     # OpenAI-compatible API (Bearer key when keys are configured)
     router.add_api_route("/v1/models", handlers.list_models, methods=["GET"])
+    router.add_api_route("/v1/models/{model_id:path}", handlers.retrieve_model, methods=["GET"])
     router.add_api_route(
         "/v1/completions", handlers.completions, methods=["POST"], openapi_extra=request_body(CompletionRequest)
     )

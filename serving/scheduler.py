@@ -48,6 +48,9 @@ class TokenEvent:
     """One generated token of a request."""
 
     token_id: int
+    # with `SamplingParams.logprobs`: the token's log-probability and the most likely (token id, log-probability)
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class GenerationRequest:
     enqueued_at: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
+    # the generated tokens so far, for the samplers that look at them (presence / frequency / repetition penalties)
+    output_ids: list[int] = field(default_factory=list)
     finished: bool = False
 
     def send(self, event: Event) -> bool:
@@ -154,6 +159,7 @@ class ModelOutput:
     tokens: dict[RowState, int] = field(default_factory=dict)
     computed: dict[RowState, int] = field(default_factory=dict)
     failed: dict[RowState, str] = field(default_factory=dict)
+    logprobs: dict[RowState, tuple[float, tuple[tuple[int, float], ...]]] = field(default_factory=dict)
 
 
 class SchedulerObserver(Protocol):
@@ -333,12 +339,12 @@ class Scheduler:
             if token is None:  # no logits this iteration (cannot happen for decoded or joined rows)
                 row.request.finish("error", "the engine produced no token for this request")
                 continue
-            if self._record(row, token):
+            if self._record(row, token, result.logprobs.get(row)):
                 running.append(row)
         self.running = running
         self.prefilling = [r for r in self.prefilling if not r.prefilled and not r.request.finished]
 
-    def _record(self, row: RowState, token: int) -> bool:
+    def _record(self, row: RowState, token: int, logprobs: tuple[float, tuple[tuple[int, float], ...]] | None) -> bool:
         """One sampled token: True while the row goes on decoding."""
         req = row.request
         if req.cancelled:
@@ -348,7 +354,9 @@ class Scheduler:
             req.finish("stop")
             return False
         req.generated += 1
-        if not req.send(TokenEvent(token)):
+        req.output_ids.append(token)
+        event = TokenEvent(token) if logprobs is None else TokenEvent(token, logprobs[0], logprobs[1])
+        if not req.send(event):
             return False  # its consumer is broken: drop the row
         if req.generated >= req.params.max_tokens:
             req.finish("length")

@@ -24,6 +24,7 @@ class RequestContext:
     completion_tokens: int = 0
     first_token_at: float | None = None
     finish_reason: str | None = None
+    max_tokens: int | None = None  # the completion's token limit the engine applied (after any clamping)
     # Called by the engine once it knows the most tokens the request can use (prompt + max_tokens), before any
     # generation work; the handler reserves that much of the key's token budget here (raising 429 when it does not
     # fit). A no-op outside the handlers.

@@ -29,6 +29,7 @@ from serving.batching import (
     FinishEvent,
     GenerationRequest,
     QueueFullError,
+    TokenEvent,
 )
 from serving.config import ServingConfig
 from serving.decode import Decoder, SamplingParams
@@ -198,25 +199,41 @@ class LocalBackend:
         return ids
 
     def _sampling(self, body: GenerationBody, prompt_len: int) -> SamplingParams:
+        """The request's samplers, its max_tokens clamped to the context left after the prompt.
+
+        As vLLM (vllm/entrypoints/utils.py `get_max_tokens`): only a prompt that alone exceeds the context is
+        refused; a max_tokens beyond what is left is lowered to it (and reported: `ctx.max_tokens`)."""
         room = self.max_model_len - prompt_len
-        if room <= 0 or (body.max_tokens is not None and body.max_tokens > room):
-            asked = body.max_tokens or 0
+        if room <= 0:
             raise bad_request(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the completion).",
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt has "
+                f"{prompt_len} tokens, leaving no room for the completion.",
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
                 code="context_length_exceeded",
             )
-        max_tokens = body.max_tokens if body.max_tokens is not None else min(self.cfg.default_max_tokens, room)
+        asked = body.max_tokens if body.max_tokens is not None else self.cfg.default_max_tokens
+        max_tokens = min(asked, room)
         # below MIN_TEMPERATURE sampling is greedy in all but name; treating it as greedy exactly is documented
         temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, seed=body.seed)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            top_k=max(body.top_k or 0, 0),
+            min_p=body.min_p or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            logprobs=body.logprobs_count,
+        )
 
     async def _admit(self, body: GenerationBody, ctx: RequestContext) -> tuple[GenerationRequest, asyncio.Queue[Event]]:
         self._check_model(body)
         loop = asyncio.get_running_loop()
         prompt_ids = await loop.run_in_executor(self._tokenize_pool, self._prompt_ids, body)
         params = self._sampling(body, len(prompt_ids))
+        ctx.max_tokens = params.max_tokens
         ctx.prompt_tokens = len(prompt_ids)
         ctx.reserve(len(prompt_ids) + params.max_tokens)  # the key's token budget, before any engine work
         if self._relay is None or self._relay.loop is not loop:
@@ -243,7 +260,12 @@ class LocalBackend:
     # -- generation ---------------------------------------------------------------------------------------------------
 
     async def _text_deltas(
-        self, gen: GenerationRequest, events: asyncio.Queue[Event], stops: list[str], ctx: RequestContext
+        self,
+        gen: GenerationRequest,
+        events: asyncio.Queue[Event],
+        stops: list[str],
+        ctx: RequestContext,
+        collected: list[TokenEvent] | None = None,
     ) -> AsyncIterator[str]:
         """Text as it becomes final: held back while it might be a partial UTF-8 character or a stop sequence.
 
@@ -268,6 +290,8 @@ class LocalBackend:
                         break
                     ctx.first_token()
                     ids.append(event.token_id)
+                    if collected is not None:
+                        collected.append(event)
                     ctx.completion_tokens = len(ids)
                     before = decode(ids[prefix:read], skip_special_tokens=True)
                     after = decode(ids[prefix:], skip_special_tokens=True)
@@ -309,15 +333,47 @@ class LocalBackend:
     async def complete(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
         """Generate the whole answer (see `Backend.complete`)."""
         gen, events = await self._admit(body, ctx)
-        text = "".join([d async for d in self._text_deltas(gen, events, body.stop_list, ctx)])
+        collected: list[TokenEvent] | None = [] if body.logprobs_count is not None else None
+        text = "".join([d async for d in self._text_deltas(gen, events, body.stop_list, ctx, collected)])
         usage = Usage(
             prompt_tokens=ctx.prompt_tokens,
             completion_tokens=ctx.completion_tokens,
             total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
         )
-        if isinstance(body, ChatCompletionRequest):
-            return chat_body(ctx.request_id, self.model_id, text, ctx.finish_reason, usage)
-        return completion_body(ctx.request_id, self.model_id, text, ctx.finish_reason, usage)
+        chat = isinstance(body, ChatCompletionRequest)
+        logprobs = None if collected is None else self._logprobs(collected, chat)
+        if chat:
+            return chat_body(ctx.request_id, self.model_id, text, ctx.finish_reason, usage, logprobs)
+        return completion_body(ctx.request_id, self.model_id, text, ctx.finish_reason, usage, logprobs)
+
+    def _logprobs(self, events: list[TokenEvent], chat: bool) -> dict[str, Any]:
+        """OpenAI's `logprobs` of a choice: chat's `content` list, or completions' parallel lists (vLLM's shapes,
+        vllm/entrypoints/openai/serving_chat.py `_create_chat_logprobs`, serving_completion.py `_create_logprobs`).
+        Every generated token is listed, up to and including one that completed a stop sequence, as in vLLM."""
+        text = [self._decode([e.token_id]) for e in events]
+        tops = [[(self._decode([t]), lp) for t, lp in e.top] for e in events]
+        if chat:
+            return {
+                "content": [
+                    {
+                        "token": tok,
+                        "logprob": e.logprob,
+                        "bytes": list(tok.encode()),
+                        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
+                    }
+                    for e, tok, top in zip(events, text, tops, strict=True)
+                ]
+            }
+        offsets, at = [], 0
+        for tok in text:
+            offsets.append(at)
+            at += len(tok)
+        return {
+            "tokens": text,
+            "token_logprobs": [e.logprob for e in events],
+            "top_logprobs": [dict(top) for top in tops],
+            "text_offset": offsets,
+        }
 
     async def stream(self, body: GenerationBody, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         """Admit the request, then stream its chunks (see `Backend.stream`)."""

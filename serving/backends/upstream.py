@@ -37,6 +37,8 @@ log = logging.getLogger("serving.upstream")
 # `min_tokens`, `best_of`, `use_beam_search`, ...) never reach it. `max_completion_tokens` is sent as `max_tokens`.
 FORWARDED_FIELDS = frozenset(
     {"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user"}
+    # samplers vLLM implements (vllm/entrypoints/openai/protocol.py at v0.11: ChatCompletionRequest's fields)
+    | {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"}
 )
 # Completion tokens are estimated from UTF-8 bytes when the upstream reports no usage (typical BPE vocabularies
 # average 3-4 bytes per token on English text).
@@ -124,6 +126,7 @@ class UpstreamBackend:
         payload = body.model_dump(include=set(FORWARDED_FIELDS), exclude_none=True)
         payload["max_tokens"] = body.max_tokens if body.max_tokens is not None else self.default_max_tokens
         ctx.prompt_tokens = estimate_prompt_tokens(body)
+        ctx.max_tokens = payload["max_tokens"]
         ctx.reserve(ctx.prompt_tokens + payload["max_tokens"])
         return payload
 

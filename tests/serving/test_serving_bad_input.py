@@ -12,11 +12,10 @@ CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}]}
 
 CASES = [
     ("malformed json", "/v1/chat/completions", b'{"model": "x", "messages": [', 400, "invalid_json"),
-    ("not an object", "/v1/chat/completions", b"[1, 2]", 400, None),
+    ("not an object", "/v1/chat/completions", b"[1, 2]", 400, "invalid_request"),
     ("unknown model", "/v1/chat/completions", {**CHAT, "model": "gpt-17"}, 404, "model_not_found"),
     ("prompt longer than context", "/v1/completions", {"model": MODEL_ID, "prompt": "word " * 3000}, 400,
      "context_length_exceeded"),
-    ("max_tokens above cap", "/v1/chat/completions", {**CHAT, "max_tokens": 100000}, 400, None),
     ("max_tokens zero", "/v1/chat/completions", {**CHAT, "max_tokens": 0}, 400, None),
     ("temperature negative", "/v1/chat/completions", {**CHAT, "temperature": -1}, 400, None),
     ("top_p above 1", "/v1/chat/completions", {**CHAT, "top_p": 1.5}, 400, None),
@@ -48,7 +47,7 @@ def test_bad_request_gets_clear_4xx(server: ServingProcess, path: str, body: obj
 
 def test_bad_streaming_request_fails_before_the_stream(server: ServingProcess) -> None:
     r = httpx.post(
-        server.url + "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 10**6}, headers=HEADERS
+        server.url + "/v1/chat/completions", json={**CHAT, "stream": True, "temperature": -1}, headers=HEADERS
     )
     assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
 

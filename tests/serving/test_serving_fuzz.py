@@ -93,8 +93,10 @@ def from_schema(schema: dict[str, Any], defs: dict[str, Any], name: str = "") ->
             {k: fields[k] for k in props if k in required},
             optional={k: fields[k] for k in props if k not in required},
         )
-        # now and then a parameter the server does not implement (refused with 400 unless it is a no-op value)
-        junk = st.dictionaries(st.sampled_from(["logprobs", "ignore_eos", "tools", "echo", "top_k"]), JSON, max_size=2)
+        # now and then a parameter the server does not implement (refused with 400 unless it is a no-op value), a
+        # known field that changes nothing (accepted), or an unknown one (ignored, named in X-Ignored-Params)
+        names = ["logprobs", "ignore_eos", "tools", "echo", "prompt_cache_key", "metadata", "x_unknown", "name"]
+        junk = st.dictionaries(st.sampled_from(names), JSON, max_size=2)
         return mostly(obj, st.tuples(obj, junk).map(lambda t: {**t[0], **t[1]}))
     return JSON
 

@@ -109,7 +109,10 @@ def test_default_max_tokens_and_allow_list_reach_the_upstream(gate: ServingProce
     assert set(sent) <= FORWARDED_FIELDS | {"stream_options"} and "logprobs" not in sent
     r = call(gate, {"model": MODEL_ID, "prompt": "hello", "ignore_eos": True, "min_tokens": 50})
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
-    assert call(gate, {"model": MODEL_ID, "prompt": "hello", "max_tokens": 101}).status_code == 400  # the cap
+    r = call(gate, {"model": MODEL_ID, "prompt": "hello", "max_tokens": 101, "top_k": 5, "repetition_penalty": 1.1})
+    assert r.status_code == 200 and r.headers["X-Max-Tokens-Clamped"] == "101->100"  # the cap, clamped as vLLM does
+    sent = FakeUpstream.received[-1]
+    assert (sent["max_tokens"], sent["top_k"], sent["repetition_penalty"]) == (100, 5, 1.1)  # vLLM's samplers
 
 
 def test_payload_is_only_allow_listed_fields() -> None:

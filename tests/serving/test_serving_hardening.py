@@ -232,7 +232,7 @@ def test_tokenization_runs_off_the_event_loop(
         ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({**CHAT, "model": "m" * 300}, "model"),
         ({**CHAT, "seed": 2**70}, "seed"),
-        ({**CHAT, "logprobs": True}, "logprobs"),
+        ({**CHAT, "logprobs": True, "stream": True}, "logprobs"),  # logprobs are not streamed
         ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
         ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({**CHAT, "ignore_eos": True, "min_tokens": 5}, "ignore_eos"),

@@ -113,3 +113,54 @@ def test_the_row_by_row_fallback_reuses_each_rows_draw() -> None:
             got.append(sample(poisoned, [SamplingParams(1, temperature=1.0), mine], [None, gen], failed)[1])
             assert list(failed) == [0]
         assert got == expected
+
+
+def test_top_k_keeps_the_k_most_probable_tokens_renormalised() -> None:
+    probs = torch.softmax(LOGITS.double(), dim=-1)
+    got = frequencies(SamplingParams(1, temperature=1.0, top_k=2))
+    assert got[2:].sum() == 0
+    assert torch.allclose(got[:2], probs[:2] / probs[:2].sum(), atol=0.03)
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_top_token() -> None:
+    probs = torch.softmax(LOGITS.double(), dim=-1)  # 0.57, 0.21, 0.13, ...: 0.3 x 0.57 = 0.17 keeps two
+    got = frequencies(SamplingParams(1, temperature=1.0, min_p=0.3))
+    assert got[2:].sum() == 0
+    assert torch.allclose(got[:2], probs[:2] / probs[:2].sum(), atol=0.03)
+
+
+def test_penalties_change_the_greedy_choice_as_openai_and_vllm_define_them() -> None:
+    def greedy(history: tuple[list[int], list[int]], **penalty: float) -> int:
+        return sample(LOGITS[None].clone(), [SamplingParams(1, temperature=0.0, **penalty)], [None], None, [history])[0]
+
+    assert greedy(([], [])) == 0
+    assert greedy(([], [0, 0]), frequency_penalty=0.6) == 1  # 2.0 - 2 x 0.6 = 0.8 < 1.0
+    assert greedy(([], [0, 0]), frequency_penalty=0.4) == 0  # 2.0 - 0.8 = 1.2
+    assert greedy(([], [0, 0]), presence_penalty=1.5) == 1  # once, whatever the count: 0.5
+    assert greedy(([0], []), presence_penalty=2.0) == 0  # presence and frequency look at the output only
+    assert greedy(([0], []), repetition_penalty=3.0) == 1  # prompt tokens too: 2.0 / 3
+    # a negative logit is multiplied (made less likely), never divided towards zero
+    logits = torch.tensor([[-1.0, -1.5]])
+    params = [SamplingParams(1, temperature=0.0, repetition_penalty=2.0)]
+    assert sample(logits, params, [None], None, [([0], [])]) == [1]
+
+
+def test_new_samplers_keep_rows_independent_of_their_neighbours() -> None:
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(3))
+    mine = SamplingParams(1, temperature=0.9, top_k=40, min_p=0.01, repetition_penalty=1.2, seed=5)
+    history = ([1, 2, 3], [4, 4])
+    alone = [
+        sample(logits[:1].clone(), [mine], [torch.Generator().manual_seed(s)], None, [history])[0] for s in range(30)
+    ]
+    others = [
+        SamplingParams(1, temperature=0.0, frequency_penalty=2.0),
+        SamplingParams(1, temperature=1.3, top_p=0.5, top_k=3),
+        SamplingParams(1, temperature=1.0),
+    ]
+    batched = []
+    for s in range(30):
+        gens = [torch.Generator().manual_seed(s), None, torch.Generator().manual_seed(99), torch.Generator()]
+        hist = [history, ([], [7, 7, 7]), ([], []), ([], [])]
+        batched.append(sample(logits.clone(), [mine, *others], gens, None, hist)[0])
+    assert alone == batched
+    assert len(set(alone)) > 1  # it did sample
