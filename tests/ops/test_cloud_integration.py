@@ -28,6 +28,7 @@ import botocore.session
 import pytest
 
 from infra import outputs as keys
+from infra.layers import cluster_stack
 from ops import automation, teardown
 from ops.net import free_port
 from tests.helpers import REPO_ROOT
@@ -176,22 +177,30 @@ def test_ephemeral_dev_stack_up_check_teardown_sweep() -> None:
     name = automation.ephemeral_stack_name("itest", os.environ.get(RUN_ID_ENV) or f"local-{int(time.time())}")
     copied = automation.copy_stack_config(automation.read_stack_config("dev"), itest_overrides(_client_cidr()))
     assert not copied.skipped_secrets, f"dev holds secrets the copy cannot carry: {copied.skipped_secrets}"
-    stack = auto.create_stack(stack_name=name, work_dir=str(REPO_ROOT))
+    # Both layers (infra/layers.py): the AWS layer `<name>`, then the cluster layer `<name>-cluster`, which reads it
+    # through a StackReference. This job reaches the public endpoint (itest_overrides), so it may apply both.
+    layers = [name, cluster_stack(name)]
+    stacks = {}
     problems: list[str] = []
     try:
-        automation.write_stack_config(name, copied.plain)  # after create_stack, which may have added a salt
-        result = stack.up(on_output=print, color="never")
+        for layer in layers:
+            stacks[layer] = auto.create_stack(stack_name=layer, work_dir=str(REPO_ROOT))
+            automation.write_stack_config(layer, copied.plain)  # after create_stack, which may have added a salt
+        result = stacks[name].up(on_output=print, color="never")
         outputs = {k: v.value for k, v in result.outputs.items()}
+        stacks[cluster_stack(name)].up(on_output=print, color="never")
         problems = check_stack(outputs, boto3.Session(region_name=outputs[keys.REGION]))
     finally:
-        # Teardown runs whatever happened above: an ephemeral stack must never outlive its test.
+        # Teardown runs whatever happened above (cluster layer, AWS layer, sweep): an ephemeral environment must never
+        # outlive its test.
         out, err = io.StringIO(), io.StringIO()
         code = teardown.main([name, "--force", "--json"], out=out, err=err)
         print(err.getvalue())
         report = json.loads(out.getvalue() or "{}")
-        if code == teardown.EXIT_CLEAN:
-            stack.workspace.remove_stack(name)
-        automation.stack_file(name).unlink(missing_ok=True)
+        for layer, stack in reversed(stacks.items()):
+            if code == teardown.EXIT_CLEAN:
+                stack.workspace.remove_stack(layer)
+            automation.stack_file(layer).unlink(missing_ok=True)
     assert problems == [], "\n".join(problems)
     assert code == teardown.EXIT_CLEAN and report.get("clean"), json.dumps(report, indent=2)
 
