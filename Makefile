@@ -44,11 +44,17 @@ job-status: setup  ## a training job's state and progress: make job-status STACK
 job-wait: setup  ## follow a training job to its model: make job-wait STACK=dev TARGET=sagemaker NAME=run1
 	$(PY) -m ops.jobs wait $(NAME) --stack $(STACK) --target $(TARGET) $(ARGS)
 
-test: setup  ## the whole test suite (what CI runs; 11-21 minutes on 2 cores): progress in %, then the 15 slowest tests
+# The inner loop's modules: the layering rules, the config and policy checks, the cost and launcher validation, and
+# the engine, sampler, loss and checkpoint unit tests; no mock-engine stack runs, servers, torchrun or real model.
+FAST_TESTS := tests/test_layout.py tests/policy tests/infra/test_config.py tests/ops/test_cost_and_compare.py \
+	tests/ops/test_launch_validation.py tests/serving/test_serving_scheduler.py tests/serving/test_serving_sampler.py \
+	tests/training/test_train_units.py tests/training/test_train_loss.py tests/training/test_train_checkpointer.py
+
+test: setup  ## the whole test suite (what CI runs; about 22 minutes on 2 cores): progress in %, then the 15 slowest tests
 	$(PY) -m pytest $(PYTEST_PROGRESS)
 
-test-fast: setup  ## the inner loop: everything but the real-model (SmolLM2) tests, stopping at the first failure
-	$(PY) -m pytest $(PYTEST_PROGRESS) -x -m "not real_model"
+test-fast: setup  ## the inner loop (under 3 minutes): FAST_TESTS without the real-model tests, stopping at the first failure
+	$(PY) -m pytest $(PYTEST_PROGRESS) -x -m "not real_model" $(FAST_TESTS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -5,6 +5,7 @@ its `parse_args` and stops there, so nothing is built, trained or deployed). A r
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import runpy
 import shlex
@@ -93,7 +94,16 @@ def test_docs_paths_exist() -> None:
 
 
 def _make_n(*args: str) -> str:
-    proc = subprocess.run(["make", "-n", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    # Outside any calling make (`make test` runs this): a sub-make would add "make[1]: Leaving directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "-n", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.splitlines()[-1].strip()
 
