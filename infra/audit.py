@@ -29,6 +29,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.config import ProtectionConfig
+from infra.storage import deny_insecure_transport, private_bucket_controls
 
 AUDITED_DATA_KINDS = ("datasets", "models")
 """Buckets whose object reads and writes are data events on the trail (checkpoints are written every few minutes by
@@ -204,41 +205,8 @@ class Audit(pulumi.ComponentResource):
             tags={**a.tags, "llm-platform:data": "audit"},
             opts=self._keep,
         )
-        public_access = aws.s3.BucketPublicAccessBlock(
-            f"{self._base}-public-access",
-            bucket=bucket.id,
-            block_public_acls=True,
-            block_public_policy=True,
-            ignore_public_acls=True,
-            restrict_public_buckets=True,
-            opts=self._keep,
-        )
-        aws.s3.BucketOwnershipControls(
-            f"{self._base}-ownership",
-            bucket=bucket.id,
-            rule={"object_ownership": "BucketOwnerEnforced"},
-            opts=self._keep,
-        )
-        aws.s3.BucketServerSideEncryptionConfiguration(
-            f"{self._base}-encryption",
-            bucket=bucket.id,
-            rules=[
-                {
-                    "apply_server_side_encryption_by_default": {
-                        "sse_algorithm": "aws:kms",
-                        "kms_master_key_id": self.key.arn,
-                    },
-                    "bucket_key_enabled": True,
-                }
-            ],
-            opts=self._keep,
-        )
-        versioning = aws.s3.BucketVersioning(
-            f"{self._base}-versioning",
-            bucket=bucket.id,
-            versioning_configuration={"status": "Enabled"},
-            opts=self._keep,
-        )
+        controls = private_bucket_controls(self._base, bucket, self.key.arn, self._keep)
+        public_access, versioning = controls.public_access, controls.versioning
         lock = aws.s3.BucketObjectLockConfiguration(
             f"{self._base}-object-lock",
             bucket=bucket.id,
@@ -281,14 +249,7 @@ class Audit(pulumi.ComponentResource):
         return {
             "Version": "2012-10-17",
             "Statement": [
-                {
-                    "Sid": "DenyInsecureTransport",
-                    "Effect": "Deny",
-                    "Principal": "*",
-                    "Action": "s3:*",
-                    "Resource": [bucket_arn, objects],
-                    "Condition": {"Bool": {"aws:SecureTransport": "false"}},
-                },
+                deny_insecure_transport(bucket_arn),
                 {
                     "Sid": "AWSCloudTrailAclCheck",
                     "Effect": "Allow",

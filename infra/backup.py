@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import pulumi
 import pulumi_aws as aws
 
+from infra.storage import deny_insecure_transport, private_bucket_controls
+
 REPLICATED_KINDS = ("models", "checkpoints")
 """The buckets whose loss costs GPU-days: trained models and training checkpoints. Datasets are re-derivable from
 their sources and are not replicated."""
@@ -132,66 +134,18 @@ class Backup(pulumi.ComponentResource):
             tags={**a.tags, "llm-platform:data": f"{kind}-replica"},
             opts=self._data_opts,
         )
-        public_access = aws.s3.BucketPublicAccessBlock(
-            f"{self._base}-{kind}-replica-public-access",
-            region=region,
-            bucket=bucket.id,
-            block_public_acls=True,
-            block_public_policy=True,
-            ignore_public_acls=True,
-            restrict_public_buckets=True,
-            opts=child,
-        )
-        aws.s3.BucketOwnershipControls(
-            f"{self._base}-{kind}-replica-ownership",
-            region=region,
-            bucket=bucket.id,
-            rule={"object_ownership": "BucketOwnerEnforced"},
-            opts=child,
-        )
-        aws.s3.BucketServerSideEncryptionConfiguration(
-            f"{self._base}-{kind}-replica-encryption",
-            region=region,
-            bucket=bucket.id,
-            rules=[
-                {
-                    "apply_server_side_encryption_by_default": {
-                        "sse_algorithm": "aws:kms",
-                        "kms_master_key_id": self.replica_key.arn,
-                    },
-                    "bucket_key_enabled": True,
-                }
-            ],
-            opts=child,
-        )
         # Replication requires versioning on the destination as well as the source.
-        versioning = aws.s3.BucketVersioning(
-            f"{self._base}-{kind}-replica-versioning",
-            region=region,
-            bucket=bucket.id,
-            versioning_configuration={"status": "Enabled"},
-            opts=child,
+        controls = private_bucket_controls(
+            f"{self._base}-{kind}-replica", bucket, self.replica_key.arn, child, region=region
         )
         aws.s3.BucketPolicy(
             f"{self._base}-{kind}-replica-policy",
             region=region,
             bucket=bucket.id,
             policy=pulumi.Output.json_dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [
-                        {
-                            "Sid": "DenyInsecureTransport",
-                            "Effect": "Deny",
-                            "Principal": "*",
-                            "Action": "s3:*",
-                            "Resource": [bucket.arn, bucket.arn.apply(lambda arn: f"{arn}/*")],
-                            "Condition": {"Bool": {"aws:SecureTransport": "false"}},
-                        }
-                    ],
-                }
+                {"Version": "2012-10-17", "Statement": [deny_insecure_transport(bucket.arn)]}
             ),
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[public_access]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[controls.public_access]),
         )
         aws.s3.BucketLifecycleConfiguration(
             f"{self._base}-{kind}-replica-lifecycle",
@@ -212,9 +166,9 @@ class Backup(pulumi.ComponentResource):
                     "noncurrent_version_expiration": {"noncurrent_days": 90},
                 },
             ],
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[versioning]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[controls.versioning]),
         )
-        return bucket, versioning
+        return bucket, controls.versioning
 
     def _create_role(self, replica_arns: dict[str, pulumi.Output[str]]) -> aws.iam.Role:
         """The role S3 assumes to replicate: read the source versions, write replicas, nothing else (S3 user guide,

@@ -13,6 +13,74 @@ from infra.config import StorageConfig
 BUCKET_KINDS = ("datasets", "checkpoints", "models")
 
 
+def deny_insecure_transport(bucket_arn: pulumi.Input[str]) -> dict[str, object]:
+    """The bucket-policy statement every bucket here starts with: any request without TLS is denied, to everyone (S3
+    user guide, "Enforce encryption of data in transit": the aws:SecureTransport condition key)."""
+    arn = pulumi.Output.from_input(bucket_arn)
+    return {
+        "Sid": "DenyInsecureTransport",
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": "s3:*",
+        "Resource": [arn, arn.apply(lambda a: f"{a}/*")],
+        "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+    }
+
+
+@dataclass
+class BucketControls:
+    public_access: aws.s3.BucketPublicAccessBlock
+    """A bucket policy write must wait for it (S3 rejects one while public access settings are changing)."""
+    versioning: aws.s3.BucketVersioning
+    """Lifecycle rules on versions, replication and object lock need it first."""
+
+
+def private_bucket_controls(
+    stem: str,
+    bucket: aws.s3.Bucket,
+    kms_key_arn: pulumi.Input[str],
+    opts: pulumi.ResourceOptions,
+    region: str | None = None,
+) -> BucketControls:
+    """The controls every bucket of the platform has, as resources named `<stem>-public-access`, `-ownership`,
+    `-encryption` and `-versioning`: all public access blocked, ACLs off (access is decided by IAM alone), SSE-KMS
+    with the given key and an S3 bucket key (cuts KMS request cost by orders of magnitude for checkpoint-heavy
+    writes), versioning on. `region` places them with a bucket in another region (the replicas of infra/backup.py)."""
+    where = {"region": region} if region else {}
+    public_access = aws.s3.BucketPublicAccessBlock(
+        f"{stem}-public-access",
+        **where,
+        bucket=bucket.id,
+        block_public_acls=True,
+        block_public_policy=True,
+        ignore_public_acls=True,
+        restrict_public_buckets=True,
+        opts=opts,
+    )
+    aws.s3.BucketOwnershipControls(
+        f"{stem}-ownership", **where, bucket=bucket.id, rule={"object_ownership": "BucketOwnerEnforced"}, opts=opts
+    )
+    aws.s3.BucketServerSideEncryptionConfiguration(
+        f"{stem}-encryption",
+        **where,
+        bucket=bucket.id,
+        rules=[
+            {
+                "apply_server_side_encryption_by_default": {
+                    "sse_algorithm": "aws:kms",
+                    "kms_master_key_id": kms_key_arn,
+                },
+                "bucket_key_enabled": True,
+            }
+        ],
+        opts=opts,
+    )
+    versioning = aws.s3.BucketVersioning(
+        f"{stem}-versioning", **where, bucket=bucket.id, versioning_configuration={"status": "Enabled"}, opts=opts
+    )
+    return BucketControls(public_access, versioning)
+
+
 @dataclass
 class StorageArgs:
     storage: StorageConfig
@@ -117,62 +185,15 @@ class Storage(pulumi.ComponentResource):
             tags={**a.tags, "llm-platform:data": kind},
             opts=self._data_opts,
         )
-        public_access = aws.s3.BucketPublicAccessBlock(
-            f"{self._base}-{kind}-public-access",
-            bucket=bucket.id,
-            block_public_acls=True,
-            block_public_policy=True,
-            ignore_public_acls=True,
-            restrict_public_buckets=True,
-            opts=child,
-        )
-        aws.s3.BucketOwnershipControls(
-            f"{self._base}-{kind}-ownership",
-            bucket=bucket.id,
-            rule={"object_ownership": "BucketOwnerEnforced"},  # ACLs off: access is decided by IAM alone
-            opts=child,
-        )
-        aws.s3.BucketServerSideEncryptionConfiguration(
-            f"{self._base}-{kind}-encryption",
-            bucket=bucket.id,
-            rules=[
-                {
-                    "apply_server_side_encryption_by_default": {
-                        "sse_algorithm": "aws:kms",
-                        "kms_master_key_id": self.kms_key.arn,
-                    },
-                    # Bucket keys cut KMS request cost by orders of magnitude for checkpoint-heavy writes.
-                    "bucket_key_enabled": True,
-                }
-            ],
-            opts=child,
-        )
-        versioning = aws.s3.BucketVersioning(
-            f"{self._base}-{kind}-versioning",
-            bucket=bucket.id,
-            versioning_configuration={"status": "Enabled"},
-            opts=child,
-        )
+        controls = private_bucket_controls(f"{self._base}-{kind}", bucket, self.kms_key.arn, child)
         aws.s3.BucketPolicy(
             f"{self._base}-{kind}-policy",
             bucket=bucket.id,
             policy=pulumi.Output.json_dumps(
-                {
-                    "Version": "2012-10-17",
-                    "Statement": [
-                        {
-                            "Sid": "DenyInsecureTransport",
-                            "Effect": "Deny",
-                            "Principal": "*",
-                            "Action": "s3:*",
-                            "Resource": [bucket.arn, bucket.arn.apply(lambda arn: f"{arn}/*")],
-                            "Condition": {"Bool": {"aws:SecureTransport": "false"}},
-                        }
-                    ],
-                }
+                {"Version": "2012-10-17", "Statement": [deny_insecure_transport(bucket.arn)]}
             ),
             # S3 rejects a policy write while public access settings are changing.
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[public_access]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[controls.public_access]),
         )
         noncurrent_days = a.storage.checkpoint_noncurrent_days if kind == "checkpoints" else 90
         aws.s3.BucketLifecycleConfiguration(
@@ -194,6 +215,6 @@ class Storage(pulumi.ComponentResource):
                 },
             ],
             # Lifecycle rules on versions need versioning to exist first.
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[versioning]),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[controls.versioning]),
         )
         return bucket
