@@ -202,7 +202,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for every server and the baseline; 0 = each at its own defaults (ours: --torch-threads 0, "
+        "the rule in serving/threads.py; transformers serve and the baseline: torch's default, OMP_NUM_THREADS unset)",
+    )
     parser.add_argument("--per-client-16", type=int, default=2, help="requests per client at 16 clients")
     parser.add_argument("--requests-1", type=int, default=3, help="requests at 1 client (and sequential)")
     parser.add_argument("--prefix-requests", type=int, default=8, help="request pairs per round for prefix TTFT")
@@ -210,7 +216,8 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = smollm2_dir()
     threads = str(args.threads)
     ours = [sys.executable, "-m", "serving", "--model", str(model_dir), "--served-model-name", "smol"]
@@ -219,7 +226,7 @@ def main() -> int:
     # PROOF.md: size the paged KV cache explicitly, or continuous batching sizes it from system RAM (9 GB seen)
     hf = [hf_cli, "serve", str(model_dir), "--continuous-batching", "--host", "127.0.0.1", "--port", "{port}"]
     hf += ["--cb-block-size", "32", "--cb-num-blocks", "512", "--cb-max-batch-tokens", "2048", "--dtype", "float32"]
-    env = {"OMP_NUM_THREADS": threads}
+    env = {"OMP_NUM_THREADS": threads} if args.threads else {}
     specs = {
         "transformers serve --continuous-batching": (hf, str(model_dir), "/health"),
         "ours fp32": (ours, "smol", "/readyz"),
@@ -266,7 +273,8 @@ def main() -> int:
     hf_name = "transformers serve --continuous-batching"
     load_avg = os.getloadavg()
     print(
-        f"\nSmolLM2-135M-Instruct, {args.max_tokens} tokens/request, temperature 0, {args.threads} thread(s) each, "
+        f"\nSmolLM2-135M-Instruct, {args.max_tokens} tokens/request, temperature 0, "
+        f"{f'{args.threads} thread(s) each' if args.threads else 'each at its default threads'}, "
         f"{args.rounds} rounds, {time.time() - started:.0f} s; load average now {load_avg[0]:.1f} {load_avg[1]:.1f}"
     )
     print(f"sequential generate: {statistics.median(seq_tps):7.1f} tokens/s (median of rounds)")
