@@ -15,7 +15,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from serving.prefix_cache import PrefixCache
-from serving.quantize import linear_fn
+from serving.quantize import fused_fn, linear_fn
 from serving.sampling import SamplingParams, sample
 
 __all__ = ["DecodeBatch", "Decoder", "SamplingParams", "sample"]
@@ -277,13 +277,11 @@ class _LlamaStep:
         self.layers = [
             (
                 (layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon)),
-                linear_fn(layer.self_attn.q_proj),
-                linear_fn(layer.self_attn.k_proj),
-                linear_fn(layer.self_attn.v_proj),
+                # q/k/v and gate/up each read one input: int8 layers run as one fused matmul (serving/quantize.py)
+                fused_fn([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
                 linear_fn(layer.self_attn.o_proj),
                 (layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon)),
-                linear_fn(layer.mlp.gate_proj),
-                linear_fn(layer.mlp.up_proj),
+                fused_fn([layer.mlp.gate_proj, layer.mlp.up_proj]),
                 linear_fn(layer.mlp.down_proj),
             )
             for layer in inner.layers
@@ -327,17 +325,19 @@ class _LlamaStep:
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [rows, 1, length, hd]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         gqa = self.heads != self.kv_heads
-        for i, (norm1, wq, wk, wv, wo, norm2, wg, wu, wd) in enumerate(self.layers):
+        for i, (norm1, wqkv, wo, norm2, wgu, wd) in enumerate(self.layers):
             h = _rms_norm(x, *norm1)
-            q = _rotate(wq(h).view(rows, length, self.heads, hd).transpose(1, 2), cos, sin)
-            k = _rotate(wk(h).view(rows, length, self.kv_heads, hd).transpose(1, 2), cos, sin)
-            v = wv(h).view(rows, length, self.kv_heads, hd).transpose(1, 2)
+            q, k, v = wqkv(h)
+            q = _rotate(q.view(rows, length, self.heads, hd).transpose(1, 2), cos, sin)
+            k = _rotate(k.view(rows, length, self.kv_heads, hd).transpose(1, 2), cos, sin)
+            v = v.view(rows, length, self.kv_heads, hd).transpose(1, 2)
             if append:
                 layer = cache.layers[i]
                 layer.keys = k = torch.cat([layer.keys, k], dim=-2)
                 layer.values = v = torch.cat([layer.values, v], dim=-2)
             else:
-                k, v = cache.update(k, v, i)
+                # own memory, not a view of the fused q/k/v output (the cache would keep all of it alive)
+                k, v = cache.update(k, v.contiguous(), i)
             if length == 1 and gqa:  # as transformers does: the query heads of a kv head become its queries
                 a = F.scaled_dot_product_attention(
                     q.reshape(rows, self.kv_heads, -1, hd), k, v, attn_mask=mask, scale=self.scaling
@@ -354,7 +354,8 @@ class _LlamaStep:
                 a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
             x = x + wo(a.transpose(1, 2).reshape(rows, length, -1))
             h = _rms_norm(x, *norm2)
-            x = x + wd(F.silu(wg(h)) * wu(h))
+            g, u = wgu(h)
+            x = x + wd(F.silu(g) * u)
         return self.lm_head(_rms_norm(x[:, -1, :], *self.norm)).float()
 
 

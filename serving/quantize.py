@@ -117,6 +117,21 @@ def linear_fn(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return module
 
 
+def fused_fn(modules: list[nn.Module]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """`x -> (m(x) for m in modules)` for projections that read the same input (q/k/v; gate/up).
+
+    `Int8Linear` layers are fused into one: the activation is quantized once and one `torch._int_mm` computes every
+    output. The result is bit-identical to calling each layer (one scale per token of the shared input, integer
+    accumulation, one scale per output channel), and the layers keep their weights as views of the fused one, so no
+    memory is added. Anything else is called one by one."""
+    if len(modules) > 1 and all(type(m) is Int8Linear and m.bias is None for m in modules):
+        fused = Int8Linear.fuse(modules)
+        sizes = [m.out_features for m in modules]
+        return lambda x: fused.forward(x).split(sizes, dim=-1)
+    calls = [linear_fn(m) for m in modules]
+    return lambda x: tuple(call(x) for call in calls)
+
+
 class Int8Linear(nn.Module):
     """A bias-free or biased `nn.Linear` with int8 weights and per-token int8 activations (see the module docstring).
 
@@ -144,6 +159,18 @@ class Int8Linear(nn.Module):
             q[rows] = torch.round(w[rows].float() / scale[rows, None]).clamp_(-127, 127).to(torch.int8)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q.t(), scale, bias)
+
+    @classmethod
+    def fuse(cls, modules: list[Int8Linear]) -> Int8Linear:
+        """One layer computing every module's outputs, concatenated; the modules' weights become views of it."""
+        rows = torch.cat([m.weight_t.t() for m in modules])  # [sum(out), in] contiguous
+        fused = cls(rows.t(), torch.cat([m.scale for m in modules]), None)
+        start = 0
+        for m in modules:
+            end = start + m.out_features
+            m.weight_t, m.scale = rows[start:end].t(), fused.scale[start:end]
+            start = end
+        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

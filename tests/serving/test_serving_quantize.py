@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.config import ConfigError, ServingConfig
 from serving.decode import Decoder
-from serving.quantize import Int8Linear, linear_fn, quantize_model, vllm_args
+from serving.quantize import Int8Linear, fused_fn, linear_fn, quantize_model, vllm_args
 
 MAX_PPL_INCREASE = 0.06  # int8 perplexity / fp32 perplexity - 1 on bench/quantize_step.HELD_OUT
 MIN_MATCHED_PREFIX = 0.25  # mean over prompts of (tokens equal to fp32's greedy before the first difference) / length
@@ -52,6 +52,22 @@ def test_linear_fn_dispatch() -> None:
     assert torch.equal(linear_fn(q)(x), q(x))
     other = nn.Sequential(nn.Linear(8, 4))  # unknown form: the module itself
     assert linear_fn(other) is other
+
+
+def test_fused_int8_projections_are_bit_identical_and_share_the_weights() -> None:
+    torch.manual_seed(0)
+    layers = [Int8Linear.from_linear(nn.Linear(64, n, bias=False)) for n in (48, 16, 16)]
+    x = torch.randn(5, 3, 64)
+    separate = [m(x) for m in layers]
+    fused = fused_fn(layers)(x)
+    assert all(torch.equal(a, b) for a, b in zip(fused, separate, strict=True))
+    # the layers now read views of the fused weight (no second copy), and still give the same results alone
+    base = layers[0].weight_t.untyped_storage().data_ptr()
+    assert all(m.weight_t.untyped_storage().data_ptr() == base for m in layers)
+    assert all(torch.equal(m(x), ref) for m, ref in zip(layers, separate, strict=True))
+    # float layers are not fused: called one by one
+    plain = [nn.Linear(64, 8, bias=False), nn.Linear(64, 8, bias=False)]
+    assert all(torch.equal(a, m(x)) for a, m in zip(fused_fn(plain)(x), plain, strict=True))
 
 
 def test_quantized_debug_model_keeps_the_fast_path_and_matches_forward(debug_model_dir: Path) -> None:
