@@ -36,12 +36,30 @@ def test_int8_linear_is_close_to_fp32_and_rows_are_independent() -> None:
     with torch.inference_mode():
         ref, out = linear(x), q(x)
         rel = (out - ref).norm() / ref.norm()
-        assert rel < 0.02, f"relative error {rel:.4f}"
+        # fbgemm's activations are 7-bit (reduce_range): 0.0201 measured here; _int_mm's 8-bit ones about half that
+        assert rel < 0.03, f"relative error {rel:.4f}"
         assert out.shape == ref.shape and out.dtype == ref.dtype
         # each row is quantized on its own: a row's result is the same alone as in any batch
         assert torch.equal(q(x[2:3]), out[2:3])
         assert torch.equal(q(x[1, 3:4]), out[1, 3:4])
         assert torch.equal(q(torch.zeros(2, 64)), linear.bias.expand(2, 48))  # zero rows give the bias, not NaN
+
+
+@pytest.mark.parametrize("kernel", ["fbgemm", "int_mm"])
+def test_both_int8_kernels_are_close_and_batch_invariant(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("serving.quantize.int8_kernel", lambda: kernel)
+    torch.manual_seed(1)
+    linear = nn.Linear(96, 40)
+    q = Int8Linear.from_linear(linear)
+    assert q.kernel == kernel
+    x = torch.randn(7, 96) * torch.rand(7, 1) * 10  # rows of very different magnitudes
+    out, ref = q(x), linear(x)
+    assert float((out - ref).norm() / ref.norm()) < 0.03
+    # a row gives the same bits alone, with any neighbours, and in any position
+    for i in range(7):
+        assert torch.equal(q(x[i : i + 1]), out[i : i + 1])
+    assert torch.equal(q(torch.cat([x[3:4], x * 100])[:1]), out[3:4])
+    assert torch.equal(q(torch.zeros(3, 96)), linear.bias.expand(3, 40))
 
 
 def test_linear_fn_dispatch() -> None:
@@ -61,9 +79,8 @@ def test_fused_int8_projections_are_bit_identical_and_share_the_weights() -> Non
     separate = [m(x) for m in layers]
     fused = fused_fn(layers)(x)
     assert all(torch.equal(a, b) for a, b in zip(fused, separate, strict=True))
-    # the layers now read views of the fused weight (no second copy), and still give the same results alone
-    base = layers[0].weight_t.untyped_storage().data_ptr()
-    assert all(m.weight_t.untyped_storage().data_ptr() == base for m in layers)
+    # the layers now compute through the fused one (their own weights released) and give the same results alone
+    assert all(m._fused is not None and "weight_t" not in m._buffers and not m._packed for m in layers)
     assert all(torch.equal(m(x), ref) for m, ref in zip(layers, separate, strict=True))
     # float layers are not fused: called one by one
     plain = [nn.Linear(64, 8, bias=False), nn.Linear(64, 8, bias=False)]
