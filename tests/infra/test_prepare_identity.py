@@ -134,3 +134,24 @@ def test_sagemaker_prepare_role_has_the_processing_minimum(shipped) -> None:
     assert st["Condition"] == {"StringEquals": {"aws:SourceAccount": ACCOUNT}}
     assert o[out.SAGEMAKER_PREPARE_ROLE_ARN] == run.one(tok.IAM_ROLE, "identity-sagemaker-prepare").state["arn"]
     assert o[out.SAGEMAKER_PREPARE_ROLE_ARN] != o[out.SAGEMAKER_EXECUTION_ROLE_ARN]
+
+
+def test_the_launcher_renders_its_jobs_from_what_the_program_exports(shipped) -> None:
+    """Both ends: the outputs the program produces are enough for `--job prepare`, and the rendered Job and
+    Processing request name this stack's preparation identity, batch pool and datasets bucket."""
+    import kubernetes_validate
+
+    from ops.prepare_job import PrepareJobSpec, build_processing_job_request, render_prepare_job
+
+    cfg, run = shipped
+    o = run.outputs
+    spec = PrepareJobSpec(name="c4", data="corpora/c4", tokenizer="base/m", seq_len=4096, workers=2)
+    job = render_prepare_job(spec, o)
+    kubernetes_validate.validate(job, cfg.cluster.kubernetes_version, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == PREPARE_SERVICE_ACCOUNT
+    assert pod["nodeSelector"] == cfg.cluster.batch_pool.labels
+    assert [{k: t[k] for k in ("key", "value", "effect")} for t in pod["tolerations"]] == cfg.cluster.batch_pool.taints
+    assert f"s3://{o[out.DATASETS_BUCKET]}/{PREPARED_PREFIX}/c4" in pod["containers"][0]["command"]
+    request = build_processing_job_request(spec, o)
+    assert request["RoleArn"] == o[out.SAGEMAKER_PREPARE_ROLE_ARN]
