@@ -1,16 +1,19 @@
 """Training data at scale: prepare once on W workers, train from shards vs raw text, resume on another world size.
 
-    .venv/bin/python bench/data_scale.py [--mb 40] [--small-mb 10] [--steps 20]
+    .venv/bin/python bench/data_scale.py [--big-mb 2000] [--mb 16] [--small-mb 4] [--steps 20]
 
-In one run, on a generated corpus of `--mb` MB of text (16 files, text and JSONL) and a `--small-mb` one:
-1. `python -m training.prepare` with 1 and with 2 workers on the large corpus: MB/s of input, the speed-up, and
-   whether the shards are byte-identical (their sha256s and bytes), and the CPU seconds each run used (workers
-   included): CPU / wall is the cores the machine actually gave it.
-2. `python -m training` (debug model, one process, same seed) for `--steps` steps from the shards and from the raw
-   text, on both corpus sizes: the trainer's peak RSS (the child's own rusage, `os.wait4`), the time from process
-   start to the first step's record, and whether the per-step losses are equal.
-3. The loader over the shards, stopped mid-epoch on 2 ranks (4 sequences each) and resumed on 1 rank (8): whether
-   its next micro-batches are exactly the ones the 2 ranks would have read (through the epoch boundary).
+In one run, on generated corpora (16 files each, every fourth JSONL) of `--small-mb`, `--mb` and `--big-mb` MB:
+1. `python -m training.prepare` with 1 and with 2 workers on the big corpus: MB/s of input, the speed-up, and
+   whether the shards are byte-identical (their sha256s, compared file by file without loading them whole), and
+   the CPU seconds each run used (workers included): CPU / wall is the cores the machine actually gave it. The
+   load average (/proc/loadavg) before and after each preparation is printed with it.
+2. `python -m training` (debug model, one process, same seed) for `--steps` steps: from the shards on all three
+   sizes and from the raw text on the small and the medium one (the raw path holds the tokenized corpus in memory,
+   roughly 30 MB of RSS per MB of text, so the big corpus does not fit it on this machine; the two raw sizes show
+   it growing). Reported: the trainer's peak RSS (the child's own rusage, `os.wait4`), the time from process start
+   to the first step's record, and whether the per-step losses of shards and raw text are equal.
+3. The loader over the medium shards, stopped mid-epoch on 2 ranks (4 sequences each) and resumed on 1 rank (8):
+   whether its next micro-batches are exactly the ones the 2 ranks would have read (through the epoch boundary).
 Prints one JSON object per measurement and a summary with the ratios. Not a test: timings depend on the machine's
 load, so both sides run in this one process's run and only ratios are compared.
 """
@@ -20,8 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,27 +36,55 @@ sys.path.insert(0, str(REPO_ROOT))
 
 
 def generate_corpus(root: Path, mb: float, files: int = 16, seed: int = 0) -> int:
-    """`files` files (every fourth JSONL) of random documents over the debug tokenizer's corpus words; bytes."""
-    words = (REPO_ROOT / "training" / "assets" / "corpus.txt").read_text(encoding="utf-8").split()
-    rng = random.Random(seed)
+    """`files` files (every fourth JSONL) of random documents over the debug tokenizer's corpus words; bytes.
+
+    Written in chunks of documents (numpy draws the words), so 2 GB takes minutes and little memory."""
+    import numpy as np
+
+    words = np.array((REPO_ROOT / "training" / "assets" / "corpus.txt").read_text(encoding="utf-8").split())
+    rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     per_file = int(mb * 1e6 / files)
     total = 0
     for f in range(files):
-        docs, size = [], 0
-        while size < per_file:
-            doc = " ".join(rng.choice(words) for _ in range(rng.randint(30, 300)))
-            docs.append(doc)
-            size += len(doc) + 2
-        if f % 4 == 3:
-            text = "\n".join(json.dumps({"text": d}) for d in docs) + "\n"
-            path = root / f"part-{f:03d}.jsonl"
-        else:
-            text = "\n\n".join(docs)
-            path = root / f"part-{f:03d}.txt"
-        path.write_text(text, encoding="utf-8")
+        jsonl = f % 4 == 3
+        path = root / f"part-{f:03d}.{'jsonl' if jsonl else 'txt'}"
+        size, first = 0, True
+        with path.open("w", encoding="utf-8") as out:
+            while size < per_file:
+                lengths = rng.integers(30, 301, size=32)
+                picks = words[rng.integers(0, len(words), size=int(lengths.sum()))]
+                cuts = np.cumsum(lengths)[:-1]
+                docs = [" ".join(d) for d in np.split(picks, cuts)]
+                if jsonl:
+                    text = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+                else:
+                    text = ("" if first else "\n\n") + "\n\n".join(docs)
+                first = False
+                out.write(text)
+                size += len(text)
         total += path.stat().st_size
     return total
+
+
+def loadavg() -> str:
+    return Path("/proc/loadavg").read_text().strip()
+
+
+def same_files(a: Path, b: Path) -> bool:
+    """Whether two shard directories hold the same files, byte for byte (streamed: shards may be GBs)."""
+    names_a = sorted(p.name for p in a.glob("*.bin"))
+    if names_a != sorted(p.name for p in b.glob("*.bin")):
+        return False
+    for name in names_a:
+        with (a / name).open("rb") as fa, (b / name).open("rb") as fb:
+            while True:
+                ca, cb = fa.read(1 << 22), fb.read(1 << 22)
+                if ca != cb:
+                    return False
+                if not ca:
+                    break
+    return True
 
 
 def run_prepare(src: Path, out: Path, workers: int, seq_len: int) -> dict:
@@ -130,76 +161,90 @@ def resume_check(manifest: Path, cache: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mb", type=float, default=40.0, help="large corpus size, MB of text")
-    p.add_argument("--small-mb", type=float, default=10.0, help="small corpus size, MB of text")
+    p.add_argument("--big-mb", type=float, default=2000.0, help="big corpus (prepare 1 vs 2 workers; shards), MB")
+    p.add_argument("--mb", type=float, default=16.0, help="medium corpus (raw and shards), MB of text")
+    p.add_argument("--small-mb", type=float, default=4.0, help="small corpus (raw and shards), MB of text")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--work-dir", default=None, help="where corpora and shards go (default: a temporary directory)")
     args = p.parse_args()
-    results: dict = {"load_avg_start": os.getloadavg()}
-    with tempfile.TemporaryDirectory(prefix="data-scale-") as tmp:
+    started = time.perf_counter()
+    print(json.dumps({"loadavg_start": loadavg()}), flush=True)
+    with tempfile.TemporaryDirectory(prefix="data-scale-", dir=args.work_dir) as tmp:
         root = Path(tmp)
         sizes = {
             "small": generate_corpus(root / "small", args.small_mb, seed=1),
-            "large": generate_corpus(root / "large", args.mb, seed=2),
+            "medium": generate_corpus(root / "medium", args.mb, seed=2),
+            "big": generate_corpus(root / "big", args.big_mb, seed=3),
         }
-        print(json.dumps({"corpus_bytes": sizes}), flush=True)
+        print(json.dumps({"corpus_bytes": sizes, "generated_s": round(time.perf_counter() - started, 1)}), flush=True)
 
-        one = run_prepare(root / "large", root / "prep-1", 1, args.seq_len)
-        two = run_prepare(root / "large", root / "prep-2", 2, args.seq_len)
-        shards_1 = {p.name: p.read_bytes() for p in sorted((root / "prep-1" / "shards").glob("*.bin"))}
-        shards_2 = {p.name: p.read_bytes() for p in sorted((root / "prep-2" / "shards").glob("*.bin"))}
+        load_before_w1 = loadavg()
+        one = run_prepare(root / "big", root / "prep-1", 1, args.seq_len)
+        load_after_w1 = loadavg()
+        two = run_prepare(root / "big", root / "prep-2", 2, args.seq_len)
+        load_after_w2 = loadavg()
         prep = {
-            "corpus_mb": round(sizes["large"] / 1e6, 1),
+            "corpus_mb": round(sizes["big"] / 1e6, 1),
             "tokens": one["manifest"]["tokens"],
             "sequences": one["manifest"]["sequences"],
-            "shards": len(shards_1),
+            "shards": len(one["manifest"]["shards"]),
             "w1_s": one["seconds"],
             "w2_s": two["seconds"],
-            "w1_mb_per_s": round(sizes["large"] / 1e6 / one["seconds"], 2),
-            "w2_mb_per_s": round(sizes["large"] / 1e6 / two["seconds"], 2),
+            "w1_mb_per_s": round(sizes["big"] / 1e6 / one["seconds"], 2),
+            "w2_mb_per_s": round(sizes["big"] / 1e6 / two["seconds"], 2),
             "speedup_w2": round(one["seconds"] / two["seconds"], 2),
             # CPU seconds used, and cores obtained on average (cpu / wall): what the machine gave each run.
             "w1_cpu_s": one["cpu_s"],
             "w2_cpu_s": two["cpu_s"],
             "w1_cores": round(one["cpu_s"] / one["seconds"], 2),
             "w2_cores": round(two["cpu_s"] / two["seconds"], 2),
-            "shards_identical": shards_1 == shards_2
+            "shards_identical": same_files(root / "prep-1" / "shards", root / "prep-2" / "shards")
             and [s["sha256"] for s in one["manifest"]["shards"]] == [s["sha256"] for s in two["manifest"]["shards"]],
+            "loadavg_before_w1": load_before_w1,
+            "loadavg_after_w1": load_after_w1,
+            "loadavg_after_w2": load_after_w2,
         }
         print(json.dumps({"prepare": prep}), flush=True)
-        run_prepare(root / "small", root / "prep-small", 1, args.seq_len)
+        shutil.rmtree(root / "prep-2")  # identical to prep-1: free the disk
+        for size in ("small", "medium"):
+            run_prepare(root / size, root / f"prep-{size}", 1, args.seq_len)
 
-        train = {}
-        for size, raw, manifest in (
-            ("small", root / "small", root / "prep-small" / "manifest.json"),
-            ("large", root / "large", root / "prep-1" / "manifest.json"),
+        train: dict = {}
+        for size, manifest in (
+            ("small", root / "prep-small" / "manifest.json"),
+            ("medium", root / "prep-medium" / "manifest.json"),
+            ("big", root / "prep-1" / "manifest.json"),
         ):
-            from_raw = run_training(str(raw), root / f"run-raw-{size}", args.steps, args.seq_len)
             from_shards = run_training(str(manifest), root / f"run-shards-{size}", args.steps, args.seq_len)
-            train[size] = {
-                "raw": {k: v for k, v in from_raw.items() if k != "losses"},
-                "shards": {k: v for k, v in from_shards.items() if k != "losses"},
-                "losses_equal": from_raw["losses"] == from_shards["losses"] and len(from_raw["losses"]) == args.steps,
-                "losses": from_shards["losses"],
-            }
+            train[size] = {"shards": {k: v for k, v in from_shards.items() if k != "losses"}}
+            if size != "big":  # the raw path tokenizes the whole corpus into memory: see the docstring
+                from_raw = run_training(str(root / size), root / f"run-raw-{size}", args.steps, args.seq_len)
+                train[size]["raw"] = {k: v for k, v in from_raw.items() if k != "losses"}
+                train[size]["losses_equal"] = (
+                    from_raw["losses"] == from_shards["losses"] and len(from_raw["losses"]) == args.steps
+                )
+            train[size]["losses"] = from_shards["losses"]
             print(json.dumps({"train": {size: train[size]}}), flush=True)
 
-        resume = resume_check(root / "prep-1" / "manifest.json", root / "cache")
+        resume = resume_check(root / "prep-medium" / "manifest.json", root / "cache")
         print(json.dumps({"resume_2_to_1_ranks": resume}), flush=True)
 
-    s, l_ = train["small"], train["large"]
+    t = train
     summary = {
+        "corpus_mb_small_medium_big": [round(sizes[k] / 1e6, 1) for k in ("small", "medium", "big")],
+        "prepare_big_mb_per_s_w1_w2": [prep["w1_mb_per_s"], prep["w2_mb_per_s"]],
         "prepare_speedup_2_workers": prep["speedup_w2"],
         "prepare_cores_obtained_w1_w2": [prep["w1_cores"], prep["w2_cores"]],
         "shards_identical_1_vs_2_workers": prep["shards_identical"],
-        "peak_rss_mb_shards_small_large": [s["shards"]["peak_rss_mb"], l_["shards"]["peak_rss_mb"]],
-        "peak_rss_mb_raw_small_large": [s["raw"]["peak_rss_mb"], l_["raw"]["peak_rss_mb"]],
-        "first_step_s_shards_small_large": [s["shards"]["first_step_s"], l_["shards"]["first_step_s"]],
-        "first_step_s_raw_small_large": [s["raw"]["first_step_s"], l_["raw"]["first_step_s"]],
-        "losses_equal_small_large": [s["losses_equal"], l_["losses_equal"]],
+        "peak_rss_mb_shards_small_medium_big": [t[k]["shards"]["peak_rss_mb"] for k in ("small", "medium", "big")],
+        "peak_rss_mb_raw_small_medium": [t[k]["raw"]["peak_rss_mb"] for k in ("small", "medium")],
+        "first_step_s_shards_small_medium_big": [t[k]["shards"]["first_step_s"] for k in ("small", "medium", "big")],
+        "first_step_s_raw_small_medium": [t[k]["raw"]["first_step_s"] for k in ("small", "medium")],
+        "losses_equal_small_medium": [t[k]["losses_equal"] for k in ("small", "medium")],
         "resume_identical": resume["identical"],
-        "load_avg_start": [round(x, 1) for x in results["load_avg_start"]],
-        "load_avg_end": [round(x, 1) for x in os.getloadavg()],
+        "loadavg_end": loadavg(),
+        "total_s": round(time.perf_counter() - started, 1),
     }
     print(json.dumps({"summary": summary}), flush=True)
     return 0

@@ -13,6 +13,11 @@ SYSTEM_POOL = "system"
 """The fixed-size, untainted pool for controllers and CoreDNS; never scaled to zero."""
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
 """Taint on every GPU node, so only workloads that tolerate it (and ask for GPUs) land there."""
+BATCH_POOL = "batch"
+"""The CPU pool for batch work (data preparation): scales from zero, and back to zero when idle."""
+BATCH_TAINT = {"key": "llm-platform/batch", "value": "true", "effect": "NoSchedule"}
+"""Taint on every batch node, so only batch pods (which tolerate it and select the pool) land there: controllers and
+stray pods stay on the system pool, and an idle batch node has nothing on it to keep it from scaling down."""
 
 # -- extended resources (advertised by the device-plugin charts) -------------------------------------------------
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -25,6 +30,13 @@ MONITORING_NAMESPACE = "monitoring"
 KUBE_SYSTEM = "kube-system"
 TRAINING_SERVICE_ACCOUNT = "trainer"
 SERVING_SERVICE_ACCOUNT = "server"
+PREPARE_SERVICE_ACCOUNT = "data-prepare"
+"""Service account of data-preparation pods (training namespace): its own Pod Identity role, which reads datasets and
+model tokenizers and writes only the datasets bucket's PREPARED_PREFIX."""
+
+# -- data ----------------------------------------------------------------------------------------------------------
+PREPARED_PREFIX = "prepared"
+"""Prefix of the datasets bucket that prepared (tokenized) datasets live under: `prepared/<name>/manifest.json`."""
 
 # -- ports ---------------------------------------------------------------------------------------------------------
 SERVING_PORT = 8080

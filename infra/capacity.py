@@ -88,6 +88,11 @@ def required_quotas(cfg: StackConfig) -> list[Quota]:
         need.setdefault((option, _family_class(largest)), []).append(
             (pool.max_size * _vcpus(largest), f"{pool.name} pool max {pool.max_size} x {largest}")
         )
+    batch = cfg.cluster.batch_pool
+    largest = max(batch.instance_types, key=_vcpus)
+    need.setdefault((batch.capacity_type, _family_class(largest)), []).append(
+        (batch.max_size * _vcpus(largest), f"{batch.name} pool max {batch.max_size} x {largest}")
+    )
     quotas = [
         Quota(
             "ec2", *EC2_QUOTAS[key], needed=sum(n for n, _ in parts), unit="vCPUs", why="; ".join(w for _, w in parts)

@@ -1,4 +1,4 @@
-"""The EKS cluster: control plane, managed add-ons, a system node group and the GPU node groups.
+"""The EKS cluster: control plane, managed add-ons, a system node group, the GPU node groups and a CPU batch group.
 
 Built from pulumi-aws primitives (no pulumi-eks) so every piece is visible to previews, policies and the mock
 engine. Nodes live in the private subnets only; the API is reachable privately and, when configured, publicly from
@@ -20,7 +20,7 @@ from facts.cluster import POOL_LABEL, SYSTEM_POOL
 from facts.instance_types import NVME_INSTANCE_STORE_GB
 from infra.capacity import node_group_capacity_type, reservation_launch_template_args
 from infra.cluster_autoscaler import autoscaler_tag_keys
-from infra.config import ClusterConfig, GpuPool
+from infra.config import BatchPool, ClusterConfig, GpuPool
 
 CONTROL_PLANE_LOG_TYPES = ("api", "audit", "authenticator", "controllerManager", "scheduler")
 """All five control-plane log types: audit and authenticator are the access-control trail; the rest debug upgrades."""
@@ -120,7 +120,7 @@ class Cluster(pulumi.ComponentResource):
     api_security_group_id: pulumi.Output[str]
     """Security group admitting HTTPS to the private API endpoint from inside the VPC."""
     node_groups: dict[str, aws.eks.NodeGroup]
-    """Node groups by pool name (system, training, inference): the autoscaler tags them, alarms watch them,
+    """Node groups by pool name (system, training, inference, batch): the autoscaler tags them, alarms watch them,
     workloads depend on them so they go first on destroy."""
     addons: dict[str, aws.eks.Addon]
     """Managed add-ons by name (vpc-cni, coredns, ...)."""
@@ -155,6 +155,8 @@ class Cluster(pulumi.ComponentResource):
         self.node_groups = {SYSTEM_POOL: self._create_system_node_group(early_addons)}
         for pool in args.cluster.gpu_pools:
             self.node_groups[pool.purpose] = self._create_gpu_node_group(pool, early_addons)
+        batch = args.cluster.batch_pool
+        self.node_groups[batch.name] = self._create_batch_node_group(batch, early_addons)
 
         for addon in ADDONS:
             if addon not in self.addons:
@@ -424,6 +426,41 @@ class Cluster(pulumi.ComponentResource):
                 depends_on=[*early_addons, *self._args.node_role_policies],
                 # desired_size starts at the minimum and then belongs to the cluster autoscaler (or whatever scales
                 # the group); re-applying the stack must not reset a busy pool to its minimum.
+                ignore_changes=["scalingConfig.desiredSize"],
+            ),
+        )
+
+    def _create_batch_node_group(self, pool: BatchPool, early_addons: list[aws.eks.Addon]) -> aws.eks.NodeGroup:
+        """CPU nodes for batch work (data preparation), from zero. Not the system pool: that one is fixed-size and
+        sized for controllers, and a preparation's worker pods (a core and 4 GiB each, for hours) would starve CoreDNS
+        and the autoscaler or never fit. Tainted (facts.cluster.BATCH_TAINT) so nothing else lands here: an idle
+        node then has no pod to keep it, and the Cluster Autoscaler removes it (scaleDownUnneededMinutes)."""
+        spec = self._args
+        lt = self._launch_template(pool.name, pool.disk_gb)
+        return aws.eks.NodeGroup(
+            f"{self._name}-{pool.name}",
+            cluster_name=self.cluster.name,
+            node_group_name=f"{spec.name_prefix}-{pool.name}",
+            node_role_arn=self._args.node_role_arn,
+            subnet_ids=self._args.private_subnet_ids,
+            ami_type=SYSTEM_AMI_TYPE,
+            capacity_type=pool.capacity_type,
+            instance_types=list(pool.instance_types),
+            scaling_config=aws.eks.NodeGroupScalingConfigArgs(
+                min_size=pool.min_size, max_size=pool.max_size, desired_size=pool.min_size
+            ),
+            update_config=aws.eks.NodeGroupUpdateConfigArgs(max_unavailable=1),
+            labels=pool.labels,
+            taints=[
+                aws.eks.NodeGroupTaintArgs(key=t["key"], value=t["value"], effect=_TAINT_EFFECTS[t["effect"]])
+                for t in pool.taints
+            ],
+            launch_template=aws.eks.NodeGroupLaunchTemplateArgs(id=lt.id, version=lt.latest_version.apply(str)),
+            tags=self._args.tags,
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=[*early_addons, *self._args.node_role_policies],
+                # As for the GPU pools: desired_size belongs to the Cluster Autoscaler once the group exists.
                 ignore_changes=["scalingConfig.desiredSize"],
             ),
         )

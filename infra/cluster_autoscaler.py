@@ -22,7 +22,7 @@ import pulumi_kubernetes as k8s
 
 from facts.cluster import EFA_RESOURCE, GPU_RESOURCE, KUBE_SYSTEM
 from infra.charts import SYSTEM_NODE_SELECTOR, controller_identity, install_chart
-from infra.config import AutoscalingConfig, ClusterConfig, GpuPool
+from infra.config import AutoscalingConfig, BatchPool, ClusterConfig, GpuPool
 
 CHART = "cluster-autoscaler"
 SERVICE_ACCOUNT = "cluster-autoscaler"
@@ -53,6 +53,20 @@ def node_template_tags(pool: GpuPool) -> dict[str, str]:
     return tags
 
 
+def batch_node_template_tags(pool: BatchPool) -> dict[str, str]:
+    """The batch pool's node template: its label and taint, as for a GPU pool (no extended resources: CPU and
+    memory come from the instance type). Without the taint tag, CA's simulated node from zero would have no taint,
+    and it would scale the pool up for any pending pod that fits a CPU node, not only batch pods; without the label
+    tag, never for a batch pod, whose nodeSelector names the label (kubernetes/autoscaler at cluster-autoscaler-chart-
+    9.59.0, cluster-autoscaler/cloudprovider/aws/README.md "Scaling a node group to 0": "If you are using
+    nodeSelector you need to tag the ASG with a node-template key .../label/ and .../taint/ if you are using
+    taints")."""
+    tags = {f"{TEMPLATE_PREFIX}/label/{k}": v for k, v in pool.labels.items()}
+    for taint in pool.taints:
+        tags[f"{TEMPLATE_PREFIX}/taint/{taint['key']}"] = f"{taint['value']}:{taint['effect']}"
+    return tags
+
+
 def asg_name(node_group: aws.eks.NodeGroup) -> pulumi.Output[str]:
     """Name of the Auto Scaling group behind a managed node group.
 
@@ -73,9 +87,11 @@ def asg_name(node_group: aws.eks.NodeGroup) -> pulumi.Output[str]:
 
 
 def max_nodes_total(cluster: ClusterConfig) -> int:
-    """Hard ceiling on nodes CA will ever have: the system group plus every GPU group at its maximum. With config
-    validation guaranteeing sum(max_size * gpus_per_node) <= maxGpus, this and the per-group maxima cap GPUs."""
-    return cluster.system_node_count + sum(p.max_size for p in cluster.gpu_pools)
+    """Hard ceiling on nodes CA will ever have: the system group plus every GPU group and the batch group at their
+    maximum. With config validation guaranteeing sum(max_size * gpus_per_node) <= maxGpus, this and the per-group
+    maxima cap GPUs."""
+    gpu = sum(p.max_size for p in cluster.gpu_pools)
+    return cluster.system_node_count + gpu + cluster.batch_pool.max_size
 
 
 @dataclass(kw_only=True)
@@ -87,7 +103,7 @@ class ClusterAutoscalerIdentityArgs:
     cluster_name: pulumi.Input[str]
     """EKS cluster name: the IAM condition that limits which ASGs CA may resize, and the Pod Identity association."""
     node_groups: Mapping[str, aws.eks.NodeGroup]
-    """The cluster's node groups by pool name ("system", "training", "inference")."""
+    """The cluster's node groups by pool name ("system", "training", "inference", "batch")."""
     tags: dict[str, str]
     """Stack tags for every taggable AWS resource."""
     account_id: str
@@ -125,11 +141,15 @@ class ClusterAutoscalerIdentity(pulumi.ComponentResource):
         self.register_outputs({"role_arn": self.role_arn})
 
     def _tag_gpu_groups(self) -> None:
-        for pool in self._args.cluster.gpu_pools:
-            group = asg_name(self._args.node_groups[pool.name])
-            for i, (key, value) in enumerate(sorted(node_template_tags(pool).items())):
+        """Every group that scales from zero: the GPU pools and the batch pool."""
+        templates = {pool.name: node_template_tags(pool) for pool in self._args.cluster.gpu_pools}
+        batch = self._args.cluster.batch_pool
+        templates[batch.name] = batch_node_template_tags(batch)
+        for name, tags in templates.items():
+            group = asg_name(self._args.node_groups[name])
+            for i, (key, value) in enumerate(sorted(tags.items())):
                 aws.autoscaling.Tag(
-                    f"{self._name}-{pool.name}-template-{i}",
+                    f"{self._name}-{name}-template-{i}",
                     autoscaling_group_name=group,
                     tag=aws.autoscaling.TagTagArgs(key=key, value=value, propagate_at_launch=False),
                     opts=pulumi.ResourceOptions(parent=self),

@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 
 from facts.cluster import (
+    BATCH_POOL,
+    BATCH_TAINT,
     GPU_TAINT,
     MONITORING_NAMESPACE,
     POOL_LABEL,
@@ -397,12 +399,87 @@ class GpuPool:
                 v.bad("trainingEfa", f"EFA is not supported by {', '.join(no_efa)}")
 
 
+_ACCELERATED_FAMILY_RE = re.compile(r"^(p|g|inf|trn|dl|f|vt)\d")
+"""EC2 families with GPUs, Inferentia/Trainium, FPGAs or video accelerators: not what a CPU batch pool is for."""
+_GRAVITON_RE = re.compile(r"^[a-z]+\d+g")
+"""Graviton (arm64) types: m7g, c7gn, r8g, im4gn... The batch nodes run the x86_64 AMI and the amd64 training image."""
+
+
+@dataclass(frozen=True)
+class BatchPool:
+    """The CPU node group for batch work (data preparation): from zero nodes to batchMaxSize and back, tainted so
+    that only batch pods land on it. Keys batchInstanceTypes, batchCapacityType, batchMaxSize, batchNodeDiskGb."""
+
+    instance_types: tuple[str, ...]
+    capacity_type: Literal["ON_DEMAND", "SPOT"]
+    max_size: int
+    disk_gb: int
+    name: str = BATCH_POOL
+    min_size: int = 0
+    """Always 0: an idle batch pool costs nothing (ops/cost.py counts its minimum, which is none)."""
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {POOL_LABEL: self.name}
+
+    @property
+    def taints(self) -> list[dict[str, str]]:
+        return [dict(BATCH_TAINT)]
+
+    def describe(self) -> dict[str, Any]:
+        """The pool as exported to tools and workloads (see infra.outputs.BATCH_POOL)."""
+        return {
+            "name": self.name,
+            "instance_types": list(self.instance_types),
+            "capacity_type": self.capacity_type,
+            "min_size": self.min_size,
+            "max_size": self.max_size,
+            "labels": self.labels,
+            "taints": self.taints,
+        }
+
+    @classmethod
+    def from_values(cls, v: Values) -> BatchPool:
+        types = v["batchInstanceTypes"]
+        if not types:
+            v.bad("batchInstanceTypes", "must list at least one CPU instance type (e.g. m7i.xlarge)")
+        accelerated = [t for t in types if instance_gpu(t) is not None or _ACCELERATED_FAMILY_RE.match(t)]
+        not_ec2 = [p for t in types if (p := _instance_type_problem(t, "ec2", "InstanceType"))]
+        arm = [t for t in types if _GRAVITON_RE.match(t)]
+        if not_ec2:
+            v.bad("batchInstanceTypes", "; ".join(not_ec2))
+        elif arm:
+            v.bad(
+                "batchInstanceTypes",
+                f"{', '.join(arm)}: Graviton (arm64) types; batch nodes run the x86_64 AMI and the amd64 training "
+                "image",
+            )
+        elif accelerated:
+            v.bad(
+                "batchInstanceTypes",
+                f"{', '.join(accelerated)}: accelerated instance types; the batch pool is for CPU work (GPUs belong "
+                f"to {v.key('trainingInstanceTypes')} / {v.key('inferenceInstanceTypes')})",
+            )
+        if v["batchCapacityType"] not in CAPACITY_TYPES:
+            v.bad("batchCapacityType", f"must be one of {', '.join(CAPACITY_TYPES)}")
+        if v["batchMaxSize"] < 1:
+            v.bad("batchMaxSize", "must be at least 1 (the pool's minimum is 0; it costs nothing while idle)")
+        if not 20 <= v["batchNodeDiskGb"] <= 16384:
+            v.bad("batchNodeDiskGb", "must be between 20 and 16384 GiB")
+        return cls(
+            instance_types=tuple(types),
+            capacity_type=v["batchCapacityType"],
+            max_size=v["batchMaxSize"],
+            disk_gb=v["batchNodeDiskGb"],
+        )
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     """The EKS cluster and its node pools (infra/cluster.py), and where its Kubernetes layer is applied from
     (infra/access.py): kubernetesVersion, serviceCidr, controlPlaneLogRetentionDays, clusterAdminArns,
     publicApiEndpoint, publicApiCidrs, kubernetesDeployer, deployerRepository, systemInstanceType, systemNodeCount,
-    systemCapacityType, gpuNodeDiskGb, maxGpus and the GPU pools' keys (GpuPool)."""
+    systemCapacityType, gpuNodeDiskGb, maxGpus, the GPU pools' keys (GpuPool) and the batch pool's (BatchPool)."""
 
     kubernetes_version: str
     service_cidr: str
@@ -420,6 +497,8 @@ class ClusterConfig:
     """GitHub repository whose workflow jobs the in-VPC runner takes."""
     system_capacity_type: Literal["ON_DEMAND", "SPOT"] = "ON_DEMAND"
     """systemCapacityType: SPOT only where controllers may move (dev)."""
+    batch_pool: BatchPool = BatchPool(("m7i.xlarge",), "ON_DEMAND", 4, 100)
+    """The CPU batch pool (BatchPool); the stack's own from its batch* keys."""
 
     def pool(self, purpose: str) -> GpuPool:
         return next(p for p in self.gpu_pools if p.purpose == purpose)
@@ -452,6 +531,7 @@ class ClusterConfig:
         if not 20 <= v["gpuNodeDiskGb"] <= 16384:
             v.bad("gpuNodeDiskGb", "must be between 20 and 16384 GiB")
         pools = (GpuPool.from_values(v, "training"), GpuPool.from_values(v, "inference"))
+        batch = BatchPool.from_values(v)
         return cls(
             kubernetes_version=v["kubernetesVersion"],
             service_cidr=v["serviceCidr"],
@@ -466,6 +546,7 @@ class ClusterConfig:
             deployer=v["kubernetesDeployer"],
             deployer_repository=v["deployerRepository"],
             system_capacity_type=v["systemCapacityType"],
+            batch_pool=batch,
         )
 
     @staticmethod

@@ -14,6 +14,8 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from facts.cluster import PREPARED_PREFIX
+
 READ = ["s3:GetObject", "s3:GetObjectVersion"]
 WRITE = ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
 DELETE = ["s3:DeleteObject"]
@@ -58,10 +60,16 @@ def pod_identity_trust(account_id: str) -> str:
 
 
 def s3_statements(
-    bucket_arns: dict[str, pulumi.Input[str]], access: dict[str, list[str]], kms_key_arn: pulumi.Input[str], region: str
+    bucket_arns: dict[str, pulumi.Input[str]],
+    access: dict[str, list[str]],
+    kms_key_arn: pulumi.Input[str],
+    region: str,
+    *,
+    prefix_access: dict[str, tuple[str, list[str]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Statements granting `access[kind]` object actions on bucket `kind` (plus listing it) and the KMS use S3
-    needs for SSE-KMS, restricted to calls made through S3 in this region."""
+    """Statements granting `access[kind]` object actions on bucket `kind` (plus listing it), `prefix_access[kind] =
+    (prefix, actions)` on the objects under `prefix/` of bucket `kind` only, and the KMS use S3 needs for SSE-KMS,
+    restricted to calls made through S3 in this region."""
     statements: list[dict[str, Any]] = []
     for kind, actions in access.items():
         arn = pulumi.Output.from_input(bucket_arns[kind])
@@ -74,7 +82,18 @@ def s3_statements(
                 "Resource": arn.apply(lambda a: f"{a}/*"),
             }
         )
-    writes = any(a in WRITE for actions in access.values() for a in actions)
+    for kind, (prefix, actions) in (prefix_access or {}).items():
+        arn = pulumi.Output.from_input(bucket_arns[kind])
+        statements.append(
+            {
+                "Sid": f"Objects{kind.title()}{prefix.title()}Prefix",
+                "Effect": "Allow",
+                "Action": actions,
+                "Resource": arn.apply(lambda a, p=prefix: f"{a}/{p}/*"),
+            }
+        )
+    granted = [*access.values(), *(actions for _, actions in (prefix_access or {}).values())]
+    writes = any(a in WRITE for actions in granted for a in actions)
     statements.append(
         {
             "Sid": "UseProjectKeyViaS3",
@@ -94,6 +113,16 @@ def policy_document(statements: list[dict[str, Any]]) -> pulumi.Output[str]:
 TRAINING_ACCESS = {"datasets": READ, "checkpoints": READ + WRITE + DELETE, "models": READ + WRITE}
 """Training reads datasets, reads/writes/prunes checkpoints (keep-last-K), writes the exported model."""
 SERVING_ACCESS = {"models": READ}
+PREPARE_ACCESS = {"datasets": READ, "models": READ}
+"""Data preparation (training.prepare) reads the raw datasets and a model's tokenizer files (never its weights, but
+S3 cannot tell them apart by action), and nothing else; its one write grant is PREPARE_WRITES."""
+PREPARE_WRITES = {"datasets": (PREPARED_PREFIX, WRITE + DELETE)}
+"""... under `prepared/` of the datasets bucket only: shards, manifest, and the per-file parts it deletes when done.
+Prepared data is derived from the datasets and lives beside them: the trainer already reads that bucket (no new
+grant for training), it is not replicated (models and checkpoints are; tokens can be rebuilt from their sources), and
+raw data stays read-only to the job that derives from it. No write to models or checkpoints."""
+PROCESSING_LOG_GROUP = "/aws/sagemaker/ProcessingJobs"
+"""Where SageMaker Processing jobs log (one stream per job and instance)."""
 
 CLUSTER_KEY_ACTIONS = ["kms:Encrypt", "kms:Decrypt", "kms:ListGrants", "kms:DescribeKey"]
 """What the EKS cluster role needs on the secrets-encryption key: the control plane encrypts and decrypts Secrets
@@ -102,8 +131,9 @@ as itself, and checks its grants on the key at version upgrades, which otherwise
 
 
 class Identity(pulumi.ComponentResource):
-    """The stack's IAM roles: EKS control plane, nodes, the EBS CSI driver, the training and serving workloads (Pod
-    Identity) and SageMaker execution, each with least-privilege policies."""
+    """The stack's IAM roles: EKS control plane, nodes, the EBS CSI driver, the training, serving and data-preparation
+    workloads (Pod Identity), SageMaker execution and SageMaker Processing (data preparation), each with
+    least-privilege policies."""
 
     cluster_role_arn: pulumi.Output[str]
     """Role the EKS control plane assumes (infra/cluster.py)."""
@@ -117,6 +147,11 @@ class Identity(pulumi.ComponentResource):
     """Execution role of the SageMaker model (infra/sagemaker_endpoint.py); exported for training jobs."""
     ebs_csi_role_arn: pulumi.Output[str]
     """Pod Identity role of the EBS CSI controller add-on (infra/cluster.py)."""
+    prepare_role_arn: pulumi.Output[str]
+    """Pod Identity role of the data-preparation service account (PREPARE_ACCESS, PREPARE_WRITES); exported."""
+    sagemaker_prepare_role_arn: pulumi.Output[str]
+    """Execution role of SageMaker Processing jobs that prepare data: the same S3 access, plus what Processing needs
+    to run the training image (ECR pull, logs, metrics, the volume key); exported."""
     role_policies: dict[str, list[pulumi.Resource]]
     """Policy attachments and inline policies per role (cluster, node, sagemaker, ...). A consumer depends on them
     explicitly: depending on the role ARN alone lets AWS create the consumer before the role may do anything, and
@@ -163,6 +198,17 @@ class Identity(pulumi.ComponentResource):
             workload_trust,
             inline=s3_statements(args.bucket_arns, SERVING_ACCESS, args.kms_key_arn, args.region),
         )
+        prepare_s3 = s3_statements(
+            args.bucket_arns, PREPARE_ACCESS, args.kms_key_arn, args.region, prefix_access=PREPARE_WRITES
+        )
+        self.prepare_role = self._role("data-prepare", workload_trust, inline=prepare_s3)
+        self.sagemaker_prepare_role = self._role(
+            "sagemaker-prepare",
+            service_trust(
+                "sagemaker.amazonaws.com", condition={"StringEquals": {"aws:SourceAccount": args.account_id}}
+            ),
+            inline=prepare_s3 + self._processing_statements(),
+        )
         self.sagemaker_role = self._role(
             "sagemaker",
             service_trust(
@@ -177,6 +223,8 @@ class Identity(pulumi.ComponentResource):
         self.serving_role_arn = self.serving_role.arn
         self.sagemaker_role_arn = self.sagemaker_role.arn
         self.ebs_csi_role_arn = self.ebs_csi_role.arn
+        self.prepare_role_arn = self.prepare_role.arn
+        self.sagemaker_prepare_role_arn = self.sagemaker_prepare_role.arn
         self.register_outputs(
             {
                 "cluster_role_arn": self.cluster_role_arn,
@@ -185,6 +233,8 @@ class Identity(pulumi.ComponentResource):
                 "serving_role_arn": self.serving_role_arn,
                 "sagemaker_role_arn": self.sagemaker_role_arn,
                 "ebs_csi_role_arn": self.ebs_csi_role_arn,
+                "prepare_role_arn": self.prepare_role_arn,
+                "sagemaker_prepare_role_arn": self.sagemaker_prepare_role_arn,
             }
         )
 
@@ -290,3 +340,60 @@ class Identity(pulumi.ComponentResource):
             },
         ]
         return statements
+
+    def _processing_statements(self) -> list[dict[str, Any]]:
+        """What a SageMaker Processing job needs besides its data (SageMaker Developer Guide, "How to use SageMaker
+        AI execution roles", section "CreateProcessingJob API: Execution Role Permissions"
+        (sagemaker-roles.html#sagemaker-roles-createprocessingjob-perms), scoped as that section suggests): pull the
+        training image (its repository only), write the job's logs and metrics, and, because the request names the
+        project key as VolumeKmsKeyId, kms:CreateGrant on that key, only for an AWS resource (the job's volume).
+        No VPC permissions: the request names no VpcConfig (ops/prepare_job.py)."""
+        a = self._spec
+        group = f"arn:{a.partition}:logs:{a.region}:{a.account_id}:log-group:{PROCESSING_LOG_GROUP}"
+        return [
+            {
+                # GetAuthorizationToken has no resource-level permissions: "*" is the only valid resource.
+                "Sid": "EcrLogin",
+                "Effect": "Allow",
+                "Action": "ecr:GetAuthorizationToken",
+                "Resource": "*",
+            },
+            {
+                "Sid": "EcrPullTrainingImage",
+                "Effect": "Allow",
+                "Action": ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
+                "Resource": a.repository_arns["training"],
+            },
+            {
+                "Sid": "UseProjectKeyViaEcr",
+                "Effect": "Allow",
+                "Action": ["kms:Decrypt"],
+                "Resource": a.kms_key_arn,
+                "Condition": {"StringEquals": {"kms:ViaService": f"ecr.{a.region}.amazonaws.com"}},
+            },
+            {
+                "Sid": "ProcessingVolumeKey",
+                "Effect": "Allow",
+                "Action": ["kms:CreateGrant"],
+                "Resource": a.kms_key_arn,
+                "Condition": {"Bool": {"kms:GrantIsForAWSResource": "true"}},
+            },
+            {
+                "Sid": "ProcessingLogs",
+                "Effect": "Allow",
+                "Action": [
+                    "logs:CreateLogGroup",
+                    "logs:CreateLogStream",
+                    "logs:PutLogEvents",
+                    "logs:DescribeLogStreams",
+                ],
+                "Resource": [group, f"{group}:*"],
+            },
+            {
+                "Sid": "ProcessingMetrics",
+                "Effect": "Allow",
+                "Action": "cloudwatch:PutMetricData",
+                "Resource": "*",
+                "Condition": {"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*", "aws/sagemaker/*"]}},
+            },
+        ]

@@ -17,6 +17,7 @@ import pulumi_kubernetes as k8s
 
 from facts.cluster import (
     GPU_RESOURCE,
+    PREPARE_SERVICE_ACCOUNT,
     SERVING_NAMESPACE,
     SERVING_OPS_PORT,
     SERVING_PORT,
@@ -75,7 +76,7 @@ class KubernetesBase(pulumi.ComponentResource):
     """The two Namespace resources, by purpose ("training", "serving"): depend on these, or on their
     `metadata.name`, to order objects after the namespace exists."""
     service_accounts: dict[str, k8s.core.v1.ServiceAccount]
-    """The two ServiceAccount resources, by purpose ("training", "serving")."""
+    """The ServiceAccount resources, by purpose ("training", "serving", "prepare")."""
 
     def __init__(self, name: str, args: KubernetesBaseArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:KubernetesBase", name, None, opts)
@@ -101,6 +102,9 @@ class KubernetesBase(pulumi.ComponentResource):
         self.service_accounts = {
             "training": self._service_account("training", TRAINING_SERVICE_ACCOUNT),
             "serving": self._service_account("serving", SERVING_SERVICE_ACCOUNT),
+            # Data preparation runs in the training namespace (its network policies: S3 and the Pod Identity agent)
+            # as its own account, so its pods get the prepare role, not the trainer's.
+            "prepare": self._service_account("training", PREPARE_SERVICE_ACCOUNT, key="prepare"),
         }
         self._create_gpu_quotas()
         self._create_network_policies()
@@ -130,12 +134,13 @@ class KubernetesBase(pulumi.ComponentResource):
             {"apiVersion": "v1", "kind": "Namespace", "metadata": k8s_objects.metadata(ns, labels=labels)},
         )
 
-    def _service_account(self, key: str, sa: str) -> k8s.core.v1.ServiceAccount:
-        """A service account; its Pod Identity association (WorkloadIdentities, AWS layer) already exists, so pods
-        using it get the role's credentials from the Pod Identity agent. No IRSA annotation, no OIDC provider."""
-        ns = self.namespaces[key]
+    def _service_account(self, namespace: str, sa: str, key: str | None = None) -> k8s.core.v1.ServiceAccount:
+        """A service account in namespace `namespace` ("training", "serving"); its Pod Identity association
+        (WorkloadIdentities, AWS layer) already exists, so pods using it get the role's credentials from the Pod
+        Identity agent. No IRSA annotation, no OIDC provider."""
+        ns = self.namespaces[namespace]
         return self._object(
-            f"{self._name}-{key}-sa",
+            f"{self._name}-{key or namespace}-sa",
             {
                 "apiVersion": "v1",
                 "kind": "ServiceAccount",
@@ -289,21 +294,24 @@ class WorkloadIdentitiesArgs:
     """IAM role the training service account's pods get (Pod Identity trust)."""
     serving_role_arn: pulumi.Input[str]
     """IAM role the serving service account's pods get (Pod Identity trust)."""
+    prepare_role_arn: pulumi.Input[str]
+    """IAM role the data-preparation service account's pods get (Pod Identity trust)."""
     tags: dict[str, str]
     """Stack tags for the associations."""
 
 
 class WorkloadIdentities(pulumi.ComponentResource):
-    """The Pod Identity associations of the training and serving service accounts (AWS layer, infra/layers.py). An
-    association names its namespace and service account as strings and needs neither to exist yet (EKS User Guide,
-    "Assign an IAM role to a Kubernetes service account"), so it is an AWS resource like any other and exists before
-    the cluster layer creates the service accounts."""
+    """The Pod Identity associations of the training, serving and data-preparation service accounts (AWS layer,
+    infra/layers.py). An association names its namespace and service account as strings and needs neither to exist
+    yet (EKS User Guide, "Assign an IAM role to a Kubernetes service account"), so it is an AWS resource like any
+    other and exists before the cluster layer creates the service accounts."""
 
     def __init__(self, name: str, args: WorkloadIdentitiesArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("llm-platform:infra:WorkloadIdentities", name, None, opts)
         for key, ns, sa, role_arn in (
             ("training", TRAINING_NAMESPACE, TRAINING_SERVICE_ACCOUNT, args.training_role_arn),
             ("serving", SERVING_NAMESPACE, SERVING_SERVICE_ACCOUNT, args.serving_role_arn),
+            ("prepare", TRAINING_NAMESPACE, PREPARE_SERVICE_ACCOUNT, args.prepare_role_arn),
         ):
             aws.eks.PodIdentityAssociation(
                 f"kubernetes-base-{key}-pod-identity",

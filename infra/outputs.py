@@ -45,6 +45,11 @@ TRAINING_ROLE_ARN = "training_role_arn"
 SERVING_ROLE_ARN = "serving_role_arn"
 """Pod Identity role of the serving service account."""
 SAGEMAKER_EXECUTION_ROLE_ARN = "sagemaker_execution_role_arn"
+PREPARE_ROLE_ARN = "prepare_role_arn"
+"""Pod Identity role of the data-preparation service account: datasets and models read, `prepared/` of the datasets
+bucket write (infra/identity.py PREPARE_ACCESS, PREPARE_WRITES)."""
+SAGEMAKER_PREPARE_ROLE_ARN = "sagemaker_prepare_role_arn"
+"""Execution role of SageMaker Processing jobs that prepare data (the same S3 access)."""
 
 CLUSTER_NAME = "cluster_name"
 CLUSTER_ENDPOINT = "cluster_endpoint"
@@ -56,11 +61,17 @@ TRAINING_NAMESPACE = "training_namespace"
 SERVING_NAMESPACE = "serving_namespace"
 TRAINING_SERVICE_ACCOUNT = "training_service_account"
 SERVING_SERVICE_ACCOUNT = "serving_service_account"
+PREPARE_SERVICE_ACCOUNT = "prepare_service_account"
+"""Service account (training namespace) data-preparation pods run as: the prepare role through Pod Identity."""
 
 GPU_POOLS = "gpu_pools"
 """dict[pool_name, {"purpose": "training"|"inference", "instance_types": [...], "capacity_type": "ON_DEMAND"|"SPOT",
 "min_size", "max_size", "gpus_per_node", "efa": bool, "labels": {...},
 "taints": [{"key", "value", "effect"}]}]: what workloads must tolerate and select to land on a pool."""
+
+BATCH_POOL = "batch_pool"
+"""The CPU pool for batch work, scaling from zero: {"name", "instance_types": [...], "capacity_type", "min_size",
+"max_size", "labels": {...}, "taints": [{"key", "value", "effect"}]}: what batch pods select and tolerate."""
 
 SERVING_SERVICE_NAME = "serving_service_name"
 """Kubernetes Service of the EKS serving Deployment (absent when EKS serving is off)."""

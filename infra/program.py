@@ -18,7 +18,13 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
-from facts.cluster import SERVING_NAMESPACE, SERVING_SERVICE_ACCOUNT, TRAINING_NAMESPACE, TRAINING_SERVICE_ACCOUNT
+from facts.cluster import (
+    PREPARE_SERVICE_ACCOUNT,
+    SERVING_NAMESPACE,
+    SERVING_SERVICE_ACCOUNT,
+    TRAINING_NAMESPACE,
+    TRAINING_SERVICE_ACCOUNT,
+)
 from facts.tags import stack_tags
 from infra import config as config_module
 from infra import k8s_objects, preflight
@@ -120,6 +126,7 @@ def build_aws_layer(cfg: StackConfig) -> dict[str, Any]:
             cluster_name=cluster.name,
             training_role_arn=identity.training_role_arn,
             serving_role_arn=identity.serving_role_arn,
+            prepare_role_arn=identity.prepare_role_arn,
             tags=ctx.tags,
         ),
     )
@@ -644,6 +651,8 @@ def aws_layer_outputs(
         out.TRAINING_ROLE_ARN: identity.training_role_arn,
         out.SERVING_ROLE_ARN: identity.serving_role_arn,
         out.SAGEMAKER_EXECUTION_ROLE_ARN: identity.sagemaker_role_arn,
+        out.PREPARE_ROLE_ARN: identity.prepare_role_arn,
+        out.SAGEMAKER_PREPARE_ROLE_ARN: identity.sagemaker_prepare_role_arn,
         out.CLUSTER_NAME: cluster.name,
         out.CLUSTER_ENDPOINT: cluster.endpoint,
         out.KUBECONFIG: cluster.kubeconfig,
@@ -653,7 +662,9 @@ def aws_layer_outputs(
         out.SERVING_NAMESPACE: SERVING_NAMESPACE,
         out.TRAINING_SERVICE_ACCOUNT: TRAINING_SERVICE_ACCOUNT,
         out.SERVING_SERVICE_ACCOUNT: SERVING_SERVICE_ACCOUNT,
+        out.PREPARE_SERVICE_ACCOUNT: PREPARE_SERVICE_ACCOUNT,
         out.GPU_POOLS: {pool.name: pool.describe() for pool in cfg.cluster.gpu_pools},
+        out.BATCH_POOL: cfg.cluster.batch_pool.describe(),
     }
     if cfg.images.training_digest:
         outputs[out.TRAINING_IMAGE] = registry.repository_urls["training"].apply(

@@ -36,7 +36,8 @@ EKS managed node groups own their ASG's termination lifecycle hook, and two drai
 
 def needs_node_termination_handler(autoscaling: AutoscalingConfig, cluster: ClusterConfig) -> bool:
     """On-demand pools get no interruption warnings worth a queue; managed node groups drain on scale-in anyway."""
-    return autoscaling.spot_interruption_handler and any(p.capacity_type == "SPOT" for p in cluster.gpu_pools)
+    pools = (*cluster.gpu_pools, cluster.batch_pool)
+    return autoscaling.spot_interruption_handler and any(p.capacity_type == "SPOT" for p in pools)
 
 
 @dataclass(kw_only=True)

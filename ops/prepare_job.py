@@ -1,21 +1,24 @@
 """Data preparation (`python -m training.prepare`) as a job on an existing engine: a Kubernetes Indexed Job or a
-SageMaker Processing job, running the training image with the trainer's identity.
+SageMaker Processing job, running the training image with the stack's data-preparation identity.
 
 Kubernetes: one pod per worker (`completions = parallelism = workers`, completion mode Indexed). Each pod reads its
 worker index from JOB_COMPLETION_INDEX (set by the Job controller, Kubernetes docs "Indexed Job"), tokenizes input
 files i with i % workers == index, waits for the others through the output prefix, then packs its shards; pod 0
-writes the manifest. Pods run on CPU nodes: the pool named by `pool` (the untainted system pool unless the stack has
-a CPU pool; docs/training.md, "Prepared data", says what a scale-from-zero CPU pool needs). A failed pod is replaced
-and the rerun skips whatever it had completed.
+writes the manifest. Pods run on the stack's CPU batch pool (infra/cluster.py; exported as `batch_pool`): they
+select its label and tolerate its taint, and the Cluster Autoscaler starts its nodes from zero for them (the ASG's
+node-template tags, infra/cluster_autoscaler.py) and removes them once the Job is done. A failed pod is replaced and
+the rerun skips whatever it had completed.
 
 SageMaker: a Processing job whose input channel is `ShardedByS3Key`: each instance is given a disjoint subset of the
 input objects (by key) in /opt/ml/processing/input/data and tokenizes exactly those; its worker index is its
 position in /opt/ml/config/resourceconfig.json's host list (SageMaker Developer Guide, "How Amazon SageMaker
 Processing Configures Your Processing Container").
 
-Both write to `s3://<checkpoints bucket>/prepared/<name>/` with the stack's existing training identities (the EKS
-`trainer` service account's Pod Identity role, the SageMaker execution role): they read the datasets bucket and
-write the checkpoints bucket already, so preparation needs no new grant, and it gets none it did not have.
+Both write to `s3://<datasets bucket>/prepared/<name>/` (facts.cluster.PREPARED_PREFIX) as the data-preparation
+identity, not the trainer's: on EKS the `data-prepare` service account (its Pod Identity role), on SageMaker the
+Processing execution role. Both may read the datasets and the models' tokenizer files and write only under
+`prepared/` of the datasets bucket (infra/identity.py PREPARE_ACCESS, PREPARE_WRITES): a preparation can neither
+overwrite a model nor touch a checkpoint. Stack outputs from before these existed are refused with what to do.
 """
 
 from __future__ import annotations
@@ -31,11 +34,10 @@ from typing import Any
 
 import yaml
 
-from facts.cluster import POOL_LABEL, SYSTEM_POOL
+from facts.cluster import PREPARED_PREFIX
 from infra import outputs as out
-from ops.stack_outputs import require
+from ops.stack_outputs import StackError, require
 
-PREPARED_PREFIX = "prepared"
 CONTAINER = "prepare"
 SAGEMAKER_INPUT = "/opt/ml/processing/input/data"
 
@@ -54,8 +56,6 @@ class PrepareJobSpec:
     shard_mb: int = 64
     text_field: str = "text"
     max_bad_fraction: float = 0.0
-    pool: str = SYSTEM_POOL
-    """EKS: the CPU node pool (its `llm-platform/pool` label) the pods run on."""
     cpu: str = "1"
     """EKS: CPU per worker pod. A worker tokenizes on one core (training.prepare sets TOKENIZERS_PARALLELISM=false):
     scale with workers, not with cores per pod."""
@@ -85,8 +85,24 @@ def locations(spec: PrepareJobSpec, outputs: dict[str, Any]) -> dict[str, str]:
     tokenizer = spec.tokenizer
     if not tokenizer.startswith("s3://") and tokenizer != "debug":
         tokenizer = f"s3://{require(outputs, out.MODELS_BUCKET)}/{tokenizer.lstrip('/')}"
-    prepared = f"s3://{require(outputs, out.CHECKPOINTS_BUCKET)}/{PREPARED_PREFIX}/{spec.name}"
+    # The datasets bucket: the only place the preparation identity may write (and the trainer already reads).
+    prepared = f"s3://{require(outputs, out.DATASETS_BUCKET)}/{PREPARED_PREFIX}/{spec.name}"
     return {"data": data.rstrip("/"), "tokenizer": tokenizer, "out": prepared, "manifest": f"{prepared}/manifest.json"}
+
+
+PREDATES = (
+    "the stack's outputs predate data preparation's own identity and CPU pool: run `pulumi up` on the stack (its AWS "
+    "layer creates the roles, the Pod Identity association and the batch node group; its -cluster stack, the service "
+    "account), then read its outputs again"
+)
+
+
+def prepare_output(outputs: dict[str, Any], key: str) -> Any:
+    """A stack output only stacks with the data-preparation identity and batch pool have."""
+    try:
+        return require(outputs, key)
+    except StackError:
+        raise StackError(f"stack output {key!r} is missing: {PREDATES}") from None
 
 
 def prepare_args(spec: PrepareJobSpec, loc: dict[str, str]) -> list[str]:
@@ -100,6 +116,8 @@ def prepare_args(spec: PrepareJobSpec, loc: dict[str, str]) -> list[str]:
 def render_prepare_job(spec: PrepareJobSpec, outputs: dict[str, Any]) -> dict[str, Any]:
     """The Indexed Job to apply."""
     loc = locations(spec, outputs)
+    pool = prepare_output(outputs, out.BATCH_POOL)
+    service_account = prepare_output(outputs, out.PREPARE_SERVICE_ACCOUNT)
     labels = {"app.kubernetes.io/name": "llm-data-prepare", "app.kubernetes.io/instance": spec.name}
     container = {
         "name": CONTAINER,
@@ -149,9 +167,14 @@ def render_prepare_job(spec: PrepareJobSpec, outputs: dict[str, Any]) -> dict[st
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
-                    "serviceAccountName": require(outputs, out.TRAINING_SERVICE_ACCOUNT),
+                    "serviceAccountName": service_account,
                     "restartPolicy": "Never",
-                    "nodeSelector": {POOL_LABEL: spec.pool},
+                    # The batch pool, and only it: its label to land there, its taint tolerated to be allowed there.
+                    "nodeSelector": dict(pool["labels"]),
+                    "tolerations": [
+                        {"key": t["key"], "operator": "Equal", "value": t["value"], "effect": t["effect"]}
+                        for t in pool["taints"]
+                    ],
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
                     "containers": [container],
                     "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": f"{spec.scratch_gib}Gi"}}],
@@ -167,7 +190,7 @@ def build_processing_job_request(spec: PrepareJobSpec, outputs: dict[str, Any]) 
     args = [*prepare_args(spec, loc), "--local-input", SAGEMAKER_INPUT]
     request: dict[str, Any] = {
         "ProcessingJobName": spec.name,
-        "RoleArn": require(outputs, out.SAGEMAKER_EXECUTION_ROLE_ARN),
+        "RoleArn": prepare_output(outputs, out.SAGEMAKER_PREPARE_ROLE_ARN),
         "AppSpecification": {
             "ImageUri": f"{require(outputs, out.TRAINING_REPOSITORY_URL)}:{spec.image_tag}",
             "ContainerEntrypoint": ["python", "-m", "training.prepare"],
@@ -221,7 +244,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=4, help="prepare: worker pods (eks) or instances (sagemaker)")
     g.add_argument("--shard-mb", type=int, default=64, help="prepare: target shard size in MiB")
     g.add_argument("--max-bad-fraction", type=float, default=0.0, help="prepare: fail past this share of bad records")
-    g.add_argument("--pool", default=SYSTEM_POOL, help="prepare on eks: the CPU node pool (llm-platform/pool label)")
     g.add_argument("--cpu-instance-type", default="ml.m5.xlarge", help="prepare on sagemaker: instance type")
 
 
@@ -237,7 +259,6 @@ def launch_prepare(args: argparse.Namespace, outputs: dict[str, Any]) -> int:
         workers=args.workers,
         shard_mb=args.shard_mb,
         max_bad_fraction=args.max_bad_fraction,
-        pool=args.pool,
         instance_type=args.cpu_instance_type,
     )
     manifest = locations(spec, outputs)["manifest"]

@@ -25,6 +25,7 @@ from functools import cache
 from typing import Any, Literal
 
 from facts import pulumi_types as tok
+from facts.cluster import PREPARED_PREFIX
 from facts.instance_types import GPU_INSTANCE_TYPES
 from facts.tags import STACK_TAG, STACK_TAG_KEYS
 from policy.iam import iam_document_violations, is_full_access_managed_policy
@@ -378,6 +379,39 @@ def check_full_access_policies(res: Res, ctx: StackContext) -> Iterable[str]:
     for arn in arns:
         if is_full_access_managed_policy(arn):
             yield f"{res.label} attaches the AWS-managed {arn}: write a policy with the actions and resources needed"
+
+
+_DATASETS_ARN = re.compile(r"^arn:aws[a-z-]*:s3:::[^/]*-datasets-[^/]*(/.*)?$")
+_S3_WRITES = ("s3:PutObject", "s3:DeleteObject", "s3:DeleteObjectVersion", "s3:RestoreObject", "s3:ReplicateObject")
+
+
+def _writes_s3_objects(action: str) -> bool:
+    """Whether an Allow of `action` (a name or a pattern such as s3:Put* or *) lets its holder change objects."""
+    return action.lower().startswith(("s3:put", "s3:delete")) or any(_matches(w, [action]) for w in _S3_WRITES)
+
+
+def check_datasets_write_scope(res: Res, ctx: StackContext) -> Iterable[str]:
+    """Workload and controller roles (inline role policies) never change the raw datasets: the one write any of them
+    gets there is data preparation's, under `prepared/` (infra/identity.py PREPARE_WRITES). People upload datasets
+    through their team policies (aws.iam.Policy, checked by team-grants-within-access-level), not through these."""
+    if res.type != tok.IAM_ROLE_POLICY:
+        return
+    doc = _json(res.props.get("policy"))
+    for stmt in as_list(doc.get("Statement") if isinstance(doc, Mapping) else None):
+        if not isinstance(stmt, Mapping) or stmt.get("Effect") != "Allow":
+            continue
+        writes = [str(a) for a in as_list(stmt.get("Action")) if _writes_s3_objects(str(a))]
+        if not writes:
+            continue
+        resources = [str(r) for r in as_list(stmt.get("Resource"))]
+        outside = [
+            r for r in resources if (_DATASETS_ARN.match(r) or r == "*") and not r.endswith(f"/{PREPARED_PREFIX}/*")
+        ]
+        if outside:
+            yield (
+                f"{res.label} statement {stmt.get('Sid', '?')} allows {', '.join(writes)} on {', '.join(outside)}: "
+                f"workload roles may write the datasets bucket only under {PREPARED_PREFIX}/* (data preparation)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -747,6 +781,12 @@ RULES: tuple[Rule, ...] = (
         MANDATORY,
         "IAM documents allow no '*' actions, no s3:*/kms:*, no '*' resources for S3/KMS, no NotAction/NotResource",
         resource_check=check_iam_documents,
+    ),
+    Rule(
+        "datasets-written-only-under-prepared",
+        MANDATORY,
+        f"Workload and controller roles write the datasets bucket only under {PREPARED_PREFIX}/ (data preparation)",
+        resource_check=check_datasets_write_scope,
     ),
     Rule(
         "iam-no-full-access-managed-policies",

@@ -62,7 +62,7 @@ def fake_cluster(cfg: StackConfig) -> tuple[k8s.Provider, dict[str, aws.eks.Node
             subnet_ids=["subnet-a", "subnet-b"],
             scaling_config=aws.eks.NodeGroupScalingConfigArgs(min_size=0, max_size=2, desired_size=0),
         )
-        for pool in ("system", *(p.name for p in cfg.cluster.gpu_pools))
+        for pool in ("system", *(p.name for p in cfg.cluster.gpu_pools), cfg.cluster.batch_pool.name)
     }
     return provider, groups
 
@@ -214,7 +214,8 @@ def test_controller_chart_runs_pinned_on_the_system_pool_and_caps_the_cluster(st
     assert args["expander"] == "least-waste" and args["balance-similar-node-groups"] is True
     assert args["skip-nodes-with-system-pods"] is False
     assert args["scale-down-unneeded-time"] == f"{cfg.autoscaling.scale_down_unneeded_minutes}m"
-    total = cfg.cluster.system_node_count + sum(p.max_size for p in cfg.cluster.gpu_pools)
+    gpu_nodes = sum(p.max_size for p in cfg.cluster.gpu_pools)
+    total = cfg.cluster.system_node_count + gpu_nodes + cfg.cluster.batch_pool.max_size
     assert args["max-nodes-total"] == total and max_nodes_total(cfg.cluster) == total
     # The GPU budget: each group's maximum bounds it, and together they stay within maxGpus.
     assert sum(p.max_size * p.gpus_per_node for p in cfg.cluster.gpu_pools) <= cfg.cluster.max_gpus

@@ -67,7 +67,11 @@ def test_every_shipped_stack_installs_only_pinned_charts(shipped: tuple) -> None
 
 def test_charts_follow_the_capacity_and_metrics_keys(run_stack: Callable[..., Run]) -> None:
     """Each optional chart goes with its key: dev on demand and without metrics keeps only the two it always needs."""
-    on_demand = {"llm-platform:trainingCapacityType": "ON_DEMAND", "llm-platform:inferenceCapacityType": "ON_DEMAND"}
+    on_demand = {
+        "llm-platform:trainingCapacityType": "ON_DEMAND",
+        "llm-platform:inferenceCapacityType": "ON_DEMAND",
+        "llm-platform:batchCapacityType": "ON_DEMAND",  # a spot batch pool alone needs the termination handler
+    }
     assert set(installed(run_stack("dev", on_demand))) == ALWAYS | {"dcgm-exporter", "prometheus"}
     assert set(installed(run_stack("dev", {**on_demand, "llm-platform:metrics": "none"}))) == ALWAYS
     assert set(installed(run_stack("dev", {"llm-platform:metrics": "amp"}))) == ALWAYS | {

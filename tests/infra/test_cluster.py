@@ -191,7 +191,7 @@ def test_gpu_node_groups_offer_the_pool_contract(dev: tuple[StackConfig, Run], p
 def test_launch_templates_encrypt_root_volume_require_imdsv2_and_propagate_tags(dev: tuple[StackConfig, Run]) -> None:
     cfg, run = dev
     templates = {r.name: r.inputs for r in run.of_type(LAUNCH_TEMPLATE)}
-    assert set(templates) == {"cluster-system-lt", "cluster-training-lt", "cluster-inference-lt"}
+    assert set(templates) == {"cluster-system-lt", "cluster-training-lt", "cluster-inference-lt", "cluster-batch-lt"}
     for name, lt in templates.items():
         ebs = lt["blockDeviceMappings"][0]["ebs"]
         assert ebs["encrypted"] == "true", name
@@ -304,7 +304,7 @@ def test_shipped_stacks(stack: str) -> None:
     assert eks["name"] == cfg.name_prefix
     assert eks["vpcConfig"]["endpointPublicAccess"] is cfg.cluster.public_api_endpoint
     assert len(run.of_type(tok.EKS_ACCESS_ENTRY)) == len(cfg.cluster.admin_arns)
-    assert len(run.of_type(NODE_GROUP)) == 3
+    assert len(run.of_type(NODE_GROUP)) == 4  # system, training, inference, batch
     efa = cfg.cluster.pool("training").efa
     assert len(run.of_type(tok.EC2_PLACEMENT_GROUP)) == (1 if efa else 0)
 

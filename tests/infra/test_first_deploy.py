@@ -329,11 +329,12 @@ def test_preview_lists_the_quotas_the_stack_needs(run_stack) -> None:
     quotas = {q["code"] or q["name"]: q for q in report["quotas"]}
     assert quotas["L-417A185B"]["needed"] == 4 * 192  # P on demand: training max 4 x p5.48xlarge
     assert quotas["L-DB2E81BA"]["needed"] == 8 * 8  # G on demand: inference max 8 x g6e.2xlarge
-    assert quotas["L-1216C47A"]["needed"] == 3 * 4  # system pool 3 x m7i.xlarge
+    assert quotas["L-1216C47A"]["needed"] == 3 * 4 + 4 * 4  # system pool 3 x m7i.xlarge, batch pool max 4 x 4
     assert quotas["ml.g5.2xlarge for endpoint usage"]["needed"] == 6
     assert "request-service-quota-increase" in quotas["L-417A185B"]["request"]
     dev = {q.code: q for q in required_quotas(load_stack("dev"))}
     assert dev["L-3819A6DF"].needed == 2 * 8 + 2 * 8  # G spot: both pools at max of their largest type
+    assert dev["L-34B43A08"].needed == 4 * 4  # standard spot: the batch pool at its max (4 x m7i.xlarge)
 
 
 # -- 7. SageMaker updates keep their capacity -----------------------------------------------------------------------

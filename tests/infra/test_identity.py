@@ -120,7 +120,7 @@ def test_consumers_depend_on_their_role_policies_not_only_the_role(shipped) -> N
     node_policies = _role_policies(run, "node")
     assert len(node_policies) == 3
     groups = run.of_type(tok.EKS_NODE_GROUP)
-    assert len(groups) == 1 + len(cfg.cluster.gpu_pools)
+    assert len(groups) == 1 + len(cfg.cluster.gpu_pools) + 1  # system, GPU pools, batch
     for group in groups:
         assert node_policies <= set(group.depends_on), group.name
     if cfg.serving.sagemaker_declared:

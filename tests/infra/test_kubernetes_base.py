@@ -12,7 +12,7 @@ import pulumi_kubernetes as k8s
 import pytest
 
 from facts import pulumi_types as tok
-from facts.cluster import SERVING_OPS_PORT, TRAINING_METRICS_PORT
+from facts.cluster import PREPARE_SERVICE_ACCOUNT, SERVING_OPS_PORT, TRAINING_METRICS_PORT
 from facts.tags import stack_tags
 from infra.config import StackConfig
 from infra.config import load_stack as stack_config
@@ -31,6 +31,7 @@ from ops.mocks import Recorded, Run, run_program
 
 TRAINING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-training"
 SERVING_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-serving"
+PREPARE_ROLE = "arn:aws:iam::123456789012:role/llmp-dev-data-prepare"
 NETWORK_POLICY = tok.K8S_NETWORK_POLICY
 S3_PREFIX_LIST = ["3.5.0.0/19", "52.216.0.0/15", "54.231.0.0/16"]
 """What ops.mocks answers for the region's S3 prefix list, sorted."""
@@ -60,6 +61,7 @@ def run_base(cfg: StackConfig) -> tuple[Run, dict[str, Any]]:
                 cluster_name="llmp-dev",
                 training_role_arn=TRAINING_ROLE,
                 serving_role_arn=SERVING_ROLE,
+                prepare_role_arn=PREPARE_ROLE,
                 tags=stack_tags(cfg.stack, cfg.environment),
             ),
         )
@@ -139,9 +141,12 @@ def test_service_accounts_bound_to_pod_identity_roles(dev: tuple[StackConfig, Ru
     }
     training = (attrs["training_namespace"], attrs["training_service_account"])
     serving = (attrs["serving_namespace"], attrs["serving_service_account"])
-    assert accounts == set(associations) == {training, serving}
+    # Data preparation: its own account in the training namespace (its network policies), its own role.
+    prepare = (attrs["training_namespace"], PREPARE_SERVICE_ACCOUNT)
+    assert accounts == set(associations) == {training, serving, prepare}
     assert associations[training]["roleArn"] == TRAINING_ROLE
     assert associations[serving]["roleArn"] == SERVING_ROLE
+    assert associations[prepare]["roleArn"] == PREPARE_ROLE
     for assoc in associations.values():
         assert assoc["clusterName"] == "llmp-dev"
         assert assoc["tags"] == stack_tags("dev", "dev")

@@ -15,8 +15,9 @@ import yaml
 from botocore.model import ListShape, MapShape, Shape, StructureShape
 from botocore.stub import Stubber
 
-from facts.cluster import POOL_LABEL, SYSTEM_POOL
+from facts.cluster import BATCH_POOL, BATCH_TAINT, POOL_LABEL, PREPARE_SERVICE_ACCOUNT
 from infra import outputs as out
+from infra.config import load_stack
 from ops.prepare_job import PrepareJobSpec, build_processing_job_request
 from ops.stack_outputs import load_outputs
 from tests.helpers import REPO_ROOT, STACK_OUTPUTS_DEV
@@ -27,9 +28,9 @@ COMMON = ("--job", "prepare", "--name", "c4-prep", "--data", "corpora/c4", "--mo
           "--seq-len", "4096", "--workers", "3", "--image-tag", "v1", "--dry-run")  # fmt: skip
 
 
-def launch(*args: str) -> subprocess.CompletedProcess[str]:
+def launch(*args: str, outputs: Path = STACK_OUTPUTS_DEV) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ops.launch_training", "--stack", "dev", "--outputs", str(STACK_OUTPUTS_DEV), *args],
+        [sys.executable, "-m", "ops.launch_training", "--stack", "dev", "--outputs", str(outputs), *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -48,9 +49,11 @@ def test_eks_prepare_is_a_valid_indexed_job_on_cpu_nodes(monkeypatch: pytest.Mon
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == 3, "one index per worker, all running together"
     pod = spec["template"]["spec"]
-    assert pod["nodeSelector"] == {POOL_LABEL: SYSTEM_POOL}, "CPU nodes, not the GPU training pool"
-    assert "tolerations" not in pod
-    assert pod["serviceAccountName"] == outputs[out.TRAINING_SERVICE_ACCOUNT]
+    # The CPU batch pool (scales from zero), not the system pool nor a GPU pool: its label, and its taint tolerated.
+    assert pod["nodeSelector"] == {POOL_LABEL: BATCH_POOL}
+    assert pod["tolerations"] == [{**BATCH_TAINT, "operator": "Equal"}]
+    # Its own identity: the data-preparation service account (datasets read, prepared/ write), not the trainer's.
+    assert pod["serviceAccountName"] == outputs[out.PREPARE_SERVICE_ACCOUNT] == PREPARE_SERVICE_ACCOUNT
     assert pod["restartPolicy"] == "Never" and spec["backoffLimitPerIndex"] > 0
     (container,) = pod["containers"]
     assert container["image"] == f"{outputs[out.TRAINING_REPOSITORY_URL]}:v1", "the training image"
@@ -63,11 +66,11 @@ def test_eks_prepare_is_a_valid_indexed_job_on_cpu_nodes(monkeypatch: pytest.Mon
     args = prepare.build_parser().parse_args(cmd[3:])
     assert args.data == f"s3://{outputs[out.DATASETS_BUCKET]}/corpora/c4"
     assert args.tokenizer == f"s3://{outputs[out.MODELS_BUCKET]}/base/llama-3.2-1b"
-    assert args.out == f"s3://{outputs[out.CHECKPOINTS_BUCKET]}/prepared/c4-prep"
+    assert args.out == f"s3://{outputs[out.DATASETS_BUCKET]}/prepared/c4-prep", "the one prefix its role may write"
     assert (args.seq_len, args.workers) == (4096, 3)
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
     assert prepare.worker_index(args) == 2
-    assert f"--data s3://{outputs[out.CHECKPOINTS_BUCKET]}/prepared/c4-prep/manifest.json" not in proc.stdout
+    assert f"--data s3://{outputs[out.DATASETS_BUCKET]}/prepared/c4-prep/manifest.json" not in proc.stdout
     assert "prepared data will be at" not in proc.stdout, "a dry run prints only the object"
 
 
@@ -96,7 +99,8 @@ def test_sagemaker_prepare_is_a_valid_processing_request_sharded_by_key(
     (data,) = request["ProcessingInputs"]
     assert data["S3Input"]["S3DataDistributionType"] == "ShardedByS3Key"
     assert request["ProcessingResources"]["ClusterConfig"]["InstanceCount"] == 3
-    assert request["RoleArn"] == outputs[out.SAGEMAKER_EXECUTION_ROLE_ARN]
+    assert request["RoleArn"] == outputs[out.SAGEMAKER_PREPARE_ROLE_ARN], "the Processing role, not the trainer's"
+    assert request["RoleArn"] != outputs[out.SAGEMAKER_EXECUTION_ROLE_ARN]
     assert request["AppSpecification"]["ImageUri"] == f"{outputs[out.TRAINING_REPOSITORY_URL]}:v1"
 
     # training.prepare parses the arguments; on instance algo-2 of 3 it is worker 1 and reads the local copy.
@@ -135,3 +139,32 @@ def _enum_errors(value: object, shape: Shape, where: str = "") -> list[str]:
         return [e for k, v in value.items() for e in _enum_errors(v, shape.value, f"{where}{k}.")]
     enum = getattr(shape, "enum", None)
     return [f"{where[:-1]}: {value!r}"] if enum and value not in enum else []
+
+
+def test_the_job_selects_and_tolerates_exactly_what_the_stack_exports_for_its_batch_pool() -> None:
+    """Both ends of the contract: the outputs the launcher reads are what the program exports for the dev stack
+    (infra.config.BatchPool.describe, from stacks/Pulumi.dev.yaml), so the pods fit the node group's label and
+    taint, which the Cluster Autoscaler's node-template tags repeat (tests/infra/test_batch_pool.py)."""
+    outputs = load_outputs("dev", str(STACK_OUTPUTS_DEV))
+    assert outputs[out.BATCH_POOL] == load_stack("dev").cluster.batch_pool.describe()
+
+
+@pytest.mark.parametrize(
+    ("target", "missing"),
+    [
+        ("eks", out.BATCH_POOL),
+        ("eks", out.PREPARE_SERVICE_ACCOUNT),
+        ("sagemaker", out.SAGEMAKER_PREPARE_ROLE_ARN),
+    ],
+)
+def test_outputs_from_before_the_preparation_identity_are_refused_with_what_to_do(
+    tmp_path: Path, target: str, missing: str
+) -> None:
+    doc = json.loads(STACK_OUTPUTS_DEV.read_text())
+    del doc["outputs"][missing]
+    old = tmp_path / "outputs.json"
+    old.write_text(json.dumps(doc))
+    proc = launch("--target", target, *COMMON, outputs=old)
+    assert proc.returncode == 2, proc.stderr
+    assert repr(missing) in proc.stderr and "pulumi up" in proc.stderr and "predate" in proc.stderr
+    assert "Traceback" not in proc.stderr
