@@ -40,7 +40,11 @@ MAX_USER_CHARS = 256
 # list's validation), so a body of a million list items costs one error, not a million (docs/serving.md "Limits").
 MAX_MESSAGES = 2048  # chat messages per request
 MAX_CONTENT_PARTS = 256  # text parts per message
-MAX_PROMPTS = 1  # prompts per completions request (n=1 and one prompt are what this server implements)
+# prompts per completions request: LangChain's `OpenAI.batch` packs up to 20 (langchain_openai BaseOpenAI.batch_size)
+MAX_PROMPTS = 32
+MAX_PROMPT_TOKEN_IDS = 1 << 20  # ids in one token-id prompt (the context length refuses far fewer; this bounds parsing)
+MAX_N = 16  # choices per prompt (`n`); the built-in engine also needs n <= --max-batch-size (the forks run together)
+MAX_CHOICES = 64  # prompts x n per request: each choice is an engine row (or a queued request) and a reservation
 # torch.Generator.manual_seed accepts exactly this range (a signed or unsigned 64-bit integer)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat `top_logprobs` (and vLLM's default --max-logprobs)
@@ -51,7 +55,6 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 
 # OpenAI / engine parameters that are not implemented, with the values that mean "off" (accepted and dropped)
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
-    "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
     "logit_bias": (None, {}),
@@ -128,17 +131,12 @@ def _same(value: Any, no_op: Any) -> bool:
     return (value is None and no_op is None) or (type(value) is type(no_op) and value == no_op)
 
 
-def _refuse_streamed_logprobs(stream: bool, logprobs: bool) -> None:
-    if stream and logprobs:
-        raise PydanticCustomError(
-            "unsupported_parameter",
-            "Unsupported parameter(s): {names}. This server returns logprobs only without streaming.",
-            {"names": "logprobs", "param": "logprobs"},
-        )
-
-
 StopList = Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES, fail_fast=True)]
-PromptList = Annotated[list[str], Field(min_length=MAX_PROMPTS, max_length=MAX_PROMPTS, fail_fast=True)]
+PromptList = Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)]
+TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_TOKEN_IDS, fail_fast=True)
+]
+TokenIdsList = Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)]
 
 
 class StreamOptions(BaseModel):
@@ -182,12 +180,12 @@ class _SamplingFields(_Lenient):
     model: str | None = Field(
         default=None, max_length=MAX_MODEL_NAME_CHARS, description="Optional when the server serves one model."
     )
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0, description="0 only with `echo` (completions): scoring.")
     temperature: float = Field(
         default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="Below 0.001 the sampling is greedy."
     )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(default=1, ge=1, le=1, description="Only n=1 is supported.")
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Choices per prompt; they share the prompt's prefill.")
     stop: str | StopList | None = Field(
         default=None, description=f"At most {MAX_STOP_SEQUENCES} sequences of 1-{MAX_STOP_CHARS} characters."
     )
@@ -217,6 +215,14 @@ class _SamplingFields(_Lenient):
             raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return v
 
+    @model_validator(mode="after")
+    def _zero_tokens_only_for_scoring(self) -> _SamplingFields:
+        if self.max_tokens == 0 and not getattr(self, "echo", False):
+            raise PydanticCustomError(
+                "greater_than_equal", "max_tokens must be at least 1 (0 only with echo)", {"param": "max_tokens"}
+            )
+        return self
+
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -227,12 +233,15 @@ class _SamplingFields(_Lenient):
 
 
 class CompletionRequest(_SamplingFields):
-    """The body of `POST /v1/completions` (one prompt per request)."""
+    """The body of `POST /v1/completions`: one prompt or a list of them (strings or token ids); `n` choices each."""
 
-    prompt: str | PromptList = Field(description="One prompt: a string, or a list holding exactly one string.")
+    prompt: str | PromptList | TokenIds | TokenIdsList = Field(
+        description=f"A string, a token-id list, or a list of up to {MAX_PROMPTS} of either."
+    )
     logprobs: int | None = Field(
         default=None, ge=0, le=MAX_TOP_LOGPROBS, description="The chosen token's log-probability and this many more."
     )
+    echo: bool = Field(default=False, description="Return the prompt before the completion (its logprobs too).")
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -245,13 +254,30 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs
 
     @model_validator(mode="after")
-    def _no_streamed_logprobs(self) -> CompletionRequest:
-        _refuse_streamed_logprobs(self.stream, self.logprobs is not None)
+    def _bounded_choices(self) -> CompletionRequest:
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            raise PydanticCustomError(
+                "too_many_choices",
+                "prompts x n must be at most {limit}; got {got}",
+                {"limit": MAX_CHOICES, "got": len(self.prompts) * self.n, "param": "n"},
+            )
         return self
 
     @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+    @property
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        """The first prompt, when it is text ("" for token ids)."""
+        first = self.prompts[0]
+        return first if isinstance(first, str) else ""
 
 
 class TextPart(BaseModel):
@@ -293,12 +319,11 @@ class ChatCompletionRequest(_SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
-    def _no_streamed_logprobs(self) -> ChatCompletionRequest:
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise PydanticCustomError(
                 "top_logprobs_without_logprobs", "top_logprobs needs logprobs: true", {"param": "top_logprobs"}
             )
-        _refuse_streamed_logprobs(self.stream, self.logprobs)
         return self
 
     @model_validator(mode="after")
