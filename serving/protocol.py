@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     PrivateAttr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -88,8 +89,8 @@ _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 MAX_IGNORED_NAMED = 8  # unknown fields named in the X-Ignored-Params header (and the log), each cut to 64 chars
 # the TGI / Hugging Face `parameters` of SageMaker's invocations body, likewise
 _TGI_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
-    "details": (None, False),
     "decoder_input_details": (None, False),
+    "top_n_tokens": (None, 0),
     "truncate": (None,),
     "typical_p": (None, 1, 1.0),
     "watermark": (None, False),
@@ -97,19 +98,27 @@ _TGI_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _screen(raw: Any, model: type[BaseModel], no_ops: dict[str, tuple[Any, ...]]) -> tuple[Any, list[str]]:
-    """The body without what this server drops, and the unknown fields it ignored (see the module docstring).
+def _screen(
+    raw: Any, model: type[BaseModel], no_ops: dict[str, tuple[Any, ...]], passthrough: frozenset[str] = frozenset()
+) -> tuple[Any, list[str], dict[str, Any]]:
+    """The body without what this server drops, the unknown fields it ignored (see the module docstring), and the
+    known parameters this server does not implement but its engine does (`passthrough`: a gateway's upstream
+    capabilities, serving/backends/upstream.py), set aside unvalidated for the engine to judge.
 
     Refuses a known unimplemented parameter sent with anything but its no-op value."""
     if not isinstance(raw, dict):
-        return raw, []
+        return raw, [], {}
     kept: dict[Any, Any] = {}
     ignored: list[str] = []
     refused: list[str] = []
+    passed: dict[str, Any] = {}
     for k, v in raw.items():
         if k in model.model_fields:
             if v is not None or model.model_fields[k].default is None:
                 kept[k] = v  # `null` for a field with a default means that default (as OpenAI's and vLLM's servers)
+        elif k in no_ops and k in passthrough:
+            if v is not None:
+                passed[k] = v
         elif k in no_ops:
             if not any(_same(v, no_op) for no_op in no_ops[k]):
                 refused.append(k)
@@ -123,7 +132,7 @@ def _screen(raw: Any, model: type[BaseModel], no_ops: dict[str, tuple[Any, ...]]
             "Unsupported parameter(s): {names}. This server does not implement them.",
             {"names": names, "param": str(refused[0])[:64]},
         )
-    return kept, ignored
+    return kept, ignored, passed
 
 
 def _same(value: Any, no_op: Any) -> bool:
@@ -159,16 +168,25 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="forbid")
     _no_ops: ClassVar[dict[str, tuple[Any, ...]]] = _NO_OP_VALUES
     _ignored: list[str] = PrivateAttr(default_factory=list)
+    _passthrough: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="wrap")
     @classmethod
-    def _screened(cls, raw: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+    def _screened(cls, raw: Any, handler: ModelWrapValidatorHandler[Any], info: ValidationInfo) -> Any:
         if isinstance(raw, cls):
             return raw
-        kept, ignored = _screen(raw, cls, cls._no_ops)
+        context = info.context if isinstance(info.context, dict) else {}
+        kept, ignored, passed = _screen(raw, cls, cls._no_ops, context.get("passthrough", frozenset()))
         out = handler(kept)
         out._ignored = ignored
+        out._passthrough = passed
         return out
+
+    @property
+    def passthrough_params(self) -> dict[str, Any]:
+        """Parameters this server does not implement, accepted for a gateway's upstream that does (forwarded as
+        sent); empty unless validated with `context={"passthrough": names}`."""
+        return self._passthrough
 
     @property
     def ignored_params(self) -> list[str]:
@@ -350,15 +368,18 @@ class SageMakerParameters(_Lenient):
         default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False
     )
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    details: bool = Field(default=False, description="Add TGI's `details` (finish reason, token counts, tokens).")
 
 
 class SageMakerRequest(BaseModel):
-    """SageMaker's `{"inputs", "parameters"}` body (the Hugging Face inference toolkit's format)."""
+    """SageMaker's `{"inputs", "parameters", "stream"}` body: the Hugging Face LLM container's (TGI's
+    `CompatGenerateRequest`, text-generation-inference router/src/lib.rs @ v3.3.7)."""
 
     model_config = ConfigDict(extra="forbid")
 
     inputs: str
     parameters: SageMakerParameters = Field(default_factory=SageMakerParameters)
+    stream: bool = False
 
     def to_completion(self, model: str) -> CompletionRequest:
         """The same request as a completions body for `model`."""
@@ -377,6 +398,10 @@ class SageMakerRequest(BaseModel):
             top_k=p.top_k,
             repetition_penalty=p.repetition_penalty,
             frequency_penalty=p.frequency_penalty,
+            stream=self.stream,
+            # what TGI's answer reports: the tokens (details) and, streamed, the input length (usage)
+            logprobs=0 if p.details or self.stream else None,
+            stream_options={"include_usage": True} if self.stream else None,
         )
         body._ignored = p.ignored_params
         return body
