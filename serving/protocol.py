@@ -5,13 +5,14 @@ OpenAI server treats it (docs/serving.md "Compatibility"):
 - a declared parameter sent as `null` means its default (`"temperature": null` is temperature 1.0);
 - a known OpenAI field that changes nothing here (`prompt_cache_key`, `safety_identifier`, `store`, `metadata`,
   `service_tier`, ...) is accepted and dropped;
-- a known parameter this server does not implement (`tools`, `response_format`, `echo`, `suffix`, engine
-  options such as vLLM's `ignore_eos`, ...) is refused with 400 naming it, unless it is sent with its no-op value
-  (e.g. `"tools": []`): silently ignoring it would give the client something other than what it asked for;
+- a known parameter this server does not implement (`tools`, `response_format`, `suffix`, engine options such as
+  vLLM's `ignore_eos`, ...) is refused with 400 naming it, unless it is sent with its no-op value (e.g.
+  `"tools": []`): silently ignoring it would give the client something other than what it asked for; a gateway
+  accepts those its upstream implements and forwards them as sent (validation context `passthrough`);
 - any other field is ignored, and named in the `X-Ignored-Params` response header and the log (vLLM likewise
   ignores and logs unknown fields: vllm/entrypoints/openai/protocol.py `OpenAIBaseModel.__log_extra_fields__`).
-The gateway forwards only the fields declared here (`serving.backends.upstream.FORWARDED_FIELDS`), so a client cannot
-reach engine options the operator did not expose.
+The gateway forwards only the fields declared here (`serving.backends.upstream.FORWARDED_FIELDS`) and its upstream's
+capabilities (`ENGINE_CAPABILITIES`), so a client cannot reach engine options the operator did not expose.
 """
 
 from __future__ import annotations
