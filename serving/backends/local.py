@@ -491,8 +491,12 @@ class LocalBackend:
         chat = isinstance(body, ChatCompletionRequest)
         rid, model = ctx.request_id, self.model_id
         streams = [self._choice_chunks(body, c, ctx) for c in choices]
-        async for chunk in streams[0] if len(streams) == 1 else _interleave(streams):
-            yield chunk
+        merged = streams[0] if len(streams) == 1 else _interleave(streams)
+        try:
+            async for chunk in merged:
+                yield chunk
+        finally:
+            await merged.aclose()  # type: ignore[attr-defined]  # at once when the client goes: its rows stop
         if body.include_usage:
             usage = Usage(
                 prompt_tokens=ctx.prompt_tokens,

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import random
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -226,3 +229,44 @@ def test_tgi_stream_is_tgi_server_sent_events(server: ServingProcess) -> None:
     assert events[-1]["details"]["input_length"] >= 1
     whole = httpx.post(server.url + "/invocations", json={**body, "stream": False}, headers=HEADERS, timeout=60)
     assert whole.json()[0]["generated_text"] == events[-1]["generated_text"]
+
+
+class LineIterator:
+    """The line reader of the Hugging Face / AWS examples for `InvokeEndpointWithResponseStream` (boto3 yields
+    `{"PayloadPart": {"Bytes": b"..."}}` events whose boundaries fall anywhere, mid-line and mid-character)."""
+
+    def __init__(self, events: Iterator[dict]) -> None:
+        self.events, self.buffer, self.read_pos = events, io.BytesIO(), 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        while True:
+            self.buffer.seek(self.read_pos)
+            line = self.buffer.readline()
+            if line and line[-1] == ord("\n"):
+                self.read_pos += len(line)
+                return line[:-1]
+            chunk = next(self.events)  # StopIteration ends the iterator
+            self.buffer.seek(0, io.SEEK_END)
+            self.buffer.write(chunk["PayloadPart"]["Bytes"])
+
+
+def test_tgi_stream_read_as_sagemaker_payload_parts(server: ServingProcess) -> None:
+    """The bytes of a TGI stream, cut into SageMaker `PayloadPart`s at arbitrary points, read with the documented
+    client loop: every `data:` line is one JSON event and the tokens add up to the final text."""
+    body = {"inputs": "Ünïcode and parts", "parameters": {"max_new_tokens": 8, "seed": 5}, "stream": True}
+    with httpx.stream("POST", server.url + "/invocations", json=body, headers=HEADERS, timeout=60) as r:
+        raw = r.read()
+    rng = random.Random(0)
+    cuts = sorted(rng.sample(range(1, len(raw)), min(20, len(raw) - 1)))
+    parts = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+    events = iter({"PayloadPart": {"Bytes": p}} for p in parts)
+    tokens, final = [], None
+    for line in LineIterator(events):
+        if line.startswith(b"data:"):
+            event = json.loads(line[5:].decode())
+            tokens.append(event["token"]["text"])
+            final = event["generated_text"] or final
+    assert final is not None and "".join(tokens) == final
