@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.batching import BatchPolicy, BatchScheduler, Event, FinishEvent, GenerationRequest, TokenEvent
 from serving.decode import Decoder, SamplingParams
-from tests.serving.conftest import ALICE_KEY, MODEL_ID, ServingProcess
+from tests.serving.conftest import ALICE_KEY, MODEL_ID, ServerFactory, ServingProcess
 
 HEADERS = {"Authorization": f"Bearer {ALICE_KEY}"}
 
@@ -270,3 +270,22 @@ def test_tgi_stream_read_as_sagemaker_payload_parts(server: ServingProcess) -> N
             tokens.append(event["token"]["text"])
             final = event["generated_text"] or final
     assert final is not None and "".join(tokens) == final
+
+
+def test_a_small_batch_runs_choices_group_by_group_and_refuses_n_beyond_it(
+    start_server: ServerFactory, debug_model_dir: Path, keys_file: Path
+) -> None:
+    """--max-batch-size 2: three prompts x n=2 run one prompt's choices at a time (a group is admitted whole), and
+    n=3 can never fit: 400 naming n."""
+    small = start_server(
+        "--model", str(debug_model_dir), "--served-model-name", MODEL_ID, "--api-keys-file", str(keys_file),
+        "--max-batch-size", "2",
+    )  # fmt: skip
+    body = {"prompt": ["one", "two", "three"], "n": 2, "max_tokens": 3, "temperature": 0}
+    r = httpx.post(small.url + "/v1/completions", json=body, headers=HEADERS, timeout=60)
+    assert r.status_code == 200, r.text
+    texts = [c["text"] for c in r.json()["choices"]]
+    assert len(texts) == 6 and texts[0::2] == texts[1::2]
+    r = httpx.post(small.url + "/v1/completions", json={**body, "n": 3}, headers=HEADERS, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    small.stop()
