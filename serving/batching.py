@@ -150,10 +150,17 @@ class BatchScheduler:
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request (`QueueFullError` when the queue is full, `EngineStoppedError` when stopping or dead)."""
+        self.submit_all([request])
+
+    def submit_all(self, requests: list[GenerationRequest]) -> None:
+        """Queue several requests (a prompt list) all or none: `QueueFullError` when they do not all fit."""
         with self._cond:
             if self._stopping or not self.healthy:
                 raise EngineStoppedError("engine is not accepting requests")
-            self.sched.add(request)
+            if len(requests) > 1 and self.sched.queued + len(requests) > self.max_queue:
+                raise QueueFullError(f"queue is full ({self.max_queue} waiting)")
+            for request in requests:
+                self.sched.add(request)
             self._cond.notify()
 
     @property
@@ -224,7 +231,12 @@ class BatchScheduler:
 
     def _execute(
         self, out: SchedulerOutput, result: ModelOutput
-    ) -> tuple[list[tuple[list[RowState], torch.Tensor]], DecodeBatch | None, list[RowState], list[RowState]]:
+    ) -> tuple[
+        list[tuple[list[RowState], torch.Tensor]],
+        DecodeBatch | None,
+        list[RowState],
+        list[tuple[list[RowState], DecodeBatch]],
+    ]:
         """Run the decision: the decode step, then the prefill of whole prompts, then one chunk per long prompt."""
         logits: list[tuple[list[RowState], torch.Tensor]] = []
         if out.decode:
@@ -239,8 +251,9 @@ class BatchScheduler:
         if group is not None:
             for row in live:
                 result.computed[row] = row.prompt_len
+            live = self._fork(live, group, result)
             logits.append((live, group.logits))
-        completed: list[RowState] = []
+        completed: list[tuple[list[RowState], DecodeBatch]] = []
         for chunk in out.prefill:
             row = chunk.row
             if chunk.whole or row in result.failed:
@@ -257,9 +270,32 @@ class BatchScheduler:
                 continue
             result.computed[row] = int(row.pending.positions[0])
             if result.computed[row] >= row.prompt_len:
-                completed.append(row)
-                logits.append(([row], row.pending.logits))
+                rows = self._fork([row], row.pending, result)
+                completed.append((rows, row.pending))
+                row.pending = None
+                logits.append((rows, completed[-1][1].logits))
         return logits, group, live, completed
+
+    def _fork(self, rows: list[RowState], batch: DecodeBatch, result: ModelOutput) -> list[RowState]:
+        """`n > 1`: each prompt just prefilled gets a row per extra choice, right after it, holding a copy of its KV
+        rows and logits (`DecodeBatch.keep` with repeated indices), so the prompt was computed once for all of them.
+        Returns the rows in the batch's new order; `result.forks` tells the scheduler where they join."""
+        if not any(r.request.forks for r in rows):
+            return rows
+        index: list[int] = []
+        out: list[RowState] = []
+        for i, row in enumerate(rows):
+            forks, row.request.forks = row.request.forks, []
+            index += [i] * (1 + len(forks))
+            out.append(row)
+            for request in forks:
+                fork = RowState(request, computed=row.computed)
+                self._start(fork, result)  # its own generator from its own seed
+                result.computed[fork] = row.computed
+                result.forks.setdefault(row, []).append(fork)
+                out.append(fork)
+        batch.keep(index)
+        return out
 
     def _start(self, row: RowState, result: ModelOutput) -> None:
         """Checks and a seeded request's own generator, once at its first prefill (a bad one fails that row only)."""
@@ -325,7 +361,11 @@ class BatchScheduler:
                 result.tokens[row] = token
 
     def _sync_batch(
-        self, decoded: list[RowState], group: DecodeBatch | None, live: list[RowState], completed: list[RowState]
+        self,
+        decoded: list[RowState],
+        group: DecodeBatch | None,
+        live: list[RowState],
+        completed: list[tuple[list[RowState], DecodeBatch]],
     ) -> None:
         """Make the KV batch's rows the scheduler's running rows: finished rows leave, joiners are merged in the
         order `update_from_output` appended them (whole prompts first, then completed chunked ones)."""
@@ -339,9 +379,7 @@ class BatchScheduler:
         joiners: list[tuple[list[RowState], DecodeBatch]] = []
         if group is not None:
             joiners.append((live, group))
-        for row in completed:
-            joiners.append(([row], row.pending))
-            row.pending = None
+        joiners += completed
         for rows, batch in joiners:
             keep = [i for i, r in enumerate(rows) if r in alive]
             if not keep:

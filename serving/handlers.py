@@ -108,14 +108,25 @@ async def retrieve_model(request: Request) -> JSONResponse:
 # -- generation ------------------------------------------------------------------------------------------------------
 
 
+def _context(request: Request) -> dict[str, Any]:
+    """Validation context: the parameters this server's engine implements beyond the built-in engine's (a gateway's
+    upstream capabilities, `UpstreamBackend.passthrough`), accepted and forwarded instead of refused."""
+    state: AppState = request.app.state.serving
+    return {"passthrough": getattr(state.backend, "passthrough", frozenset())}
+
+
 async def completions(request: Request) -> Response:
     """`POST /v1/completions`."""
-    return await _generate(request, "completions", lambda raw: CompletionRequest.model_validate(raw))
+    context = _context(request)
+    return await _generate(request, "completions", lambda raw: CompletionRequest.model_validate(raw, context=context))
 
 
 async def chat_completions(request: Request) -> Response:
     """`POST /v1/chat/completions`."""
-    return await _generate(request, "chat_completions", lambda raw: ChatCompletionRequest.model_validate(raw))
+    context = _context(request)
+    return await _generate(
+        request, "chat_completions", lambda raw: ChatCompletionRequest.model_validate(raw, context=context)
+    )
 
 
 async def invocations(request: Request) -> Response:
@@ -128,8 +139,8 @@ async def invocations(request: Request) -> Response:
         except (APIError, IndexError):
             return APIError(503, "Upstream engine is not ready.", code="unavailable", retry_after=5.0).response()
 
-    adapter = InvocationsAdapter(state.default_model)
-    return await _generate(request, "invocations", adapter.parse, adapter.render)
+    adapter = InvocationsAdapter(state.default_model, _context(request))
+    return await _generate(request, "invocations", adapter.parse, adapter.render, adapter)
 
 
 async def _generate(
@@ -137,13 +148,14 @@ async def _generate(
     endpoint: str,
     parse: Callable[[Any], GenerationBody],
     render: Callable[[dict[str, Any], Any], Any] | None = None,
+    adapter: InvocationsAdapter | None = None,
 ) -> Response:
     """One generation request, start to end: `_serve` runs its steps; every way it can end is answered here, and
     `InFlight` settles the limiter, the counters and the accounting exactly once, whichever way that is."""
     state: AppState = request.app.state.serving
     async with InFlight(state, endpoint) as req:
         try:
-            return await _serve(request, req, parse, render)
+            return await _serve(request, req, parse, render, adapter)
         except APIError as exc:
             return req.refuse(exc)
         except ClientGoneError:
@@ -166,6 +178,7 @@ async def _serve(
     req: InFlight,
     parse: Callable[[Any], GenerationBody],
     render: Callable[[dict[str, Any], Any], Any] | None,
+    adapter: InvocationsAdapter | None = None,
 ) -> Response:
     """authenticate -> draining? -> rate limit (RPM) -> read body (bounded) -> validate -> in-flight bound ->
     engine (tokenize, reserve tokens, queue) -> answer. Cheap checks first: nothing costly runs for a request the
@@ -185,7 +198,11 @@ async def _serve(
         body.max_tokens = state.cfg.max_tokens_cap
     req.take_slot()
     if body.stream:
-        response: Response = req.stream(await state.backend.stream(body, req.ctx))
+        chunks = await state.backend.stream(body, req.ctx)
+        if adapter is not None:  # /invocations: TGI's stream for a TGI body
+            response: Response = req.stream(adapter.render_stream(chunks), done=adapter.sse_done)
+        else:
+            response = req.stream(chunks)
     else:
         result = await unless_disconnected(request, state.backend.complete(body, req.ctx))
         response = JSONResponse(render(result, raw) if render else result)

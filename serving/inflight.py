@@ -114,10 +114,10 @@ class InFlight:
         self._holds_slot = True
         self.track(self._task)
 
-    def stream(self, chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-        """Hand the request over to its streaming response, which ends it."""
+    def stream(self, chunks: AsyncIterator[dict[str, Any]], *, done: bool = True) -> StreamingResponse:
+        """Hand the request over to its streaming response, which ends it (`done`: end with `data: [DONE]`)."""
         response = StreamingResponse(
-            _sse(self, chunks),
+            _sse(self, chunks, done),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -191,7 +191,7 @@ def drain_deadline_error() -> APIError:
     )  # fmt: skip
 
 
-async def _sse(req: InFlight, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+async def _sse(req: InFlight, chunks: AsyncIterator[dict[str, Any]], done: bool = True) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's format; errors after the first byte become an error event, then [DONE]. Ends
     the request (`InFlight.end`) when the stream ends, however it ends."""
     status, code = CLIENT_CLOSED, "client_closed"
@@ -201,7 +201,8 @@ async def _sse(req: InFlight, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIte
         async for chunk in chunks:
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
         status, code = 200, None
-        yield "data: [DONE]\n\n"
+        if done:
+            yield "data: [DONE]\n\n"
     except APIError as exc:
         status, code = exc.status, exc.code
         yield f"data: {json.dumps(exc.body())}\n\n"

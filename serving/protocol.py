@@ -5,13 +5,14 @@ OpenAI server treats it (docs/serving.md "Compatibility"):
 - a declared parameter sent as `null` means its default (`"temperature": null` is temperature 1.0);
 - a known OpenAI field that changes nothing here (`prompt_cache_key`, `safety_identifier`, `store`, `metadata`,
   `service_tier`, ...) is accepted and dropped;
-- a known parameter this server does not implement (`tools`, `response_format`, `echo`, `suffix`, engine
-  options such as vLLM's `ignore_eos`, ...) is refused with 400 naming it, unless it is sent with its no-op value
-  (e.g. `"tools": []`): silently ignoring it would give the client something other than what it asked for;
+- a known parameter this server does not implement (`tools`, `response_format`, `suffix`, engine options such as
+  vLLM's `ignore_eos`, ...) is refused with 400 naming it, unless it is sent with its no-op value (e.g.
+  `"tools": []`): silently ignoring it would give the client something other than what it asked for; a gateway
+  accepts those its upstream implements and forwards them as sent (validation context `passthrough`);
 - any other field is ignored, and named in the `X-Ignored-Params` response header and the log (vLLM likewise
   ignores and logs unknown fields: vllm/entrypoints/openai/protocol.py `OpenAIBaseModel.__log_extra_fields__`).
-The gateway forwards only the fields declared here (`serving.backends.upstream.FORWARDED_FIELDS`), so a client cannot
-reach engine options the operator did not expose.
+The gateway forwards only the fields declared here (`serving.backends.upstream.FORWARDED_FIELDS`) and its upstream's
+capabilities (`ENGINE_CAPABILITIES`), so a client cannot reach engine options the operator did not expose.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     PrivateAttr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -40,7 +42,11 @@ MAX_USER_CHARS = 256
 # list's validation), so a body of a million list items costs one error, not a million (docs/serving.md "Limits").
 MAX_MESSAGES = 2048  # chat messages per request
 MAX_CONTENT_PARTS = 256  # text parts per message
-MAX_PROMPTS = 1  # prompts per completions request (n=1 and one prompt are what this server implements)
+# prompts per completions request: LangChain's `OpenAI.batch` packs up to 20 (langchain_openai BaseOpenAI.batch_size)
+MAX_PROMPTS = 32
+MAX_PROMPT_TOKEN_IDS = 1 << 20  # ids in one token-id prompt (the context length refuses far fewer; this bounds parsing)
+MAX_N = 16  # choices per prompt (`n`); the built-in engine also needs n <= --max-batch-size (the forks run together)
+MAX_CHOICES = 64  # prompts x n per request: each choice is an engine row (or a queued request) and a reservation
 # torch.Generator.manual_seed accepts exactly this range (a signed or unsigned 64-bit integer)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat `top_logprobs` (and vLLM's default --max-logprobs)
@@ -51,7 +57,6 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 
 # OpenAI / engine parameters that are not implemented, with the values that mean "off" (accepted and dropped)
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
-    "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
     "logit_bias": (None, {}),
@@ -85,8 +90,8 @@ _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
 MAX_IGNORED_NAMED = 8  # unknown fields named in the X-Ignored-Params header (and the log), each cut to 64 chars
 # the TGI / Hugging Face `parameters` of SageMaker's invocations body, likewise
 _TGI_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
-    "details": (None, False),
     "decoder_input_details": (None, False),
+    "top_n_tokens": (None, 0),
     "truncate": (None,),
     "typical_p": (None, 1, 1.0),
     "watermark": (None, False),
@@ -94,19 +99,27 @@ _TGI_NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _screen(raw: Any, model: type[BaseModel], no_ops: dict[str, tuple[Any, ...]]) -> tuple[Any, list[str]]:
-    """The body without what this server drops, and the unknown fields it ignored (see the module docstring).
+def _screen(
+    raw: Any, model: type[BaseModel], no_ops: dict[str, tuple[Any, ...]], passthrough: frozenset[str] = frozenset()
+) -> tuple[Any, list[str], dict[str, Any]]:
+    """The body without what this server drops, the unknown fields it ignored (see the module docstring), and the
+    known parameters this server does not implement but its engine does (`passthrough`: a gateway's upstream
+    capabilities, serving/backends/upstream.py), set aside unvalidated for the engine to judge.
 
     Refuses a known unimplemented parameter sent with anything but its no-op value."""
     if not isinstance(raw, dict):
-        return raw, []
+        return raw, [], {}
     kept: dict[Any, Any] = {}
     ignored: list[str] = []
     refused: list[str] = []
+    passed: dict[str, Any] = {}
     for k, v in raw.items():
         if k in model.model_fields:
             if v is not None or model.model_fields[k].default is None:
                 kept[k] = v  # `null` for a field with a default means that default (as OpenAI's and vLLM's servers)
+        elif k in no_ops and k in passthrough:
+            if v is not None:
+                passed[k] = v
         elif k in no_ops:
             if not any(_same(v, no_op) for no_op in no_ops[k]):
                 refused.append(k)
@@ -120,7 +133,7 @@ def _screen(raw: Any, model: type[BaseModel], no_ops: dict[str, tuple[Any, ...]]
             "Unsupported parameter(s): {names}. This server does not implement them.",
             {"names": names, "param": str(refused[0])[:64]},
         )
-    return kept, ignored
+    return kept, ignored, passed
 
 
 def _same(value: Any, no_op: Any) -> bool:
@@ -128,17 +141,12 @@ def _same(value: Any, no_op: Any) -> bool:
     return (value is None and no_op is None) or (type(value) is type(no_op) and value == no_op)
 
 
-def _refuse_streamed_logprobs(stream: bool, logprobs: bool) -> None:
-    if stream and logprobs:
-        raise PydanticCustomError(
-            "unsupported_parameter",
-            "Unsupported parameter(s): {names}. This server returns logprobs only without streaming.",
-            {"names": "logprobs", "param": "logprobs"},
-        )
-
-
 StopList = Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES, fail_fast=True)]
-PromptList = Annotated[list[str], Field(min_length=MAX_PROMPTS, max_length=MAX_PROMPTS, fail_fast=True)]
+PromptList = Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)]
+TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_TOKEN_IDS, fail_fast=True)
+]
+TokenIdsList = Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)]
 
 
 class StreamOptions(BaseModel):
@@ -161,16 +169,25 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="forbid")
     _no_ops: ClassVar[dict[str, tuple[Any, ...]]] = _NO_OP_VALUES
     _ignored: list[str] = PrivateAttr(default_factory=list)
+    _passthrough: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="wrap")
     @classmethod
-    def _screened(cls, raw: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+    def _screened(cls, raw: Any, handler: ModelWrapValidatorHandler[Any], info: ValidationInfo) -> Any:
         if isinstance(raw, cls):
             return raw
-        kept, ignored = _screen(raw, cls, cls._no_ops)
+        context = info.context if isinstance(info.context, dict) else {}
+        kept, ignored, passed = _screen(raw, cls, cls._no_ops, context.get("passthrough", frozenset()))
         out = handler(kept)
         out._ignored = ignored
+        out._passthrough = passed
         return out
+
+    @property
+    def passthrough_params(self) -> dict[str, Any]:
+        """Parameters this server does not implement, accepted for a gateway's upstream that does (forwarded as
+        sent); empty unless validated with `context={"passthrough": names}`."""
+        return self._passthrough
 
     @property
     def ignored_params(self) -> list[str]:
@@ -182,12 +199,12 @@ class _SamplingFields(_Lenient):
     model: str | None = Field(
         default=None, max_length=MAX_MODEL_NAME_CHARS, description="Optional when the server serves one model."
     )
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0, description="0 only with `echo` (completions): scoring.")
     temperature: float = Field(
         default=1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="Below 0.001 the sampling is greedy."
     )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int = Field(default=1, ge=1, le=1, description="Only n=1 is supported.")
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Choices per prompt; they share the prompt's prefill.")
     stop: str | StopList | None = Field(
         default=None, description=f"At most {MAX_STOP_SEQUENCES} sequences of 1-{MAX_STOP_CHARS} characters."
     )
@@ -217,6 +234,14 @@ class _SamplingFields(_Lenient):
             raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return v
 
+    @model_validator(mode="after")
+    def _zero_tokens_only_for_scoring(self) -> _SamplingFields:
+        if self.max_tokens == 0 and not getattr(self, "echo", False):
+            raise PydanticCustomError(
+                "greater_than_equal", "max_tokens must be at least 1 (0 only with echo)", {"param": "max_tokens"}
+            )
+        return self
+
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -227,12 +252,15 @@ class _SamplingFields(_Lenient):
 
 
 class CompletionRequest(_SamplingFields):
-    """The body of `POST /v1/completions` (one prompt per request)."""
+    """The body of `POST /v1/completions`: one prompt or a list of them (strings or token ids); `n` choices each."""
 
-    prompt: str | PromptList = Field(description="One prompt: a string, or a list holding exactly one string.")
+    prompt: str | PromptList | TokenIds | TokenIdsList = Field(
+        description=f"A string, a token-id list, or a list of up to {MAX_PROMPTS} of either."
+    )
     logprobs: int | None = Field(
         default=None, ge=0, le=MAX_TOP_LOGPROBS, description="The chosen token's log-probability and this many more."
     )
+    echo: bool = Field(default=False, description="Return the prompt before the completion (its logprobs too).")
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -245,13 +273,30 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs
 
     @model_validator(mode="after")
-    def _no_streamed_logprobs(self) -> CompletionRequest:
-        _refuse_streamed_logprobs(self.stream, self.logprobs is not None)
+    def _bounded_choices(self) -> CompletionRequest:
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            raise PydanticCustomError(
+                "too_many_choices",
+                "prompts x n must be at most {limit}; got {got}",
+                {"limit": MAX_CHOICES, "got": len(self.prompts) * self.n, "param": "n"},
+            )
         return self
 
     @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+    @property
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        """The first prompt, when it is text ("" for token ids)."""
+        first = self.prompts[0]
+        return first if isinstance(first, str) else ""
 
 
 class TextPart(BaseModel):
@@ -293,12 +338,11 @@ class ChatCompletionRequest(_SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     @model_validator(mode="after")
-    def _no_streamed_logprobs(self) -> ChatCompletionRequest:
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise PydanticCustomError(
                 "top_logprobs_without_logprobs", "top_logprobs needs logprobs: true", {"param": "top_logprobs"}
             )
-        _refuse_streamed_logprobs(self.stream, self.logprobs)
         return self
 
     @model_validator(mode="after")
@@ -325,15 +369,18 @@ class SageMakerParameters(_Lenient):
         default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY, allow_inf_nan=False
     )
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    details: bool = Field(default=False, description="Add TGI's `details` (finish reason, token counts, tokens).")
 
 
 class SageMakerRequest(BaseModel):
-    """SageMaker's `{"inputs", "parameters"}` body (the Hugging Face inference toolkit's format)."""
+    """SageMaker's `{"inputs", "parameters", "stream"}` body: the Hugging Face LLM container's (TGI's
+    `CompatGenerateRequest`, text-generation-inference router/src/lib.rs @ v3.3.7)."""
 
     model_config = ConfigDict(extra="forbid")
 
     inputs: str
     parameters: SageMakerParameters = Field(default_factory=SageMakerParameters)
+    stream: bool = False
 
     def to_completion(self, model: str) -> CompletionRequest:
         """The same request as a completions body for `model`."""
@@ -352,6 +399,10 @@ class SageMakerRequest(BaseModel):
             top_k=p.top_k,
             repetition_penalty=p.repetition_penalty,
             frequency_penalty=p.frequency_penalty,
+            stream=self.stream,
+            # what TGI's answer reports: the tokens (details) and, streamed, the input length (usage)
+            logprobs=0 if p.details or self.stream else None,
+            stream_options={"include_usage": True} if self.stream else None,
         )
         body._ignored = p.ignored_params
         return body

@@ -84,6 +84,15 @@ class GenerationRequest:
     # the generated tokens so far, for the samplers that look at them (presence / frequency / repetition penalties)
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
+    # `n > 1`: the other choices of this prompt. They are queued and admitted with this request (as one unit of
+    # `width` rows), and start from its prefill: the engine copies its KV rows once the prompt is computed
+    # (`BatchScheduler._fork`), so a prompt is prefilled once for all of its choices. Empty once forked.
+    forks: list[GenerationRequest] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        """Engine rows this request takes once prefilled: itself and its forks."""
+        return 1 + len(self.forks)
 
     def send(self, event: Event) -> bool:
         """Emit an event; False (and the request counts as finished) when the consumer raised."""
@@ -96,10 +105,12 @@ class GenerationRequest:
             return False
 
     def finish(self, reason: str, error: str = "") -> None:
-        """Send the final event once."""
+        """Send the final event once (to the forks too while they are not forked yet: they share its fate)."""
         if not self.finished:
             self.finished = True
             self.send(FinishEvent(reason, error))
+        for fork in self.forks:
+            fork.finish(reason, error)
 
     def cancel(self) -> None:
         """Ask the engine thread to drop this request (safe from any thread)."""
@@ -160,6 +171,8 @@ class ModelOutput:
     computed: dict[RowState, int] = field(default_factory=dict)
     failed: dict[RowState, str] = field(default_factory=dict)
     logprobs: dict[RowState, tuple[float, tuple[tuple[int, float], ...]]] = field(default_factory=dict)
+    # rows forked from a prompt that completed its prefill this iteration (`n > 1`): they join right after it
+    forks: dict[RowState, list[RowState]] = field(default_factory=dict)
 
 
 class SchedulerObserver(Protocol):
@@ -213,6 +226,8 @@ class Scheduler:
         """Queue a request behind its key's earlier ones (`QueueFullError` beyond `max_queue` in all)."""
         if self._queued >= self.max_queue:
             raise QueueFullError(f"queue is full ({self.max_queue} waiting)")
+        if request.width > self.max_rows:
+            raise ValueError(f"a request of {request.width} rows can never run in a batch of {self.max_rows}")
         queue = self.waiting.get(request.key_id)
         if queue is None:
             queue = self.waiting[request.key_id] = collections.deque()
@@ -255,8 +270,11 @@ class Scheduler:
         chunks: list[PrefillChunk] = []
         if self.dynamic:
             if not self.running and not self.prefilling:
-                while self.waiting and len(chunks) < self.max_rows:
-                    row = RowState(self._pop(next(iter(self.waiting))))
+                while self.waiting:
+                    key_id = next(iter(self.waiting))
+                    if self._rows_taken() + self.waiting[key_id][0].width > self.max_rows:
+                        break
+                    row = RowState(self._pop(key_id))
                     self.prefilling.append(row)
                     chunks.append(PrefillChunk(row, row.prompt_len, whole=True))
             return SchedulerOutput(decode, chunks)
@@ -289,11 +307,14 @@ class Scheduler:
         chunks and takes no budget here, so the keys after it still get their turn."""
         whole: list[RowState] = []
         skipped: set[str] = set()
-        while self.waiting and len(self.running) + len(self.prefilling) < self.max_rows:
+        while self.waiting and self._rows_taken() < self.max_rows:
             key_id = next((k for k in self.waiting if k not in skipped), None)
             if key_id is None:
                 break
             head = self.waiting[key_id][0]
+            if self._rows_taken() + head.width > self.max_rows:
+                skipped.add(key_id)  # its choices do not all fit yet: its turn passes, narrower requests go on
+                continue
             busy = sum(r.prompt_len - r.computed for r in self.prefilling if r.request.key_id == key_id)
             if busy and self.key_prefill_tokens and busy + len(head.prompt_ids) > self.key_prefill_tokens:
                 skipped.add(key_id)  # over its prompt-token cap: its turn passes, others go on
@@ -307,6 +328,10 @@ class Scheduler:
                 if free is not None:
                     free -= row.prompt_len
         return whole, free
+
+    def _rows_taken(self) -> int:
+        """Rows admitted, counting the forks a prefilling prompt will need."""
+        return len(self.running) + sum(r.request.width for r in self.prefilling)
 
     def _drop_cancelled(self) -> None:
         for key_id in list(self.waiting):
@@ -332,6 +357,7 @@ class Scheduler:
             row.computed = computed
         running: list[RowState] = []
         joined = [c.row for c in out.prefill if c.row.prefilled and c.row not in result.failed]
+        joined = [r for row in joined for r in (row, *result.forks.get(row, ()))]
         for row in [*out.decode, *joined]:
             if row in result.failed or row.request.finished:
                 continue

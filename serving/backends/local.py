@@ -7,11 +7,12 @@ engine thread to asyncio (`call_soon_threadsafe` into a per-request queue, so th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from serving.errors import APIError, bad_request
 from serving.prefix_cache import PrefixCache
 from serving.protocol import (
     ChatCompletionRequest,
+    CompletionRequest,
     Usage,
     chat_body,
     chat_chunk,
@@ -44,6 +46,7 @@ from serving.protocol import (
     completion_chunk,
 )
 from serving.quantize import quantize_model
+from serving.scoring import TokenScore, prompt_logprobs
 from serving.threads import cpu_budget, engine_threads
 
 log = logging.getLogger("serving.local")
@@ -99,6 +102,9 @@ class LocalBackend:
         # tokenization and chat templates run here, off the event loop; one thread, so a flood of long prompts
         # queues here (bounded by the in-flight limit) instead of competing with the engine for cores
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        # prompt scoring (`echo` + `logprobs`): the model's own forward on one thread beside the engine's (a forward
+        # without shared state is safe to run concurrently), one prompt at a time
+        self._score_pool = ThreadPoolExecutor(1, thread_name_prefix="score")
         self.scheduler.start()
         log.info(
             "loaded %s (%s params, context %d, batching %s)",
@@ -119,6 +125,7 @@ class LocalBackend:
 
     async def close(self) -> None:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self._score_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.scheduler.stop, self.cfg.drain_timeout_s)
 
     # -- request preparation -----------------------------------------------------------------------------------------
@@ -127,14 +134,32 @@ class LocalBackend:
         if body.model != self.model_id:
             raise APIError(404, f"The model '{body.model}' does not exist.", code="model_not_found", param="model")
 
-    def _prompt_ids(self, body: GenerationBody) -> list[int]:
+    def _all_prompt_ids(self, body: GenerationBody) -> list[list[int]]:
+        """Every prompt of the request as token ids (a completions prompt list has several; token-id prompts are
+        checked against the vocabulary). Runs on the tokenizer thread, never on the event loop."""
+        if isinstance(body, ChatCompletionRequest):
+            return [self._prompt_ids(body)]
+        vocab = int(self.model.get_input_embeddings().num_embeddings)
+        out: list[list[int]] = []
+        for prompt in body.prompts:
+            if isinstance(prompt, str):
+                out.append(self._prompt_ids(body, prompt))
+                continue
+            if max(prompt) >= vocab:
+                raise bad_request(f"Prompt token ids must be below the vocabulary size {vocab}.", param="prompt")
+            if len(prompt) > self.max_model_len:
+                raise bad_request(
+                    f"This model's maximum context length is {self.max_model_len} tokens; a prompt has "
+                    f"{len(prompt)}.", param="prompt", code="context_length_exceeded",
+                )  # fmt: skip
+            out.append(list(prompt))
+        return out
+
+    def _prompt_ids(self, body: GenerationBody, prompt: str | None = None) -> list[int]:
         """Runs on the tokenizer thread, never on the event loop."""
         param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-        chars = (
-            sum(len(m.text) for m in body.messages)
-            if isinstance(body, ChatCompletionRequest)
-            else len(body.prompt_text)
-        )
+        text = body.prompt_text if prompt is None and isinstance(body, CompletionRequest) else prompt or ""
+        chars = sum(len(m.text) for m in body.messages) if isinstance(body, ChatCompletionRequest) else len(text)
         # fewest tokens the prompt can have: its characters at the densest plausible rate, plus at least one
         # template token per chat message (an empty message still renders its role markers)
         floor = -(-chars // MAX_CHARS_PER_TOKEN) + (
@@ -153,7 +178,7 @@ class LocalBackend:
                 raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
             ids = self._chat_ids(body)
         else:
-            ids = self._encode(body.prompt_text, special=True, add_special_tokens=True)
+            ids = self._encode(text, special=True, add_special_tokens=True)
         if not ids:
             raise bad_request("The prompt is empty: it must hold at least one token.", param=param)
         return ids
@@ -228,25 +253,47 @@ class LocalBackend:
             logprobs=body.logprobs_count,
         )
 
-    async def _admit(self, body: GenerationBody, ctx: RequestContext) -> tuple[GenerationRequest, asyncio.Queue[Event]]:
+    async def _admit(self, body: GenerationBody, ctx: RequestContext) -> list[_Choice]:
+        """Tokenize, reserve the key's tokens for every choice, and queue the request: one engine request per prompt,
+        its other `n - 1` choices forked from it once its prompt is prefilled (`GenerationRequest.forks`)."""
         self._check_model(body)
+        if body.n > self.cfg.max_batch_size:
+            raise bad_request(
+                f"n must be at most {self.cfg.max_batch_size} here (--max-batch-size): a prompt's choices decode "
+                "together.", param="n", code="invalid_value",
+            )  # fmt: skip
         loop = asyncio.get_running_loop()
-        prompt_ids = await loop.run_in_executor(self._tokenize_pool, self._prompt_ids, body)
-        params = self._sampling(body, len(prompt_ids))
-        ctx.max_tokens = params.max_tokens
-        ctx.prompt_tokens = len(prompt_ids)
-        ctx.reserve(len(prompt_ids) + params.max_tokens)  # the key's token budget, before any engine work
+        prompts = await loop.run_in_executor(self._tokenize_pool, self._all_prompt_ids, body)
+        params = [self._sampling(body, len(ids)) for ids in prompts]
+        ctx.max_tokens = min(p.max_tokens for p in params)
+        ctx.prompt_tokens = sum(len(ids) for ids in prompts)
+        # the key's token budget, before any engine work: every prompt once, every choice's completion
+        ctx.reserve(ctx.prompt_tokens + body.n * sum(p.max_tokens for p in params))
         if self._relay is None or self._relay.loop is not loop:
             self._relay = _EventRelay(loop)
         relay = self._relay
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(event: Event) -> None:  # runs on the engine thread
-            relay.post(events, event)
-
-        gen = GenerationRequest(prompt_ids, params, emit, key_id=ctx.key_id, cache_salt=self.cfg.cache_salt(ctx.key_id))
+        salt = self.cfg.cache_salt(ctx.key_id)
+        choices: list[_Choice] = []
+        parents: list[GenerationRequest] = []
+        for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+            requests: list[GenerationRequest] = []
+            for j in range(body.n):
+                events: asyncio.Queue[Event] = asyncio.Queue()
+                choice = _Choice(i * body.n + j, ids, events)
+                if p.max_tokens:  # 0: `echo` scoring only, nothing to generate
+                    choice.gen = GenerationRequest(
+                        ids, _choice_params(p, j), _emitter(relay, events), key_id=ctx.key_id, cache_salt=salt
+                    )
+                    requests.append(choice.gen)
+                choices.append(choice)
+            if requests:
+                requests[0].forks = requests[1:]
+                parents.append(requests[0])
+        for choice in choices:
+            choice.bind(ctx, choices)
         try:
-            self.scheduler.submit(gen)
+            if parents:
+                self.scheduler.submit_all(parents)
         except QueueFullError as exc:
             raise APIError(
                 503, f"Server is overloaded: {exc}. Retry later.", code="queue_full", retry_after=QUEUE_RETRY_AFTER_S
@@ -255,7 +302,7 @@ class LocalBackend:
             raise APIError(
                 503, "Server is shutting down or unhealthy.", code="unavailable", retry_after=QUEUE_RETRY_AFTER_S
             ) from exc
-        return gen, events
+        return choices
 
     # -- generation ---------------------------------------------------------------------------------------------------
 
@@ -264,7 +311,7 @@ class LocalBackend:
         gen: GenerationRequest,
         events: asyncio.Queue[Event],
         stops: list[str],
-        ctx: RequestContext,
+        ctx: RequestContext | _Choice,
         collected: list[TokenEvent] | None = None,
     ) -> AsyncIterator[str]:
         """Text as it becomes final: held back while it might be a partial UTF-8 character or a stop sequence.
@@ -331,25 +378,81 @@ class LocalBackend:
             gen.cancel()  # no-op when finished; stops decoding when the client went away
 
     async def complete(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
-        """Generate the whole answer (see `Backend.complete`)."""
-        gen, events = await self._admit(body, ctx)
-        collected: list[TokenEvent] | None = [] if body.logprobs_count is not None else None
-        text = "".join([d async for d in self._text_deltas(gen, events, body.stop_list, ctx, collected)])
+        """Generate the whole answer, every choice of every prompt (see `Backend.complete`)."""
+        choices = await self._admit(body, ctx)
+        chat = isinstance(body, ChatCompletionRequest)
+        want = body.logprobs_count
+
+        async def run(choice: _Choice) -> tuple[str, list[TokenEvent]]:
+            collected: list[TokenEvent] = []
+            if choice.gen is None:  # max_tokens 0 with echo: nothing generated
+                choice.finish_reason = "length"
+                return "", collected
+            deltas = self._text_deltas(choice.gen, choice.events, body.stop_list, choice, collected)
+            return "".join([d async for d in deltas]), collected
+
+        results = await _all([run(c) for c in choices])
+        echo = isinstance(body, CompletionRequest) and body.echo
+        scores = await self._prompt_scores(choices, want) if echo and want is not None else {}
         usage = Usage(
             prompt_tokens=ctx.prompt_tokens,
             completion_tokens=ctx.completion_tokens,
             total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
         )
-        chat = isinstance(body, ChatCompletionRequest)
-        logprobs = None if collected is None else self._logprobs(collected, chat)
-        if chat:
-            return chat_body(ctx.request_id, self.model_id, text, ctx.finish_reason, usage, logprobs)
-        return completion_body(ctx.request_id, self.model_id, text, ctx.finish_reason, usage, logprobs)
+        bodies = []
+        for choice, (text, collected) in zip(choices, results, strict=True):
+            head = self._echo_text(body, choice) if echo else ""
+            logprobs = None
+            if want is not None:
+                logprobs = self._logprobs(collected, chat, len(head))
+                if echo:
+                    logprobs = _joined(
+                        self._prompt_logprobs(choice.prompt_ids, scores[id(choice.prompt_ids)]), logprobs
+                    )
+            if chat:
+                one = chat_body(ctx.request_id, self.model_id, text, choice.finish_reason, usage, logprobs)
+            else:
+                one = completion_body(ctx.request_id, self.model_id, head + text, choice.finish_reason, usage, logprobs)
+            bodies.append(_indexed(one, choice.index))
+        result = bodies[0]
+        result["choices"] = [b["choices"][0] for b in bodies]
+        return result
 
-    def _logprobs(self, events: list[TokenEvent], chat: bool) -> dict[str, Any]:
+    def _echo_text(self, body: GenerationBody, choice: _Choice) -> str:
+        """The prompt as `echo` returns it: the string sent, or the token-id prompt decoded."""
+        prompt = body.prompts[choice.index // body.n] if isinstance(body, CompletionRequest) else ""
+        return prompt if isinstance(prompt, str) else self._decode(choice.prompt_ids)
+
+    async def _prompt_scores(self, choices: list[_Choice], top: int) -> dict[int, list[TokenScore]]:
+        """Each distinct prompt's token logprobs (serving/scoring.py), keyed by the id of its id list."""
+        loop = asyncio.get_running_loop()
+        out: dict[int, list[TokenScore]] = {}
+        for choice in choices:
+            if id(choice.prompt_ids) not in out:
+                out[id(choice.prompt_ids)] = await loop.run_in_executor(
+                    self._score_pool, prompt_logprobs, self.model, choice.prompt_ids, top
+                )
+        return out
+
+    def _prompt_logprobs(self, ids: list[int], scores: list[TokenScore]) -> dict[str, Any]:
+        """Completions' logprobs of the prompt's tokens (`echo`): the first has none, as in vLLM and OpenAI."""
+        text = [self._decode([t]) for t in ids]
+        offsets, at = [], 0
+        for tok in text:
+            offsets.append(at)
+            at += len(tok)
+        return {
+            "tokens": text,
+            "token_logprobs": [lp for lp, _ in scores],
+            "top_logprobs": [None if lp is None else {self._decode([t]): v for t, v in top} for lp, top in scores],
+            "text_offset": offsets,
+        }
+
+    def _logprobs(self, events: list[TokenEvent], chat: bool, offset: int = 0) -> dict[str, Any]:
         """OpenAI's `logprobs` of a choice: chat's `content` list, or completions' parallel lists (vLLM's shapes,
         vllm/entrypoints/openai/serving_chat.py `_create_chat_logprobs`, serving_completion.py `_create_logprobs`).
-        Every generated token is listed, up to and including one that completed a stop sequence, as in vLLM."""
+        Every generated token is listed, up to and including one that completed a stop sequence, as in vLLM.
+        `offset`: where these tokens' text starts in the choice's text (a stream's later chunks, `echo`)."""
         text = [self._decode([e.token_id]) for e in events]
         tops = [[(self._decode([t]), lp) for t, lp in e.top] for e in events]
         if chat:
@@ -364,7 +467,7 @@ class LocalBackend:
                     for e, tok, top in zip(events, text, tops, strict=True)
                 ]
             }
-        offsets, at = [], 0
+        offsets, at = [], offset
         for tok in text:
             offsets.append(at)
             at += len(tok)
@@ -377,25 +480,23 @@ class LocalBackend:
 
     async def stream(self, body: GenerationBody, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         """Admit the request, then stream its chunks (see `Backend.stream`)."""
-        gen, events = await self._admit(body, ctx)
-        return self._chunks(body, gen, events, ctx)
+        choices = await self._admit(body, ctx)
+        return self._chunks(body, choices, ctx)
 
     async def _chunks(
-        self, body: GenerationBody, gen: GenerationRequest, events: asyncio.Queue[Event], ctx: RequestContext
+        self, body: GenerationBody, choices: list[_Choice], ctx: RequestContext
     ) -> AsyncIterator[dict[str, Any]]:
+        """Every choice's chunks, each as soon as it is ready (with `n > 1` or a prompt list, choices interleave,
+        told apart by their `index`, as OpenAI streams them), then the usage chunk."""
         chat = isinstance(body, ChatCompletionRequest)
         rid, model = ctx.request_id, self.model_id
-        if chat:
-            yield chat_chunk(rid, model, {"role": "assistant", "content": ""}, None)
-        async for delta in self._text_deltas(gen, events, body.stop_list, ctx):
-            yield (
-                chat_chunk(rid, model, {"content": delta}, None) if chat else completion_chunk(rid, model, delta, None)
-            )
-        yield (
-            chat_chunk(rid, model, {}, ctx.finish_reason)
-            if chat
-            else completion_chunk(rid, model, "", ctx.finish_reason)
-        )
+        streams = [self._choice_chunks(body, c, ctx) for c in choices]
+        merged = streams[0] if len(streams) == 1 else _interleave(streams)
+        try:
+            async for chunk in merged:
+                yield chunk
+        finally:
+            await merged.aclose()  # type: ignore[attr-defined]  # at once when the client goes: its rows stop
         if body.include_usage:
             usage = Usage(
                 prompt_tokens=ctx.prompt_tokens,
@@ -403,6 +504,160 @@ class LocalBackend:
                 total_tokens=ctx.prompt_tokens + ctx.completion_tokens,
             )
             yield chat_chunk(rid, model, {}, None, usage) if chat else completion_chunk(rid, model, "", None, usage)
+
+    async def _choice_chunks(
+        self, body: GenerationBody, choice: _Choice, ctx: RequestContext
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One choice's chunks: (chat) the role, the text deltas with their tokens' logprobs, the finish reason."""
+        chat = isinstance(body, ChatCompletionRequest)
+        rid, model, i = ctx.request_id, self.model_id, choice.index
+        want = body.logprobs_count
+        offset = 0
+        if chat:
+            yield _indexed(chat_chunk(rid, model, {"role": "assistant", "content": ""}, None), i)
+        elif isinstance(body, CompletionRequest) and body.echo:
+            head = self._echo_text(body, choice)
+            logprobs = None
+            if want is not None:
+                scores = await self._prompt_scores([choice], want)
+                logprobs = self._prompt_logprobs(choice.prompt_ids, scores[id(choice.prompt_ids)])
+            yield _indexed(completion_chunk(rid, model, head, None), i, logprobs)
+            offset = len(head)
+        collected: list[TokenEvent] | None = [] if want is not None else None
+        sent = 0
+        if choice.gen is None:
+            choice.finish_reason = "length"
+        else:
+            async for delta in self._text_deltas(choice.gen, choice.events, body.stop_list, choice, collected):
+                logprobs = None
+                if collected is not None:
+                    logprobs = self._logprobs(collected[sent:], chat, offset)
+                    sent = len(collected)
+                offset += len(delta)
+                one = (
+                    chat_chunk(rid, model, {"content": delta}, None)
+                    if chat
+                    else completion_chunk(rid, model, delta, None)
+                )
+                yield _indexed(one, i, logprobs)
+        rest = None
+        if collected is not None and len(collected) > sent:  # tokens whose text never showed (a stop, a special)
+            rest = self._logprobs(collected[sent:], chat, offset)
+        last = (
+            chat_chunk(rid, model, {}, choice.finish_reason)
+            if chat
+            else completion_chunk(rid, model, "", choice.finish_reason)
+        )
+        yield _indexed(last, i, rest)
+
+
+class _Choice:
+    """One choice of a request (prompt `index // n`, sample `index % n`): its engine request (None when nothing
+    is generated: `echo` with max_tokens 0) and event queue, and its own token count and finish reason, which
+    `_text_deltas` fills in and which add up to the request's (`RequestContext`)."""
+
+    def __init__(self, index: int, prompt_ids: list[int], events: asyncio.Queue[Event]) -> None:
+        self.index = index
+        self.prompt_ids = prompt_ids
+        self.events = events
+        self.gen: GenerationRequest | None = None
+        self.ctx: RequestContext | None = None
+        self.siblings: list[_Choice] = [self]
+        self._tokens = 0
+        self._finish: str | None = None
+
+    def bind(self, ctx: RequestContext, siblings: list[_Choice]) -> None:
+        self.ctx, self.siblings = ctx, siblings
+
+    def first_token(self) -> None:
+        if self.ctx is not None:
+            self.ctx.first_token()
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._tokens
+
+    @completion_tokens.setter
+    def completion_tokens(self, value: int) -> None:
+        self._tokens = value
+        if self.ctx is not None:
+            self.ctx.completion_tokens = sum(c._tokens for c in self.siblings)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._finish
+
+    @finish_reason.setter
+    def finish_reason(self, value: str | None) -> None:
+        self._finish = value
+        if self.ctx is not None:
+            self.ctx.finish_reason = value  # the audit line's: the last choice's to finish
+
+
+def _choice_params(params: SamplingParams, j: int) -> SamplingParams:
+    """Choice j's sampling: with a seed, choice j draws from seed + j (mod 2^64), so the choices differ and a
+    request with the same seed gets the same choices again (choice 0 is what n=1 gets)."""
+    if j == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + j) % 2**64)
+
+
+def _emitter(relay: _EventRelay, events: asyncio.Queue[Event]) -> Callable[[Event], None]:
+    def emit(event: Event) -> None:  # runs on the engine thread
+        relay.post(events, event)
+
+    return emit
+
+
+def _indexed(body: dict[str, Any], index: int, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A one-choice response or chunk body with the choice's `index` (and a chunk's logprobs)."""
+    choice = body["choices"][0]
+    choice["index"] = index
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
+    return body
+
+
+def _joined(head: dict[str, Any], tail: dict[str, Any]) -> dict[str, Any]:
+    """Two completions logprobs objects, one after the other (the echoed prompt's, then the completion's)."""
+    return {k: head[k] + tail[k] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+async def _all(coros: list[Awaitable[Any]]) -> list[Any]:
+    """Run every choice's collection together; the first failure cancels the rest (their engine rows stop)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _interleave(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
+    """Items of several async iterators as each becomes ready; closing this closes them all (their engine rows
+    stop)."""
+    pending: dict[asyncio.Future[dict[str, Any]], AsyncIterator[dict[str, Any]]] = {
+        asyncio.ensure_future(anext(s)): s for s in streams
+    }
+    order = {id(s): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in sorted(done, key=lambda f: order[id(pending[f])]):
+                stream = pending.pop(fut)
+                try:
+                    item = fut.result()
+                except StopAsyncIteration:
+                    continue
+                yield item
+                pending[asyncio.ensure_future(anext(stream))] = stream
+    finally:
+        for fut in pending:
+            fut.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
 
 
 def _prefix_cache(cfg: ServingConfig, observer: object) -> PrefixCache | None:

@@ -29,7 +29,7 @@ import httpx
 
 from serving.backends.base import GenerationBody, RequestContext
 from serving.errors import APIError
-from serving.protocol import ChatCompletionRequest
+from serving.protocol import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("serving.upstream")
 
@@ -37,9 +37,25 @@ log = logging.getLogger("serving.upstream")
 # `min_tokens`, `best_of`, `use_beam_search`, ...) never reach it. `max_completion_tokens` is sent as `max_tokens`.
 FORWARDED_FIELDS = frozenset(
     {"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user"}
-    # samplers vLLM implements (vllm/entrypoints/openai/protocol.py at v0.11: ChatCompletionRequest's fields)
+    # samplers and scoring vLLM implements (vllm/entrypoints/openai/protocol.py: ChatCompletionRequest's and
+    # CompletionRequest's fields); `prompt` lists and token-id prompts, `n` and `echo` likewise
     | {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"}
+    | {"echo"}
 )
+# What each upstream engine implements beyond the built-in engine: OpenAI parameters the built-in engine refuses
+# (serving/protocol.py `_NO_OP_VALUES`) that the gateway accepts and forwards as sent, for the engine to validate and
+# honour. vLLM (vllm/entrypoints/openai/protocol.py ChatCompletionRequest / CompletionRequest): tools and tool_choice
+# (with --enable-auto-tool-choice; vLLM answers 400 itself without it), parallel_tool_calls, response_format
+# (json_object, json_schema: structured outputs), logit_bias, chat_template_kwargs and prompt_logprobs (its extra
+# params). Engine-behaviour options (ignore_eos, min_tokens, use_beam_search, guided_*, allowed_token_ids,
+# bad_words, ...) stay refused: they change what an operator's limits and defaults assume. Declared fields of the
+# built-in engine's models that the engine implements are in FORWARDED_FIELDS.
+ENGINE_CAPABILITIES: dict[str, frozenset[str]] = {
+    "vllm": frozenset(
+        {"tools", "tool_choice", "parallel_tool_calls", "response_format", "logit_bias"}
+        | {"chat_template_kwargs", "prompt_logprobs"}
+    ),
+}
 # Completion tokens are estimated from UTF-8 bytes when the upstream reports no usage (typical BPE vocabularies
 # average 3-4 bytes per token on English text).
 BYTES_PER_TOKEN_ESTIMATE = 4
@@ -64,8 +80,11 @@ class UpstreamBackend:
         child: subprocess.Popen[bytes] | None = None,
         child_stop_timeout_s: float = 30.0,
         default_max_tokens: int = 256,
+        engine: str = "vllm",
     ) -> None:
         self.default_max_tokens = default_max_tokens
+        # parameters the handlers accept for this upstream and leave unvalidated (`_Lenient.passthrough_params`)
+        self.passthrough = ENGINE_CAPABILITIES[engine]
         self.child = child  # the engine process this gateway started (--engine vllm), if any
         self.child_stop_timeout_s = child_stop_timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -124,10 +143,15 @@ class UpstreamBackend:
     def _payload(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
         """The allow-listed fields, the default max_tokens, and the key's token reservation."""
         payload = body.model_dump(include=set(FORWARDED_FIELDS), exclude_none=True)
+        if payload.get("echo") is False:
+            payload.pop("echo")  # the default: the payload stays what it was before `echo` existed
+        payload.update({k: v for k, v in body.passthrough_params.items() if k in self.passthrough})
         payload["max_tokens"] = body.max_tokens if body.max_tokens is not None else self.default_max_tokens
         ctx.prompt_tokens = estimate_prompt_tokens(body)
         ctx.max_tokens = payload["max_tokens"]
-        ctx.reserve(ctx.prompt_tokens + payload["max_tokens"])
+        # every choice of every prompt may use max_tokens (vLLM: n per prompt, a completion per choice)
+        choices = body.n * (len(body.prompts) if isinstance(body, CompletionRequest) else 1)
+        ctx.reserve(ctx.prompt_tokens + choices * payload["max_tokens"])
         return payload
 
     async def complete(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
@@ -140,10 +164,13 @@ class UpstreamBackend:
         ctx.prompt_tokens = int(usage.get("prompt_tokens", ctx.prompt_tokens))
         if "completion_tokens" in usage:
             ctx.completion_tokens = int(usage["completion_tokens"])
-        else:  # no usage from the upstream: estimate from the text, so the key is still charged
-            choice = choices[0] if isinstance(choices[0], dict) else {}
-            text = choice.get("text") or (choice.get("message") or {}).get("content") or ""
-            ctx.completion_tokens = -(-len(str(text).encode()) // BYTES_PER_TOKEN_ESTIMATE)
+        else:  # no usage from the upstream: estimate from the text of every choice, so the key is still charged
+            size = 0
+            for choice in choices:
+                choice = choice if isinstance(choice, dict) else {}
+                text = choice.get("text") or (choice.get("message") or {}).get("content") or ""
+                size += len(str(text).encode())
+            ctx.completion_tokens = -(-size // BYTES_PER_TOKEN_ESTIMATE)
         ctx.finish_reason = choices[0].get("finish_reason") if isinstance(choices[0], dict) else None
         return result
 
@@ -215,7 +242,9 @@ def estimate_prompt_tokens(body: GenerationBody) -> int:
         size = sum(len(m.text.encode()) for m in body.messages)
         template = TEMPLATE_TOKENS_PER_REQUEST + TEMPLATE_TOKENS_PER_MESSAGE * len(body.messages)
     else:
-        size, template = len(body.prompt_text.encode()), 0
+        # a token-id prompt has exactly its ids; each prompt of a list may get a BOS token
+        size = sum(len(p.encode()) if isinstance(p, str) else len(p) for p in body.prompts)
+        template = len(body.prompts) - 1
     return size + template + 1
 
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from serving.backends.base import RequestContext
-from serving.backends.upstream import FORWARDED_FIELDS, UpstreamBackend, estimate_prompt_tokens
+from serving.backends.upstream import ENGINE_CAPABILITIES, FORWARDED_FIELDS, UpstreamBackend, estimate_prompt_tokens
 from serving.protocol import ChatCompletionRequest
 from tests.serving.conftest import MODEL_ID, ServerFactory, ServingProcess
 
@@ -38,6 +38,7 @@ class FakeUpstream(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeUpstream.received.append(body)
         prompt = body.get("prompt", "")
+        prompt = prompt if isinstance(prompt, str) else "list"  # a prompt list: answered like any plain prompt
         if prompt == "upstream-401":
             return self._json(401, {"error": {"message": "Incorrect API key provided.", "code": "invalid_api_key"}})
         if prompt == "upstream-429":
@@ -205,3 +206,41 @@ def test_chat_reservation_counts_template_tokens_for_empty_messages() -> None:
         {"model": "m", "messages": [{"role": "user", "content": "12345678" * 100}], "max_tokens": 1}
     )
     assert estimate_prompt_tokens(prompt) >= 800  # one token per byte: digits come close to it
+
+
+def test_vllm_capabilities_are_forwarded_as_sent(gate: ServingProcess) -> None:
+    """What vLLM implements and the built-in engine refuses (tools, response_format, logit_bias, ...) reaches the
+    upstream unchanged; `n`, `echo`, logprobs and prompt lists too; engine options stay refused."""
+    FakeUpstream.received.clear()
+    extras = {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        "logit_bias": {"42": -100},
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    body = {"model": MODEL_ID, "prompt": ["a", "b"], "n": 2, "echo": True, "logprobs": 1, "max_tokens": 3, **extras}
+    r = call(gate, body)
+    assert r.status_code == 200, r.text
+    sent = FakeUpstream.received[-1]
+    assert {k: sent[k] for k in extras} == extras
+    assert (sent["prompt"], sent["n"], sent["echo"], sent["logprobs"]) == (["a", "b"], 2, True, 1)
+    assert set(sent) <= FORWARDED_FIELDS | ENGINE_CAPABILITIES["vllm"] | {"stream_options"}
+    r = call(gate, {"model": MODEL_ID, "prompt": "x", "use_beam_search": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "use_beam_search"
+
+
+def test_the_reservation_covers_every_choice(gate: ServingProcess) -> None:
+    """tpm=400 (the `gate` key): 2 prompts x n=2 x max_tokens 100 = 400 completion tokens + the prompts do not fit,
+    so the request is refused before reaching the upstream (whatever the key spent before); a small one fits."""
+    FakeUpstream.received.clear()
+    r = call(gate, {"model": MODEL_ID, "prompt": ["a", "b"], "n": 2, "max_tokens": 100})
+    assert r.status_code == 429 and not FakeUpstream.received
+    assert call(gate, {"model": MODEL_ID, "prompt": ["a", "b"], "n": 2, "max_tokens": 10}).status_code == 200
+
+
+def test_reservation_estimates_prompt_lists_and_token_ids() -> None:
+    from serving.protocol import CompletionRequest
+
+    one = estimate_prompt_tokens(CompletionRequest.model_validate({"prompt": "abcd"}))
+    two = estimate_prompt_tokens(CompletionRequest.model_validate({"prompt": ["abcd", "abcd"]}))
+    assert two >= 2 * one - 1
+    assert estimate_prompt_tokens(CompletionRequest.model_validate({"prompt": [[1, 2, 3], [4]]})) >= 4

@@ -232,13 +232,16 @@ def test_tokenization_runs_off_the_event_loop(
         ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({**CHAT, "model": "m" * 300}, "model"),
         ({**CHAT, "seed": 2**70}, "seed"),
-        ({**CHAT, "logprobs": True, "stream": True}, "logprobs"),  # logprobs are not streamed
         ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
         ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({**CHAT, "ignore_eos": True, "min_tokens": 5}, "ignore_eos"),
-        ({"model": MODEL_ID, "prompt": "x", "echo": True}, "echo"),
         ({"model": MODEL_ID, "prompt": "x", "suffix": "y"}, "suffix"),
         ({"model": MODEL_ID, "prompt": ""}, "prompt"),
+        ({"model": MODEL_ID, "prompt": "x", "max_tokens": 0}, "max_tokens"),  # 0 only with echo (scoring)
+        ({"model": MODEL_ID, "prompt": ["x"] * 33}, "prompt"),  # a prompt list is bounded (MAX_PROMPTS)
+        ({"model": MODEL_ID, "prompt": ["x"] * 8, "n": 9}, "n"),  # prompts x n is bounded (MAX_CHOICES)
+        ({"model": MODEL_ID, "prompt": [10**9]}, "prompt"),  # token ids beyond the vocabulary
+        ({**CHAT, "n": 17}, "n"),
         ({**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0.tool_calls"),
     ],
 )

@@ -109,3 +109,17 @@ def test_engine_vllm_spawns_and_stops_the_engine_process(
     assert gateway.stop() == 0
     with pytest.raises(httpx.TransportError):  # the gateway stopped its engine after draining
         httpx.get(f"http://127.0.0.1:{engine_port}/readyz", timeout=2)
+
+
+def test_n_prompt_lists_echo_and_streamed_logprobs_pass_through(front: ServingProcess, server: ServingProcess) -> None:
+    kw = {"model": MODEL_ID, "prompt": ["one", "two"], "n": 2, "max_tokens": 3, "temperature": 0, "echo": True,
+          "logprobs": 1}  # fmt: skip
+    via = oai(front.url, FRONT_KEY).completions.create(**kw)  # type: ignore[call-overload]
+    direct = oai(server.url, ALICE_KEY).completions.create(**kw)  # type: ignore[call-overload]
+    assert [c.text for c in via.choices] == [c.text for c in direct.choices] and len(via.choices) == 4
+    assert via.usage == direct.usage
+    chunks = list(oai(front.url, FRONT_KEY).chat.completions.create(
+        stream=True, temperature=0, n=2, logprobs=True, **CHAT,  # type: ignore[call-overload]
+    ))  # fmt: skip
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    assert any(c.choices[0].logprobs for c in chunks if c.choices)
