@@ -84,6 +84,8 @@ class GenerationRequest:
     # the generated tokens so far, for the samplers that look at them (presence / frequency / repetition penalties)
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
+    # structured output: the row's grammar matcher (serving/grammar.py `RowGrammar`), None when unconstrained
+    grammar: Any = None
 
     def send(self, event: Event) -> bool:
         """Emit an event; False (and the request counts as finished) when the consumer raised."""
