@@ -112,7 +112,11 @@ class LocalBackend:
         template = self.tokenizer.chat_template
         self.tool_format = tool_format(template if isinstance(template, str) else None)
         vocab = int(getattr(model.config, "vocab_size", 0) or 0)
-        self._grammars = GrammarCompiler(self.tokenizer, vocab, eos)
+        self._grammars: GrammarCompiler | None = None
+        try:
+            self._grammars = GrammarCompiler(self.tokenizer, vocab, eos)
+        except (ValueError, TypeError) as exc:  # llguidance takes fast (Rust) tokenizers only
+            log.warning("constrained decoding unavailable for this tokenizer: %s", exc)
         # at most two grammars compile at once; a slow one holds its thread, not the engine's
         self._grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="grammar")
         # tokenization and chat templates run here, off the event loop; one thread, so a flood of long prompts
@@ -265,6 +269,8 @@ class LocalBackend:
             if spec is None:
                 return None
             text, param = spec
+            if self._grammars is None:
+                raise GrammarError("this model's tokenizer does not support constrained decoding")
             future = self._grammar_pool.submit(self._grammars.compile, text)
             grammar = await asyncio.wait_for(asyncio.wrap_future(future), GRAMMAR_COMPILE_TIMEOUT_S)
         except GrammarError as exc:
