@@ -347,8 +347,7 @@ class BatchScheduler:
             grammar.fill(bitmask, k)
             if grammar.error:
                 failed[i] = f"the response grammar failed: {grammar.error}"
-        at = torch.tensor(index, device=logits.device)
-        return logits.index_copy(0, at, apply_bitmask(logits.index_select(0, at), bitmask))
+        return apply_bitmask(logits, bitmask, index)
 
     def _sync_batch(
         self, decoded: list[RowState], group: DecodeBatch | None, live: list[RowState], completed: list[RowState]

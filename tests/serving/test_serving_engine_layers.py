@@ -25,7 +25,7 @@ ENGINE = {
 # engine may name, for that one table
 ALLOWED_API = {"serving.quantize": {"serving.config"}}
 ENGINE_ALL = ENGINE | {"serving.quantize"}
-THIRD_PARTY = {"torch", "transformers", "torchao", "llguidance"}
+THIRD_PARTY = {"torch", "transformers", "torchao", "llguidance", "numpy"}
 
 
 def _imports(module: str) -> set[str]:

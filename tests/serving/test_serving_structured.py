@@ -133,9 +133,11 @@ def test_apply_bitmask_matches_the_bits(compiler: GrammarCompiler) -> None:
     row = compiler.compile(json_grammar({"enum": ["yes", "no"]})).row()
     mask = row.new_bitmask(1)
     row.fill(mask, 0)
-    logits = torch.zeros(1, compiler.vocab_size)
-    out = apply_bitmask(logits, mask)
-    assert torch.equal(out[0] == 0, allowed(mask, compiler.vocab_size)[0])
+    logits = torch.zeros(3, compiler.vocab_size)
+    out = apply_bitmask(logits, mask, [1])
+    assert torch.equal(out[1] == 0, allowed(mask, compiler.vocab_size)[0])
+    assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
+    assert torch.equal(logits, torch.zeros(3, compiler.vocab_size))  # a copy: the raw logits stay for logprobs
 
 
 def test_compiled_grammars_are_cached_by_their_text(compiler: GrammarCompiler) -> None:
