@@ -39,6 +39,8 @@ FORWARDED_FIELDS = frozenset(
     {"model", "prompt", "messages", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user"}
     # samplers vLLM implements (vllm/entrypoints/openai/protocol.py at v0.11: ChatCompletionRequest's fields)
     | {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"}
+    # tools and structured outputs: vLLM implements them (its tool parser and structured-output backends)
+    | {"tools", "tool_choice", "parallel_tool_calls", "response_format"}
 )
 # Completion tokens are estimated from UTF-8 bytes when the upstream reports no usage (typical BPE vocabularies
 # average 3-4 bytes per token on English text).
@@ -123,7 +125,8 @@ class UpstreamBackend:
 
     def _payload(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
         """The allow-listed fields, the default max_tokens, and the key's token reservation."""
-        payload = body.model_dump(include=set(FORWARDED_FIELDS), exclude_none=True)
+        # by alias: `response_format.json_schema.schema` is `schema_` in the model
+        payload = body.model_dump(include=set(FORWARDED_FIELDS), exclude_none=True, by_alias=True)
         payload["max_tokens"] = body.max_tokens if body.max_tokens is not None else self.default_max_tokens
         ctx.prompt_tokens = estimate_prompt_tokens(body)
         ctx.max_tokens = payload["max_tokens"]

@@ -23,6 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.backends import local
+from serving.backends.base import RequestContext
+from serving.backends.upstream import UpstreamBackend
 from serving.batching import BatchScheduler, Event, FinishEvent, GenerationRequest, TokenEvent
 from serving.decode import Decoder, SamplingParams
 from serving.errors import APIError
@@ -498,3 +500,23 @@ def test_inconsistent_tool_requests_are_400(tools_server: ServingProcess, extra:
     r = httpx.post(tools_server.url + "/v1/chat/completions", json=body, headers=HEADERS, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"].startswith(param)
+
+
+def test_the_gateway_forwards_tools_and_response_format_as_sent() -> None:
+    """vLLM implements both: the gateway passes them on (the schema under its wire name `schema`), with history tool
+    calls, instead of dropping them."""
+    messages = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "20C"},
+    ]
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": messages, "tools": [WEATHER], "tool_choice": "auto", "parallel_tool_calls": False,
+         "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}}
+    )  # fmt: skip
+    payload = UpstreamBackend("http://127.0.0.1:9", default_max_tokens=3)._payload(body, RequestContext("r", "chat"))
+    assert payload["response_format"]["json_schema"]["schema"] == SCHEMA
+    assert payload["tools"][0]["function"]["parameters"] == WEATHER["function"]["parameters"]
+    assert (payload["tool_choice"], payload["parallel_tool_calls"]) == ("auto", False)
+    assert payload["messages"][1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert payload["messages"][2]["tool_call_id"] == "c1"
