@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 
 from serving.decode import DecodeBatch, Decoder
+from serving.grammar import apply_bitmask
 from serving.sampling import logprobs, sample
 from serving.scheduler import (
     NO_KEY,
@@ -348,7 +349,15 @@ class BatchScheduler:
         failed: dict[int, Exception] = {}
         history = [(r.request.prompt_ids, r.request.output_ids) for r in rows]
         params = [r.request.params for r in rows]
-        tokens = sample(logits, params, [r.generator for r in rows], failed, history)
+        grammar_failed: dict[int, str] = {}
+        masked = self._constrained(logits, rows, grammar_failed)
+        tokens = sample(masked, params, [r.generator for r in rows], failed, history)
+        for i, row in enumerate(rows):
+            grammar = row.request.grammar
+            if grammar is not None and i not in failed and i not in grammar_failed and not grammar.accept(tokens[i]):
+                grammar_failed[i] = f"the token does not continue the grammar ({grammar.error or 'rejected'})"
+        for i, error in grammar_failed.items():
+            failed[i] = ValueError(error)
         if any(p.logprobs is not None for p in params):
             for i, entry in logprobs(logits, tokens, params).items():
                 if i not in failed:
@@ -359,6 +368,22 @@ class BatchScheduler:
                 result.failed[row] = REQUEST_FAILED
             else:
                 result.tokens[row] = token
+
+    @staticmethod
+    def _constrained(logits: torch.Tensor, rows: list[RowState], failed: dict[int, str]) -> torch.Tensor:
+        """The logits with each constrained row's grammar mask applied to that row alone (serving/grammar.py); the
+        raw logits stay what logprobs report (vLLM's default "raw_logprobs"). A row whose grammar failed on its
+        limits is recorded in `failed`."""
+        index = [i for i, r in enumerate(rows) if r.request.grammar is not None]
+        if not index:
+            return logits
+        grammars = [rows[i].request.grammar for i in index]
+        bitmask = grammars[0].new_bitmask(len(index))
+        for k, (i, grammar) in enumerate(zip(index, grammars, strict=True)):
+            grammar.fill(bitmask, k)
+            if grammar.error:
+                failed[i] = f"the response grammar failed: {grammar.error}"
+        return apply_bitmask(logits, bitmask, index)
 
     def _sync_batch(
         self,

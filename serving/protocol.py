@@ -5,10 +5,10 @@ OpenAI server treats it (docs/serving.md "Compatibility"):
 - a declared parameter sent as `null` means its default (`"temperature": null` is temperature 1.0);
 - a known OpenAI field that changes nothing here (`prompt_cache_key`, `safety_identifier`, `store`, `metadata`,
   `service_tier`, ...) is accepted and dropped;
-- a known parameter this server does not implement (`tools`, `response_format`, `suffix`, engine options such as
-  vLLM's `ignore_eos`, ...) is refused with 400 naming it, unless it is sent with its no-op value (e.g.
-  `"tools": []`): silently ignoring it would give the client something other than what it asked for; a gateway
-  accepts those its upstream implements and forwards them as sent (validation context `passthrough`);
+- a known parameter this server does not implement (`suffix`, engine options such as vLLM's `ignore_eos`, `tools`
+  on completions, ...) is refused with 400 naming it, unless it is sent with its no-op value (e.g. `"tools": []`):
+  silently ignoring it would give the client something other than what it asked for; a gateway accepts those its
+  upstream implements and forwards them as sent (validation context `passthrough`);
 - any other field is ignored, and named in the `X-Ignored-Params` response header and the log (vLLM likewise
   ignores and logs unknown fields: vllm/entrypoints/openai/protocol.py `OpenAIBaseModel.__log_extra_fields__`).
 The gateway forwards only the fields declared here (`serving.backends.upstream.FORWARDED_FIELDS`) and its upstream's
@@ -54,6 +54,12 @@ MAX_TOP_K = 2**20  # above any vocabulary: top_k beyond the vocabulary keeps eve
 # repetition_penalty: vLLM asks only > 0; these bounds keep the divided logits finite (a 1e-300 penalty would turn a
 # row into inf and fail it) and are far beyond useful values (1.0-1.5)
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
+MAX_TOOLS = 128  # tool definitions per request (OpenAI allows 128)
+MAX_TOOL_CALLS = 128  # tool calls per assistant message in the history
+MAX_TOOL_DESCRIPTION_CHARS = 4096
+MAX_TOOL_CALL_ID_CHARS = 256
+# OpenAI's function-name rule (1-64 of letters, digits, underscores, dashes; dots as vLLM allows)
+FUNCTION_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
 
 # OpenAI / engine parameters that are not implemented, with the values that mean "off" (accepted and dropped)
 _NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
@@ -261,6 +267,7 @@ class CompletionRequest(_SamplingFields):
         default=None, ge=0, le=MAX_TOP_LOGPROBS, description="The chosen token's log-probability and this many more."
     )
     echo: bool = Field(default=False, description="Return the prompt before the completion (its logprobs too).")
+    response_format: ResponseFormat | None = None  # structured output, as vLLM's completions accept it
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -308,6 +315,85 @@ class TextPart(BaseModel):
     text: str
 
 
+class _Nested(BaseModel):
+    """A nested object of a tool or format definition: unknown keys are dropped (clients add their own)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class FunctionCall(_Nested):
+    """A call's function: its name and its arguments as a JSON text (OpenAI's shape)."""
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str = "{}"
+
+
+class ToolCall(_Nested):
+    """One tool call of an assistant message in the history."""
+
+    id: str = Field(default="", max_length=MAX_TOOL_CALL_ID_CHARS)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(_Nested):
+    """A function the model may call: `parameters` is a JSON schema (its arguments are constrained to it when the
+    call is forced by `tool_choice`)."""
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = Field(default=None, max_length=MAX_TOOL_DESCRIPTION_CHARS)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Nested):
+    """One entry of `tools`."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Nested):
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(_Nested):
+    """`tool_choice` naming one function: the answer is a call of it."""
+
+    type: Literal["function"] = "function"
+    function: ToolChoiceFunction
+
+
+class JsonSchemaFormat(_Nested):
+    """`response_format.json_schema`: the schema the answer follows (`strict` accepted: always enforced here)."""
+
+    name: str = Field(default="response", max_length=64)
+    description: str | None = Field(default=None, max_length=MAX_TOOL_DESCRIPTION_CHARS)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Nested):
+    """`response_format`: free text, any JSON object, or JSON following a schema (by constrained decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError(
+                "json_schema_missing",
+                "response_format of type json_schema needs a json_schema object",
+                {"param": "response_format"},
+            )
+        return self
+
+    @property
+    def constrained(self) -> bool:
+        return self.type != "text"
+
+
 class ChatMessage(BaseModel):
     """One chat message; content as a string or text parts."""
 
@@ -316,6 +402,9 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     name: str | None = Field(default=None, max_length=MAX_USER_CHARS, description="Accepted; not rendered.")
     content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS, fail_fast=True)] | None = None
+    # an assistant turn that called tools, and a tool's result answering one of those calls (serving/tools.py)
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS, fail_fast=True)] | None = None
+    tool_call_id: str | None = Field(default=None, max_length=MAX_TOOL_CALL_ID_CHARS)
 
     @property
     def text(self) -> str:
@@ -331,6 +420,43 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # tools (serving/tools.py) and structured output (serving/grammar.py)
+    tools: Annotated[list[ToolDefinition], Field(max_length=MAX_TOOLS, fail_fast=True)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+
+    @property
+    def tool_mode(self) -> str:
+        """ "none" (no tools, or tool_choice none), "auto", "required", or "named"."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    @model_validator(mode="after")
+    def _tools_consistent(self) -> ChatCompletionRequest:
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+        if forced and not self.tools:
+            raise PydanticCustomError(
+                "tool_choice_without_tools", "tool_choice {choice} needs tools", {"param": "tool_choice",
+                "choice": "required" if self.tool_choice == "required" else "naming a function"},
+            )  # fmt: skip
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            name = self.tool_choice.function.name
+            if all(t.function.name != name for t in self.tools):
+                raise PydanticCustomError(
+                    "unknown_tool", "tool_choice names {name}, which is not in tools", {"param": "tool_choice",
+                    "name": repr(name)},
+                )  # fmt: skip
+        if forced and self.response_format is not None and self.response_format.constrained:
+            raise PydanticCustomError(
+                "conflicting_constraints",
+                "response_format cannot be combined with a forced tool_choice (required or named)",
+                {"param": "response_format"},
+            )
+        return self
 
     @property
     def logprobs_count(self) -> int | None:

@@ -94,6 +94,9 @@ class GenerationRequest:
         """Engine rows this request takes once prefilled: itself and its forks."""
         return 1 + len(self.forks)
 
+    # structured output: the row's grammar matcher (serving/grammar.py `RowGrammar`), None when unconstrained
+    grammar: Any = None
+
     def send(self, event: Event) -> bool:
         """Emit an event; False (and the request counts as finished) when the consumer raised."""
         try:

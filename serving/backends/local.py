@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import re
 import secrets
@@ -35,6 +36,7 @@ from serving.batching import (
 from serving.config import ServingConfig
 from serving.decode import Decoder, SamplingParams
 from serving.errors import APIError, bad_request
+from serving.grammar import Grammar, GrammarCompiler, GrammarError, check_schema_size, json_grammar, lark_grammar
 from serving.prefix_cache import PrefixCache
 from serving.protocol import (
     ChatCompletionRequest,
@@ -48,6 +50,14 @@ from serving.protocol import (
 from serving.quantize import quantize_model
 from serving.scoring import TokenScore, prompt_logprobs
 from serving.threads import cpu_budget, engine_threads
+from serving.tools import (
+    ToolStream,
+    forced_call_lark,
+    parse_tool_calls,
+    template_tool_calls,
+    template_tools,
+    tool_format,
+)
 
 log = logging.getLogger("serving.local")
 
@@ -58,6 +68,9 @@ QUEUE_RETRY_AFTER_S = 1.0
 MAX_CHARS_PER_TOKEN = 32
 # Temperatures below this are treated exactly as 0 (greedy); see docs/serving.md "Limits".
 MIN_TEMPERATURE = 1e-3
+# A grammar (response_format, forced tool call) that does not compile within this many seconds is refused (400);
+# compilation runs on its own threads, never the engine's (serving/grammar.py).
+GRAMMAR_COMPILE_TIMEOUT_S = 5.0
 
 
 class LocalBackend:
@@ -99,6 +112,16 @@ class LocalBackend:
             key_prefill_tokens=cfg.max_key_prefill_tokens,
         )
         self._relay: _EventRelay | None = None
+        template = self.tokenizer.chat_template
+        self.tool_format = tool_format(template if isinstance(template, str) else None)
+        vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+        self._grammars: GrammarCompiler | None = None
+        try:
+            self._grammars = GrammarCompiler(self.tokenizer, vocab, eos)
+        except (ValueError, TypeError) as exc:  # llguidance takes fast (Rust) tokenizers only
+            log.warning("constrained decoding unavailable for this tokenizer: %s", exc)
+        # at most two grammars compile at once; a slow one holds its thread, not the engine's
+        self._grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="grammar")
         # tokenization and chat templates run here, off the event loop; one thread, so a flood of long prompts
         # queues here (bounded by the in-flight limit) instead of competing with the engine for cores
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -126,6 +149,7 @@ class LocalBackend:
     async def close(self) -> None:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._score_pool.shutdown(wait=False, cancel_futures=True)
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.scheduler.stop, self.cfg.drain_timeout_s)
 
     # -- request preparation -----------------------------------------------------------------------------------------
@@ -199,8 +223,12 @@ class LocalBackend:
         """
         nonce = secrets.token_hex(8)
         marks = [f"\u27e6{nonce}:{i}\u27e7" for i in range(len(body.messages))]
-        messages = [{"role": m.role, "content": mark} for m, mark in zip(body.messages, marks, strict=True)]
-        rendered = str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        messages = [_template_message(m, mark) for m, mark in zip(body.messages, marks, strict=True)]
+        tools = template_tools(body) if body.tool_mode != "none" else None
+        self._no_special_tokens([tools, [m.get("tool_calls") for m in messages]], "tools")
+        rendered = str(
+            self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        )
         pieces = re.split(f"(\u27e6{nonce}:\\d+\u27e7)", rendered)
         seen = pieces[1::2]
         if sorted(seen) != sorted(marks) or len(seen) != len(set(seen)):
@@ -210,8 +238,8 @@ class LocalBackend:
                 hit = next((t for t in self.tokenizer.all_special_tokens if t and t in m.text), None)
                 if hit is not None:
                     raise bad_request(f"Message content contains the special token {hit!r}.", param="messages")
-            plain = [{"role": m.role, "content": m.text} for m in body.messages]
-            text = self.tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+            plain = [_template_message(m, m.text) for m in body.messages]
+            text = self.tokenizer.apply_chat_template(plain, tools=tools, tokenize=False, add_generation_prompt=True)
             return self._encode(str(text), special=True)
         ids: list[int] = []
         for i, piece in enumerate(pieces):
@@ -222,6 +250,64 @@ class LocalBackend:
             else:
                 ids += self._encode(piece, special=True)
         return ids
+
+    def _no_special_tokens(self, value: Any, param: str) -> None:
+        """Tool definitions and history tool calls are rendered as template text, where special tokens are parsed:
+        refuse any that spell one (the same trust boundary as message content, see `_chat_ids`)."""
+        text = json.dumps(value, ensure_ascii=False)
+        hit = next((t for t in self.tokenizer.all_special_tokens if t and t in text), None)
+        if hit is not None:
+            raise bad_request(f"A tool definition or tool call contains the special token {hit!r}.", param=param)
+
+    def _check_tools(self, body: GenerationBody) -> None:
+        """Tools need a chat template that renders them (and whose call format `serving.tools` parses)."""
+        if isinstance(body, ChatCompletionRequest) and body.tool_mode != "none" and self.tool_format is None:
+            raise bad_request(
+                f"The model '{self.model_id}' does not support tools: its chat template does not render them "
+                "in a tool-call format this server parses (Hermes/Qwen/SmolLM2 <tool_call> or Llama 3 JSON).",
+                param="tools",
+                code="tools_unsupported",
+            )
+
+    def _grammar_text(self, body: GenerationBody) -> tuple[str, str] | None:
+        """(llguidance grammar, the parameter it comes from) of a constrained request, None otherwise; schemas are
+        checked for size first (serving/grammar.py `check_schema_size`)."""
+        fmt = body.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return json_grammar({"type": "object"}), "response_format"
+        if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+            schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {"type": "object"}
+            check_schema_size(schema, "response_format.json_schema.schema")
+            return json_grammar(schema), "response_format"
+        if isinstance(body, ChatCompletionRequest) and body.tool_mode in ("required", "named"):
+            assert self.tool_format is not None  # _check_tools ran
+            check_schema_size([t.function.parameters for t in body.tools or []], "the tools' parameters")
+            return lark_grammar(forced_call_lark(body, self.tool_format)), "tools"
+        return None
+
+    async def _grammar(self, body: GenerationBody) -> Grammar | None:
+        """The request's grammar (a matcher per row: `.row()`), compiled (or taken from the cache) off the event loop
+        and off the engine thread, within GRAMMAR_COMPILE_TIMEOUT_S; a grammar that cannot be used is a 400 naming
+        its parameter."""
+        param = "tools" if body.response_format is None or not body.response_format.constrained else "response_format"
+        try:
+            spec = self._grammar_text(body)
+            if spec is None:
+                return None
+            text, param = spec
+            if self._grammars is None:
+                raise GrammarError("this model's tokenizer does not support constrained decoding")
+            future = self._grammar_pool.submit(self._grammars.compile, text)
+            grammar = await asyncio.wait_for(asyncio.wrap_future(future), GRAMMAR_COMPILE_TIMEOUT_S)
+        except GrammarError as exc:
+            raise bad_request(f"Invalid {param}: {exc}.", param=param, code="invalid_grammar") from exc
+        except TimeoutError as exc:
+            raise bad_request(
+                f"Invalid {param}: its grammar did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:g} s; simplify it.",
+                param=param,
+                code="invalid_grammar",
+            ) from exc
+        return grammar
 
     def _sampling(self, body: GenerationBody, prompt_len: int) -> SamplingParams:
         """The request's samplers, its max_tokens clamped to the context left after the prompt.
@@ -262,9 +348,11 @@ class LocalBackend:
                 f"n must be at most {self.cfg.max_batch_size} here (--max-batch-size): a prompt's choices decode "
                 "together.", param="n", code="invalid_value",
             )  # fmt: skip
+        self._check_tools(body)
         loop = asyncio.get_running_loop()
         prompts = await loop.run_in_executor(self._tokenize_pool, self._all_prompt_ids, body)
         params = [self._sampling(body, len(ids)) for ids in prompts]
+        grammar = await self._grammar(body)  # compiled once; every choice gets its own matcher (its row's state)
         ctx.max_tokens = min(p.max_tokens for p in params)
         ctx.prompt_tokens = sum(len(ids) for ids in prompts)
         # the key's token budget, before any engine work: every prompt once, every choice's completion
@@ -284,6 +372,7 @@ class LocalBackend:
                     choice.gen = GenerationRequest(
                         ids, _choice_params(p, j), _emitter(relay, events), key_id=ctx.key_id, cache_salt=salt
                     )
+                    choice.gen.grammar = None if grammar is None else grammar.row()
                     requests.append(choice.gen)
                 choices.append(choice)
             if requests:
@@ -411,6 +500,12 @@ class LocalBackend:
                     )
             if chat:
                 one = chat_body(ctx.request_id, self.model_id, text, choice.finish_reason, usage, logprobs)
+                if self._parses_tools(body):
+                    assert self.tool_format is not None
+                    content, calls = parse_tool_calls(text, self.tool_format)
+                    if calls:
+                        one["choices"][0]["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                        one["choices"][0]["finish_reason"] = choice.finish_reason = _tool_finish(choice.finish_reason)
             else:
                 one = completion_body(ctx.request_id, self.model_id, head + text, choice.finish_reason, usage, logprobs)
             bodies.append(_indexed(one, choice.index))
@@ -525,10 +620,15 @@ class LocalBackend:
             offset = len(head)
         collected: list[TokenEvent] | None = [] if want is not None else None
         sent = 0
+        tools = ToolStream(self.tool_format) if self._parses_tools(body) and self.tool_format else None
         if choice.gen is None:
             choice.finish_reason = "length"
         else:
             async for delta in self._text_deltas(choice.gen, choice.events, body.stop_list, choice, collected):
+                if tools is not None:  # tool-call markup becomes tool_calls deltas, the rest content deltas
+                    for d in tools.feed(delta):
+                        yield _indexed(chat_chunk(rid, model, d, None), i)
+                    continue
                 logprobs = None
                 if collected is not None:
                     logprobs = self._logprobs(collected[sent:], chat, offset)
@@ -540,6 +640,11 @@ class LocalBackend:
                     else completion_chunk(rid, model, delta, None)
                 )
                 yield _indexed(one, i, logprobs)
+        if tools is not None:
+            for d in tools.finish():
+                yield _indexed(chat_chunk(rid, model, d, None), i)
+            if tools.calls:
+                choice.finish_reason = _tool_finish(choice.finish_reason)
         rest = None
         if collected is not None and len(collected) > sent:  # tokens whose text never showed (a stop, a special)
             rest = self._logprobs(collected[sent:], chat, offset)
@@ -549,6 +654,9 @@ class LocalBackend:
             else completion_chunk(rid, model, "", choice.finish_reason)
         )
         yield _indexed(last, i, rest)
+
+    def _parses_tools(self, body: GenerationBody) -> bool:
+        return isinstance(body, ChatCompletionRequest) and body.tool_mode != "none" and self.tool_format is not None
 
 
 class _Choice:
@@ -658,6 +766,23 @@ async def _interleave(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIter
         await asyncio.gather(*pending, return_exceptions=True)
         for stream in streams:
             await stream.aclose()  # type: ignore[attr-defined]
+
+
+def _tool_finish(reason: str | None) -> str | None:
+    """OpenAI's finish_reason of an answer that called tools (a cut-off one stays "length")."""
+    return "tool_calls" if reason == "stop" else reason
+
+
+def _template_message(m: Any, content: str) -> dict[str, Any]:
+    """A history message as chat templates take it, with its tool calls or the id of the call it answers."""
+    out: dict[str, Any] = {"role": m.role, "content": content}
+    if m.tool_calls:
+        out["tool_calls"] = template_tool_calls(m.tool_calls)
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None and m.role == "tool":
+        out["name"] = m.name
+    return out
 
 
 def _prefix_cache(cfg: ServingConfig, observer: object) -> PrefixCache | None:

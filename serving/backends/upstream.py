@@ -41,6 +41,8 @@ FORWARDED_FIELDS = frozenset(
     # CompletionRequest's fields); `prompt` lists and token-id prompts, `n` and `echo` likewise
     | {"top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"}
     | {"echo"}
+    # tools and structured outputs: vLLM implements them (its tool parser and structured-output backends)
+    | {"tools", "tool_choice", "parallel_tool_calls", "response_format"}
 )
 # What each upstream engine implements beyond the built-in engine: OpenAI parameters the built-in engine refuses
 # (serving/protocol.py `_NO_OP_VALUES`) that the gateway accepts and forwards as sent, for the engine to validate and
@@ -142,7 +144,8 @@ class UpstreamBackend:
 
     def _payload(self, body: GenerationBody, ctx: RequestContext) -> dict[str, Any]:
         """The allow-listed fields, the default max_tokens, and the key's token reservation."""
-        payload = body.model_dump(include=set(FORWARDED_FIELDS), exclude_none=True)
+        # by alias: `response_format.json_schema.schema` is `schema_` in the model
+        payload = body.model_dump(include=set(FORWARDED_FIELDS), exclude_none=True, by_alias=True)
         if payload.get("echo") is False:
             payload.pop("echo")  # the default: the payload stays what it was before `echo` existed
         payload.update({k: v for k, v in body.passthrough_params.items() if k in self.passthrough})

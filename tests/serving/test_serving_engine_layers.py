@@ -19,12 +19,13 @@ ENGINE = {
     "serving.prefix_cache",
     "serving.sampling",
     "serving.threads",
+    "serving.grammar",
 }
 # quantize.py reads `check_quantization` (which methods each engine takes) from config: the one API module the
 # engine may name, for that one table
 ALLOWED_API = {"serving.quantize": {"serving.config"}}
 ENGINE_ALL = ENGINE | {"serving.quantize"}
-THIRD_PARTY = {"torch", "transformers", "torchao"}
+THIRD_PARTY = {"torch", "transformers", "torchao", "llguidance", "numpy"}
 
 
 def _imports(module: str) -> set[str]:

@@ -232,8 +232,8 @@ def test_tokenization_runs_off_the_event_loop(
         ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({**CHAT, "model": "m" * 300}, "model"),
         ({**CHAT, "seed": 2**70}, "seed"),
-        ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
-        ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({**CHAT, "response_format": {"type": "json_schema"}}, "response_format"),  # no json_schema object
+        ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),  # template without tools
         ({**CHAT, "ignore_eos": True, "min_tokens": 5}, "ignore_eos"),
         ({"model": MODEL_ID, "prompt": "x", "suffix": "y"}, "suffix"),
         ({"model": MODEL_ID, "prompt": ""}, "prompt"),
@@ -243,6 +243,10 @@ def test_tokenization_runs_off_the_event_loop(
         ({"model": MODEL_ID, "prompt": [10**9]}, "prompt"),  # token ids beyond the vocabulary
         ({**CHAT, "n": 17}, "n"),
         ({**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0.tool_calls"),
+        (
+            {**CHAT, "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {}}]}]},
+            "messages.0.tool_calls.0.function.name",
+        ),
     ],
 )
 def test_bad_or_unsupported_parameters_get_400_naming_them(server: ServingProcess, body: dict, param: str) -> None:
