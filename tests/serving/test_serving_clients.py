@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from tests.serving.conftest import ALICE_KEY, MODEL_ID, ServerFactory, ServingProcess
+from tests.serving.tool_template import with_tool_template
 
 # LiteLLM fetches a model price list from the internet at import unless told to use its bundled copy
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -153,6 +154,71 @@ def test_litellm_async_completion(server: ServingProcess) -> None:
         )
     )
     assert r.usage.completion_tokens >= 1
+
+
+# -- tools and structured outputs through the clients (debug model served with a tool-capable template) -----------
+
+TOOLS_MODEL = "debug-tools"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather now",
+        "parameters": {
+            "type": "object",
+            "properties": {"unit": {"enum": ["c", "f"]}},
+            "required": ["unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tools_server(
+    start_server: ServerFactory, debug_model_dir: Path, keys_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> ServingProcess:
+    model = with_tool_template(debug_model_dir, tmp_path_factory.mktemp("models") / TOOLS_MODEL)
+    return start_server("--model", str(model), "--served-model-name", TOOLS_MODEL, "--api-keys-file", str(keys_file))
+
+
+def test_langchain_bind_tools_and_structured_output(tools_server: ServingProcess) -> None:
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Verdict(BaseModel):  # bounded, so the random debug model completes it in a few tokens
+        ok: bool
+        color: str = Field(json_schema_extra={"enum": ["red", "green", "blue"]})
+
+    llm = ChatOpenAI(model=TOOLS_MODEL, base_url=tools_server.url + "/v1", api_key=ALICE_KEY, max_tokens=60,
+                     temperature=0, max_retries=0)  # fmt: skip
+    # a named tool choice is enforced by constrained decoding: the call is parsed into AIMessage.tool_calls
+    called = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather?")
+    assert [c["name"] for c in called.tool_calls] == ["get_weather"]
+    assert called.tool_calls[0]["args"]["unit"] in ("c", "f")
+    # LangChain's default structured output (json_schema, strict) and its function-calling method
+    for method in ("json_schema", "function_calling"):
+        verdict = llm.with_structured_output(Verdict, method=method).invoke("Judge this.")
+        assert isinstance(verdict, Verdict) and verdict.color in ("red", "green", "blue"), method
+
+
+def test_litellm_tools_and_json_schema(tools_server: ServingProcess) -> None:
+    import json
+
+    import litellm
+
+    kw = {"model": f"openai/{TOOLS_MODEL}", "api_base": tools_server.url + "/v1", "api_key": ALICE_KEY,
+          "max_tokens": 60, "temperature": 0}  # fmt: skip
+    r = litellm.completion(messages=USER, tools=[WEATHER], tool_choice="required", **kw)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["unit"] in ("c", "f")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}  # fmt: skip
+    r = litellm.completion(
+        messages=USER, response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": schema}}, **kw
+    )
+    assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
 
 
 def test_llama_index_openai_like() -> None:

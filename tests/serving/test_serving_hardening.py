@@ -242,7 +242,6 @@ def test_tokenization_runs_off_the_event_loop(
         ({"model": MODEL_ID, "prompt": ["x"] * 8, "n": 9}, "n"),  # prompts x n is bounded (MAX_CHOICES)
         ({"model": MODEL_ID, "prompt": [10**9]}, "prompt"),  # token ids beyond the vocabulary
         ({**CHAT, "n": 17}, "n"),
-        ({**CHAT, "messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages.0.tool_calls"),
         (
             {**CHAT, "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {}}]}]},
             "messages.0.tool_calls.0.function.name",
