@@ -29,6 +29,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,6 +139,9 @@ def render_prune_job(spec: PruneJobSpec, outputs: dict[str, Any]) -> dict[str, A
             "labels": {**labels, "llm-platform/pool": pool_name},
         },
         "spec": {
+            # Indexed with one index: its pod carries the completion-index label that `ops.jobs` (`--follow`,
+            # `python -m ops.jobs wait|logs`) selects a job's pod 0 by, as for training jobs.
+            "completionMode": "Indexed",
             "completions": 1,
             "parallelism": 1,
             "backoffLimit": spec.backoff_limit,
@@ -253,6 +257,11 @@ def launch_prune(args: argparse.Namespace, outputs: dict[str, Any], validate: Ca
         if rc:
             return rc
     print(f"the pruned model will be at {loc['out']}: distil it with --model {spec.name} --distill-from {spec.model}")
+    if args.follow:
+        from ops import jobs
+
+        job = jobs.open_job(args.target, args.name, outputs)
+        return jobs.follow(job, outputs, args.stack, sys.stdout, poll_s=args.poll)
     return 0
 
 

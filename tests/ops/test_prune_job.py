@@ -54,6 +54,8 @@ def test_eks_prune_is_a_valid_one_gpu_job_running_the_pruner(
     (job,) = list(yaml.safe_load_all(stdout))
     kubernetes_validate.validate(job, K8S_VERSION, strict=True)
     assert job["kind"] == "Job" and job["spec"]["completions"] == job["spec"]["parallelism"] == 1
+    # One index: ops.jobs (--follow, wait, logs) finds the pod by its completion-index label, as for training.
+    assert job["spec"]["completionMode"] == "Indexed"
     pod = job["spec"]["template"]["spec"]
     _, pool = training_pool(outputs)
     assert pod["nodeSelector"] == pool["labels"]
