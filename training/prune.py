@@ -27,7 +27,8 @@ go first and the neurons are scored on the shallower model. Attention heads are 
 query heads from every KV group of every layer (SmolLM2-135M: 3 groups of 3, so one head per group = a third of
 attention at once), and Minitron reports head pruning as the most damaging of its width axes.
 
-Scoring runs on the GPU when there is one (the pruning job, ops/launch_training.py `--job prune`), else on CPU.
+Scoring runs on the GPU when there is one and the fp32 weights fit it (the pruning job, ops/launch_training.py
+`--job prune`), else on CPU.
 
 Exit status: 0 written, 2 bad input (nothing written).
 """
@@ -88,16 +89,17 @@ def block_influence(model: torch.nn.Module, inputs: torch.Tensor, batch_size: in
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
-            cos_sum[i] += cos.double().sum()
+            cos_sum[i] += cos.double().sum().cpu()
 
         return record
 
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(hook(i), with_kwargs=True))
+    device = next(model.parameters()).device
     try:
         model.eval()
         for start in range(0, len(inputs), batch_size):
-            batch = inputs[start : start + batch_size]
+            batch = inputs[start : start + batch_size].to(device)
             model(input_ids=batch)
             count += batch.numel()
     finally:
@@ -254,6 +256,16 @@ def prune_mlp_neurons(model: torch.nn.Module, importance: list[torch.Tensor], ke
     return kept
 
 
+def scoring_device(model: torch.nn.Module) -> torch.device:
+    """The GPU when the fp32 weights fit in 80% of its free memory (the calibration batches need little more), else
+    the CPU: a slow score beats an out-of-memory failure on a GPU smaller than the model."""
+    if torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        if sum(p.numel() * p.element_size() for p in model.parameters()) < 0.8 * free:
+            return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def read_model_config(path: str) -> dict[str, Any]:
     """The model's config.json (local directory or s3:// prefix; the debug model's shape for 'debug')."""
     if path == DEBUG_MODEL:
@@ -293,8 +305,7 @@ def prune(
         inputs = calibration_inputs(build_sequences(data, tokenizer, seq_len, text_field), calib_windows)
         before = num_params(model)
         record: dict[str, Any] = {"source": model_path, "calibration": calib, "params_before": before}
-        if torch.cuda.is_available():
-            model.cuda()
+        model.to(scoring_device(model))
         keep = list(range(total))
         if options.depth:
             ranking = block_influence(model, inputs)
