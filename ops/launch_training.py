@@ -6,6 +6,8 @@
         --preset llama-8b --data corpora/c4-en --spot
     python -m ops.launch_training --stack dev --target eks --job prepare --name c4-llama32 --workers 8 \\
         --data corpora/c4-en --model base/llama-3.2-1b --seq-len 4096 --image-tag 2026-11-23 --dry-run
+    python -m ops.launch_training --stack dev --target eks --job prune --name smol-20l --model ft/smollm2 \\
+        --data chat/train.jsonl --keep-layers 20 --image-tag 2026-11-23 --dry-run
 
 `--follow` then shows one progress line until the job ends and prints the exported model and the command that
 serves it (`python -m ops.jobs wait`); the exit status is the job's outcome.
@@ -29,7 +31,7 @@ from typing import Any
 import yaml
 
 from infra import outputs as out
-from ops import prepare_job
+from ops import prepare_job, prune_job
 from ops.stack_outputs import StackError, load_outputs, require, training_pool
 from ops.training_k8s_job import (
     TrainingJobSpec,
@@ -89,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=15, help="--follow: seconds between polls (default 15)")
     # [prepare] `--job prepare` (its own flags): python -m training.prepare as an Indexed Job / Processing job.
     prepare_job.add_arguments(p)
+    # [prune] `--job prune` (its own flags): python -m training.prune as a Job / training job (ops/prune_job.py).
+    prune_job.add_arguments(p)
     return p
 
 
@@ -102,9 +106,12 @@ class JobKind:
     module the pods run with `python -m` and that module's own validation of the command line it will get."""
 
     module: str
-    validate: Callable[[list[str], bool], TrainConfig]
+    validate: Callable[[list[str], bool], Any]
     """(argv the job's module gets, whether the model's config.json may be read) -> the resolved config; raises
     the module's own errors for what it would refuse."""
+    launch: Callable[[argparse.Namespace, dict[str, Any], Callable[[list[str], bool], Any]], int] | None = None
+    """A kind that is not a torchrun training job (one process, its own renderer): (args, stack outputs, validate)
+    -> exit status. None: launch_eks / launch_sagemaker with `module` and `validate`."""
 
 
 def validate_training_argv(argv: list[str], read_model: bool) -> TrainConfig:
@@ -121,7 +128,22 @@ def validate_training_argv(argv: list[str], read_model: bool) -> TrainConfig:
     return cfg
 
 
-JOB_KINDS: dict[str, JobKind] = {"train": JobKind(module="training", validate=validate_training_argv)}
+def validate_prune_argv(argv: list[str], read_model: bool) -> Any:
+    """The pruner's own parsing and validation (training/prune.py validate_argv), in-process, on the job's flags."""
+    from training import prune
+
+    try:
+        return prune.validate_argv(argv, read_model)
+    except SystemExit:  # argparse has printed why
+        raise LaunchError(f"the pruner would refuse its command line: {' '.join(argv)}") from None
+    except (ConfigError, DataError, ModelError) as e:
+        raise LaunchError(f"the pruner would refuse this job: {e}") from None
+
+
+JOB_KINDS: dict[str, JobKind] = {
+    "train": JobKind(module="training", validate=validate_training_argv),
+    "prune": JobKind(module=prune_job.MODULE, validate=validate_prune_argv, launch=prune_job.launch_prune),
+}
 
 PREPARE = "prepare"
 """`--job prepare`: data preparation (python -m training.prepare) is an Indexed Job / Processing job with its own
@@ -249,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         outputs = load_outputs(args.stack, args.outputs)
         if args.job == PREPARE:
             return prepare_job.launch_prepare(args, outputs)
+        kind = JOB_KINDS[args.job]
+        if kind.launch is not None:
+            return kind.launch(args, outputs, kind.validate)
         if args.target == "eks":
             return launch_eks(args, outputs)
         return launch_sagemaker(args, outputs)

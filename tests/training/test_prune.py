@@ -98,7 +98,8 @@ def test_block_influence_is_one_minus_the_mean_cosine() -> None:
     ("args", "message"),
     [
         (["--drop-layers", "4"], "--drop-layers 4: the model has 4 decoder layers"),
-        (["--keep-layers", "0"], "--keep-layers 0: the model has 4 decoder layers"),
+        (["--keep-layers", "0"], "--keep-layers 0: must be >= 1"),
+        (["--keep-layers", "4"], "--keep-layers 4: the model has 4 decoder layers"),
         (["--drop-layers", "1", "--calib", "/nonexistent/calib.txt"], "--calib /nonexistent/calib.txt"),
     ],
 )
