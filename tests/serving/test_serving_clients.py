@@ -184,9 +184,10 @@ def tools_server(
 
 def test_langchain_bind_tools_and_structured_output(tools_server: ServingProcess) -> None:
     from langchain_openai import ChatOpenAI
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, ConfigDict, Field
 
     class Verdict(BaseModel):  # bounded, so the random debug model completes it in a few tokens
+        model_config = ConfigDict(extra="forbid")  # additionalProperties false: else it may add keys until max_tokens
         ok: bool
         color: str = Field(json_schema_extra={"enum": ["red", "green", "blue"]})
 
