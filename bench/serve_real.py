@@ -222,6 +222,7 @@ def main() -> int:
     threads = str(args.threads)
     ours = [sys.executable, "-m", "serving", "--model", str(model_dir), "--served-model-name", "smol"]
     ours += ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning", "--torch-threads", threads]
+    ours += ["--allow-unauthenticated"]  # loopback-only benchmark servers, no keys
     hf_cli = str(Path(sys.executable).parent / "transformers")
     # PROOF.md: size the paged KV cache explicitly, or continuous batching sizes it from system RAM (9 GB seen)
     hf = [hf_cli, "serve", str(model_dir), "--continuous-batching", "--host", "127.0.0.1", "--port", "{port}"]
