@@ -16,6 +16,8 @@ from serving.errors import from_validation_error
 from serving.protocol import (
     MAX_CONTENT_PARTS,
     MAX_MESSAGES,
+    MAX_PROMPT_TOKEN_IDS,
+    MAX_PROMPTS,
     MAX_STOP_SEQUENCES,
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,8 +30,9 @@ CHAT: dict[str, Any] = {"model": MODEL_ID, "max_tokens": 2}
 
 # (model, body): each list beyond its bound, with items that are invalid too (today: one error per item)
 HUGE = [
-    (CompletionRequest, {"model": MODEL_ID, "prompt": [0] * 250_000}),
-    (CompletionRequest, {"model": MODEL_ID, "prompt": ["a"] * 10_000}),
+    (CompletionRequest, {"model": MODEL_ID, "prompt": [-1] * 250_000}),  # token ids, each invalid
+    (CompletionRequest, {"model": MODEL_ID, "prompt": [0] * (MAX_PROMPT_TOKEN_IDS + 1)}),
+    (CompletionRequest, {"model": MODEL_ID, "prompt": ["a"] * 10_000}),  # beyond MAX_PROMPTS
     (CompletionRequest, {"model": MODEL_ID, "prompt": "x", "stop": [0] * 50_000}),
     (ChatCompletionRequest, {**CHAT, "messages": [{}] * 30_000}),
     (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": ""}] * (MAX_MESSAGES + 1)}),
@@ -68,7 +71,7 @@ def test_every_list_has_a_bound() -> None:
     assert len(found) >= 5
     assert [path for path, bound in found if bound is None] == []
     bounds = {bound for _, bound in found}
-    assert {MAX_MESSAGES, MAX_CONTENT_PARTS, MAX_STOP_SEQUENCES, 1} <= bounds
+    assert {MAX_MESSAGES, MAX_CONTENT_PARTS, MAX_STOP_SEQUENCES, MAX_PROMPTS, MAX_PROMPT_TOKEN_IDS} <= bounds
 
 
 def post(server: ServingProcess, path: str, content: bytes) -> httpx.Response:
