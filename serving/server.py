@@ -294,7 +294,8 @@ def start_vllm(cfg: ServingConfig, model_dir: Path) -> Backend:
     ]  # fmt: skip
     log.info("lifecycle: starting engine process: %s", shlex.join(command))
     # own session: a Ctrl-C or group signal must not stop the engine before the gateway has drained
-    child = subprocess.Popen(command, start_new_session=True)
+    global _starting_child
+    child = _starting_child = subprocess.Popen(command, start_new_session=True)
     return UpstreamBackend(
         f"http://127.0.0.1:{cfg.vllm_port}", "", cfg.request_timeout_s, child=child,
         child_stop_timeout_s=cfg.drain_timeout_s, default_max_tokens=cfg.default_max_tokens,
@@ -368,9 +369,26 @@ def load_keys(cfg: ServingConfig) -> tuple[KeyStore, KeyFile | None]:
     return keys, key_file
 
 
+_starting_child: subprocess.Popen[bytes] | None = None
+"""The vLLM engine process while the gateway starts (`_exit_quietly` stops it; the backend owns it afterwards)."""
+
+
 def _exit_quietly(sig: int, frame: FrameType | None) -> None:
-    """SIGTERM / SIGINT before serving (nothing in flight): exit 0 at once."""
-    raise SystemExit(0)
+    """SIGTERM / SIGINT before serving (nothing in flight): exit 0 at once.
+
+    `os._exit`, not `SystemExit`: the exception is raised wherever the main thread happens to be, and during the
+    model load that can be inside library code that catches it (seen: a SIGTERM during start-up was swallowed and the
+    server went on to serve, 1 run in 3 of tests/serving/test_serving_connections.py), and interpreter teardown would
+    then join worker threads. Before serving there is nothing to drain; the engine process a gateway started is
+    stopped first."""
+    child = _starting_child
+    if child is not None and child.poll() is None:
+        child.terminate()
+    log.info("lifecycle: signal %d before serving: exiting", sig)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 def run(cfg: ServingConfig) -> int:
