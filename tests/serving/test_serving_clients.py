@@ -20,7 +20,9 @@ import openai
 import pytest
 
 from tests.serving.conftest import ALICE_KEY, MODEL_ID, ServerFactory, ServingProcess
-from tests.serving.tool_template import with_tool_template
+
+# the tool-capable debug model, its server and tool definition, as the structured-output tests serve them
+from tests.serving.test_serving_structured import TOOLS_MODEL, WEATHER, tools_server  # noqa: F401
 
 # LiteLLM fetches a model price list from the internet at import unless told to use its bundled copy
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -158,31 +160,8 @@ def test_litellm_async_completion(server: ServingProcess) -> None:
 
 # -- tools and structured outputs through the clients (debug model served with a tool-capable template) -----------
 
-TOOLS_MODEL = "debug-tools"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather now",
-        "parameters": {
-            "type": "object",
-            "properties": {"unit": {"enum": ["c", "f"]}},
-            "required": ["unit"],
-            "additionalProperties": False,
-        },
-    },
-}
 
-
-@pytest.fixture(scope="module")
-def tools_server(
-    start_server: ServerFactory, debug_model_dir: Path, keys_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> ServingProcess:
-    model = with_tool_template(debug_model_dir, tmp_path_factory.mktemp("models") / TOOLS_MODEL)
-    return start_server("--model", str(model), "--served-model-name", TOOLS_MODEL, "--api-keys-file", str(keys_file))
-
-
-def test_langchain_bind_tools_and_structured_output(tools_server: ServingProcess) -> None:
+def test_langchain_bind_tools_and_structured_output(tools_server: ServingProcess) -> None:  # noqa: F811
     from langchain_openai import ChatOpenAI
     from pydantic import BaseModel, ConfigDict, Field
 
@@ -203,7 +182,7 @@ def test_langchain_bind_tools_and_structured_output(tools_server: ServingProcess
         assert isinstance(verdict, Verdict) and verdict.color in ("red", "green", "blue"), method
 
 
-def test_litellm_tools_and_json_schema(tools_server: ServingProcess) -> None:
+def test_litellm_tools_and_json_schema(tools_server: ServingProcess) -> None:  # noqa: F811
     import json
 
     import litellm
