@@ -8,17 +8,23 @@
 The rules are the trainer's own (training/data.py: document separator, chat templates, assistant-only loss mask),
 called, not copied, so a run from the shards reads exactly the sequences a run from the raw data would.
 
-Two phases, both split across workers, so that any number of workers writes the same bytes:
-1. tokenize: input file i (in sorted order) goes to worker i % W, which writes `parts/part-<i>.bin` (the file's
-   token stream, documents and separators) and, last, `parts/part-<i>.json` (its token count and data report);
+Two phases, both split across workers, so that any number of workers writes the same bytes (which worker does a
+file or shard changes nothing in it):
+1. tokenize: input file i (in sorted order) is tokenized by one worker into `parts/part-<i>.bin` (the file's token
+   stream, documents and separators) and, last, `parts/part-<i>.json` (its token count and data report);
 2. pack: with every part done, the global stream (parts in file order) is cut into windows exactly as `pack` cuts
-   the whole dataset's stream; shard k holds windows [k*S, (k+1)*S) (S from --shard-mb) and is written by worker
-   k % W. Then worker 0 writes manifest.json and removes the parts.
+   the whole dataset's stream; shard k holds windows [k*S, (k+1)*S) (S from --shard-mb). Then worker 0 writes
+   manifest.json and removes the parts.
 Every file is written whole (rename, or one S3 PUT/multipart upload) and its .json after it, so a rerun skips what
-is complete and a crash costs only the file in flight. One machine: `--workers W` starts W processes. A cluster:
-each pod runs `--num-workers W --worker-index I` (JOB_COMPLETION_INDEX on a Kubernetes Indexed Job) and waits for
-the others through the output location. On SageMaker Processing with ShardedByS3Key, `--local-input DIR` names the
-files SageMaker copied to this instance: the worker tokenizes those (and only those).
+is complete and a crash costs only the file in flight.
+- One machine: `--workers W` starts W processes; the parent hands the files out largest first (by bytes), each to
+  whichever worker is free, then the shards likewise.
+- A cluster: each pod runs `--workers W --worker-index I` (JOB_COMPLETION_INDEX on a Kubernetes Indexed Job) and
+  waits for the others through the output location. Pods share only storage, so each computes the same split from
+  the listing's sizes: longest processing time first (files by decreasing size, each to the worker with the fewest
+  bytes so far, ties to the lowest index; `balanced_assignment`); shard k goes to worker k % W (shards are equal).
+- SageMaker Processing with ShardedByS3Key: `--local-input DIR` names the files SageMaker copied to this instance:
+  the worker tokenizes those (and only those).
 
 Data validation: bad JSON lines, records of the wrong shape, chat messages with unknown roles ("usr") and empty
 documents are skipped, counted and reported as file:line. More than --max-bad-fraction of the records (default 0)
@@ -32,12 +38,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import heapq
 import json
 import multiprocessing
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,26 +136,51 @@ def part_name(i: int, ext: str) -> str:
 # -- inputs ------------------------------------------------------------------------------------------------------
 
 
-def list_sources(data: str) -> list[str]:
-    """Relative paths of the input files under `data` (a file, directory or s3:// prefix), sorted: the global
-    order of the corpus, the same in every worker."""
+def list_inputs(data: str) -> list[tuple[str, int]]:
+    """(relative path, size in bytes) of the input files under `data` (a file, directory or s3:// prefix), sorted by
+    path: the global order of the corpus, the same in every worker. The sizes come from the same listing (a stat, or
+    the Size S3's ListObjectsV2 returns with each key) and decide only which worker tokenizes which file."""
     suffixes = TEXT_SUFFIXES | JSONL_SUFFIXES
     if is_s3(data):
-        files = [f for f in open_storage(data).list_files() if Path(f).suffix in suffixes]
+        files = {rel: n for rel, n in open_storage(data).file_sizes().items() if Path(rel).suffix in suffixes}
         if not files:  # an object, not a prefix
             parent, name = data.rstrip("/").rsplit("/", 1)
             if open_storage(parent).exists(name):
-                return [name]
+                return [(name, 0)]  # one file is the whole job: its size decides nothing
     else:
         path = Path(data)
         if path.is_file():
-            return [path.name]
+            return [(path.name, path.stat().st_size)]
         if not path.is_dir():
             raise DataError(f"--data {data} does not exist")
-        files = [p.relative_to(path).as_posix() for p in sorted(path.rglob("*")) if p.suffix in suffixes]
+        files = {rel: n for rel, n in open_storage(data).file_sizes().items() if Path(rel).suffix in suffixes}
     if not files:
         raise DataError(f"no .txt or .jsonl files under {data}")
-    return sorted(files)
+    return sorted(files.items())
+
+
+def list_sources(data: str) -> list[str]:
+    """Relative paths of the input files under `data`, sorted: the global order of the corpus."""
+    return [rel for rel, _ in list_inputs(data)]
+
+
+def largest_first(sizes: Sequence[int]) -> list[int]:
+    """File indices by size, largest first (ties in file order): the order work is handed out in."""
+    return sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+
+
+def balanced_assignment(sizes: Sequence[int], workers: int) -> list[list[int]]:
+    """Each worker's files (indices, largest first) for a cluster job, whose workers share only storage: longest
+    processing time first, i.e. files by (-size, index), each to the worker with the fewest bytes so far (ties to the
+    lowest worker index). A pure function of the listing, so every worker computes the same split; tokenizing time
+    grows with a file's bytes, so no worker gets, say, all the JSONL files as `i % W` could give it."""
+    loads = [(0, w) for w in range(workers)]  # a heap of (bytes so far, worker): the least loaded, lowest index first
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    for i in largest_first(sizes):
+        load, w = heapq.heappop(loads)
+        shares[w].append(i)
+        heapq.heappush(loads, (load + sizes[i], w))
+    return shares
 
 
 def _source_root(data: str) -> Storage:
@@ -295,24 +328,19 @@ def write_shard(plan: Plan, k: int, out: Storage, tmp: Path) -> None:
 # -- the job ---------------------------------------------------------------------------------------------------------
 
 
-_inherited_tokenizer: Any = None
-"""The parent's tokenizer, which forked workers inherit instead of loading their own."""
-
-
 def run_worker(job: Job, index: int, tokenizer: Any = None) -> None:
-    """One worker: its files, then (once all parts are done) its shards."""
+    """One worker of a cluster job (or the only worker): its files, then (once all parts are done) its shards."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker, one core: parallelism is the workers'
     out = open_storage(job.out)
-    sources = list_sources(job.data)
-    tokenizer = (
-        tokenizer or _inherited_tokenizer or load_tokenizer(job.tokenizer, Path(tempfile.gettempdir()) / "llm-prepare")
-    )
+    inputs = list_inputs(job.data)
+    sources = [rel for rel, _ in inputs]
+    tokenizer = tokenizer or load_tokenizer(job.tokenizer, Path(tempfile.gettempdir()) / "llm-prepare")
     source = _source_root(job.data)
     if job.local_input:
         # SageMaker's ShardedByS3Key chose this instance's files (by S3 key); they keep their place in the order.
         mine = [i for i, rel in enumerate(sources) if (Path(job.local_input) / rel).is_file()]
     else:
-        mine = list(range(index, len(sources), job.workers))
+        mine = balanced_assignment([n for _, n in inputs], job.workers)[index]
     with tempfile.TemporaryDirectory(prefix="prepare-") as tmp:
         for i in mine:
             if not out.exists(part_name(i, "json")):
@@ -323,6 +351,65 @@ def run_worker(job: Job, index: int, tokenizer: Any = None) -> None:
         for k in range(index, plan.shards, job.workers):
             if not out.exists(shard_name(k).replace(".bin", ".json")):
                 write_shard(plan, k, out, Path(tmp))
+
+
+# -- W processes on this machine: files and shards handed out to whichever worker is free -------------------------
+
+_inherited_tokenizer: Any = None
+"""The parent's tokenizer, which forked workers inherit instead of loading their own."""
+_pool_state: dict[str, Any] = {}
+"""A pool worker's job, tokenizer, storages and plan (set once per process by `_pool_init`)."""
+
+
+def _pool_init(job: Job, source_uri: str, plan: Plan | None) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker, one core: parallelism is the workers'
+    tokenizer = _inherited_tokenizer or load_tokenizer(job.tokenizer, Path(tempfile.gettempdir()) / "llm-prepare")
+    _pool_state.update(
+        job=job, tokenizer=tokenizer, source=open_storage(source_uri), out=open_storage(job.out), plan=plan
+    )
+
+
+def _tokenize_task(task: tuple[int, str]) -> int:
+    i, rel = task
+    st = _pool_state
+    with tempfile.TemporaryDirectory(prefix="prepare-") as tmp:
+        tokenize_file(st["job"], st["tokenizer"], i, rel, st["source"], st["out"], Path(tmp))
+    return i
+
+
+def _shard_task(k: int) -> int:
+    with tempfile.TemporaryDirectory(prefix="prepare-") as tmp:
+        write_shard(_pool_state["plan"], k, _pool_state["out"], Path(tmp))
+    return k
+
+
+def run_pool(job: Job, tokenizer: Any, out: Storage) -> None:
+    """`--workers W` here: W processes take the files, largest first, one at a time as each becomes free (a big file
+    or a slow JSONL one holds up only its own worker), then the shards the same way. Forked where the platform can
+    (Linux): the workers inherit the imports and the tokenizer instead of paying both again (~10-30 s each on a busy
+    machine). A failing worker stops the job with its message (the pool raises its exception here)."""
+    global _inherited_tokenizer
+    inputs = list_inputs(job.data)
+    source = _source_root(job.data)
+    files = [(i, inputs[i][0]) for i in largest_first([n for _, n in inputs]) if not out.exists(part_name(i, "json"))]
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    _inherited_tokenizer = tokenizer
+    try:
+        if files:
+            with ctx.Pool(min(job.workers, len(files)), _pool_init, (job, source.uri, None)) as pool:
+                for _ in pool.imap_unordered(_tokenize_task, files, chunksize=1):
+                    pass
+        parts = [PartStats(**json.loads(out.read_text(part_name(i, "json")))) for i in range(len(inputs))]
+        plan = make_plan(job, tokenizer, parts)
+        check_quality(job, plan)
+        # Shards are all the same size but for the last: handed out in order, each to the first free worker.
+        shards = [k for k in range(plan.shards) if not out.exists(shard_name(k).replace(".bin", ".json"))]
+        if shards:
+            with ctx.Pool(min(job.workers, len(shards)), _pool_init, (job, source.uri, plan)) as pool:
+                for _ in pool.imap_unordered(_shard_task, shards, chunksize=1):
+                    pass
+    finally:
+        _inherited_tokenizer = None
 
 
 def make_plan(job: Job, tokenizer: Any, parts: list[PartStats]) -> Plan:
@@ -422,16 +509,7 @@ def prepare(job: Job) -> Manifest | None:
     if job.worker_index is None and job.workers == 1:
         run_worker(job, 0, tokenizer)
     elif job.worker_index is None:
-        # W processes, forked where the platform can (Linux): they inherit the imports and the tokenizer instead of
-        # paying both again (~10-30 s each on a busy machine). A failing worker stops the job with its message.
-        global _inherited_tokenizer
-        _inherited_tokenizer = tokenizer
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        try:
-            with multiprocessing.get_context(method).Pool(job.workers) as pool:
-                pool.starmap(run_worker, [(job, w) for w in range(job.workers)])
-        finally:
-            _inherited_tokenizer = None
+        run_pool(job, tokenizer, out)
     else:
         run_worker(job, job.worker_index, tokenizer)
         if job.worker_index != 0:

@@ -67,6 +67,11 @@ class Storage(Protocol):
         """Paths (relative to `rel`) of every file under `rel`, sorted."""
         ...
 
+    def file_sizes(self, rel: str = "") -> dict[str, int]:
+        """Path (relative to `rel`, as `list_files` names it) -> size in bytes, for every file under `rel`, from the
+        one listing (training/prepare.py balances its workers by input size)."""
+        ...
+
 
 class LocalStorage:
     def __init__(self, root: str | Path) -> None:
@@ -128,6 +133,12 @@ class LocalStorage:
         root = self._p(rel)
         return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
 
+    def file_sizes(self, rel: str = "") -> dict[str, int]:
+        root = self._p(rel)
+        if not root.is_dir():
+            return {}
+        return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
 
 class S3Storage:
     def __init__(self, uri: str) -> None:
@@ -140,12 +151,17 @@ class S3Storage:
     def _key(self, rel: str) -> str:
         return "/".join(p for p in (self.prefix, rel.strip("/")) if p)
 
-    def _iter_keys(self, rel: str):
+    def _iter_objects(self, rel: str):
+        """(key, size) of every object under `rel`: ListObjectsV2 returns each object's Size with its Key."""
         prefix = self._key(rel)
         prefix = prefix + "/" if prefix else ""
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
-                yield obj["Key"]
+                yield obj["Key"], int(obj["Size"])
+
+    def _iter_keys(self, rel: str):
+        for key, _ in self._iter_objects(rel):
+            yield key
 
     def exists(self, rel: str) -> bool:
         from botocore.exceptions import ClientError
@@ -209,6 +225,11 @@ class S3Storage:
         base = self._key(rel)
         base = base + "/" if base else ""
         return sorted(k[len(base) :] for k in self._iter_keys(rel))
+
+    def file_sizes(self, rel: str = "") -> dict[str, int]:
+        base = self._key(rel)
+        base = base + "/" if base else ""
+        return {k[len(base) :]: size for k, size in sorted(self._iter_objects(rel))}
 
     def delete_dir(self, rel: str) -> None:
         keys = list(self._iter_keys(rel))
