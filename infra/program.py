@@ -465,6 +465,7 @@ def declare_team_access(
         kms_key_arn=storage.kms_key_arn,
         cluster_arn=cluster.cluster.arn,
         sagemaker_role_arn=identity.sagemaker_role_arn,
+        sagemaker_prepare_role_arn=identity.sagemaker_prepare_role_arn,
     )
     TeamAccess("teams", TeamAccessArgs(teams=cfg.teams, arns=arns, cluster_name=cluster.name, tags=tags))
 

@@ -2,10 +2,11 @@
 IAM policy per team on exactly this stack's buckets, key, cluster and SageMaker resources.
 
 - viewer: AmazonEKSViewPolicy in its namespaces (read everything but Secrets); AWS: list the buckets, describe the
-  cluster, the stack's training jobs and endpoint.
+  cluster, the stack's training and processing jobs and endpoint.
 - ml-engineer: in llm-training our Role (Jobs create/delete, pods and logs read; infra/team_rbac.py), elsewhere
   AmazonEKSViewPolicy; AWS: datasets and checkpoints read/write/delete, models read, SageMaker training jobs tagged
-  for this stack run as the stack's execution role, endpoint changes explicitly denied.
+  for this stack run as the stack's execution role, SageMaker Processing (data preparation) jobs tagged for this
+  stack run as its prepare role, endpoint changes explicitly denied.
 - admin: AmazonEKSAdminPolicy in its namespaces (everything in them, Secrets included; not the namespace itself, not
   cluster-scoped objects); AWS: ml-engineer's, plus updating the SageMaker endpoint.
 
@@ -86,6 +87,8 @@ class StackArns:
     kms_key_arn: Any
     cluster_arn: Any
     sagemaker_role_arn: Any
+    sagemaker_prepare_role_arn: Any
+    """The role SageMaker Processing jobs of `ops.launch_training --job prepare` run as (infra/identity.py)."""
 
 
 def iam_statements(access: str, s: StackArns) -> list[dict[str, Any]]:
@@ -103,8 +106,12 @@ def iam_statements(access: str, s: StackArns) -> list[dict[str, Any]]:
             # Describe calls take no request tags; the stack's resources are named/tagged, so read by name prefix.
             "Sid": "DescribeSageMaker",
             "Effect": "Allow",
-            "Action": ["sagemaker:DescribeTrainingJob", "sagemaker:DescribeEndpoint"],
-            "Resource": [f"{sm}:training-job/*", f"{sm}:endpoint/{s.name_prefix}-*"],
+            "Action": [
+                "sagemaker:DescribeTrainingJob",
+                "sagemaker:DescribeProcessingJob",
+                "sagemaker:DescribeEndpoint",
+            ],
+            "Resource": [f"{sm}:training-job/*", f"{sm}:processing-job/*", f"{sm}:endpoint/{s.name_prefix}-*"],
             "Condition": {"StringEquals": {f"aws:ResourceTag/{STACK_TAG}": s.stack}},
         },
     ]
@@ -161,6 +168,44 @@ def iam_statements(access: str, s: StackArns) -> list[dict[str, Any]]:
                 "Effect": "Allow",
                 "Action": ["logs:GetLogEvents", "logs:FilterLogEvents", "logs:DescribeLogStreams"],
                 "Resource": f"arn:{s.partition}:logs:{s.region}:{s.account_id}:log-group:/aws/sagemaker/TrainingJobs:*",
+            },
+            # Data preparation on SageMaker (`ops.launch_training --job prepare --platform sagemaker`,
+            # ops/prepare_job.py) is a Processing job running as the stack's prepare role, tagged with the stack tags
+            # like a training job. Action names, the processing-job resource and its condition keys
+            # (aws:RequestTag/${TagKey} on CreateProcessingJob and AddTags, aws:ResourceTag/${TagKey} on
+            # StopProcessingJob and DescribeProcessingJob): Service Authorization Reference, "Actions, resources, and
+            # condition keys for Amazon SageMaker AI"
+            # (https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazonsagemaker.html).
+            {
+                "Sid": "CreateProcessingJobsOfThisStack",
+                "Effect": "Allow",
+                "Action": ["sagemaker:CreateProcessingJob", "sagemaker:AddTags"],
+                "Resource": f"{sm}:processing-job/*",
+                "Condition": {"StringEquals": {f"aws:RequestTag/{STACK_TAG}": s.stack}},
+            },
+            {
+                "Sid": "StopProcessingJobsOfThisStack",
+                "Effect": "Allow",
+                "Action": ["sagemaker:StopProcessingJob"],
+                "Resource": f"{sm}:processing-job/*",
+                "Condition": {"StringEquals": {f"aws:ResourceTag/{STACK_TAG}": s.stack}},
+            },
+            {
+                # The prepare role only (S3: read datasets and models, write datasets/prepared/; infra/identity.py),
+                # and only to SageMaker: what a Processing job of ops/prepare_job.py names as its RoleArn.
+                "Sid": "PassPrepareRoleToSageMaker",
+                "Effect": "Allow",
+                "Action": ["iam:PassRole"],
+                "Resource": s.sagemaker_prepare_role_arn,
+                "Condition": {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
+            },
+            {
+                "Sid": "ReadProcessingJobLogs",
+                "Effect": "Allow",
+                "Action": ["logs:GetLogEvents", "logs:FilterLogEvents", "logs:DescribeLogStreams"],
+                "Resource": (
+                    f"arn:{s.partition}:logs:{s.region}:{s.account_id}:log-group:/aws/sagemaker/ProcessingJobs:*"
+                ),
             },
         ]
     endpoints = [f"{sm}:endpoint/{s.name_prefix}-*", f"{sm}:endpoint-config/{s.name_prefix}-*"]
@@ -262,8 +307,8 @@ def describe(teams: TeamsConfig) -> list[dict[str, Any]]:
         s3 = [f"{kind} {'+'.join(_verbs(actions))}" for kind, actions in S3_ACCESS[team.access].items()]
         sagemaker = {
             "viewer": "describe",
-            "ml-engineer": "training jobs (this stack's tag), no endpoint changes",
-            "admin": "training jobs, endpoint updates",
+            "ml-engineer": "training and data-preparation jobs (this stack's tag), no endpoint changes",
+            "admin": "training and data-preparation jobs, endpoint updates",
         }[team.access]
         rows.append(
             {

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from facts.cluster import PREPARED_PREFIX
+from facts.tags import STACK_TAG
 from infra import outputs as out
 from ops.stack_outputs import StackError, require
 
@@ -184,6 +185,19 @@ def render_prepare_job(spec: PrepareJobSpec, outputs: dict[str, Any]) -> dict[st
     }
 
 
+def request_tags(outputs: dict[str, Any]) -> list[dict[str, str]]:
+    """The stack's tags on the create request. A team may create a Processing job only with this stack's
+    STACK_TAG in the request (infra/teams.py, CreateProcessingJobsOfThisStack: aws:RequestTag): without it the call
+    would fail as a bare AccessDenied, so say so first."""
+    tags = outputs.get(out.TAGS) or {}
+    if not tags.get(STACK_TAG):
+        raise StackError(
+            f"stack output {out.TAGS!r} has no {STACK_TAG!r} tag: team policies create SageMaker jobs only with this "
+            "stack's tag in the request; run `pulumi up` for this stack, then read its outputs again"
+        )
+    return [{"Key": k, "Value": str(v)} for k, v in sorted(tags.items())]
+
+
 def build_processing_job_request(spec: PrepareJobSpec, outputs: dict[str, Any]) -> dict[str, Any]:
     """The `create_processing_job` request, as a plain dict (printed by --dry-run, validated by tests)."""
     loc = locations(spec, outputs)
@@ -218,7 +232,7 @@ def build_processing_job_request(spec: PrepareJobSpec, outputs: dict[str, Any]) 
         },
         "StoppingCondition": {"MaxRuntimeInSeconds": spec.max_runtime_s},
         "Environment": {"PYTHONUNBUFFERED": "1"},
-        "Tags": [{"Key": k, "Value": str(v)} for k, v in sorted((outputs.get(out.TAGS) or {}).items())],
+        "Tags": request_tags(outputs),
     }
     kms = outputs.get(out.KMS_KEY_ARN)
     if kms:

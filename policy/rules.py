@@ -637,6 +637,8 @@ TEAM_CEILING: dict[str, tuple[str, ...]] = {
         "sagemaker:Describe*",
         "sagemaker:CreateTrainingJob",
         "sagemaker:StopTrainingJob",
+        "sagemaker:CreateProcessingJob",
+        "sagemaker:StopProcessingJob",
         "sagemaker:AddTags",
         "iam:PassRole",
         "logs:GetLogEvents",

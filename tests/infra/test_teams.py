@@ -119,6 +119,8 @@ def _table(cfg) -> list[tuple[str, str, dict, dict[str, object]]]:
     sm = f"arn:aws:sagemaker:{cfg.region}:{ACCOUNT}"
     ours = {"aws:RequestTag/llm-platform:stack": cfg.stack}
     theirs = {"aws:RequestTag/llm-platform:stack": "other"}
+    mine = {"aws:ResourceTag/llm-platform:stack": cfg.stack}
+    not_mine = {"aws:ResourceTag/llm-platform:stack": "other"}
     via_s3 = {"kms:ViaService": f"s3.{cfg.region}.amazonaws.com"}
     to_sm = {"iam:PassedToService": "sagemaker.amazonaws.com"}
     v, m, a = "auditors", "ml-research", "serving-oncall"
@@ -145,6 +147,42 @@ def _table(cfg) -> list[tuple[str, str, dict, dict[str, object]]]:
             {v: NO, m: ALLOW, a: ALLOW},
         ),
         ("iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/{cfg.name_prefix}-training", to_sm, {v: NO, m: NO, a: NO}),
+        # Data preparation on SageMaker (ops/prepare_job.py): a Processing job of this stack's tag, run as the
+        # prepare role, passed to SageMaker only; its logs readable; another stack's job neither created nor stopped.
+        ("sagemaker:CreateProcessingJob", f"{sm}:processing-job/c4-prep", ours, {v: NO, m: ALLOW, a: ALLOW}),
+        ("sagemaker:CreateProcessingJob", f"{sm}:processing-job/c4-prep", theirs, {v: NO, m: NO, a: NO}),
+        ("sagemaker:AddTags", f"{sm}:processing-job/c4-prep", ours, {v: NO, m: ALLOW, a: ALLOW}),
+        ("sagemaker:AddTags", f"{sm}:processing-job/c4-prep", theirs, {v: NO, m: NO, a: NO}),
+        ("sagemaker:StopProcessingJob", f"{sm}:processing-job/c4-prep", mine, {v: NO, m: ALLOW, a: ALLOW}),
+        ("sagemaker:StopProcessingJob", f"{sm}:processing-job/c4-prep", not_mine, {v: NO, m: NO, a: NO}),
+        ("sagemaker:DescribeProcessingJob", f"{sm}:processing-job/c4-prep", mine, {v: ALLOW, m: ALLOW, a: ALLOW}),
+        ("sagemaker:DescribeProcessingJob", f"{sm}:processing-job/c4-prep", not_mine, {v: NO, m: NO, a: NO}),
+        ("sagemaker:DeleteProcessingJob", f"{sm}:processing-job/c4-prep", mine, {v: NO, m: NO, a: NO}),
+        (
+            "iam:PassRole",
+            f"arn:aws:iam::{ACCOUNT}:role/{cfg.name_prefix}-sagemaker-prepare",
+            to_sm,
+            {v: NO, m: ALLOW, a: ALLOW},
+        ),
+        (
+            "iam:PassRole",
+            f"arn:aws:iam::{ACCOUNT}:role/{cfg.name_prefix}-sagemaker-prepare",
+            {"iam:PassedToService": "ec2.amazonaws.com"},
+            {v: NO, m: NO, a: NO},
+        ),
+        ("iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/{cfg.name_prefix}-data-prepare", to_sm, {v: NO, m: NO, a: NO}),
+        (
+            "logs:GetLogEvents",
+            f"arn:aws:logs:{cfg.region}:{ACCOUNT}:log-group:/aws/sagemaker/ProcessingJobs:log-stream:c4-prep/algo-1",
+            {},
+            {v: NO, m: ALLOW, a: ALLOW},
+        ),
+        (
+            "logs:GetLogEvents",
+            f"arn:aws:logs:{cfg.region}:{ACCOUNT}:log-group:/aws/lambda/other:log-stream:x",
+            {},
+            {v: NO, m: NO, a: NO},
+        ),
         ("kms:Decrypt", "KEY", via_s3, {v: NO, m: ALLOW, a: ALLOW}),
         ("kms:Decrypt", "arn:aws:kms:us-east-1:123456789012:key/another", via_s3, {v: NO, m: NO, a: NO}),
         (
@@ -261,6 +299,12 @@ def test_rule_fails_grants_beyond_the_level() -> None:
         [_policy("admin", [{"Effect": "Allow", "Action": ["iam:PassRole"], "Resource": "arn:aws:iam::1:role/r"}])]
     )
     assert "any service" in msg
+    [msg] = _violations(
+        [_policy("viewer", [{"Effect": "Allow", "Action": ["sagemaker:CreateProcessingJob"], "Resource": "*"}])]
+    )
+    assert "CreateProcessingJob" in msg and "viewer" in msg
+    processing = ["sagemaker:CreateProcessingJob", "sagemaker:StopProcessingJob", "sagemaker:DescribeProcessingJob"]
+    assert _violations([_policy("ml-engineer", [{"Effect": "Allow", "Action": processing, "Resource": "*"}])]) == []
     # A Deny never exceeds anything.
     assert _violations([_policy("viewer", [{"Effect": "Deny", "Action": "s3:*", "Resource": "*"}])]) == []
 

@@ -16,10 +16,11 @@ from botocore.model import ListShape, MapShape, Shape, StructureShape
 from botocore.stub import Stubber
 
 from facts.cluster import BATCH_POOL, BATCH_TAINT, POOL_LABEL, PREPARE_SERVICE_ACCOUNT
+from facts.tags import STACK_TAG
 from infra import outputs as out
 from infra.config import load_stack
 from ops.prepare_job import PrepareJobSpec, build_processing_job_request
-from ops.stack_outputs import load_outputs
+from ops.stack_outputs import StackError, load_outputs
 from tests.helpers import REPO_ROOT, STACK_OUTPUTS_DEV
 from training import prepare
 
@@ -102,6 +103,8 @@ def test_sagemaker_prepare_is_a_valid_processing_request_sharded_by_key(
     assert request["RoleArn"] == outputs[out.SAGEMAKER_PREPARE_ROLE_ARN], "the Processing role, not the trainer's"
     assert request["RoleArn"] != outputs[out.SAGEMAKER_EXECUTION_ROLE_ARN]
     assert request["AppSpecification"]["ImageUri"] == f"{outputs[out.TRAINING_REPOSITORY_URL]}:v1"
+    # The stack tag is in the request: the team policy conditions CreateProcessingJob on it (infra/teams.py).
+    assert {"Key": STACK_TAG, "Value": load_stack("dev").stack} in request["Tags"]
 
     # training.prepare parses the arguments; on instance algo-2 of 3 it is worker 1 and reads the local copy.
     app = request["AppSpecification"]
@@ -127,6 +130,17 @@ def test_prepare_without_tokenizer_model_or_seq_len_is_a_usage_error() -> None:
         load_outputs("dev", str(STACK_OUTPUTS_DEV)),
     )
     assert request["NetworkConfig"] == {"EnableInterContainerTrafficEncryption": True}
+
+
+def test_a_processing_request_without_the_stack_tag_is_refused_before_aws_would() -> None:
+    """Team policies allow CreateProcessingJob only with this stack's tag in the request: outputs without it (a stack
+    from before its tags were exported) stop with what to do, not with AccessDenied from SageMaker."""
+    spec = PrepareJobSpec(name="p", data="d", tokenizer="t", seq_len=64)
+    outputs = load_outputs("dev", str(STACK_OUTPUTS_DEV))
+    assert {"Key": STACK_TAG, "Value": "dev"} in build_processing_job_request(spec, outputs)["Tags"]
+    for tags in ({}, {k: v for k, v in outputs[out.TAGS].items() if k != STACK_TAG}):
+        with pytest.raises(StackError, match=f"no '{STACK_TAG}' tag"):
+            build_processing_job_request(spec, {**outputs, out.TAGS: tags})
 
 
 def _enum_errors(value: object, shape: Shape, where: str = "") -> list[str]:
