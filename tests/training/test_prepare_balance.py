@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing.pool
+import os
 import random
 from pathlib import Path
 
@@ -111,7 +112,17 @@ def test_local_workers_take_files_largest_first_as_each_is_free(
         return plan
 
     monkeypatch.setattr(prep, "make_plan", small_shards)
+    loads = tmp_path / "tokenizer-loads"
+    real_load = prep.load_tokenizer
+
+    def counted_load(*a, **kw):
+        with open(loads, "a") as f:  # forked workers inherit this patch: a load in one would be written here too
+            f.write(f"{os.getpid()}\n")
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(prep, "load_tokenizer", counted_load)
     two = prep.prepare(_job(str(src), str(tmp_path / "two"), workers=2))
+    assert loads.read_text().split() == [str(os.getpid())], "forked workers reuse the parent's tokenizer"
     assert two is not None and len(two.shards) > 2
 
     # Per-file tasks, largest first, one at a time (chunksize 1): the next file goes to whichever worker is free.
