@@ -39,6 +39,7 @@ class DecodeBatch:
         """Keep only these rows, then drop cache columns that are padding for every remaining row."""
         idx = torch.tensor(indices, dtype=torch.long, device=self.attention_mask.device)
         self.cache.batch_select_indices(idx)
+        _drop_room(self.cache)
         self.attention_mask = self.attention_mask[idx]
         self.positions = self.positions[idx]
         self.logits = self.logits[idx]
@@ -54,6 +55,7 @@ class DecodeBatch:
         """Append `other`'s rows; the shorter cache is left-padded (masked) to the longer one's time length."""
         t_self, t_other = self.attention_mask.shape[1], other.attention_mask.shape[1]
         t = max(t_self, t_other)
+        _drop_room(self.cache)
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat([_left_pad(mine.keys, t, dim=2), _left_pad(theirs.keys, t, dim=2)], dim=0)
             mine.values = torch.cat([_left_pad(mine.values, t, dim=2), _left_pad(theirs.values, t, dim=2)], dim=0)
@@ -62,6 +64,12 @@ class DecodeBatch:
         )
         self.positions = torch.cat([self.positions, other.positions])
         self.logits = torch.cat([self.logits, other.logits])
+
+
+def _drop_room(cache: DynamicCache) -> None:
+    """Forget the growth buffers of `_append_kv` (their memory goes with the views that still use it)."""
+    for layer in cache.layers:
+        layer.__dict__.pop("_kv_room", None)
 
 
 def _left_pad(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -332,9 +340,7 @@ class _LlamaStep:
             k = _rotate(k.view(rows, length, self.kv_heads, hd).transpose(1, 2), cos, sin)
             v = v.view(rows, length, self.kv_heads, hd).transpose(1, 2)
             if append:
-                layer = cache.layers[i]
-                layer.keys = k = torch.cat([layer.keys, k], dim=-2)
-                layer.values = v = torch.cat([layer.values, v], dim=-2)
+                k, v = _append_kv(cache.layers[i], k, v)
             else:
                 # own memory, not a view of the fused q/k/v output (the cache would keep all of it alive)
                 k, v = cache.update(k, v.contiguous(), i)
@@ -357,6 +363,46 @@ class _LlamaStep:
             g, u = wgu(h)
             x = x + wd(F.silu(g) * u)
         return self.lm_head(_rms_norm(x[:, -1, :], *self.norm)).float()
+
+
+KV_ROOM_MIN = 64
+"""Time steps of room a layer's cache grows by at least (and by an eighth of its length when that is more)."""
+KV_ROOM_FROM = 320
+"""Cache length from which appends write into room (`_append_kv`); shorter caches are concatenated."""
+
+
+def _append_kv(layer: DynamicLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append `k`/`v` ([rows, kv_heads, n, dim]) to a layer's cache; the layer's keys and values after it.
+
+    Past KV_ROOM_FROM steps the cache lives in buffers with room to grow along time: `layer.keys` is a view of its
+    first `time` steps, and an append writes into the room instead of copying the whole cache, as `torch.cat` does
+    (per layer per step: 28% of a 16-row int8 SmolLM2 step at 800 tokens of context). The room is
+    max(KV_ROOM_MIN, time / 8) steps, so copies happen O(log time) times per sequence and at most an eighth of the
+    cache is unused. Measured (1 thread, 16 rows, 16 steps, alternating, median of 4): at 800 tokens room is 1.13x
+    faster for int8 and 1.07x for fp32; at 100 tokens concatenating is 1.05x faster (attention then reads the
+    keys `cat` has just written, still in cache), hence the threshold. Writes go only past every existing view's end,
+    so a view taken earlier (the prefix cache's copy, a forked batch) never changes. Anything that replaced
+    `layer.keys` (`keep`, `merge`, a new cache) owns no room: the next append copies once into a fresh buffer."""
+    keys, values = layer.keys, layer.values
+    t, n = keys.shape[-2], k.shape[-2]
+    room = layer.__dict__.get("_kv_room")
+    if room is not None and room[2] is keys and room[3] is values and t + n <= room[0].shape[-2]:
+        kbuf, vbuf = room[0], room[1]
+    elif t + n < KV_ROOM_FROM:
+        layer.keys, layer.values = torch.cat([keys, k], dim=-2), torch.cat([values, v], dim=-2)
+        layer.__dict__.pop("_kv_room", None)
+        return layer.keys, layer.values
+    else:
+        capacity = t + n + max(KV_ROOM_MIN, (t + n) // 8)
+        kbuf = keys.new_empty((*keys.shape[:-2], capacity, keys.shape[-1]))
+        vbuf = values.new_empty((*values.shape[:-2], capacity, values.shape[-1]))
+        kbuf[..., :t, :] = keys
+        vbuf[..., :t, :] = values
+    kbuf[..., t : t + n, :] = k
+    vbuf[..., t : t + n, :] = v
+    layer.keys, layer.values = kbuf[..., : t + n, :], vbuf[..., : t + n, :]
+    layer.__dict__["_kv_room"] = (kbuf, vbuf, layer.keys, layer.values)
+    return layer.keys, layer.values
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

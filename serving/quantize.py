@@ -165,9 +165,10 @@ class Int8Linear(nn.Module):
       divided by its own max|x_row| (every row then spans at most [-1, 1]) and a guard row [1, -1, 0, ...] is
       appended: the input's range is then exactly [-1, 1] whatever the batch, fbgemm's scale (2/127) and zero point
       (64) are always the same, and each row is quantized on its own fixed grid. 7 bits alone cost SmolLM2-135M
-      +15.1% perplexity (bench/quantize_step.HELD_OUT), so the rows are sent twice in one GEMM: `hi`, already on
-      fbgemm's grid (quantized exactly), and `lo = x - hi` rescaled to [-1, 1] (the 7 bits `hi` missed), giving ~14
-      bits per token: +1.4% perplexity (`_int_mm`'s 8-bit activations: +3.4%). The guard row's output is dropped.
+      +15.1% perplexity (bench/quantize_step.HELD_OUT), so the rows are sent twice in one GEMM, as two base-127
+      digits: `hi`, already on fbgemm's grid (quantized exactly), and `lo`, the half step `hi` missed scaled to
+      [-1, 1] (fbgemm quantizes it on the same fixed grid), with x / max|x| = hi + lo / 127: ~14 bits per token,
+      +0.6% perplexity (`_int_mm`'s 8-bit activations: +3.4%). The guard row's output is dropped.
       Measured on the AVX2 host (1 thread, one SmolLM2 decode step at 16 rows, loaded machine, one run): fp32 317 ms,
       this 301 ms, 7 bits alone 201 ms, `_int_mm` ~4600 ms.
     """
@@ -239,16 +240,22 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         if self.kernel == "fbgemm":
-            # per-token scale as the max itself (see the class docstring); an all-zero row stays zeros
-            sx = x2.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
-            xn = x2 / sx  # every row within [-1, 1]
-            # on fbgemm's grid (k * 2/127), inside [-1, 1] so the guard row alone sets the range: quantized exactly
-            hi = torch.round(xn * 63.5).clamp_(-63, 63) / 63.5
-            lo = xn - hi  # what 7 bits missed, scaled to [-1, 1] per row and sent as rows of the same GEMM
-            s_lo = lo.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+            # Per-token scale as the max itself (see the class docstring); an all-zero row stays zeros. One input
+            # buffer holds the hi rows, the lo rows and the guard row, written in place: this layer runs 121 times a
+            # SmolLM2 step, so every elementwise op and allocation here costs ~1% of a decode step.
             rows = x2.shape[0]
-            out = torch.ops.quantized.linear_dynamic(torch.cat([hi, lo / s_lo, self._guard]), self._packed, True)
-            y = (out[:rows] + out[rows : 2 * rows] * s_lo) * sx
+            buf = x2.new_empty((2 * rows + 1, self.in_features))
+            buf[2 * rows :] = self._guard
+            sx = x2.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)  # (linalg.vector_norm(inf): 5x slower)
+            t = torch.mul(x2, 63.5 / sx, out=buf[rows : 2 * rows])  # x / max|x| in units of fbgemm's step, |t| <= 63.5
+            hi = torch.round(t, out=buf[:rows]).clamp_(-63, 63)  # the 7-bit digit (clamped: 64 is off fbgemm's grid)
+            # lo: what the digit missed, |t - hi| <= 0.5, scaled to [-1, 1] (the second digit; the clamp keeps a
+            # rounding error of x * (63.5 / max) from pushing it past the guard row's range)
+            t.sub_(hi).mul_(2.0).clamp_(-1.0, 1.0)
+            hi.div_(63.5)  # on fbgemm's grid (k * 2/127), inside [-1, 1] so the guard row alone sets the range
+            out = torch.ops.quantized.linear_dynamic(buf, self._packed, True)
+            # x / max|x| = hi + lo / 127: the two digits' outputs, recombined, times the row's scale
+            y = torch.add(out[:rows], out[rows : 2 * rows], alpha=1.0 / 127).mul_(sx)
         else:
             # symmetric per-token scale; an all-zero row keeps a tiny scale so it quantizes to zeros, not NaN
             sx = (x2.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-12)
