@@ -376,11 +376,11 @@ def _append_kv(layer: DynamicLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[t
 
     Past KV_ROOM_FROM steps the cache lives in buffers with room to grow along time: `layer.keys` is a view of its
     first `time` steps, and an append writes into the room instead of copying the whole cache, as `torch.cat` does
-    (per layer per step: 28% of a 16-row int8 SmolLM2 step at 800 tokens of context). The room is
+    (per layer per step: 28% of a 16-row int8 SmolLM2 step at 800 tokens of context, torch profiler). The room is
     max(KV_ROOM_MIN, time / 8) steps, so copies happen O(log time) times per sequence and at most an eighth of the
-    cache is unused. Measured (1 thread, 16 rows, 16 steps, alternating, median of 4): at 800 tokens room is 1.13x
-    faster for int8 and 1.07x for fp32; at 100 tokens concatenating is 1.05x faster (attention then reads the
-    keys `cat` has just written, still in cache), hence the threshold. Writes go only past every existing view's end,
+    cache is unused. Measured (bench/kv_room.py: SmolLM2, 1 thread, 16 rows, configurations alternating): at 800
+    tokens room is 1.35x faster per step for int8 and 1.21x for fp32; at 100 tokens concatenating is 1.04x faster for
+    int8 and even for fp32 (attention then reads keys `cat` has just written, still in cache), hence the threshold. Writes go only past every existing view's end,
     so a view taken earlier (the prefix cache's copy, a forked batch) never changes. Anything that replaced
     `layer.keys` (`keep`, `merge`, a new cache) owns no room: the next append copies once into a fresh buffer."""
     keys, values = layer.keys, layer.values
