@@ -380,9 +380,10 @@ def _append_kv(layer: DynamicLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[t
     max(KV_ROOM_MIN, time / 8) steps, so copies happen O(log time) times per sequence and at most an eighth of the
     cache is unused. Measured (bench/kv_room.py: SmolLM2, 1 thread, 16 rows, configurations alternating): at 800
     tokens room is 1.35x faster per step for int8 and 1.21x for fp32; at 100 tokens concatenating is 1.04x faster for
-    int8 and even for fp32 (attention then reads keys `cat` has just written, still in cache), hence the threshold. Writes go only past every existing view's end,
-    so a view taken earlier (the prefix cache's copy, a forked batch) never changes. Anything that replaced
-    `layer.keys` (`keep`, `merge`, a new cache) owns no room: the next append copies once into a fresh buffer."""
+    int8 and even for fp32 (attention then reads keys `cat` has just written, still in cache), hence the threshold.
+    Writes go only past every existing view's end, so a view taken earlier (the prefix cache's copy, a forked batch)
+    never changes. Anything that replaced `layer.keys` (`keep`, `merge`, a new cache) owns no room: the next append
+    copies once into a fresh buffer."""
     keys, values = layer.keys, layer.values
     t, n = keys.shape[-2], k.shape[-2]
     room = layer.__dict__.get("_kv_room")
