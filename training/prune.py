@@ -105,7 +105,9 @@ def block_influence(model: torch.nn.Module, inputs: torch.Tensor, batch_size: in
     finally:
         for h in handles:
             h.remove()
-    return Ranking(scores=(1.0 - cos_sum / max(count, 1)).tolist(), tokens=count)
+    # BI = 1 - mean cosine lies in [0, 2]; a layer that passes its input through unchanged gives a cosine a rounding
+    # step above 1, which printed as "-0.000000" (a fresh-clone run caught it): clamp to the definition's range
+    return Ranking(scores=(1.0 - cos_sum / max(count, 1)).clamp(min=0.0).tolist(), tokens=count)
 
 
 def remove_layers(model: torch.nn.Module, drop: list[int]) -> list[int]:
