@@ -137,77 +137,21 @@ def iam_statements(access: str, s: StackArns) -> list[dict[str, Any]]:
             }
         )
     if access in ("ml-engineer", "admin"):
-        statements += [
-            {
-                # ops.launch_training tags every job with the stack tags: the tag is what scopes a new job to us.
-                "Sid": "CreateTrainingJobsOfThisStack",
-                "Effect": "Allow",
-                "Action": ["sagemaker:CreateTrainingJob", "sagemaker:AddTags"],
-                "Resource": f"{sm}:training-job/*",
-                "Condition": {"StringEquals": {f"aws:RequestTag/{STACK_TAG}": s.stack}},
-            },
-            {
-                "Sid": "StopTrainingJobsOfThisStack",
-                "Effect": "Allow",
-                "Action": ["sagemaker:StopTrainingJob"],
-                "Resource": f"{sm}:training-job/*",
-                "Condition": {"StringEquals": {f"aws:ResourceTag/{STACK_TAG}": s.stack}},
-            },
-            {
-                # Jobs run as the stack's execution role, which pulls only this stack's ECR repositories
-                # (infra/identity.py): that is what "our roles and images" rests on (CreateTrainingJob has no
-                # condition key for the image).
-                "Sid": "PassExecutionRoleToSageMaker",
-                "Effect": "Allow",
-                "Action": ["iam:PassRole"],
-                "Resource": s.sagemaker_role_arn,
-                "Condition": {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
-            },
-            {
-                "Sid": "ReadTrainingJobLogs",
-                "Effect": "Allow",
-                "Action": ["logs:GetLogEvents", "logs:FilterLogEvents", "logs:DescribeLogStreams"],
-                "Resource": f"arn:{s.partition}:logs:{s.region}:{s.account_id}:log-group:/aws/sagemaker/TrainingJobs:*",
-            },
-            # Data preparation on SageMaker (`ops.launch_training --job prepare --platform sagemaker`,
-            # ops/prepare_job.py) is a Processing job running as the stack's prepare role, tagged with the stack tags
-            # like a training job. Action names, the processing-job resource and its condition keys
-            # (aws:RequestTag/${TagKey} on CreateProcessingJob and AddTags, aws:ResourceTag/${TagKey} on
-            # StopProcessingJob and DescribeProcessingJob): Service Authorization Reference, "Actions, resources, and
-            # condition keys for Amazon SageMaker AI"
-            # (https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazonsagemaker.html).
-            {
-                "Sid": "CreateProcessingJobsOfThisStack",
-                "Effect": "Allow",
-                "Action": ["sagemaker:CreateProcessingJob", "sagemaker:AddTags"],
-                "Resource": f"{sm}:processing-job/*",
-                "Condition": {"StringEquals": {f"aws:RequestTag/{STACK_TAG}": s.stack}},
-            },
-            {
-                "Sid": "StopProcessingJobsOfThisStack",
-                "Effect": "Allow",
-                "Action": ["sagemaker:StopProcessingJob"],
-                "Resource": f"{sm}:processing-job/*",
-                "Condition": {"StringEquals": {f"aws:ResourceTag/{STACK_TAG}": s.stack}},
-            },
-            {
-                # The prepare role only (S3: read datasets and models, write datasets/prepared/; infra/identity.py),
-                # and only to SageMaker: what a Processing job of ops/prepare_job.py names as its RoleArn.
-                "Sid": "PassPrepareRoleToSageMaker",
-                "Effect": "Allow",
-                "Action": ["iam:PassRole"],
-                "Resource": s.sagemaker_prepare_role_arn,
-                "Condition": {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
-            },
-            {
-                "Sid": "ReadProcessingJobLogs",
-                "Effect": "Allow",
-                "Action": ["logs:GetLogEvents", "logs:FilterLogEvents", "logs:DescribeLogStreams"],
-                "Resource": (
-                    f"arn:{s.partition}:logs:{s.region}:{s.account_id}:log-group:/aws/sagemaker/ProcessingJobs:*"
-                ),
-            },
-        ]
+        # ops.launch_training tags every job with the stack tags: the tag is what scopes a new job to us.
+        # Training jobs run as the stack's execution role, which pulls only this stack's ECR repositories
+        # (infra/identity.py): that is what "our roles and images" rests on (CreateTrainingJob has no condition key
+        # for the image).
+        statements += _sagemaker_job_statements(s, "TrainingJob", "PassExecutionRoleToSageMaker", s.sagemaker_role_arn)
+        # Data preparation on SageMaker (`ops.launch_training --job prepare --platform sagemaker`,
+        # ops/prepare_job.py) is a Processing job running as the stack's prepare role (S3: read datasets and models,
+        # write datasets/prepared/; infra/identity.py), tagged with the stack tags like a training job. Action names,
+        # the processing-job resource and its condition keys (aws:RequestTag/${TagKey} on CreateProcessingJob and
+        # AddTags, aws:ResourceTag/${TagKey} on StopProcessingJob and DescribeProcessingJob): Service Authorization
+        # Reference, "Actions, resources, and condition keys for Amazon SageMaker AI"
+        # (https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazonsagemaker.html).
+        statements += _sagemaker_job_statements(
+            s, "ProcessingJob", "PassPrepareRoleToSageMaker", s.sagemaker_prepare_role_arn
+        )
     endpoints = [f"{sm}:endpoint/{s.name_prefix}-*", f"{sm}:endpoint-config/{s.name_prefix}-*"]
     if access == "admin":
         statements.append(
@@ -229,6 +173,46 @@ def iam_statements(access: str, s: StackArns) -> list[dict[str, Any]]:
             {"Sid": "NoEndpointChanges", "Effect": "Deny", "Action": ENDPOINT_CHANGES, "Resource": endpoints}
         )
     return statements
+
+
+SAGEMAKER_JOB_RESOURCES = {"TrainingJob": "training-job", "ProcessingJob": "processing-job"}
+"""SageMaker job kind (as in its API actions) -> its IAM resource type (in its ARN)."""
+
+
+def _sagemaker_job_statements(s: StackArns, job: str, pass_sid: str, role_arn: Any) -> list[dict[str, Any]]:
+    """What a team needs to run one kind of SageMaker job (`job`: "TrainingJob" or "ProcessingJob") of this stack:
+    create it (and tag it) only with this stack's tag in the request, stop it only when it carries that tag, pass
+    `role_arn` (and only it) to SageMaker as the job's role, and read the job kind's CloudWatch logs."""
+    arn = f"arn:{s.partition}:sagemaker:{s.region}:{s.account_id}:{SAGEMAKER_JOB_RESOURCES[job]}/*"
+    return [
+        {
+            "Sid": f"Create{job}sOfThisStack",
+            "Effect": "Allow",
+            "Action": [f"sagemaker:Create{job}", "sagemaker:AddTags"],
+            "Resource": arn,
+            "Condition": {"StringEquals": {f"aws:RequestTag/{STACK_TAG}": s.stack}},
+        },
+        {
+            "Sid": f"Stop{job}sOfThisStack",
+            "Effect": "Allow",
+            "Action": [f"sagemaker:Stop{job}"],
+            "Resource": arn,
+            "Condition": {"StringEquals": {f"aws:ResourceTag/{STACK_TAG}": s.stack}},
+        },
+        {
+            "Sid": pass_sid,
+            "Effect": "Allow",
+            "Action": ["iam:PassRole"],
+            "Resource": role_arn,
+            "Condition": {"StringEquals": {"iam:PassedToService": "sagemaker.amazonaws.com"}},
+        },
+        {
+            "Sid": f"Read{job}Logs",
+            "Effect": "Allow",
+            "Action": ["logs:GetLogEvents", "logs:FilterLogEvents", "logs:DescribeLogStreams"],
+            "Resource": f"arn:{s.partition}:logs:{s.region}:{s.account_id}:log-group:/aws/sagemaker/{job}s:*",
+        },
+    ]
 
 
 def role_name(arn: str) -> str:
