@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from serving.decode import Decoder
+from serving.decode import DecodeBatch, Decoder
 
 ROPES: dict[str, dict[str, Any]] = {
     # Llama 3.1/3.2's own scaling block, with original_max_position_embeddings shrunk so that the smoothing band
@@ -38,6 +38,19 @@ def reference_next_logits(model: LlamaForCausalLM, ids: list[int]) -> torch.Tens
         return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
 
 
+def assert_reference_logits_then_step(
+    model: LlamaForCausalLM, decoder: Decoder, batch: DecodeBatch, sequences: list[list[int]], check: bool = True
+) -> None:
+    """Every row's logits equal the reference's (when `check`), then one greedy step, appended to `sequences`."""
+    if check:
+        for row, seq in enumerate(sequences):
+            torch.testing.assert_close(batch.logits[row], reference_next_logits(model, seq), rtol=1e-5, atol=1e-5)
+    tokens = batch.logits.argmax(-1)
+    for row, seq in enumerate(sequences):
+        seq.append(int(tokens[row]))
+    decoder.step(batch, tokens)
+
+
 PROMPTS = [[5, 17, 3, 88, 41, 9, 60, 2, 14, 33, 71, 25, 6, 90, 12, 48, 30, 7, 66, 19, 54, 3],
            [11, 4, 76], [40, 2, 93, 18, 27, 8, 61, 35, 50]]  # fmt: skip
 
@@ -52,12 +65,7 @@ def test_fast_path_logits_equal_transformers_forward(rope: str) -> None:
     batch = decoder.prefill([list(p) for p in PROMPTS])
     sequences = [list(p) for p in PROMPTS]
     for _ in range(6):
-        for row, seq in enumerate(sequences):
-            torch.testing.assert_close(batch.logits[row], reference_next_logits(model, seq), rtol=1e-5, atol=1e-5)
-        tokens = batch.logits.argmax(-1)
-        for row, seq in enumerate(sequences):
-            seq.append(int(tokens[row]))
-        decoder.step(batch, tokens)
+        assert_reference_logits_then_step(model, decoder, batch, sequences)
 
 
 def test_rope_types_that_rescale_at_run_time_keep_the_generic_path() -> None:

@@ -9,7 +9,7 @@ from transformers.cache_utils import DynamicLayer
 
 import serving.decode as decode
 from serving.decode import Decoder
-from tests.serving.test_serving_decode_llama3 import PROMPTS, ROPES, reference_next_logits, tiny_llama
+from tests.serving.test_serving_decode_llama3 import PROMPTS, ROPES, assert_reference_logits_then_step, tiny_llama
 
 
 def _layer(time: int) -> DynamicLayer:
@@ -77,12 +77,7 @@ def test_decoding_through_the_room_gives_the_reference_logits(room_from: int, mo
             joiner = [9, 8, 7, 6]
             batch.merge(decoder.prefill([joiner]))
             sequences.append(list(joiner))
-        if step % 7 == 0 or step > decode.KV_ROOM_MIN:
-            for row, seq in enumerate(sequences):
-                torch.testing.assert_close(batch.logits[row], reference_next_logits(model, seq), rtol=1e-5, atol=1e-5)
-        tokens = batch.logits.argmax(-1)
-        for row, seq in enumerate(sequences):
-            seq.append(int(tokens[row]))
-        decoder.step(batch, tokens)
+        check = step % 7 == 0 or step > decode.KV_ROOM_MIN
+        assert_reference_logits_then_step(model, decoder, batch, sequences, check)
     if room_from == 0:
         assert "_kv_room" in batch.cache.layers[0].__dict__
