@@ -53,7 +53,7 @@ def decode_speed(model_dir: str, int8: bool, threads: int, steps: int) -> dict[s
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if int8:
-        quantize_model(model, "int8", "cpu")
+        quantize_model(model, "int8", "cpu", tok)
     out: dict[str, Any] = {}
     for rows in (1, 16):
         decoder = Decoder(model, tok.pad_token_id)
@@ -237,13 +237,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _int8_perplexity(model_dir: Path, heldout) -> float:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from serving.quantize import quantize_model
     from training.evaluate import model_perplexity
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    quantize_model(model, "int8", "cpu")
+    quantize_model(model, "int8", "cpu", AutoTokenizer.from_pretrained(model_dir))
     return model_perplexity(model, heldout)["perplexity"]
 
 

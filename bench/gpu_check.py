@@ -231,7 +231,7 @@ def part_decode(args: argparse.Namespace) -> None:
         if not SMOKE and importlib.util.find_spec("torchao") is None:
             emit({"part": "decode", "rows": args.rows, "quant": "int8", "skipped": "torchao is not installed"})
             return
-        what = quantize_model(model, "int8", str(device()))
+        what = quantize_model(model, "int8", str(device()), None)
     decoder = Decoder(model, pad_token_id=0)
     fast = decoder._fast is not None  # llama3 rope must take the fast path (serving/decode.py _LlamaStep)
     prompts = [torch.randint(1, SHAPE["vocab_size"], (args.prompt_len,)).tolist() for _ in range(args.rows)]

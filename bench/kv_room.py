@@ -42,7 +42,7 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     fp32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     int8 = copy.deepcopy(fp32)
-    quantize_model(int8, "int8", "cpu")
+    quantize_model(int8, "int8", "cpu", tok)
     thresholds = {"cat": 10**9, "room": 0}
     print(f"SmolLM2-135M, {args.rows} rows, {args.threads} thread(s), {args.steps} steps, median of {args.rounds}")
     for context in (int(c) for c in args.contexts.split(",")):

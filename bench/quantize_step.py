@@ -4,7 +4,7 @@ serving/quantize.py's choice).
 
     .venv/bin/python bench/quantize_step.py [--threads 1] [--steps 12]
 
-Candidates: our `Int8Linear` (per-token int8 activations, torch._int_mm), `torch.ao` dynamic quantization
+Candidates: our `Int8Linear` (what `--quantization int8` does: serving/quantize.py), `torch.ao` dynamic quantization
 (per-tensor activations, fbgemm), torchao `Int8WeightOnlyConfig` and `Int8DynamicActivationInt8WeightConfig`
 (skipped when torchao is not installed). Step times are medians; compare within one run.
 """
@@ -36,15 +36,15 @@ HELD_OUT = (
 )
 
 
-def candidates(base) -> Iterator[tuple[str, object]]:
+def candidates(base, tok) -> Iterator[tuple[str, object]]:
     import torch
 
     from serving.quantize import quantize_model
 
     yield "fp32", base
     m = copy.deepcopy(base)
-    quantize_model(m, "int8", "cpu")
-    yield "Int8Linear (per-token act, _int_mm)", m
+    quantize_model(m, "int8", "cpu", tok)
+    yield "Int8Linear (as --quantization int8)", m
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {torch.nn.Linear}, dtype=torch.qint8)
@@ -102,7 +102,7 @@ def main() -> int:
     ids = torch.tensor([tok.encode(HELD_OUT)])
     print(f"SmolLM2-135M, {args.threads} thread(s), torch {torch.__version__}; step = median of {args.steps}")
     report: Callable[[str], None] = print
-    for name, model in candidates(base):
+    for name, model in candidates(base, tok):
         b1 = step_ms(model, tok.pad_token_id, 1, args.steps)
         b16 = step_ms(model, tok.pad_token_id, 16, args.steps)
         report(f"{name:45s} step b1 {b1:6.1f} ms  b16 {b16:6.1f} ms  perplexity {perplexity(model, ids):7.2f}")
