@@ -405,14 +405,17 @@ class BatchScheduler:
         if group is not None:
             joiners.append((live, group))
         joiners += completed
+        joining: list[DecodeBatch] = []
         for rows, batch in joiners:
             keep = [i for i, r in enumerate(rows) if r in alive]
             if not keep:
                 continue
             if len(keep) < len(rows):
                 batch.keep(keep)
+            joining.append(batch)
+        if joining:  # one merge for all of them: each merge copies the whole cache
             if self.batch is None:
-                self.batch = batch
-            else:
-                self.batch.merge(batch)
+                self.batch = joining.pop(0)
+            if joining:
+                self.batch.merge(*joining)
         assert (self.batch.rows if self.batch is not None else 0) == len(self.sched.running)

@@ -51,19 +51,21 @@ class DecodeBatch:
                 layer.keys = layer.keys[:, :, first:]
                 layer.values = layer.values[:, :, first:]
 
-    def merge(self, other: DecodeBatch) -> None:
-        """Append `other`'s rows; the shorter cache is left-padded (masked) to the longer one's time length."""
-        t_self, t_other = self.attention_mask.shape[1], other.attention_mask.shape[1]
-        t = max(t_self, t_other)
-        _drop_room(self.cache)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, t, dim=2), _left_pad(theirs.keys, t, dim=2)], dim=0)
-            mine.values = torch.cat([_left_pad(mine.values, t, dim=2), _left_pad(theirs.values, t, dim=2)], dim=0)
-        self.attention_mask = torch.cat(
-            [_left_pad(self.attention_mask, t, dim=1), _left_pad(other.attention_mask, t, dim=1)], dim=0
-        )
-        self.positions = torch.cat([self.positions, other.positions])
-        self.logits = torch.cat([self.logits, other.logits])
+    def merge(self, *others: DecodeBatch) -> None:
+        """Append the rows of `others`, in order; every cache is left-padded (masked) to the longest time length.
+        One concatenation per layer whatever the number of batches: each merge copies the whole cache, so joiners
+        arriving together are merged at once (a 16-row SmolLM2 cache at 100 steps is ~70 MB)."""
+        batches = [self, *others]
+        t = max(b.attention_mask.shape[1] for b in batches)
+        for b in batches:
+            _drop_room(b.cache)
+        for i, mine in enumerate(self.cache.layers):
+            layers = [b.cache.layers[i] for b in batches]
+            mine.keys = torch.cat([_left_pad(layer.keys, t, dim=2) for layer in layers], dim=0)
+            mine.values = torch.cat([_left_pad(layer.values, t, dim=2) for layer in layers], dim=0)
+        self.attention_mask = torch.cat([_left_pad(b.attention_mask, t, dim=1) for b in batches], dim=0)
+        self.positions = torch.cat([b.positions for b in batches])
+        self.logits = torch.cat([b.logits for b in batches])
 
 
 def _drop_room(cache: DynamicCache) -> None:

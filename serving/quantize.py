@@ -375,6 +375,9 @@ class Int8Linear(nn.Module):
       +0.6% perplexity (`_int_mm`'s 8-bit activations: +3.4%). The guard row's output is dropped.
       Measured on the AVX2 host (1 thread, one SmolLM2 decode step at 16 rows, loaded machine, one run): fp32 317 ms,
       this 301 ms, 7 bits alone 201 ms, `_int_mm` ~4600 ms.
+    - fbgemm, `digits=1`: the rows once, x / max|x| on the same fixed grid (one 7-bit digit, half the GEMM rows). On
+      its own that cost SmolLM2 +20% perplexity; after `smooth` it is what every projection but down_proj uses
+      (ONE_DIGIT). Fused layers (`fuse`) need the same digits.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, digits: int = 2) -> None:

@@ -97,6 +97,12 @@ def engine_threads(budget: CpuBudget, quantization: str) -> tuple[int, str]:
     - int8: one CPU fewer, at least 1 (1 thread 174/132 tok/s against 91/109 with 2): the int8 step is cheap per
       token, so its per-token Python (activation quantization, scales) and the event loop and tokenizer threads
       compete with a second torch thread for the same cores; leaving them a core is faster.
+
+    Re-measured 2026-12-08 after int8's one-digit layers and fp32's packed matmuls (`--sweep-threads --rounds 2`, 16
+    clients x 4 requests x 32 tokens, means): fp32 2 threads 113.5 tok/s, 1 thread 99.7, default 116.2; int8 1 thread
+    183.3, 2 threads 143.9, default 186.8: the defaults within 2% of the best count for both. A bare 16-row int8 step
+    is 1.29x faster with 2 threads, yet the server is slower with them; lowering the event loop thread's priority
+    (nice 10) did not change that (185 against 181 tok/s at 2 threads, 223 at 1).
     """
     if quantization == "int8" and budget.threads > 1:
         return budget.threads - 1, f"{budget.describe()}, one left to the event loop and tokenizer for int8"

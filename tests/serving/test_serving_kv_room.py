@@ -81,3 +81,22 @@ def test_decoding_through_the_room_gives_the_reference_logits(room_from: int, mo
         assert_reference_logits_then_step(model, decoder, batch, sequences, check)
     if room_from == 0:
         assert "_kv_room" in batch.cache.layers[0].__dict__
+
+
+def test_merging_several_batches_at_once_equals_merging_them_one_by_one() -> None:
+    """`merge(a, b)` (what the engine does with every joiner of an iteration: one copy of the cache) gives the same
+    cache, mask, positions and logits, bit for bit, as `merge(a)` then `merge(b)`; and the logits stay the model's."""
+    model = tiny_llama(ROPES["default"])
+    decoder = Decoder(model, pad_token_id=0)
+    joiners = [[9, 8, 7, 6, 5, 4, 3], [11, 12]]
+    at_once, one_by_one = (decoder.prefill([list(p) for p in PROMPTS]) for _ in range(2))
+    at_once.merge(*(decoder.prefill([j]) for j in joiners))
+    for joiner in joiners:
+        one_by_one.merge(decoder.prefill([joiner]))
+    assert torch.equal(at_once.attention_mask, one_by_one.attention_mask)
+    assert torch.equal(at_once.positions, one_by_one.positions) and torch.equal(at_once.logits, one_by_one.logits)
+    for a, b in zip(at_once.cache.layers, one_by_one.cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    sequences = [*(list(p) for p in PROMPTS), *joiners]
+    for _ in range(3):
+        assert_reference_logits_then_step(model, decoder, at_once, sequences, True)
