@@ -16,12 +16,16 @@ from facts.cluster import SERVING_OPS_PORT, SERVING_PORT
 from facts.serving import QUANTIZATIONS, env_name, flag
 
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
-# --max-batched-tokens 0. On CPU a prefill token costs about what a decode row does (compute-bound), so a 128-token
+# --max-batched-tokens 0. On CPU a prefill token costs about what a decode row does (compute-bound), so a 64-token
 # budget makes an iteration with a prompt chunk cost a few plain decode steps of a 16-row batch: short requests'
-# first token waits for at most that, not for a whole long prompt (bench/serve_mixed.py). On a GPU a step is bound by
-# reading weights until far more tokens, so vLLM's default for its OpenAI server applies (vllm/engine/arg_utils.py,
-# `EngineArgs._set_default_args`, v0.10: 2048, or 8192 on GPUs with >= 70 GiB other than A100).
-CPU_TOKEN_BUDGET = 128
+# first token waits for at most that, not for a whole long prompt (bench/serve_mixed.py). At the issue's full size
+# (16 short tenants, a tenant with two ~4096-token prompts in flight, fp32, one round each, 2026-12-08) the short
+# tenants' TTFT p99 with the long tenant over without it was 1.21x with 64, 2.11x with 96, 3.50x with 128 (twice),
+# 6.7x with 256 and 20.7x with 512; whole prompts have their own allowance (serving/scheduler.py). On a GPU a
+# step is bound by reading weights until far more tokens, so vLLM's default for its OpenAI server applies
+# (vllm/engine/arg_utils.py, `EngineArgs._set_default_args`, v0.10: 2048, or 8192 on GPUs with >= 70 GiB other than
+# A100).
+CPU_TOKEN_BUDGET = 64
 GPU_TOKEN_BUDGET = 2048
 
 
@@ -187,8 +191,9 @@ class ServingConfig:
         metadata={
             "help": "Built-in engine: tokens computed per engine iteration, one per decoding row plus prompt tokens "
             "(chunked prefill, as vLLM's --max-num-batched-tokens); a longer prompt is prefilled in chunks between "
-            "decode steps, so no step waits on a whole long prompt. 0 = automatic: 128 on CPU (a chunk costs a few "
-            "decode steps there), 2048 on a GPU (vLLM's online-serving default)."
+            "decode steps, so no step waits on a whole long prompt; whole prompts of one iteration may take 8 "
+            "budgets. 0 = automatic: 64 on CPU (a chunk costs a few decode steps there), 2048 on a GPU (vLLM's "
+            "online-serving default)."
         },
     )
     max_key_prefill_tokens: int = field(

@@ -137,7 +137,7 @@ def test_keys_share_cache_blocks_only_within_a_named_group() -> None:
             ServingConfig(model="m", prefix_cache_groups=bad)
     with pytest.raises(ConfigError, match="max_batched_tokens"):
         ServingConfig(model="m", max_batched_tokens=-1)
-    assert ServingConfig(model="m").token_budget == 128
+    assert ServingConfig(model="m").token_budget == 64
     assert ServingConfig(model="m", device="cuda").token_budget == 2048
     assert ServingConfig(model="m", max_batched_tokens=64).token_budget == 64
 
