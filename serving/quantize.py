@@ -102,22 +102,25 @@ def quantize_model(model: nn.Module, method: str, device: str, tokenizer: PreTra
 ONE_DIGIT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "lm_head")
 """The projections of a smoothed model whose activations take one 7-bit digit (`Int8Linear`); down_proj keeps two.
 Chosen by measurement (SmolLM2-135M-Instruct, the quality gate's metrics; perplexity on bench/quantize_step.HELD_OUT
-and on a second held-out text of code and prose; `matched` = mean greedy prefix equal to fp32's over 16 chat prompts):
+and on a second held-out text of code and prose; `matched` = mean greedy prefix equal to fp32's over 16 chat prompts;
+step = one 16-row decode step, 1 thread, configurations alternating; bench/RESULTS.md):
 
-    recipe                                              perplexity   2nd text   matched   16-row step, 1 thread
-    two digits everywhere, not smoothed (before)        +0.6%        +1.2%      0.80      60 ms
-    one digit everywhere, not smoothed                  +20.0%       +23.5%     0.23
-    smoothed, one digit everywhere                      +0.1%        +7.9%      0.45
-    smoothed, one digit but down_proj (shipped)         +1.4%        +1.3%      0.54      ~45 ms
-    smoothed, one digit for down_proj and lm_head only  +5.1%        +7.6%      0.47
+    recipe                                                 perplexity   2nd text   matched   16-row step
+    two digits everywhere, not smoothed (until 2026-12-08) +0.6%        +1.2%      0.80      60.1 ms
+    one digit everywhere, not smoothed                     +20.0%       +23.5%     0.23
+    smoothed, two digits everywhere                        +0.3%        +0.6%      0.70
+    smoothed, one digit everywhere                         +0.1%        +7.9%      0.45
+    smoothed, one digit but down_proj (shipped)            +1.4%        +1.3%      0.54
+    smoothed, one digit for q/k/v, o, gate/up              +1.9%        +2.0%      0.60      48.2 ms
 
-down_proj's input (silu(gate) * up) has the largest outliers; smoothing more strongly there (alpha 0.6, 0.7) made it
-worse (+5.3% to +11.6%)."""
+down_proj's input (silu(gate) * up) has the largest outliers: with it on one digit, stronger smoothing there
+(alpha 0.6 or 0.7) was worse (+5.3% to +11.6%), and keeping its 8 to 32 largest input channels in float32 (LLM.int8's
+decomposition) gave +3.8% to +6.7%."""
 
 SMOOTH_ALPHA = 0.5
 """SmoothQuant's migration strength (arXiv 2211.10438, its default): per input channel j, s_j = max|X_j|^alpha /
-max|W_j|^(1 - alpha). Measured with one digit everywhere on SmolLM2: alpha 0.4 +6.9%, 0.5 +0.1%, 0.65 +5.3%,
-0.8 +8.8% perplexity."""
+max|W_j|^(1 - alpha). Measured with one digit everywhere on SmolLM2 (perplexity on HELD_OUT): alpha 0.4 +6.9%,
+0.5 +0.1%, 0.65 +5.3%, 0.8 +8.8%."""
 
 CALIBRATION = (
     "The history of the printing press begins in the fifteenth century, when movable metal type made it possible "

@@ -11,9 +11,10 @@ The order, each iteration (docs/serving.md "Scheduling"):
    first queued, the turn passing on after each admission), while a row is free (`max_rows`) and budget is left; a
    key already prefilling `key_prefill_tokens` prompt tokens waits its turn (a key may always prefill one request,
    however long). Admitted prompts are prefilled whole this iteration (all together, one batched prefill) while
-   they fit an allowance of WHOLE_PROMPT_BUDGETS budgets (less the decoding rows); a prompt that does not fit what
-   is left of it is prefilled in chunks. The allowance is separate from the budget: a burst of short prompts (16
-   clients whose answers ended together) is admitted at once, as without chunking, instead of a few per iteration;
+   they fit what is left of the budget; a prompt that does not is prefilled in chunks. While no prompt is being
+   prefilled in chunks, whole prompts get an allowance of WHOLE_PROMPT_BUDGETS budgets (less the decoding rows)
+   instead: a burst of short prompts (16 clients whose answers ended together) is admitted at once, as without
+   chunking, instead of a few per iteration;
 3. prompts being prefilled in chunks share the budget, the one with the fewest tokens left first
    (so a short prompt never waits behind a long one's chunks), and always get at least a quarter of it (the rest
    of the budget after the decode tokens), so a stream of short requests cannot stall a long prompt forever. A
@@ -41,7 +42,8 @@ log = logging.getLogger("serving.scheduler")
 NO_KEY = "-"
 
 WHOLE_PROMPT_BUDGETS = 8
-"""Whole prompts admitted in one iteration may take this many token budgets (CPU default: 8 x 64 = 512 tokens).
+"""While no prompt is being prefilled in chunks, whole prompts admitted in one iteration may take this many token
+budgets (CPU default: 8 x 64 = 512 tokens).
 Measured at the issue's full size (bench/serve_mixed.py, fp32, 16 short tenants, bench/RESULTS.md): with whole
 prompts bounded by the budget itself, 16 clients without a long tenant got 0.83x the tokens/s of whole-prompt
 prefill (bursts of 16 short prompts admitted two or three per iteration); the budget is for prompts too long to
@@ -295,8 +297,15 @@ class Scheduler:
         if budget is not None and self.prefilling:
             reserved = min(sum(r.prompt_len - r.computed for r in self.prefilling), max(1, budget // 4))
         free = None if budget is None else budget - reserved
-        allowance = None if budget is None else max(1, WHOLE_PROMPT_BUDGETS * self.token_budget - len(decode))
-        admitted, _ = self._admit(allowance)
+        # whole prompts get their allowance only while no prompt is being prefilled in chunks: with a long prompt in
+        # flight, its chunk and a burst of whole prompts in one iteration would stall the decoding rows for both
+        chunking = bool(self.prefilling)
+        allowance = free
+        if budget is not None and not chunking:
+            allowance = max(1, WHOLE_PROMPT_BUDGETS * self.token_budget - len(decode))
+        admitted, after = self._admit(allowance)
+        if chunking:
+            free = after  # whole prompts took their tokens from the budget, as chunks do
         chunks += [PrefillChunk(row, row.prompt_len, whole=True) for row in admitted]
         left = None if free is None else free + reserved
         # shortest remaining first: a short prompt that missed the whole-prompt budget finishes in this iteration or

@@ -152,32 +152,24 @@ def test_update_from_output_emits_tokens_to_each_rows_own_consumer() -> None:
 
 def test_a_short_prompt_prefilled_in_chunks_does_not_wait_behind_a_long_ones_chunks() -> None:
     sched = Scheduler(max_rows=8, max_queue=16, token_budget=64)
-    allowance = WHOLE_PROMPT_BUDGETS * 64
     sched.add(request("mallory", 4000))
     run(sched, sched.schedule())  # the long prompt is being prefilled in chunks
     for key in ("bob", "carol"):
-        sched.add(request(key, allowance * 2 // 3))  # the second does not fit what the first leaves of the allowance
+        sched.add(request(key, 40))  # the second does not fit what the first leaves of the budget
     out = sched.schedule()
     assert [(c.row.request.key_id, c.whole) for c in out.prefill if c.row.request.key_id != "mallory"] == [
         ("bob", True),
         ("carol", False),
     ]
     run(sched, out)
-    # carol's rest comes before mallory's chunks: each iteration carol takes the whole budget she needs, mallory the
-    # rest, until carol runs
-    while "carol" not in {r.request.key_id for r in sched.running}:
-        out = sched.schedule()
-        first = out.prefill[0]
-        assert first.row.request.key_id == "carol"
-        assert first.tokens == min(first.row.prompt_len - first.row.computed, 64 - len(out.decode))
-        run(sched, out)
+    run(sched, sched.schedule())  # carol's rest comes before mallory's next chunk
     assert {r.request.key_id for r in sched.running} == {"bob", "carol"}
 
 
 def test_a_burst_of_short_prompts_is_admitted_whole_in_one_iteration() -> None:
-    """Whole prompts take an allowance of WHOLE_PROMPT_BUDGETS budgets, apart from the budget: 16 clients whose
-    answers ended together are all prefilled in one iteration, as without chunking, not a budget's worth at a time;
-    prompts past the allowance wait (or are chunked) as before."""
+    """While nothing is prefilled in chunks, whole prompts take an allowance of WHOLE_PROMPT_BUDGETS budgets: 16
+    clients whose answers ended together are all prefilled in one iteration, as without chunking, not a budget's
+    worth at a time; prompts past the allowance are chunked."""
     sched = Scheduler(max_rows=16, max_queue=32, token_budget=64)
     for i in range(16):
         sched.add(request(f"key{i}", 30))
@@ -190,3 +182,12 @@ def test_a_burst_of_short_prompts_is_admitted_whole_in_one_iteration() -> None:
     whole = [c for c in out.prefill if c.whole]
     assert len(whole) == WHOLE_PROMPT_BUDGETS * 64 // 100
     assert sum(c.tokens for c in out.prefill if not c.whole) <= 64
+    # while a prompt is being prefilled in chunks, whole prompts fit what is left of the budget, not the allowance
+    sched = Scheduler(max_rows=16, max_queue=32, token_budget=64)
+    sched.add(request("mallory", 4000))
+    run(sched, sched.schedule())
+    for i in range(16):
+        sched.add(request(f"key{i}", 30))
+    out = sched.schedule()
+    assert [c.row.request.key_id for c in out.prefill if c.whole] == ["key0"]
+    assert sum(c.tokens for c in out.prefill) <= 64
