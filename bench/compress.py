@@ -47,13 +47,12 @@ def decode_speed(model_dir: str, int8: bool, threads: int, steps: int) -> dict[s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from serving.decode import Decoder
-    from serving.quantize import quantize_model
+    from serving.quantize import prepare_weights
 
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if int8:
-        quantize_model(model, "int8", "cpu", tok)
+    prepare_weights(model, "int8" if int8 else "none", "cpu", tok)
     out: dict[str, Any] = {}
     for rows in (1, 16):
         decoder = Decoder(model, tok.pad_token_id)

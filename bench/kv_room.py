@@ -31,16 +31,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import serving.decode as decode
-    from ops.smollm2 import ensure as smollm2_dir
+    from bench.quantize_step import load_smollm2
     from serving.quantize import quantize_model
 
-    torch.set_num_threads(args.threads)
-    model_dir = smollm2_dir()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    fp32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok, fp32 = load_smollm2(args.threads)
     int8 = copy.deepcopy(fp32)
     quantize_model(int8, "int8", "cpu", tok)
     thresholds = {"cat": 10**9, "room": 0}

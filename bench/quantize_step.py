@@ -85,20 +85,28 @@ def perplexity(model, ids) -> float:
         return math.exp(float(model(input_ids=ids, labels=ids).loss))
 
 
+def load_smollm2(threads: int):
+    """(tokenizer, float32 model in eval mode) of SmolLM2-135M-Instruct, with torch on `threads` threads: what the
+    step benchmarks start from."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ops.smollm2 import ensure as smollm2_dir
+
+    torch.set_num_threads(threads)
+    model_dir = smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return tok, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ops.smollm2 import ensure as smollm2_dir
-
-    torch.set_num_threads(args.threads)
-    model_dir = smollm2_dir()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok, base = load_smollm2(args.threads)
     ids = torch.tensor([tok.encode(HELD_OUT)])
     print(f"SmolLM2-135M, {args.threads} thread(s), torch {torch.__version__}; step = median of {args.steps}")
     report: Callable[[str], None] = print

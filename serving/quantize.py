@@ -74,6 +74,14 @@ def vllm_args(method: str) -> list[str]:
     return [] if method == "none" else ["--quantization", method]
 
 
+def prepare_weights(model: nn.Module, method: str, device: str, tokenizer: PreTrainedTokenizerBase | None) -> str:
+    """The built-in engine's weights as it serves them, in place; returns what was done, for the log: `--quantization
+    int8` quantizes (`quantize_model`), float32 on CPU is packed for oneDNN (`pack_linears`), anything else stays."""
+    if method == "none" and device == "cpu":
+        return f"quantization none; {pack_linears(model)}"
+    return f"quantization {quantize_model(model, method, device, tokenizer)}"
+
+
 def quantize_model(model: nn.Module, method: str, device: str, tokenizer: PreTrainedTokenizerBase | None) -> str:
     """Quantize `model` in place (it must already be on `device`); returns what was done, for the log.
 
@@ -89,7 +97,7 @@ def quantize_model(model: nn.Module, method: str, device: str, tokenizer: PreTra
     if tokenizer is not None and smoothable(model):
         smooth(model, calibration_ids(tokenizer).to(device))
         one_digit = set(ONE_DIGIT)
-    _replace_linears(model, one_digit)
+    _replace(model, lambda name, lin: Int8Linear.from_linear(lin, digits=1 if name in one_digit else 2))
     _release_checkpoint(model)
     kernel = int8_kernel()
     what = "fbgemm quantized::linear_dynamic" if kernel == "fbgemm" else "torch._int_mm"
@@ -234,11 +242,6 @@ def _release_checkpoint(model: nn.Module) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _replace_linears(module: nn.Module, one_digit: set[str]) -> None:
-    names = {id(m): n.split(".")[-1] for n, m in module.named_modules()}
-    _replace(module, lambda lin: Int8Linear.from_linear(lin, digits=1 if names[id(lin)] in one_digit else 2))
-
-
 def _torchao(model: nn.Module) -> str:
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -295,17 +298,17 @@ def pack_linears(model: nn.Module) -> str:
     model `packable` refuses is left as it is."""
     if not packable(model):
         return "not packed (needs float32 weights on CPU and oneDNN)"
-    count = _replace(model, lambda linear: PackedLinear(linear))
+    count = _replace(model, lambda _, linear: PackedLinear(linear))
     _release_checkpoint(model)
     return f"{count} linear layers in oneDNN's packed float32 layout"
 
 
-def _replace(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
-    """Replace every plain `nn.Linear` under `module` with `make(linear)`; how many were replaced."""
+def _replace(module: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> int:
+    """Replace every plain `nn.Linear` under `module` with `make(its attribute name, it)`; how many were replaced."""
     count = 0
     for name, child in module.named_children():
         if type(child) is nn.Linear:
-            setattr(module, name, make(child))
+            setattr(module, name, make(name, child))
             count += 1
         else:
             count += _replace(child, make)

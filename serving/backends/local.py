@@ -47,7 +47,7 @@ from serving.protocol import (
     completion_body,
     completion_chunk,
 )
-from serving.quantize import pack_linears, quantize_model
+from serving.quantize import prepare_weights
 from serving.scoring import TokenScore, prompt_logprobs
 from serving.threads import cpu_budget, engine_threads
 from serving.tools import (
@@ -89,9 +89,7 @@ class LocalBackend:
         self._decode = _fast_decode(self.tokenizer)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype))
         self.model = model.to(cfg.device).eval()
-        log.info("quantization: %s", quantize_model(self.model, cfg.quantization, cfg.device, self.tokenizer))
-        if cfg.device == "cpu" and cfg.quantization == "none":
-            log.info("weights: %s", pack_linears(self.model))  # float32 matmuls through oneDNN (PackedLinear)
+        log.info("weights: %s", prepare_weights(self.model, cfg.quantization, cfg.device, self.tokenizer))
         max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self.max_model_len = cfg.max_model_len or max_positions or 2048
         eos: set[int] = set()
